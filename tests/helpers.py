@@ -1,0 +1,61 @@
+"""Small shared helpers for the tests: random token sets in layout order and SSA inputs."""
+from __future__ import annotations
+
+import torch
+
+from ssa_kernels.layout import layout_order, num_compression_blocks
+
+
+def random_coords(sizes, extent, *, compression_block=4, selection_block=8, generator=None, device="cpu"):
+    """Several batch elements of given token counts with distinct random voxels in ``[0, extent)^3``,
+    packed one after another in layout order. ``sizes`` may contain 0 (an empty batch element)."""
+    parts = []
+    for b, n in enumerate(sizes):
+        if n == 0:
+            continue
+        if n > extent**3:
+            raise ValueError("more tokens than voxels")
+        lin = torch.randperm(extent**3, generator=generator)[:n]
+        xyz = torch.stack([lin // (extent * extent), (lin // extent) % extent, lin % extent], dim=1)
+        parts.append(torch.cat([torch.full((n, 1), b), xyz], dim=1))
+    coords = torch.cat(parts).long()
+    perm = layout_order(coords, compression_block=compression_block, selection_block=selection_block)
+    return coords[perm].contiguous().to(device)
+
+
+def compressed_kv(k, v, coords, *, compression_block, selection_block):
+    """Stand-in for the learned compression: per compression block, ``k_cmp`` = mean(k) * sqrt(count),
+    ``v_cmp`` = mean(v) (BENCHMARK.md)."""
+    from ssa_kernels.layout import compression_block_index
+
+    cid = compression_block_index(coords, compression_block=compression_block, selection_block=selection_block)
+    nc = int(cid.max()) + 1
+    cnt = torch.zeros(nc, dtype=k.dtype, device=k.device).index_add_(0, cid, torch.ones_like(cid, dtype=k.dtype))
+    ksum = torch.zeros(nc, *k.shape[1:], dtype=k.dtype, device=k.device).index_add_(0, cid, k)
+    vsum = torch.zeros(nc, *v.shape[1:], dtype=v.dtype, device=v.device).index_add_(0, cid, v)
+    c = cnt.view(-1, 1, 1)
+    return ksum / c * c.sqrt(), vsum / c
+
+
+def random_inputs(coords, hq, hkv, d, *, compression_block, selection_block, dtype=torch.float64, generator=None,
+                  requires_grad=False):
+    """Standard-normal q, k, v; random (not derived) k_cmp, v_cmp; gates uniform in (0, 1)."""
+    n = coords.shape[0]
+    nc = num_compression_blocks(coords, compression_block=compression_block, selection_block=selection_block)
+    dev = coords.device
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dev, dtype)
+
+    q, k, v = rnd(n, hq, d), rnd(n, hkv, d), rnd(n, hkv, d)
+    k_cmp, v_cmp = rnd(nc, hkv, d), rnd(nc, hkv, d)
+    gate = torch.rand(n, 3, generator=generator, dtype=torch.float64).to(dev, dtype)
+    out = [q, k, v, k_cmp, v_cmp, gate]
+    if requires_grad:
+        out = [t.requires_grad_() for t in out]
+    return out
+
+
+def rel_err(x, ref):
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
