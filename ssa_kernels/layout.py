@@ -13,6 +13,8 @@ so every compression block and every selection block is a contiguous run of toke
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 #: Largest key value we allow; keys are int64 and we keep a bit of headroom.
@@ -122,3 +124,199 @@ def num_compression_blocks(coords: torch.Tensor, *, compression_block: int, sele
     """Number of non-empty compression blocks (rows of ``k_cmp``)."""
     idx = compression_block_index(coords, compression_block=compression_block, selection_block=selection_block)
     return int(idx[-1]) + 1 if idx.numel() else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The block layout: every table the kernels need, built once per coordinate set.
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Tokens per query tile of the window kernels; window tile tables are cut at this size.
+WINDOW_TILE = 16
+
+
+@dataclass
+class WindowPartition:
+    """Tokens grouped by (batch, shifted window), for one shift.
+
+    ``perm [N] int32``: token index (layout order) at each window-order position; windows are contiguous runs.
+    ``offsets [W+1] int32``: CSR offsets of the windows in window order.
+    ``tiles [T, 2] int32``: (start, end) window-order ranges of at most ``WINDOW_TILE`` tokens inside one window.
+    ``tile_window [T] int32``: the window of each tile.
+    """
+
+    shift: int
+    perm: torch.Tensor
+    offsets: torch.Tensor
+    tiles: torch.Tensor
+    tile_window: torch.Tensor
+    num_windows: int
+    max_window_tokens: int
+
+
+@dataclass
+class BlockLayout:
+    """Everything SSA needs that depends only on the coordinates (all tensors on the coordinates' device).
+
+    Tokens are in layout order. ``B`` batch elements (``max batch index + 1``; empty ones allowed), ``Nc``
+    compression blocks and ``S`` selection blocks, both numbered in order of first appearance.
+
+    - ``batch_offsets [B+1]``, ``token_batch [N]``: tokens of each batch element (CSR) and each token's batch.
+    - ``token_cmp [N]``, ``cmp_offsets [Nc+1]``, ``cmp_coords [Nc, 4]`` (batch, block x, y, z),
+      ``cmp_batch [Nc]``, ``cmp_sel [Nc]``, ``batch_cmp_offsets [B+1]``: compression blocks.
+    - ``token_sel [N]``, ``sel_offsets [S+1]`` (the start-index table ``C``), ``sel_cmp_offsets [S+1]``
+      (compression blocks of each selection block), ``sel_batch [S]``, ``batch_sel_offsets [B+1]``: selection blocks.
+    - ``windows``: a :class:`WindowPartition` for shift 0 and for shift ``window // 2``.
+
+    All index tensors are int32. Python ints (sizes, maxima) are read once here, so using the layout needs no
+    host synchronisation.
+    """
+
+    coords: torch.Tensor
+    compression_block: int
+    selection_block: int
+    window: int
+    num_tokens: int
+    batch_size: int
+    num_cmp_blocks: int
+    num_sel_blocks: int
+    max_sel_block_tokens: int
+    max_sel_blocks_per_batch: int
+    batch_offsets: torch.Tensor
+    token_batch: torch.Tensor
+    token_cmp: torch.Tensor
+    cmp_offsets: torch.Tensor
+    cmp_coords: torch.Tensor
+    cmp_batch: torch.Tensor
+    cmp_sel: torch.Tensor
+    batch_cmp_offsets: torch.Tensor
+    token_sel: torch.Tensor
+    sel_offsets: torch.Tensor
+    sel_cmp_offsets: torch.Tensor
+    sel_batch: torch.Tensor
+    batch_sel_offsets: torch.Tensor
+    windows: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.coords.device
+
+    @property
+    def one_cmp_per_sel(self) -> bool:
+        """Each selection block holds exactly one compression block (``m_cmp == m_slc``)."""
+        return self.compression_block == self.selection_block
+
+    def window_partition(self, shift: int) -> WindowPartition:
+        if shift not in self.windows:
+            raise ValueError(
+                f"shift must be one of {sorted(self.windows)} (the layout was built with window={self.window}), "
+                f"got {shift!r}"
+            )
+        return self.windows[shift]
+
+
+def _csr_from_sorted_ids(ids: torch.Tensor, count: int) -> torch.Tensor:
+    """CSR offsets ``[count+1]`` of a non-decreasing id vector."""
+    counts = torch.bincount(ids, minlength=count)
+    off = torch.zeros(count + 1, dtype=torch.long, device=ids.device)
+    off[1:] = torch.cumsum(counts, 0)
+    return off
+
+
+def _first_per_run(run: torch.Tensor, num_runs: int) -> torch.Tensor:
+    """Index of the first element of each run of a non-decreasing run index ``[num_runs]``."""
+    first = torch.zeros(num_runs, dtype=torch.long, device=run.device)
+    first.scatter_reduce_(0, run, torch.arange(run.numel(), device=run.device), reduce="amin", include_self=False)
+    return first
+
+
+def _window_partition(coords: torch.Tensor, token_batch: torch.Tensor, window: int, shift: int) -> WindowPartition:
+    dev = coords.device
+    n = coords.shape[0]
+    if n == 0:
+        z = torch.zeros(0, dtype=torch.int32, device=dev)
+        return WindowPartition(shift, z, torch.zeros(1, dtype=torch.int32, device=dev), z.view(0, 2), z, 0, 0)
+    w = torch.div(coords[:, 1:] + shift, window, rounding_mode="floor")
+    extent = int(w.max()) + 1
+    key = token_batch.long()
+    for a in w.unbind(1):
+        key = key * extent + a
+    key, perm = torch.sort(key, stable=True)
+    run = _run_index(key)
+    nw = int(run[-1]) + 1
+    offsets = _csr_from_sorted_ids(run, nw)
+    sizes = offsets[1:] - offsets[:-1]
+    tiles_per = -(-sizes // WINDOW_TILE)
+    tile_window = torch.repeat_interleave(torch.arange(nw, device=dev), tiles_per)
+    tile_first = torch.zeros(nw + 1, dtype=torch.long, device=dev)
+    tile_first[1:] = torch.cumsum(tiles_per, 0)
+    local = torch.arange(tile_window.numel(), device=dev) - tile_first[tile_window]
+    start = offsets[tile_window] + local * WINDOW_TILE
+    end = torch.minimum(start + WINDOW_TILE, offsets[tile_window + 1])
+    return WindowPartition(
+        shift=shift,
+        perm=perm.int(),
+        offsets=offsets.int(),
+        tiles=torch.stack([start, end], 1).int().contiguous(),
+        tile_window=tile_window.int(),
+        num_windows=nw,
+        max_window_tokens=int(sizes.max()),
+    )
+
+
+def build_layout(coords: torch.Tensor, *, compression_block: int, selection_block: int, window: int) -> BlockLayout:
+    """Build every coordinate-dependent table of SSA once; reuse it for every layer and sampling step.
+
+    ``coords [N, 4]`` integer (batch, x, y, z) in layout order (see :func:`layout_order`), on the device the
+    kernels will run on. Host synchronisations happen here (sizes and maxima are read back), never later.
+    """
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    key = check_layout_order(coords, compression_block=compression_block, selection_block=selection_block)
+    dev = coords.device
+    c64 = coords.long()
+    n = c64.shape[0]
+    ms, mc = selection_block, compression_block
+    batch = c64[:, 0]
+    nb = int(batch.max()) + 1 if n else 0
+    token_cmp = _run_index(torch.div(key, mc**3, rounding_mode="floor"))
+    token_sel = _run_index(torch.div(key, ms**3, rounding_mode="floor"))
+    nc = int(token_cmp[-1]) + 1 if n else 0
+    ns = int(token_sel[-1]) + 1 if n else 0
+    cmp_first = _first_per_run(token_cmp, nc)
+    sel_first = _first_per_run(token_sel, ns)
+    cmp_offsets = _csr_from_sorted_ids(token_cmp, nc)
+    sel_offsets = _csr_from_sorted_ids(token_sel, ns)
+    cmp_batch = batch[cmp_first]
+    sel_batch = batch[sel_first]
+    cmp_sel = token_sel[cmp_first]
+    cmp_coords = torch.cat([cmp_batch[:, None], torch.div(c64[cmp_first, 1:], mc, rounding_mode="floor")], 1)
+    sel_sizes = sel_offsets[1:] - sel_offsets[:-1]
+    batch_sel_offsets = _csr_from_sorted_ids(sel_batch, nb)
+    layout = BlockLayout(
+        coords=coords.int().contiguous(),
+        compression_block=mc,
+        selection_block=ms,
+        window=window,
+        num_tokens=n,
+        batch_size=nb,
+        num_cmp_blocks=nc,
+        num_sel_blocks=ns,
+        max_sel_block_tokens=int(sel_sizes.max()) if ns else 0,
+        max_sel_blocks_per_batch=int((batch_sel_offsets[1:] - batch_sel_offsets[:-1]).max()) if nb else 0,
+        batch_offsets=_csr_from_sorted_ids(batch, nb).int(),
+        token_batch=batch.int(),
+        token_cmp=token_cmp.int(),
+        cmp_offsets=cmp_offsets.int(),
+        cmp_coords=cmp_coords.int(),
+        cmp_batch=cmp_batch.int(),
+        cmp_sel=cmp_sel.int(),
+        batch_cmp_offsets=_csr_from_sorted_ids(cmp_batch, nb).int(),
+        token_sel=token_sel.int(),
+        sel_offsets=sel_offsets.int(),
+        sel_cmp_offsets=_csr_from_sorted_ids(cmp_sel, ns).int(),
+        sel_batch=sel_batch.int(),
+        batch_sel_offsets=batch_sel_offsets.int(),
+    )
+    for shift in sorted({0, window // 2}):
+        layout.windows[shift] = _window_partition(c64, batch, window, shift)
+    return layout

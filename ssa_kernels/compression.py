@@ -1,0 +1,259 @@
+"""Branch 1, compression attention: every query attends over all compressed keys of its batch element.
+
+``q [N, Hq, D]``, ``k_cmp, v_cmp [Nc, Hkv, D]`` -> ``o [N, Hq, D]``, ``lse [N, Hq]`` (float32, natural log).
+
+Forward: one program per tile of ``BLOCK_T`` tokens x ``HG`` query heads of one kv group (a ``BLOCK_T * HG``-row
+matrix product against each key tile, every compressed key loaded once for the whole group). A tile may straddle
+two batch elements: it loops over the union of their key ranges and masks per row.
+
+Backward: dQ query-outer like the forward; dK/dV key-outer, each program owning a tile of compressed keys and
+one slice of the queries (``num_splits`` slices), writing float32 partial sums that are added in a fixed order:
+deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LOG2E, _row_tokens_heads, block_d, dot_precision, head_split, tokens_per_tile
+from .layout import BlockLayout
+
+LOG2E_C = tl.constexpr(LOG2E)
+
+#: Query rows (tokens x heads) per program and compressed keys per inner step.
+CMP_ROWS = 64
+CMP_BLOCK_N = 64
+#: Target number of programs of the dK/dV kernel (about 4 waves on an H100's 132 SMs).
+CMP_DKDV_PROGRAMS = 512
+
+
+@triton.jit
+def _cmp_fwd_kernel(
+    Q, KC, VC, O, LSE,
+    token_batch, batch_cmp_offsets,
+    N, H, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tok, head, row_ok, g = _row_tokens_heads(tl.program_id(0), tl.program_id(1), N, G, HG, BLOCK_T)
+    tok64 = tok.to(tl.int64)
+    b = tl.load(token_batch + tok, mask=row_ok, other=0)
+    k_lo = tl.load(batch_cmp_offsets + b, mask=row_ok, other=0)
+    k_hi = tl.load(batch_cmp_offsets + b + 1, mask=row_ok, other=0)
+    lo = tl.min(tl.where(row_ok, k_lo, 2147483647))
+    hi = tl.max(k_hi)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.full([BLOCK_T * HG], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_T * HG], tl.float32)
+    acc = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
+        k = tl.load(KC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(VC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        valid = (n[None, :] >= k_lo[:, None]) & (n[None, :] < k_hi[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) / LOG2E_C, float("-inf"))
+    tl.store(O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(
+    Q, KC, VC, DO, GATE, LSE, DELTA, DQ,
+    token_batch, batch_cmp_offsets,
+    N, H, qk_scale, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dQ of the compression branch; ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
+    tok, head, row_ok, g = _row_tokens_heads(tl.program_id(0), tl.program_id(1), N, G, HG, BLOCK_T)
+    tok64 = tok.to(tl.int64)
+    b = tl.load(token_batch + tok, mask=row_ok, other=0)
+    k_lo = tl.load(batch_cmp_offsets + b, mask=row_ok, other=0)
+    k_hi = tl.load(batch_cmp_offsets + b + 1, mask=row_ok, other=0)
+    lo = tl.min(tl.where(row_ok, k_lo, 2147483647))
+    hi = tl.max(k_hi)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    rd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
+    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
+    if HAS_GATE:
+        gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+        do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
+    lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
+    delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
+        k = tl.load(KC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(VC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        valid = (n[None, :] >= k_lo[:, None]) & (n[None, :] < k_hi[:, None])
+        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * scale
+    dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(DQ + dq_off, mask=rd_mask, other=0.0)
+    tl.store(DQ + dq_off, dq, mask=rd_mask)
+
+
+@triton.jit
+def _cmp_bwd_dkdv_kernel(
+    Q, KC, VC, DO, GATE, LSE, DELTA, DKP, DVP,
+    token_batch, cmp_batch, batch_offsets,
+    N, NC, H, HKV, qk_scale, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
+    NUM_SPLITS,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr,
+):
+    """Partial dK/dV of one tile of compressed keys over one slice of its batch elements' queries.
+
+    ``DKP, DVP [NUM_SPLITS, Nc, Hkv, D]`` float32; the caller sums over the first axis.
+    """
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < NC
+    kb = tl.load(cmp_batch + n, mask=n_ok, other=0)
+    t_lo = tl.min(tl.where(n_ok, tl.load(batch_offsets + kb, mask=n_ok, other=0), 2147483647))
+    t_hi = tl.max(tl.load(batch_offsets + kb + 1, mask=n_ok, other=0))
+    chunk = tl.cdiv(t_hi - t_lo, NUM_SPLITS)
+    t_start = t_lo + split * chunk
+    t_end = tl.minimum(t_start + chunk, t_hi)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
+    k = tl.load(KC + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(VC + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    r = tl.arange(0, BLOCK_T * HG)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        tok = t0 + r // HG
+        row_ok = tok < t_end
+        tok64 = tok.to(tl.int64)
+        tb = tl.load(token_batch + tok, mask=row_ok, other=-1)
+        valid = (tb[:, None] == kb[None, :]) & n_ok[None, :] & row_ok[:, None]
+        rd_mask = row_ok[:, None] & d_ok[None, :]
+        if HAS_GATE:
+            gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+        for hs in tl.static_range(G // HG):
+            head = g * G + hs * HG + r % HG
+            q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
+            do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask,
+                         other=0.0)
+            if HAS_GATE:
+                do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
+            lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
+            delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    part = ((split * NC + n.to(tl.int64)) * HKV + g)[:, None] * D + d[None, :]
+    tl.store(DKP + part, dk * scale, mask=kv_mask)
+    tl.store(DVP + part, dv, mask=kv_mask)
+
+
+def _config(group: int, head_dim: int):
+    hg = head_split(group, 16)
+    return hg, tokens_per_tile(hg, CMP_ROWS)
+
+
+def compression_forward(q, k_cmp, v_cmp, layout: BlockLayout, scale: float):
+    """``o [N, Hq, D]`` (dtype of q) and ``lse [N, Hq]`` float32 of the compression branch."""
+    n, hq, dim = q.shape
+    hkv = k_cmp.shape[1]
+    group = hq // hkv
+    hg, bt = _config(group, dim)
+    o = torch.empty_like(q)
+    lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
+    if n == 0:
+        return o, lse
+    grid = (triton.cdiv(n, bt), hkv * (group // hg))
+    _cmp_fwd_kernel[grid](
+        q, k_cmp, v_cmp, o, lse, layout.token_batch, layout.batch_cmp_offsets,
+        n, hq, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
+        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=CMP_BLOCK_N, D=dim, BLOCK_D=block_d(dim),
+        PRECISION=dot_precision(q.dtype),
+    )
+    return o, lse
+
+
+def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, scale: float, *,
+                         gate=None, gate_idx=0, dq_acc=None, accumulate=False):
+    """Gradients of the compression branch.
+
+    ``do [N, Hq, D]`` is the gradient of the (gated, when ``gate`` is given: ``gate[:, gate_idx] * o``) output;
+    ``delta [N, Hq]`` float32 = rowsum(dO_branch * o_branch). dQ goes into ``dq_acc [N, Hq, D]`` float32
+    (overwritten, or added to with ``accumulate``). Returns ``(dq_acc, dk_cmp, dv_cmp)``, the last two float32.
+    """
+    n, hq, dim = q.shape
+    nc, hkv, _ = k_cmp.shape
+    group = hq // hkv
+    hg, bt = _config(group, dim)
+    if dq_acc is None:
+        dq_acc = torch.empty(n, hq, dim, device=q.device, dtype=torch.float32)
+        accumulate = False
+    if n == 0 or nc == 0:
+        if not accumulate:
+            dq_acc.zero_()
+        z = torch.zeros(nc, hkv, dim, device=q.device, dtype=torch.float32)
+        return dq_acc, z, z.clone()
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    has_gate = gate is not None
+    gate_t = gate if has_gate else lse  # placeholder pointer, never read
+    common = dict(G=group, HG=hg, BLOCK_T=bt, BLOCK_N=CMP_BLOCK_N, D=dim, BLOCK_D=block_d(dim),
+                  PRECISION=dot_precision(q.dtype), HAS_GATE=has_gate, GATE_IDX=gate_idx)
+    grid = (triton.cdiv(n, bt), hkv * (group // hg))
+    _cmp_bwd_dq_kernel[grid](
+        q, k_cmp, v_cmp, do, gate_t, lse, delta, dq_acc, layout.token_batch, layout.batch_cmp_offsets,
+        n, hq, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1),
+        ACCUMULATE=accumulate, **common,
+    )
+    key_tiles = triton.cdiv(nc, CMP_BLOCK_N)
+    splits = max(1, min(triton.cdiv(CMP_DKDV_PROGRAMS, key_tiles * hkv), triton.cdiv(n, 4 * bt)))
+    dkp = torch.empty(splits, nc, hkv, dim, device=q.device, dtype=torch.float32)
+    dvp = torch.empty_like(dkp)
+    _cmp_bwd_dkdv_kernel[(key_tiles, hkv, splits)](
+        q, k_cmp, v_cmp, do, gate_t, lse, delta, dkp, dvp,
+        layout.token_batch, layout.cmp_batch, layout.batch_offsets,
+        n, nc, hq, hkv, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1),
+        NUM_SPLITS=splits, **common,
+    )
+    return dq_acc, dkp.sum(0), dvp.sum(0)

@@ -1,0 +1,305 @@
+"""Branch 2, selection attention: each query attends, with one softmax, over every token of its chosen blocks.
+
+``q [N, Hq, D]``, ``k, v [N, Hkv, D]``, ``idx [N, Hkv, topk]`` int32 (selection block ids, -1 = none) ->
+``o [N, Hq, D]``, ``lse [N, Hq]`` float32. A block's tokens are found through the start-index table
+``layout.sel_offsets``; blocks hold any number of tokens.
+
+Forward and dQ are query-outer: a program takes ``BLOCK_T`` tokens x ``HG`` heads of one kv group and loops over
+the union of its tokens' chosen blocks (rows of tokens that did not choose a block are masked), so every K/V tile
+is loaded once for the whole group and shared by the tile's tokens.
+
+dK/dV are key-outer: a program owns a tile of one selection block's keys and loops over the queries that chose
+the block, through a block -> queries index (CSR), accumulating every head of the group in float32 registers.
+Each key is written by exactly one program: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LOG2E, _row_tokens_heads, block_d, dot_precision, head_split, tokens_per_tile
+from .layout import BlockLayout
+
+LOG2E_C = tl.constexpr(LOG2E)
+#: Query rows (tokens x heads) per program of the forward and dQ kernels.
+SEL_ROWS = 16
+#: Keys per inner step.
+SEL_BLOCK_N = 64
+#: dK/dV: query rows per step (tokens x heads), keys per program.
+SEL_DKDV_ROWS = 128
+SEL_DKDV_BLOCK_N = 64
+
+
+@triton.jit
+def _sel_fwd_kernel(
+    Q, K, V, O, LSE, IDX, sel_offsets,
+    N, H, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    TOPK: tl.constexpr, K2: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
+    hkv = H // G
+    tok64 = tok.to(tl.int64)
+    kk = tl.arange(0, K2)
+    # chosen blocks of each row's token [R, K2]
+    sel_r = tl.load(IDX + (tok64[:, None] * hkv + g) * TOPK + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < TOPK),
+                    other=-1)
+    r_tok = tl.arange(0, BLOCK_T * HG) // HG
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.full([BLOCK_T * HG], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_T * HG], tl.float32)
+    acc = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+    for slot in range(0, BLOCK_T * TOPK):
+        ti = slot // TOPK
+        t = pid_t * BLOCK_T + ti
+        blk = tl.load(IDX + (t.to(tl.int64) * hkv + g) * TOPK + slot % TOPK, mask=t < N, other=-1)
+        # visit each block once per tile: skip it if an earlier token of the tile chose it too
+        seen = tl.sum(((sel_r == blk) & (r_tok < ti)[:, None]).to(tl.int32))
+        if (blk >= 0) & (seen == 0):
+            row_sel = tl.max((sel_r == blk).to(tl.int32), 1) > 0
+            start = tl.load(sel_offsets + blk)
+            end = tl.load(sel_offsets + blk + 1)
+            for ks in range(start, end, BLOCK_N):
+                n = ks + tl.arange(0, BLOCK_N)
+                n_ok = n < end
+                kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
+                k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                s = tl.where(row_sel[:, None] & n_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) / LOG2E_C, float("-inf"))
+    tl.store(O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _sel_bwd_dq_kernel(
+    Q, K, V, DO, GATE, LSE, DELTA, DQ, IDX, sel_offsets,
+    N, H, qk_scale, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    TOPK: tl.constexpr, K2: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dQ of the selection branch into ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
+    pid_t = tl.program_id(0)
+    tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
+    hkv = H // G
+    tok64 = tok.to(tl.int64)
+    kk = tl.arange(0, K2)
+    sel_r = tl.load(IDX + (tok64[:, None] * hkv + g) * TOPK + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < TOPK),
+                    other=-1)
+    r_tok = tl.arange(0, BLOCK_T * HG) // HG
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    rd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
+    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
+    if HAS_GATE:
+        gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+        do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
+    lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
+    delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+    for slot in range(0, BLOCK_T * TOPK):
+        ti = slot // TOPK
+        t = pid_t * BLOCK_T + ti
+        blk = tl.load(IDX + (t.to(tl.int64) * hkv + g) * TOPK + slot % TOPK, mask=t < N, other=-1)
+        seen = tl.sum(((sel_r == blk) & (r_tok < ti)[:, None]).to(tl.int32))
+        if (blk >= 0) & (seen == 0):
+            row_sel = tl.max((sel_r == blk).to(tl.int32), 1) > 0
+            start = tl.load(sel_offsets + blk)
+            end = tl.load(sel_offsets + blk + 1)
+            for ks in range(start, end, BLOCK_N):
+                n = ks + tl.arange(0, BLOCK_N)
+                n_ok = n < end
+                kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
+                k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                p = tl.where(row_sel[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * scale
+    dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(DQ + dq_off, mask=rd_mask, other=0.0)
+    tl.store(DQ + dq_off, dq, mask=rd_mask)
+
+
+@triton.jit
+def _sel_bwd_dkdv_kernel(
+    Q, K, V, DO, GATE, LSE, DELTA, DK, DV,
+    sel_offsets, csr_offsets, csr_tokens,
+    S, H, qk_scale, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dK/dV of one key tile of selection block ``program_id(0)`` for kv head ``program_id(2)``.
+
+    ``csr_offsets [Hkv * S + 1]``, ``csr_tokens``: the query tokens that chose block b for kv head g are
+    ``csr_tokens[csr_offsets[g*S+b] : csr_offsets[g*S+b+1]]``. ``DK, DV [N, Hkv, D]`` float32.
+    """
+    blk = tl.program_id(0)
+    g = tl.program_id(2)
+    hkv = H // G
+    start = tl.load(sel_offsets + blk) + tl.program_id(1) * BLOCK_N
+    end = tl.load(sel_offsets + blk + 1)
+    if start < end:
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        q_lo = tl.load(csr_offsets + g * S + blk)
+        q_hi = tl.load(csr_offsets + g * S + blk + 1)
+        r = tl.arange(0, BLOCK_T * HG)
+        for e0 in range(q_lo, q_hi, BLOCK_T):
+            e = e0 + r // HG
+            row_ok = e < q_hi
+            tok64 = tl.load(csr_tokens + e, mask=row_ok, other=0).to(tl.int64)
+            rd_mask = row_ok[:, None] & d_ok[None, :]
+            valid = row_ok[:, None] & n_ok[None, :]
+            if HAS_GATE:
+                gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+            for hs in tl.static_range(G // HG):
+                head = g * G + hs * HG + r % HG
+                q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask,
+                            other=0.0)
+                do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask,
+                             other=0.0)
+                if HAS_GATE:
+                    do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
+                lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
+                delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk = dk * scale
+        out = (n.to(tl.int64)[:, None] * hkv + g) * D + d[None, :]
+        if ACCUMULATE:
+            dk += tl.load(DK + out, mask=kv_mask, other=0.0)
+            dv += tl.load(DV + out, mask=kv_mask, other=0.0)
+        tl.store(DK + out, dk, mask=kv_mask)
+        tl.store(DV + out, dv, mask=kv_mask)
+
+
+def block_query_index(idx: torch.Tensor, num_blocks: int):
+    """The block -> queries index (CSR) of a top-k choice ``idx [N, Hkv, topk]`` (-1 = none).
+
+    Returns ``(offsets [Hkv * S + 1] int32, tokens [E] int32)``: the tokens that chose block b for kv head g are
+    ``tokens[offsets[g*S+b] : offsets[g*S+b+1]]``, in increasing token order. Built by a counting sort: counts
+    per (g, b), an exclusive scan, and the rank of each entry among the earlier entries of its bucket (entries
+    are visited in token order, so the order is deterministic). No host synchronisation.
+    """
+    n, hkv, topk = idx.shape
+    dev = idx.device
+    nbuckets = hkv * num_blocks
+    g = torch.arange(hkv, device=dev, dtype=torch.int64).view(1, hkv, 1)
+    key = torch.where(idx >= 0, g * num_blocks + idx.long(), torch.full_like(g, nbuckets)).reshape(-1)
+    counts = torch.zeros(nbuckets + 1, device=dev, dtype=torch.int64)
+    counts.index_add_(0, key, torch.ones_like(key))
+    offsets = torch.zeros(nbuckets + 2, device=dev, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    # stable placement: the sort key is (bucket, entry index); a stable sort of the bucket id keeps token order
+    order = torch.sort(key, stable=True).indices
+    tokens = torch.div(order, hkv * topk, rounding_mode="floor")
+    return offsets[: nbuckets + 1].int(), tokens.int()
+
+
+def _config(group: int, rows: int, max_heads: int = 16):
+    hg = head_split(group, max_heads)
+    return hg, tokens_per_tile(hg, rows)
+
+
+def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
+    """``o [N, Hq, D]`` (dtype of q) and ``lse [N, Hq]`` float32 of the selection branch."""
+    n, hq, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    topk = idx.shape[2]
+    hg, bt = _config(group, SEL_ROWS)
+    o = torch.empty_like(q)
+    lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
+    if n == 0:
+        return o, lse
+    _sel_fwd_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
+        q, k, v, o, lse, idx, layout.sel_offsets,
+        n, hq, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
+        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=SEL_BLOCK_N, TOPK=topk, K2=triton.next_power_of_2(topk),
+        D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
+    )
+    return o, lse
+
+
+def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale: float, *, gate=None, gate_idx=1,
+                       dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False):
+    """Gradients of the selection branch into float32 accumulators (created when not given).
+
+    ``do`` is the gradient of ``gate[:, gate_idx] * o`` when ``gate`` is given, else of ``o``;
+    ``delta [N, Hq]`` = rowsum(dO_branch * o_branch). Returns ``(dq_acc, dk_acc, dv_acc)``.
+    """
+    n, hq, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    topk = idx.shape[2]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    if dq_acc is None:
+        dq_acc, dk_acc, dv_acc = torch.empty(n, hq, dim, **f32), torch.empty(n, hkv, dim, **f32), torch.empty(
+            n, hkv, dim, **f32)
+        accumulate = False
+    if n == 0:
+        return dq_acc, dk_acc, dv_acc
+    has_gate = gate is not None
+    gate_t = gate if has_gate else lse
+    prec = dot_precision(q.dtype)
+    hg, bt = _config(group, SEL_ROWS)
+    _sel_bwd_dq_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
+        q, k, v, do, gate_t, lse, delta, dq_acc, idx, layout.sel_offsets,
+        n, hq, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
+        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=SEL_BLOCK_N, TOPK=topk, K2=triton.next_power_of_2(topk),
+        D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate, GATE_IDX=gate_idx, ACCUMULATE=accumulate,
+    )
+    csr_offsets, csr_tokens = block_query_index(idx, layout.num_sel_blocks)
+    hg, bt = _config(group, SEL_DKDV_ROWS)
+    grid = (layout.num_sel_blocks, triton.cdiv(layout.max_sel_block_tokens, SEL_DKDV_BLOCK_N), hkv)
+    _sel_bwd_dkdv_kernel[grid](
+        q, k, v, do, gate_t, lse, delta, dk_acc, dv_acc,
+        layout.sel_offsets, csr_offsets, csr_tokens,
+        layout.num_sel_blocks, hq, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
+        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=SEL_DKDV_BLOCK_N,
+        D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate, GATE_IDX=gate_idx, ACCUMULATE=accumulate,
+    )
+    return dq_acc, dk_acc, dv_acc

@@ -1,0 +1,310 @@
+"""The whole Spatial Sparse Attention operation and the public per-branch functions, with autograd.
+
+``spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gate, layout, *, topk, shift)`` runs compression attention,
+the fused block scoring + top-k, selection attention and window attention, and mixes them with the gates:
+``o = gate0 * o_cmp + gate1 * o_sel + gate2 * o_win``. Gradients flow to q, k, v, k_cmp, v_cmp and gate.
+
+The operation is registered as a ``torch.library`` custom op (``ssa_kernels::ssa_forward`` / ``ssa_backward``)
+so that ``torch.compile`` traces models that call it; it makes no host synchronisation, so a layer can be
+captured in a CUDA graph once its :class:`~ssa_kernels.layout.BlockLayout` exists.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ._common import check_kernel_dtype
+from .compression import compression_backward, compression_forward
+from .layout import BlockLayout
+from .scoring import select_blocks_forward
+from .selection import selection_backward, selection_forward
+from .validate import check_attention_inputs, check_selection_args, resolve_scale
+from .window import window_backward, window_forward
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_layout(layout, n: int, device) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout from ssa_kernels.build_layout, got {type(layout).__name__}")
+    if layout.num_tokens != n:
+        raise ValueError(f"the layout was built for {layout.num_tokens} tokens but q has {n}")
+    if layout.device != device:
+        raise ValueError(f"the layout is on {layout.device} but q is on {device}")
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_qkv(q, k, v, layout, name_k="k"):
+    for t, name in ((q, "q"), (k, name_k), (v, "v")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dimensions [tokens, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    check_kernel_dtype(q)
+    if k.shape != v.shape:
+        raise ValueError(f"{name_k} and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"{name_k} has head_dim {k.shape[2]} but q has {q.shape[2]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the kv heads ({k.shape[1]})")
+    _check_layout(layout, q.shape[0], q.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused operation as a custom op
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _layout_view(token_batch, batch_offsets, batch_cmp_offsets, cmp_batch, batch_sel_offsets, sel_offsets,
+                 sel_cmp_offsets, cmp_sel, win_perm, win_offsets, win_tiles, win_tile_window, num_sel_blocks,
+                 max_sel_block_tokens, one_cmp_per_sel, shift):
+    """A stand-in for :class:`BlockLayout` built from the tensors a custom op receives."""
+    part = SimpleNamespace(perm=win_perm, offsets=win_offsets, tiles=win_tiles, tile_window=win_tile_window)
+    return SimpleNamespace(
+        token_batch=token_batch, batch_offsets=batch_offsets, batch_cmp_offsets=batch_cmp_offsets,
+        cmp_batch=cmp_batch, batch_sel_offsets=batch_sel_offsets, sel_offsets=sel_offsets,
+        sel_cmp_offsets=sel_cmp_offsets, cmp_sel=cmp_sel, num_sel_blocks=num_sel_blocks,
+        max_sel_block_tokens=max_sel_block_tokens,
+        one_cmp_per_sel=one_cmp_per_sel,
+        window_partition=lambda s: part,
+    )
+
+
+def _layout_args(layout: BlockLayout, shift: int):
+    part = layout.window_partition(shift)
+    return (layout.token_batch, layout.batch_offsets, layout.batch_cmp_offsets, layout.cmp_batch,
+            layout.batch_sel_offsets, layout.sel_offsets, layout.sel_cmp_offsets, layout.cmp_sel,
+            part.perm, part.offsets, part.tiles, part.tile_window)
+
+
+_LAYOUT_TENSORS = ("token_batch", "batch_offsets", "batch_cmp_offsets", "cmp_batch", "batch_sel_offsets",
+                   "sel_offsets", "sel_cmp_offsets", "cmp_sel", "win_perm", "win_offsets", "win_tiles",
+                   "win_tile_window")
+
+
+@torch.library.custom_op("ssa_kernels::ssa_forward", mutates_args=())
+def _ssa_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+    gate: torch.Tensor,
+    token_batch: torch.Tensor, batch_offsets: torch.Tensor, batch_cmp_offsets: torch.Tensor,
+    cmp_batch: torch.Tensor, batch_sel_offsets: torch.Tensor, sel_offsets: torch.Tensor,
+    sel_cmp_offsets: torch.Tensor, cmp_sel: torch.Tensor, win_perm: torch.Tensor, win_offsets: torch.Tensor,
+    win_tiles: torch.Tensor, win_tile_window: torch.Tensor,
+    num_sel_blocks: int, max_sel_block_tokens: int, one_cmp_per_sel: bool, topk: int, shift: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Returns ``(o, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx)``."""
+    lay = _layout_view(token_batch, batch_offsets, batch_cmp_offsets, cmp_batch, batch_sel_offsets, sel_offsets,
+                       sel_cmp_offsets, cmp_sel, win_perm, win_offsets, win_tiles, win_tile_window, num_sel_blocks,
+                       max_sel_block_tokens, one_cmp_per_sel, shift)
+    o_cmp, lse_cmp = compression_forward(q, k_cmp, v_cmp, lay, scale)
+    idx = select_blocks_forward(q, k_cmp, lse_cmp, lay, topk, scale)
+    o_sel, lse_sel = selection_forward(q, k, v, idx, lay, scale)
+    o_win, lse_win = window_forward(q, k, v, lay, shift, scale)
+    g = gate.float().unsqueeze(-1)
+    o = (g[:, 0:1] * o_cmp.float() + g[:, 1:2] * o_sel.float() + g[:, 2:3] * o_win.float()).to(q.dtype)
+    return o, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx
+
+
+@_ssa_forward.register_fake
+def _(q, k, v, k_cmp, v_cmp, gate, *rest):
+    topk = rest[-3]
+    n, hq, _ = q.shape
+    lse = q.new_empty(n, hq, dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), lse,
+            torch.empty_like(lse), torch.empty_like(lse), q.new_empty(n, k.shape[1], topk, dtype=torch.int32))
+
+
+@torch.library.custom_op("ssa_kernels::ssa_backward", mutates_args=())
+def _ssa_backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+    gate: torch.Tensor, o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, lse_cmp: torch.Tensor,
+    lse_sel: torch.Tensor, lse_win: torch.Tensor, idx: torch.Tensor,
+    token_batch: torch.Tensor, batch_offsets: torch.Tensor, batch_cmp_offsets: torch.Tensor,
+    cmp_batch: torch.Tensor, batch_sel_offsets: torch.Tensor, sel_offsets: torch.Tensor,
+    sel_cmp_offsets: torch.Tensor, cmp_sel: torch.Tensor, win_perm: torch.Tensor, win_offsets: torch.Tensor,
+    win_tiles: torch.Tensor, win_tile_window: torch.Tensor,
+    num_sel_blocks: int, max_sel_block_tokens: int, one_cmp_per_sel: bool, shift: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dq, dk, dv, dk_cmp, dv_cmp, dgate)``."""
+    lay = _layout_view(token_batch, batch_offsets, batch_cmp_offsets, cmp_batch, batch_sel_offsets, sel_offsets,
+                       sel_cmp_offsets, cmp_sel, win_perm, win_offsets, win_tiles, win_tile_window, num_sel_blocks,
+                       max_sel_block_tokens, one_cmp_per_sel, shift)
+    do = _contig(do)
+    dof = do.float()
+    # per-branch sums of dO * o_branch: the gate gradients and (times the gate) the softmax deltas
+    sums = torch.stack([(dof * o.float()).sum(-1) for o in (o_cmp, o_sel, o_win)], dim=-1)  # [N, Hq, 3]
+    gf = gate.float()
+    dgate = sums.sum(1).to(gate.dtype)
+    deltas = sums * gf.unsqueeze(1)
+    dq, dk_cmp, dv_cmp = compression_backward(do, q, k_cmp, v_cmp, lse_cmp, deltas[..., 0].contiguous(), lay, scale,
+                                              gate=gate, gate_idx=0)
+    dq, dk, dv = selection_backward(do, q, k, v, idx, lse_sel, deltas[..., 1].contiguous(), lay, scale, gate=gate,
+                                    gate_idx=1, dq_acc=dq, dk_acc=torch.zeros(k.shape, device=k.device,
+                                                                              dtype=torch.float32),
+                                    dv_acc=torch.zeros(v.shape, device=v.device, dtype=torch.float32),
+                                    accumulate=True)
+    dq, dk, dv = window_backward(do, q, k, v, lse_win, deltas[..., 2].contiguous(), lay, shift, scale, gate=gate,
+                                 gate_idx=2, dq_acc=dq, dk_acc=dk, dv_acc=dv, accumulate=True)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype), dv_cmp.to(v_cmp.dtype), dgate)
+
+
+@_ssa_backward.register_fake
+def _(do, q, k, v, k_cmp, v_cmp, gate, *rest):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(k_cmp),
+            torch.empty_like(v_cmp), torch.empty_like(gate))
+
+
+def _ssa_setup_context(ctx, inputs, output):
+    q, k, v, k_cmp, v_cmp, gate = inputs[:6]
+    layout_t = inputs[6:18]
+    num_sel_blocks, max_sel_block_tokens, one_cmp_per_sel, topk, shift, scale = inputs[18:]
+    _, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx = output
+    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gate, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx, *layout_t)
+    ctx.ints = (num_sel_blocks, max_sel_block_tokens, one_cmp_per_sel, shift, scale)
+
+
+def _ssa_autograd_backward(ctx, do, *unused):
+    saved = ctx.saved_tensors
+    grads = _ssa_backward(do, *saved, *ctx.ints)
+    return (*grads,) + (None,) * 18
+
+
+_ssa_forward.register_autograd(_ssa_autograd_backward, setup_context=_ssa_setup_context)
+
+
+def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gate, layout: BlockLayout, *, topk: int, shift: int,
+                             scale: float | None = None) -> torch.Tensor:
+    """The whole SSA operation (DESIGN.md 2) through the Triton kernels.
+
+    Args:
+        q: ``[N, Hq, D]`` queries, tokens in the layout order of ``layout``.
+        k, v: ``[N, Hkv, D]`` keys and values (``Hq % Hkv == 0``).
+        k_cmp, v_cmp: ``[Nc, Hkv, D]`` one compressed key/value per compression block of ``layout``.
+        gate: ``[N, 3]`` gates of the compression, selection and window branches.
+        layout: :func:`~ssa_kernels.layout.build_layout` of the tokens' coordinates (built once, reused).
+        topk: selection blocks per query and kv head.
+        shift: window shift, ``0`` or ``layout.window // 2``.
+        scale: softmax scale, ``1/sqrt(D)`` by default.
+
+    Returns ``o [N, Hq, D]`` in the dtype of q. float32 everywhere; float16 and bfloat16 on the GPU.
+    """
+    n, hq, hkv, dim, nc = check_attention_inputs(q, k, v, k_cmp, v_cmp, gate)
+    _check_layout(layout, n, q.device)
+    check_kernel_dtype(q)
+    check_selection_args(topk, layout.window, shift)
+    if nc != layout.num_cmp_blocks:
+        raise ValueError(f"k_cmp has {nc} rows but the layout has {layout.num_cmp_blocks} compression blocks")
+    scale = resolve_scale(scale, dim)
+    q, k, v, k_cmp, v_cmp, gate = (_contig(t) for t in (q, k, v, k_cmp, v_cmp, gate))
+    out = _ssa_forward(q, k, v, k_cmp, v_cmp, gate, *_layout_args(layout, shift), layout.num_sel_blocks,
+                       layout.max_sel_block_tokens, layout.one_cmp_per_sel, topk, shift,
+                       scale)
+    return out[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The branches on their own (tests, benchmarks)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _CompressionAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, layout, scale):
+        o, lse = compression_forward(q, k_cmp, v_cmp, layout, scale)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
+        ctx.layout, ctx.scale = layout, scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
+        do = _contig(do)
+        delta = (do.float() * o.float()).sum(-1)
+        dq, dk, dv = compression_backward(do, q, k_cmp, v_cmp, lse, delta, ctx.layout, ctx.scale)
+        return dq.to(q.dtype), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype), None, None
+
+
+class _SelectionAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, layout, scale):
+        o, lse = selection_forward(q, k, v, idx, layout, scale)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.layout, ctx.scale = layout, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        do = _contig(do)
+        delta = (do.float() * o.float()).sum(-1)
+        dq, dk, dv = selection_backward(do, q, k, v, idx, lse, delta, ctx.layout, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+class _WindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, shift, scale):
+        o, lse = window_forward(q, k, v, layout, shift, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout, ctx.shift, ctx.scale = layout, shift, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = _contig(do)
+        delta = (do.float() * o.float()).sum(-1)
+        dq, dk, dv = window_backward(do, q, k, v, lse, delta, ctx.layout, ctx.shift, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def compression_attention(q, k_cmp, v_cmp, layout: BlockLayout, *, scale=None):
+    """Compression branch: ``(o [N, Hq, D], lse [N, Hq] float32)``; gradients flow through ``o``."""
+    _check_qkv(q, k_cmp, v_cmp, layout, name_k="k_cmp")
+    if k_cmp.shape[0] != layout.num_cmp_blocks:
+        raise ValueError(f"k_cmp has {k_cmp.shape[0]} rows but the layout has {layout.num_cmp_blocks} "
+                         "compression blocks")
+    scale = resolve_scale(scale, q.shape[2])
+    return _CompressionAttention.apply(_contig(q), _contig(k_cmp), _contig(v_cmp), layout, scale)
+
+
+@torch.no_grad()
+def select_blocks(q, k_cmp, lse, layout: BlockLayout, *, topk: int, scale=None) -> torch.Tensor:
+    """Fused block scoring + top-k: ``idx [N, Hkv, topk]`` int32 selection block ids, best first, -1 = none.
+
+    ``lse [N, Hq]`` is the compression branch's log-sum-exp (:func:`compression_attention`)."""
+    _check_qkv(q, k_cmp, k_cmp, layout, name_k="k_cmp")
+    if not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:2]:
+        raise ValueError(f"lse must be a tensor of shape {tuple(q.shape[:2])}")
+    check_selection_args(topk, layout.window, 0)
+    scale = resolve_scale(scale, q.shape[2])
+    return select_blocks_forward(_contig(q), _contig(k_cmp), lse.float().contiguous(), layout, topk, scale)
+
+
+def selection_attention(q, k, v, idx, layout: BlockLayout, *, scale=None):
+    """Selection branch given the choice ``idx [N, Hkv, topk]``: ``o [N, Hq, D]``; gradients to q, k, v."""
+    _check_qkv(q, k, v, layout)
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 3 or idx.shape[:2] != (q.shape[0], k.shape[1]):
+        raise ValueError(f"idx must have shape [{q.shape[0]}, {k.shape[1]}, topk]")
+    scale = resolve_scale(scale, q.shape[2])
+    return _SelectionAttention.apply(_contig(q), _contig(k), _contig(v), idx.int().contiguous(), layout, scale)
+
+
+def window_attention(q, k, v, layout: BlockLayout, *, shift: int = 0, scale=None):
+    """Window branch: ``o [N, Hq, D]``; ``shift`` is 0 or ``layout.window // 2``; gradients to q, k, v."""
+    _check_qkv(q, k, v, layout)
+    layout.window_partition(shift)
+    scale = resolve_scale(scale, q.shape[2])
+    return _WindowAttention.apply(_contig(q), _contig(k), _contig(v), layout, shift, scale)

@@ -1,0 +1,256 @@
+"""Branch 3, window attention: each query attends over every token of its (shifted) window.
+
+``q [N, Hq, D]``, ``k, v [N, Hkv, D]`` -> ``o [N, Hq, D]``, ``lse [N, Hq]`` float32. The layout's
+:class:`~ssa_kernels.layout.WindowPartition` lists the tokens of each window contiguously (``perm``, ``offsets``)
+and cuts them into tiles of at most ``WINDOW_TILE`` tokens (``tiles``); tokens are gathered through ``perm``.
+
+Forward and dQ: one program per (query tile, head sub-group) loops over its window's keys. dK/dV: one program per
+(key tile, kv head) loops over its window's queries and every head of the group, accumulating in float32;
+each key is written by one program: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LOG2E, block_d, dot_precision, head_split
+from .layout import WINDOW_TILE, BlockLayout
+
+LOG2E_C = tl.constexpr(LOG2E)
+#: Heads of one kv group per program (rows = WINDOW_TILE tokens x heads).
+WIN_MAX_HEADS = 8
+#: Keys (forward, dQ) or queries (dK/dV) per inner step.
+WIN_BLOCK_N = 64
+WIN_DKDV_ROWS = 128
+
+
+@triton.jit
+def _win_fwd_kernel(
+    Q, K, V, O, LSE, perm, offsets, tiles, tile_window,
+    H, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_sub: tl.constexpr = G // HG
+    g = pid_h // n_sub
+    r = tl.arange(0, BLOCK_T * HG)
+    head = g * G + (pid_h % n_sub) * HG + r % HG
+    t_start = tl.load(tiles + 2 * tile)
+    t_end = tl.load(tiles + 2 * tile + 1)
+    w = tl.load(tile_window + tile)
+    w_lo = tl.load(offsets + w)
+    w_hi = tl.load(offsets + w + 1)
+    pos = t_start + r // HG
+    row_ok = pos < t_end
+    tok64 = tl.load(perm + pos, mask=row_ok, other=0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.full([BLOCK_T * HG], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_T * HG], tl.float32)
+    acc = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+    for ks in range(w_lo, w_hi, BLOCK_N):
+        kp = ks + tl.arange(0, BLOCK_N)
+        n_ok = kp < w_hi
+        ktok = tl.load(perm + kp, mask=n_ok, other=0).to(tl.int64)
+        kv_off = ktok[:, None] * stride_kt + g * stride_kh + d[None, :]
+        k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) / LOG2E_C, float("-inf"))
+    tl.store(O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _win_bwd_dq_kernel(
+    Q, K, V, DO, GATE, LSE, DELTA, DQ, perm, offsets, tiles, tile_window,
+    H, qk_scale, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dQ of the window branch into ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
+    tile = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_sub: tl.constexpr = G // HG
+    g = pid_h // n_sub
+    r = tl.arange(0, BLOCK_T * HG)
+    head = g * G + (pid_h % n_sub) * HG + r % HG
+    t_start = tl.load(tiles + 2 * tile)
+    t_end = tl.load(tiles + 2 * tile + 1)
+    w = tl.load(tile_window + tile)
+    w_lo = tl.load(offsets + w)
+    w_hi = tl.load(offsets + w + 1)
+    pos = t_start + r // HG
+    row_ok = pos < t_end
+    tok64 = tl.load(perm + pos, mask=row_ok, other=0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    rd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
+    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
+    if HAS_GATE:
+        gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+        do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
+    lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
+    delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+    for ks in range(w_lo, w_hi, BLOCK_N):
+        kp = ks + tl.arange(0, BLOCK_N)
+        n_ok = kp < w_hi
+        ktok = tl.load(perm + kp, mask=n_ok, other=0).to(tl.int64)
+        kv_off = ktok[:, None] * stride_kt + g * stride_kh + d[None, :]
+        k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * scale
+    dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(DQ + dq_off, mask=rd_mask, other=0.0)
+    tl.store(DQ + dq_off, dq, mask=rd_mask)
+
+
+@triton.jit
+def _win_bwd_dkdv_kernel(
+    Q, K, V, DO, GATE, LSE, DELTA, DK, DV, perm, offsets, tiles, tile_window,
+    H, qk_scale, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dK/dV of one key tile (``BLOCK_N`` = the tile size) for kv head ``program_id(1)``; ``DK, DV [N, Hkv, D]``."""
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    hkv = H // G
+    t_start = tl.load(tiles + 2 * tile)
+    t_end = tl.load(tiles + 2 * tile + 1)
+    w = tl.load(tile_window + tile)
+    w_lo = tl.load(offsets + w)
+    w_hi = tl.load(offsets + w + 1)
+    kp = t_start + tl.arange(0, BLOCK_N)
+    n_ok = kp < t_end
+    ktok = tl.load(perm + kp, mask=n_ok, other=0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    kv_off = ktok[:, None] * stride_kt + g * stride_kh + d[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    r = tl.arange(0, BLOCK_Q * HG)
+    for q0 in range(w_lo, w_hi, BLOCK_Q):
+        pos = q0 + r // HG
+        row_ok = pos < w_hi
+        tok64 = tl.load(perm + pos, mask=row_ok, other=0).to(tl.int64)
+        rd_mask = row_ok[:, None] & d_ok[None, :]
+        valid = row_ok[:, None] & n_ok[None, :]
+        if HAS_GATE:
+            gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+        for hs in tl.static_range(G // HG):
+            head = g * G + hs * HG + r % HG
+            q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask,
+                        other=0.0)
+            do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask,
+                         other=0.0)
+            if HAS_GATE:
+                do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
+            lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
+            delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk = dk * scale
+    out = (ktok[:, None] * hkv + g) * D + d[None, :]
+    if ACCUMULATE:
+        dk += tl.load(DK + out, mask=kv_mask, other=0.0)
+        dv += tl.load(DV + out, mask=kv_mask, other=0.0)
+    tl.store(DK + out, dk, mask=kv_mask)
+    tl.store(DV + out, dv, mask=kv_mask)
+
+
+def _launch_args(q, k, layout: BlockLayout, shift: int):
+    part = layout.window_partition(shift)
+    n, hq, dim = q.shape
+    group = hq // k.shape[1]
+    return part, n, hq, dim, group
+
+
+def window_forward(q, k, v, layout: BlockLayout, shift: int, scale: float):
+    """``o [N, Hq, D]`` (dtype of q) and ``lse [N, Hq]`` float32 of the window branch."""
+    part, n, hq, dim, group = _launch_args(q, k, layout, shift)
+    hkv = k.shape[1]
+    o = torch.empty_like(q)
+    lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
+    n_tiles = part.tiles.shape[0]
+    if n_tiles == 0:
+        return o, lse
+    hg = head_split(group, WIN_MAX_HEADS)
+    _win_fwd_kernel[(n_tiles, hkv * (group // hg))](
+        q, k, v, o, lse, part.perm, part.offsets, part.tiles, part.tile_window,
+        hq, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
+        G=group, HG=hg, BLOCK_T=WINDOW_TILE, BLOCK_N=WIN_BLOCK_N, D=dim, BLOCK_D=block_d(dim),
+        PRECISION=dot_precision(q.dtype),
+    )
+    return o, lse
+
+
+def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, scale: float, *, gate=None,
+                    gate_idx=2, dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False):
+    """Gradients of the window branch into float32 accumulators (created when not given); see
+    :func:`ssa_kernels.selection.selection_backward` for the arguments. Returns ``(dq_acc, dk_acc, dv_acc)``."""
+    part, n, hq, dim, group = _launch_args(q, k, layout, shift)
+    hkv = k.shape[1]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    if dq_acc is None:
+        dq_acc, dk_acc, dv_acc = torch.empty(n, hq, dim, **f32), torch.empty(n, hkv, dim, **f32), torch.empty(
+            n, hkv, dim, **f32)
+        accumulate = False
+    n_tiles = part.tiles.shape[0]
+    if n_tiles == 0:
+        return dq_acc, dk_acc, dv_acc
+    has_gate = gate is not None
+    gate_t = gate if has_gate else lse
+    prec = dot_precision(q.dtype)
+    hg = head_split(group, WIN_MAX_HEADS)
+    common = dict(G=group, HG=hg, D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
+                  GATE_IDX=gate_idx, ACCUMULATE=accumulate)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1))
+    _win_bwd_dq_kernel[(n_tiles, hkv * (group // hg))](
+        q, k, v, do, gate_t, lse, delta, dq_acc, part.perm, part.offsets, part.tiles, part.tile_window,
+        hq, scale * LOG2E, scale, *strides, BLOCK_T=WINDOW_TILE, BLOCK_N=WIN_BLOCK_N, **common,
+    )
+    hg = head_split(group, 16)
+    _win_bwd_dkdv_kernel[(n_tiles, hkv)](
+        q, k, v, do, gate_t, lse, delta, dk_acc, dv_acc, part.perm, part.offsets, part.tiles, part.tile_window,
+        hq, scale * LOG2E, scale, *strides, BLOCK_Q=max(1, WIN_DKDV_ROWS // hg), BLOCK_N=WINDOW_TILE,
+        **{**common, "HG": hg},
+    )
+    return dq_acc, dk_acc, dv_acc
