@@ -56,6 +56,31 @@ def _masked_attention(q, k, v, allowed, scale):
     return torch.einsum("ths,shd->thd", p, v), lse
 
 
+#: Queries per chunk in the selection and window branches: the masks are [chunk, Hq, tokens of the batch element].
+QUERY_CHUNK = 512
+
+
+def _chunked_masked_attention(q, k, v, allowed_fn, scale):
+    """:func:`_masked_attention` over query chunks (``allowed_fn(rows) -> [len(rows), H, S]``), recomputing each
+    chunk in the backward pass, so that 10^4-10^5 tokens fit in memory in float64."""
+    from torch.utils.checkpoint import checkpoint
+
+    outs, lses = [], []
+    for c0 in range(0, q.shape[0], QUERY_CHUNK):
+        rows = torch.arange(c0, min(c0 + QUERY_CHUNK, q.shape[0]), device=q.device)
+
+        def run(qc, k_, v_, rows=rows):
+            return _masked_attention(qc, k_, v_, allowed_fn(rows), scale)
+
+        if torch.is_grad_enabled() and q.shape[0] > QUERY_CHUNK:
+            o, lse = checkpoint(run, q[rows], k, v, use_reentrant=False)
+        else:
+            o, lse = run(q[rows], k, v)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
 def _batches(coords):
     """(batch value, token indices) for each non-empty batch element."""
     b = coords[:, 0].long()
@@ -149,10 +174,15 @@ def selection_attention(q, k, v, block_idx, coords, *, selection_block, scale=No
     lse = q.new_full((n, hq), float("-inf"))
     for _, tok in _batches(coords):
         chosen = block_idx[tok].long()  # [T, Hkv, topk]
-        member = (sid[tok].view(1, 1, 1, -1) == chosen.unsqueeze(-1)) & (chosen.unsqueeze(-1) >= 0)
-        allowed = member.any(2)  # [T, Hkv, S]
-        allowed = allowed.repeat_interleave(hq // hkv, dim=1)  # [T, Hq, S]
-        o[tok], lse[tok] = _masked_attention(q[tok], _expand_kv(k[tok], hq), _expand_kv(v[tok], hq), allowed, scale)
+        key_block = sid[tok]
+
+        def allowed(rows, chosen=chosen, key_block=key_block):
+            c = chosen[rows].unsqueeze(-1)  # [R, Hkv, topk, 1]
+            member = ((key_block.view(1, 1, 1, -1) == c) & (c >= 0)).any(2)  # [R, Hkv, S]
+            return member.repeat_interleave(hq // hkv, dim=1)  # [R, Hq, S]
+
+        o[tok], lse[tok] = _chunked_masked_attention(q[tok], _expand_kv(k[tok], hq), _expand_kv(v[tok], hq), allowed,
+                                                     scale)
     return (o, lse) if return_lse else o
 
 
@@ -164,8 +194,11 @@ def window_attention(q, k, v, coords, *, window, shift, scale=None):
     o = q.new_zeros(n, hq, d)
     for _, tok in _batches(coords):
         w = wid[tok]
-        allowed = (w.view(-1, 1) == w.view(1, -1)).unsqueeze(1).expand(-1, hq, -1)
-        o[tok], _ = _masked_attention(q[tok], _expand_kv(k[tok], hq), _expand_kv(v[tok], hq), allowed, scale)
+
+        def allowed(rows, w=w):
+            return (w[rows].view(-1, 1) == w.view(1, -1)).unsqueeze(1).expand(-1, hq, -1)
+
+        o[tok], _ = _chunked_masked_attention(q[tok], _expand_kv(k[tok], hq), _expand_kv(v[tok], hq), allowed, scale)
     return o
 
 
@@ -185,11 +218,14 @@ def spatial_sparse_attention(
     shift,
     scale=None,
     return_branches=False,
+    block_idx=None,
 ):
     """The whole SSA operation (DESIGN.md 2): ``o = gate0 * o_cmp + gate1 * o_sel + gate2 * o_win``.
 
     Returns ``o [N, Hq, D]``, or ``(o, (o_cmp, o_sel, o_win))`` with ``return_branches=True``.
     Gradients flow to q, k, v, k_cmp, v_cmp and gate; not through the block scores or the choice.
+    ``block_idx [N, Hkv, topk]``, when given, replaces the computed choice (to test kernels whose low-precision
+    scores may order near-tied blocks differently).
     """
     if not isinstance(coords, torch.Tensor):
         raise TypeError(f"coords must be a torch.Tensor, got {type(coords).__name__}")
@@ -204,7 +240,7 @@ def spatial_sparse_attention(
     scores = block_scores(
         q, k_cmp, lse, coords, compression_block=compression_block, selection_block=selection_block, scale=scale
     )
-    chosen = select_blocks(scores, topk)
+    chosen = select_blocks(scores, topk) if block_idx is None else block_idx.long()
     o_sel = selection_attention(q, k, v, chosen, coords, selection_block=selection_block, scale=scale)
     o_win = window_attention(q, k, v, coords, window=window, shift=shift, scale=scale)
     g = gate.unsqueeze(-1)

@@ -27,7 +27,7 @@ def _row_tokens_heads(pid_t, pid_h, N, G: tl.constexpr, HG: tl.constexpr, BLOCK_
 
     Returns (token [R] int32, head [R] int32, row_ok [R], kv head g).
     """
-    n_sub: tl.constexpr = G // HG
+    n_sub = G // HG
     g = pid_h // n_sub
     h0 = g * G + (pid_h % n_sub) * HG
     r = tl.arange(0, BLOCK_T * HG)

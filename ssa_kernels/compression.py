@@ -21,11 +21,12 @@ from .layout import BlockLayout
 
 LOG2E_C = tl.constexpr(LOG2E)
 
-#: Query rows (tokens x heads) per program and compressed keys per inner step.
-CMP_ROWS = 64
-CMP_BLOCK_N = 64
-#: Target number of programs of the dK/dV kernel (about 4 waves on an H100's 132 SMs).
-CMP_DKDV_PROGRAMS = 512
+#: Launch configurations (tuned on an H100 with bench/kernel_profile.py; reports/kernels.md has the figures).
+#: rows: query rows (tokens x heads) per matrix product; block_n: compressed keys per step; programs: target
+#: number of dK/dV programs (the queries are split into that many slices over the key tiles).
+FWD = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
+DQ = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
+DKDV = dict(rows=64, block_n=64, programs=512, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -187,9 +188,13 @@ def _cmp_bwd_dkdv_kernel(
     tl.store(DVP + part, dv, mask=kv_mask)
 
 
-def _config(group: int, head_dim: int):
+def _config(group: int, rows: int):
     hg = head_split(group, 16)
-    return hg, tokens_per_tile(hg, CMP_ROWS)
+    return hg, tokens_per_tile(hg, rows)
+
+
+def _launch(cfg):
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def compression_forward(q, k_cmp, v_cmp, layout: BlockLayout, scale: float):
@@ -197,7 +202,7 @@ def compression_forward(q, k_cmp, v_cmp, layout: BlockLayout, scale: float):
     n, hq, dim = q.shape
     hkv = k_cmp.shape[1]
     group = hq // hkv
-    hg, bt = _config(group, dim)
+    hg, bt = _config(group, FWD["rows"])
     o = torch.empty_like(q)
     lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
     if n == 0:
@@ -207,24 +212,24 @@ def compression_forward(q, k_cmp, v_cmp, layout: BlockLayout, scale: float):
         q, k_cmp, v_cmp, o, lse, layout.token_batch, layout.batch_cmp_offsets,
         n, hq, scale * LOG2E,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
-        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=CMP_BLOCK_N, D=dim, BLOCK_D=block_d(dim),
-        PRECISION=dot_precision(q.dtype),
+        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=FWD["block_n"], D=dim, BLOCK_D=block_d(dim),
+        PRECISION=dot_precision(q.dtype), **_launch(FWD),
     )
     return o, lse
 
 
 def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, scale: float, *,
-                         gate=None, gate_idx=0, dq_acc=None, accumulate=False):
+                         gate=None, gate_idx=0, dq_acc=None, accumulate=False, parts=("dq", "dkdv")):
     """Gradients of the compression branch.
 
     ``do [N, Hq, D]`` is the gradient of the (gated, when ``gate`` is given: ``gate[:, gate_idx] * o``) output;
     ``delta [N, Hq]`` float32 = rowsum(dO_branch * o_branch). dQ goes into ``dq_acc [N, Hq, D]`` float32
     (overwritten, or added to with ``accumulate``). Returns ``(dq_acc, dk_cmp, dv_cmp)``, the last two float32.
+    ``parts`` runs only some of the kernels (for timing them apart).
     """
     n, hq, dim = q.shape
     nc, hkv, _ = k_cmp.shape
     group = hq // hkv
-    hg, bt = _config(group, dim)
     if dq_acc is None:
         dq_acc = torch.empty(n, hq, dim, device=q.device, dtype=torch.float32)
         accumulate = False
@@ -236,24 +241,29 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     do = do.contiguous() if do.stride(-1) != 1 else do
     has_gate = gate is not None
     gate_t = gate if has_gate else lse  # placeholder pointer, never read
-    common = dict(G=group, HG=hg, BLOCK_T=bt, BLOCK_N=CMP_BLOCK_N, D=dim, BLOCK_D=block_d(dim),
-                  PRECISION=dot_precision(q.dtype), HAS_GATE=has_gate, GATE_IDX=gate_idx)
+    common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), HAS_GATE=has_gate,
+                  GATE_IDX=gate_idx)
+    hg, bt = _config(group, DQ["rows"])
     grid = (triton.cdiv(n, bt), hkv * (group // hg))
-    _cmp_bwd_dq_kernel[grid](
-        q, k_cmp, v_cmp, do, gate_t, lse, delta, dq_acc, layout.token_batch, layout.batch_cmp_offsets,
-        n, hq, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1),
-        ACCUMULATE=accumulate, **common,
-    )
-    key_tiles = triton.cdiv(nc, CMP_BLOCK_N)
-    splits = max(1, min(triton.cdiv(CMP_DKDV_PROGRAMS, key_tiles * hkv), triton.cdiv(n, 4 * bt)))
+    if "dq" in parts:
+        _cmp_bwd_dq_kernel[grid](
+            q, k_cmp, v_cmp, do, gate_t, lse, delta, dq_acc, layout.token_batch, layout.batch_cmp_offsets,
+            n, hq, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1),
+            HG=hg, BLOCK_T=bt, BLOCK_N=DQ["block_n"], ACCUMULATE=accumulate, **common, **_launch(DQ),
+        )
+    if "dkdv" not in parts:
+        return dq_acc, None, None
+    hg, bt = _config(group, DKDV["rows"])
+    key_tiles = triton.cdiv(nc, DKDV["block_n"])
+    splits = max(1, min(triton.cdiv(DKDV["programs"], key_tiles * hkv), triton.cdiv(n, 4 * bt)))
     dkp = torch.empty(splits, nc, hkv, dim, device=q.device, dtype=torch.float32)
     dvp = torch.empty_like(dkp)
     _cmp_bwd_dkdv_kernel[(key_tiles, hkv, splits)](
         q, k_cmp, v_cmp, do, gate_t, lse, delta, dkp, dvp,
         layout.token_batch, layout.cmp_batch, layout.batch_offsets,
         n, nc, hq, hkv, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1),
-        NUM_SPLITS=splits, **common,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1), splits,
+        HG=hg, BLOCK_T=bt, BLOCK_N=DKDV["block_n"], **common, **_launch(DKDV),
     )
     return dq_acc, dkp.sum(0), dvp.sum(0)

@@ -164,7 +164,7 @@ class BlockLayout:
     - ``token_cmp [N]``, ``cmp_offsets [Nc+1]``, ``cmp_coords [Nc, 4]`` (batch, block x, y, z),
       ``cmp_batch [Nc]``, ``cmp_sel [Nc]``, ``batch_cmp_offsets [B+1]``: compression blocks.
     - ``token_sel [N]``, ``sel_offsets [S+1]`` (the start-index table ``C``), ``sel_cmp_offsets [S+1]``
-      (compression blocks of each selection block), ``sel_batch [S]``, ``batch_sel_offsets [B+1]``: selection blocks.
+      (compression blocks of each selection block, a contiguous range), ``sel_batch [S]``, ``batch_sel_offsets [B+1]``: selection blocks.
     - ``windows``: a :class:`WindowPartition` for shift 0 and for shift ``window // 2``.
 
     All index tensors are int32. Python ints (sizes, maxima) are read once here, so using the layout needs no
@@ -202,8 +202,9 @@ class BlockLayout:
 
     @property
     def one_cmp_per_sel(self) -> bool:
-        """Each selection block holds exactly one compression block (``m_cmp == m_slc``)."""
-        return self.compression_block == self.selection_block
+        """Each selection block holds exactly one compression block (always so when ``m_cmp == m_slc``): the
+        compressed keys are then the selection blocks, in the same order."""
+        return self.num_cmp_blocks == self.num_sel_blocks
 
     def window_partition(self, shift: int) -> WindowPartition:
         if shift not in self.windows:
@@ -291,6 +292,7 @@ def build_layout(coords: torch.Tensor, *, compression_block: int, selection_bloc
     cmp_sel = token_sel[cmp_first]
     cmp_coords = torch.cat([cmp_batch[:, None], torch.div(c64[cmp_first, 1:], mc, rounding_mode="floor")], 1)
     sel_sizes = sel_offsets[1:] - sel_offsets[:-1]
+    sel_cmp_offsets = _csr_from_sorted_ids(cmp_sel, ns)
     batch_sel_offsets = _csr_from_sorted_ids(sel_batch, nb)
     layout = BlockLayout(
         coords=coords.int().contiguous(),
@@ -313,7 +315,7 @@ def build_layout(coords: torch.Tensor, *, compression_block: int, selection_bloc
         batch_cmp_offsets=_csr_from_sorted_ids(cmp_batch, nb).int(),
         token_sel=token_sel.int(),
         sel_offsets=sel_offsets.int(),
-        sel_cmp_offsets=_csr_from_sorted_ids(cmp_sel, ns).int(),
+        sel_cmp_offsets=sel_cmp_offsets.int(),
         sel_batch=sel_batch.int(),
         batch_sel_offsets=batch_sel_offsets.int(),
     )

@@ -22,13 +22,15 @@ from ._common import LOG2E, _row_tokens_heads, block_d, dot_precision, head_spli
 from .layout import BlockLayout
 
 LOG2E_C = tl.constexpr(LOG2E)
-#: Query rows (tokens x heads) per program of the forward and dQ kernels.
-SEL_ROWS = 16
-#: Keys per inner step.
-SEL_BLOCK_N = 64
-#: dK/dV: query rows per step (tokens x heads), keys per program.
-SEL_DKDV_ROWS = 128
-SEL_DKDV_BLOCK_N = 64
+#: Launch configurations. Forward and dQ: query rows (tokens x heads) per program, keys per step.
+#: dK/dV: query rows per step, keys per program.
+FWD = dict(rows=16, block_n=16, num_warps=1, num_stages=3)
+DQ = dict(rows=16, block_n=16, num_warps=1, num_stages=3)
+DKDV = dict(rows=128, block_n=64, num_warps=4, num_stages=2)
+#: Backward scheme: "slot_pass" (one key-outer pass per top-k slot computes dQ, dK and dV together, each
+#: probability computed once) or "split" (a query-outer dQ kernel and a key-outer dK/dV kernel).
+BWD = dict(kernel="slot_pass")
+PASS = dict(rows=128, block_n=64, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -213,24 +215,95 @@ def _sel_bwd_dkdv_kernel(
         tl.store(DV + out, dv, mask=kv_mask)
 
 
-def block_query_index(idx: torch.Tensor, num_blocks: int):
+@triton.jit
+def _sel_bwd_pass_kernel(
+    Q, K, V, DO, GATE, LSE, DELTA, DQ, DK, DV,
+    sel_offsets, csr_offsets, csr_tokens, csr_base,
+    S, H, qk_scale, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr,
+):
+    """One slot pass of the selection backward: block ``program_id(0)``, kv head ``program_id(1)``, and the
+    queries whose choice in this pass's slot is that block (``csr_tokens[csr_offsets[csr_base + g*S + b] : ...]``).
+
+    Within one pass every query row belongs to exactly one program, so the program adds its dQ contribution to
+    ``DQ [N, Hq, D]`` float32 without atomics, and the key rows of a block belong to one program, which adds to
+    ``DK, DV [N, Hkv, D]`` float32; passes run one after another: deterministic.
+    """
+    blk = tl.program_id(0)
+    g = tl.program_id(1)
+    hkv = H // G
+    k_lo = tl.load(sel_offsets + blk)
+    k_hi = tl.load(sel_offsets + blk + 1)
+    q_lo = tl.load(csr_offsets + csr_base + g * S + blk)
+    q_hi = tl.load(csr_offsets + csr_base + g * S + blk + 1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    r = tl.arange(0, BLOCK_T * HG)
+    for e0 in range(q_lo, q_hi, BLOCK_T):
+        e = e0 + r // HG
+        row_ok = e < q_hi
+        tok64 = tl.load(csr_tokens + e, mask=row_ok, other=0).to(tl.int64)
+        rd_mask = row_ok[:, None] & d_ok[None, :]
+        if HAS_GATE:
+            gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+        for hs in tl.static_range(G // HG):
+            head = g * G + hs * HG + r % HG
+            q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask,
+                        other=0.0)
+            do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask,
+                         other=0.0)
+            if HAS_GATE:
+                do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
+            lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
+            delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+            dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+            for ks in range(k_lo, k_hi, BLOCK_N):
+                n = ks + tl.arange(0, BLOCK_N)
+                n_ok = n < k_hi
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+                kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
+                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                acc_off = (n.to(tl.int64)[:, None] * hkv + g) * D + d[None, :]
+                dv_t = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dk_t = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+                tl.store(DV + acc_off, tl.load(DV + acc_off, mask=kv_mask, other=0.0) + dv_t, mask=kv_mask)
+                tl.store(DK + acc_off, tl.load(DK + acc_off, mask=kv_mask, other=0.0) + dk_t, mask=kv_mask)
+            dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
+            tl.store(DQ + dq_off, tl.load(DQ + dq_off, mask=rd_mask, other=0.0) + dq * scale, mask=rd_mask)
+            # the next chunk re-reads the DK/DV rows written here, possibly from other threads
+            tl.debug_barrier()
+
+
+def block_query_index(idx: torch.Tensor, num_blocks: int, *, per_slot: bool = False):
     """The block -> queries index (CSR) of a top-k choice ``idx [N, Hkv, topk]`` (-1 = none).
 
     Returns ``(offsets [Hkv * S + 1] int32, tokens [E] int32)``: the tokens that chose block b for kv head g are
-    ``tokens[offsets[g*S+b] : offsets[g*S+b+1]]``, in increasing token order. Built by a counting sort: counts
-    per (g, b), an exclusive scan, and the rank of each entry among the earlier entries of its bucket (entries
-    are visited in token order, so the order is deterministic). No host synchronisation.
+    ``tokens[offsets[g*S+b] : offsets[g*S+b+1]]``, in increasing token order. With ``per_slot`` the buckets are
+    (slot j, g, b): ``offsets [topk * Hkv * S + 1]``, bucket index ``(j*Hkv + g)*S + b``. Built with a stable radix
+    sort of the bucket ids (``torch.sort(stable=True)``, linear time on the GPU) and a count + scan for the
+    offsets: deterministic, no host synchronisation.
     """
     n, hkv, topk = idx.shape
     dev = idx.device
-    nbuckets = hkv * num_blocks
+    nbuckets = hkv * num_blocks * (topk if per_slot else 1)
     g = torch.arange(hkv, device=dev, dtype=torch.int64).view(1, hkv, 1)
-    key = torch.where(idx >= 0, g * num_blocks + idx.long(), torch.full_like(g, nbuckets)).reshape(-1)
+    bucket = g * num_blocks + idx.long()
+    if per_slot:
+        bucket = bucket + torch.arange(topk, device=dev, dtype=torch.int64).view(1, 1, topk) * (hkv * num_blocks)
+    key = torch.where(idx >= 0, bucket, torch.full_like(bucket, nbuckets)).reshape(-1)
     counts = torch.zeros(nbuckets + 1, device=dev, dtype=torch.int64)
     counts.index_add_(0, key, torch.ones_like(key))
     offsets = torch.zeros(nbuckets + 2, device=dev, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
-    # stable placement: the sort key is (bucket, entry index); a stable sort of the bucket id keeps token order
     order = torch.sort(key, stable=True).indices
     tokens = torch.div(order, hkv * topk, rounding_mode="floor")
     return offsets[: nbuckets + 1].int(), tokens.int()
@@ -241,13 +314,17 @@ def _config(group: int, rows: int, max_heads: int = 16):
     return hg, tokens_per_tile(hg, rows)
 
 
+def _launch(cfg):
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
     """``o [N, Hq, D]`` (dtype of q) and ``lse [N, Hq]`` float32 of the selection branch."""
     n, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     topk = idx.shape[2]
-    hg, bt = _config(group, SEL_ROWS)
+    hg, bt = _config(group, FWD["rows"])
     o = torch.empty_like(q)
     lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
     if n == 0:
@@ -256,18 +333,19 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
         q, k, v, o, lse, idx, layout.sel_offsets,
         n, hq, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
-        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=SEL_BLOCK_N, TOPK=topk, K2=triton.next_power_of_2(topk),
-        D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
+        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=FWD["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
+        D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), **_launch(FWD),
     )
     return o, lse
 
 
 def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale: float, *, gate=None, gate_idx=1,
-                       dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False):
+                       dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False, parts=("dq", "dkdv")):
     """Gradients of the selection branch into float32 accumulators (created when not given).
 
     ``do`` is the gradient of ``gate[:, gate_idx] * o`` when ``gate`` is given, else of ``o``;
-    ``delta [N, Hq]`` = rowsum(dO_branch * o_branch). Returns ``(dq_acc, dk_acc, dv_acc)``.
+    ``delta [N, Hq]`` = rowsum(dO_branch * o_branch). Returns ``(dq_acc, dk_acc, dv_acc)``. ``parts`` runs only
+    some of the kernels (for timing them apart).
     """
     n, hq, dim = q.shape
     hkv = k.shape[1]
@@ -283,23 +361,46 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
     has_gate = gate is not None
     gate_t = gate if has_gate else lse
     prec = dot_precision(q.dtype)
-    hg, bt = _config(group, SEL_ROWS)
-    _sel_bwd_dq_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
-        q, k, v, do, gate_t, lse, delta, dq_acc, idx, layout.sel_offsets,
-        n, hq, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
-        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=SEL_BLOCK_N, TOPK=topk, K2=triton.next_power_of_2(topk),
-        D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate, GATE_IDX=gate_idx, ACCUMULATE=accumulate,
-    )
+    hg, bt = _config(group, DQ["rows"])
+    if "dq" in parts and BWD["kernel"] == "split":
+        _sel_bwd_dq_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
+            q, k, v, do, gate_t, lse, delta, dq_acc, idx, layout.sel_offsets,
+            n, hq, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
+            G=group, HG=hg, BLOCK_T=bt, BLOCK_N=DQ["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
+            D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate, GATE_IDX=gate_idx,
+            ACCUMULATE=accumulate, **_launch(DQ),
+        )
+    if "dkdv" not in parts:
+        return dq_acc, dk_acc, dv_acc
+    if BWD["kernel"] == "slot_pass":
+        if "dq" in parts:  # the passes produce dQ and dK/dV together
+            if not accumulate:
+                dq_acc.zero_()
+                dk_acc.zero_()
+                dv_acc.zero_()
+            csr_offsets, csr_tokens = block_query_index(idx, layout.num_sel_blocks, per_slot=True)
+            hg, bt = _config(group, PASS["rows"])
+            for j in range(topk):
+                _sel_bwd_pass_kernel[(layout.num_sel_blocks, hkv)](
+                    q, k, v, do, gate_t, lse, delta, dq_acc, dk_acc, dv_acc,
+                    layout.sel_offsets, csr_offsets, csr_tokens, j * hkv * layout.num_sel_blocks,
+                    layout.num_sel_blocks, hq, scale * LOG2E, scale,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
+                    G=group, HG=hg, BLOCK_T=bt, BLOCK_N=PASS["block_n"], D=dim, BLOCK_D=block_d(dim),
+                    PRECISION=prec, HAS_GATE=has_gate, GATE_IDX=gate_idx, **_launch(PASS),
+                )
+        return dq_acc, dk_acc, dv_acc
     csr_offsets, csr_tokens = block_query_index(idx, layout.num_sel_blocks)
-    hg, bt = _config(group, SEL_DKDV_ROWS)
-    grid = (layout.num_sel_blocks, triton.cdiv(layout.max_sel_block_tokens, SEL_DKDV_BLOCK_N), hkv)
+    hg, bt = _config(group, DKDV["rows"])
+    grid = (layout.num_sel_blocks, triton.cdiv(layout.max_sel_block_tokens, DKDV["block_n"]), hkv)
     _sel_bwd_dkdv_kernel[grid](
         q, k, v, do, gate_t, lse, delta, dk_acc, dv_acc,
         layout.sel_offsets, csr_offsets, csr_tokens,
         layout.num_sel_blocks, hq, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
-        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=SEL_DKDV_BLOCK_N,
+        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=DKDV["block_n"],
         D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate, GATE_IDX=gate_idx, ACCUMULATE=accumulate,
+        **_launch(DKDV),
     )
     return dq_acc, dk_acc, dv_acc

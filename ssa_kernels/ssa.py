@@ -14,8 +14,9 @@ from types import SimpleNamespace
 
 import torch
 
-from ._common import check_kernel_dtype
+from ._common import MAX_TOPK, check_kernel_dtype
 from .compression import compression_backward, compression_forward
+from .gate import gate_backward
 from .layout import BlockLayout
 from .scoring import select_blocks_forward
 from .selection import selection_backward, selection_forward
@@ -65,60 +66,46 @@ def _check_qkv(q, k, v, layout, name_k="k"):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _layout_view(token_batch, batch_offsets, batch_cmp_offsets, cmp_batch, batch_sel_offsets, sel_offsets,
-                 sel_cmp_offsets, cmp_sel, win_perm, win_offsets, win_tiles, win_tile_window, num_sel_blocks,
-                 max_sel_block_tokens, one_cmp_per_sel, shift):
-    """A stand-in for :class:`BlockLayout` built from the tensors a custom op receives."""
-    part = SimpleNamespace(perm=win_perm, offsets=win_offsets, tiles=win_tiles, tile_window=win_tile_window)
-    return SimpleNamespace(
-        token_batch=token_batch, batch_offsets=batch_offsets, batch_cmp_offsets=batch_cmp_offsets,
-        cmp_batch=cmp_batch, batch_sel_offsets=batch_sel_offsets, sel_offsets=sel_offsets,
-        sel_cmp_offsets=sel_cmp_offsets, cmp_sel=cmp_sel, num_sel_blocks=num_sel_blocks,
-        max_sel_block_tokens=max_sel_block_tokens,
-        one_cmp_per_sel=one_cmp_per_sel,
-        window_partition=lambda s: part,
-    )
+#: The layout tables the fused op reads, passed to the custom op as one tensor list in this order.
+_LAYOUT_TENSORS = ("token_batch", "batch_offsets", "batch_cmp_offsets", "cmp_batch", "batch_sel_offsets",
+                   "sel_offsets", "sel_cmp_offsets", "cmp_sel")
+_WINDOW_TENSORS = ("perm", "offsets", "tiles", "tile_window")
 
 
 def _layout_args(layout: BlockLayout, shift: int):
+    """``(tensors, num_sel_blocks, max_sel_block_tokens)`` of a layout for the custom op."""
     part = layout.window_partition(shift)
-    return (layout.token_batch, layout.batch_offsets, layout.batch_cmp_offsets, layout.cmp_batch,
-            layout.batch_sel_offsets, layout.sel_offsets, layout.sel_cmp_offsets, layout.cmp_sel,
-            part.perm, part.offsets, part.tiles, part.tile_window)
+    tensors = [getattr(layout, name) for name in _LAYOUT_TENSORS] + [getattr(part, name) for name in _WINDOW_TENSORS]
+    return tensors, layout.num_sel_blocks, layout.max_sel_block_tokens
 
 
-_LAYOUT_TENSORS = ("token_batch", "batch_offsets", "batch_cmp_offsets", "cmp_batch", "batch_sel_offsets",
-                   "sel_offsets", "sel_cmp_offsets", "cmp_sel", "win_perm", "win_offsets", "win_tiles",
-                   "win_tile_window")
+def _layout_view(tensors, num_sel_blocks, max_sel_block_tokens):
+    """A stand-in for :class:`BlockLayout` rebuilt inside the custom op from its tensor list."""
+    n_lay = len(_LAYOUT_TENSORS)
+    part = SimpleNamespace(**dict(zip(_WINDOW_TENSORS, tensors[n_lay:])))
+    return SimpleNamespace(**dict(zip(_LAYOUT_TENSORS, tensors[:n_lay])), num_sel_blocks=num_sel_blocks,
+                           one_cmp_per_sel=bool(tensors[_LAYOUT_TENSORS.index("cmp_sel")].shape[0] == num_sel_blocks),
+                           max_sel_block_tokens=max_sel_block_tokens, window_partition=lambda shift: part)
 
 
 @torch.library.custom_op("ssa_kernels::ssa_forward", mutates_args=())
 def _ssa_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
-    gate: torch.Tensor,
-    token_batch: torch.Tensor, batch_offsets: torch.Tensor, batch_cmp_offsets: torch.Tensor,
-    cmp_batch: torch.Tensor, batch_sel_offsets: torch.Tensor, sel_offsets: torch.Tensor,
-    sel_cmp_offsets: torch.Tensor, cmp_sel: torch.Tensor, win_perm: torch.Tensor, win_offsets: torch.Tensor,
-    win_tiles: torch.Tensor, win_tile_window: torch.Tensor,
-    num_sel_blocks: int, max_sel_block_tokens: int, one_cmp_per_sel: bool, topk: int, shift: int, scale: float,
+    gate: torch.Tensor, layout_tensors: list[torch.Tensor], num_sel_blocks: int, max_sel_block_tokens: int,
+    topk: int, shift: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """Returns ``(o, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx)``."""
-    lay = _layout_view(token_batch, batch_offsets, batch_cmp_offsets, cmp_batch, batch_sel_offsets, sel_offsets,
-                       sel_cmp_offsets, cmp_sel, win_perm, win_offsets, win_tiles, win_tile_window, num_sel_blocks,
-                       max_sel_block_tokens, one_cmp_per_sel, shift)
+    lay = _layout_view(layout_tensors, num_sel_blocks, max_sel_block_tokens)
     o_cmp, lse_cmp = compression_forward(q, k_cmp, v_cmp, lay, scale)
     idx = select_blocks_forward(q, k_cmp, lse_cmp, lay, topk, scale)
     o_sel, lse_sel = selection_forward(q, k, v, idx, lay, scale)
-    o_win, lse_win = window_forward(q, k, v, lay, shift, scale)
-    g = gate.float().unsqueeze(-1)
-    o = (g[:, 0:1] * o_cmp.float() + g[:, 1:2] * o_sel.float() + g[:, 2:3] * o_win.float()).to(q.dtype)
+    o_win, lse_win, o = window_forward(q, k, v, lay, shift, scale, mix=(o_cmp, o_sel, gate))
     return o, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx
 
 
 @_ssa_forward.register_fake
-def _(q, k, v, k_cmp, v_cmp, gate, *rest):
-    topk = rest[-3]
+def _(q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block_tokens, topk, shift, scale):
     n, hq, _ = q.shape
     lse = q.new_empty(n, hq, dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), lse,
@@ -129,33 +116,21 @@ def _(q, k, v, k_cmp, v_cmp, gate, *rest):
 def _ssa_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     gate: torch.Tensor, o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, lse_cmp: torch.Tensor,
-    lse_sel: torch.Tensor, lse_win: torch.Tensor, idx: torch.Tensor,
-    token_batch: torch.Tensor, batch_offsets: torch.Tensor, batch_cmp_offsets: torch.Tensor,
-    cmp_batch: torch.Tensor, batch_sel_offsets: torch.Tensor, sel_offsets: torch.Tensor,
-    sel_cmp_offsets: torch.Tensor, cmp_sel: torch.Tensor, win_perm: torch.Tensor, win_offsets: torch.Tensor,
-    win_tiles: torch.Tensor, win_tile_window: torch.Tensor,
-    num_sel_blocks: int, max_sel_block_tokens: int, one_cmp_per_sel: bool, shift: int, scale: float,
+    lse_sel: torch.Tensor, lse_win: torch.Tensor, idx: torch.Tensor, layout_tensors: list[torch.Tensor],
+    num_sel_blocks: int, max_sel_block_tokens: int, shift: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dk_cmp, dv_cmp, dgate)``."""
-    lay = _layout_view(token_batch, batch_offsets, batch_cmp_offsets, cmp_batch, batch_sel_offsets, sel_offsets,
-                       sel_cmp_offsets, cmp_sel, win_perm, win_offsets, win_tiles, win_tile_window, num_sel_blocks,
-                       max_sel_block_tokens, one_cmp_per_sel, shift)
-    do = _contig(do)
-    dof = do.float()
-    # per-branch sums of dO * o_branch: the gate gradients and (times the gate) the softmax deltas
-    sums = torch.stack([(dof * o.float()).sum(-1) for o in (o_cmp, o_sel, o_win)], dim=-1)  # [N, Hq, 3]
-    gf = gate.float()
-    dgate = sums.sum(1).to(gate.dtype)
-    deltas = sums * gf.unsqueeze(1)
-    dq, dk_cmp, dv_cmp = compression_backward(do, q, k_cmp, v_cmp, lse_cmp, deltas[..., 0].contiguous(), lay, scale,
-                                              gate=gate, gate_idx=0)
-    dq, dk, dv = selection_backward(do, q, k, v, idx, lse_sel, deltas[..., 1].contiguous(), lay, scale, gate=gate,
-                                    gate_idx=1, dq_acc=dq, dk_acc=torch.zeros(k.shape, device=k.device,
-                                                                              dtype=torch.float32),
-                                    dv_acc=torch.zeros(v.shape, device=v.device, dtype=torch.float32),
+    lay = _layout_view(layout_tensors, num_sel_blocks, max_sel_block_tokens)
+    do = do.contiguous()
+    dgate, delta = gate_backward(do, o_cmp, o_sel, o_win, gate)
+    dq, dk_cmp, dv_cmp = compression_backward(do, q, k_cmp, v_cmp, lse_cmp, delta[0], lay, scale, gate=gate,
+                                              gate_idx=0)
+    f32 = dict(device=k.device, dtype=torch.float32)
+    dq, dk, dv = selection_backward(do, q, k, v, idx, lse_sel, delta[1], lay, scale, gate=gate, gate_idx=1,
+                                    dq_acc=dq, dk_acc=torch.zeros(k.shape, **f32), dv_acc=torch.zeros(v.shape, **f32),
                                     accumulate=True)
-    dq, dk, dv = window_backward(do, q, k, v, lse_win, deltas[..., 2].contiguous(), lay, shift, scale, gate=gate,
-                                 gate_idx=2, dq_acc=dq, dk_acc=dk, dv_acc=dv, accumulate=True)
+    dq, dk, dv = window_backward(do, q, k, v, lse_win, delta[2], lay, shift, scale, gate=gate, gate_idx=2,
+                                 dq_acc=dq, dk_acc=dk, dv_acc=dv, accumulate=True)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype), dv_cmp.to(v_cmp.dtype), dgate)
 
 
@@ -166,18 +141,17 @@ def _(do, q, k, v, k_cmp, v_cmp, gate, *rest):
 
 
 def _ssa_setup_context(ctx, inputs, output):
-    q, k, v, k_cmp, v_cmp, gate = inputs[:6]
-    layout_t = inputs[6:18]
-    num_sel_blocks, max_sel_block_tokens, one_cmp_per_sel, topk, shift, scale = inputs[18:]
+    q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block_tokens, topk, shift, scale = inputs
     _, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx = output
-    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gate, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx, *layout_t)
-    ctx.ints = (num_sel_blocks, max_sel_block_tokens, one_cmp_per_sel, shift, scale)
+    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gate, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx,
+                          *layout_tensors)
+    ctx.args = (num_sel_blocks, max_sel_block_tokens, shift, scale)
 
 
 def _ssa_autograd_backward(ctx, do, *unused):
     saved = ctx.saved_tensors
-    grads = _ssa_backward(do, *saved, *ctx.ints)
-    return (*grads,) + (None,) * 18
+    grads = _ssa_backward(do, *saved[:13], list(saved[13:]), *ctx.args)
+    return (*grads, [None] * (len(saved) - 13), None, None, None, None, None)
 
 
 _ssa_forward.register_autograd(_ssa_autograd_backward, setup_context=_ssa_setup_context)
@@ -207,9 +181,9 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gate, layout: BlockLayout, *
         raise ValueError(f"k_cmp has {nc} rows but the layout has {layout.num_cmp_blocks} compression blocks")
     scale = resolve_scale(scale, dim)
     q, k, v, k_cmp, v_cmp, gate = (_contig(t) for t in (q, k, v, k_cmp, v_cmp, gate))
-    out = _ssa_forward(q, k, v, k_cmp, v_cmp, gate, *_layout_args(layout, shift), layout.num_sel_blocks,
-                       layout.max_sel_block_tokens, layout.one_cmp_per_sel, topk, shift,
-                       scale)
+    if not 1 <= topk <= MAX_TOPK:
+        raise ValueError(f"topk must be in [1, {MAX_TOPK}] for the kernels, got {topk}")
+    out = _ssa_forward(q, k, v, k_cmp, v_cmp, gate, *_layout_args(layout, shift), topk, shift, scale)
     return out[0]
 
 

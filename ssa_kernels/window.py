@@ -18,24 +18,31 @@ from ._common import LOG2E, block_d, dot_precision, head_split
 from .layout import WINDOW_TILE, BlockLayout
 
 LOG2E_C = tl.constexpr(LOG2E)
-#: Heads of one kv group per program (rows = WINDOW_TILE tokens x heads).
-WIN_MAX_HEADS = 8
-#: Keys (forward, dQ) or queries (dK/dV) per inner step.
-WIN_BLOCK_N = 64
-WIN_DKDV_ROWS = 128
+#: Launch configurations. Forward and dQ: heads of one kv group per program (rows = WINDOW_TILE tokens x heads),
+#: keys per step. dK/dV: query rows (tokens x heads) per step; its keys per program are one tile.
+FWD = dict(max_heads=8, block_n=64, num_warps=4, num_stages=2)
+DQ = dict(max_heads=8, block_n=64, num_warps=4, num_stages=2)
+DKDV = dict(max_heads=16, rows=128, num_warps=4, num_stages=2)
+
+
+def _launch(cfg):
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @triton.jit
 def _win_fwd_kernel(
     Q, K, V, O, LSE, perm, offsets, tiles, tile_window,
+    OC, OS, GATE, OUT,
     H, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSE_GATE: tl.constexpr,
 ):
+    """Window attention of one query tile; with ``FUSE_GATE`` also the gate mix
+    ``OUT = gate0 * OC + gate1 * OS + gate2 * O`` (``OC, OS, OUT`` laid out like ``O``)."""
     tile = tl.program_id(0)
     pid_h = tl.program_id(1)
-    n_sub: tl.constexpr = G // HG
+    n_sub = G // HG
     g = pid_h // n_sub
     r = tl.arange(0, BLOCK_T * HG)
     head = g * G + (pid_h % n_sub) * HG + r % HG
@@ -73,9 +80,19 @@ def _win_fwd_kernel(
     l_safe = tl.where(l > 0, l, 1.0)
     o = acc / l_safe[:, None]
     lse = tl.where(l > 0, (m + tl.log2(l_safe)) / LOG2E_C, float("-inf"))
-    tl.store(O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    o_off = tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    rd_mask = row_ok[:, None] & d_ok[None, :]
+    o = o.to(O.dtype.element_ty)
+    tl.store(O + o_off, o, mask=rd_mask)
     tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
+    if FUSE_GATE:
+        g0 = tl.load(GATE + tok64 * 3, mask=row_ok, other=0.0).to(tl.float32)
+        g1 = tl.load(GATE + tok64 * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
+        g2 = tl.load(GATE + tok64 * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
+        oc = tl.load(OC + o_off, mask=rd_mask, other=0.0).to(tl.float32)
+        os_ = tl.load(OS + o_off, mask=rd_mask, other=0.0).to(tl.float32)
+        mix = g0[:, None] * oc + g1[:, None] * os_ + g2[:, None] * o.to(tl.float32)
+        tl.store(OUT + o_off, mix.to(OUT.dtype.element_ty), mask=rd_mask)
 
 
 @triton.jit
@@ -90,7 +107,7 @@ def _win_bwd_dq_kernel(
     """dQ of the window branch into ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
     tile = tl.program_id(0)
     pid_h = tl.program_id(1)
-    n_sub: tl.constexpr = G // HG
+    n_sub = G // HG
     g = pid_h // n_sub
     r = tl.arange(0, BLOCK_T * HG)
     head = g * G + (pid_h % n_sub) * HG + r % HG
@@ -202,28 +219,33 @@ def _launch_args(q, k, layout: BlockLayout, shift: int):
     return part, n, hq, dim, group
 
 
-def window_forward(q, k, v, layout: BlockLayout, shift: int, scale: float):
-    """``o [N, Hq, D]`` (dtype of q) and ``lse [N, Hq]`` float32 of the window branch."""
+def window_forward(q, k, v, layout: BlockLayout, shift: int, scale: float, *, mix=None):
+    """``o [N, Hq, D]`` (dtype of q) and ``lse [N, Hq]`` float32 of the window branch.
+
+    With ``mix = (o_cmp, o_sel, gate)`` also returns the gated output: ``(o_win, lse, o)``.
+    """
     part, n, hq, dim, group = _launch_args(q, k, layout, shift)
     hkv = k.shape[1]
     o = torch.empty_like(q)
     lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q) if mix is not None else None
     n_tiles = part.tiles.shape[0]
-    if n_tiles == 0:
-        return o, lse
-    hg = head_split(group, WIN_MAX_HEADS)
-    _win_fwd_kernel[(n_tiles, hkv * (group // hg))](
-        q, k, v, o, lse, part.perm, part.offsets, part.tiles, part.tile_window,
-        hq, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
-        G=group, HG=hg, BLOCK_T=WINDOW_TILE, BLOCK_N=WIN_BLOCK_N, D=dim, BLOCK_D=block_d(dim),
-        PRECISION=dot_precision(q.dtype),
-    )
-    return o, lse
+    if n_tiles:
+        oc, os_, gate = mix if mix is not None else (o, o, lse)
+        hg = head_split(group, FWD["max_heads"])
+        _win_fwd_kernel[(n_tiles, hkv * (group // hg))](
+            q, k, v, o, lse, part.perm, part.offsets, part.tiles, part.tile_window,
+            oc, os_, gate, out if mix is not None else o,
+            hq, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
+            G=group, HG=hg, BLOCK_T=WINDOW_TILE, BLOCK_N=FWD["block_n"], D=dim, BLOCK_D=block_d(dim),
+            PRECISION=dot_precision(q.dtype), FUSE_GATE=mix is not None, **_launch(FWD),
+        )
+    return (o, lse) if mix is None else (o, lse, out)
 
 
 def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, scale: float, *, gate=None,
-                    gate_idx=2, dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False):
+                    gate_idx=2, dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False, parts=("dq", "dkdv")):
     """Gradients of the window branch into float32 accumulators (created when not given); see
     :func:`ssa_kernels.selection.selection_backward` for the arguments. Returns ``(dq_acc, dk_acc, dv_acc)``."""
     part, n, hq, dim, group = _launch_args(q, k, layout, shift)
@@ -239,18 +261,22 @@ def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, sc
     has_gate = gate is not None
     gate_t = gate if has_gate else lse
     prec = dot_precision(q.dtype)
-    hg = head_split(group, WIN_MAX_HEADS)
-    common = dict(G=group, HG=hg, D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
+    hg = head_split(group, DQ["max_heads"])
+    common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
                   GATE_IDX=gate_idx, ACCUMULATE=accumulate)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1))
-    _win_bwd_dq_kernel[(n_tiles, hkv * (group // hg))](
-        q, k, v, do, gate_t, lse, delta, dq_acc, part.perm, part.offsets, part.tiles, part.tile_window,
-        hq, scale * LOG2E, scale, *strides, BLOCK_T=WINDOW_TILE, BLOCK_N=WIN_BLOCK_N, **common,
-    )
-    hg = head_split(group, 16)
+    if "dq" in parts:
+        _win_bwd_dq_kernel[(n_tiles, hkv * (group // hg))](
+            q, k, v, do, gate_t, lse, delta, dq_acc, part.perm, part.offsets, part.tiles, part.tile_window,
+            hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_T=WINDOW_TILE, BLOCK_N=DQ["block_n"], **common,
+            **_launch(DQ),
+        )
+    if "dkdv" not in parts:
+        return dq_acc, dk_acc, dv_acc
+    hg = head_split(group, DKDV["max_heads"])
     _win_bwd_dkdv_kernel[(n_tiles, hkv)](
         q, k, v, do, gate_t, lse, delta, dk_acc, dv_acc, part.perm, part.offsets, part.tiles, part.tile_window,
-        hq, scale * LOG2E, scale, *strides, BLOCK_Q=max(1, WIN_DKDV_ROWS // hg), BLOCK_N=WINDOW_TILE,
-        **{**common, "HG": hg},
+        hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_Q=max(1, DKDV["rows"] // hg), BLOCK_N=WINDOW_TILE,
+        **common, **_launch(DKDV),
     )
     return dq_acc, dk_acc, dv_acc

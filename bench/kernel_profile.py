@@ -1,0 +1,276 @@
+"""Time every kernel of the SSA op on the headline shapes in one call: a developer tool for kernel work.
+
+    python -m bench.kernel_profile [--cases shell-1024:v1.1,shell-1024:v1.0] [--out DIR] [--large]
+
+Prints, per case, each branch's forward and backward kernels, the whole op, FlashAttention-2 (PyTorch's SDPA
+FLASH backend) on the same tokens, peak memory, and useful TFLOP/s; writes the figures as JSON to ``--out``.
+The benchmark proper (what reports are made from) is ``pytest bench --benchmark-only``; this script exists to
+compare kernel variants quickly and to record before/after figures of a kernel change.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+
+def _env():
+    import triton
+
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, date=datetime.date.today().isoformat())
+
+
+def _inputs(shape, cfg, seed=0, batch_copies=1):
+    from bench.shapes import CONFIGS, shape_coords
+    from tests.helpers import compressed_kv
+
+    c = CONFIGS[cfg]
+    coords = shape_coords(shape, compression_block=c.compression_block, selection_block=c.selection_block)
+    if batch_copies > 1:
+        parts = []
+        for b in range(batch_copies):
+            cb = coords.clone()
+            cb[:, 0] = b
+            parts.append(cb)
+        coords = torch.cat(parts)
+    coords = coords.cuda()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n = coords.shape[0]
+    bf = torch.bfloat16
+    q = torch.randn(n, c.num_q_heads, c.head_dim, device="cuda", generator=gen, dtype=bf)
+    k = torch.randn(n, c.num_kv_heads, c.head_dim, device="cuda", generator=gen, dtype=bf)
+    v = torch.randn(n, c.num_kv_heads, c.head_dim, device="cuda", generator=gen, dtype=bf)
+    kc, vc = compressed_kv(k.float(), v.float(), coords, compression_block=c.compression_block,
+                           selection_block=c.selection_block)
+    gate = torch.rand(n, 3, device="cuda", generator=gen, dtype=bf)
+    return c, coords, [q, k, v, kc.to(bf), vc.to(bf), gate]
+
+
+def _bench(fn, rep=200):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+#: Which timed function exercises each tunable launch configuration.
+_SWEEP_TARGET = {
+    "compression.FWD": "cmp_fwd", "compression.DQ": "cmp_dq", "compression.DKDV": "cmp_bwd",
+    "scoring.SCORE": "score_topk",
+    "selection.FWD": "sel_fwd", "selection.DQ": "sel_dq", "selection.DKDV": "sel_bwd", "selection.PASS": "sel_bwd",
+    "selection.BWD": "sel_bwd",
+    "window.FWD": "win_fwd", "window.DQ": "win_bwd", "window.DKDV": "win_bwd",
+}
+
+
+def parse_sweeps(text):
+    """``"selection.FWD:block_n=32|64,num_warps=2|4;scoring.SCORE:keys=32|64"`` -> [(name, [config, ...])]."""
+    import itertools
+
+    out = []
+    for spec in filter(None, (text or "").split(";")):
+        name, _, params = spec.partition(":")
+        if name not in _SWEEP_TARGET:
+            raise ValueError(f"unknown kernel configuration {name!r}; known: {sorted(_SWEEP_TARGET)}")
+        keys, values = [], []
+        for item in params.split(","):
+            key, _, vals = item.partition("=")
+            keys.append(key)
+            values.append([int(x) if x.lstrip("-").isdigit() else x for x in vals.split("|")])
+        out.append((name, [dict(zip(keys, combo)) for combo in itertools.product(*values)]))
+    return out
+
+
+def run_sweeps(fns, sweeps, rep):
+    import importlib
+
+    rows = []
+    for name, combos in sweeps:
+        mod_name, key = name.split(".")
+        cfg = getattr(importlib.import_module(f"ssa_kernels.{mod_name}"), key)
+        saved = dict(cfg)
+        for combo in combos:
+            cfg.update(combo)
+            try:
+                ms = _bench(fns[_SWEEP_TARGET[name]], rep)
+            except Exception as e:  # a configuration that does not compile or fit is a result too
+                ms = float("nan")
+                print(f"{name} {combo}: {type(e).__name__}: {str(e)[:200]}")
+            rows.append(dict(kernel=name, config=dict(cfg), ms=ms))
+            print(f"sweep {name} {combo}: {ms:.3f} ms", flush=True)
+            cfg.clear()
+            cfg.update(saved)
+    return rows
+
+
+def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=()):
+    import ssa_kernels
+    from ssa_kernels import compression, scoring, selection, window
+    from ssa_kernels.gate import gate_backward
+
+    c, coords, inp = _inputs(shape, cfg)
+    q, k, v, kc, vc, gate = inp
+    n = q.shape[0]
+    res = dict(shape=shape, config=cfg, tokens=n)
+    res["layout_ms"] = _bench(lambda: ssa_kernels.build_layout(coords, compression_block=c.compression_block,
+                                                               selection_block=c.selection_block, window=c.window),
+                              rep=50)
+    layout = ssa_kernels.build_layout(coords, compression_block=c.compression_block,
+                                      selection_block=c.selection_block, window=c.window)
+    scale = c.head_dim**-0.5
+    o_cmp, lse_cmp = compression.compression_forward(q, kc, vc, layout, scale)
+    idx = scoring.select_blocks_forward(q, kc, lse_cmp, layout, c.topk, scale)
+    o_sel, lse_sel = selection.selection_forward(q, k, v, idx, layout, scale)
+    o_win, lse_win = window.window_forward(q, k, v, layout, 0, scale)
+    sizes = (layout.sel_offsets[1:] - layout.sel_offsets[:-1]).long()
+    sel_keys = torch.where(idx >= 0, sizes[idx.long().clamp_min(0)], 0).sum(-1).float()  # [N, Hkv]
+    res["selected_keys_per_query"] = float(sel_keys.mean())
+    part = layout.window_partition(0)
+    wsz = (part.offsets[1:] - part.offsets[:-1]).long()
+    win_keys = float((wsz.float() ** 2).sum() / n)
+    hq, d = c.num_q_heads, c.head_dim
+    nc = layout.num_cmp_blocks
+    fl = dict(cmp=4.0 * n * nc * hq * d, score=2.0 * n * nc * hq * d, sel=4.0 * hq * d * n * res["selected_keys_per_query"],
+              win=4.0 * hq * d * n * win_keys)
+    res["useful_gflop_fwd"] = sum(fl.values()) / 1e9
+
+    do = torch.randn_like(q)
+    delta = (do.float() * o_cmp.float()).sum(-1)
+    fns = {
+        "cmp_fwd": lambda: compression.compression_forward(q, kc, vc, layout, scale),
+        "score_topk": lambda: scoring.select_blocks_forward(q, kc, lse_cmp, layout, c.topk, scale),
+        "sel_fwd": lambda: selection.selection_forward(q, k, v, idx, layout, scale),
+        "win_fwd": lambda: window.window_forward(q, k, v, layout, 0, scale, mix=(o_cmp, o_sel, gate)),
+        "gate_bwd": lambda: gate_backward(do, o_cmp, o_sel, o_win, gate),
+        "cmp_bwd": lambda: compression.compression_backward(do, q, kc, vc, lse_cmp, delta, layout, scale),
+        "cmp_dq": lambda: compression.compression_backward(do, q, kc, vc, lse_cmp, delta, layout, scale, parts=("dq",)),
+        "sel_csr": lambda: selection.block_query_index(idx, layout.num_sel_blocks),
+        "sel_bwd": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale),
+        "sel_dq": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale, parts=("dq",)),
+        "win_bwd": lambda: window.window_backward(do, q, k, v, lse_win, delta, layout, 0, scale),
+    }
+    t = {name: _bench(fn, rep) for name, fn in fns.items()}
+    if sweeps:
+        res["sweeps"] = run_sweeps(fns, sweeps, rep)
+
+    x = [tt.clone().requires_grad_() for tt in inp]
+
+    def fwd():
+        return ssa_kernels.spatial_sparse_attention(*x, layout, topk=c.topk, shift=0)
+
+    def fwd_bwd():
+        o = fwd()
+        torch.autograd.grad(o, x, do)
+
+    with torch.no_grad():
+        t["ssa_fwd"] = _bench(fwd, rep)
+    t["ssa_fwd_bwd"] = _bench(fwd_bwd, rep)
+    t["ssa_bwd"] = t["ssa_fwd_bwd"] - t["ssa_fwd"]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    res["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    res["tflops_fwd"] = res["useful_gflop_fwd"] / t["ssa_fwd"] / 1e3
+    res["tflops_bwd"] = 2.5 * (fl["cmp"] + fl["sel"] + fl["win"]) / 1e9 / t["ssa_bwd"] / 1e3
+
+    if with_fa2:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        g = hq // c.num_kv_heads
+        qd = q.transpose(0, 1).unsqueeze(0)
+        kd = k.repeat_interleave(g, 1).transpose(0, 1).unsqueeze(0).contiguous()
+        vd = v.repeat_interleave(g, 1).transpose(0, 1).unsqueeze(0).contiguous()
+        fr = max(5, rep // 20)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            t["fa2_fwd"] = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd), fr)
+            qg, kg, vg = (z.clone().requires_grad_() for z in (qd, kd, vd))
+            dod = torch.randn_like(qd)
+
+            def fa_fb():
+                od = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)
+                torch.autograd.grad(od, (qg, kg, vg), dod)
+
+            t["fa2_bwd"] = _bench(fa_fb, fr) - t["fa2_fwd"]
+        res["speedup_fwd"] = t["fa2_fwd"] / t["ssa_fwd"]
+        res["speedup_bwd"] = t["fa2_bwd"] / t["ssa_bwd"]
+    res["ms"] = t
+    return res
+
+
+def large_case(shape="shell-2048", cfg="v1.1", copies=2):
+    """Forward + backward once at ``copies`` x shape tokens: does it complete, how long, how much memory."""
+    import time
+
+    import ssa_kernels
+
+    c, coords, inp = _inputs(shape, cfg, batch_copies=copies)
+    layout = ssa_kernels.build_layout(coords, compression_block=c.compression_block,
+                                      selection_block=c.selection_block, window=c.window)
+    x = [tt.clone().requires_grad_() for tt in inp]
+    do = torch.randn_like(inp[0])
+    out = {}
+    for it in range(2):  # the first run compiles
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=c.topk, shift=4)
+        g = torch.autograd.grad(o, x, do)
+        torch.cuda.synchronize()
+        out = dict(shape=f"{copies}x{shape}", config=cfg, tokens=coords.shape[0], fwd_bwd_s=time.perf_counter() - t0,
+                   peak_mem_gb=(torch.cuda.max_memory_allocated() - base) / 1e9,
+                   finite=bool(torch.isfinite(o).all() and all(torch.isfinite(z).all() for z in g)))
+        del o, g
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default="shell-1024:v1.1,shell-1024:v1.0")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--rep", type=int, default=200)
+    p.add_argument("--large", action="store_true", help="also shell-2048 memory and a 1.1M-token fwd+bwd")
+    p.add_argument("--no-fa2", action="store_true")
+    p.add_argument("--sweep", default="", help='e.g. "selection.FWD:block_n=32|64,num_warps=2|4;scoring.SCORE:rows=64|128"')
+    p.add_argument("--sweep-cases", default="shell-1024:v1.1", help="cases on which the sweeps run")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_profile needs a CUDA GPU")
+        return 1
+    env = _env()
+    print(env)
+    results = []
+    for case in a.cases.split(","):
+        shape, cfg = case.split(":")
+        sweeps = parse_sweeps(a.sweep) if case in a.sweep_cases.split(",") else ()
+        r = profile_case(shape, cfg, rep=a.rep, with_fa2=not a.no_fa2, sweeps=sweeps)
+        r.update(env)
+        results.append(r)
+        print(json.dumps({kk: vv for kk, vv in r.items() if kk != "sweeps"}), flush=True)
+    if a.large:
+        for copies, shape in ((1, "shell-2048"), (2, "shell-2048")):
+            r = large_case(shape, "v1.1", copies)
+            r.update(env)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    with open(os.path.join(a.out, "kernel_profile.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n| case | tokens | sel keys/q | " + " | ".join(results[0]["ms"]) + " | fwd x | bwd x | mem GB |")
+    for r in results:
+        if "ms" in r:
+            print(f"| {r['shape']} {r['config']} | {r['tokens']} | {r['selected_keys_per_query']:.0f} | "
+                  + " | ".join(f"{v:.2f}" for v in r["ms"].values())
+                  + f" | {r.get('speedup_fwd', 0):.1f} | {r.get('speedup_bwd', 0):.1f} | {r['peak_mem_gb']:.2f} |")
+        else:
+            print(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

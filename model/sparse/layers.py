@@ -1,0 +1,316 @@
+"""Element-wise, normalisation, resampling and position-embedding layers on :class:`SparseTensor`.
+
+Every layer keeps batch elements apart: nothing computed for one batch element reads another's features.
+
+- :class:`SparseLinear`, :class:`SparseSiLU`: per voxel.
+- :class:`SparseGroupNorm`: ``nn.GroupNorm`` statistics per batch element over all its voxels (channels of a group
+  x voxels form one statistic), computed in at least float32 (RELEASED_MODEL.md B, "Sparse GroupNorm").
+- :class:`FP32LayerNorm`: per-token layer norm computed in at least float32 (on plain ``[N, C]`` tensors).
+- :class:`SparseDownsample`: mean of the voxels sharing ``coord // factor`` (the 8 children for factor 2).
+- :class:`SparseSubdivide`: every voxel becomes its 8 children ``coord * 2 + {0, 1}^3`` with its features.
+- :class:`AbsolutePositionEmbedder`: sin-cos embedding of the (x, y, z) coordinates (RELEASED_MODEL.md D/E.3).
+- :class:`FeedForward`: Linear -> GELU(tanh) -> Linear, parameters named ``mlp.{0,2}`` as released.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tensor import SparseTensor
+
+__all__ = [
+    "CHILD_OFFSETS",
+    "AbsolutePositionEmbedder",
+    "FP32LayerNorm",
+    "FeedForward",
+    "PoolMap",
+    "SparseDownsample",
+    "SparseGroupNorm",
+    "SparseLinear",
+    "SparseSiLU",
+    "SparseSubdivide",
+    "group_norm_per_batch",
+    "pool_coords",
+    "pool_map",
+    "sincos_position_embedding",
+    "sparse_downsample",
+    "sparse_subdivide",
+    "subdivide_map",
+]
+
+#: Children per voxel of a subdivision (2^3).
+NUM_CHILDREN = 8
+#: Offsets of the 8 children, z fastest (the released order: child j has offset (j >> 2 & 1, j >> 1 & 1, j & 1)).
+CHILD_OFFSETS = tuple((j >> 2 & 1, j >> 1 & 1, j & 1) for j in range(NUM_CHILDREN))
+#: Base of the sin-cos frequencies: f_i = BASE^(-i / F).
+POS_EMB_BASE = 10000.0
+#: Values per frequency and axis (sin, cos) times the three axes.
+_POS_EMB_VALUES_PER_FREQ = 6
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_sparse(x, name: str = "x") -> SparseTensor:
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"{name} must be a SparseTensor, got {type(x).__name__}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-voxel layers
+
+
+class SparseLinear(nn.Linear):
+    """``nn.Linear`` on ``x.feats [N, Cin] -> [N, Cout]`` (parameters ``weight [Cout, Cin]``, ``bias [Cout]``)."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return _check_sparse(x).replace(super().forward(x.feats))
+
+
+class SparseSiLU(nn.Module):
+    """SiLU of ``x.feats``."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return _check_sparse(x).replace(F.silu(x.feats))
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` on a plain ``[..., C]`` tensor, computed in at least float32, returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cdt = _compute_dtype(x.dtype)
+        w = self.weight.to(cdt) if self.weight is not None else None
+        b = self.bias.to(cdt) if self.bias is not None else None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x.to(cdt), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """MLP ``channels -> ratio * channels -> channels`` with GELU (tanh approximation); ``[N, C] -> [N, C]``.
+
+    Parameters ``mlp.0.{weight,bias}`` and ``mlp.2.{weight,bias}`` (the released names).
+    """
+
+    def __init__(self, channels: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(channels * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# group norm per batch element
+
+
+def group_norm_per_batch(
+    feats: torch.Tensor,
+    batch_index: torch.Tensor,
+    batch_size: int,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """GroupNorm of ``feats [N, C]`` with statistics per (batch element, group); returns ``[N, C]``, input dtype.
+
+    Equal to ``nn.GroupNorm`` applied to each batch element's ``feats.T[None]`` (``[1, C, n_b]``). Two-pass
+    (mean, then centred variance), in at least float32. ``batch_index [N]`` int64, ``weight, bias [C]``.
+    """
+    n, c = feats.shape
+    if c % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the number of channels ({c})")
+    cdt = _compute_dtype(feats.dtype)
+    per_group = c // num_groups
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        x = feats.to(cdt).view(n, num_groups, per_group)
+        count = torch.bincount(batch_index, minlength=batch_size).to(cdt).clamp_min(1) * per_group  # [B]
+        mean = x.new_zeros(batch_size, num_groups).index_add_(0, batch_index, x.sum(-1)) / count[:, None]
+        centred = x - mean.index_select(0, batch_index).unsqueeze(-1)
+        var = x.new_zeros(batch_size, num_groups).index_add_(0, batch_index, centred.square().sum(-1)) / count[:, None]
+        y = (centred * torch.rsqrt(var + eps).index_select(0, batch_index).unsqueeze(-1)).view(n, c)
+        if weight is not None:
+            y = y * weight.to(cdt)
+        if bias is not None:
+            y = y + bias.to(cdt)
+    return y.to(feats.dtype)
+
+
+class SparseGroupNorm(nn.Module):
+    """GroupNorm per batch element over all its voxels; parameters ``weight, bias [C]`` as ``nn.GroupNorm``."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        if not isinstance(num_groups, int) or num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"num_groups ({num_groups!r}) must be a positive int dividing num_channels "
+                             f"({num_channels})")
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
+        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        _check_sparse(x)
+        if x.num_channels != self.num_channels:
+            raise ValueError(f"x has {x.num_channels} channels but the norm expects {self.num_channels}")
+        return x.replace(group_norm_per_batch(x.feats, x.batch_index, x.batch_size, self.num_groups,
+                                              self.weight, self.bias, self.eps))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resampling
+
+
+@dataclass(frozen=True)
+class PoolMap:
+    """Children -> parents of one pooling.
+
+    ``coords [M, 4]`` int32 parent voxels (batch, x, y, z) in raster order (batch, x, y, z ascending, z fastest);
+    ``inverse [N]`` int64 parent row of every child row; ``counts [M]`` children per parent; ``cache``: the
+    coordinate cache shared by every tensor on the parent voxels.
+    """
+
+    coords: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
+    cache: dict
+
+
+def pool_map(x: SparseTensor, factor: int = 2) -> PoolMap:
+    """The pooling map ``coord -> coord // factor`` of ``x``'s coordinates (cached in ``x.cache``)."""
+    _check_sparse(x)
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    key = ("pool", factor)
+    if key not in x.cache:
+        parent = x.coords.clone()
+        parent[:, 1:] = torch.div(parent[:, 1:], factor, rounding_mode="floor")
+        if parent.shape[0]:
+            uniq, inverse, counts = torch.unique(parent, dim=0, return_inverse=True, return_counts=True)
+        else:
+            uniq, inverse, counts = parent, parent.new_zeros(0).long(), parent.new_zeros(0).long()
+        x.cache[key] = PoolMap(uniq.to(torch.int32).contiguous(), inverse.long(), counts, {})
+    return x.cache[key]
+
+
+def pool_coords(x: SparseTensor, factor: int = 2) -> SparseTensor:
+    """A feature-less (``[M, 0]``) tensor on the pooled voxels of ``x`` (shares the parent cache)."""
+    pm = pool_map(x, factor)
+    res = None if x.resolution is None else -(-x.resolution // factor)
+    return SparseTensor(pm.coords, x.feats.new_zeros(pm.coords.shape[0], 0), batch_size=x.batch_size,
+                        resolution=res, cache=pm.cache, validate=False)
+
+
+def sparse_downsample(x: SparseTensor, factor: int = 2) -> SparseTensor:
+    """Mean pooling: parent voxel ``coord // factor`` gets the mean of its children's features.
+
+    ``x.feats [N, C] -> [M, C]``, parents in raster order (:class:`PoolMap`); sums accumulate in at least float32
+    (the released SparseDownsample uses float64; the difference is rounding only). Resolution ``ceil(R / factor)``.
+    """
+    pm = pool_map(x, factor)
+    cdt = _compute_dtype(x.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        total = x.feats.new_zeros(pm.coords.shape[0], x.num_channels, dtype=cdt)
+        total = total.index_add(0, pm.inverse, x.feats.to(cdt))
+        mean = (total / pm.counts.to(cdt).unsqueeze(1)).to(x.dtype)
+    res = None if x.resolution is None else -(-x.resolution // factor)
+    return SparseTensor(pm.coords, mean, batch_size=x.batch_size, resolution=res, cache=pm.cache, validate=False)
+
+
+def subdivide_map(x: SparseTensor) -> tuple[torch.Tensor, dict]:
+    """Children ``coords [8 N, 4]`` int32 of ``x`` (parent-major, child offsets :data:`CHILD_OFFSETS`) and their
+    shared coordinate cache; cached in ``x.cache``."""
+    _check_sparse(x)
+    if "subdivide" not in x.cache:
+        offsets = torch.tensor(CHILD_OFFSETS, dtype=torch.int32, device=x.device)  # [8, 3]
+        children = x.coords.unsqueeze(1).repeat(1, NUM_CHILDREN, 1)  # [N, 8, 4]
+        children[:, :, 1:] = children[:, :, 1:] * 2 + offsets
+        x.cache["subdivide"] = (children.view(-1, 4).contiguous(), {})
+    return x.cache["subdivide"]
+
+
+def sparse_subdivide(x: SparseTensor) -> SparseTensor:
+    """Each voxel -> its 8 children at ``coord * 2 + {0, 1}^3``, with the parent's features.
+
+    ``x.feats [N, C] -> [8 N, C]``: row ``8 p + j`` is child ``j`` (:data:`CHILD_OFFSETS`) of parent row ``p``, so
+    batch order is kept. Resolution doubles.
+    """
+    coords, cache = subdivide_map(x)
+    res = None if x.resolution is None else 2 * x.resolution
+    return SparseTensor(coords, x.feats.repeat_interleave(NUM_CHILDREN, dim=0), batch_size=x.batch_size,
+                        resolution=res, cache=cache, validate=False)
+
+
+class SparseDownsample(nn.Module):
+    """Module form of :func:`sparse_downsample` (mean pooling by ``factor``)."""
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return sparse_downsample(x, self.factor)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+class SparseSubdivide(nn.Module):
+    """Module form of :func:`sparse_subdivide`."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return sparse_subdivide(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# position embedding
+
+
+def sincos_position_embedding(xyz: torch.Tensor, channels: int, factor: float = 1.0,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Absolute sin-cos embedding ``[N, channels]`` of positions ``xyz [N, 3]`` (RELEASED_MODEL.md D, E.3).
+
+    With ``F = channels // 6`` frequencies ``f_i = 10000^(-i / F)`` and ``p = xyz * factor``: for each axis in
+    the order x, y, z the ``2 F`` values ``[sin(p f_0 .. p f_{F-1}), cos(p f_0 .. p f_{F-1})]``, concatenated,
+    then ``channels - 6 F`` zeros (width 512: 85 frequencies, 510 values + 2 zeros). Computed in ``dtype``.
+    """
+    if not isinstance(channels, int) or channels < _POS_EMB_VALUES_PER_FREQ:
+        raise ValueError(f"channels must be an int >= {_POS_EMB_VALUES_PER_FREQ}, got {channels!r}")
+    if xyz.dim() != 2 or xyz.shape[1] != 3:
+        raise ValueError(f"xyz must have shape [N, 3], got {tuple(xyz.shape)}")
+    num_freqs = channels // _POS_EMB_VALUES_PER_FREQ
+    freqs = 1.0 / POS_EMB_BASE ** (torch.arange(num_freqs, dtype=dtype, device=xyz.device) / num_freqs)
+    angles = (xyz.to(dtype) * factor).unsqueeze(-1) * freqs  # [N, 3, F]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).reshape(xyz.shape[0], -1)  # [N, 6F]
+    return F.pad(emb, (0, channels - emb.shape[1]))
+
+
+class AbsolutePositionEmbedder(nn.Module):
+    """Sin-cos embedding of a :class:`SparseTensor`'s coordinates (no parameters; cached in ``x.cache``).
+
+    ``forward(x) -> [N, channels]`` in ``x.dtype`` (computed in at least float32).
+    """
+
+    def __init__(self, channels: int, factor: float = 1.0):
+        super().__init__()
+        self.channels, self.factor = channels, factor
+
+    def forward(self, x: SparseTensor) -> torch.Tensor:
+        _check_sparse(x)
+        key = ("pos_emb", self.channels, self.factor, x.dtype)
+        if key not in x.cache:
+            emb = sincos_position_embedding(x.coords[:, 1:], self.channels, self.factor, _compute_dtype(x.dtype))
+            x.cache[key] = emb.to(x.dtype)
+        return x.cache[key]
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, factor={self.factor}"

@@ -1,0 +1,225 @@
+"""The Triton kernels against the float64 reference (CPU: Triton interpreter, float32 and float16).
+
+Errors are relative norms ``||x - ref|| / ||ref||``; float32 must land under 1e-5. Every case draws fresh random
+inputs. Cases cover several batch elements of different sizes (one of them empty), GQA ratios 1..16, head dims
+16..128, compression blocks 1/2/4/8, one-token blocks, fewer blocks than topk, both window shifts.
+"""
+import pytest
+import torch
+
+import reference
+import ssa_kernels
+from ssa_kernels.selection import block_query_index
+from tests.helpers import random_coords, random_inputs, rel_err
+
+F32_TOL = 1e-5
+F16_TOL = 5e-3
+
+# (sizes, extent, m_cmp, m_slc, Hq, Hkv, D, topk, shift)
+CASES = [
+    pytest.param((70, 0, 45), 16, 4, 8, 8, 2, 32, 3, 4, id="multibatch-empty-G4-d32-v1.0"),
+    pytest.param((90,), 12, 8, 8, 32, 2, 32, 4, 0, id="G16-d32-v1.1"),
+    pytest.param((40, 30), 16, 4, 8, 2, 2, 16, 2, 0, id="G1-d16"),
+    pytest.param((60, 9), 10, 2, 8, 6, 2, 64, 8, 4, id="G3-d64-fewer-blocks-than-topk"),
+    pytest.param((25,), 8, 4, 8, 2, 1, 128, 2, 4, id="G2-d128"),
+    pytest.param((50, 20), 5, 1, 1, 4, 4, 16, 6, 0, id="one-token-blocks"),
+]
+
+
+def _make(sizes, extent, mc, ms, hq, hkv, d, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    coords = random_coords(sizes, extent, compression_block=mc, selection_block=ms, generator=gen)
+    inp = random_inputs(coords, hq, hkv, d, compression_block=mc, selection_block=ms, generator=gen, dtype=dtype)
+    return coords, inp
+
+
+@pytest.mark.parametrize("sizes,extent,mc,ms,hq,hkv,d,topk,shift", CASES)
+def test_whole_op_forward_and_six_gradients_float32(sizes, extent, mc, ms, hq, hkv, d, topk, shift):
+    seed = torch.randint(0, 2**31, ()).item()
+    coords, inp = _make(sizes, extent, mc, ms, hq, hkv, d, seed)
+    window = max(ms, 2)
+    ref_in = [t.clone().requires_grad_() for t in inp]
+    kw = dict(compression_block=mc, selection_block=ms, topk=topk, window=window, shift=shift)
+    o_ref = reference.spatial_sparse_attention(*ref_in, coords, **kw)
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+
+    layout = ssa_kernels.build_layout(coords, compression_block=mc, selection_block=ms, window=window)
+    x = [t.float().requires_grad_() for t in inp]
+    o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=topk, shift=shift)
+    g = torch.autograd.grad(o, x, do.float())
+    assert o.dtype == torch.float32
+    assert rel_err(o, o_ref) < F32_TOL, f"seed {seed}"
+    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
+        assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e} (seed {seed})"
+
+
+def test_whole_op_float16():
+    coords, inp = _make((80, 40), 14, 4, 8, 8, 2, 32, seed=11)
+    ref_in = [t.clone().requires_grad_() for t in inp]
+    kw = dict(compression_block=4, selection_block=8, topk=3, window=8, shift=0)
+    o_ref = reference.spatial_sparse_attention(*ref_in, coords, **kw)
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    x = [t.half().requires_grad_() for t in inp]
+    o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=0)
+    g = torch.autograd.grad(o, x, do.half())
+    assert o.dtype == torch.float16
+    assert rel_err(o, o_ref) < F16_TOL
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) < F16_TOL
+
+
+@pytest.mark.parametrize("mc", [4, 8])
+def test_compression_branch(mc):
+    coords, (q, k, v, kc, vc, gate) = _make((60, 0, 50), 16, mc, 8, 8, 2, 32, seed=mc)
+    ref_in = [t.clone().requires_grad_() for t in (q, kc, vc)]
+    o_ref, lse_ref = reference.compression_attention(*ref_in, coords, compression_block=mc)
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+    layout = ssa_kernels.build_layout(coords, compression_block=mc, selection_block=8, window=8)
+    x = [t.float().requires_grad_() for t in (q, kc, vc)]
+    o, lse = ssa_kernels.compression_attention(*x, layout)
+    g = torch.autograd.grad(o, x, do.float())
+    assert rel_err(o, o_ref) < F32_TOL and rel_err(lse, lse_ref) < F32_TOL
+    assert all(rel_err(a, b) < F32_TOL for a, b in zip(g, g_ref))
+
+
+@pytest.mark.parametrize("mc,hq,hkv,topk", [(4, 8, 2, 4), (8, 32, 2, 8), (2, 3, 1, 5), (4, 4, 4, 16)])
+def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk):
+    coords, (q, k, v, kc, vc, gate) = _make((150, 30, 0, 7), 20, mc, 8, hq, hkv, 16, seed=hq * 7 + topk)
+    _, lse_ref = reference.compression_attention(q, kc, vc, coords, compression_block=mc)
+    scores = reference.block_scores(q, kc, lse_ref, coords, compression_block=mc, selection_block=8)
+    ref_idx = reference.select_blocks(scores, topk)
+    layout = ssa_kernels.build_layout(coords, compression_block=mc, selection_block=8, window=8)
+    _, lse = ssa_kernels.compression_attention(q.float(), kc.float(), vc.float(), layout)
+    idx = ssa_kernels.select_blocks(q.float(), kc.float(), lse, layout, topk=topk)
+    assert idx.dtype == torch.int32 and idx.shape == ref_idx.shape
+    # compare where the reference's k-th and (k+1)-th scores are clearly apart
+    srt = scores.sort(-1, descending=True).values
+    k_eff = min(topk, srt.shape[-1] - 1)
+    gap = (srt[..., k_eff - 1] - srt[..., k_eff]).abs() / srt[..., 0].clamp_min(1e-30)
+    clear = (gap > 1e-5) | torch.isinf(srt[..., k_eff])
+    assert clear.float().mean() > 0.9
+    same = (idx.long().sort(-1).values == ref_idx.sort(-1).values).all(-1)
+    assert bool(same[clear].all())
+    # -1 exactly where the batch element has fewer blocks than topk, and in order: best first
+    assert torch.equal(idx < 0, ref_idx < 0)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 32), (4, 4, 16), (16, 1, 64)])
+def test_selection_branch_given_the_reference_choice(hq, hkv, d):
+    coords, (q, k, v, kc, vc, gate) = _make((70, 45), 16, 4, 8, hq, hkv, d, seed=hq + d)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    gen = torch.Generator().manual_seed(d)
+    # for each (token, kv head): up to 4 distinct random blocks of the token's batch element, some slots empty
+    idx = torch.full((q.shape[0], hkv, 4), -1, dtype=torch.int32)
+    bounds = layout.batch_sel_offsets.tolist()
+    for t, b in enumerate(layout.token_batch.tolist()):
+        lo, hi = bounds[b], bounds[b + 1]
+        for g in range(hkv):
+            count = int(torch.randint(1, 5, (), generator=gen))
+            pick = lo + torch.randperm(hi - lo, generator=gen)[:count]
+            idx[t, g, : pick.numel()] = pick.int()
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_ref = reference.selection_attention(*ref_in, idx, coords, selection_block=8)
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+    x = [t.float().requires_grad_() for t in (q, k, v)]
+    o = ssa_kernels.selection_attention(*x, idx.int(), layout)
+    g = torch.autograd.grad(o, x, do.float())
+    assert rel_err(o, o_ref) < F32_TOL
+    assert all(rel_err(a, b) < F32_TOL for a, b in zip(g, g_ref))
+
+
+@pytest.mark.parametrize("shift", [0, 4])
+def test_window_branch_both_shifts(shift):
+    coords, (q, k, v, *_) = _make((80, 0, 60), 20, 4, 8, 8, 2, 32, seed=shift + 3)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_ref = reference.window_attention(*ref_in, coords, window=8, shift=shift)
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    x = [t.float().requires_grad_() for t in (q, k, v)]
+    o = ssa_kernels.window_attention(*x, layout, shift=shift)
+    g = torch.autograd.grad(o, x, do.float())
+    assert rel_err(o, o_ref) < F32_TOL
+    assert all(rel_err(a, b) < F32_TOL for a, b in zip(g, g_ref))
+
+
+def test_window_shift_with_no_effect_is_the_same_partition():
+    # every voxel coordinate is a multiple of 8 plus 0..3: shifting by 4 never moves a voxel to another window
+    gen = torch.Generator().manual_seed(5)
+    xyz = torch.randint(0, 4, (40, 3), generator=gen) + 8 * torch.randint(0, 3, (40, 3), generator=gen)
+    coords = torch.unique(torch.cat([torch.zeros(40, 1, dtype=torch.long), xyz], 1), dim=0)
+    coords = coords[ssa_kernels.layout_order(coords, compression_block=4, selection_block=8)]
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    q, k, v = torch.randn(3, coords.shape[0], 2, 16).unbind(0)
+    torch.testing.assert_close(ssa_kernels.window_attention(q, k, v, layout, shift=0),
+                               ssa_kernels.window_attention(q, k, v, layout, shift=4))
+
+
+def test_block_query_index_is_the_inverse_of_the_choice():
+    gen = torch.Generator().manual_seed(0)
+    n, hkv, topk, s = 300, 2, 5, 40
+    idx = torch.stack([torch.randperm(s, generator=gen)[:topk] for _ in range(n * hkv)]).view(n, hkv, topk)
+    idx[::7, :, -2:] = -1
+    offsets, tokens = block_query_index(idx.int(), s)
+    assert offsets[-1] == int((idx >= 0).sum())
+    for g in range(hkv):
+        for b in range(s):
+            got = tokens[offsets[g * s + b]: offsets[g * s + b + 1]].tolist()
+            expect = torch.nonzero((idx[:, g, :] == b).any(-1)).squeeze(1).tolist()
+            assert got == expect  # increasing token order
+
+
+def test_deterministic():
+    coords, inp = _make((50, 20), 14, 4, 8, 8, 2, 32, seed=3)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    do = torch.randn(coords.shape[0], 8, 32)
+    outs = []
+    for _ in range(2):
+        x = [t.float().requires_grad_() for t in inp]
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=4)
+        outs.append([o, *torch.autograd.grad(o, x, do)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_traces_the_op():
+    coords, inp = _make((50,), 10, 4, 8, 4, 2, 16, seed=9)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    x = [t.float().requires_grad_() for t in inp]
+
+    def f(q, k, v, kc, vc, gate):
+        return ssa_kernels.spatial_sparse_attention(q * 2, k, v, kc, vc, gate.sigmoid(), layout, topk=2, shift=0).sum()
+
+    eager = torch.autograd.grad(f(*x), x)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(*x), x)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_input():
+    coords, (q, k, v, kc, vc, gate) = _make((40,), 10, 4, 8, 4, 2, 16, seed=1)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    f = [t.float() for t in (q, k, v, kc, vc, gate)]
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        ssa_kernels.spatial_sparse_attention(q, k, v, kc, vc, gate, layout, topk=2, shift=0)  # float64
+    with pytest.raises(ValueError, match="shift must be one of"):
+        ssa_kernels.spatial_sparse_attention(*f, layout, topk=2, shift=2)
+    with pytest.raises(ValueError, match="layout was built for"):
+        ssa_kernels.spatial_sparse_attention(*[t[:-1] if i in (0, 1, 2, 5) else t for i, t in enumerate(f)],
+                                             layout, topk=2, shift=0)
+    with pytest.raises(ValueError, match="compression blocks"):
+        ssa_kernels.spatial_sparse_attention(*f[:3], f[3][:-1], f[4][:-1], f[5], layout, topk=2, shift=0)
+    with pytest.raises(TypeError, match="BlockLayout"):
+        ssa_kernels.spatial_sparse_attention(*f, coords, topk=2, shift=0)
+    with pytest.raises(ValueError, match="topk"):
+        ssa_kernels.spatial_sparse_attention(*f, layout, topk=0, shift=0)
+    with pytest.raises(TypeError, match="bfloat16 kernels need a GPU"):
+        ssa_kernels.spatial_sparse_attention(*[t.bfloat16() for t in f], layout, topk=2, shift=0)
+    with pytest.raises(ValueError, match="window"):
+        ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=0)

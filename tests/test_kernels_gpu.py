@@ -1,0 +1,169 @@
+"""Gradient-check the kernels on a GPU: ``pytest tests -m gpu`` (skipped without CUDA).
+
+bfloat16 and float16 forward and backward against the float64 reference at 10k-20k tokens, from the shell shapes
+and from random multi-batch coordinates. The reference runs on the rounded inputs (so only the kernels' own
+arithmetic is measured) and with the kernels' own top-k choice (low-precision scores may order near-tied blocks
+differently; the choice itself is compared separately wherever the reference's k-th and (k+1)-th scores are
+clearly apart). Every output and gradient buffer the kernels allocate is poisoned with NaN first, so an element
+a kernel forgot to write fails the test.
+
+Tolerances (relative norm): bf16 has a unit roundoff of 2^-8 = 3.9e-3 and the kernels round the probabilities to
+bf16 before the P.V and dS.K products, so errors land between 1e-3 and 1e-2: we allow 2e-2. float16 (2^-11) gets
+4e-3.
+"""
+import contextlib
+
+import pytest
+import torch
+
+import reference
+import ssa_kernels
+from bench.shapes import shape_coords
+from tests.helpers import compressed_kv, random_coords, rel_err
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+class _PoisonedTorch:
+    """Stands in for ``torch`` inside the kernel modules: fresh buffers come filled with NaN (or -7 for ints)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(t):
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-7)
+
+    def empty(self, *a, **kw):
+        return self._poison(torch.empty(*a, **kw))
+
+    def empty_like(self, *a, **kw):
+        return self._poison(torch.empty_like(*a, **kw))
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    import ssa_kernels.compression as c
+    import ssa_kernels.scoring as sc
+    import ssa_kernels.selection as se
+    import ssa_kernels.ssa as ss
+    import ssa_kernels.window as w
+
+    mods = (c, sc, se, ss, w)
+    saved = [m.torch for m in mods]
+    try:
+        for m in mods:
+            m.torch = _PoisonedTorch()
+        yield
+    finally:
+        for m, t in zip(mods, saved):
+            m.torch = t
+
+
+def _inputs(coords, hq, hkv, d, mc, ms, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n = coords.shape[0]
+    q = torch.randn(n, hq, d, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(n, hkv, d, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(n, hkv, d, device="cuda", generator=gen).to(dtype)
+    kc, vc = compressed_kv(k.double(), v.double(), coords, compression_block=mc, selection_block=ms)
+    gate = torch.rand(n, 3, device="cuda", generator=gen).to(dtype)
+    return [q, k, v, kc.to(dtype), vc.to(dtype), gate]
+
+
+CASES = [
+    pytest.param("shell-512", 32, 2, 32, 8, 8, id="shell-512-v1.1"),
+    pytest.param("shell-512", 32, 2, 32, 4, 8, id="shell-512-v1.0"),
+    pytest.param("random-multibatch", 16, 2, 64, 4, 8, id="multibatch-d64"),
+    pytest.param("random-multibatch", 8, 8, 128, 4, 4, id="multibatch-G1-d128"),
+    pytest.param("random-multibatch", 16, 1, 32, 8, 8, id="multibatch-G16"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape,hq,hkv,d,mc,topk", CASES)
+def test_gpu_whole_op_against_float64_reference(shape, hq, hkv, d, mc, topk, dtype):
+    ms, window, shift = 8, 8, 4
+    if shape == "random-multibatch":
+        coords = random_coords((7000, 2500, 0, 900), 40, compression_block=mc, selection_block=ms,
+                               generator=torch.Generator().manual_seed(d)).cuda()
+    else:
+        coords = shape_coords(shape, compression_block=mc, selection_block=ms).cuda()
+    inp = _inputs(coords, hq, hkv, d, mc, ms, dtype, seed=hq * d + mc)
+    layout = ssa_kernels.build_layout(coords, compression_block=mc, selection_block=ms, window=window)
+    x = [t.clone().requires_grad_() for t in inp]
+    do = torch.randn_like(inp[0])
+    with poisoned_allocations():
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=topk, shift=shift)
+        grads = torch.autograd.grad(o, x, do)
+        _, lse = ssa_kernels.compression_attention(*[t.detach() for t in (x[0], x[3], x[4])], layout)
+        idx = ssa_kernels.select_blocks(x[0].detach(), x[3].detach(), lse, layout, topk=topk)
+    for name, t in zip(("o", "dq", "dk", "dv", "dk_cmp", "dv_cmp", "dgate"), (o, *grads)):
+        assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+    assert (idx >= -1).all()
+
+    ref_in = [t.double().requires_grad_() for t in inp]
+    kw = dict(compression_block=mc, selection_block=ms, topk=topk, window=window, shift=shift)
+    o_ref = reference.spatial_sparse_attention(*ref_in, coords, block_idx=idx, **kw)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do.double())
+    tol = TOL[dtype]
+    assert rel_err(o, o_ref) < tol
+    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), grads, g_ref):
+        assert rel_err(a, b) < tol, f"d{name}: {rel_err(a, b):.2e}"
+
+    # the choice: equal to the reference's wherever its k-th and (k+1)-th scores are clearly apart
+    with torch.no_grad():
+        _, lse_ref = reference.compression_attention(*[t.detach() for t in (ref_in[0], ref_in[3], ref_in[4])], coords,
+                                                     compression_block=mc)
+        scores = reference.block_scores(ref_in[0].detach(), ref_in[3].detach(), lse_ref, coords, compression_block=mc,
+                                        selection_block=ms)
+        ref_idx = reference.select_blocks(scores, topk)
+        srt = scores.sort(-1, descending=True).values
+        k_eff = min(topk, srt.shape[-1] - 1)
+        gap = (srt[..., k_eff - 1] - srt[..., k_eff]) / srt[..., 0]
+        clear = (gap > 1e-3) | torch.isinf(srt[..., k_eff])
+        same = (idx.long().sort(-1).values == ref_idx.sort(-1).values).all(-1)
+    assert clear.float().mean() > 0.5
+    assert bool(same[clear].all()), f"{int((~same & clear).sum())} clear choices differ"
+
+
+def test_gpu_deterministic():
+    coords = shape_coords("shell-512").cuda()
+    inp = _inputs(coords, 32, 2, 32, 8, 8, torch.bfloat16, seed=0)
+    layout = ssa_kernels.build_layout(coords, compression_block=8, selection_block=8, window=8)
+    do = torch.randn_like(inp[0])
+    runs = []
+    for _ in range(2):
+        x = [t.clone().requires_grad_() for t in inp]
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=0)
+        runs.append([o, *torch.autograd.grad(o, x, do)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_gpu_cuda_graph_capture():
+    coords = shape_coords("shell-512").cuda()
+    inp = _inputs(coords, 32, 2, 32, 8, 8, torch.bfloat16, seed=1)
+    layout = ssa_kernels.build_layout(coords, compression_block=8, selection_block=8, window=8)
+    x = [t.clone().requires_grad_() for t in inp]
+    do = torch.randn_like(inp[0])
+
+    def step():
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=4)
+        return [o.detach(), *torch.autograd.grad(o, x, do)]
+
+    eager = step()  # also warms up (compiles) every kernel
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
