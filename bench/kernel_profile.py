@@ -27,7 +27,7 @@ def _env():
 
 def _inputs(shape, cfg, seed=0, batch_copies=1):
     from bench.shapes import CONFIGS, shape_coords
-    from tests.helpers import compressed_kv
+    from bench.inputs import compressed_kv
 
     c = CONFIGS[cfg]
     coords = shape_coords(shape, compression_block=c.compression_block, selection_block=c.selection_block)
@@ -61,8 +61,7 @@ def _bench(fn, rep=200):
 _SWEEP_TARGET = {
     "compression.FWD": "cmp_fwd", "compression.DQ": "cmp_dq", "compression.DKDV": "cmp_bwd",
     "scoring.SCORE": "score_topk",
-    "selection.FWD": "sel_fwd", "selection.DQ": "sel_dq", "selection.DKDV": "sel_bwd", "selection.PASS": "sel_bwd",
-    "selection.BWD": "sel_bwd",
+    "selection.FWD": "sel_fwd", "selection.DQ": "sel_dq", "selection.DKDV": "sel_bwd",
     "window.FWD": "win_fwd", "window.DQ": "win_bwd", "window.DKDV": "win_bwd",
 }
 
@@ -153,10 +152,6 @@ def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=()):
         "sel_dq": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale, parts=("dq",)),
         "win_bwd": lambda: window.window_backward(do, q, k, v, lse_win, delta, layout, 0, scale),
     }
-    t = {name: _bench(fn, rep) for name, fn in fns.items()}
-    if sweeps:
-        res["sweeps"] = run_sweeps(fns, sweeps, rep)
-
     x = [tt.clone().requires_grad_() for tt in inp]
 
     def fwd():
@@ -166,18 +161,22 @@ def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=()):
         o = fwd()
         torch.autograd.grad(o, x, do)
 
+    fns["ssa_fwd_bwd"] = fwd_bwd
+    t = {name: _bench(fn, rep) for name, fn in fns.items()}
     with torch.no_grad():
         t["ssa_fwd"] = _bench(fwd, rep)
-    t["ssa_fwd_bwd"] = _bench(fwd_bwd, rep)
     t["ssa_bwd"] = t["ssa_fwd_bwd"] - t["ssa_fwd"]
+    if sweeps:
+        res["sweeps"] = run_sweeps(fns, sweeps, rep)
+
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fwd_bwd()
     torch.cuda.synchronize()
     res["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
-    res["tflops_fwd"] = res["useful_gflop_fwd"] / t["ssa_fwd"] / 1e3
-    res["tflops_bwd"] = 2.5 * (fl["cmp"] + fl["sel"] + fl["win"]) / 1e9 / t["ssa_bwd"] / 1e3
+    res["tflops_fwd"] = res["useful_gflop_fwd"] / t["ssa_fwd"]  # GFLOP per ms = TFLOP/s
+    res["tflops_bwd"] = 2.5 * (fl["cmp"] + fl["sel"] + fl["win"]) / 1e9 / t["ssa_bwd"]
 
     if with_fa2:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -221,10 +220,14 @@ def large_case(shape="shell-2048", cfg="v1.1", copies=2):
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=c.topk, shift=4)
+        torch.cuda.synchronize()
+        after_fwd = (torch.cuda.memory_allocated() - base) / 1e9
+        peak_fwd = (torch.cuda.max_memory_allocated() - base) / 1e9
         g = torch.autograd.grad(o, x, do)
         torch.cuda.synchronize()
         out = dict(shape=f"{copies}x{shape}", config=cfg, tokens=coords.shape[0], fwd_bwd_s=time.perf_counter() - t0,
-                   peak_mem_gb=(torch.cuda.max_memory_allocated() - base) / 1e9,
+                   peak_mem_gb=(torch.cuda.max_memory_allocated() - base) / 1e9, mem_after_fwd_gb=after_fwd,
+                   peak_fwd_gb=peak_fwd,
                    finite=bool(torch.isfinite(o).all() and all(torch.isfinite(z).all() for z in g)))
         del o, g
     return out

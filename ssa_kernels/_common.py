@@ -63,3 +63,20 @@ def check_kernel_dtype(t: torch.Tensor, name: str = "q") -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16 for the kernels, got {t.dtype}")
     if t.dtype == torch.bfloat16 and t.device.type == "cpu":
         raise TypeError("bfloat16 kernels need a GPU (Triton's CPU interpreter computes bf16 products wrongly)")
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, PRECISION: tl.constexpr):
+    """One key-outer backward step: add this query tile's contribution to the key tile's dK and dV.
+
+    ``k, v [N, D]`` (the key tile), ``q, do [R, D]``, ``lse2, delta [R]`` (log2-domain log-sum-exp and
+    rowsum(dO * O)), ``valid_t [N, R]``. Works on transposed scores (``S^T = K Q^T``) so that ``P^T`` and
+    ``dS^T`` come out of the matrix unit in the layout the next products need. ``dk`` is not yet scaled.
+    """
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    p_t = tl.where(valid_t, tl.exp2(s_t - lse2[None, :]), 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _row_tokens_heads, block_d, dot_precision, head_split, tokens_per_tile
+from ._common import LOG2E, _dkdv_step, _row_tokens_heads, block_d, dot_precision, head_split, tokens_per_tile
 from .layout import BlockLayout
 
 LOG2E_C = tl.constexpr(LOG2E)
@@ -26,7 +26,7 @@ LOG2E_C = tl.constexpr(LOG2E)
 #: number of dK/dV programs (the queries are split into that many slices over the key tiles).
 FWD = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
 DQ = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
-DKDV = dict(rows=64, block_n=64, programs=512, num_warps=4, num_stages=2)
+DKDV = dict(rows=128, block_n=64, programs=512, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -164,7 +164,7 @@ def _cmp_bwd_dkdv_kernel(
         row_ok = tok < t_end
         tok64 = tok.to(tl.int64)
         tb = tl.load(token_batch + tok, mask=row_ok, other=-1)
-        valid = (tb[:, None] == kb[None, :]) & n_ok[None, :] & row_ok[:, None]
+        valid_t = (kb[:, None] == tb[None, :]) & n_ok[:, None] & row_ok[None, :]
         rd_mask = row_ok[:, None] & d_ok[None, :]
         if HAS_GATE:
             gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
@@ -177,12 +177,7 @@ def _cmp_bwd_dkdv_kernel(
                 do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
             lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
             delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, PRECISION)
     part = ((split * NC + n.to(tl.int64)) * HKV + g)[:, None] * D + d[None, :]
     tl.store(DKP + part, dk * scale, mask=kv_mask)
     tl.store(DVP + part, dv, mask=kv_mask)
@@ -223,8 +218,8 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     """Gradients of the compression branch.
 
     ``do [N, Hq, D]`` is the gradient of the (gated, when ``gate`` is given: ``gate[:, gate_idx] * o``) output;
-    ``delta [N, Hq]`` float32 = rowsum(dO_branch * o_branch). dQ goes into ``dq_acc [N, Hq, D]`` float32
-    (overwritten, or added to with ``accumulate``). Returns ``(dq_acc, dk_cmp, dv_cmp)``, the last two float32.
+    ``delta [N, Hq]`` float32 = rowsum(dO_branch * o_branch). dQ goes into ``dq_acc [N, Hq, D]`` (float32 by
+    default, or any float dtype; overwritten, or added to with ``accumulate``). Returns ``(dq_acc, dk_cmp, dv_cmp)``, the last two float32.
     ``parts`` runs only some of the kernels (for timing them apart).
     """
     n, hq, dim = q.shape
@@ -241,8 +236,8 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     do = do.contiguous() if do.stride(-1) != 1 else do
     has_gate = gate is not None
     gate_t = gate if has_gate else lse  # placeholder pointer, never read
-    common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), HAS_GATE=has_gate,
-                  GATE_IDX=gate_idx)
+    common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
+                  HAS_GATE=has_gate, GATE_IDX=gate_idx)
     hg, bt = _config(group, DQ["rows"])
     grid = (triton.cdiv(n, bt), hkv * (group // hg))
     if "dq" in parts:

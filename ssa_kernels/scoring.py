@@ -28,7 +28,41 @@ LOG2E_C = tl.constexpr(LOG2E)
 #: Launch configuration: query rows (tokens x heads) per matrix product, compressed keys per step
 #: (``block_n``), selection blocks per chunk when a block holds several compressed blocks (``block_s``; with one
 #: compressed block per selection block the chunk is one step), heads of one group per matrix product.
-SCORE = dict(rows=16, block_n=64, block_s=32, max_heads=16, num_warps=1, num_stages=2)
+#: ``tokens_per_program``: with one token per matrix product (G >= 16), tokens that share each key tile
+#: (``tokens_per_program_agg`` when selection blocks hold several compressed blocks).
+SCORE = dict(rows=16, tokens_per_program=4, tokens_per_program_agg=2, block_n=32, block_s=16, max_heads=16,
+             num_warps=1, num_stages=2)
+
+
+@triton.jit
+def _tile_scores(Q, KC, LSE, k, sel_j, c_ok, tok0, N, H, qk_scale, g, stride_qt, stride_qh,
+                 batch_sel_offsets, token_batch,
+                 G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Head-summed probabilities ``[BLOCK_T, BLOCK_N]`` of tokens ``tok0 ..`` against one tile of compressed keys
+    ``k [BLOCK_N, D]`` (whose selection blocks are ``sel_j``); zero outside each token's batch element."""
+    r = tl.arange(0, BLOCK_T * HG)
+    tok = tok0 + r // HG
+    row_ok = tok < N
+    tok64 = tok.to(tl.int64)
+    rb = tl.load(token_batch + tok, mask=row_ok, other=0)
+    s_lo_r = tl.load(batch_sel_offsets + rb, mask=row_ok, other=0)
+    s_hi_r = tl.load(batch_sel_offsets + rb + 1, mask=row_ok, other=0)
+    valid = c_ok[None, :] & (sel_j[None, :] >= s_lo_r[:, None]) & (sel_j[None, :] < s_hi_r[:, None])
+    d = tl.arange(0, BLOCK_D)
+    psum = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+    for hs in tl.static_range(G // HG):
+        head = g * G + hs * HG + r % HG
+        q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+        lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        if BLOCK_T == 1:
+            psum += tl.sum(p, 0)[None, :]  # GQA head sum: a column sum
+        else:
+            psum += tl.sum(tl.reshape(p, [BLOCK_T, HG, BLOCK_N]), 1)
+    return psum
 
 
 @triton.jit
@@ -37,87 +71,81 @@ def _score_topk_kernel(
     token_batch, batch_sel_offsets, sel_cmp_offsets, cmp_sel,
     N, H, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, TOK_LOOP: tl.constexpr, TT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ONE_CMP_PER_SEL: tl.constexpr,
     TOPK: tl.constexpr, K2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """A program scores ``TT = TOK_LOOP * BLOCK_T`` tokens: ``TOK_LOOP`` matrix products of ``BLOCK_T`` tokens x ``HG``
+    heads (``TOK_LOOP > 1`` only with ``BLOCK_T == 1``) share every tile of compressed keys."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
-    # token-level vectors [BLOCK_T]
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tt = tl.arange(0, TT)
+    t = pid_t * TT + tt
     t_ok = t < N
     tb = tl.load(token_batch + t, mask=t_ok, other=0)
     s_lo_t = tl.load(batch_sel_offsets + tb, mask=t_ok, other=0)
     s_hi_t = tl.load(batch_sel_offsets + tb + 1, mask=t_ok, other=0)
     lo = tl.min(tl.where(t_ok, s_lo_t, 2147483647))
     hi = tl.max(s_hi_t)
-    # row-level vectors [BLOCK_T * HG]: row r = token r // HG, head r % HG of the current head sub-group
-    r = tl.arange(0, BLOCK_T * HG)
-    tok = pid_t * BLOCK_T + r // HG
-    row_ok = tok < N
-    tok64 = tok.to(tl.int64)
-    rb = tl.load(token_batch + tok, mask=row_ok, other=0)
-    s_lo_r = tl.load(batch_sel_offsets + rb, mask=row_ok, other=0)
-    s_hi_r = tl.load(batch_sel_offsets + rb + 1, mask=row_ok, other=0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     kcol = tl.arange(0, K2)[None, :]
 
-    top_v = tl.full([BLOCK_T, K2], float("-inf"), tl.float32)
-    top_i = tl.full([BLOCK_T, K2], -1, tl.int32)
-    thr = tl.full([BLOCK_T], float("-inf"), tl.float32)  # the K2-th best so far
+    top_v = tl.full([TT, K2], float("-inf"), tl.float32)
+    top_i = tl.full([TT, K2], -1, tl.int32)
+    thr = tl.full([TT], float("-inf"), tl.float32)  # the K2-th best so far
     for s0 in range(lo, hi, BLOCK_S):
         sb = s0 + tl.arange(0, BLOCK_S)
-        if ONE_CMP_PER_SEL:
-            c_lo = s0
-            c_hi = tl.minimum(s0 + BLOCK_S, hi)
+        score = tl.zeros([TT, BLOCK_S], tl.float32)
+        if ONE_CMP_PER_SEL:  # compressed key j is selection block j: one tile per chunk
+            c_ok = sb < hi
+            k = tl.load(KC + sb.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :],
+                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            for ti in tl.static_range(TOK_LOOP):
+                psum = _tile_scores(Q, KC, LSE, k, sb, c_ok, pid_t * TT + ti * BLOCK_T, N, H, qk_scale, g,
+                                    stride_qt, stride_qh, batch_sel_offsets, token_batch,
+                                    G, HG, BLOCK_T, BLOCK_S, D, BLOCK_D, PRECISION)
+                if TOK_LOOP == 1:
+                    score += psum
+                else:
+                    score += tl.where(tt[:, None] == ti, psum, 0.0)
         else:
             c_lo = tl.load(sel_cmp_offsets + s0)
             c_hi = tl.load(sel_cmp_offsets + tl.minimum(s0 + BLOCK_S, hi))
-        score = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
-        for c0 in range(c_lo, c_hi, BLOCK_N):
-            cj = c0 + tl.arange(0, BLOCK_N)
-            c_ok = cj < c_hi
-            if ONE_CMP_PER_SEL:
-                sel_j = cj
-            else:
+            for c0 in range(c_lo, c_hi, BLOCK_N):
+                cj = c0 + tl.arange(0, BLOCK_N)
+                c_ok = cj < c_hi
                 sel_j = tl.load(cmp_sel + cj, mask=c_ok, other=-1)
-            k = tl.load(KC + cj.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :],
-                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            valid = c_ok[None, :] & (sel_j[None, :] >= s_lo_r[:, None]) & (sel_j[None, :] < s_hi_r[:, None])
-            psum = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-            for hs in tl.static_range(G // HG):
-                head = g * G + hs * HG + r % HG
-                q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-                if BLOCK_T == 1:
-                    psum += tl.sum(p, 0)[None, :]  # GQA head sum: a column sum
-                else:
-                    psum += tl.sum(tl.reshape(p, [BLOCK_T, HG, BLOCK_N]), 1)
-            if ONE_CMP_PER_SEL:
-                score += psum
-            else:  # compressed blocks -> their selection blocks
-                member = sel_j[:, None] == sb[None, :]  # [BLOCK_N, BLOCK_S]
-                score += tl.sum(tl.where(member[None, :, :], psum[:, :, None], 0.0), 1)
+                k = tl.load(KC + cj.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :],
+                            mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+                member = sel_j[:, None] == sb[None, :]  # compressed blocks -> selection blocks [BLOCK_N, BLOCK_S]
+                for ti in tl.static_range(TOK_LOOP):
+                    psum = _tile_scores(Q, KC, LSE, k, sel_j, c_ok, pid_t * TT + ti * BLOCK_T, N, H, qk_scale, g,
+                                        stride_qt, stride_qh, batch_sel_offsets, token_batch,
+                                        G, HG, BLOCK_T, BLOCK_N, D, BLOCK_D, PRECISION)
+                    agg = tl.sum(tl.where(member[None, :, :], psum[:, :, None], 0.0), 1)  # [BLOCK_T, BLOCK_S]
+                    if TOK_LOOP == 1:
+                        score += agg
+                    else:
+                        score += tl.where(tt[:, None] == ti, agg, 0.0)
         in_batch_t = (sb[None, :] >= s_lo_t[:, None]) & (sb[None, :] < s_hi_t[:, None])
         cand = tl.where(in_batch_t & (score > thr[:, None]), score, float("-inf"))
-        cand_i = tl.broadcast_to(sb[None, :], [BLOCK_T, BLOCK_S])
         # threshold insertion: each round, every row moves its best remaining candidate into the slot of its
         # current worst entry, while that candidate beats it
-        while tl.max(cand) > float("-inf"):
-            m = tl.max(cand, 1)
-            go = m > thr
-            mid = tl.min(tl.where(cand == m[:, None], cand_i, 2147483647), 1)
-            pos = tl.min(tl.where(top_v == thr[:, None], kcol, K2), 1)
-            put = go[:, None] & (kcol == pos[:, None])
-            top_v = tl.where(put, m[:, None], top_v)
-            top_i = tl.where(put, mid[:, None], top_i)
-            thr = tl.min(top_v, 1)
-            cand = tl.where(go[:, None] & (cand_i != mid[:, None]) & (cand > thr[:, None]), cand, float("-inf"))
+        if tl.max(cand) > float("-inf"):
+            cand_i = tl.broadcast_to(sb[None, :], [TT, BLOCK_S])
+            while tl.max(cand) > float("-inf"):
+                m = tl.max(cand, 1)
+                go = m > thr
+                mid = tl.min(tl.where(cand == m[:, None], cand_i, 2147483647), 1)
+                pos = tl.min(tl.where(top_v == thr[:, None], kcol, K2), 1)
+                put = go[:, None] & (kcol == pos[:, None])
+                top_v = tl.where(put, m[:, None], top_v)
+                top_i = tl.where(put, mid[:, None], top_i)
+                thr = tl.min(top_v, 1)
+                cand = tl.where(go[:, None] & (cand_i != mid[:, None]) & (cand > thr[:, None]), cand,
+                                float("-inf"))
     # write the best TOPK, best first (ties: lower block id first)
     out = IDX + (t.to(tl.int64) * tl.num_programs(1) + g) * TOPK
     for i in tl.static_range(TOPK):
@@ -141,13 +169,14 @@ def select_blocks_forward(q, k_cmp, lse, layout: BlockLayout, topk: int, scale: 
     hg = head_split(group, SCORE["max_heads"])
     bt = tokens_per_tile(hg, SCORE["rows"])
     one = layout.one_cmp_per_sel
+    loop = SCORE["tokens_per_program" if one else "tokens_per_program_agg"] if bt == 1 else 1
     block_n = SCORE["block_n"]
-    _score_topk_kernel[(triton.cdiv(n, bt), hkv)](
+    _score_topk_kernel[(triton.cdiv(n, bt * loop), hkv)](
         q, k_cmp, lse, idx,
         layout.token_batch, layout.batch_sel_offsets, layout.sel_cmp_offsets, layout.cmp_sel,
         n, hq, scale * LOG2E,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
-        G=group, HG=hg, BLOCK_T=bt, BLOCK_S=block_n if one else SCORE["block_s"], BLOCK_N=block_n,
+        G=group, HG=hg, BLOCK_T=bt, TOK_LOOP=loop, TT=bt * loop, BLOCK_S=block_n if one else SCORE["block_s"], BLOCK_N=block_n,
         ONE_CMP_PER_SEL=one, TOPK=topk, K2=triton.next_power_of_2(topk),
         D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), num_warps=SCORE["num_warps"],
         num_stages=SCORE["num_stages"],

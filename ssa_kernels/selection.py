@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _row_tokens_heads, block_d, dot_precision, head_split, tokens_per_tile
+from ._common import LOG2E, _dkdv_step, _row_tokens_heads, block_d, dot_precision, head_split, tokens_per_tile
 from .layout import BlockLayout
 
 LOG2E_C = tl.constexpr(LOG2E)
@@ -27,10 +27,6 @@ LOG2E_C = tl.constexpr(LOG2E)
 FWD = dict(rows=16, block_n=16, num_warps=1, num_stages=3)
 DQ = dict(rows=16, block_n=16, num_warps=1, num_stages=3)
 DKDV = dict(rows=128, block_n=64, num_warps=4, num_stages=2)
-#: Backward scheme: "slot_pass" (one key-outer pass per top-k slot computes dQ, dK and dV together, each
-#: probability computed once) or "split" (a query-outer dQ kernel and a key-outer dK/dV kernel).
-BWD = dict(kernel="slot_pass")
-PASS = dict(rows=128, block_n=64, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -187,7 +183,7 @@ def _sel_bwd_dkdv_kernel(
             row_ok = e < q_hi
             tok64 = tl.load(csr_tokens + e, mask=row_ok, other=0).to(tl.int64)
             rd_mask = row_ok[:, None] & d_ok[None, :]
-            valid = row_ok[:, None] & n_ok[None, :]
+            valid_t = n_ok[:, None] & row_ok[None, :]
             if HAS_GATE:
                 gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
             for hs in tl.static_range(G // HG):
@@ -200,12 +196,7 @@ def _sel_bwd_dkdv_kernel(
                     do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
                 lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
                 delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, PRECISION)
         dk = dk * scale
         out = (n.to(tl.int64)[:, None] * hkv + g) * D + d[None, :]
         if ACCUMULATE:
@@ -215,90 +206,19 @@ def _sel_bwd_dkdv_kernel(
         tl.store(DV + out, dv, mask=kv_mask)
 
 
-@triton.jit
-def _sel_bwd_pass_kernel(
-    Q, K, V, DO, GATE, LSE, DELTA, DQ, DK, DV,
-    sel_offsets, csr_offsets, csr_tokens, csr_base,
-    S, H, qk_scale, scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
-    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr,
-):
-    """One slot pass of the selection backward: block ``program_id(0)``, kv head ``program_id(1)``, and the
-    queries whose choice in this pass's slot is that block (``csr_tokens[csr_offsets[csr_base + g*S + b] : ...]``).
-
-    Within one pass every query row belongs to exactly one program, so the program adds its dQ contribution to
-    ``DQ [N, Hq, D]`` float32 without atomics, and the key rows of a block belong to one program, which adds to
-    ``DK, DV [N, Hkv, D]`` float32; passes run one after another: deterministic.
-    """
-    blk = tl.program_id(0)
-    g = tl.program_id(1)
-    hkv = H // G
-    k_lo = tl.load(sel_offsets + blk)
-    k_hi = tl.load(sel_offsets + blk + 1)
-    q_lo = tl.load(csr_offsets + csr_base + g * S + blk)
-    q_hi = tl.load(csr_offsets + csr_base + g * S + blk + 1)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    r = tl.arange(0, BLOCK_T * HG)
-    for e0 in range(q_lo, q_hi, BLOCK_T):
-        e = e0 + r // HG
-        row_ok = e < q_hi
-        tok64 = tl.load(csr_tokens + e, mask=row_ok, other=0).to(tl.int64)
-        rd_mask = row_ok[:, None] & d_ok[None, :]
-        if HAS_GATE:
-            gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
-        for hs in tl.static_range(G // HG):
-            head = g * G + hs * HG + r % HG
-            q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask,
-                        other=0.0)
-            do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask,
-                         other=0.0)
-            if HAS_GATE:
-                do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
-            lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
-            delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
-            dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
-            for ks in range(k_lo, k_hi, BLOCK_N):
-                n = ks + tl.arange(0, BLOCK_N)
-                n_ok = n < k_hi
-                kv_mask = n_ok[:, None] & d_ok[None, :]
-                kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
-                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                acc_off = (n.to(tl.int64)[:, None] * hkv + g) * D + d[None, :]
-                dv_t = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dk_t = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-                tl.store(DV + acc_off, tl.load(DV + acc_off, mask=kv_mask, other=0.0) + dv_t, mask=kv_mask)
-                tl.store(DK + acc_off, tl.load(DK + acc_off, mask=kv_mask, other=0.0) + dk_t, mask=kv_mask)
-            dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
-            tl.store(DQ + dq_off, tl.load(DQ + dq_off, mask=rd_mask, other=0.0) + dq * scale, mask=rd_mask)
-            # the next chunk re-reads the DK/DV rows written here, possibly from other threads
-            tl.debug_barrier()
-
-
-def block_query_index(idx: torch.Tensor, num_blocks: int, *, per_slot: bool = False):
+def block_query_index(idx: torch.Tensor, num_blocks: int):
     """The block -> queries index (CSR) of a top-k choice ``idx [N, Hkv, topk]`` (-1 = none).
 
     Returns ``(offsets [Hkv * S + 1] int32, tokens [E] int32)``: the tokens that chose block b for kv head g are
-    ``tokens[offsets[g*S+b] : offsets[g*S+b+1]]``, in increasing token order. With ``per_slot`` the buckets are
-    (slot j, g, b): ``offsets [topk * Hkv * S + 1]``, bucket index ``(j*Hkv + g)*S + b``. Built with a stable radix
+    ``tokens[offsets[g*S+b] : offsets[g*S+b+1]]``, in increasing token order. Built with a stable radix
     sort of the bucket ids (``torch.sort(stable=True)``, linear time on the GPU) and a count + scan for the
     offsets: deterministic, no host synchronisation.
     """
     n, hkv, topk = idx.shape
     dev = idx.device
-    nbuckets = hkv * num_blocks * (topk if per_slot else 1)
+    nbuckets = hkv * num_blocks
     g = torch.arange(hkv, device=dev, dtype=torch.int64).view(1, hkv, 1)
     bucket = g * num_blocks + idx.long()
-    if per_slot:
-        bucket = bucket + torch.arange(topk, device=dev, dtype=torch.int64).view(1, 1, topk) * (hkv * num_blocks)
     key = torch.where(idx >= 0, bucket, torch.full_like(bucket, nbuckets)).reshape(-1)
     counts = torch.zeros(nbuckets + 1, device=dev, dtype=torch.int64)
     counts.index_add_(0, key, torch.ones_like(key))
@@ -362,34 +282,17 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
     gate_t = gate if has_gate else lse
     prec = dot_precision(q.dtype)
     hg, bt = _config(group, DQ["rows"])
-    if "dq" in parts and BWD["kernel"] == "split":
+    if "dq" in parts:
         _sel_bwd_dq_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
             q, k, v, do, gate_t, lse, delta, dq_acc, idx, layout.sel_offsets,
             n, hq, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
             G=group, HG=hg, BLOCK_T=bt, BLOCK_N=DQ["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
-            D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate, GATE_IDX=gate_idx,
+            D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
+            GATE_IDX=gate_idx,
             ACCUMULATE=accumulate, **_launch(DQ),
         )
     if "dkdv" not in parts:
-        return dq_acc, dk_acc, dv_acc
-    if BWD["kernel"] == "slot_pass":
-        if "dq" in parts:  # the passes produce dQ and dK/dV together
-            if not accumulate:
-                dq_acc.zero_()
-                dk_acc.zero_()
-                dv_acc.zero_()
-            csr_offsets, csr_tokens = block_query_index(idx, layout.num_sel_blocks, per_slot=True)
-            hg, bt = _config(group, PASS["rows"])
-            for j in range(topk):
-                _sel_bwd_pass_kernel[(layout.num_sel_blocks, hkv)](
-                    q, k, v, do, gate_t, lse, delta, dq_acc, dk_acc, dv_acc,
-                    layout.sel_offsets, csr_offsets, csr_tokens, j * hkv * layout.num_sel_blocks,
-                    layout.num_sel_blocks, hq, scale * LOG2E, scale,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
-                    G=group, HG=hg, BLOCK_T=bt, BLOCK_N=PASS["block_n"], D=dim, BLOCK_D=block_d(dim),
-                    PRECISION=prec, HAS_GATE=has_gate, GATE_IDX=gate_idx, **_launch(PASS),
-                )
         return dq_acc, dk_acc, dv_acc
     csr_offsets, csr_tokens = block_query_index(idx, layout.num_sel_blocks)
     hg, bt = _config(group, DKDV["rows"])
@@ -400,7 +303,8 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
         layout.num_sel_blocks, hq, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
         G=group, HG=hg, BLOCK_T=bt, BLOCK_N=DKDV["block_n"],
-        D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate, GATE_IDX=gate_idx, ACCUMULATE=accumulate,
+        D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
+        GATE_IDX=gate_idx, ACCUMULATE=accumulate,
         **_launch(DKDV),
     )
     return dq_acc, dk_acc, dv_acc

@@ -123,15 +123,17 @@ def _ssa_backward(
     lay = _layout_view(layout_tensors, num_sel_blocks, max_sel_block_tokens)
     do = do.contiguous()
     dgate, delta = gate_backward(do, o_cmp, o_sel, o_win, gate)
+    # dQ collects the three branches in the dtype of q (each kernel adds its part in float32 registers and
+    # rounds once): a float32 accumulator would cost 2x the memory of q at the peak of the backward
     dq, dk_cmp, dv_cmp = compression_backward(do, q, k_cmp, v_cmp, lse_cmp, delta[0], lay, scale, gate=gate,
-                                              gate_idx=0)
+                                              gate_idx=0, dq_acc=torch.empty_like(q))
     f32 = dict(device=k.device, dtype=torch.float32)
     dq, dk, dv = selection_backward(do, q, k, v, idx, lse_sel, delta[1], lay, scale, gate=gate, gate_idx=1,
                                     dq_acc=dq, dk_acc=torch.zeros(k.shape, **f32), dv_acc=torch.zeros(v.shape, **f32),
                                     accumulate=True)
     dq, dk, dv = window_backward(do, q, k, v, lse_win, delta[2], lay, shift, scale, gate=gate, gate_idx=2,
                                  dq_acc=dq, dk_acc=dk, dv_acc=dv, accumulate=True)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype), dv_cmp.to(v_cmp.dtype), dgate)
+    return (dq, dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype), dv_cmp.to(v_cmp.dtype), dgate)
 
 
 @_ssa_backward.register_fake

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, block_d, dot_precision, head_split
+from ._common import LOG2E, _dkdv_step, block_d, dot_precision, head_split
 from .layout import WINDOW_TILE, BlockLayout
 
 LOG2E_C = tl.constexpr(LOG2E)
@@ -184,7 +184,7 @@ def _win_bwd_dkdv_kernel(
         row_ok = pos < w_hi
         tok64 = tl.load(perm + pos, mask=row_ok, other=0).to(tl.int64)
         rd_mask = row_ok[:, None] & d_ok[None, :]
-        valid = row_ok[:, None] & n_ok[None, :]
+        valid_t = n_ok[:, None] & row_ok[None, :]
         if HAS_GATE:
             gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
         for hs in tl.static_range(G // HG):
@@ -197,12 +197,7 @@ def _win_bwd_dkdv_kernel(
                 do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
             lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
             delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, PRECISION)
     dk = dk * scale
     out = (ktok[:, None] * hkv + g) * D + d[None, :]
     if ACCUMULATE:
@@ -262,7 +257,8 @@ def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, sc
     gate_t = gate if has_gate else lse
     prec = dot_precision(q.dtype)
     hg = head_split(group, DQ["max_heads"])
-    common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
+    common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=prec,
+                  HAS_GATE=has_gate,
                   GATE_IDX=gate_idx, ACCUMULATE=accumulate)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1))
     if "dq" in parts:

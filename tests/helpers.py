@@ -24,17 +24,11 @@ def random_coords(sizes, extent, *, compression_block=4, selection_block=8, gene
 
 
 def compressed_kv(k, v, coords, *, compression_block, selection_block):
-    """Stand-in for the learned compression: per compression block, ``k_cmp`` = mean(k) * sqrt(count),
-    ``v_cmp`` = mean(v) (BENCHMARK.md)."""
-    from ssa_kernels.layout import compression_block_index
+    """Stand-in for the learned compression (BENCHMARK.md "scaled" inputs); the one implementation lives in
+    :mod:`bench.inputs`."""
+    from bench.inputs import compressed_kv as build
 
-    cid = compression_block_index(coords, compression_block=compression_block, selection_block=selection_block)
-    nc = int(cid.max()) + 1
-    cnt = torch.zeros(nc, dtype=k.dtype, device=k.device).index_add_(0, cid, torch.ones_like(cid, dtype=k.dtype))
-    ksum = torch.zeros(nc, *k.shape[1:], dtype=k.dtype, device=k.device).index_add_(0, cid, k)
-    vsum = torch.zeros(nc, *v.shape[1:], dtype=v.dtype, device=v.device).index_add_(0, cid, v)
-    c = cnt.view(-1, 1, 1)
-    return ksum / c * c.sqrt(), vsum / c
+    return build(k, v, coords, compression_block=compression_block, selection_block=selection_block)
 
 
 def random_inputs(coords, hq, hkv, d, *, compression_block, selection_block, dtype=torch.float64, generator=None,

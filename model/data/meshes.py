@@ -87,3 +87,51 @@ def available_meshes() -> list[Path]:
         except (ModuleNotFoundError, FileNotFoundError):
             pass
     return out
+
+
+def export_pybullet_meshes(dest, count: int = 150, *, overwrite: bool = False) -> list[Path]:
+    """Copy the first ``count`` pybullet objects (``random_urdfs/NNN/NNN.obj``, in order) into the folder ``dest``
+    as ``dest/NNN.obj`` (created if missing), so that a machine without pybullet can use them (e.g. with
+    ``python -m model.vae_report --meshes dest``). Files already there are kept unless ``overwrite``. Returns the
+    paths in ``dest``."""
+    import shutil
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive int, got {count!r}")
+    sources = [p for p in pybullet_meshes() if p.parent.parent.name == "random_urdfs"][:count]
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in sources:
+        target = dest / src.name
+        if overwrite or not target.exists():
+            shutil.copyfile(src, target)
+        out.append(target)
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m model.data.meshes",
+                                 description="List the meshes available offline, or copy pybullet's into a folder.")
+    ap.add_argument("--export", metavar="DIR", help="copy the first --count pybullet objects into DIR as NNN.obj")
+    ap.add_argument("--count", type=int, default=150, help="how many pybullet objects to export (default 150)")
+    ap.add_argument("--overwrite", action="store_true", help="replace files already in DIR")
+    args = ap.parse_args(argv)
+    if args.export:
+        try:
+            paths = export_pybullet_meshes(args.export, args.count, overwrite=args.overwrite)
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}")
+            return 2
+        size = sum(p.stat().st_size for p in paths)
+        print(f"{len(paths)} meshes in {args.export} ({size / 1e6:.1f} MB)")
+        return 0
+    for path in available_meshes():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

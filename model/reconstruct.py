@@ -1,0 +1,329 @@
+"""Reconstruct a mesh through the sparse SDF VAE: mesh -> sparse SDF -> encode -> decode -> marching cubes.
+
+Command line::
+
+    python -m model.reconstruct MESH --ckpt CKPT --resolution R --out OUT.glb
+
+loads ``MESH``, makes its sparse SDF at ``R^3`` (:func:`model.data.sdf.mesh_to_sparse_sdf`, with the ``tau`` the
+checkpoint was trained with), encodes it (posterior mean), decodes it with inference pruning (only the voxels the
+pruning heads predict), extracts the mesh at the iso level 0 (:mod:`model.extract`), writes it as GLB and prints
+Chamfer distance, F-score (threshold 1/128 of the unit cube) and normal consistency against the input, both in the
+unit cube of the data (the input normalised by the sample's own centre and scale), plus time and peak memory.
+
+Library: :func:`load_vae` (checkpoint -> model, with clear errors for files that are not VAE checkpoints),
+:func:`reconstruct_sample` (a :class:`~model.data.sdf.SparseSDF` -> :class:`Reconstruction`), :func:`evaluate_mesh`
+(metrics that also accept an empty reconstruction) and :func:`normalized_mesh`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+
+from .extract import DEFAULT_BRICK, DEFAULT_LEVEL, sparse_sdf_to_mesh
+from .metrics import DEFAULT_FSCORE_THRESHOLD, mesh_metrics
+from .sparse.tensor import SparseTensor
+from .training import load_checkpoint, resolve_device
+from .vae import SparseSDFVAE, VAEConfig
+
+__all__ = [
+    "MODEL_CLASS",
+    "Reconstruction",
+    "evaluate_mesh",
+    "load_vae",
+    "main",
+    "normalized_mesh",
+    "reconstruct_sample",
+    "vae_checkpoint_meta",
+    "vae_config_from_dict",
+]
+
+#: ``model_class`` entry of a VAE checkpoint's metadata.
+MODEL_CLASS = "SparseSDFVAE"
+#: Surface points per mesh for the metrics of the command line.
+CLI_POINTS = 100_000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def vae_checkpoint_meta(config: VAEConfig, *, tau: float, margin: float, **extra) -> dict:
+    """The metadata that makes a checkpoint loadable by :func:`load_vae`: the model class, its config and the data
+    normalisation (``tau`` in voxels, SDF given as ``sdf / tau``, ``margin``); ``extra`` entries are added."""
+    return {"model_class": MODEL_CLASS, "vae_config": dataclasses.asdict(config),
+            "data": {"tau": float(tau), "sdf_units": "tau", "margin": float(margin)}, **extra}
+
+
+def vae_config_from_dict(values: dict) -> VAEConfig:
+    """:class:`~model.vae.VAEConfig` from its ``asdict`` form (lists back to tuples); ``ValueError`` on unknown keys."""
+    if not isinstance(values, dict):
+        raise ValueError(f"vae_config must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(VAEConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"vae_config has unknown fields {unknown}")
+    return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def load_vae(path, *, device: str | torch.device = "cpu") -> tuple[SparseSDFVAE, dict]:
+    """``(vae in eval mode on device, checkpoint metadata)`` from a checkpoint written by the VAE trainer.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one that is not a
+    safetensors checkpoint of this project, holds another model class, or whose weights do not fit the architecture
+    recorded in it.
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    cls = ckpt.meta.get("model_class")
+    if cls != MODEL_CLASS:
+        raise ValueError(f"{path} holds a {cls or 'unlabelled'} checkpoint, not a {MODEL_CLASS} (sparse SDF VAE)")
+    if "vae_config" not in ckpt.meta:
+        raise ValueError(f"{path}: checkpoint metadata has no vae_config")
+    config = vae_config_from_dict(ckpt.meta["vae_config"])
+    vae = SparseSDFVAE(config)
+    ours = vae.state_dict()
+    missing = sorted(set(ours) - set(ckpt.model))
+    unexpected = sorted(set(ckpt.model) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(ckpt.model) if tuple(ours[k].shape) != tuple(ckpt.model[k].shape))
+    if missing or unexpected or wrong:
+        def few(names):
+            return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+        parts = [f"{len(missing)} missing ({few(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+                 f"{len(wrong)} of another shape ({few(wrong)})" if wrong else ""]
+        raise ValueError(f"{path}: the weights do not fit the architecture recorded in the checkpoint: "
+                         + "; ".join(p for p in parts if p))
+    vae.load_state_dict(ckpt.model)
+    return vae.to(resolve_device(device)).eval(), ckpt.meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reconstruction
+
+
+@dataclass
+class Reconstruction:
+    """Result of :func:`reconstruct_sample`.
+
+    ``mesh``: the extracted mesh in the unit cube (may have no faces); ``decoded_coords [M, 3]`` int32 and
+    ``decoded_sdf [M]`` float32 (numpy): the decoded sparse SDF; ``input_voxels``, ``latent_voxels``;
+    ``seconds``: ``encode``, ``decode`` (model, synchronised on CUDA) and ``extract``; ``peak_memory_bytes`` and
+    ``peak_memory_kind`` (``"cuda max allocated"`` during encode + decode, or ``"process peak RSS"`` on CPU).
+    """
+
+    mesh: trimesh.Trimesh
+    decoded_coords: np.ndarray
+    decoded_sdf: np.ndarray
+    input_voxels: int
+    latent_voxels: int
+    seconds: dict = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def process_peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+@torch.no_grad()
+def reconstruct_sample(
+    vae: SparseSDFVAE,
+    sample,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    level: float = DEFAULT_LEVEL,
+    brick: int = DEFAULT_BRICK,
+    extract: bool = True,
+    progress: bool = False,
+) -> Reconstruction:
+    """Encode (posterior mean) and decode (inference pruning) one :class:`~model.data.sdf.SparseSDF`, then extract
+    the mesh at ``level``.
+
+    The VAE reads ``sample.sdf_scaled`` (``sdf / tau``, the units it is trained on). ``device`` defaults to the
+    VAE's; ``dtype``: autocast dtype on CUDA (e.g. ``torch.bfloat16``), None for float32. The VAE is left in the
+    mode it was in.
+    """
+    if not isinstance(vae, SparseSDFVAE):
+        raise TypeError(f"vae must be a SparseSDFVAE, got {type(vae).__name__}")
+    dev = next(vae.parameters()).device if device is None else torch.device(device)
+    coords = torch.from_numpy(np.ascontiguousarray(sample.coords, dtype=np.int32))
+    feats = torch.from_numpy(np.ascontiguousarray(sample.sdf_scaled, dtype=np.float32)).unsqueeze(1)
+    x = SparseTensor.from_list([coords.to(dev)], [feats.to(dev)], resolution=int(sample.resolution))
+    was_training = vae.training
+    vae.eval()
+    use_autocast = dtype is not None and dev.type == "cuda"
+    if dev.type == "cuda":
+        _sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        with torch.autocast(device_type=dev.type, dtype=dtype or torch.bfloat16, enabled=use_autocast):
+            t0 = time.perf_counter()
+            z = vae.encode(x).mode()
+            _sync(dev)
+            t1 = time.perf_counter()
+            decoded = vae.decode(z).sdf
+            _sync(dev)
+            t2 = time.perf_counter()
+    finally:
+        vae.train(was_training)
+    if dev.type == "cuda":
+        peak, kind = int(torch.cuda.max_memory_allocated(dev)), "cuda max allocated"
+    else:
+        peak, kind = process_peak_rss(), "process peak RSS"
+    dc = decoded.coords[:, 1:].cpu().numpy().astype(np.int32)
+    dv = decoded.feats[:, 0].float().cpu().numpy()
+    del decoded
+    t3 = time.perf_counter()
+    if extract:
+        mesh = sparse_sdf_to_mesh(dc, dv, int(sample.resolution), level=level, brick=brick, progress=progress)
+    else:
+        mesh = trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), np.int64), process=False)
+    t4 = time.perf_counter()
+    return Reconstruction(mesh=mesh, decoded_coords=dc, decoded_sdf=dv, input_voxels=x.num_voxels,
+                          latent_voxels=z.num_voxels, seconds={"encode": t1 - t0, "decode": t2 - t1,
+                                                               "extract": t4 - t3},
+                          peak_memory_bytes=peak, peak_memory_kind=kind)
+
+
+def normalized_mesh(mesh, sample) -> trimesh.Trimesh:
+    """The mesh (path or ``trimesh``) in the unit cube of ``sample``: ``(v - sample.center) * sample.scale``, the
+    transform :func:`model.data.sdf.mesh_to_sparse_sdf` applied before voxelising it."""
+    from .data.sdf import load_mesh
+
+    m = load_mesh(mesh)
+    v = (np.asarray(m.vertices, dtype=np.float64) - np.asarray(sample.center, np.float64)) * float(sample.scale)
+    return trimesh.Trimesh(v, np.asarray(m.faces), process=False)
+
+
+#: Metrics reported for a reconstruction that produced no surface.
+EMPTY_METRICS = dict(chamfer=float("nan"), chamfer_pred_to_gt=float("nan"), chamfer_gt_to_pred=float("nan"),
+                     fscore=0.0, precision=0.0, recall=0.0, normal_consistency=0.0, iou=float("nan"))
+
+
+def evaluate_mesh(pred: trimesh.Trimesh, gt: trimesh.Trimesh, *, num_points: int = CLI_POINTS,
+                  threshold: float = DEFAULT_FSCORE_THRESHOLD, iou_points: int = 0, seed: int = 0) -> dict:
+    """:func:`model.metrics.mesh_metrics` of ``pred`` against ``gt`` (same frame), plus ``faces``; an empty ``pred``
+    gets F-score 0 and NaN distances instead of an error (``empty: True``)."""
+    if len(pred.faces) == 0:
+        return {**EMPTY_METRICS, "fscore_threshold": float(threshold), "num_points": int(num_points), "faces": 0,
+                "empty": True}
+    out = mesh_metrics(pred, gt, num_points=num_points, threshold=threshold, iou_points=iou_points, seed=seed)
+    return {**out, "faces": int(len(pred.faces)), "empty": False}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m model.reconstruct",
+        description="Reconstruct a mesh through the sparse SDF VAE and compare it with the input.")
+    ap.add_argument("mesh", help="input mesh (any format trimesh reads: .obj .ply .stl .glb .off ...)")
+    ap.add_argument("--ckpt", required=True, help="VAE checkpoint written by python -m model.train_vae")
+    ap.add_argument("--resolution", type=int, default=256, help="SDF grid side R (default 256)")
+    ap.add_argument("--out", required=True, help="output mesh (.glb; any extension trimesh writes works)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="autocast dtype on CUDA (auto: bfloat16 on CUDA; CPU always runs float32)")
+    ap.add_argument("--level", type=float, default=DEFAULT_LEVEL, help="iso level (default 0: our SDF is sdf/tau)")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_FSCORE_THRESHOLD,
+                    help="F-score threshold in unit-cube sides (default 1/128)")
+    ap.add_argument("--points", type=int, default=CLI_POINTS, help="surface points per mesh for the metrics")
+    ap.add_argument("--original-frame", action="store_true",
+                    help="write the mesh in the input's own frame (default: the unit cube of the data)")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+
+    from .data.sdf import MeshError, load_mesh, mesh_to_sparse_sdf
+
+    try:
+        if not os.path.isfile(args.mesh):
+            raise FileNotFoundError(f"mesh file not found: {args.mesh}")
+        device = resolve_device(args.device)
+        vae, meta = load_vae(args.ckpt, device=device)
+        data = meta.get("data", {})
+        tau, margin = float(data.get("tau", 2.0)), float(data.get("margin", 0.95))
+        mesh = load_mesh(args.mesh)
+        t0 = time.perf_counter()
+        sample = mesh_to_sparse_sdf(mesh, args.resolution, tau=tau, margin=margin, compute_sharp=False)
+        t_sdf = time.perf_counter() - t0
+        if len(sample) == 0:
+            raise MeshError(f"{args.mesh}: no voxel of the {args.resolution}^3 grid lies within the band")
+    except (FileNotFoundError, MeshError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dtype = None
+    if device.type == "cuda" and args.dtype in ("auto", "bfloat16"):
+        dtype = torch.bfloat16
+    rec = reconstruct_sample(vae, sample, device=device, dtype=dtype, level=args.level)
+    gt = normalized_mesh(mesh, sample)
+    metrics = evaluate_mesh(rec.mesh, gt, num_points=args.points, threshold=args.threshold)
+
+    out_mesh = rec.mesh
+    if args.original_frame:
+        from .extract import to_original_frame
+
+        out_mesh = to_original_frame(rec.mesh, sample.center, sample.scale)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(out_mesh.faces):
+        out_mesh.export(out)
+    R = args.resolution
+    print(f"input      {args.mesh}: {len(mesh.faces):,} faces -> {rec.input_voxels:,} voxels at {R}^3 "
+          f"(tau {tau:g} voxels)")
+    print(f"latent     {rec.latent_voxels:,} voxels at {R // vae.config.downsample_factor}^3; "
+          f"decoded {len(rec.decoded_sdf):,} voxels")
+    if metrics["empty"]:
+        print(f"mesh       EMPTY: the decoded SDF has no surface at level {args.level:g}; nothing written")
+    else:
+        print(f"mesh       {len(out_mesh.faces):,} faces, {len(out_mesh.vertices):,} vertices -> {out}")
+    print(f"chamfer    {metrics['chamfer']:.6f} (unit cube; pred->gt {metrics['chamfer_pred_to_gt']:.6f}, "
+          f"gt->pred {metrics['chamfer_gt_to_pred']:.6f})")
+    print(f"f-score    {metrics['fscore']:.4f} at {args.threshold:.6f} (precision {metrics['precision']:.4f}, "
+          f"recall {metrics['recall']:.4f})")
+    print(f"normals    {metrics['normal_consistency']:.4f} (normal consistency)")
+    s = rec.seconds
+    print(f"time       sdf {t_sdf:.2f} s, encode {s['encode']:.3f} s, decode {s['decode']:.3f} s, "
+          f"extract {s['extract']:.2f} s on {device}")
+    print(f"memory     {_fmt_bytes(rec.peak_memory_bytes)} ({rec.peak_memory_kind})")
+    if args.json:
+        doc = dict(mesh=args.mesh, checkpoint=args.ckpt, resolution=R, tau=tau, device=str(device),
+                   input_voxels=rec.input_voxels, latent_voxels=rec.latent_voxels,
+                   decoded_voxels=int(len(rec.decoded_sdf)), seconds=dict(sdf=t_sdf, **s),
+                   peak_memory_bytes=rec.peak_memory_bytes, peak_memory_kind=rec.peak_memory_kind, **metrics)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

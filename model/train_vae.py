@@ -1,0 +1,587 @@
+"""Train the sparse SDF VAE: ``python -m model.train_vae`` over :func:`train`.
+
+Examples::
+
+    python -m model.train_vae --pybullet 100 --resolutions 256 --model base --steps 20000 --out runs/vae
+    python -m model.train_vae --config vae.json --time-limit 60 --resume
+    torchrun --nproc_per_node 8 -m model.train_vae --meshes data/meshes --resolutions 256 512 --out runs/vae
+
+Data: a folder of meshes (``--meshes``) or the first N pybullet objects (``--pybullet N``) become sparse SDF samples
+(:class:`model.data.dataset.SparseSDFDataset`, cached on disk, prepared up front with ``--prepare-workers``
+processes), split into training and held-out meshes by a hash of their names
+(:func:`model.data.dataset.split_by_name`). Batches share one resolution drawn per batch from ``--resolutions``
+(:class:`~model.data.dataset.MultiResolutionBatchSampler`, the paper's multi-resolution training).
+
+Each step: encode, sample the posterior (a dedicated, checkpointed ``torch.Generator``), decode with the training
+pruning rule (predicted and target voxels), :func:`model.vae.vae_loss` (input, extra, sharp-edge SDF MSE + KL +
+pruning BCE), AdamW with linear warm-up and a cosine (or constant) schedule, gradient clipping; bf16 autocast on
+CUDA. Outputs in ``--out``: ``checkpoint.safetensors`` (model + optimizer + step + RNG, written atomically; rank 0),
+``metrics.jsonl`` (training records every ``log_every`` steps, validation records with ``kind: "val"``),
+``loss.png``, ``config.json``. ``--resume`` continues from ``checkpoint.safetensors`` bit for bit on CPU (same data
+order, same posterior noise). ``--time-limit MIN`` stops cleanly (checkpoint, plot) after MIN minutes of training
+(data preparation not counted). Validation reconstructs ``val_meshes`` held-out meshes (encode the mean, decode with
+inference pruning, marching cubes) and logs F-score, Chamfer distance and normal consistency.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) every rank takes every ``world_size``-th batch of the same global sequence,
+the model is DDP-wrapped, and only rank 0 logs, shows progress, validates and writes files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .training import (
+    Distributed,
+    MetricsLog,
+    TimeLimit,
+    load_checkpoint,
+    load_config_file,
+    lr_factor,
+    plot_metrics,
+    restore_rng,
+    save_checkpoint,
+    seed_everything,
+    unwrap_model,
+)
+from .vae import SparseSDFVAE, VAEConfig, VAELossConfig, vae_loss
+
+__all__ = ["MODEL_PRESETS", "VAETrainConfig", "main", "model_config", "train", "validate"]
+
+#: File names inside the output folder.
+CHECKPOINT_NAME = "checkpoint.safetensors"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+CONFIG_NAME = "config.json"
+#: Training-record keys drawn in loss.png, and validation keys.
+PLOT_LOSS_KEYS = ("loss", "sdf_in", "sdf_extra", "sdf_sharp", "prune")
+PLOT_VAL_KEYS = ("fscore", "normal_consistency")
+
+
+def _preset_small(**o) -> VAEConfig:
+    """~1.2M parameters: widths 16-32-64-128, transformer width 128 (4 heads of 32), 1 + 1 blocks."""
+    return VAEConfig(**{**dict(conv_channels=(16, 32, 64, 128), model_channels=128, latent_channels=16, num_heads=4,
+                               encoder_blocks=1, decoder_blocks=1, num_groups=8, resolution=256), **o})
+
+
+def _preset_base(**o) -> VAEConfig:
+    """~7M parameters: widths 32-64-128-256, transformer width 256 (4 heads of 64), 2 + 2 blocks."""
+    return VAEConfig(**{**dict(conv_channels=(32, 64, 128, 256), model_channels=256, latent_channels=16, num_heads=4,
+                               encoder_blocks=2, decoder_blocks=2, num_groups=32, resolution=256), **o})
+
+
+#: Model size presets (``--model``): name -> function(**overrides) -> VAEConfig.
+MODEL_PRESETS = {
+    "tiny": VAEConfig.tiny,
+    "small": _preset_small,
+    "base": _preset_base,
+    "released_512": VAEConfig.released_512,
+    "released_1024": VAEConfig.released_1024,
+}
+
+
+def model_config(name: str, overrides: dict | None = None) -> VAEConfig:
+    """The :class:`~model.vae.VAEConfig` of preset ``name`` with ``overrides`` (lists become tuples)."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"model must be one of {sorted(MODEL_PRESETS)}, got {name!r}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
+    known = {f.name for f in dataclasses.fields(VAEConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"model_overrides has unknown VAEConfig fields {unknown}")
+    return MODEL_PRESETS[name](**overrides)
+
+
+@dataclass
+class VAETrainConfig:
+    """Everything :func:`train` needs; the command line and config files set these fields by name.
+
+    Data: ``meshes`` (folder, file) or ``pybullet`` (first N pybullet objects), ``max_meshes`` (keep the first N
+    meshes of the folder, in path order); ``resolutions`` served (one drawn
+    per batch); ``tau`` band half-width in voxels; ``cache_dir`` for the samples; ``prepare_workers`` processes
+    for the up-front SDF preparation; ``held_out_fraction`` and ``split_seed`` of the name-hash split.
+    Model: ``model`` preset (:data:`MODEL_PRESETS`) and ``model_overrides`` (VAEConfig fields).
+    Optimisation: ``batch_size`` (per process), ``steps`` (total optimizer steps), ``lr``, ``weight_decay``,
+    ``warmup_steps``, ``schedule`` (``cosine``/``constant``), ``min_lr_ratio`` (end of the cosine),
+    ``anneal_to_time_limit`` (the cosine follows the elapsed fraction of ``time_limit`` when that is further along
+    than ``step / steps``), ``grad_clip`` (0 = off), the loss weights (:class:`~model.vae.VAELossConfig`).
+    Run: ``time_limit`` minutes (None = no limit), ``device``, ``bf16`` (autocast on CUDA), ``out``, ``resume``,
+    ``seed``, ``log_every``, ``ckpt_every``, ``val_every`` (0 = only at the end), ``val_meshes``, ``val_resolution``
+    (default: the first of ``resolutions``), ``val_points`` (surface points per mesh), ``num_workers`` (data
+    loader processes), ``progress`` (tqdm).
+    """
+
+    meshes: str | None = None
+    pybullet: int | None = None
+    max_meshes: int | None = None
+    resolutions: tuple[int, ...] = (256,)
+    tau: float = 2.0
+    cache_dir: str = "data_cache/sparse_sdf"
+    prepare_workers: int = 0
+    held_out_fraction: float = 0.05
+    split_seed: int = 0
+    model: str = "small"
+    model_overrides: dict = field(default_factory=dict)
+    batch_size: int = 4
+    steps: int = 2000
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.05
+    anneal_to_time_limit: bool = False
+    grad_clip: float = 1.0
+    weight_in: float = 1.0
+    weight_extra: float = 1.0
+    weight_sharp: float = 1.0
+    weight_kl: float = 1e-6
+    weight_prune: float = 1.0
+    time_limit: float | None = None
+    device: str = "auto"
+    bf16: bool = True
+    out: str = "runs/vae"
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    val_every: int = 500
+    val_meshes: int = 2
+    val_resolution: int | None = None
+    val_points: int = 20_000
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.resolutions, int):
+            self.resolutions = (self.resolutions,)
+        self.resolutions = tuple(int(r) for r in self.resolutions)
+        if not self.resolutions or any(r < 8 for r in self.resolutions):
+            raise ValueError(f"resolutions must be ints >= 8, got {self.resolutions!r}")
+        if (self.meshes is None) == (self.pybullet is None):
+            raise ValueError("give exactly one of meshes (a folder or file) and pybullet (a count)")
+        for name in ("pybullet", "max_meshes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("batch_size", "steps", "log_every", "ckpt_every", "val_meshes", "val_points"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "val_meshes" else 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "val_every", "num_workers", "prepare_workers", "seed", "split_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 <= self.held_out_fraction < 1:
+            raise ValueError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction!r}")
+        if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
+            raise ValueError(f"time_limit must be a positive number of minutes, got {self.time_limit!r}")
+        if self.val_resolution is not None and self.val_resolution < 8:
+            raise ValueError(f"val_resolution must be an int >= 8, got {self.val_resolution!r}")
+        self.loss_config()  # validates the weights
+        model_config(self.model, self.model_overrides)  # validates the preset and overrides
+
+    def loss_config(self) -> VAELossConfig:
+        return VAELossConfig(weight_in=self.weight_in, weight_extra=self.weight_extra, weight_sharp=self.weight_sharp,
+                             weight_kl=self.weight_kl, weight_prune=self.weight_prune)
+
+    @property
+    def eval_resolution(self) -> int:
+        return self.val_resolution or self.resolutions[0]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "VAETrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def _mesh_source(config: VAETrainConfig):
+    """A folder or file (all of it), or a list of mesh paths (``max_meshes`` of a folder; pybullet objects)."""
+    if config.meshes is not None:
+        if config.max_meshes is None:
+            return config.meshes
+        from .data.meshes import find_meshes
+
+        paths = find_meshes(config.meshes)
+        if not paths:
+            raise ValueError(f"meshes: no mesh files found in {config.meshes}")
+        return paths[: config.max_meshes]
+    from .data.meshes import pybullet_meshes
+
+    return pybullet_meshes()[: config.pybullet]
+
+
+def build_datasets(config: VAETrainConfig, dist: Distributed | None = None):
+    """``(train, held_out or None, report)``: the prepared, split datasets. Rank 0 prepares the cache (with
+    ``prepare_workers`` processes), the others then read it."""
+    from .data.dataset import SparseSDFDataset
+
+    dist = dist or Distributed("cpu")
+    resolutions = tuple(dict.fromkeys(config.resolutions + (config.eval_resolution,)))
+    ds = SparseSDFDataset(_mesh_source(config), resolutions, tau=config.tau, cache_dir=config.cache_dir,
+                          seed=config.seed)
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {}
+    if dist.is_main:
+        report = ds.prepare_all(num_workers=config.prepare_workers, progress=config.progress)
+    dist.barrier()
+    if not dist.is_main:
+        report = ds.prepare_all(num_workers=0, progress=False)
+    report = dict(report, seconds=time.perf_counter() - t0, meshes=len(ds))
+    if len(ds) == 0:
+        raise ValueError("no usable mesh: every mesh failed to become a sample")
+    train_ds, held = ds.split(config.held_out_fraction, seed=config.split_seed)
+    if train_ds is None:
+        raise ValueError(f"all {len(ds)} meshes fell in the held-out split; lower held_out_fraction")
+    return train_ds, held, report
+
+
+class _RankBatches(torch.utils.data.Sampler):
+    """This rank's batches of the endless global batch sequence (epoch after epoch of the multi-resolution sampler),
+    starting at global batch ``start``: global batch ``g`` goes to rank ``g % world_size``."""
+
+    def __init__(self, sampler, start: int, world_size: int, rank: int):
+        self.sampler, self.start, self.world, self.rank = sampler, int(start), int(world_size), int(rank)
+
+    def __iter__(self):
+        per_epoch = len(self.sampler)
+        epoch = self.start // per_epoch
+        while True:
+            self.sampler.set_epoch(epoch)
+            for pos, batch in enumerate(self.sampler):
+                g = epoch * per_epoch + pos
+                if g >= self.start and g % self.world == self.rank:
+                    yield batch
+            epoch += 1
+
+
+def _loader(train_ds, config: VAETrainConfig, start_step: int, dist: Distributed):
+    from .data.dataset import MultiResolutionBatchSampler, collate_sparse_sdf
+
+    sampler = MultiResolutionBatchSampler(len(train_ds), config.batch_size, config.resolutions,
+                                          drop_last=len(train_ds) >= config.batch_size, seed=config.seed)
+    batches = _RankBatches(sampler, start_step * dist.world_size, dist.world_size, dist.rank)
+    return torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate_sparse_sdf,
+                                       num_workers=config.num_workers, pin_memory=dist.device.type == "cuda")
+
+
+def _to_sparse(batch: dict, device: torch.device):
+    from .sparse.tensor import SparseTensor
+
+    res = int(batch["resolution"][0])
+    x = SparseTensor(batch["coords"].to(device, non_blocking=True), batch["sdf"].to(device, non_blocking=True),
+                     batch_size=len(batch["name"]), resolution=res)
+    return x, batch["sharp"].to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def validate(vae: SparseSDFVAE, dataset, *, count: int, resolution: int, device: torch.device,
+             dtype: torch.dtype | None = None, num_points: int = 20_000, seed: int = 0) -> dict:
+    """Reconstruct the first ``count`` meshes of ``dataset`` at ``resolution`` (posterior mean, inference pruning,
+    marching cubes at 0) and compare each with its input mesh in the unit cube.
+
+    Returns ``{"fscore", "chamfer", "normal_consistency"}`` (means; Chamfer over non-empty reconstructions) and
+    ``"meshes"``: per mesh ``{name, fscore, chamfer, normal_consistency, faces}``.
+    """
+    from .reconstruct import evaluate_mesh, normalized_mesh, reconstruct_sample
+
+    per = []
+    for i in range(min(count, len(dataset))):
+        sample = dataset.sample(i, resolution)
+        rec = reconstruct_sample(vae, sample, device=device, dtype=dtype)
+        gt = normalized_mesh(dataset.paths[i], sample)
+        m = evaluate_mesh(rec.mesh, gt, num_points=num_points, seed=seed)
+        per.append(dict(name=dataset.names[i], fscore=m["fscore"], chamfer=m["chamfer"],
+                        normal_consistency=m["normal_consistency"], faces=m["faces"]))
+    if not per:
+        return {"fscore": float("nan"), "chamfer": float("nan"), "normal_consistency": float("nan"), "meshes": []}
+    finite = [p["chamfer"] for p in per if math.isfinite(p["chamfer"])]
+    return dict(fscore=sum(p["fscore"] for p in per) / len(per),
+                chamfer=sum(finite) / len(finite) if finite else float("nan"),
+                normal_consistency=sum(p["normal_consistency"] for p in per) / len(per), meshes=per)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+def train(config: VAETrainConfig) -> dict:
+    """Train (or resume) the VAE described by ``config``; returns a summary:
+
+    ``steps`` (optimizer steps done in total), ``start_step``, ``stopped`` (``"steps"`` or ``"time_limit"``),
+    ``train_seconds`` (this run), ``seconds_per_step``, ``last`` (the last training record), ``validation`` (the
+    last validation result or None), ``checkpoint``, ``metrics``, ``plot``, ``out``, ``train_meshes``,
+    ``held_out`` (names), ``validated_on`` (``"held_out"`` or ``"train"`` when no mesh was held out), ``data``
+    (preparation report), ``parameters``, ``world_size``.
+    """
+    if not isinstance(config, VAETrainConfig):
+        raise TypeError(f"config must be a VAETrainConfig, got {type(config).__name__}")
+    dist = Distributed(config.device)
+    try:
+        return _train(config, dist)
+    finally:
+        dist.close()
+
+
+def _train(config: VAETrainConfig, dist: Distributed) -> dict:
+    device = dist.device
+    out = Path(config.out)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    train_ds, held_ds, data_report = build_datasets(config, dist)
+    val_ds, validated_on = (held_ds, "held_out") if held_ds is not None else (train_ds, "train")
+
+    vae_cfg = model_config(config.model, config.model_overrides)
+    seed_everything(config.seed)
+    vae = SparseSDFVAE(vae_cfg).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed + 1_000_003 * dist.rank)
+
+    ckpt_path = out / CHECKPOINT_NAME
+    start_step = 0
+    if config.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        if ckpt.meta.get("vae_config") != json.loads(json.dumps(dataclasses.asdict(vae_cfg))):
+            raise ValueError(f"resume: {ckpt_path} was trained with another model configuration "
+                             f"({ckpt.meta.get('vae_config')}); use a new --out or the same --model")
+        vae.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        restore_rng(ckpt, {"posterior": generator} if dist.world_size == 1 else None)
+        start_step = ckpt.step
+    elif config.resume and dist.is_main:
+        print(f"resume: no checkpoint in {out}, starting from scratch", file=sys.stderr)
+    if dist.is_main:
+        (out / CONFIG_NAME).write_text(json.dumps(
+            dict(train=dataclasses.asdict(config), vae=dataclasses.asdict(vae_cfg)), indent=2, default=str))
+    model = dist.wrap(vae)
+    log = MetricsLog(out / METRICS_NAME, resume_step=start_step if start_step else None, enabled=dist.is_main)
+    loss_cfg = config.loss_config()
+    use_bf16 = config.bf16 and device.type == "cuda"
+    eval_dtype = torch.bfloat16 if use_bf16 else None
+    params = [p for p in vae.parameters() if p.requires_grad]
+
+    def meta() -> dict:
+        from .reconstruct import vae_checkpoint_meta
+
+        return vae_checkpoint_meta(vae_cfg, tau=config.tau, margin=train_ds.params["margin"],
+                                   train_config=dataclasses.asdict(config))
+
+    def checkpoint(step: int) -> None:
+        if dist.is_main:
+            save_checkpoint(ckpt_path, model=vae, optimizer=optimizer, step=step, meta=meta(),
+                            generators={"posterior": generator})
+
+    last_val = None
+
+    def run_validation(step: int) -> None:
+        nonlocal last_val
+        if dist.is_main and config.val_meshes > 0:
+            result = validate(vae, val_ds, count=config.val_meshes, resolution=config.eval_resolution, device=device,
+                              dtype=eval_dtype, num_points=config.val_points, seed=config.seed)
+            last_val = dict(result, step=step, split=validated_on)
+            log.log(dict(kind="val", step=step, split=validated_on, fscore=result["fscore"],
+                         chamfer=result["chamfer"], normal_consistency=result["normal_consistency"],
+                         meshes=result["meshes"]))
+            vae.train()
+        dist.barrier()
+
+    def plot() -> Path | None:
+        if not dist.is_main:
+            return None
+        return plot_metrics(log.records(), out / PLOT_NAME, loss_keys=PLOT_LOSS_KEYS, val_keys=PLOT_VAL_KEYS,
+                            title=f"sparse SDF VAE ({config.model}), {len(train_ds)} meshes, R={config.resolutions}")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=start_step, desc="train VAE", disable=not (dist.is_main and config.progress),
+               dynamic_ncols=True)
+    limit = TimeLimit(config.time_limit)
+    step, stopped = start_step, "steps"
+    acc: dict[str, float] = {}
+    acc_n, skipped, interval_t0 = 0, 0, time.perf_counter()
+    last_record: dict = {}
+    vae.train()
+    batches = iter(_loader(train_ds, config, start_step, dist))
+    limit.start()
+    while step < config.steps:
+        if dist.any(limit.expired()):
+            stopped = "time_limit"
+            break
+        batch = next(batches)
+        x, sharp = _to_sparse(batch, device)
+        progress = limit.fraction if config.anneal_to_time_limit else None
+        if progress is not None:
+            progress = max(progress, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+        lr = config.lr * lr_factor(step, total_steps=config.steps, warmup_steps=config.warmup_steps,
+                                   schedule=config.schedule, min_ratio=config.min_lr_ratio, progress=progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            output = model(x, sample_posterior=True, generator=generator)
+            losses = vae_loss(output, x, loss_cfg, sharp_mask=sharp)
+        optimizer.zero_grad(set_to_none=True)
+        loss = losses["loss"]
+        if dist.any(not bool(torch.isfinite(loss.detach()))):  # all ranks skip together (DDP needs every backward)
+            skipped += 1
+            warnings.warn(f"step {step}: non-finite loss, batch skipped", RuntimeWarning, stacklevel=2)
+            step += 1
+            bar.update(1)
+            continue
+        loss.backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0
+                     else torch.zeros((), device=device))
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["grad_norm"] = float(grad_norm)
+        values["voxels"] = float(x.num_voxels)
+        values["decoded_voxels"] = float(output.decoded.sdf.num_voxels)
+        for k, v in values.items():
+            acc[k] = acc.get(k, 0.0) + v
+        acc_n += 1
+        if step % config.log_every == 0 or step == config.steps:
+            now = time.perf_counter()
+            last_record = dict(kind="train", step=step, lr=lr, resolution=x.resolution,
+                               seconds_per_step=(now - interval_t0) / acc_n, elapsed=limit.elapsed,
+                               **{k: v / acc_n for k, v in acc.items()})
+            log.log(last_record)
+            if dist.is_main and config.progress:
+                bar.set_postfix(loss=f"{last_record['loss']:.4g}", sdf=f"{last_record['sdf_in']:.3g}")
+            acc, acc_n, interval_t0 = {}, 0, now
+        if config.val_every and step % config.val_every == 0 and step < config.steps:
+            run_validation(step)
+        if step % config.ckpt_every == 0 and step < config.steps:
+            checkpoint(step)
+            plot()
+    bar.close()
+    del batches  # stops data loader workers
+    train_seconds = limit.elapsed
+    if acc_n:
+        now = time.perf_counter()
+        last_record = dict(kind="train", step=step, lr=lr, resolution=x.resolution,
+                           seconds_per_step=(now - interval_t0) / acc_n, elapsed=train_seconds,
+                           **{k: v / acc_n for k, v in acc.items()})
+        log.log(last_record)
+    checkpoint(step)
+    run_validation(step)
+    plot_path = plot()
+    done = step - start_step
+    return dict(
+        steps=step, start_step=start_step, stopped=stopped, train_seconds=train_seconds,
+        seconds_per_step=train_seconds / done if done else float("nan"), skipped_steps=skipped, last=last_record,
+        validation=last_val, validated_on=validated_on, checkpoint=str(ckpt_path), metrics=str(out / METRICS_NAME),
+        plot=str(plot_path) if plot_path else None, out=str(out), train_meshes=len(train_ds),
+        held_out=list(held_ds.names) if held_ds is not None else [], data=data_report,
+        parameters=sum(p.numel() for p in unwrap_model(model).parameters()), world_size=dist.world_size,
+        device=str(device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _parser():
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m model.train_vae", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    S = argparse.SUPPRESS  # unset flags do not override the config file or the dataclass defaults
+    ap.add_argument("--config", default=S, help="JSON or YAML file of VAETrainConfig fields (flags override it)")
+    src = ap.add_argument_group("data")
+    src.add_argument("--meshes", default=S, help="folder (searched recursively) or file of meshes")
+    src.add_argument("--pybullet", type=int, default=S, help="use the first N pybullet objects")
+    src.add_argument("--max-meshes", dest="max_meshes", type=int, default=S, help="first N meshes of --meshes")
+    src.add_argument("--resolutions", type=int, nargs="+", default=S, help="SDF resolutions (one per batch)")
+    src.add_argument("--tau", type=float, default=S, help="band half-width in voxels")
+    src.add_argument("--cache-dir", dest="cache_dir", default=S)
+    src.add_argument("--prepare-workers", dest="prepare_workers", type=int, default=S)
+    src.add_argument("--held-out-fraction", dest="held_out_fraction", type=float, default=S)
+    mdl = ap.add_argument_group("model and optimisation")
+    mdl.add_argument("--model", choices=sorted(MODEL_PRESETS), default=S, help="VAE size preset")
+    mdl.add_argument("--model-overrides", dest="model_overrides", type=json.loads, default=S,
+                     help='JSON object of VAEConfig fields, e.g. \'{"latent_channels": 8}\'')
+    mdl.add_argument("--batch-size", dest="batch_size", type=int, default=S)
+    mdl.add_argument("--steps", type=int, default=S)
+    mdl.add_argument("--lr", type=float, default=S)
+    mdl.add_argument("--weight-decay", dest="weight_decay", type=float, default=S)
+    mdl.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=S)
+    mdl.add_argument("--schedule", choices=("cosine", "constant"), default=S)
+    mdl.add_argument("--grad-clip", dest="grad_clip", type=float, default=S)
+    for name in ("in", "extra", "sharp", "kl", "prune"):
+        mdl.add_argument(f"--weight-{name}", dest=f"weight_{name}", type=float, default=S)
+    run = ap.add_argument_group("run")
+    run.add_argument("--time-limit", dest="time_limit", type=float, default=S,
+                     help="minutes of training, then checkpoint and stop")
+    run.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
+    run.add_argument("--no-bf16", dest="bf16", action="store_false", default=S, help="float32 on CUDA")
+    run.add_argument("--out", default=S, help="output folder")
+    run.add_argument("--resume", action="store_true", default=S, help="continue from OUT/checkpoint.safetensors")
+    run.add_argument("--seed", type=int, default=S)
+    run.add_argument("--log-every", dest="log_every", type=int, default=S)
+    run.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=S)
+    run.add_argument("--val-every", dest="val_every", type=int, default=S)
+    run.add_argument("--val-meshes", dest="val_meshes", type=int, default=S)
+    run.add_argument("--val-resolution", dest="val_resolution", type=int, default=S)
+    run.add_argument("--num-workers", dest="num_workers", type=int, default=S, help="data loader processes")
+    run.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    return ap
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> VAETrainConfig:
+    """Dataclass defaults <- config file (``--config``) <- flags given on the command line."""
+    args = vars(_parser().parse_args(argv))
+    values: dict = {}
+    if "config" in args:
+        values.update(load_config_file(args.pop("config")))
+    if "meshes" in args or "pybullet" in args:  # a flag picks the data source over the file's
+        values.pop("meshes", None)
+        values.pop("pybullet", None)
+    values.update(args)
+    return VAETrainConfig.from_dict(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = config_from_args(argv)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = train(config)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        val = summary["validation"] or {}
+        print(f"{summary['steps']} steps ({summary['stopped']}), {summary['train_seconds']:.0f} s, "
+              f"last loss {summary['last'].get('loss', float('nan')):.4g}; "
+              f"validation ({summary['validated_on']}) F-score {val.get('fscore', float('nan')):.3f}, "
+              f"Chamfer {val.get('chamfer', float('nan')):.5f}; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

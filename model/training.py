@@ -1,0 +1,560 @@
+"""Training infrastructure shared by the trainers in :mod:`model` (the VAE's :mod:`model.train_vae`, later the DiT's).
+
+* **Checkpoints** (:func:`save_checkpoint`, :func:`load_checkpoint`): one safetensors file holding the model's state
+  dict (``model/<name>``), the optimizer's tensors (``optim/<param>/<key>``), the RNG states (``rng/torch``,
+  ``rng/cuda/<i>``, ``rng/gen/<name>`` for named ``torch.Generator`` objects) and, in the safetensors metadata (str to
+  str), the step, the optimizer's non-tensor state, Python's and numpy's RNG states and a caller-given JSON document
+  (configs, data positions, ...). Written to a temporary file in the same folder, flushed and fsynced, then renamed
+  over the target with ``os.replace`` (atomic on POSIX): a crash never leaves a half-written checkpoint.
+* **Metrics**: :class:`MetricsLog` appends one JSON object per line (flushed per line); on resume it drops the lines
+  logged after the checkpoint's step. :func:`plot_metrics` draws the loss curves (matplotlib, Agg backend) to a PNG.
+* **Runs**: :func:`seed_everything`, :func:`resolve_device`, :class:`Distributed` (torchrun: process group, DDP
+  wrapping, rank-0-only side effects), :class:`TimeLimit`, :func:`lr_factor` (linear warm-up then constant or
+  cosine), :func:`load_config_file` (JSON or YAML).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Checkpoint",
+    "Distributed",
+    "MetricsLog",
+    "TimeLimit",
+    "load_checkpoint",
+    "load_config_file",
+    "lr_factor",
+    "plot_metrics",
+    "read_jsonl",
+    "resolve_device",
+    "save_checkpoint",
+    "seed_everything",
+]
+
+#: Value of the ``format`` metadata entry of our checkpoints.
+CHECKPOINT_FORMAT = "ssa-kernels-checkpoint/1"
+#: Learning-rate schedules of :func:`lr_factor`.
+SCHEDULES = ("constant", "cosine")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seeds, devices
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global RNG and torch (CPU and every CUDA device)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/None -> ``cuda`` when available else ``cpu``; anything else is checked (a CUDA device without CUDA
+    raises ``ValueError``)."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: cannot parse {device!r} ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns.
+
+    ``model``: state dict (``{name: tensor}``); ``optimizer``: an optimizer state dict ready for
+    ``optimizer.load_state_dict`` (None when not saved); ``step``; ``meta``: the caller's JSON document;
+    ``rng``: opaque RNG states for :func:`restore_rng`; ``path``.
+    """
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict | None
+    step: int
+    meta: dict
+    rng: dict
+    path: str
+
+
+def _atomic_replace(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, fsync it, then ``os.replace`` it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _cpu_tensor(t: torch.Tensor, seen: set) -> torch.Tensor:
+    """Detached, contiguous CPU copy-if-needed; a tensor whose storage was already stored is cloned (safetensors
+    refuses shared storage)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t.cpu().contiguous()
+    t = t.contiguous()
+    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) if t.numel() else None
+    if key is not None and key in seen:
+        return t.clone()
+    if key is not None:
+        seen.add(key)
+    return t
+
+
+def _rng_payload(generators: Mapping[str, torch.Generator] | None):
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = state
+    for name, gen in (generators or {}).items():
+        if not isinstance(gen, torch.Generator):
+            raise TypeError(f"generators[{name!r}] must be a torch.Generator, got {type(gen).__name__}")
+        tensors[f"rng/gen/{name}"] = gen.get_state()
+    np_state = np.random.get_state()
+    meta = {
+        "rng_python": json.dumps(random.getstate()),
+        "rng_numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
+    }
+    return tensors, meta
+
+
+def save_checkpoint(
+    path,
+    *,
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int = 0,
+    meta: Mapping[str, Any] | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (module docstring) and return its path.
+
+    Args:
+        path: target file (``.safetensors``); its folder is created.
+        model: a module (DDP-wrapped or not) or a state dict.
+        optimizer: its state is saved when given.
+        step: the number of optimizer steps taken.
+        meta: a JSON-serialisable document stored as is (e.g. ``{"config": ..., "model_class": ...}``).
+        generators: named ``torch.Generator`` objects whose states are saved (restored by :func:`restore_rng`).
+    """
+    path = Path(path)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if isinstance(model, torch.nn.Module):
+        state = _unwrap(model).state_dict()
+    elif isinstance(model, Mapping):
+        state = dict(model)
+    else:
+        raise TypeError(f"model must be a torch.nn.Module or a state dict, got {type(model).__name__}")
+    seen: set = set()
+    tensors = {f"model/{k}": _cpu_tensor(v, seen) for k, v in state.items()}
+    metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "meta": json.dumps(dict(meta or {}))}
+    if optimizer is not None:
+        opt_state = optimizer.state_dict()
+        plain: dict[str, dict] = {}
+        for pid, entries in opt_state["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim/{pid}/{key}"] = _cpu_tensor(value, seen)
+                else:
+                    plain.setdefault(str(pid), {})[key] = value
+        metadata["optim"] = json.dumps({"param_groups": opt_state["param_groups"], "plain_state": plain})
+    rng_tensors, rng_meta = _rng_payload(generators)
+    tensors.update(rng_tensors)
+    metadata.update(rng_meta)
+
+    from safetensors.torch import save_file
+
+    _atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def read_checkpoint_metadata(path) -> dict[str, str]:
+    """The raw safetensors metadata of ``path`` (``ValueError`` naming the file when it is not a safetensors file)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types on a bad header
+        raise ValueError(f"{path} is not a safetensors checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def load_checkpoint(path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (``ValueError`` naming the file if it is not one)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    metadata = read_checkpoint_metadata(path)
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this project (format {metadata.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    tensors = load_file(str(path), device=str(map_location))
+    model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    optimizer = None
+    if "optim" in metadata:
+        doc = json.loads(metadata["optim"])
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, pid, key = k.split("/", 2)
+                state.setdefault(int(pid), {})[key] = v
+        for pid, entries in doc["plain_state"].items():
+            state.setdefault(int(pid), {}).update(entries)
+        groups = doc["param_groups"]
+        for g in groups:  # JSON turned tuples into lists
+            for key, value in list(g.items()):
+                if key != "params" and isinstance(value, list):
+                    g[key] = tuple(value)
+        optimizer = {"state": state, "param_groups": groups}
+    rng = {k: v.cpu() for k, v in tensors.items() if k.startswith("rng/")}
+    rng["python"] = metadata.get("rng_python")
+    rng["numpy"] = metadata.get("rng_numpy")
+    return Checkpoint(model=model, optimizer=optimizer, step=int(metadata["step"]),
+                      meta=json.loads(metadata.get("meta", "{}")), rng=rng, path=str(path))
+
+
+def restore_rng(checkpoint: Checkpoint, generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Restore the global RNG states (Python, numpy, torch, CUDA where saved and available) and the states of the
+    named ``generators`` saved with :func:`save_checkpoint`."""
+    rng = checkpoint.rng
+    if rng.get("python"):
+        version, state, gauss = json.loads(rng["python"])
+        random.setstate((version, tuple(state), gauss))
+    if rng.get("numpy"):
+        name, keys, pos, has_gauss, cached = json.loads(rng["numpy"])
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "rng/torch" in rng:
+        torch.set_rng_state(rng["rng/torch"].to(torch.uint8))
+    if torch.cuda.is_available():
+        states = [rng[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in rng]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in states])
+    for name, gen in (generators or {}).items():
+        key = f"rng/gen/{name}"
+        if key not in rng:
+            raise ValueError(f"checkpoint {checkpoint.path} has no state for generator {name!r}")
+        gen.set_state(rng[key].to(torch.uint8))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / DataParallel and ``torch.compile`` wrappers."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+unwrap_model = _unwrap
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def read_jsonl(path) -> list[dict]:
+    """All records of a JSON-lines file (a missing file reads as no records; a torn last line is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a crash mid-write leaves at most one torn line
+    return out
+
+
+class MetricsLog:
+    """Append-only JSON-lines metrics file; each :meth:`log` writes one flushed line.
+
+    ``resume_step``: when given, records with ``step > resume_step`` (logged after the checkpoint being resumed) are
+    dropped first, so the file reads as one uninterrupted run. ``enabled=False`` (non-zero ranks) makes it a no-op.
+    """
+
+    def __init__(self, path, *, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
+            _atomic_replace(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(_jsonable(record)) + "\n")
+            fh.flush()
+
+    def records(self) -> list[dict]:
+        return read_jsonl(self.path)
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.detach().cpu().tolist())
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    return value
+
+
+def plot_metrics(records: Iterable[Mapping[str, Any]], path, *, loss_keys: Iterable[str] = ("loss",),
+                 val_keys: Iterable[str] = (), title: str = "") -> Path | None:
+    """Loss curves (log scale, training records: those without ``kind`` or ``kind == "train"``) and, on a second
+    panel, validation curves (``kind == "val"``) against ``step``; saved as a PNG at ``path``. Returns the path, or
+    None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    records = list(records)
+    train = [r for r in records if r.get("kind", "train") == "train" and "step" in r]
+    val = [r for r in records if r.get("kind") == "val" and "step" in r]
+    loss_keys = [k for k in loss_keys if any(isinstance(r.get(k), (int, float)) for r in train)]
+    val_keys = [k for k in val_keys if any(isinstance(r.get(k), (int, float)) for r in val)]
+    if not loss_keys and not val_keys:
+        return None
+    panels = 1 + bool(val_keys)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    for key in loss_keys:
+        pts = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float)) and r[key] > 0]
+        if pts:
+            ax.plot(*zip(*pts), label=key, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if val_keys:
+        ax = axes[0, 1]
+        for key in val_keys:
+            pts = [(r["step"], r[key]) for r in val if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schedules and limits
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+              min_ratio: float = 0.0, progress: float | None = None) -> float:
+    """Multiplier of the base learning rate before optimizer step ``step`` (0-based): linear warm-up from
+    ``1 / (warmup_steps + 1)`` over ``warmup_steps`` steps, then 1 (``"constant"``) or a cosine from 1 down to
+    ``min_ratio`` at ``total_steps`` (``"cosine"``). ``progress`` in [0, 1], when given, replaces
+    ``step / total_steps`` as the cosine's position (e.g. the elapsed fraction of a time limit)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    if progress is None:
+        span = max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps) / span
+    progress = min(1.0, max(0.0, progress))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TimeLimit:
+    """Wall-clock budget: ``minutes`` (None = unlimited), counted from :meth:`start` (or construction)."""
+
+    def __init__(self, minutes: float | None):
+        if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+            raise ValueError(f"time limit must be a positive number of minutes or None, got {minutes!r}")
+        self.seconds = None if minutes is None else float(minutes) * 60.0
+        self.start()
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    @property
+    def fraction(self) -> float | None:
+        """Elapsed fraction of the budget (None when unlimited)."""
+        return None if self.seconds is None else min(1.0, self.elapsed / self.seconds)
+
+    def expired(self) -> bool:
+        return self.seconds is not None and self.elapsed >= self.seconds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed (torchrun)
+
+
+class Distributed:
+    """Process-group setup for ``torchrun``: with ``WORLD_SIZE > 1`` in the environment, initialises the default
+    group (NCCL on CUDA, gloo on CPU), picks ``cuda:LOCAL_RANK`` on CUDA, and wraps models in DDP; with one process
+    it does nothing and every rank-0 check is true.
+
+    ``rank``, ``world_size``, ``local_rank``, ``device``, ``is_main`` (rank 0: logging, progress, checkpoints).
+    """
+
+    def __init__(self, device: str | torch.device | None = "auto"):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = resolve_device(device)
+        self.initialized_here = False
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dev.type == "cuda":
+                dev = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(dev)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+                self.initialized_here = True
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = dev
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP-wrap ``model`` (already on :attr:`device`) when distributed, else return it unchanged."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on some rank (one all-reduce; no-op with one process)."""
+        if not self.enabled:
+            return bool(flag)
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        """Destroy the process group if this object created it."""
+        if self.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.initialized_here = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def load_config_file(path) -> dict:
+    """A JSON (``.json``) or YAML (``.yaml``/``.yml``, needs PyYAML) mapping from ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use JSON") from exc
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config must be a mapping of option names to values")
+    return data
