@@ -34,7 +34,6 @@ residual stream in the input dtype or wider).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, fields

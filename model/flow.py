@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .sparse.tensor import SparseTensor
@@ -152,6 +151,15 @@ def flow_loss(model: Callable, x0: SparseTensor, cond, *, t: torch.Tensor | None
     return {"loss": err.mean(), "loss_per_element": per_elem / counts, "t": t}
 
 
+def _linspace64(start: float, stop: float, num: int) -> torch.Tensor:
+    """``numpy.linspace`` in float64 (as diffusers computes the schedule), torch's when numpy is missing."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency; the GPU report may run without it
+        return torch.linspace(start, stop, num, dtype=torch.float64)
+    return torch.from_numpy(np.linspace(start, stop, num))
+
+
 @dataclass(frozen=True)
 class FlowMatchEulerScheduler:
     """The released sampler's schedule (diffusers ``FlowMatchEulerDiscreteScheduler``, default options; module
@@ -168,7 +176,7 @@ class FlowMatchEulerScheduler:
 
     def _train_sigma_range(self) -> tuple[float, float]:
         n = self.num_train_timesteps
-        ts = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy())
+        ts = torch.linspace(1, n, n, dtype=torch.float32).flip(0)
         sig = shift_sigmas(ts / n, self.shift)  # float32, as the scheduler holds them
         return float(sig[0]), float(sig[-1])
 
@@ -178,9 +186,8 @@ class FlowMatchEulerScheduler:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         n = self.num_train_timesteps
         sigma_max, sigma_min = self._train_sigma_range()
-        ts = np.linspace(sigma_max * n, sigma_min * n, num_steps)
-        sig = shift_sigmas(ts / n, self.shift)
-        sig = torch.from_numpy(sig).to(torch.float32)
+        ts = _linspace64(sigma_max * n, sigma_min * n, num_steps)
+        sig = shift_sigmas(ts / n, self.shift).to(torch.float32)
         return torch.cat([sig, torch.zeros(1)])
 
     def timesteps(self, num_steps: int) -> torch.Tensor:

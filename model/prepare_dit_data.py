@@ -4,10 +4,13 @@
 
 For each mesh under ``MESH_DIR`` (recursively, every format :mod:`model.data.meshes` reads):
 
-1. the sparse SDF at the VAE's resolution (:func:`model.data.sdf.mesh_to_sparse_sdf`, values ``sdf / tau``);
+1. the sparse SDF at the VAE's resolution (:func:`model.data.sdf.mesh_to_sparse_sdf`, values ``sdf / tau``), with
+   the band ``tau`` and normalisation ``margin`` the VAE was trained with (recorded in its checkpoint's ``data``
+   entry; ``--tau`` overrides, the data defaults otherwise);
 2. the VAE posterior of it (:meth:`model.vae.SparseSDFVAE.encode`): ``DIR/<name>/latent.npz`` with ``coords [M, 3]``
    int32 latent voxels (raster order), ``mean [M, L]`` and ``logvar [M, L]`` float32, ``resolution`` (latent grid
-   side), ``sdf_resolution``, ``center``/``scale`` (the mesh normalisation) and ``vae_key`` (which VAE made it);
+   side), ``sdf_resolution``, ``tau``, ``margin``, ``center``/``scale`` (the mesh normalisation) and ``vae_key``
+   (which VAE checkpoint made it);
 3. ``--views`` RGBA renders (:func:`model.render.render_views`, alpha = object mask, the same normalisation as the
    SDF): ``DIR/<name>/view_00.png`` ...;
 4. ``DIR/manifest.json``: the items (name, files, token count) and the meshes that failed (with the reason).
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MANIFEST_FORMAT", "encode_mesh", "load_vae", "main", "mesh_names", "prepare_dataset", "vae_config_from"]
+__all__ = ["MANIFEST_FORMAT", "data_params", "encode_mesh", "load_vae", "main", "mesh_names", "prepare_dataset", "vae_config_from"]
 
 #: ``format`` entry of the manifest.
 MANIFEST_FORMAT = "ssa-dit-data/1"
@@ -83,19 +86,22 @@ def load_vae(path, *, config=None, device="cpu", weights: str = "ema"):
     """A :class:`model.vae.SparseSDFVAE` in eval mode from ``path`` (module docstring for the formats).
 
     ``config`` (preset name, JSON file, dict or VAEConfig) overrides the stored configuration; ``weights`` prefers
-    EMA weights (keys ``ema.*``) when the checkpoint has them.
+    EMA weights (keys ``ema.*``) when the checkpoint has them. The data normalisation the VAE was trained with
+    (``{"tau": ..., "margin": ...}`` of the checkpoint's ``data`` entry, empty when not recorded) is kept as
+    ``vae.data_params``; the data and sampling scripts use it as their default band and margin.
     """
     from .vae import SparseSDFVAE
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {path}")
-    stored = None
+    stored, recorded = None, {}
     if path.suffix == ".safetensors":
         from .training import load_checkpoint
 
         ck = load_checkpoint(path)
         state, stored = ck.model, _find_vae_config(ck.meta)
+        recorded = ck.meta.get("data") if isinstance(ck.meta.get("data"), dict) else {}
     else:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict):
@@ -112,7 +118,16 @@ def load_vae(path, *, config=None, device="cpu", weights: str = "ema"):
         raise ValueError(f"{path} carries no VAE configuration: pass --vae-config (a preset or a JSON file)")
     vae = SparseSDFVAE(vae_config_from(cfg))
     vae.load_state_dict(state, strict=True)
+    vae.data_params = dict(recorded)  # the VAE's training data normalisation (tau, margin) when recorded
     return vae.to(device).eval()
+
+
+def data_params(vae, tau: float | None = None, margin: float | None = None) -> tuple[float, float]:
+    """``(tau, margin)``: the given values, else the VAE checkpoint's recorded ones, else the data defaults."""
+    from .data.sdf import DEFAULT_MARGIN, DEFAULT_TAU
+
+    rec = getattr(vae, "data_params", {}) or {}
+    return (float(tau or rec.get("tau") or DEFAULT_TAU), float(margin or rec.get("margin") or DEFAULT_MARGIN))
 
 
 def _file_key(path) -> str:
@@ -121,14 +136,16 @@ def _file_key(path) -> str:
 
 
 @torch.no_grad()
-def encode_mesh(vae, mesh, *, resolution: int | None = None, tau: float | None = None, device="cpu") -> dict:
+def encode_mesh(vae, mesh, *, resolution: int | None = None, tau: float | None = None, margin: float | None = None,
+                device="cpu") -> dict:
     """Sparse latent of ``mesh`` (path or trimesh): ``{"coords": int32 [M, 3], "mean", "logvar": float32 [M, L],
     "resolution": latent side, "sdf_resolution", "center", "scale", "sdf_voxels"}``."""
-    from .data.sdf import DEFAULT_TAU, mesh_to_sparse_sdf
+    from .data.sdf import mesh_to_sparse_sdf
     from .sparse.tensor import SparseTensor
 
     res = resolution or vae.config.resolution
-    sample = mesh_to_sparse_sdf(mesh, res, tau=tau or DEFAULT_TAU)
+    tau, margin = data_params(vae, tau, margin)
+    sample = mesh_to_sparse_sdf(mesh, res, tau=tau, margin=margin)
     if len(sample) == 0:
         raise ValueError("the mesh gives no voxel in the SDF band")
     coords = torch.from_numpy(sample.coords.astype(np.int32))
@@ -144,6 +161,8 @@ def encode_mesh(vae, mesh, *, resolution: int | None = None, tau: float | None =
         "center": np.asarray(sample.center, np.float64),
         "scale": np.float64(sample.scale),
         "sdf_voxels": np.int64(len(sample)),
+        "tau": np.float64(tau),
+        "margin": np.float64(margin),
     }
 
 
@@ -188,6 +207,7 @@ def prepare_dataset(mesh_dir, vae, out, *, vae_key: str = "", views: int = 4, im
         raise ValueError(f"views must be a positive int, got {views!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    tau, margin = data_params(vae, tau)
     paths = find_meshes(mesh_dir)
     if not paths:
         raise ValueError(f"no meshes found under {mesh_dir}")
@@ -207,16 +227,17 @@ def prepare_dataset(mesh_dir, vae, out, *, vae_key: str = "", views: int = 4, im
             fresh = overwrite or not latent_path.is_file()
             if not fresh:
                 with np.load(latent_path) as z:
-                    fresh = str(z["vae_key"]) != vae_key or int(z["sdf_resolution"]) != int(
-                        resolution or vae.config.resolution)
+                    fresh = (str(z["vae_key"]) != vae_key
+                             or int(z["sdf_resolution"]) != int(resolution or vae.config.resolution)
+                             or "tau" not in z or float(z["tau"]) != tau or float(z["margin"]) != margin)
             if fresh:
-                lat = encode_mesh(vae, os.fspath(path), resolution=resolution, tau=tau, device=device)
+                lat = encode_mesh(vae, os.fspath(path), resolution=resolution, tau=tau, margin=margin, device=device)
                 atomic_save_npz(latent_path, {**lat, "vae_key": np.str_(vae_key), "source": np.str_(os.fspath(path))})
             with np.load(latent_path) as z:
                 tokens = int(z["coords"].shape[0])
             if overwrite or not all(p.is_file() for p in view_paths):
                 mesh = load_mesh(os.fspath(path))
-                for p, rgba in zip(view_paths, render_views(mesh, num_views=views, size=image_size,
+                for p, rgba in zip(view_paths, render_views(mesh, num_views=views, size=image_size, margin=margin,
                                                             elevation=elevation, backend=render_backend)):
                     save_rgba(p, rgba)
             items.append({"name": name, "latent": f"{name}/{LATENT_NAME}",
@@ -235,6 +256,8 @@ def prepare_dataset(mesh_dir, vae, out, *, vae_key: str = "", views: int = 4, im
         "image_size": image_size,
         "vae_key": vae_key,
         "vae_config": dataclasses.asdict(vae.config),
+        "tau": tau,
+        "margin": margin,
         "items": items,
         "failed": failed,
     }
@@ -252,7 +275,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=518, help="render side in pixels (default 518)")
     p.add_argument("--elevation", type=float, default=20.0, help="camera elevation in degrees (default 20)")
     p.add_argument("--resolution", type=int, default=None, help="SDF resolution (default: the VAE's)")
-    p.add_argument("--tau", type=float, default=None, help="SDF band half-width in voxels (default: the data's)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="SDF band half-width in voxels (default: the VAE checkpoint's, else the data default)")
     p.add_argument("--render-backend", default="auto", choices=("auto", "pyrender", "numpy"))
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--overwrite", action="store_true", help="recompute everything")

@@ -31,9 +31,9 @@ BACKENDS = ("auto", "pyrender", "numpy")
 #: Largest side of the normalised mesh in the unit cube (as the data pipeline).
 DEFAULT_MARGIN = 0.95
 #: Ambient light level of both backends.
-_AMBIENT = 0.35
+_AMBIENT = 0.25
 #: Base colour of the object.
-_COLOR = (0.72, 0.72, 0.76)
+_COLOR = (0.62, 0.62, 0.66)
 
 
 def _as_mesh(mesh):
@@ -101,7 +101,7 @@ def _render_pyrender(v, f, poses, size, yfov):
     scene = pyrender.Scene(bg_color=(0.0, 0.0, 0.0, 0.0), ambient_light=(_AMBIENT,) * 3)
     scene.add(pyrender.Mesh.from_trimesh(tm, material=material, smooth=False))
     camera = scene.add(pyrender.PerspectiveCamera(yfov=yfov, aspectRatio=1.0))
-    light = scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=3.0))
+    light = scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=2.5))
     renderer = pyrender.OffscreenRenderer(size, size)
     try:
         out = []
@@ -161,7 +161,7 @@ def _render_numpy(v, f, poses, size, yfov):
 
 
 def render_views(mesh, *, num_views: int = 4, size: int = 518, elevation: float = 20.0,
-                 azimuth_offset: float = 0.0, yfov_deg: float = 40.0, normalize: bool = True,
+                 azimuth_offset: float = 30.0, yfov_deg: float = 40.0, normalize: bool = True,
                  margin: float = DEFAULT_MARGIN, backend: str = "auto") -> list[np.ndarray]:
     """RGBA views ``[size, size, 4] uint8`` of ``mesh`` (a path, trimesh object or (vertices, faces)); alpha 255 on
     the object, 0 elsewhere. See the module docstring for the cameras and backends."""

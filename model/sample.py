@@ -30,7 +30,8 @@ import torch
 __all__ = ["latent_coords_from", "main", "sample_latents"]
 
 
-def latent_coords_from(source, *, sdf_resolution: int, downsample: int, tau: float | None = None) -> torch.Tensor:
+def latent_coords_from(source, *, sdf_resolution: int, downsample: int, tau: float | None = None,
+                       margin: float | None = None) -> torch.Tensor:
     """Latent voxel coordinates ``[M, 3]`` int32 (raster order) from a ``.npy`` file or a mesh.
 
     A mesh is voxelised with :func:`model.data.sdf.mesh_to_sparse_sdf` at ``sdf_resolution`` (band ``tau``) and its
@@ -52,9 +53,9 @@ def latent_coords_from(source, *, sdf_resolution: int, downsample: int, tau: flo
             raise ValueError(f"{path}: coordinates must be non-empty and non-negative")
         arr = np.unique(arr.astype(np.int64), axis=0)
         return torch.from_numpy(arr.astype(np.int32))
-    from .data.sdf import DEFAULT_TAU, mesh_to_sparse_sdf
+    from .data.sdf import DEFAULT_MARGIN, DEFAULT_TAU, mesh_to_sparse_sdf
 
-    sample = mesh_to_sparse_sdf(os.fspath(path), sdf_resolution, tau=tau or DEFAULT_TAU)
+    sample = mesh_to_sparse_sdf(os.fspath(path), sdf_resolution, tau=tau or DEFAULT_TAU, margin=margin or DEFAULT_MARGIN)
     if len(sample) == 0:
         raise ValueError(f"{path}: the mesh gives no voxel at resolution {sdf_resolution}")
     cells = np.unique(sample.coords.astype(np.int64) // downsample, axis=0)
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from .dit import DiTConfig, load_dit
-    from .prepare_dit_data import load_vae
+    from .prepare_dit_data import data_params, load_vae
     from .training import resolve_device
 
     device = resolve_device(args.device)
@@ -126,7 +127,9 @@ def main(argv=None) -> int:
     encoder = _encoder_for(args, meta).to(device)
     cond = encoder.encode_images([args.image], [args.mask] if args.mask else None,
                                  sparse=model.config.sparse_conditions)
-    coords = latent_coords_from(args.coords, sdf_resolution=sdf_res, downsample=vae.config.downsample_factor)
+    tau, margin = data_params(vae)
+    coords = latent_coords_from(args.coords, sdf_resolution=sdf_res, downsample=vae.config.downsample_factor,
+                                tau=tau, margin=margin)
     print(f"sampling {coords.shape[0]} latent tokens, {steps} steps, guidance {args.guidance}, shift {shift}")
     z = sample_latents(model, coords, cond, steps=steps, guidance=args.guidance, shift=shift, seed=args.seed,
                        device=device, progress=True)

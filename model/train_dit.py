@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dit import Condition, DiTConfig, SparseDiT
+from .dit import DiTConfig, SparseDiT
 from .flow import TIMESTEP_MODES, flow_loss
 from .sparse.tensor import SparseTensor
 

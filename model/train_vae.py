@@ -236,16 +236,17 @@ def build_datasets(config: VAETrainConfig, dist: Distributed | None = None):
     ``prepare_workers`` processes), the others then read it."""
     from .data.dataset import SparseSDFDataset
 
-    dist = dist or Distributed("cpu")
+    is_main = dist is None or dist.is_main
     resolutions = tuple(dict.fromkeys(config.resolutions + (config.eval_resolution,)))
     ds = SparseSDFDataset(_mesh_source(config), resolutions, tau=config.tau, cache_dir=config.cache_dir,
                           seed=config.seed)
     t0 = time.perf_counter()
     report: dict[str, Any] = {}
-    if dist.is_main:
+    if is_main:
         report = ds.prepare_all(num_workers=config.prepare_workers, progress=config.progress)
-    dist.barrier()
-    if not dist.is_main:
+    if dist is not None:
+        dist.barrier()
+    if not is_main:
         report = ds.prepare_all(num_workers=0, progress=False)
     report = dict(report, seconds=time.perf_counter() - t0, meshes=len(ds))
     if len(ds) == 0:
@@ -414,7 +415,8 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
         if not dist.is_main:
             return None
         return plot_metrics(log.records(), out / PLOT_NAME, loss_keys=PLOT_LOSS_KEYS, val_keys=PLOT_VAL_KEYS,
-                            title=f"sparse SDF VAE ({config.model}), {len(train_ds)} meshes, R={config.resolutions}")
+                            title=f"sparse SDF VAE ({config.model}), {len(train_ds)} training meshes, "
+                                  f"R = {'/'.join(map(str, config.resolutions))}")
 
     from tqdm.auto import tqdm
 

@@ -6,6 +6,12 @@ GPU run (one H100; the machine has no pybullet, so the meshes travel as files)::
     python -m model.data.meshes --export data_cache/meshes --count 150     # once, on a machine with pybullet
     python -m model.vae_report --meshes data_cache/meshes --out reports/vae
 
+Where one command may run for at most 10 minutes, split it in two calls on the same machine (``OUT`` must
+persist between them)::
+
+    python -m model.vae_report --meshes data_cache/meshes --out runs/vae_report --stage train --minutes 8
+    python -m model.vae_report --meshes data_cache/meshes --out runs/vae_report --stage evaluate
+
 CPU smoke run (tiny model, 32^3, a few steps; what the tests run)::
 
     python -m model.vae_report --smoke --meshes SOME_FOLDER --out /tmp/vae-smoke
@@ -76,6 +82,7 @@ class ReportConfig:
     device: str = "auto"
     seed: int = 0
     cache_dir: str = "data_cache/sparse_sdf"
+    stage: str = "all"
     smoke: bool = False
 
     def __post_init__(self):
@@ -86,6 +93,13 @@ class ReportConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not (isinstance(self.minutes, (int, float)) and self.minutes > 0):
             raise ValueError(f"minutes must be a positive number, got {self.minutes!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+
+
+#: ``--stage``: everything; only data preparation and training (``OUT/train``); only the evaluation and the
+#: report, from the run that an earlier ``--stage train`` left in ``OUT/train``.
+STAGES = ("all", "train", "evaluate")
 
 
 #: What ``--smoke`` changes: a CPU run of a minute or so, end to end.
@@ -122,14 +136,34 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _train_config(config: ReportConfig, device: torch.device):
+    from .train_vae import VAETrainConfig
+
+    source = dict(meshes=config.meshes, max_meshes=config.count) if config.meshes else dict(pybullet=config.count)
+    return VAETrainConfig(
+        **source, resolutions=(config.resolution,), tau=config.tau, cache_dir=config.cache_dir,
+        prepare_workers=config.workers, held_out_fraction=config.held_out_fraction, model=config.model,
+        batch_size=config.batch_size, steps=config.max_steps, lr=config.lr, warmup_steps=config.warmup_steps,
+        schedule="cosine", anneal_to_time_limit=True, time_limit=config.minutes, device=str(device),
+        out=str(Path(config.out) / "train"), seed=config.seed, log_every=25 if not config.smoke else 1,
+        ckpt_every=max(1000, config.val_every or 1000), val_every=config.val_every, val_meshes=2,
+        num_workers=config.loader_workers, progress=True,
+    )
+
+
+#: The training summary that ``--stage train`` leaves for ``--stage evaluate``.
+SUMMARY_NAME = "summary.json"
+
+
 def run_report(config: ReportConfig) -> dict:
-    """Run every step of the module docstring and write ``vae.json``, ``vae.md`` and the PNGs into ``config.out``;
-    returns the JSON document."""
+    """Run the steps of the module docstring that ``config.stage`` selects and (unless the stage is ``train``)
+    write ``vae.json``, ``vae.md`` and the PNGs into ``config.out``; returns the JSON document (the training summary
+    for ``stage="train"``)."""
     from .data.sdf import mesh_to_sparse_sdf
     from .extract import sparse_sdf_to_mesh
     from .preview import comparison_figure
     from .reconstruct import evaluate_mesh, load_vae, normalized_mesh, reconstruct_sample
-    from .train_vae import VAETrainConfig, build_datasets, train
+    from .train_vae import build_datasets, train
     from .training import resolve_device
 
     out = Path(config.out)
@@ -137,19 +171,20 @@ def run_report(config: ReportConfig) -> dict:
     device = resolve_device(config.device)
     env = environment(device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    source = dict(meshes=config.meshes, max_meshes=config.count) if config.meshes else dict(pybullet=config.count)
-    train_cfg = VAETrainConfig(
-        **source, resolutions=(config.resolution,), tau=config.tau, cache_dir=config.cache_dir,
-        prepare_workers=config.workers, held_out_fraction=config.held_out_fraction, model=config.model,
-        batch_size=config.batch_size, steps=config.max_steps, lr=config.lr, warmup_steps=config.warmup_steps,
-        schedule="cosine", anneal_to_time_limit=True, time_limit=config.minutes, device=str(device),
-        out=str(out / "train"), seed=config.seed, log_every=25 if not config.smoke else 1,
-        ckpt_every=max(1000, config.val_every or 1000), val_every=config.val_every, val_meshes=2,
-        num_workers=config.loader_workers, progress=True,
-    )
+    train_cfg = _train_config(config, device)
     t_all = time.perf_counter()
-    summary = train(train_cfg)
-    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s ({summary['stopped']})", flush=True)
+    summary_path = out / "train" / SUMMARY_NAME
+    if config.stage in ("all", "train"):
+        summary = train(train_cfg)
+        summary_path.write_text(json.dumps(_json_safe(summary), indent=2))
+        print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s ({summary['stopped']})",
+              flush=True)
+        if config.stage == "train":
+            return summary
+    else:
+        if not summary_path.exists():
+            raise FileNotFoundError(f"{summary_path} not found: run --stage train with the same --out first")
+        summary = json.loads(summary_path.read_text())
 
     vae, _ = load_vae(summary["checkpoint"], device=device)
     train_ds, held_ds, _ = build_datasets(dataclasses.replace(train_cfg, prepare_workers=0, progress=False))
@@ -325,8 +360,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="report folder (vae.md, vae.json, PNGs, train/)")
     ap.add_argument("--meshes", help="folder of meshes (default: the installed pybullet objects)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run for tests (overrides the sizes below)")
+    ap.add_argument("--stage", choices=STAGES, default=None,
+                    help="all (default); train: data + training only; evaluate: the rest, from OUT/train")
     for f in dataclasses.fields(ReportConfig):
-        if f.name in ("out", "meshes", "smoke"):
+        if f.name in ("out", "meshes", "smoke", "stage"):
             continue
         ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(getattr(defaults, f.name)),
                         default=None, help=f"default {getattr(defaults, f.name)!r}")
@@ -338,7 +375,14 @@ def main(argv=None) -> int:
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    doc = run_report(config)
+    try:
+        doc = run_report(config)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if config.stage == "train":
+        print("training done; now run the same command with --stage evaluate")
+        return 0
     ev, big = doc["evaluation"], doc["big"]
     print(f"held-out mean F-score {_f(ev['fscore_mean'], '.4f')} (bar {FSCORE_BAR}: "
           f"{'met' if ev['bar_met'] else 'not met'}); {big['resolution']}^3: model "

@@ -47,6 +47,31 @@ def _gate_bwd_kernel(
         tl.store(DGATE + t.to(tl.int64) * 3 + i, tl.sum(s, 1).to(DGATE.dtype.element_ty), mask=t_ok)
 
 
+@triton.jit
+def _row_dot_kernel(A, B, OUT, N, H, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (t < N)[:, None, None] & (h < H)[None, :, None] & (d < D)[None, None, :]
+    off = (t.to(tl.int64)[:, None, None] * H + h[None, :, None]) * D + d[None, None, :]
+    a = tl.load(A + off, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + t.to(tl.int64)[:, None] * H + h[None, :], tl.sum(a * b, 2), mask=(t < N)[:, None] & (h < H)[None, :])
+
+
+def row_dot(a, b):
+    """``sum_d a[t, h, d] * b[t, h, d]`` -> ``[N, Hq]`` float32 (the softmax ``delta`` of one branch), in one pass
+    and without float32 copies of the inputs. ``a, b [N, Hq, D]`` contiguous."""
+    n, hq, dim = a.shape
+    out = torch.empty(n, hq, device=a.device, dtype=torch.float32)
+    if n:
+        _row_dot_kernel[(triton.cdiv(n, GATE_BLOCK_T),)](
+            a, b, out, n, hq, D=dim, BLOCK_T=GATE_BLOCK_T, BLOCK_H=triton.next_power_of_2(hq), BLOCK_D=block_d(dim),
+        )
+    return out
+
+
 def gate_backward(do, o_cmp, o_sel, o_win, gate):
     """``(dgate [N, 3] in gate's dtype, delta [3, N, Hq] float32)``; all inputs contiguous."""
     n, hq, dim = do.shape

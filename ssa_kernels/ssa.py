@@ -16,7 +16,7 @@ import torch
 
 from ._common import MAX_TOPK, check_kernel_dtype
 from .compression import compression_backward, compression_forward
-from .gate import gate_backward
+from .gate import gate_backward, row_dot
 from .layout import BlockLayout
 from .scoring import select_blocks_forward
 from .selection import selection_backward, selection_forward
@@ -207,7 +207,7 @@ class _CompressionAttention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
         do = _contig(do)
-        delta = (do.float() * o.float()).sum(-1)
+        delta = row_dot(do, o)
         dq, dk, dv = compression_backward(do, q, k_cmp, v_cmp, lse, delta, ctx.layout, ctx.scale)
         return dq.to(q.dtype), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype), None, None
 
@@ -224,7 +224,7 @@ class _SelectionAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, idx, o, lse = ctx.saved_tensors
         do = _contig(do)
-        delta = (do.float() * o.float()).sum(-1)
+        delta = row_dot(do, o)
         dq, dk, dv = selection_backward(do, q, k, v, idx, lse, delta, ctx.layout, ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
@@ -241,7 +241,7 @@ class _WindowAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         do = _contig(do)
-        delta = (do.float() * o.float()).sum(-1)
+        delta = row_dot(do, o)
         dq, dk, dv = window_backward(do, q, k, v, lse, delta, ctx.layout, ctx.shift, ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 

@@ -429,6 +429,7 @@ def test_preprocess_needs_alpha_or_mask(tmp_path):
 
 
 def test_encoder_dense_and_sparse_conditions():
+    pytest.importorskip("transformers", reason="the image encoder needs transformers")
     from PIL import Image
 
     from model.conditioning import DinoV2Encoder, sparse_condition, tiny_dinov2_config

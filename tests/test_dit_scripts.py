@@ -35,7 +35,8 @@ def prepared(tmp_path_factory):
     trimesh.creation.icosphere(subdivisions=2).export(meshes / "sphere.obj")
     torch.manual_seed(0)
     vae = SparseSDFVAE(VAEConfig.tiny())
-    save_checkpoint(root / "vae.safetensors", model=vae, meta={"vae_config": dataclasses.asdict(vae.config)})
+    save_checkpoint(root / "vae.safetensors", model=vae, meta={"vae_config": dataclasses.asdict(vae.config),
+                                                                "data": {"tau": 2.5, "margin": 0.9}})
     data = root / "data"
     assert prepare_main([str(meshes), "--vae", str(root / "vae.safetensors"), "--out", str(data), "--views", "2",
                          "--image-size", "64", "--resolution", "64", "--no-progress"]) == 0
@@ -49,6 +50,7 @@ def test_prepare_writes_latents_views_and_manifest(prepared):
     assert manifest["format"] == "ssa-dit-data/1" and not manifest["failed"]
     assert [it["name"] for it in manifest["items"]] == ["box", "sphere"]
     assert manifest["latent_resolution"] == 8 and manifest["latent_channels"] == 4
+    assert (manifest["tau"], manifest["margin"]) == (2.5, 0.9)  # the VAE checkpoint's data normalisation
     for it in manifest["items"]:
         with np.load(prepared / "data" / it["latent"]) as z:
             assert z["coords"].shape == (it["tokens"], 3) and z["mean"].shape == (it["tokens"], 4)
@@ -61,11 +63,14 @@ def test_prepare_writes_latents_views_and_manifest(prepared):
 
 
 def _train(prepared, out, steps, *extra):
+    """Options partly from a JSON config file, partly from flags (flags override the file)."""
     from model.train_dit import main as train_main
 
-    args = ["--data", str(prepared / "data"), "--out", str(out), "--model", "tiny", "--backend", "reference",
-            "--encoder-size", "tiny", "--steps", str(steps), "--lr", "1e-3", "--batch-tokens", "600",
-            "--save-every", "2", "--ema-decay", "0.9", "--latent", "sample", "--no-progress", *extra]
+    config = prepared / "train.json"
+    config.write_text(json.dumps({"model": "tiny", "backend": "reference", "encoder_size": "tiny", "lr": 5.0,
+                                  "batch_tokens": 600, "ema_decay": 0.9, "latent": "sample", "progress": False}))
+    args = ["--config", str(config), "--data", str(prepared / "data"), "--out", str(out), "--steps", str(steps),
+            "--lr", "1e-3", "--save-every", "2", *extra]
     with pytest.warns(UserWarning, match="RANDOM weights"):
         assert train_main(args) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -74,7 +79,7 @@ def _train(prepared, out, steps, *extra):
 def test_train_resume_reproduces_the_uninterrupted_run(prepared, tmp_path):
     full = _train(prepared, tmp_path / "full", 4)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["loss"]) for r in full)
+    assert all(np.isfinite(r["loss"]) and r["lr"] == 1e-3 for r in full)
     part = _train(prepared, tmp_path / "part", 2)
     resumed = _train(prepared, tmp_path / "part", 4, "--resume")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
