@@ -2,7 +2,8 @@
 
 :func:`render_mesh` samples points uniformly on the surface (several per pixel), projects them orthographically from
 a fixed viewpoint, keeps the nearest point per pixel (a z-buffer by sorting), shades it by the face normal (two-sided
-Lambert plus ambient) and closes isolated empty pixels. That is enough for thumbnails of meshes with millions of faces
+Lambert plus ambient), drops pixels whose point lies far behind a neighbour's (no front point reached them) and
+fills isolated empty pixels from their neighbours. That is enough for thumbnails of meshes with millions of faces
 (matplotlib's ``plot_trisurf`` is unusable beyond a few thousand) and needs no OpenGL, so it runs on the headless GPU
 machine too. :func:`comparison_figure` puts rows of (input, reconstruction) thumbnails into one PNG.
 """
@@ -71,19 +72,27 @@ def render_mesh(mesh: trimesh.Trimesh, *, size: int = 256, extent: float = 0.5, 
     shade = _AMBIENT + (1 - _AMBIENT) * np.clip(nrm @ light, 0, 1)
     flat = image.reshape(-1)
     flat[pix[first]] = 0.92 * shade  # keep the brightest surface just below the background
-    filled = np.zeros(size * size, bool)
-    filled[pix[first]] = True
-    _close_holes(image, filled.reshape(size, size))
+    zbuf = np.full(size * size, -np.inf)
+    zbuf[pix[first]] = depth[first]
+    zbuf = zbuf.reshape(size, size)
+    # a pixel that no front point reached shows a surface behind: far behind its neighbours' nearest surface
+    from scipy.ndimage import maximum_filter
+
+    pixel = 2.0 * extent / size
+    see_through = np.isfinite(zbuf) & (zbuf < maximum_filter(zbuf, size=3, mode="constant", cval=-np.inf) - 4 * pixel)
+    filled = np.isfinite(zbuf) & ~see_through
+    image[see_through] = _BACKGROUND
+    _close_holes(image, filled)
     return image
 
 
 def _close_holes(image: np.ndarray, filled: np.ndarray) -> None:
-    """Empty pixels with at least 5 filled neighbours (of 8) take their neighbours' mean, in place."""
+    """Empty pixels with at least 4 filled neighbours (of 8) take their neighbours' mean, in place."""
     from scipy.ndimage import uniform_filter
 
     count = uniform_filter(filled.astype(np.float32), size=3, mode="constant") * 9
     total = uniform_filter(np.where(filled, image, 0).astype(np.float32), size=3, mode="constant") * 9
-    holes = ~filled & (count >= 5)
+    holes = ~filled & (count >= 4)
     image[holes] = total[holes] / count[holes]
 
 

@@ -23,7 +23,9 @@ order, same posterior noise). ``--time-limit MIN`` stops cleanly (checkpoint, pl
 inference pruning, marching cubes) and logs F-score, Chamfer distance and normal consistency.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) every rank takes every ``world_size``-th batch of the same global sequence,
-the model is DDP-wrapped, and only rank 0 logs, shows progress, validates and writes files.
+the model is DDP-wrapped, logged losses are averaged over the ranks, and only rank 0 logs, shows progress,
+validates and writes files (bit-exact resume is a single-process property: each rank draws its own posterior noise,
+and only rank 0's generator is checkpointed).
 """
 from __future__ import annotations
 
@@ -67,13 +69,14 @@ PLOT_VAL_KEYS = ("fscore", "normal_consistency")
 
 
 def _preset_small(**o) -> VAEConfig:
-    """~1.2M parameters: widths 16-32-64-128, transformer width 128 (4 heads of 32), 1 + 1 blocks."""
+    """1.7M parameters: widths 16-32-64-128, transformer width 128 (4 heads of 32), 1 + 1 blocks."""
     return VAEConfig(**{**dict(conv_channels=(16, 32, 64, 128), model_channels=128, latent_channels=16, num_heads=4,
                                encoder_blocks=1, decoder_blocks=1, num_groups=8, resolution=256), **o})
 
 
 def _preset_base(**o) -> VAEConfig:
-    """~7M parameters: widths 32-64-128-256, transformer width 256 (4 heads of 64), 2 + 2 blocks."""
+    """8.5M parameters: the released conv widths 32-64-128 then 256, transformer width 256 (4 heads of 64), 2 + 2
+    blocks, 16 latent channels (the released model: 37.9M, width 512, 4 + 4 blocks)."""
     return VAEConfig(**{**dict(conv_channels=(32, 64, 128, 256), model_channels=256, latent_channels=16, num_heads=4,
                                encoder_blocks=2, decoder_blocks=2, num_groups=32, resolution=256), **o})
 
@@ -471,7 +474,7 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
             now = time.perf_counter()
             last_record = dict(kind="train", step=step, lr=lr, resolution=x.resolution,
                                seconds_per_step=(now - interval_t0) / acc_n, elapsed=limit.elapsed,
-                               **{k: v / acc_n for k, v in acc.items()})
+                               **dist.mean({k: v / acc_n for k, v in acc.items()}))
             log.log(last_record)
             if dist.is_main and config.progress:
                 bar.set_postfix(loss=f"{last_record['loss']:.4g}", sdf=f"{last_record['sdf_in']:.3g}")
@@ -484,11 +487,11 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
     bar.close()
     del batches  # stops data loader workers
     train_seconds = limit.elapsed
-    if acc_n:
+    if acc_n:  # the records since the last log (every rank stopped at the same step, so all take part)
         now = time.perf_counter()
         last_record = dict(kind="train", step=step, lr=lr, resolution=x.resolution,
                            seconds_per_step=(now - interval_t0) / acc_n, elapsed=train_seconds,
-                           **{k: v / acc_n for k, v in acc.items()})
+                           **dist.mean({k: v / acc_n for k, v in acc.items()}))
         log.log(last_record)
     checkpoint(step)
     run_validation(step)

@@ -367,8 +367,14 @@ def plot_metrics(records: Iterable[Mapping[str, Any]], path, *, loss_keys: Itera
                  val_keys: Iterable[str] = (), title: str = "") -> Path | None:
     """Loss curves (log scale, training records: those without ``kind`` or ``kind == "train"``) and, on a second
     panel, validation curves (``kind == "val"``) against ``step``; saved as a PNG at ``path``. Returns the path, or
-    None when there is nothing to plot."""
-    import matplotlib
+    None when there is nothing to plot or matplotlib is not installed (a warning says so; training goes on)."""
+    try:
+        import matplotlib
+    except ImportError:
+        import warnings
+
+        warnings.warn(f"matplotlib is not installed: {path} not written", RuntimeWarning, stacklevel=2)
+        return None
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -516,6 +522,17 @@ class Distributed:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
+
+    def mean(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Each value averaged over the ranks (one all-reduce; unchanged with one process)."""
+        if not self.enabled or not values:
+            return dict(values)
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
 
     def barrier(self) -> None:
         if self.enabled:

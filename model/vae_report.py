@@ -12,6 +12,10 @@ persist between them)::
     python -m model.vae_report --meshes data_cache/meshes --out runs/vae_report --stage train --minutes 8
     python -m model.vae_report --meshes data_cache/meshes --out runs/vae_report --stage evaluate
 
+Needs, besides torch: numpy, scipy, trimesh, libigl, scikit-image (with ``--no-deps`` plus lazy_loader), safetensors,
+tqdm; matplotlib for the PNG figures (without it the report has every figure in ``vae.json`` but no pictures). The
+report checks these before it starts.
+
 CPU smoke run (tiny model, 32^3, a few steps; what the tests run)::
 
     python -m model.vae_report --smoke --meshes SOME_FOLDER --out /tmp/vae-smoke
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -52,6 +57,18 @@ __all__ = ["ReportConfig", "main", "run_report"]
 
 #: The issue's bar: mean F-score at 1/128 on held-out meshes.
 FSCORE_BAR = 0.9
+#: Modules the report needs beyond torch (import name -> what to install); matplotlib only for the PNGs.
+REQUIRED_MODULES = {
+    "numpy": "numpy", "scipy": "scipy", "trimesh": "trimesh", "igl": "libigl",
+    "skimage": "scikit-image (pip install --no-deps scikit-image lazy_loader is enough)",
+    "lazy_loader": "lazy_loader", "safetensors": "safetensors", "tqdm": "tqdm",
+}
+OPTIONAL_MODULES = {"matplotlib": "matplotlib (only for the PNG figures)"}
+
+
+def missing_modules(names: dict) -> list[str]:
+    """The install hints of the modules of ``names`` that cannot be found."""
+    return [hint for mod, hint in names.items() if importlib.util.find_spec(mod) is None]
 
 
 @dataclass
@@ -155,7 +172,7 @@ def _train_config(config: ReportConfig, device: torch.device):
 SUMMARY_NAME = "summary.json"
 
 
-def run_report(config: ReportConfig) -> dict:
+def run_report(config: ReportConfig, *, command: str = "") -> dict:
     """Run the steps of the module docstring that ``config.stage`` selects and (unless the stage is ``train``)
     write ``vae.json``, ``vae.md`` and the PNGs into ``config.out``; returns the JSON document (the training summary
     for ``stage="train"``)."""
@@ -166,6 +183,9 @@ def run_report(config: ReportConfig) -> dict:
     from .train_vae import build_datasets, train
     from .training import resolve_device
 
+    missing = missing_modules(REQUIRED_MODULES)
+    if missing:
+        raise ModuleNotFoundError("the report needs: " + "; ".join(missing) + " (wheels will do: no internet needed)")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -208,7 +228,10 @@ def run_report(config: ReportConfig) -> dict:
                          seconds_extract=rec.seconds["extract"]))
         if len(renders) < config.render_meshes:
             renders.append((eval_ds.names[i], gt, rec.mesh, f"F {m['fscore']:.3f}  CD {m['chamfer']:.4f}"))
-    if renders:
+    figures = not missing_modules(OPTIONAL_MODULES)
+    if not figures:
+        print("matplotlib is not installed: no PNG figures (the figures in vae.json are complete)", file=sys.stderr)
+    if renders and figures:
         comparison_figure(renders, out / "reconstructions.png",
                           title=f"{split.replace('_', '-')} meshes at {R}^3: input vs VAE reconstruction")
 
@@ -224,14 +247,17 @@ def run_report(config: ReportConfig) -> dict:
                          peak_memory_bytes=rec_big.peak_memory_bytes, peak_memory_kind=rec_big.peak_memory_kind))
     gt_big = normalized_mesh(big_path, big_sample)
     m_big = evaluate_mesh(rec_big.mesh, gt_big, num_points=config.points, iou_points=0, seed=config.seed)
-    comparison_figure([(eval_ds.names[0], gt_big, rec_big.mesh, f"F {m_big['fscore']:.3f}  CD {m_big['chamfer']:.5f}")],
-                      out / f"reconstruction_{config.big_resolution}.png", size=512,
-                      title=f"{config.big_resolution}^3 reconstruction")
+    if figures:
+        comparison_figure([(eval_ds.names[0], gt_big, rec_big.mesh,
+                            f"F {m_big['fscore']:.3f}  CD {m_big['chamfer']:.5f}")],
+                          out / f"reconstruction_{config.big_resolution}.png", size=512,
+                          title=f"{config.big_resolution}^3 reconstruction")
     big = dict(name=eval_ds.names[0], resolution=config.big_resolution, sdf_seconds=t_big_sdf,
                input_voxels=rec_big.input_voxels, latent_voxels=rec_big.latent_voxels,
                decoded_voxels=int(len(rec_big.decoded_sdf)), runs=runs,
                model_seconds=min(r["encode_seconds"] + r["decode_seconds"] for r in runs),
-               peak_memory_bytes=max(r["peak_memory_bytes"] for r in runs), peak_memory_kind=runs[-1]["peak_memory_kind"],
+               peak_memory_bytes=max(r["peak_memory_bytes"] for r in runs),
+               peak_memory_kind=runs[-1]["peak_memory_kind"],
                extract_seconds=rec_big.seconds["extract"], faces=m_big["faces"], fscore=m_big["fscore"],
                chamfer=m_big["chamfer"], normal_consistency=m_big["normal_consistency"],
                fscore_threshold=m_big["fscore_threshold"])
@@ -241,7 +267,7 @@ def run_report(config: ReportConfig) -> dict:
         shutil.copyfile(loss_png, out / "loss.png")
     mean_f = _mean(r["fscore"] for r in rows)
     doc = dict(
-        environment=env, command=" ".join([Path(sys.executable).name, "-m", "model.vae_report"] + sys.argv[1:]),
+        environment=env, command=command,
         report_config=dataclasses.asdict(config), train_config=dataclasses.asdict(train_cfg),
         training={k: summary[k] for k in ("steps", "stopped", "train_seconds", "seconds_per_step", "skipped_steps",
                                           "last", "validation", "parameters", "train_meshes", "held_out", "data")},
@@ -251,7 +277,7 @@ def run_report(config: ReportConfig) -> dict:
                         normal_consistency_mean=_mean(r["normal_consistency"] for r in rows),
                         iou_mean=_mean(r["iou"] for r in rows), band_fscore_mean=_mean(r["band_fscore"] for r in rows),
                         fscore_bar=FSCORE_BAR, bar_met=bool(mean_f >= FSCORE_BAR) if rows else False),
-        big=big, total_seconds=time.perf_counter() - t_all,
+        big=big, figures=figures, total_seconds=time.perf_counter() - t_all,
     )
     (out / "vae.json").write_text(json.dumps(_json_safe(doc), indent=2))
     (out / "vae.md").write_text(_markdown(doc, config))
@@ -284,26 +310,30 @@ def _markdown(doc: dict, config: ReportConfig) -> str:
         + (f" ({env.get('gpu_memory_gib')} GiB)" if env.get("gpu") else "")
         + f"; torch {env['torch']} (CUDA {env['cuda']}); Python {env['python']}; {env['cpus']} CPUs",
         f"- commit: {env.get('git_commit')}" + (" (uncommitted changes)" if env.get("git_dirty") else ""),
-        f"- command: `{doc['command']}`" + (" (smoke run: tiny model, CPU, a few steps)" if config.smoke else ""),
+        f"- command: `{doc['command'] or 'run_report(...)'}`"
+        + (" (smoke run: CPU, a few steps, figures meaningless)" if config.smoke else ""),
         "",
         "## Setup",
         "",
         f"- data: {data.get('meshes')} meshes ({'folder ' + str(config.meshes) if config.meshes else 'pybullet'}), "
-        f"sparse SDF at {config.resolution}^3, tau {config.tau:g} voxels; prepared in {_f(data.get('seconds'), '.0f')} s "
+        f"sparse SDF at {config.resolution}^3, tau {config.tau:g} voxels; "
+        f"prepared in {_f(data.get('seconds'), '.0f')} s "
         f"({data.get('computed', 0)} computed, {data.get('cached', 0)} cached, {len(data.get('failed', {}))} failed); "
         f"{tr['train_meshes']} training meshes, {len(tr['held_out'])} held out by name hash "
         f"(fraction {config.held_out_fraction:g})",
         f"- model: preset `{config.model}`, {tr['parameters']:,} parameters",
-        f"- training: {tr['steps']} steps in {_f(tr['train_seconds'], '.0f')} s ({_f(tr['seconds_per_step'], '.3f')} s/step; "
+        f"- training: {tr['steps']} steps in {_f(tr['train_seconds'], '.0f')} s "
+        f"({_f(tr['seconds_per_step'], '.3f')} s/step; "
         f"stopped by {tr['stopped'].replace('_', ' ')}), batch {tc['batch_size']}, AdamW lr {tc['lr']:g}, "
-        f"{tc['warmup_steps']} warm-up steps then cosine annealed to the time limit, bf16 autocast on CUDA; "
+        f"{tc['warmup_steps']} warm-up steps then cosine annealed to the time limit, "
+        f"{'bf16 autocast' if env['device'].startswith('cuda') else 'float32'}; "
         f"final loss {_f(tr['last'].get('loss'), '.4g')} (input-voxel SDF MSE {_f(tr['last'].get('sdf_in'), '.3g')})",
         "",
-        "![loss curve](loss.png)",
+        "![loss curve](loss.png)" if doc["figures"] else "(no figures: matplotlib was not installed)",
         "",
         f"## Reconstruction of {ev['split'].replace('_', '-')} meshes at {ev['resolution']}^3",
         "",
-        f"F-score at 1/128 of the unit cube (= {ev['resolution'] // 128} voxels here), Chamfer distance (mean of both "
+        f"F-score at 1/128 of the unit cube (= {ev['resolution'] / 128:g} voxels here), Chamfer distance (mean of both "
         "directions, unit-cube units), normal consistency and volume IoU against the input mesh, both in the unit "
         "cube. *Band ceiling*: the F-score of the mesh extracted from the input band itself (no network).",
         "",
@@ -323,7 +353,7 @@ def _markdown(doc: dict, config: ReportConfig) -> str:
         f"(mean {_f(ev['fscore_mean'], '.4f')}, min {_f(ev['fscore_min'], '.4f')})."
         + (" No mesh fell in the held-out split: these are training meshes." if ev["split"] != "held_out" else ""),
         "",
-        "![reconstructions](reconstructions.png)",
+        "![reconstructions](reconstructions.png)" if doc["figures"] else "",
         "",
         f"## One mesh at {big['resolution']}^3",
         "",
@@ -342,7 +372,7 @@ def _markdown(doc: dict, config: ReportConfig) -> str:
         f"F-score at 1/128 {_f(big['fscore'], '.4f')}, Chamfer {_f(big['chamfer'], '.6f')}, normal consistency "
         f"{_f(big['normal_consistency'], '.4f')} (the model was trained at {config.resolution}^3 only).",
         "",
-        f"![{big['resolution']}^3 reconstruction](reconstruction_{big['resolution']}.png)",
+        f"![{big['resolution']}^3 reconstruction](reconstruction_{big['resolution']}.png)" if doc["figures"] else "",
         "",
         f"Total report time {_f(doc['total_seconds'], '.0f')} s. Figures and per-step records: `vae.json`, "
         "`train/metrics.jsonl`.",
@@ -376,8 +406,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        doc = run_report(config)
-    except FileNotFoundError as exc:
+        words = sys.argv[1:] if argv is None else list(argv)
+        doc = run_report(config, command=" ".join(["python -m model.vae_report"] + words))
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if config.stage == "train":

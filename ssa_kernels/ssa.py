@@ -148,6 +148,9 @@ def _ssa_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gate, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx,
                           *layout_tensors)
     ctx.args = (num_sel_blocks, max_sel_block_tokens, shift, scale)
+    # only o carries a gradient: without this, autograd would allocate zero gradients for the seven other
+    # outputs (three [N, Hq, D] tensors: 3x the memory of q at the peak of the backward)
+    ctx.set_materialize_grads(False)
 
 
 def _ssa_autograd_backward(ctx, do, *unused):
