@@ -14,13 +14,14 @@ processes), split into training and held-out meshes by a hash of their names
 
 Each step: encode, sample the posterior (a dedicated, checkpointed ``torch.Generator``), decode with the training
 pruning rule (predicted and target voxels), :func:`model.vae.vae_loss` (input, extra, sharp-edge SDF MSE + KL +
-pruning BCE), AdamW with linear warm-up and a cosine (or constant) schedule, gradient clipping; bf16 autocast on
-CUDA. Outputs in ``--out``: ``checkpoint.safetensors`` (model + optimizer + step + RNG, written atomically; rank 0),
-``metrics.jsonl`` (training records every ``log_every`` steps, validation records with ``kind: "val"``),
-``loss.png``, ``config.json``. ``--resume`` continues from ``checkpoint.safetensors`` bit for bit on CPU (same data
-order, same posterior noise). ``--time-limit MIN`` stops cleanly (checkpoint, plot) after MIN minutes of training
-(data preparation not counted). Validation reconstructs ``val_meshes`` held-out meshes (encode the mean, decode with
-inference pruning, marching cubes) and logs F-score, Chamfer distance and normal consistency.
+pruning BCE), AdamW with linear warm-up and a cosine (or constant) schedule, gradient clipping (a step whose loss
+or gradient is not finite is skipped); bf16 autocast on CUDA. Outputs in ``--out``: ``checkpoint.safetensors``
+(model + optimizer + step + RNG, written atomically; rank 0), ``metrics.jsonl`` (training records every
+``log_every`` steps, validation records with ``kind: "val"``), ``loss.png``, ``config.json``. ``--resume``
+continues from ``checkpoint.safetensors`` bit for bit on CPU (same data order, same posterior noise).
+``--time-limit MIN`` stops cleanly (checkpoint, plot) after MIN minutes of training (data preparation not counted).
+Validation reconstructs ``val_meshes`` held-out meshes (encode the mean, decode with inference pruning, marching
+cubes) and logs F-score, Chamfer distance and normal consistency (:func:`model.reconstruct.evaluate_mesh`).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) every rank takes every ``world_size``-th batch of the same global sequence,
 the model is DDP-wrapped, logged losses are averaged over the ranks, and only rank 0 logs, shows progress,
@@ -158,7 +159,7 @@ class VAETrainConfig:
     val_every: int = 500
     val_meshes: int = 2
     val_resolution: int | None = None
-    val_points: int = 20_000
+    val_points: int = 100_000
     num_workers: int = 0
     progress: bool = True
 
@@ -303,7 +304,7 @@ def _to_sparse(batch: dict, device: torch.device):
 
 
 def validate(vae: SparseSDFVAE, dataset, *, count: int, resolution: int, device: torch.device,
-             dtype: torch.dtype | None = None, num_points: int = 20_000, seed: int = 0) -> dict:
+             dtype: torch.dtype | None = None, num_points: int = 100_000, seed: int = 0) -> dict:
     """Reconstruct the first ``count`` meshes of ``dataset`` at ``resolution`` (posterior mean, inference pruning,
     marching cubes at 0) and compare each with its input mesh in the unit cube.
 
@@ -450,19 +451,15 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
             output = model(x, sample_posterior=True, generator=generator)
             losses = vae_loss(output, x, loss_cfg, sharp_mask=sharp)
         optimizer.zero_grad(set_to_none=True)
-        loss = losses["loss"]
-        if dist.any(not bool(torch.isfinite(loss.detach()))):  # all ranks skip together (DDP needs every backward)
-            skipped += 1
-            warnings.warn(f"step {step}: non-finite loss, batch skipped", RuntimeWarning, stacklevel=2)
-            step += 1
-            bar.update(1)
-            continue
-        loss.backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0
-                     else torch.zeros((), device=device))
-        optimizer.step()
+        losses["loss"].backward()  # always (DDP expects a backward after every forward)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
         step += 1
         bar.update(1)
+        if dist.any(not (bool(torch.isfinite(losses["loss"].detach())) and bool(torch.isfinite(grad_norm)))):
+            skipped += 1  # every rank skips the update together
+            warnings.warn(f"step {step}: non-finite loss or gradient, update skipped", RuntimeWarning, stacklevel=2)
+            continue
+        optimizer.step()
         values = {k: float(v.detach()) for k, v in losses.items()}
         values["grad_norm"] = float(grad_norm)
         values["voxels"] = float(x.num_voxels)
@@ -528,6 +525,7 @@ def _parser():
     src.add_argument("--cache-dir", dest="cache_dir", default=S)
     src.add_argument("--prepare-workers", dest="prepare_workers", type=int, default=S)
     src.add_argument("--held-out-fraction", dest="held_out_fraction", type=float, default=S)
+    src.add_argument("--split-seed", dest="split_seed", type=int, default=S, help="seed of the name-hash split")
     mdl = ap.add_argument_group("model and optimisation")
     mdl.add_argument("--model", choices=sorted(MODEL_PRESETS), default=S, help="VAE size preset")
     mdl.add_argument("--model-overrides", dest="model_overrides", type=json.loads, default=S,
@@ -538,6 +536,9 @@ def _parser():
     mdl.add_argument("--weight-decay", dest="weight_decay", type=float, default=S)
     mdl.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=S)
     mdl.add_argument("--schedule", choices=("cosine", "constant"), default=S)
+    mdl.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float, default=S, help="end of the cosine, x lr")
+    mdl.add_argument("--anneal-to-time-limit", dest="anneal_to_time_limit", action="store_true", default=S,
+                     help="the cosine follows the elapsed fraction of --time-limit when that is further along")
     mdl.add_argument("--grad-clip", dest="grad_clip", type=float, default=S)
     for name in ("in", "extra", "sharp", "kl", "prune"):
         mdl.add_argument(f"--weight-{name}", dest=f"weight_{name}", type=float, default=S)
@@ -554,6 +555,7 @@ def _parser():
     run.add_argument("--val-every", dest="val_every", type=int, default=S)
     run.add_argument("--val-meshes", dest="val_meshes", type=int, default=S)
     run.add_argument("--val-resolution", dest="val_resolution", type=int, default=S)
+    run.add_argument("--val-points", dest="val_points", type=int, default=S, help="surface points per mesh")
     run.add_argument("--num-workers", dest="num_workers", type=int, default=S, help="data loader processes")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=S)
     return ap

@@ -59,9 +59,13 @@ def _sel_fwd_kernel(
         t = pid_t * BLOCK_T + ti
         blk = tl.load(IDX + (t.to(tl.int64) * hkv + g) * TOPK + slot % TOPK, mask=t < N, other=-1)
         # visit each block once per tile: skip it if an earlier token of the tile chose it too
-        seen = tl.sum(((sel_r == blk) & (r_tok < ti)[:, None]).to(tl.int32))
-        if (blk >= 0) & (seen == 0):
+        if BLOCK_T == 1:  # one token: its blocks are distinct and every row chose them
+            seen = 0
+            row_sel = row_ok
+        else:
+            seen = tl.sum(((sel_r == blk) & (r_tok < ti)[:, None]).to(tl.int32))
             row_sel = tl.max((sel_r == blk).to(tl.int32), 1) > 0
+        if (blk >= 0) & (seen == 0):
             start = tl.load(sel_offsets + blk)
             end = tl.load(sel_offsets + blk + 1)
             for ks in range(start, end, BLOCK_N):
@@ -121,9 +125,13 @@ def _sel_bwd_dq_kernel(
         ti = slot // TOPK
         t = pid_t * BLOCK_T + ti
         blk = tl.load(IDX + (t.to(tl.int64) * hkv + g) * TOPK + slot % TOPK, mask=t < N, other=-1)
-        seen = tl.sum(((sel_r == blk) & (r_tok < ti)[:, None]).to(tl.int32))
-        if (blk >= 0) & (seen == 0):
+        if BLOCK_T == 1:  # one token: its blocks are distinct and every row chose them
+            seen = 0
+            row_sel = row_ok
+        else:
+            seen = tl.sum(((sel_r == blk) & (r_tok < ti)[:, None]).to(tl.int32))
             row_sel = tl.max((sel_r == blk).to(tl.int32), 1) > 0
+        if (blk >= 0) & (seen == 0):
             start = tl.load(sel_offsets + blk)
             end = tl.load(sel_offsets + blk + 1)
             for ks in range(start, end, BLOCK_N):

@@ -100,6 +100,12 @@ def test_command_line_config_file_and_errors(primitives, tmp_path, capsys):
     assert (cfg.steps, cfg.lr, cfg.resolutions, cfg.model) == (2, 5e-4, (32, 16), "tiny")
     cfg = config_from_args(["--config", str(cfg_file), "--pybullet", "3"])  # a flag's data source replaces the file's
     assert cfg.pybullet == 3 and cfg.meshes is None
+    import dataclasses
+
+    from model.train_vae import _parser
+
+    flags = {a.dest for a in _parser()._actions}
+    assert {f.name for f in dataclasses.fields(VAETrainConfig)} <= flags  # every option has a flag
     for kwargs, match in [(dict(pybullet=2), "exactly one"), (dict(model="huge"), "model must be one of"),
                           (dict(batch_size=0), "batch_size"), (dict(schedule="step"), "schedule"),
                           (dict(model_overrides={"width": 3}), "unknown VAEConfig fields")]:
