@@ -11,6 +11,8 @@ import triton.language as tl
 #: log2(e): kernels work with exp2, scores are scaled by ``scale * LOG2E``.
 LOG2E = math.log2(math.e)
 
+LOG2E_C = tl.constexpr(LOG2E)
+
 #: Is Triton running through its CPU interpreter?
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -79,4 +81,64 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, PRECISION: t
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION: tl.constexpr):
+    """One forward step over a key tile ``k, v [N, D]`` for query rows ``q [R, D]``: the running max ``m [R]``
+    (log2 domain), normaliser ``l [R]`` and unnormalised output ``acc [R, D]`` (float32), masked by ``valid [R, N]``."""
+    s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _softmax_finish(m, l, acc):
+    """``(o [R, D], lse [R])`` from the running state; lse in natural log, ``-inf`` for rows that saw no key."""
+    l_safe = tl.where(l > 0, l, 1.0)
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) / LOG2E_C, float("-inf"))
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
+def _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION: tl.constexpr):
+    """One query-outer backward step: add a key tile's contribution to ``dq [R, D]`` (not yet scaled)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_grad_out(DO, GATE, tok64, head, d, stride_dt, stride_dh, mask, row_ok, dtype,
+                   HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr):
+    """The gradient of one branch's output rows: ``dO`` times the branch's gate when the gates are given."""
+    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=mask, other=0.0)
+    if HAS_GATE:
+        gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+        do = (do.to(tl.float32) * gv[:, None]).to(dtype)
+    return do
+
+
+@triton.jit
+def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H, qk_scale,
+               stride_qt, stride_qh, stride_dt, stride_dh, G: tl.constexpr, HG: tl.constexpr,
+               PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr):
+    """:func:`_dkdv_step` for query tokens ``tok64`` (row r = token r // HG) and every head of kv group ``g``,
+    ``HG`` heads per matrix product."""
+    for hs in tl.static_range(G // HG):
+        head = g * G + hs * HG + r % HG
+        q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
+        do = _load_grad_out(DO, GATE, tok64, head, d, stride_dt, stride_dh, rd_mask, row_ok, q.dtype, HAS_GATE,
+                            GATE_IDX)
+        lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
+        delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, PRECISION)
     return dk, dv

@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, MAX_TOPK, block_d, dot_precision, head_split, tokens_per_tile
+from ._common import LOG2E, LOG2E_C, MAX_TOPK, block_d, dot_precision, head_split, tokens_per_tile
 from .layout import BlockLayout
 
-LOG2E_C = tl.constexpr(LOG2E)
 #: Launch configuration: query rows (tokens x heads) per matrix product, compressed keys per step
 #: (``block_n``), selection blocks per chunk when a block holds several compressed blocks (``block_s``; with one
 #: compressed block per selection block the chunk is one step), heads of one group per matrix product.

@@ -18,10 +18,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _dkdv_step, _row_tokens_heads, block_d, dot_precision, head_split, tokens_per_tile
+from ._common import (
+    LOG2E,
+    LOG2E_C,
+    _dkdv_rows,
+    _dq_step,
+    _load_grad_out,
+    _online_softmax_step,
+    _row_tokens_heads,
+    _softmax_finish,
+    block_d,
+    dot_precision,
+    head_split,
+    tokens_per_tile,
+)
 from .layout import BlockLayout
 
-LOG2E_C = tl.constexpr(LOG2E)
 #: Launch configurations. Forward and dQ: query rows (tokens x heads) per program, keys per step.
 #: dK/dV: query rows per step, keys per program.
 FWD = dict(rows=16, block_n=16, num_warps=1, num_stages=3)
@@ -74,18 +86,9 @@ def _sel_fwd_kernel(
                 kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
                 k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                s = tl.where(row_sel[:, None] & n_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-                m = m_new
-    l_safe = tl.where(l > 0, l, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l > 0, (m + tl.log2(l_safe)) / LOG2E_C, float("-inf"))
+                m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_sel[:, None] & n_ok[None, :], qk_scale,
+                                                 PRECISION)
+    o, lse = _softmax_finish(m, l, acc)
     tl.store(O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
@@ -114,10 +117,7 @@ def _sel_bwd_dq_kernel(
     d_ok = d < D
     rd_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
-    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
-    if HAS_GATE:
-        gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
-        do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
+    do = _load_grad_out(DO, GATE, tok64, head, d, stride_dt, stride_dh, rd_mask, row_ok, q.dtype, HAS_GATE, GATE_IDX)
     lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
@@ -140,11 +140,7 @@ def _sel_bwd_dq_kernel(
                 kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
                 k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                p = tl.where(row_sel[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                dq = _dq_step(dq, q, k, v, do, lse2, delta, row_sel[:, None] & n_ok[None, :], qk_scale, PRECISION)
     dq = dq * scale
     dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
     if ACCUMULATE:
@@ -192,19 +188,9 @@ def _sel_bwd_dkdv_kernel(
             tok64 = tl.load(csr_tokens + e, mask=row_ok, other=0).to(tl.int64)
             rd_mask = row_ok[:, None] & d_ok[None, :]
             valid_t = n_ok[:, None] & row_ok[None, :]
-            if HAS_GATE:
-                gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
-            for hs in tl.static_range(G // HG):
-                head = g * G + hs * HG + r % HG
-                q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask,
-                            other=0.0)
-                do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask,
-                             other=0.0)
-                if HAS_GATE:
-                    do = (do.to(tl.float32) * gv[:, None]).to(q.dtype)
-                lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
-                delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
-                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, PRECISION)
+            dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
+                                qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, HAS_GATE,
+                                GATE_IDX)
         dk = dk * scale
         out = (n.to(tl.int64)[:, None] * hkv + g) * D + d[None, :]
         if ACCUMULATE:
