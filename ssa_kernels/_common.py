@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -12,9 +11,6 @@ import triton.language as tl
 LOG2E = math.log2(math.e)
 
 LOG2E_C = tl.constexpr(LOG2E)
-
-#: Is Triton running through its CPU interpreter?
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 #: Supported input dtypes of the kernels (bfloat16 only on the GPU: the interpreter's bf16 dot is wrong).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
