@@ -3,6 +3,7 @@
 Command line::
 
     python -m model.reconstruct MESH --ckpt CKPT --resolution R --out OUT.glb
+    python -m model.reconstruct MESH --weights PATH_OR_ID --resolution 512|1024 --out OUT.glb
 
 loads ``MESH``, makes its sparse SDF at ``R^3`` (:func:`model.data.sdf.mesh_to_sparse_sdf`, with the ``tau`` the
 checkpoint was trained with), encodes it (posterior mean), decodes it with inference pruning (only the voxels the
@@ -10,6 +11,16 @@ pruning heads predict), extracts the mesh at the iso level 0 (:mod:`model.extrac
 Chamfer distance, F-score (threshold 1/128 of the unit cube) and normal consistency against the input, both in the
 unit cube of the data (the input normalised by the sample's own centre and scale; input faces buried inside the
 shape left out, see :func:`evaluate_mesh`), plus time and peak memory.
+
+With ``--weights`` (instead of ``--ckpt``) the released sparse VAE is used (:func:`model.pretrained.from_pretrained`:
+a released folder or a model hub id): ``sparse_vae_1024`` for ``R > 512``, else ``sparse_vae_512`` (``--part``
+chooses). As released, the decoder keeps every child of every latent voxel (no pruning; ``sparse_vae_1024`` in
+spatial chunks, :func:`model.pretrained.decode_chunked`) and the surface is extracted at the released level 0.2.
+The released VAE's input normalisation is not published: we feed ``sdf / tau`` at the voxels with ``|sdf| < tau``
+with ``tau`` = :data:`model.pretrained.RELEASED_SDF_TAU` voxels (an assumption; ``--tau`` changes it). The mesh is
+normalised as released (largest extent 0.95 of the unit cube); our voxel centres sit at ``(i + 0.5) / R`` where the
+released 1024 pipeline uses ``i / (R - 1)``. Empty voxels are filled by our per-brick sign rule (:mod:`model.extract`),
+not the released +1, which adds an inner shell that the released pipeline removes with its refiners.
 
 Library: :func:`load_vae` (checkpoint -> model, with clear errors for files that are not VAE checkpoints),
 :func:`reconstruct_sample` (a :class:`~model.data.sdf.SparseSDF` -> :class:`Reconstruction`), :func:`evaluate_mesh`
@@ -155,13 +166,15 @@ def reconstruct_sample(
     brick: int = DEFAULT_BRICK,
     extract: bool = True,
     progress: bool = False,
+    chunk_size: int = 1,
 ) -> Reconstruction:
     """Encode (posterior mean) and decode (inference pruning) one :class:`~model.data.sdf.SparseSDF`, then extract
     the mesh at ``level``.
 
     The VAE reads ``sample.sdf_scaled`` (``sdf / tau``, the units it is trained on). ``device`` defaults to the
     VAE's; ``dtype``: autocast dtype on CUDA (e.g. ``torch.bfloat16``), None for float32. The VAE is left in the
-    mode it was in.
+    mode it was in. ``chunk_size > 1`` (VAEs without pruning heads, e.g. the released ones) decodes in spatial
+    chunks (:func:`model.pretrained.decode_chunked`).
     """
     if not isinstance(vae, SparseSDFVAE):
         raise TypeError(f"vae must be a SparseSDFVAE, got {type(vae).__name__}")
@@ -181,7 +194,12 @@ def reconstruct_sample(
             z = vae.encode(x).mode()
             _sync(dev)
             t1 = time.perf_counter()
-            decoded = vae.decode(z).sdf
+            if chunk_size > 1:
+                from .pretrained import decode_chunked
+
+                decoded = decode_chunked(vae, z, chunk_size)[0]
+            else:
+                decoded = vae.decode(z).sdf
             _sync(dev)
             t2 = time.perf_counter()
     finally:
@@ -290,13 +308,25 @@ def main(argv=None) -> int:
         prog="python -m model.reconstruct",
         description="Reconstruct a mesh through the sparse SDF VAE and compare it with the input.")
     ap.add_argument("mesh", help="input mesh (any format trimesh reads: .obj .ply .stl .glb .off ...)")
-    ap.add_argument("--ckpt", required=True, help="VAE checkpoint written by python -m model.train_vae")
-    ap.add_argument("--resolution", type=int, default=256, help="SDF grid side R (default 256)")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="VAE checkpoint written by python -m model.train_vae")
+    source.add_argument("--weights", help="released weights: a folder in the released layout (config.yaml and the "
+                        "model_sparse_*.ckpt files) or a model hub id such as wushuang98/Direct3D-S2")
+    ap.add_argument("--part", choices=("auto", "sparse_vae_512", "sparse_vae_1024"), default="auto",
+                    help="released VAE to use with --weights (auto: sparse_vae_1024 when R > 512, else 512)")
+    ap.add_argument("--subfolder", help="folder of the release inside --weights (default direct3d-s2-v-1-1)")
+    ap.add_argument("--tau", type=float,
+                    help="SDF band half-width and scale in voxels (default: the checkpoint's; with --weights "
+                    "an assumption, 4)")
+    ap.add_argument("--chunk-size", type=int,
+                    help="decode in CHUNK^3 spatial chunks (default: the release's, 4 for sparse_vae_1024; 1 otherwise)")
+    ap.add_argument("--resolution", type=int, default=256, help="SDF grid side R (default 256; released: 512, 1024)")
     ap.add_argument("--out", required=True, help="output mesh (.glb; any extension trimesh writes works)")
     ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="autocast dtype on CUDA (auto: bfloat16 on CUDA; CPU always runs float32)")
-    ap.add_argument("--level", type=float, default=DEFAULT_LEVEL, help="iso level (default 0: our SDF is sdf/tau)")
+    ap.add_argument("--level", type=float,
+                    help="iso level (default 0 with --ckpt: our SDF is sdf/tau; 0.2 with --weights, as released)")
     ap.add_argument("--threshold", type=float, default=DEFAULT_FSCORE_THRESHOLD,
                     help="F-score threshold in unit-cube sides (default 1/128)")
     ap.add_argument("--points", type=int, default=CLI_POINTS, help="surface points per mesh for the metrics")
@@ -311,22 +341,40 @@ def main(argv=None) -> int:
         if not os.path.isfile(args.mesh):
             raise FileNotFoundError(f"mesh file not found: {args.mesh}")
         device = resolve_device(args.device)
-        vae, meta = load_vae(args.ckpt, device=device)
-        data = meta.get("data", {})
-        tau, margin = float(data.get("tau", 2.0)), float(data.get("margin", 0.95))
+        chunk_size, level = 1, DEFAULT_LEVEL if args.level is None else args.level
+        if args.weights is not None:
+            from .pretrained import RELEASED_MC_LEVEL, RELEASED_SDF_TAU, from_pretrained
+
+            part = args.part if args.part != "auto" else ("sparse_vae_1024" if args.resolution > 512
+                                                           else "sparse_vae_512")
+            models = from_pretrained(args.weights, parts=part, device=device, subfolder=args.subfolder)
+            vae = models[part]
+            chunk_size = int(models.options[part].get("chunk_size", 1))
+            tau, margin = RELEASED_SDF_TAU, 0.95
+            level = RELEASED_MC_LEVEL if args.level is None else args.level
+            print(f"weights    released {part} from {models.root} (input sdf/tau with tau {tau:g} voxels assumed; "
+                  f"level {level:g})")
+        else:
+            vae, meta = load_vae(args.ckpt, device=device)
+            data = meta.get("data", {})
+            tau, margin = float(data.get("tau", 2.0)), float(data.get("margin", 0.95))
+        if args.tau is not None:
+            tau = args.tau
+        if args.chunk_size is not None:
+            chunk_size = args.chunk_size
         mesh = load_mesh(args.mesh)
         t0 = time.perf_counter()
         sample = mesh_to_sparse_sdf(mesh, args.resolution, tau=tau, margin=margin, compute_sharp=False)
         t_sdf = time.perf_counter() - t0
         if len(sample) == 0:
             raise MeshError(f"{args.mesh}: no voxel of the {args.resolution}^3 grid lies within the band")
-    except (FileNotFoundError, MeshError, ValueError, TypeError) as exc:
+    except (FileNotFoundError, MeshError, ValueError, TypeError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     dtype = None
     if device.type == "cuda" and args.dtype in ("auto", "bfloat16"):
         dtype = torch.bfloat16
-    rec = reconstruct_sample(vae, sample, device=device, dtype=dtype, level=args.level)
+    rec = reconstruct_sample(vae, sample, device=device, dtype=dtype, level=level, chunk_size=chunk_size)
     gt = normalized_mesh(mesh, sample)
     metrics = evaluate_mesh(rec.mesh, gt, num_points=args.points, threshold=args.threshold)
 
@@ -345,7 +393,7 @@ def main(argv=None) -> int:
     print(f"latent     {rec.latent_voxels:,} voxels at {R // vae.config.downsample_factor}^3; "
           f"decoded {len(rec.decoded_sdf):,} voxels")
     if metrics["empty"]:
-        print(f"mesh       EMPTY: the decoded SDF has no surface at level {args.level:g}; nothing written")
+        print(f"mesh       EMPTY: the decoded SDF has no surface at level {level:g}; nothing written")
     else:
         print(f"mesh       {len(out_mesh.faces):,} faces, {len(out_mesh.vertices):,} vertices -> {out}")
     print(f"chamfer    {metrics['chamfer']:.6f} (unit cube; pred->gt {metrics['chamfer_pred_to_gt']:.6f}, "
@@ -359,7 +407,8 @@ def main(argv=None) -> int:
           f"extract {s['extract']:.2f} s on {device}")
     print(f"memory     {_fmt_bytes(rec.peak_memory_bytes)} ({rec.peak_memory_kind})")
     if args.json:
-        doc = dict(mesh=args.mesh, checkpoint=args.ckpt, resolution=R, tau=tau, device=str(device),
+        doc = dict(mesh=args.mesh, checkpoint=args.ckpt or args.weights, resolution=R, tau=tau, level=level,
+                   chunk_size=chunk_size, device=str(device),
                    input_voxels=rec.input_voxels, latent_voxels=rec.latent_voxels,
                    decoded_voxels=int(len(rec.decoded_sdf)), seconds=dict(sdf=t_sdf, **s),
                    peak_memory_bytes=rec.peak_memory_bytes, peak_memory_kind=rec.peak_memory_kind, **metrics)

@@ -1,0 +1,840 @@
+"""Load the released Direct3D-S2 checkpoints into our modules (RELEASED_MODEL.md A, B, G).
+
+A released folder (the model hub's ``direct3d-s2-v-1-1`` or ``direct3d-s2-v-1-0``) holds ``config.yaml`` and five
+torch files, each a dict of state dicts:
+
+- ``model_dense.ckpt``: ``["vae"]`` part ``dense_vae`` (:class:`model.dense.DenseShapeVAE`), ``["dit"]`` part
+  ``dense_dit`` (:class:`model.dense.DenseDiT`);
+- ``model_sparse_512.ckpt``: ``["vae"]`` part ``sparse_vae_512`` (:class:`model.vae.SparseSDFVAE` with
+  ``prune="none"``), ``["dit"]`` part ``sparse_dit_512`` (:class:`model.dit.SparseDiT`);
+- ``model_sparse_1024.ckpt``: ``["vae"]`` part ``sparse_vae_1024``, ``["dit"]`` part ``sparse_dit_1024`` (same
+  classes);
+- ``model_refiner.ckpt``: ``["refiner"]`` part ``refiner`` (:class:`model.refiner.VoxelRefiner`);
+- ``model_refiner_1024.ckpt``: ``["refiner"]`` part ``refiner_1024`` (:class:`model.refiner.SignRefiner`).
+
+:func:`from_pretrained` reads such a folder (or fetches it from the model hub, :data:`DEFAULT_HUB_ID`), maps every
+released tensor to exactly one parameter or buffer of our modules and loads strictly: a missing, unexpected or
+misshapen tensor, a missing file or entry, or a config.yaml entry we cannot map is an error, and all problems of one
+call are collected and reported together, each named (:class:`ReleasedCheckpointError`). Our modules mirror the
+released names and layouts one to one (the sparse convolutions keep torchsparse's ``[27, Cin, Cout]`` kernels,
+RELEASED_MODEL.md B), so the per-part key map (:attr:`PartSpec.rename`) is the identity today; it is the one place a
+rename or re-layout goes when our structure departs from the released one. Checkpoint dtypes (float16 or float32,
+G.4) are accepted and cast to the ``dtype`` asked for.
+
+Configurations come from ``config.yaml`` (``<part>: {target, params}``, the released constructor parameters,
+mapped to our dataclass configs; unknown parameters are errors), from the optional ``ours`` mapping of a part (the
+fields of our config; :func:`save_released` writes it when the released parameters cannot express our config, e.g.
+the tiny test sizes), or from the ``configs`` override of :func:`from_pretrained`. Without config.yaml the released
+sizes are used (a sparse DiT holding ``cond_proj`` is taken as v1.0).
+
+:func:`save_released` writes modules in the released layout (tests, and our own weights for tools that expect the
+released folder); our training checkpoints stay safetensors (:mod:`model.training`).
+
+:func:`decode_chunked` decodes like the released ``sparse_vae_1024`` (``chunk_size`` 4): every child of every latent
+voxel, the subdivide blocks run per spatial chunk with 4 latent cells of padding (same values as one pass; unlike
+the released code, no voxel is emitted twice at chunk seams).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .sparse.tensor import SparseTensor
+
+__all__ = [
+    "ALL_PARTS",
+    "DEFAULT_HUB_ID",
+    "DEFAULT_SUBFOLDER",
+    "PARTS",
+    "PartSpec",
+    "PretrainedDownloadError",
+    "RELEASED_MC_LEVEL",
+    "RELEASED_SDF_TAU",
+    "ReleasedCheckpointError",
+    "ReleasedModels",
+    "decode_chunked",
+    "from_pretrained",
+    "released_state_dict",
+    "resolve_folder",
+    "save_released",
+]
+
+#: Model hub repository of the release and the folder of each version inside it.
+DEFAULT_HUB_ID = "wushuang98/Direct3D-S2"
+DEFAULT_SUBFOLDER = "direct3d-s2-v-1-1"
+SUBFOLDER_V10 = "direct3d-s2-v-1-0"
+CONFIG_FILE = "config.yaml"
+#: Iso level of the released pipeline on the sparse VAE's decoded SDF (RELEASED_MODEL.md A.3, C.5).
+RELEASED_MC_LEVEL = 0.2
+#: Our ASSUMPTION for the released sparse VAE's input (not published, RELEASED_MODEL.md F): the signed distance
+#: (negative inside) divided by ``tau`` at the voxels with ``|sdf| < tau``, ``tau`` in voxels of the SDF grid; 4
+#: voxels mirrors the 4-voxel band the released pipeline uses to choose the 1024 stage's tokens (C.4).
+RELEASED_SDF_TAU = 4.0
+#: Latent cells of padding around each chunk of the chunked decoder (RELEASED_MODEL.md C.5).
+CHUNK_PADDING = 4
+#: Released sparse VAE: SDF voxels per latent voxel side (three subdivide levels).
+_SPARSE_VAE_FACTOR = 8
+#: Released refiners: grid side they run on, and patches per axis.
+_REFINER_GRID = 512
+_REFINER_PATCHES = 3
+
+
+class ReleasedCheckpointError(ValueError):
+    """Loading released weights failed; ``problems`` lists every problem found (each names its file, entry, part
+    and tensor)."""
+
+    def __init__(self, source, problems: list[str]):
+        self.source = str(source)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{self.source}: {len(self.problems)} problem(s) with the released checkpoint:\n{lines}")
+
+
+class PretrainedDownloadError(RuntimeError):
+    """The released folder could not be fetched from the model hub (no network, unknown id, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration mapping (config.yaml params <-> our dataclass configs)
+
+
+def _take(params: Mapping, known: dict[str, Any], part: str) -> dict[str, Any]:
+    """``params`` completed with the ``known`` defaults; unknown keys raise ``ValueError`` naming them."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{part}: params must be a mapping, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"{part}: config.yaml params {unknown} are not understood by this loader")
+    return {**known, **params}
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _config_from_fields(cls, values: Mapping, part: str):
+    """A dataclass config from its field values (lists back to tuples); unknown fields raise."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{part}: 'ours' must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{part}: 'ours' has fields {unknown} that {cls.__name__} does not have")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _config_fields(config) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+# sparse VAE ------------------------------------------------------------------------------------------------------
+
+_SPARSE_VAE_PARAMS = dict(use_checkpoint=True, embed_dim=16, num_head_channels_encoder=64, model_channels_encoder=512,
+                          num_heads_encoder=8, num_blocks_encoder=4, num_head_channels_decoder=64,
+                          model_channels_decoder=512, num_heads_decoder=8, num_blocks_decoder=4, resolution=64,
+                          out_channels=1, use_fp16=True, latents_scale=1.0, latents_shift=0.0, chunk_size=1)
+
+
+def _sparse_vae_default(resolution: int):
+    from .vae import VAEConfig
+
+    def make(state_keys=None):
+        return VAEConfig(resolution=resolution, prune="none")
+    return make
+
+
+def _sparse_vae_from_params(params: Mapping, part: str):
+    from .vae import VAEConfig
+
+    p = _take(params, _SPARSE_VAE_PARAMS, part)
+    _require(p["model_channels_encoder"] == p["model_channels_decoder"],
+             f"{part}: encoder and decoder widths differ ({p['model_channels_encoder']} vs "
+             f"{p['model_channels_decoder']}); our VAE has one width")
+    _require(p["num_heads_encoder"] == p["num_heads_decoder"],
+             f"{part}: encoder and decoder head counts differ; our VAE has one")
+    for side in ("encoder", "decoder"):
+        _require(p[f"num_heads_{side}"] * p[f"num_head_channels_{side}"] == p[f"model_channels_{side}"],
+                 f"{part}: num_heads_{side} x num_head_channels_{side} != model_channels_{side}")
+    _require(float(p["latents_scale"]) == 1.0 and float(p["latents_shift"]) == 0.0,
+             f"{part}: latents_scale/latents_shift other than 1/0 are not supported (the released ones are 1/0)")
+    return VAEConfig(latent_channels=p["embed_dim"], model_channels=p["model_channels_encoder"],
+                     num_heads=p["num_heads_encoder"], encoder_blocks=p["num_blocks_encoder"],
+                     decoder_blocks=p["num_blocks_decoder"], resolution=p["resolution"] * _SPARSE_VAE_FACTOR,
+                     out_channels=p["out_channels"], prune="none")
+
+
+def _sparse_vae_params(config) -> dict:
+    heads, width = config.num_heads, config.model_channels
+    return dict(use_checkpoint=True, embed_dim=config.latent_channels, num_head_channels_encoder=width // heads,
+                model_channels_encoder=width, num_heads_encoder=heads, num_blocks_encoder=config.encoder_blocks,
+                num_head_channels_decoder=width // heads, model_channels_decoder=width, num_heads_decoder=heads,
+                num_blocks_decoder=config.decoder_blocks, resolution=config.latent_resolution,
+                out_channels=config.out_channels, use_fp16=True, latents_scale=1.0, latents_shift=0.0)
+
+
+# sparse DiT ------------------------------------------------------------------------------------------------------
+
+_SPARSE_DIT_PARAMS = dict(resolution=64, in_channels=16, out_channels=16, model_channels=1024, cond_channels=1024,
+                          num_blocks=24, num_heads=32, num_kv_heads=2, compression_block_size=8,
+                          selection_block_size=8, topk=8, compression_version="v1", pe_mode="ape", factor=1.0,
+                          sparse_conditions=False, qk_rms_norm=True, use_shift=True, use_checkpoint=True,
+                          use_fp16=True, window_size=8, mlp_ratio=4)
+
+
+def _sparse_dit_default(resolution: int):
+    from .dit import DiTConfig
+
+    def make(state_keys=None):
+        v10 = state_keys is not None and "cond_proj.weight" in state_keys
+        if resolution == 64:
+            return DiTConfig.released_512_v10() if v10 else DiTConfig.released_512()
+        return DiTConfig.released_1024_v10() if v10 else DiTConfig.released_1024()
+    return make
+
+
+def _sparse_dit_from_params(params: Mapping, part: str):
+    from .dit import DiTConfig
+
+    p = _take(params, _SPARSE_DIT_PARAMS, part)
+    _require(p["pe_mode"] == "ape", f"{part}: pe_mode {p['pe_mode']!r} is not supported (released: 'ape')")
+    # qk_rms_norm has no effect in the released sparse DiT (RELEASED_MODEL.md F); use_checkpoint/use_fp16 are runtime
+    return DiTConfig(resolution=p["resolution"], in_channels=p["in_channels"], out_channels=p["out_channels"],
+                     model_channels=p["model_channels"], cond_channels=p["cond_channels"], num_blocks=p["num_blocks"],
+                     num_heads=p["num_heads"], num_kv_heads=p["num_kv_heads"],
+                     compression_block=p["compression_block_size"], selection_block=p["selection_block_size"],
+                     topk=p["topk"], window=p["window_size"], compression_version=p["compression_version"],
+                     pos_factor=float(p["factor"]), sparse_conditions=bool(p["sparse_conditions"]),
+                     use_shift=bool(p["use_shift"]), mlp_ratio=float(p["mlp_ratio"]))
+
+
+def _sparse_dit_params(config) -> dict:
+    return dict(resolution=config.resolution, in_channels=config.in_channels, out_channels=config.out_channels,
+                model_channels=config.model_channels, cond_channels=config.cond_channels,
+                num_blocks=config.num_blocks, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                compression_block_size=config.compression_block, selection_block_size=config.selection_block,
+                topk=config.topk, compression_version=config.compression_version, pe_mode="ape",
+                factor=float(config.pos_factor), sparse_conditions=bool(config.sparse_conditions), qk_rms_norm=True,
+                use_shift=bool(config.use_shift), use_checkpoint=True, use_fp16=True, window_size=config.window,
+                mlp_ratio=config.mlp_ratio)
+
+
+# dense VAE / DiT -------------------------------------------------------------------------------------------------
+
+_DENSE_VAE_PARAMS = dict(use_checkpoint=True, embed_dim=8, in_channels=1, out_channels=1,
+                         model_channels_encoder=[32, 128, 512], num_res_blocks_encoder=2,
+                         num_res_blocks_middle_encoder=2, model_channels_decoder=[512, 128, 64],
+                         num_res_blocks_decoder=4, num_res_blocks_middle_decoder=4, use_fp16=True, latents_scale=1.0,
+                         latents_shift=0.0)
+
+
+def _dense_vae_default(state_keys=None):
+    from .dense import DenseVAEConfig
+
+    return DenseVAEConfig.released()
+
+
+def _dense_vae_from_params(params: Mapping, part: str):
+    from .dense import DenseVAEConfig
+
+    p = _take(params, _DENSE_VAE_PARAMS, part)
+    _require(float(p["latents_scale"]) == 1.0 and float(p["latents_shift"]) == 0.0,
+             f"{part}: latents_scale/latents_shift other than 1/0 are not supported (the released ones are 1/0)")
+    enc, dec = tuple(p["model_channels_encoder"]), tuple(p["model_channels_decoder"])
+    # the occupancy grid: the released latent is 16^3 (dense_dit resolution) at 64^3
+    return DenseVAEConfig(in_channels=p["in_channels"], out_channels=p["out_channels"], latent_channels=p["embed_dim"],
+                          encoder_channels=enc, encoder_res_blocks=p["num_res_blocks_encoder"],
+                          encoder_middle_blocks=p["num_res_blocks_middle_encoder"], decoder_channels=dec,
+                          decoder_res_blocks=p["num_res_blocks_decoder"],
+                          decoder_middle_blocks=p["num_res_blocks_middle_decoder"])
+
+
+def _dense_vae_params(config) -> dict:
+    return dict(use_checkpoint=True, embed_dim=config.latent_channels, in_channels=config.in_channels,
+                out_channels=config.out_channels, model_channels_encoder=list(config.encoder_channels),
+                num_res_blocks_encoder=config.encoder_res_blocks,
+                num_res_blocks_middle_encoder=config.encoder_middle_blocks,
+                model_channels_decoder=list(config.decoder_channels), num_res_blocks_decoder=config.decoder_res_blocks,
+                num_res_blocks_middle_decoder=config.decoder_middle_blocks, use_fp16=True, latents_scale=1.0,
+                latents_shift=0.0)
+
+
+_DENSE_DIT_PARAMS = dict(resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024,
+                         num_blocks=24, num_heads=16, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True,
+                         use_checkpoint=True, use_fp16=True, latent_shape=None)
+
+
+def _dense_dit_default(state_keys=None):
+    from .dense import DenseDiTConfig
+
+    return DenseDiTConfig.released()
+
+
+def _dense_dit_from_params(params: Mapping, part: str):
+    from .dense import DenseDiTConfig
+
+    p = _take(params, _DENSE_DIT_PARAMS, part)
+    _require(p["patch_size"] == 1, f"{part}: patch_size {p['patch_size']} is not supported (released: 1)")
+    _require(p["pe_mode"] == "ape", f"{part}: pe_mode {p['pe_mode']!r} is not supported (released: 'ape')")
+    r = p["resolution"]
+    if p["latent_shape"] is not None:
+        _require(list(p["latent_shape"]) == [p["in_channels"], r, r, r],
+                 f"{part}: latent_shape {p['latent_shape']} does not match in_channels and resolution")
+    return DenseDiTConfig(resolution=r, in_channels=p["in_channels"], out_channels=p["out_channels"],
+                          model_channels=p["model_channels"], cond_channels=p["cond_channels"],
+                          num_blocks=p["num_blocks"], num_heads=p["num_heads"], mlp_ratio=float(p["mlp_ratio"]),
+                          qk_rms_norm=bool(p["qk_rms_norm"]))
+
+
+def _dense_dit_params(config) -> dict:
+    r = config.resolution
+    return dict(resolution=r, in_channels=config.in_channels, out_channels=config.out_channels,
+                model_channels=config.model_channels, cond_channels=config.cond_channels,
+                num_blocks=config.num_blocks, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, patch_size=1,
+                pe_mode="ape", qk_rms_norm=bool(config.qk_rms_norm), use_checkpoint=True, use_fp16=True,
+                latent_shape=[config.in_channels, r, r, r])
+
+
+# refiners --------------------------------------------------------------------------------------------------------
+
+_REFINER_PARAMS = dict(in_channels=1, out_channels=1, layers_per_block=2, layers_mid_block=2, patch_size=192,
+                       use_fp16=True)
+
+
+def _refiner_default(sign: bool):
+    from .refiner import RefinerConfig
+
+    def make(state_keys=None):
+        return RefinerConfig.released_1024() if sign else RefinerConfig.released_512()
+    return make
+
+
+def _refiner_from_params(sign: bool):
+    def convert(params: Mapping, part: str):
+        from .refiner import RefinerConfig
+
+        p = _take(params, {**_REFINER_PARAMS, "patch_size": 256 if sign else 192}, part)
+        patch = p["patch_size"]
+        _require((_REFINER_GRID - patch) % (_REFINER_PATCHES - 1) == 0,
+                 f"{part}: patch_size {patch} does not tile the {_REFINER_GRID}^3 grid in "
+                 f"{_REFINER_PATCHES} patches per axis")
+        return RefinerConfig(in_channels=p["in_channels"], out_channels=p["out_channels"],
+                             layers_per_block=p["layers_per_block"], layers_mid_block=p["layers_mid_block"],
+                             patch_size=patch, patch_stride=(_REFINER_GRID - patch) // (_REFINER_PATCHES - 1))
+    return convert
+
+
+def _refiner_params(config) -> dict:
+    return dict(in_channels=config.in_channels, out_channels=config.out_channels,
+                layers_per_block=config.layers_per_block, layers_mid_block=config.layers_mid_block,
+                patch_size=config.patch_size, use_fp16=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parts
+
+
+def _build_sparse_vae(config):
+    from .vae import SparseSDFVAE
+
+    return SparseSDFVAE(config)
+
+
+def _build_sparse_dit(config):
+    from .dit import SparseDiT
+
+    return SparseDiT(config)
+
+
+def _build_dense_vae(config):
+    from .dense import DenseShapeVAE
+
+    return DenseShapeVAE(config)
+
+
+def _build_dense_dit(config):
+    from .dense import DenseDiT
+
+    return DenseDiT(config)
+
+
+def _build_refiner(config):
+    from .refiner import VoxelRefiner
+
+    return VoxelRefiner(config)
+
+
+def _build_sign_refiner(config):
+    from .refiner import SignRefiner
+
+    return SignRefiner(config)
+
+
+def _identity(name: str) -> str:
+    return name
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One released part: where it lives (``file``, ``entry``), the released class (``target``), how to build our
+    module, and how released parameters/tensor names map to ours.
+
+    ``rename(released_name) -> our_name`` and ``unrename`` (its inverse) are the key map; ``relayout`` /
+    ``unrelayout(our_name, tensor)`` re-lay tensors whose layout differs (identity today: our modules mirror the
+    released names and layouts one to one).
+    """
+
+    name: str
+    file: str
+    entry: str
+    target: str
+    config_class: str
+    build: Callable[[Any], nn.Module]
+    default_config: Callable[..., Any]
+    from_params: Callable[[Mapping, str], Any]
+    to_params: Callable[[Any], dict]
+    rename: Callable[[str], str] = _identity
+    unrename: Callable[[str], str] = _identity
+    relayout: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
+    unrelayout: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
+
+    def config_cls(self):
+        """The dataclass of this part's config (``config_class`` is ``"<module of model>.<class>"``)."""
+        module, _, cls = self.config_class.rpartition(".")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+
+
+_TARGET = "direct3d_s2.models."
+PARTS: dict[str, PartSpec] = {
+    spec.name: spec for spec in [
+        PartSpec("dense_vae", "model_dense.ckpt", "vae", _TARGET + "autoencoders.dense_vae.DenseShapeVAE",
+                 "dense.DenseVAEConfig", _build_dense_vae, _dense_vae_default, _dense_vae_from_params,
+                 _dense_vae_params),
+        PartSpec("dense_dit", "model_dense.ckpt", "dit", _TARGET + "transformers.dense_dit.DenseDiT",
+                 "dense.DenseDiTConfig", _build_dense_dit, _dense_dit_default, _dense_dit_from_params,
+                 _dense_dit_params),
+        PartSpec("sparse_vae_512", "model_sparse_512.ckpt", "vae", _TARGET + "autoencoders.ss_vae.SparseSDFVAE",
+                 "vae.VAEConfig", _build_sparse_vae, _sparse_vae_default(512), _sparse_vae_from_params,
+                 _sparse_vae_params),
+        PartSpec("sparse_dit_512", "model_sparse_512.ckpt", "dit", _TARGET + "transformers.sparse_dit.SparseDiT",
+                 "dit.DiTConfig", _build_sparse_dit, _sparse_dit_default(64), _sparse_dit_from_params,
+                 _sparse_dit_params),
+        PartSpec("sparse_vae_1024", "model_sparse_1024.ckpt", "vae", _TARGET + "autoencoders.ss_vae.SparseSDFVAE",
+                 "vae.VAEConfig", _build_sparse_vae, _sparse_vae_default(1024), _sparse_vae_from_params,
+                 _sparse_vae_params),
+        PartSpec("sparse_dit_1024", "model_sparse_1024.ckpt", "dit", _TARGET + "transformers.sparse_dit.SparseDiT",
+                 "dit.DiTConfig", _build_sparse_dit, _sparse_dit_default(128), _sparse_dit_from_params,
+                 _sparse_dit_params),
+        PartSpec("refiner", "model_refiner.ckpt", "refiner", _TARGET + "refiner.unet_refiner.Voxel_RefinerXL",
+                 "refiner.RefinerConfig", _build_refiner, _refiner_default(False), _refiner_from_params(False),
+                 _refiner_params),
+        PartSpec("refiner_1024", "model_refiner_1024.ckpt", "refiner",
+                 _TARGET + "refiner.unet_refiner.Voxel_RefinerXL_sign", "refiner.RefinerConfig",
+                 _build_sign_refiner, _refiner_default(True), _refiner_from_params(True), _refiner_params),
+    ]
+}
+ALL_PARTS = tuple(PARTS)
+#: Runtime options of a part read from config.yaml that are not part of our config: ``chunk_size`` of the VAEs.
+_DEFAULT_OPTIONS = {"sparse_vae_1024": {"chunk_size": 4}}
+
+
+def _normalise_parts(parts) -> tuple[str, ...]:
+    if parts is None:
+        return ALL_PARTS
+    if isinstance(parts, str):
+        parts = (parts,)
+    parts = tuple(dict.fromkeys(parts))
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; known: {list(ALL_PARTS)}")
+    if not parts:
+        raise ValueError("parts must name at least one part")
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# where the folder is
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _has_release(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file() or any((folder / s.file).is_file() for s in PARTS.values())
+
+
+def resolve_folder(path_or_id, *, parts: Iterable[str] = ALL_PARTS, subfolder: str | None = None,
+                   revision: str | None = None, cache_dir=None, local_files_only: bool = False) -> Path:
+    """The local folder holding the released files of ``parts``.
+
+    A local folder is used as is when it holds config.yaml or a checkpoint file, else its ``subfolder`` (default
+    ``direct3d-s2-v-1-1``; the hub repository's layout). Anything else that looks like a hub id (``owner/name``) is
+    fetched with ``huggingface_hub.snapshot_download`` (only config.yaml and the files of ``parts``), which needs
+    network access or a filled hub cache; failures raise :class:`PretrainedDownloadError` with what to do instead.
+    """
+    text = os.fspath(path_or_id)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path}: expected the folder of a release (config.yaml and the .ckpt files), got a file")
+        if subfolder is not None:
+            if not (path / subfolder).is_dir():
+                raise FileNotFoundError(f"{path} has no subfolder {subfolder!r}")
+            return path / subfolder
+        if _has_release(path):
+            return path
+        for name in (DEFAULT_SUBFOLDER, SUBFOLDER_V10):
+            if _has_release(path / name):
+                return path / name
+        raise FileNotFoundError(f"{path} holds neither {CONFIG_FILE} nor any released .ckpt file "
+                                f"(nor a {DEFAULT_SUBFOLDER}/ subfolder with them)")
+    if not _HUB_ID.match(text) or text.startswith((".", "~")):
+        raise FileNotFoundError(f"{text}: no such folder, and not a model hub id of the form owner/name "
+                                f"(the release is {DEFAULT_HUB_ID!r})")
+    return _download(text, _normalise_parts(tuple(parts)), subfolder or DEFAULT_SUBFOLDER, revision, cache_dir,
+                     local_files_only)
+
+
+def _download(repo_id: str, parts: tuple[str, ...], subfolder: str, revision, cache_dir,
+              local_files_only: bool) -> Path:
+    files = sorted({PARTS[p].file for p in parts})
+    patterns = [f"{subfolder}/{CONFIG_FILE}"] + [f"{subfolder}/{f}" for f in files]
+    advice = (f"Without network access here, fetch the files on a machine that has it, e.g. "
+              f"`huggingface-cli download {repo_id} --include '{subfolder}/*' --local-dir DIR`, copy DIR over and "
+              f"pass DIR/{subfolder} (or DIR) instead of the id; with HF_HUB_OFFLINE=1 a filled hub cache is used.")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise PretrainedDownloadError(f"fetching {repo_id!r} needs the huggingface_hub package "
+                                      f"(pip install huggingface_hub). {advice}") from exc
+    try:
+        local = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir,
+                                  local_files_only=local_files_only)
+    except Exception as exc:  # network, authentication, unknown repository or revision, offline cache miss
+        raise PretrainedDownloadError(f"could not fetch {', '.join(patterns)} from the model hub repository "
+                                      f"{repo_id!r} ({type(exc).__name__}: {exc}). {advice}") from exc
+    return Path(local) / subfolder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_config_yaml(root: Path, problems: list[str]) -> dict:
+    path = root / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        problems.append(f"{CONFIG_FILE}: not valid YAML ({exc})")
+        return {}
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        problems.append(f"{CONFIG_FILE}: expected a mapping of parts, got {type(doc).__name__}")
+        return {}
+    return doc
+
+
+def _part_config(spec: PartSpec, doc: Mapping, state_keys, override) -> tuple[Any, dict]:
+    """``(config, options)`` of one part: the override, else config.yaml's ``ours`` or ``params``, else the
+    released defaults. ``ValueError`` naming the part for entries we cannot map."""
+    options = dict(_DEFAULT_OPTIONS.get(spec.name, {}))
+    entry = doc.get(spec.name)
+    if entry is not None:
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{CONFIG_FILE}: entry {spec.name!r} must be a mapping with target and params")
+        target = entry.get("target")
+        expected_cls = spec.target.rsplit(".", 1)[1]
+        if target is not None and str(target).strip().rsplit(".", 1)[-1] != expected_cls:
+            raise ValueError(f"{CONFIG_FILE}: {spec.name}.target is {target!r}, expected a {expected_cls}")
+        params = entry.get("params") or {}
+        if isinstance(params, Mapping) and "chunk_size" in params:
+            options["chunk_size"] = int(params["chunk_size"])
+    if override is not None:
+        cls = spec.config_cls()
+        if not isinstance(override, cls):
+            raise ValueError(f"configs[{spec.name!r}] must be a {cls.__name__}, got {type(override).__name__}")
+        return override, options
+    if entry is None:
+        return spec.default_config(state_keys), options
+    if "ours" in entry:
+        return _config_from_fields(spec.config_cls(), entry["ours"], spec.name), options
+    return spec.from_params(params, spec.name), options
+
+
+def _load_file(path: Path) -> Any:
+    """``torch.load`` of a released file (``weights_only``; memory-mapped where the format allows)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_entries(root: Path, parts: tuple[str, ...], problems: list[str]) -> dict[str, dict]:
+    """``{part: released state dict}`` for the parts whose file and entry exist; problems are recorded."""
+    out: dict[str, dict] = {}
+    by_file: dict[str, list[str]] = {}
+    for part in parts:
+        by_file.setdefault(PARTS[part].file, []).append(part)
+    for file, file_parts in by_file.items():
+        path = root / file
+        if not path.is_file():
+            problems.append(f"{file}: file not found in {root} (needed for {', '.join(file_parts)})")
+            continue
+        try:
+            blob = _load_file(path)
+        except Exception as exc:  # pickle/zip errors, unsupported objects under weights_only
+            problems.append(f"{file}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})")
+            continue
+        if not isinstance(blob, Mapping):
+            problems.append(f"{file}: expected a dict of state dicts, got {type(blob).__name__}")
+            continue
+        for part in file_parts:
+            entry = PARTS[part].entry
+            if entry not in blob:
+                problems.append(f"{file}: no entry {entry!r} for {part} (entries: {sorted(map(str, blob))})")
+                continue
+            state = blob[entry]
+            if not isinstance(state, Mapping):
+                problems.append(f"{file}[{entry!r}] ({part}): expected a state dict, got {type(state).__name__}")
+                continue
+            bad = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+            for k in bad:
+                problems.append(f"{file}[{entry!r}] ({part}): entry {k!r} is not a tensor")
+            out[part] = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return out
+
+
+def _shape(t) -> list[int]:
+    return list(t.shape)
+
+
+def _map_state(spec: PartSpec, released: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size],
+               where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Released tensors -> ours (rename + re-layout) and the problems: every expected tensor present exactly once,
+    nothing unexpected, every shape equal."""
+    problems: list[str] = []
+    ours: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # our name -> the released name mapped to it
+    for name, tensor in released.items():
+        target = spec.rename(name)
+        if target not in expected:
+            problems.append(f"{where}: unexpected tensor {name!r} {_shape(tensor)} (no parameter or buffer of our "
+                            f"{spec.name} module has this name)")
+            continue
+        if target in source:
+            problems.append(f"{where}: tensors {source[target]!r} and {name!r} both map to {target!r}")
+            continue
+        source[target] = name
+        mapped = spec.relayout(target, tensor)
+        if tuple(mapped.shape) != tuple(expected[target]):
+            problems.append(f"{where}: tensor {name!r} has shape {_shape(tensor)}, expected "
+                            f"{list(expected[target])}")
+            continue
+        ours[target] = mapped
+    for target, shape in expected.items():
+        if target not in source:
+            problems.append(f"{where}: missing tensor {spec.unrename(target)!r} {list(shape)}")
+    return ours, problems
+
+
+class ReleasedModels(dict):
+    """``{part: module}`` (eval mode) returned by :func:`from_pretrained`, plus ``root`` (the folder read),
+    ``configs`` (``{part: our config}``) and ``options`` (``{part: {...}}``, e.g. ``chunk_size`` of the sparse
+    VAEs, from config.yaml)."""
+
+    def __init__(self, modules: dict, *, root: Path, configs: dict, options: dict):
+        super().__init__(modules)
+        self.root, self.configs, self.options = root, configs, options
+
+
+def from_pretrained(path_or_id=DEFAULT_HUB_ID, *, parts: str | Iterable[str] | None = None, device="cpu",
+                    dtype: torch.dtype = torch.float32, configs: Mapping[str, Any] | None = None,
+                    subfolder: str | None = None, revision: str | None = None, cache_dir=None,
+                    local_files_only: bool = False) -> ReleasedModels:
+    """Our modules with the released weights (module docstring).
+
+    Args:
+        path_or_id: a released folder (or a folder holding ``direct3d-s2-v-1-1/``), or a model hub id
+            (default :data:`DEFAULT_HUB_ID`, fetched with ``huggingface_hub``; needs network access).
+        parts: part names (:data:`ALL_PARTS`; one name or several); default all of them.
+        device, dtype: where the modules go and the floating dtype of their weights (checkpoint tensors are cast;
+            ``None`` keeps each tensor's checkpoint dtype).
+        configs: ``{part: config}`` overriding config.yaml (e.g. smaller sizes with the released names).
+        subfolder: the folder inside a hub repository or local folder (default ``direct3d-s2-v-1-1``; v1.0:
+            ``direct3d-s2-v-1-0``). revision, cache_dir, local_files_only: passed to ``snapshot_download``.
+
+    Raises :class:`ReleasedCheckpointError` listing every problem (missing files or entries, config entries we
+    cannot map, missing / unexpected / misshapen tensors) and :class:`PretrainedDownloadError` when fetching fails.
+    """
+    parts = _normalise_parts(parts)
+    configs = dict(configs or {})
+    unknown = sorted(set(configs) - set(PARTS))
+    if unknown:
+        raise ValueError(f"configs names unknown part(s) {unknown}; known: {list(ALL_PARTS)}")
+    root = resolve_folder(path_or_id, parts=parts, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                          local_files_only=local_files_only)
+    problems: list[str] = []
+    doc = _read_config_yaml(root, problems)
+    states = _read_entries(root, parts, problems)
+    pending, out_configs, out_options = [], {}, {}
+    for part in parts:
+        spec = PARTS[part]
+        state = states.get(part)
+        try:
+            config, options = _part_config(spec, doc, None if state is None else set(state), configs.get(part))
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{CONFIG_FILE} ({part}): {exc}")
+            continue
+        out_configs[part], out_options[part] = config, options
+        with torch.device("meta"):
+            module = spec.build(config)
+        if state is None:
+            continue
+        expected = {k: v.shape for k, v in module.state_dict().items()}
+        mapped, part_problems = _map_state(spec, state, expected, f"{spec.file}[{spec.entry!r}] ({part})")
+        problems += part_problems
+        if not part_problems:
+            pending.append((part, module, mapped))
+    if problems:
+        raise ReleasedCheckpointError(root, problems)
+    modules = {}
+    for part, module, mapped in pending:
+        tensors = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in mapped.items()}
+        module.load_state_dict(tensors, strict=True, assign=True)
+        left = [n for n, t in itertools.chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
+        if left:
+            raise ReleasedCheckpointError(root, [f"{part}: our module has tensors the checkpoint cannot fill: {left}"])
+        modules[part] = module.eval()
+    return ReleasedModels(modules, root=root, configs=out_configs, options=out_options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def released_state_dict(part: str, module: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``module``'s state dict under the released names and layouts of ``part`` (optionally cast)."""
+    spec = PARTS[_normalise_parts(part)[0]]
+    out = {}
+    for name, tensor in module.state_dict().items():
+        t = spec.unrelayout(name, tensor.detach())
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[spec.unrename(name)] = t.cpu().contiguous()
+    return out
+
+
+def save_released(folder, modules: Mapping[str, nn.Module], *, dtype: torch.dtype | None = None) -> Path:
+    """Write ``{part: module}`` as a released folder: each part's state dict under its entry of its file (merged
+    into an existing file), and its config.yaml entry (``target``, ``params`` and, when the released parameters do
+    not determine our config, ``ours``: its fields). Returns the folder."""
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = _normalise_parts(tuple(modules))
+    by_file: dict[str, dict] = {}
+    for part in parts:
+        spec = PARTS[part]
+        by_file.setdefault(spec.file, {})[spec.entry] = released_state_dict(part, modules[part], dtype=dtype)
+    for file, entries in by_file.items():
+        path = folder / file
+        blob = dict(torch.load(path, map_location="cpu", weights_only=True)) if path.is_file() else {}
+        blob.update(entries)
+        torch.save(blob, path)
+    cfg_path = folder / CONFIG_FILE
+    doc = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    for part in parts:
+        spec = PARTS[part]
+        config = getattr(modules[part], "config", None)
+        if config is None:
+            raise ValueError(f"{part}: the module has no .config to describe in {CONFIG_FILE}")
+        params = {**spec.to_params(config), **_DEFAULT_OPTIONS.get(part, {})}
+        entry = {"target": spec.target, "params": params}
+        try:
+            same = spec.from_params(params, part) == config
+        except ValueError:
+            same = False
+        if not same:
+            entry["ours"] = _config_fields(config)
+        doc[part] = entry
+    cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoding like the released sparse VAE
+
+
+@torch.no_grad()
+def decode_chunked(vae, z: SparseTensor, chunk_size: int = 1, *,
+                   padding: int = CHUNK_PADDING) -> tuple[SparseTensor, SparseTensor]:
+    """Decode every child of every latent voxel (the released decoder, no pruning): ``(sdf [M, 1] tanh, features
+    [M, C0])`` on the decoded voxels, in raster order (batch, x, y, z).
+
+    ``chunk_size > 1`` runs the transformer on all tokens, then the subdivide blocks per spatial chunk
+    (``chunk_size`` chunks per axis) on the chunk's latent voxels plus ``padding`` latent cells of context (4, as
+    released), keeping each chunk's own voxels: the same values as one pass (the subdivide blocks see 2.625 latent
+    cells around a voxel) with a fraction of the peak memory (RELEASED_MODEL.md C.5). After each subdivide block
+    the context is trimmed to what the remaining blocks still read, so the chunks together cost about one pass.
+    """
+    if getattr(vae, "pruning", None) is not None:
+        raise ValueError("decode_chunked decodes every child: build the VAE with prune='none' (as released)")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    dec = vae.decoder
+    levels = len(dec.upsample)
+    factor = 2**levels
+    if chunk_size == 1:
+        out = dec(z)
+        parts = [(out.sdf.coords, out.sdf.feats, out.features.feats)]
+    else:
+        h = dec.input_layer(z)
+        h = h.replace(h.feats + dec.pos_embedder(h))
+        for block in dec.blocks:
+            h = block(h)
+        xyz = h.coords[:, 1:].long()
+        res = h.resolution if h.resolution is not None else int(xyz.max()) + 1 if xyz.numel() else 1
+        side = math.ceil(res / chunk_size)
+        # latent cells of context the blocks after block i still read (a 3^3 conv before and after each subdivide)
+        margins = [math.ceil(sum(2.0**-j + 2.0**-(j + 1) for j in range(i + 1, levels))) for i in range(levels)]
+        parts = []
+        for cell in itertools.product(range(chunk_size), repeat=3):
+            lo = torch.tensor(cell, device=xyz.device) * side
+            hi = lo + side
+            if not bool(((xyz >= lo) & (xyz < hi)).all(1).any()):
+                continue
+            hc = h.subset(((xyz >= lo - padding) & (xyz < hi + padding)).all(1))
+            for i, block in enumerate(dec.upsample):
+                hc = block(hc)
+                parent = hc.coords[:, 1:].long() // 2 ** (i + 1)
+                hc = hc.subset(((parent >= lo - margins[i]) & (parent < hi + margins[i])).all(1))
+            sdf = torch.tanh(dec.out_layer(hc).feats)
+            parts.append((hc.coords, sdf, hc.feats))
+    coords = torch.cat([p[0] for p in parts]) if parts else z.coords.new_zeros((0, 4))
+    sdf = torch.cat([p[1] for p in parts]) if parts else z.feats.new_zeros((0, 1))
+    feats = torch.cat([p[2] for p in parts]) if parts else z.feats.new_zeros((0, 0))
+    fine_res = (z.resolution * factor) if z.resolution is not None else None
+    radix = int(coords[:, 1:].max()) + 1 if coords.numel() else 1
+    c = coords.long()
+    order = torch.argsort(((c[:, 0] * radix + c[:, 1]) * radix + c[:, 2]) * radix + c[:, 3])
+    coords = coords[order]
+    kw = dict(batch_size=z.batch_size, resolution=fine_res, validate=False)
+    return SparseTensor(coords, sdf[order], **kw), SparseTensor(coords, feats[order], **kw)

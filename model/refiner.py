@@ -1,0 +1,438 @@
+"""The two refiners of the released cascade (RELEASED_MODEL.md E.4-E.6), with the released parameter names and shapes
+(``statedict-refiner.txt``, ``statedict-refiner_1024.txt``), so ``model_refiner.ckpt["refiner"]`` and
+``model_refiner_1024.ckpt["refiner"]`` load with strict key matching (:mod:`model.pretrained`).
+
+Shared network (``unet3d1``, :class:`UNet3D`): block widths ``(8, 32, 128, 512)``, GroupNorm (4 groups, eps 1e-5,
+float32) + SiLU; ``conv_in`` 3^3; 4 down blocks of ``layers_per_block`` residual blocks (``resnets``; 1^3
+``conv_shortcut`` where the width changes), each but the last followed by a Conv3d kernel 2 stride 2
+(``downsamplers.0.conv``); a middle of ``layers_mid_block + 1`` residual blocks (``mid_block.resnets``); 4 up blocks
+of ``layers_per_block + 1`` residual blocks, each fed the running features concatenated with one skip tensor popped
+from the down path (in the order the down path pushed them: ``conv_in``'s output, then every residual block's and
+downsampler's), each but the last followed by a ConvTranspose3d kernel 2 stride 2 (``upsamplers.0.conv``);
+``conv_norm_out`` GroupNorm + SiLU; no output conv (returns ``block_channels[0]`` channels).
+
+512 refiner (:class:`VoxelRefiner`, released ``Voxel_RefinerXL``), per 192^3 patch: ``conv_in`` Conv3d(1 -> 8) on
+the SDF, ``latent_mlp.net`` (Linear 32 -> 32 -> 32 -> 32 -> 8 with ReLU between) on the decoder's 32 features,
+concatenated (SDF branch first) -> UNet (16 -> 8) -> adaptive block 1 -> ``mid_conv`` -> adaptive block 2 ->
+``conv_out`` (8 -> 1) -> adaptive block 3 (filter predicted from the features entering ``conv_out``) -> tanh.
+Adaptive block ``i``: ``adaptive_conv{i}`` (3^3 conv 8 -> 8, ReLU, 3^3 conv 8 -> 27 without bias) predicts 27
+weights per voxel, L1-normalised over the 27; they form a spatially varying 3^3 filter shared by all channels
+(tap ``9 a + 3 b + c`` reads the zero-padded input at offset ``(a - 1, b - 1, c - 1)`` along the three spatial
+axes), applied 3 times. :func:`refine_512` runs it over the 512^3 grid in 27 overlapping patches (offsets 0, 160,
+320) blended linearly over the 32-voxel overlaps.
+
+1024 sign refiner (:class:`SignRefiner`, released ``Voxel_RefinerXL_sign``): ``conv_in`` Conv3d(1 -> 8) -> UNet
+(8 -> 8) -> ``conv_out`` Conv3d(8 -> 1) -> logits; :func:`sign_refine_1024` mean-pools the decoded 1024^3 sparse SDF
+by 2, densifies it at 512^3 (empty = 1), predicts ``sigmoid >= 0.5 -> +1 else -1`` in 27 patches of 256^3 (offsets
+0, 128, 256; later patches overwrite overlaps), repeats each sign 2x2x2, and returns ``|SDF| * sign`` with the decoded
+values written back at the decoded voxels.
+
+Assumptions where RELEASED_MODEL.md leaves a choice open (the parameter layout does not depend on them):
+the UNet concatenates ``[running features, skip]`` (the diffusers convention its parameter names come from); the 512
+refiner concatenates ``[SDF branch, feature branch]``; no activation between the adaptive blocks, ``mid_conv`` and
+``conv_out``; the third adaptive block's filter is predicted from the output of adaptive block 2; the L1
+normalisation divides by ``max(sum |w|, 1e-12)``; the 1-D blending ramps are ``linspace(0, 1, overlap)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "RefinerConfig",
+    "SignRefiner",
+    "UNet3D",
+    "VoxelRefiner",
+    "adaptive_filter",
+    "patch_offsets",
+    "refine_512",
+    "sign_refine_1024",
+]
+
+#: Taps of the adaptive 3^3 filter.
+ADAPTIVE_TAPS = 27
+#: Times each adaptive filter is applied.
+ADAPTIVE_ITERATIONS = 3
+#: Threshold of the sign refiner on ``sigmoid(logit)``.
+SIGN_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    """Sizes of the refiners. ``block_channels``: UNet widths (the first is also the width of ``conv_in``, the
+    feature MLP's output and the adaptive blocks); ``layers_per_block`` / ``layers_mid_block``: the released params
+    (up blocks get ``layers_per_block + 1`` residual blocks, the middle ``layers_mid_block + 1``);
+    ``feature_channels``: decoder features the 512 refiner reads (the sparse VAE's last width, 32);
+    ``resolution``: side of the grid the network runs on (512 for both: the sign refiner runs on the 1024 field
+    pooled to 512); ``patch_size``/``patch_stride``: patch tiling (offsets ``0, stride, ..``, ending flush with the
+    grid)."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    block_channels: tuple[int, ...] = (8, 32, 128, 512)
+    layers_per_block: int = 2
+    layers_mid_block: int = 2
+    norm_groups: int = 4
+    norm_eps: float = 1e-5
+    feature_channels: int = 32
+    resolution: int = 512
+    patch_size: int = 192
+    patch_stride: int = 160
+
+    def __post_init__(self):
+        for name in ("in_channels", "out_channels", "layers_per_block", "norm_groups", "feature_channels",
+                     "resolution", "patch_size", "patch_stride"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.layers_mid_block, int) or self.layers_mid_block < 0:
+            raise ValueError(f"layers_mid_block must be a non-negative int, got {self.layers_mid_block!r}")
+        if self.in_channels != 1 or self.out_channels != 1:
+            raise ValueError("the refiners read and write one SDF channel (in_channels = out_channels = 1)")
+        if not isinstance(self.block_channels, tuple) or len(self.block_channels) < 1 or \
+                any(not isinstance(c, int) or c < 1 or c % self.norm_groups for c in self.block_channels):
+            raise ValueError(f"block_channels must be positive ints divisible by norm_groups ({self.norm_groups}), "
+                             f"got {self.block_channels!r}")
+        factor = 2 ** (len(self.block_channels) - 1)
+        if self.patch_size % factor:
+            raise ValueError(f"patch_size {self.patch_size} must be divisible by {factor} (UNet levels)")
+        patch_offsets(self.resolution, self.patch_size, self.patch_stride)  # validates the tiling
+
+    def replace(self, **overrides) -> "RefinerConfig":
+        return dataclasses.replace(self, **overrides)
+
+    @property
+    def overlap(self) -> int:
+        return max(self.patch_size - self.patch_stride, 0)
+
+    @classmethod
+    def released_512(cls, **overrides) -> "RefinerConfig":
+        """The released ``refiner`` (Voxel_RefinerXL, patch 192): 27 patches at offsets 0, 160, 320."""
+        return cls(**overrides)
+
+    @classmethod
+    def released_1024(cls, **overrides) -> "RefinerConfig":
+        """The released ``refiner_1024`` (Voxel_RefinerXL_sign, patch 256 on the pooled 512^3 grid)."""
+        return cls(**{"patch_size": 256, "patch_stride": 128, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "RefinerConfig":
+        """Small refiners for tests: widths (8, 8, 16, 16), 8 decoder features, 16^3 grid in 8^3 patches."""
+        sizes = dict(block_channels=(8, 8, 16, 16), layers_per_block=1, layers_mid_block=1, feature_channels=8,
+                     resolution=16, patch_size=8, patch_stride=4)
+        return cls(**{**sizes, **overrides})
+
+
+def patch_offsets(resolution: int, patch: int, stride: int) -> list[int]:
+    """Offsets ``0, stride, ..`` of the patches along one axis; the last one must end at ``resolution`` and
+    neighbouring patches may overlap by at most ``stride`` (only neighbours overlap)."""
+    if patch > resolution:
+        raise ValueError(f"patch_size {patch} exceeds the grid side {resolution}")
+    if (resolution - patch) % stride:
+        raise ValueError(f"patches of {patch} every {stride} do not end flush with the grid side {resolution}")
+    if patch > 2 * stride:
+        raise ValueError(f"patches of {patch} every {stride} overlap more than their neighbours")
+    return list(range(0, resolution - patch + 1, stride))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# UNet
+
+
+class GroupNorm32(nn.GroupNorm):
+    """``nn.GroupNorm`` computed in at least float32, returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.group_norm(x.to(cdt), self.num_groups, self.weight.to(cdt), self.bias.to(cdt),
+                                self.eps).to(x.dtype)
+
+
+def _conv3(cin: int, cout: int, bias: bool = True) -> nn.Conv3d:
+    return nn.Conv3d(cin, cout, 3, padding=1, bias=bias)
+
+
+class ResnetBlock3D(nn.Module):
+    """``shortcut(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x))))))``; ``conv_shortcut`` (1^3) when widths differ."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = GroupNorm32(groups, in_channels, eps=eps)
+        self.conv1 = _conv3(in_channels, out_channels)
+        self.norm2 = GroupNorm32(groups, out_channels, eps=eps)
+        self.conv2 = _conv3(out_channels, out_channels)
+        self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class _Resample(nn.Module):
+    """Holds ``conv`` (the released name): Conv3d or ConvTranspose3d, kernel 2, stride 2."""
+
+    def __init__(self, channels: int, transpose: bool):
+        super().__init__()
+        cls = nn.ConvTranspose3d if transpose else nn.Conv3d
+        self.conv = cls(channels, channels, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class DownBlock3D(nn.Module):
+    def __init__(self, cin: int, cout: int, layers: int, downsample: bool, groups: int, eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock3D(cin if i == 0 else cout, cout, groups, eps) for i in range(layers))
+        self.downsamplers = nn.ModuleList([_Resample(cout, transpose=False)]) if downsample else None
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x
+
+
+class UpBlock3D(nn.Module):
+    def __init__(self, in_channels: list[int], cout: int, upsample: bool, groups: int, eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock3D(c, cout, groups, eps) for c in in_channels)
+        self.upsamplers = nn.ModuleList([_Resample(cout, transpose=True)]) if upsample else None
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(torch.cat([x, skips.pop()], dim=1))
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock3D(nn.Module):
+    def __init__(self, channels: int, layers: int, groups: int, eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock3D(channels, channels, groups, eps) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x
+
+
+class UNet3D(nn.Module):
+    """The refiners' UNet (module docstring): ``[B, in_channels, P, P, P] -> [B, block_channels[0], P, P, P]``."""
+
+    def __init__(self, in_channels: int, config: RefinerConfig):
+        super().__init__()
+        widths, g, eps = config.block_channels, config.norm_groups, config.norm_eps
+        last = len(widths) - 1
+        self.conv_in = _conv3(in_channels, widths[0])
+        skip_widths = [widths[0]]
+        down = []
+        for i, w in enumerate(widths):
+            down.append(DownBlock3D(widths[max(i - 1, 0)], w, config.layers_per_block, i < last, g, eps))
+            skip_widths += [w] * (config.layers_per_block + (1 if i < last else 0))
+        self.down_blocks = nn.ModuleList(down)
+        self.mid_block = MidBlock3D(widths[-1], config.layers_mid_block + 1, g, eps)
+        up, prev = [], widths[-1]
+        for i, w in enumerate(reversed(widths)):
+            ins = []
+            for j in range(config.layers_per_block + 1):
+                ins.append((prev if j == 0 else w) + skip_widths.pop())
+            up.append(UpBlock3D(ins, w, i < last, g, eps))
+            prev = w
+        self.up_blocks = nn.ModuleList(up)
+        self.conv_norm_out = GroupNorm32(g, widths[0], eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h = block(h, skips)
+        h = self.mid_block(h)
+        for block in self.up_blocks:
+            h = block(h, skips)
+        return F.silu(self.conv_norm_out(h))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adaptive filter
+
+
+def adaptive_filter(x: torch.Tensor, logits: torch.Tensor, iterations: int = ADAPTIVE_ITERATIONS) -> torch.Tensor:
+    """Apply the per-voxel 3^3 filter ``logits [B, 27, D, H, W]`` (L1-normalised over the 27 taps) ``iterations``
+    times to every channel of ``x [B, C, D, H, W]``; tap ``9 a + 3 b + c`` reads the zero-padded input at offset
+    ``(a - 1, b - 1, c - 1)``."""
+    w = F.normalize(logits.float(), p=1, dim=1).to(x.dtype)
+    d, h, wd = x.shape[2:]
+    for _ in range(iterations):
+        padded = F.pad(x, (1, 1, 1, 1, 1, 1))
+        out = torch.zeros_like(x)
+        for tap in range(ADAPTIVE_TAPS):
+            a, b, c = tap // 9, (tap // 3) % 3, tap % 3
+            out = out + w[:, tap:tap + 1] * padded[:, :, a:a + d, b:b + h, c:c + wd]
+        x = out
+    return x
+
+
+def _adaptive_conv(channels: int) -> nn.Sequential:
+    return nn.Sequential(_conv3(channels, channels), nn.ReLU(), _conv3(channels, ADAPTIVE_TAPS, bias=False))
+
+
+class LatentMLP(nn.Module):
+    """Per-voxel MLP ``net`` = Linear(F, F), ReLU, Linear(F, F), ReLU, Linear(F, F), ReLU, Linear(F, out)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        f = in_channels
+        self.net = nn.Sequential(nn.Linear(f, f), nn.ReLU(), nn.Linear(f, f), nn.ReLU(), nn.Linear(f, f), nn.ReLU(),
+                                 nn.Linear(f, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, F, D, H, W] -> [B, out, D, H, W]``."""
+        return self.net(x.movedim(1, -1)).movedim(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the refiners
+
+
+class VoxelRefiner(nn.Module):
+    """The 512 refiner (module docstring): ``forward(sdf [B, 1, P, P, P], feats [B, F, P, P, P]) -> [B, 1, P, P, P]``
+    (tanh)."""
+
+    def __init__(self, config: RefinerConfig | None = None):
+        super().__init__()
+        self.config = config = config or RefinerConfig.released_512()
+        w = config.block_channels[0]
+        self.unet3d1 = UNet3D(2 * w, config)
+        self.conv_in = _conv3(config.in_channels, w)
+        self.latent_mlp = LatentMLP(config.feature_channels, w)
+        self.adaptive_conv1 = _adaptive_conv(w)
+        self.adaptive_conv2 = _adaptive_conv(w)
+        self.adaptive_conv3 = _adaptive_conv(w)
+        self.mid_conv = _conv3(w, w)
+        self.conv_out = _conv3(w, config.out_channels)
+
+    def forward(self, sdf: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        h = self.unet3d1(torch.cat([self.conv_in(sdf), self.latent_mlp(feats.to(sdf.dtype))], dim=1))
+        h = adaptive_filter(h, self.adaptive_conv1(h))
+        h = self.mid_conv(h)
+        h = adaptive_filter(h, self.adaptive_conv2(h))
+        out = self.conv_out(h)
+        out = adaptive_filter(out, self.adaptive_conv3(h))
+        return torch.tanh(out)
+
+
+class SignRefiner(nn.Module):
+    """The 1024 sign refiner (module docstring): ``forward(sdf [B, 1, P, P, P]) -> logits [B, 1, P, P, P]``."""
+
+    def __init__(self, config: RefinerConfig | None = None):
+        super().__init__()
+        self.config = config = config or RefinerConfig.released_1024()
+        w = config.block_channels[0]
+        self.unet3d1 = UNet3D(w, config)
+        self.conv_in = _conv3(config.in_channels, w)
+        self.conv_out = _conv3(w, config.out_channels)
+
+    def forward(self, sdf: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.unet3d1(self.conv_in(sdf)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# whole-grid helpers
+
+
+def _patch_dense(coords: torch.Tensor, values: torch.Tensor, lo: tuple[int, int, int], size: int,
+                 fill: float) -> torch.Tensor:
+    """``[C, size, size, size]`` from sparse ``coords [N, 3]`` / ``values [N, C]`` inside ``[lo, lo + size)``."""
+    lo_t = torch.tensor(lo, device=coords.device)
+    rel = coords.long() - lo_t
+    inside = ((rel >= 0) & (rel < size)).all(1)
+    rel, vals = rel[inside], values[inside]
+    out = torch.full((values.shape[1], size, size, size), fill, dtype=values.dtype, device=values.device)
+    out[:, rel[:, 0], rel[:, 1], rel[:, 2]] = vals.T
+    return out
+
+
+def _ramp_weights(offsets: list[int], size: int, overlap: int, device, dtype) -> list[torch.Tensor]:
+    """1-D blending weights per patch: rising over the overlap with the previous patch, falling over the next."""
+    out = []
+    ramp = torch.linspace(0.0, 1.0, overlap, device=device, dtype=dtype) if overlap else None
+    for i in range(len(offsets)):
+        w = torch.ones(size, device=device, dtype=dtype)
+        if overlap and i > 0:
+            w[:overlap] = ramp
+        if overlap and i + 1 < len(offsets):
+            w[size - overlap:] = 1.0 - ramp
+        out.append(w)
+    return out
+
+
+@torch.no_grad()
+def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, feats: torch.Tensor, *,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The 512 refiner over the whole grid: decoded voxels ``coords [N, 3]`` (x, y, z on the refiner's grid),
+    ``sdf [N]`` and ``feats [N, F]`` -> refined dense field ``[R, R, R]`` (float32), from overlapping patches blended
+    linearly over their overlaps. Empty voxels read SDF 1 and features 0."""
+    cfg = refiner.config
+    p, r = cfg.patch_size, cfg.resolution
+    offs = patch_offsets(r, p, cfg.patch_stride)
+    dev = coords.device
+    dtype = dtype or next(refiner.parameters()).dtype
+    ramps = _ramp_weights(offs, p, cfg.overlap, dev, torch.float32)
+    out = torch.zeros(r, r, r, device=dev)
+    for i, ox in enumerate(offs):
+        for j, oy in enumerate(offs):
+            for k, oz in enumerate(offs):
+                lo = (ox, oy, oz)
+                s = _patch_dense(coords, sdf.reshape(-1, 1).to(dtype), lo, p, 1.0)
+                f = _patch_dense(coords, feats.to(dtype), lo, p, 0.0)
+                pred = refiner(s.unsqueeze(0), f.unsqueeze(0))[0, 0].float()
+                weight = ramps[i][:, None, None] * ramps[j][None, :, None] * ramps[k][None, None, :]
+                out[ox:ox + p, oy:oy + p, oz:oz + p] += weight * pred
+    return out
+
+
+@torch.no_grad()
+def sign_refine_1024(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, resolution: int = 1024, *,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The sign refiner over the whole grid: decoded voxels ``coords [N, 3]`` on the ``resolution^3`` grid (twice
+    the refiner's), ``sdf [N]`` -> dense field ``[resolution]^3`` = ``|SDF| * sign`` (empty voxels ``|1|``), with
+    the decoded values written back at the decoded voxels."""
+    cfg = refiner.config
+    if resolution != 2 * cfg.resolution:
+        raise ValueError(f"the sign refiner runs at {cfg.resolution}^3, so the field must be "
+                         f"{2 * cfg.resolution}^3, got {resolution}")
+    dev = coords.device
+    dtype = dtype or next(refiner.parameters()).dtype
+    c = coords.long()
+    values = sdf.reshape(-1).float()
+    # mean-pool the sparse SDF by 2 onto the refiner's grid
+    parent = c // 2
+    r = cfg.resolution
+    key = (parent[:, 0] * r + parent[:, 1]) * r + parent[:, 2]
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    sums = torch.zeros(uniq.numel(), device=dev).index_add_(0, inverse, values)
+    counts = torch.zeros(uniq.numel(), device=dev).index_add_(0, inverse, torch.ones_like(values))
+    pooled_coords = torch.stack([uniq // (r * r), (uniq // r) % r, uniq % r], dim=1)
+    pooled = (sums / counts).unsqueeze(1)
+    p = cfg.patch_size
+    sign = torch.ones(r, r, r, device=dev)
+    for ox in patch_offsets(r, p, cfg.patch_stride):
+        for oy in patch_offsets(r, p, cfg.patch_stride):
+            for oz in patch_offsets(r, p, cfg.patch_stride):
+                s = _patch_dense(pooled_coords, pooled.to(dtype), (ox, oy, oz), p, 1.0)
+                prob = torch.sigmoid(refiner(s.unsqueeze(0))[0, 0].float())
+                sign[ox:ox + p, oy:oy + p, oz:oz + p] = torch.where(prob >= SIGN_THRESHOLD, 1.0, -1.0)
+    field = sign.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    field[c[:, 0], c[:, 1], c[:, 2]] = values
+    return field
