@@ -8,17 +8,24 @@ element, encoded by the frozen DINOv2 encoder (:mod:`model.conditioning`; random
 is given, with a loud warning), condition dropout for classifier-free guidance, logit-normal timesteps and the
 rectified-flow loss (:func:`model.flow.flow_loss`), AdamW, gradient clipping, EMA of the weights.
 
-Determinism and resuming: everything random in step ``s`` (the view choice, latent sampling, timesteps, noise,
-condition dropout) comes from a generator seeded by ``(seed, s, rank)``, and the batch order from ``(seed, epoch)``;
-so a run resumed from a checkpoint (model, EMA, optimizer state and step; :mod:`model.training` format, written
-atomically) continues exactly as the uninterrupted run would have.
+Determinism and resuming: everything random about a batch element in step ``s`` (the view choice, latent sampling,
+its timestep, noise and condition dropout) comes from a generator seeded by ``(seed, s, p)``, ``p`` its position in
+the step's global batch (:func:`item_generator`), and the batch order from ``(seed, epoch)``; so a run resumed from a
+checkpoint (model, EMA, optimizer state and step; :mod:`model.training` format, written atomically) continues
+exactly as the uninterrupted run would have, on any number of ranks.
 
 Outputs in ``RUN``: ``metrics.jsonl`` (one line per step: loss, lr, grad norm, tokens, batch size, seconds),
 ``loss.png``, ``checkpoints/step_XXXXXXX.safetensors`` and ``checkpoints/last.safetensors``, ``config.json``.
 Latents are normalised per channel with the training set's mean and std (stored in the checkpoint, undone by
 ``model.sample``) unless ``normalize_latents`` is false.
 
-torchrun: with ``WORLD_SIZE > 1`` the model is wrapped in DDP (NCCL on GPUs, gloo on CPU); rank 0 logs and saves.
+torchrun: with ``WORLD_SIZE > 1`` the model is wrapped in DDP (NCCL on GPUs, gloo on CPU). Step ``s`` has one
+*global* batch, packed with ``world_size`` times the token and element budgets, and every rank trains on its share
+(:func:`model.training.partition_by_tokens`: near-equal token counts); the loss is the mean over the global batch's
+tokens (:func:`sharded_flow_loss`), so N ranks with ``batch_tokens`` T take the steps one process with ``N * T``
+(and ``N * max_batch``) takes, up to float rounding, and a checkpoint resumes on any number of ranks (the same
+sequence of global batches when ``world_size * batch_tokens`` stays the same). Rank 0 logs (global loss and token
+counts, the ranks' forward and step times: min, max, spread) and saves.
 CPU runs at tiny size: ``--model tiny --backend reference`` (dense reference SSA) or ``--backend kernels`` (Triton
 through its interpreter, slow). ``--precision bf16`` uses bf16 autocast on CUDA.
 """
@@ -42,7 +49,8 @@ from .dit import DiTConfig, SparseDiT
 from .flow import TIMESTEP_MODES, flow_loss
 from .sparse.tensor import SparseTensor
 
-__all__ = ["EMA", "LatentDataset", "TokenBatchSampler", "TrainConfig", "main", "train"]
+__all__ = ["EMA", "LatentDataset", "TokenBatchSampler", "TrainConfig", "item_generator", "main", "sharded_flow_loss",
+           "train"]
 
 PRECISIONS = ("fp32", "bf16")
 LATENT_MODES = ("mean", "sample")
@@ -192,13 +200,17 @@ class LatentDataset:
 
 
 class TokenBatchSampler:
-    """Deterministic batches packed by token count.
+    """Deterministic batches packed by token count, one global batch per step, shared out among the ranks.
 
     Per epoch (seeded by ``(seed, epoch)``): shuffle the items, cut them into chunks of ``chunk`` items, sort each
-    chunk by decreasing token count and pack it first-fit into batches of at most ``max_tokens`` tokens and
-    ``max_batch`` elements (an item larger than the budget forms a batch alone), then shuffle the batches. With
-    several ranks, step ``s`` of rank ``r`` takes batch ``s * world_size + r`` of the epoch (an epoch has
-    ``len(batches) // world_size`` steps, at least one), so every rank gets a batch of about the same token count.
+    chunk by decreasing token count and pack it first-fit into global batches of at most ``world_size *
+    max_tokens`` tokens and ``world_size * max_batch`` elements (an item larger than the budget forms a batch
+    alone), then shuffle the batches. With several ranks a global batch needs one element per rank: one with fewer
+    is merged into the next (the last one into the one before), and an epoch with fewer items than ranks repeats
+    them. Step ``s`` is the epoch's global batch ``s``; rank ``r`` takes part ``r`` of
+    :func:`model.training.partition_by_tokens` of it (near-equal token counts; a part may exceed ``max_tokens`` by
+    less than one item). The global batches depend on ``world_size * max_tokens`` and ``world_size * max_batch``
+    only: one rank with budget ``2 T`` draws what two ranks with ``T`` share.
     """
 
     def __init__(self, tokens, max_tokens: int, max_batch: int, *, seed: int = 0, world_size: int = 1,
@@ -211,17 +223,19 @@ class TokenBatchSampler:
         self._epochs: dict[int, list[list[int]]] = {}
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (sorted item indices)."""
         if epoch in self._epochs:
             return self._epochs[epoch]
         rng = np.random.default_rng([self.seed, epoch, 0x5D17])
         order = rng.permutation(len(self.tokens)).tolist()
+        budget, most = self.max_tokens * self.world_size, self.max_batch * self.world_size
         batches: list[list[int]] = []
         for c0 in range(0, len(order), self.chunk):
             part = sorted(order[c0:c0 + self.chunk], key=lambda i: -self.tokens[i])
             open_batches: list[tuple[int, list[int]]] = []
             for i in part:
                 for j, (load, members) in enumerate(open_batches):
-                    if load + self.tokens[i] <= self.max_tokens and len(members) < self.max_batch:
+                    if load + self.tokens[i] <= budget and len(members) < most:
                         members.append(i)
                         open_batches[j] = (load + self.tokens[i], members)
                         break
@@ -230,28 +244,56 @@ class TokenBatchSampler:
             batches += [sorted(m) for _, m in open_batches]
         perm = rng.permutation(len(batches))
         batches = [batches[k] for k in perm]
-        while len(batches) < self.world_size:
-            batches += batches[: self.world_size - len(batches)]
+        if self.world_size > 1:
+            batches = self._at_least_one_per_rank(batches)
         self._epochs = {epoch: batches}  # keep one epoch
         return batches
 
-    def steps_per_epoch(self, epoch: int) -> int:
-        return len(self.epoch_batches(epoch)) // self.world_size
+    def _at_least_one_per_rank(self, batches: list[list[int]]) -> list[list[int]]:
+        merged: list[list[int]] = []
+        carry: list[int] = []
+        for b in batches:
+            carry += b
+            if len(carry) >= self.world_size:
+                merged.append(sorted(carry))
+                carry = []
+        if carry and merged:
+            merged[-1] = sorted(merged[-1] + carry)
+        elif carry:  # fewer items than ranks in the whole epoch
+            merged = [sorted((carry * self.world_size)[: self.world_size])]
+        return merged
 
-    def batch(self, step: int) -> tuple[int, list[int]]:
-        """``(epoch, item indices)`` of this rank's batch at global step ``step``."""
+    def steps_per_epoch(self, epoch: int) -> int:
+        return len(self.epoch_batches(epoch))
+
+    def global_batch(self, step: int) -> tuple[int, list[int]]:
+        """``(epoch, item indices)`` of the global batch of step ``step``."""
         epoch = 0
         while True:
             n = self.steps_per_epoch(epoch)
             if step < n:
-                return epoch, self.epoch_batches(epoch)[step * self.world_size + self.rank]
+                return epoch, self.epoch_batches(epoch)[step]
             step -= n
             epoch += 1
 
+    def shard(self, step: int) -> tuple[list[int], list[int], list[int]]:
+        """``(global item indices, this rank's positions in them, this rank's item indices)`` of step ``step``."""
+        from .training import partition_by_tokens
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """The CPU generator of one training step (seeded by ``(seed, step, rank)``)."""
-    digest = hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()
+        _, items = self.global_batch(step)
+        positions = partition_by_tokens([self.tokens[i] for i in items], self.world_size)[self.rank]
+        return items, positions, [items[p] for p in positions]
+
+    def batch(self, step: int) -> tuple[int, list[int]]:
+        """``(epoch, item indices)`` of this rank's share of global step ``step``."""
+        epoch, _ = self.global_batch(step)
+        return epoch, self.shard(step)[2]
+
+
+def item_generator(seed: int, step: int, position: int) -> torch.Generator:
+    """The CPU generator of the batch element at ``position`` of step ``step``'s global batch (seeded by ``(seed,
+    step, position)``): its randomness does not depend on which rank trains it."""
+    digest = hashlib.sha256(f"{seed}/{step}/item{position}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -296,13 +338,17 @@ def _load_view(dataset: LatentDataset, i: int, v: int, image_size: int, cache: d
     return cache[key]
 
 
-def make_batch(dataset: LatentDataset, indices, *, generator: torch.Generator, encoder, latent_mode: str,
+def make_batch(dataset: LatentDataset, indices, *, generator, encoder, latent_mode: str,
                stats: dict | None, sparse_conditions: bool, device, image_cache: dict):
-    """``(x0: SparseTensor [N, L] on device, cond: Condition)`` for the items ``indices``."""
+    """``(x0: SparseTensor [N, L] on device, cond: Condition)`` for the items ``indices``; ``generator``: one
+    ``torch.Generator`` for all of them or one per item (:func:`item_generator`)."""
     from .conditioning import dense_condition, sparse_condition
 
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(indices)
+    if len(gens) != len(indices):
+        raise ValueError(f"{len(gens)} generators for {len(indices)} items")
     coords, feats, rgbs, masks = [], [], [], []
-    for i in indices:
+    for i, generator in zip(indices, gens):
         c, mean, logvar = dataset.latent(i)
         z = torch.from_numpy(mean)
         if latent_mode == "sample":
@@ -325,6 +371,43 @@ def make_batch(dataset: LatentDataset, indices, *, generator: torch.Generator, e
     else:
         cond = dense_condition(tokens)
     return x0, cond
+
+
+def sharded_flow_loss(model, x0: SparseTensor, cond, generators, *, total_tokens: int, world_size: int,
+                      timestep_mode: str = "logit_normal", timestep_shift: float = 1.0,
+                      cond_drop_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rectified-flow loss (:func:`model.flow.flow_loss`) of this rank's part of a global batch, drawn per batch
+    element and scaled for DDP; returns ``(loss to backward, this part's share of the global loss)``.
+
+    Element ``b`` draws, from ``generators[b]`` (:func:`item_generator`, after whatever :func:`make_batch` drew),
+    its timestep, its noise and whether its condition is dropped; so an element gets the same draws on any rank and
+    in any company. The global loss is the mean squared error over all ``total_tokens`` tokens of the global batch:
+    this part's share is ``local mean * n / total_tokens`` (``n`` its tokens), and the loss to backward is
+    ``world_size`` times that, because DDP divides the summed gradients by the number of ranks. (Each rank's local
+    token mean instead would weight a token by ``1 / n_r``: ranks holding fewer tokens would count for more.) With
+    gradient accumulation over several parts on one rank, pass the rank count, not the part count: the gradients of
+    the parts add up. The shares of all parts add up to the global loss.
+    """
+    from .dit import Condition
+    from .flow import sample_timesteps
+
+    counts = x0.batch_counts.tolist()
+    if len(generators) != len(counts):
+        raise ValueError(f"{len(generators)} generators for {len(counts)} batch elements")
+    t, noise, keep = [], [], []
+    for n, g in zip(counts, generators):
+        t.append(sample_timesteps(1, mode=timestep_mode, shift=timestep_shift, generator=g))
+        noise.append(torch.randn(n, x0.num_channels, generator=g))
+        keep.append(torch.rand(1, generator=g) >= cond_drop_prob)
+    keep_t = torch.cat(keep)
+    if not bool(keep_t.all()):
+        if isinstance(cond, Condition):
+            cond = cond.drop(keep_t)
+        else:
+            cond = cond * keep_t.to(cond.device, cond.dtype).view(-1, 1, 1)
+    res = flow_loss(model, x0, cond, t=torch.cat(t), noise=torch.cat(noise).to(x0.device, x0.dtype))
+    share = res["loss"] * (x0.num_voxels / max(int(total_tokens), 1))
+    return share * world_size, share.detach()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,6 +472,7 @@ def train(cfg: TrainConfig, *, resume=None) -> dict:
     ddp_model = dist.wrap(model)
     sampler = TokenBatchSampler(dataset.tokens, cfg.batch_tokens, cfg.max_batch, seed=cfg.seed,
                                 world_size=dist.world_size, rank=dist.rank)
+    meta_size = {"world_size": dist.world_size, "global_batch_tokens": cfg.batch_tokens * dist.world_size}
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if ck_path is not None else None,
                          enabled=dist.is_main)
     if dist.is_main:
@@ -399,7 +483,7 @@ def train(cfg: TrainConfig, *, resume=None) -> dict:
             "latent_stats": stats, "latent_resolution": dataset.latent_resolution,
             "encoder": {"weights": cfg.encoder, "size": cfg.encoder_size, "seed": cfg.encoder_seed,
                         "random": encoder.random_weights, "image_size": encoder.image_size},
-            "vae_config": dataset.manifest.get("vae_config")}
+            "vae_config": dataset.manifest.get("vae_config"), **meta_size}
     use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
     limit = TimeLimit(cfg.time_limit_min)
     image_cache: dict = {}
@@ -429,9 +513,10 @@ def train(cfg: TrainConfig, *, resume=None) -> dict:
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            _, idx = sampler.batch(step)
-            gen = step_generator(cfg.seed, step, dist.rank)
-            x0, cond = make_batch(dataset, idx, generator=gen, encoder=encoder, latent_mode=cfg.latent,
+            items, positions, idx = sampler.shard(step)
+            total_tokens = sum(dataset.tokens[i] for i in items)
+            gens = [item_generator(cfg.seed, step, p) for p in positions]
+            x0, cond = make_batch(dataset, idx, generator=gens, encoder=encoder, latent_mode=cfg.latent,
                                   stats=stats, sparse_conditions=dit_cfg.sparse_conditions, device=device,
                                   image_cache=image_cache)
             lr = cfg.lr * lr_factor(step, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
@@ -439,28 +524,29 @@ def train(cfg: TrainConfig, *, resume=None) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                res = flow_loss(ddp_model, x0, cond, generator=gen, timestep_mode=cfg.timestep_mode,
-                                timestep_shift=cfg.timestep_shift, cond_drop_prob=cfg.cond_drop_prob)
-            loss = res["loss"]
+                loss, share = sharded_flow_loss(ddp_model, x0, cond, gens, total_tokens=total_tokens,
+                                                world_size=dist.world_size, timestep_mode=cfg.timestep_mode,
+                                                timestep_shift=cfg.timestep_shift, cond_drop_prob=cfg.cond_drop_prob)
+            if dist.enabled:
+                dist.synchronize()
+            fwd_s = time.perf_counter() - t0
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             opt.step()
             ema.update(model, step)
-            loss_val = loss.detach()
-            if dist.enabled:
-                import torch.distributed as tdist
-
-                tdist.all_reduce(loss_val, op=tdist.ReduceOp.AVG)
-            loss_f = float(loss_val)
+            loss_f = float(dist.sum(share.double()))  # the global loss: the shares add up to it
             if not math.isfinite(loss_f):
                 raise FloatingPointError(f"non-finite loss {loss_f} at step {step + 1}")
+            ranks = dist.rank_stats(dict(step_s=time.perf_counter() - t0, fwd_s=fwd_s,
+                                         tokens=float(x0.num_voxels))) if dist.enabled else {}
             done = step + 1
             last.update(step=done, loss=loss_f)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 metrics.log({"step": done, "loss": loss_f, "lr": lr, "grad_norm": float(gnorm),
-                             "tokens": x0.num_voxels, "batch": len(idx), "sec": time.perf_counter() - t0})
+                             "tokens": total_tokens, "batch": len(items), "sec": time.perf_counter() - t0,
+                             "world_size": dist.world_size, **ranks})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_f:.4f}")
@@ -473,6 +559,7 @@ def train(cfg: TrainConfig, *, resume=None) -> dict:
     finally:
         if bar is not None:
             bar.close()
+        ddp_model = None  # noqa: F841  (the DDP wrapper goes before its process group)
         dist.close()
     if last["checkpoint"] is None and dist.is_main and last["step"] > start:
         last["checkpoint"] = save(last["step"])

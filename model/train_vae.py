@@ -12,10 +12,11 @@ processes), split into training and held-out meshes by a hash of their names
 (:func:`model.data.dataset.split_by_name`). Batches share one resolution drawn per batch from ``--resolutions``
 (:class:`~model.data.dataset.MultiResolutionBatchSampler`, the paper's multi-resolution training).
 
-Each step: encode, sample the posterior (a dedicated, checkpointed ``torch.Generator``), decode with the training
-pruning rule (predicted and target voxels), :func:`model.vae.vae_loss` (input, extra, sharp-edge SDF MSE + KL +
-pruning BCE), AdamW with linear warm-up and a cosine (or constant) schedule, gradient clipping (a step whose loss
-or gradient is not finite is skipped); bf16 autocast on CUDA. Outputs in ``--out``: ``checkpoint.safetensors``
+Each step: encode, sample the posterior (each sample's noise from its own seed, the seeds drawn from a dedicated,
+checkpointed ``torch.Generator``), decode with the training pruning rule (predicted and target voxels),
+:func:`model.vae.vae_loss` (input, extra, sharp-edge SDF MSE + KL + pruning BCE), AdamW with linear warm-up and a
+cosine (or constant) schedule, gradient clipping (a step whose loss or gradient is not finite is skipped); bf16
+autocast on CUDA. Outputs in ``--out``: ``checkpoint.safetensors``
 (model + optimizer + step + RNG, written atomically; rank 0), ``metrics.jsonl`` (training records every
 ``log_every`` steps, validation records with ``kind: "val"``), ``loss.png``, ``config.json``. ``--resume``
 continues from ``checkpoint.safetensors`` bit for bit on CPU (same data order, same posterior noise).
@@ -23,10 +24,18 @@ continues from ``checkpoint.safetensors`` bit for bit on CPU (same data order, s
 Validation reconstructs ``val_meshes`` held-out meshes (encode the mean, decode with inference pruning, marching
 cubes) and logs F-score, Chamfer distance and normal consistency (:func:`model.reconstruct.evaluate_mesh`).
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) every rank takes every ``world_size``-th batch of the same global sequence,
-the model is DDP-wrapped, logged losses are averaged over the ranks, and only rank 0 logs, shows progress,
-validates and writes files (bit-exact resume is a single-process property: each rank draws its own posterior noise,
-and only rank 0's generator is checkpointed).
+Under ``torchrun`` (``WORLD_SIZE > 1``; NCCL on GPUs, gloo on CPU) a step's *global* batch is ``batch_size *
+world_size`` samples of the same sequence a single process with that batch size would draw; each rank loads and
+trains on its share, cut by :func:`model.training.partition_by_tokens` (near-equal voxel counts, from the cached
+samples' sizes, before anything is loaded). The model is DDP-wrapped and every loss term is normalised by its
+global count (:func:`global_vae_loss`), so a step on N ranks equals a step of one process on the whole global
+batch up to float rounding; the posterior noise of each sample is drawn from its own seed, taken from the
+checkpointed ``posterior`` generator (the same on every rank) by its position in the global batch, not from a
+per-rank stream. Only rank 0 logs (global losses and voxel counts, and the ranks' forward and step times: min, max,
+spread), shows progress, validates and writes files. The checkpoint (the bare model, no DDP prefixes) resumes on any
+number of ranks; with the same global batch size (1 rank x batch 4 = 2 ranks x batch 2) the run continues exactly
+as it would have in the original configuration, otherwise it continues at global batch ``step`` of the new
+sequence.
 """
 from __future__ import annotations
 
@@ -57,7 +66,7 @@ from .training import (
 )
 from .vae import SparseSDFVAE, VAEConfig, VAELossConfig, vae_loss
 
-__all__ = ["MODEL_PRESETS", "VAETrainConfig", "main", "model_config", "train", "validate"]
+__all__ = ["MODEL_PRESETS", "VAETrainConfig", "global_vae_loss", "main", "model_config", "train", "validate"]
 
 #: File names inside the output folder.
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -113,10 +122,11 @@ class VAETrainConfig:
     per batch); ``tau`` band half-width in voxels; ``cache_dir`` for the samples; ``prepare_workers`` processes
     for the up-front SDF preparation; ``held_out_fraction`` and ``split_seed`` of the name-hash split.
     Model: ``model`` preset (:data:`MODEL_PRESETS`) and ``model_overrides`` (VAEConfig fields).
-    Optimisation: ``batch_size`` (per process), ``steps`` (total optimizer steps), ``lr``, ``weight_decay``,
-    ``warmup_steps``, ``schedule`` (``cosine``/``constant``), ``min_lr_ratio`` (end of the cosine),
-    ``anneal_to_time_limit`` (the cosine follows the elapsed fraction of ``time_limit`` when that is further along
-    than ``step / steps``), ``grad_clip`` (0 = off), the loss weights (:class:`~model.vae.VAELossConfig`).
+    Optimisation: ``batch_size`` (per process: the global batch is ``batch_size * world_size``), ``steps`` (total
+    optimizer steps), ``lr``, ``weight_decay``, ``warmup_steps``, ``schedule`` (``cosine``/``constant``),
+    ``min_lr_ratio`` (end of the cosine), ``anneal_to_time_limit`` (the cosine follows the elapsed fraction of
+    ``time_limit`` when that is further along than ``step / steps``), ``grad_clip`` (0 = off), the loss weights
+    (:class:`~model.vae.VAELossConfig`).
     Run: ``time_limit`` minutes (None = no limit), ``device``, ``bf16`` (autocast on CUDA), ``out``, ``resume``,
     ``seed``, ``log_every``, ``ckpt_every``, ``val_every`` (0 = only at the end), ``val_meshes``, ``val_resolution``
     (default: the first of ``resolutions``), ``val_points`` (surface points per mesh), ``num_workers`` (data
@@ -261,32 +271,86 @@ def build_datasets(config: VAETrainConfig, dist: Distributed | None = None):
     return train_ds, held, report
 
 
-class _RankBatches(torch.utils.data.Sampler):
-    """This rank's batches of the endless global batch sequence (epoch after epoch of the multi-resolution sampler),
-    starting at global batch ``start``: global batch ``g`` goes to rank ``g % world_size``."""
+def _voxel_count(dataset, index: int, resolution: int, cache: dict) -> int:
+    """Voxels of sample ``index`` at ``resolution``, read from the ``.npy`` header of its cached ``.npz`` (nothing
+    is decompressed); the whole sample is loaded only when the cache entry cannot be read that way."""
+    key = (int(index), int(resolution))
+    if key not in cache:
+        import zipfile
 
-    def __init__(self, sampler, start: int, world_size: int, rank: int):
-        self.sampler, self.start, self.world, self.rank = sampler, int(start), int(world_size), int(rank)
+        import numpy as np
+
+        try:
+            with zipfile.ZipFile(dataset.cache_path(index, resolution)) as zf, zf.open("coords.npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                cache[key] = int(read(fh)[0][0])
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            cache[key] = int(dataset[index, resolution]["coords"].shape[0])
+    return cache[key]
+
+
+class _ShardedBatches(torch.utils.data.Sampler):
+    """This rank's share of the endless global batch sequence (epoch after epoch of the multi-resolution sampler,
+    whose batch size is the global one), from global batch ``start`` on: one list of ``(index, resolution,
+    position, global_size)`` per step, the share :func:`~model.training.partition_by_tokens` gives this rank from
+    the global batch's voxel counts (a global batch holds at least ``world_size`` samples, so no share is empty)."""
+
+    def __init__(self, sampler, dataset, start: int, world_size: int, rank: int):
+        self.sampler, self.dataset, self.start = sampler, dataset, int(start)
+        self.world, self.rank = int(world_size), int(rank)
+        self.counts: dict = {}
 
     def __iter__(self):
+        from .training import partition_by_tokens
+
         per_epoch = len(self.sampler)
         epoch = self.start // per_epoch
         while True:
             self.sampler.set_epoch(epoch)
             for pos, batch in enumerate(self.sampler):
-                g = epoch * per_epoch + pos
-                if g >= self.start and g % self.world == self.rank:
-                    yield batch
+                if epoch * per_epoch + pos < self.start:
+                    continue
+                tokens = [_voxel_count(self.dataset, i, r, self.counts) for i, r in batch]
+                mine = partition_by_tokens(tokens, self.world)[self.rank]
+                yield [(batch[p][0], batch[p][1], p, len(batch)) for p in mine]
             epoch += 1
 
 
-def _loader(train_ds, config: VAETrainConfig, start_step: int, dist: Distributed):
-    from .data.dataset import MultiResolutionBatchSampler, collate_sparse_sdf
+class _Positioned(torch.utils.data.Dataset):
+    """``dataset[index, resolution]`` plus the sample's position in its global batch and that batch's size."""
 
-    sampler = MultiResolutionBatchSampler(len(train_ds), config.batch_size, config.resolutions,
-                                          drop_last=len(train_ds) >= config.batch_size, seed=config.seed)
-    batches = _RankBatches(sampler, start_step * dist.world_size, dist.world_size, dist.rank)
-    return torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate_sparse_sdf,
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, resolution, position, size = item
+        return dict(self.dataset[index, resolution], position=int(position), global_size=int(size))
+
+
+def _collate(items):
+    from .data.dataset import collate_sparse_sdf
+
+    batch = collate_sparse_sdf(items)
+    batch["positions"] = torch.tensor([it["position"] for it in items], dtype=torch.int64)
+    batch["global_size"] = int(items[0]["global_size"])
+    return batch
+
+
+def _loader(train_ds, config: VAETrainConfig, start_step: int, dist: Distributed):
+    from .data.dataset import MultiResolutionBatchSampler
+
+    global_size = config.batch_size * dist.world_size
+    if len(train_ds) < dist.world_size:
+        raise ValueError(f"{len(train_ds)} training meshes for {dist.world_size} ranks: every rank needs a sample")
+    sampler = MultiResolutionBatchSampler(len(train_ds), global_size, config.resolutions,
+                                          drop_last=len(train_ds) >= global_size, seed=config.seed)
+    batches = _ShardedBatches(sampler, train_ds, start_step, dist.world_size, dist.rank)
+    return torch.utils.data.DataLoader(_Positioned(train_ds), batch_sampler=batches, collate_fn=_collate,
                                        num_workers=config.num_workers, pin_memory=dist.device.type == "cuda")
 
 
@@ -333,6 +397,89 @@ def validate(vae: SparseSDFVAE, dataset, *, count: int, resolution: int, device:
 # training
 
 
+class _TrainForward(torch.nn.Module):
+    """The VAE's training forward (encode, sample the posterior, decode keeping the target voxels) with the noise of
+    each batch element drawn from its own seed, so that a sample gets the same noise whichever rank holds it and
+    whatever else is in its batch. This is the module DDP wraps; checkpoints store the bare ``vae``."""
+
+    def __init__(self, vae: SparseSDFVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, seeds: torch.Tensor):
+        from .vae import VAEOutput
+
+        posterior = self.vae.encode(x)
+        mean = posterior.mean
+        eps = _posterior_noise(mean, seeds)
+        z = mean.replace(mean.feats + torch.exp(0.5 * posterior.logvar) * eps)
+        return VAEOutput(posterior, z, self.vae.decode(z, target=x, keep_target=True))
+
+
+def _posterior_noise(latent, seeds: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like ``latent.feats``: batch element ``b``'s rows (in their order) from a CPU
+    generator seeded with ``seeds[b]``."""
+    counts = latent.batch_counts.tolist()
+    if len(counts) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds for {len(counts)} batch elements")
+    channels = latent.num_channels
+    parts = [torch.randn(n, channels, generator=torch.Generator().manual_seed(int(s)))
+             for n, s in zip(counts, seeds.tolist())]
+    # a SparseTensor keeps its batch elements contiguous and in ascending order, so the parts simply follow
+    return torch.cat(parts).to(latent.device, latent.dtype, non_blocking=True)
+
+
+#: Loss terms of :func:`model.vae.vae_loss`, in the order of :func:`global_vae_loss`'s counts.
+LOSS_TERMS = ("sdf_in", "sdf_extra", "sdf_sharp", "kl")
+
+
+def global_vae_loss(output, x, sharp: torch.Tensor, losses: dict, config, dist: Distributed):
+    """This rank's loss scaled so that DDP's gradient mean over the ranks is the gradient of the loss of the whole
+    global batch (as one process would compute it on all the ranks' samples at once); returns ``(loss to backward,
+    {term: this rank's share of the global value})`` (the shares of all ranks add up to the global values).
+
+    Every term of :func:`model.vae.vae_loss` is a mean over some set of elements: decoded voxels that are input
+    voxels (``sdf_in``), the other decoded voxels (``sdf_extra``), input voxels near sharp edges (``sdf_sharp``),
+    latent voxels (``kl``), and per decoder level the pruning candidates (``prune``: the mean over levels of the
+    per-level means). Rank ``r`` holds ``n_r`` of a term's ``N = sum_r n_r`` elements and its local mean ``m_r``, so
+    the global mean is ``sum_r m_r * n_r / N``: rank ``r``'s share. The ``n_r`` are counted here and summed over the
+    ranks with one all-reduce (they depend on the forward pass: pruning decides which voxels are decoded), and the
+    weighted sum of the shares is multiplied by ``world_size``, because DDP divides the summed gradients by the
+    number of ranks. Normalising by the local counts instead would weight a rank's elements by ``1 / n_r``: ranks
+    with fewer voxels would count for more and the step would not be the one-process step. The only difference left
+    is float rounding (other summation orders), which the distributed test bounds.
+    """
+    import torch.nn.functional as F
+
+    decoded = output.decoded.sdf
+    row = x.coord_index().lookup(decoded.coords)
+    in_rows = row[row >= 0]
+    logits, member = output.decoded.prune_logits, output.decoded.prune_targets
+    levels = list(zip(logits, member)) if logits and member is not None else []
+    counts = torch.zeros(len(LOSS_TERMS) + len(levels), dtype=torch.float64, device=decoded.device)
+    counts[0] = in_rows.numel()
+    counts[1] = decoded.num_voxels - in_rows.numel()
+    counts[2] = sharp.index_select(0, in_rows).sum()
+    counts[3] = output.posterior.mean.num_voxels
+    for i, (lg, _) in enumerate(levels):
+        counts[len(LOSS_TERMS) + i] = lg.numel()
+    total = dist.sum(counts)
+    frac = (counts / total.clamp_min(1)).to(losses["loss"].dtype)
+    shares = {k: losses[k] * frac[i] for i, k in enumerate(LOSS_TERMS)}
+    prune = losses["prune"].new_zeros(())
+    for i, (lg, m) in enumerate(levels):
+        if lg.numel():
+            cdt = torch.promote_types(lg.dtype, torch.float32)
+            prune = prune + F.binary_cross_entropy_with_logits(lg.to(cdt), m.to(cdt)) * frac[len(LOSS_TERMS) + i]
+    if levels:
+        prune = prune / (total[len(LOSS_TERMS):] > 0).sum().clamp_min(1).to(prune.dtype)
+    shares["prune"] = prune
+    shares["loss"] = (config.weight_in * shares["sdf_in"] + config.weight_extra * shares["sdf_extra"]
+                      + config.weight_sharp * shares["sdf_sharp"] + config.weight_kl * shares["kl"]
+                      + config.weight_prune * shares["prune"])
+    return shares["loss"] * dist.world_size, shares
+
+
 def train(config: VAETrainConfig) -> dict:
     """Train (or resume) the VAE described by ``config``; returns a summary:
 
@@ -364,8 +511,9 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
     seed_everything(config.seed)
     vae = SparseSDFVAE(vae_cfg).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(config.seed + 1_000_003 * dist.rank)
+    # the same stream on every rank: it draws one noise seed per sample of each global batch (_TrainForward)
+    generator = torch.Generator().manual_seed(config.seed)
+    global_size = config.batch_size * dist.world_size
 
     ckpt_path = out / CHECKPOINT_NAME
     start_step = 0
@@ -376,14 +524,24 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
                              f"({ckpt.meta.get('vae_config')}); use a new --out or the same --model")
         vae.load_state_dict(ckpt.model)
         optimizer.load_state_dict(ckpt.optimizer)
-        restore_rng(ckpt, {"posterior": generator} if dist.world_size == 1 else None)
+        try:
+            restore_rng(ckpt, {"posterior": generator})
+        except (RuntimeError, ValueError) as exc:  # e.g. a checkpoint whose posterior generator lived on a GPU
+            if dist.is_main:
+                warnings.warn(f"resume: posterior noise generator not restored ({exc}); reseeded", RuntimeWarning,
+                              stacklevel=2)
         start_step = ckpt.step
+        saved_size = ckpt.meta.get("global_batch_size")
+        if dist.is_main and saved_size is not None and saved_size != global_size:
+            print(f"resume: global batch size {global_size} (batch_size {config.batch_size} x {dist.world_size} "
+                  f"ranks) instead of {saved_size}: the data continues at global batch {start_step} of the new "
+                  "sequence", file=sys.stderr)
     elif config.resume and dist.is_main:
         print(f"resume: no checkpoint in {out}, starting from scratch", file=sys.stderr)
     if dist.is_main:
         (out / CONFIG_NAME).write_text(json.dumps(
             dict(train=dataclasses.asdict(config), vae=dataclasses.asdict(vae_cfg)), indent=2, default=str))
-    model = dist.wrap(vae)
+    model = dist.wrap(_TrainForward(vae))
     log = MetricsLog(out / METRICS_NAME, resume_step=start_step if start_step else None, enabled=dist.is_main)
     loss_cfg = config.loss_config()
     use_bf16 = config.bf16 and device.type == "cuda"
@@ -393,8 +551,9 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
     def meta() -> dict:
         from .reconstruct import vae_checkpoint_meta
 
-        return vae_checkpoint_meta(vae_cfg, tau=config.tau, margin=train_ds.params["margin"],
-                                   train_config=dataclasses.asdict(config))
+        return dict(vae_checkpoint_meta(vae_cfg, tau=config.tau, margin=train_ds.params["margin"],
+                                        train_config=dataclasses.asdict(config)),
+                    world_size=dist.world_size, global_batch_size=global_size)
 
     def checkpoint(step: int) -> None:
         if dist.is_main:
@@ -431,15 +590,26 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
     acc: dict[str, float] = {}
     acc_n, skipped, interval_t0 = 0, 0, time.perf_counter()
     last_record: dict = {}
-    vae.train()
+    model.train()
     batches = iter(_loader(train_ds, config, start_step, dist))
     limit.start()
+
+    def record(now: float) -> dict:
+        # every rank takes part in this (the rank statistics were gathered step by step; nothing more to reduce)
+        return dict(kind="train", step=step, lr=lr, resolution=x.resolution,
+                    seconds_per_step=(now - interval_t0) / acc_n, elapsed=limit.elapsed, world_size=dist.world_size,
+                    **{k: v / acc_n for k, v in acc.items()})
+
     while step < config.steps:
         if dist.any(limit.expired()):
             stopped = "time_limit"
             break
+        t_fetch = time.perf_counter()
         batch = next(batches)
+        t0 = time.perf_counter()
         x, sharp = _to_sparse(batch, device)
+        # one seed per sample of the global batch, drawn on every rank (the generators stay equal); ours by position
+        seeds = torch.randint(0, 2**63 - 1, (batch["global_size"],), generator=generator)[batch["positions"]]
         progress = limit.fraction if config.anneal_to_time_limit else None
         if progress is not None:
             progress = max(progress, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
@@ -448,30 +618,44 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            output = model(x, sample_posterior=True, generator=generator)
+            output = model(x, seeds)
             losses = vae_loss(output, x, loss_cfg, sharp_mask=sharp)
+            if dist.enabled:
+                loss, shares = global_vae_loss(output, x, sharp, losses, loss_cfg, dist)
+            else:
+                loss, shares = losses["loss"], losses
+        if dist.enabled:
+            dist.synchronize()
+        fwd_s = time.perf_counter() - t0
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()  # always (DDP expects a backward after every forward)
+        loss.backward()  # always (DDP expects a backward after every forward)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
         step += 1
         bar.update(1)
-        if dist.any(not (bool(torch.isfinite(losses["loss"].detach())) and bool(torch.isfinite(grad_norm)))):
+        if dist.any(not (bool(torch.isfinite(loss.detach())) and bool(torch.isfinite(grad_norm)))):
             skipped += 1  # every rank skips the update together
-            warnings.warn(f"step {step}: non-finite loss or gradient, update skipped", RuntimeWarning, stacklevel=2)
+            if dist.is_main:
+                warnings.warn(f"step {step}: non-finite loss or gradient, update skipped", RuntimeWarning,
+                              stacklevel=2)
             continue
         optimizer.step()
-        values = {k: float(v.detach()) for k, v in losses.items()}
+        keys = sorted(shares)
+        summed = dist.sum(torch.stack([shares[k].detach().double() for k in keys]
+                                      + [torch.tensor(float(x.num_voxels), dtype=torch.float64, device=device),
+                                         torch.tensor(float(output.decoded.sdf.num_voxels), dtype=torch.float64,
+                                                      device=device)])).tolist()
+        values = dict(zip(keys, summed))  # global losses (the shares add up to them) and voxel counts
+        values["voxels"], values["decoded_voxels"] = summed[-2], summed[-1]
         values["grad_norm"] = float(grad_norm)
-        values["voxels"] = float(x.num_voxels)
-        values["decoded_voxels"] = float(output.decoded.sdf.num_voxels)
+        if dist.enabled:
+            values.update(dist.rank_stats(dict(step_s=time.perf_counter() - t0, fwd_s=fwd_s,
+                                               wait_s=t0 - t_fetch, voxels=float(x.num_voxels))))
         for k, v in values.items():
             acc[k] = acc.get(k, 0.0) + v
         acc_n += 1
         if step % config.log_every == 0 or step == config.steps:
             now = time.perf_counter()
-            last_record = dict(kind="train", step=step, lr=lr, resolution=x.resolution,
-                               seconds_per_step=(now - interval_t0) / acc_n, elapsed=limit.elapsed,
-                               **dist.mean({k: v / acc_n for k, v in acc.items()}))
+            last_record = record(now)
             log.log(last_record)
             if dist.is_main and config.progress:
                 bar.set_postfix(loss=f"{last_record['loss']:.4g}", sdf=f"{last_record['sdf_in']:.3g}")
@@ -484,11 +668,8 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
     bar.close()
     del batches  # stops data loader workers
     train_seconds = limit.elapsed
-    if acc_n:  # the records since the last log (every rank stopped at the same step, so all take part)
-        now = time.perf_counter()
-        last_record = dict(kind="train", step=step, lr=lr, resolution=x.resolution,
-                           seconds_per_step=(now - interval_t0) / acc_n, elapsed=train_seconds,
-                           **dist.mean({k: v / acc_n for k, v in acc.items()}))
+    if acc_n:  # the records since the last log
+        last_record = record(time.perf_counter())
         log.log(last_record)
     checkpoint(step)
     run_validation(step)

@@ -9,8 +9,14 @@
 * **Metrics**: :class:`MetricsLog` appends one JSON object per line (flushed per line); on resume it drops the lines
   logged after the checkpoint's step. :func:`plot_metrics` draws the loss curves (matplotlib, Agg backend) to a PNG.
 * **Runs**: :func:`seed_everything`, :func:`resolve_device`, :class:`Distributed` (torchrun: process group, DDP
-  wrapping, rank-0-only side effects), :class:`TimeLimit`, :func:`lr_factor` (linear warm-up then constant or
-  cosine), :func:`load_config_file` (JSON or YAML).
+  wrapping, rank-0-only side effects, sums and gathers over the ranks), :class:`TimeLimit`, :func:`lr_factor`
+  (linear warm-up then constant or cosine), :func:`load_config_file` (JSON or YAML).
+* **Several ranks** (``torchrun``): every rank builds the same *global* batch of a step and takes its share of it,
+  cut by :func:`partition_by_tokens` (balanced by token count, not by sample count, so that no rank waits on
+  another); losses are normalised by the global counts (:meth:`Distributed.sum`), which makes DDP's mean over the
+  ranks of the gradients equal to the gradient of the one-process loss on the whole global batch; randomness is
+  keyed by the sample's position in the global batch, not by the rank; checkpoints hold plain (unwrapped) state
+  and load on any number of ranks; :meth:`Distributed.rank_stats` gathers each rank's step time.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ __all__ = [
     "load_checkpoint",
     "load_config_file",
     "lr_factor",
+    "partition_by_tokens",
     "plot_metrics",
     "read_jsonl",
     "resolve_device",
@@ -180,7 +187,7 @@ def save_checkpoint(
     if isinstance(model, torch.nn.Module):
         state = _unwrap(model).state_dict()
     elif isinstance(model, Mapping):
-        state = dict(model)
+        state = strip_wrapper_prefixes(model)
     else:
         raise TypeError(f"model must be a torch.nn.Module or a state dict, got {type(model).__name__}")
     seen: set = set()
@@ -230,7 +237,7 @@ def load_checkpoint(path, *, map_location: str | torch.device = "cpu") -> Checkp
         raise ValueError(f"{path} is not a checkpoint of this project (format {metadata.get('format')!r}, "
                          f"expected {CHECKPOINT_FORMAT!r})")
     tensors = load_file(str(path), device=str(map_location))
-    model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    model = strip_wrapper_prefixes({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     optimizer = None
     if "optim" in metadata:
         doc = json.loads(metadata["optim"])
@@ -291,6 +298,23 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 unwrap_model = _unwrap
+
+#: Key prefixes that DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) add to a wrapped model's state dict.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict:
+    """``state`` without the DDP / ``torch.compile`` key prefixes, when every key carries one (a state dict taken
+    from a wrapped model): checkpoints then load into the bare model on any number of ranks."""
+    state = dict(state)
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,23 +494,55 @@ class TimeLimit:
 # distributed (torchrun)
 
 
-class Distributed:
-    """Process-group setup for ``torchrun``: with ``WORLD_SIZE > 1`` in the environment, initialises the default
-    group (NCCL on CUDA, gloo on CPU), picks ``cuda:LOCAL_RANK`` on CUDA, and wraps models in DDP; with one process
-    it does nothing and every rank-0 check is true.
+def partition_by_tokens(tokens: Iterable[int], parts: int) -> list[list[int]]:
+    """Cut the items of one global batch into ``parts`` groups of near-equal token sums (one group per rank).
 
-    ``rank``, ``world_size``, ``local_rank``, ``device``, ``is_main`` (rank 0: logging, progress, checkpoints).
+    The rule (deterministic greedy, "longest processing time first"): visit the items by decreasing token count
+    (equal counts: lower position first) and put each into the group with the smallest token sum so far (ties: the
+    group with fewer items, then the lower group number); every group lists its positions in increasing order.
+    The result depends only on the token counts, so every rank computes the same partition without talking to the
+    others. With at least ``parts`` items of positive size no group is empty (the first ``parts`` items go to
+    distinct empty groups); the largest group sum exceeds the mean by less than the largest item, and is at most
+    4/3 of the best possible (Graham's bound for this greedy rule).
+
+    Returns ``parts`` lists of positions into ``tokens``.
+    """
+    tokens = [int(t) for t in tokens]
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be a positive int, got {parts!r}")
+    if any(t < 0 for t in tokens):
+        raise ValueError("token counts must be non-negative")
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for pos in sorted(range(len(tokens)), key=lambda i: (-tokens[i], i)):
+        g = min(range(parts), key=lambda j: (loads[j], len(groups[j]), j))
+        groups[g].append(pos)
+        loads[g] += tokens[pos]
+    return [sorted(g) for g in groups]
+
+
+class Distributed:
+    """Process-group setup for ``torchrun``: with ``WORLD_SIZE > 1`` in the environment (or a default process group
+    already initialised by the caller), initialises the default group (NCCL on CUDA, gloo on CPU), picks
+    ``cuda:LOCAL_RANK`` on CUDA, and wraps models in DDP; with one process it does nothing, every rank-0 check is
+    true and the collectives below return their input.
+
+    ``rank``, ``world_size``, ``local_rank``, ``device``, ``is_main`` (rank 0: logging, progress, validation,
+    checkpoints). :meth:`shard` is this rank's share of a global batch (:func:`partition_by_tokens`); :meth:`sum`
+    adds tensors over the ranks (global counts for the loss normalisation); :meth:`rank_stats` gathers per-rank
+    timings (min, max, spread).
     """
 
     def __init__(self, device: str | torch.device | None = "auto"):
+        import torch.distributed as dist
+
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = resolve_device(device)
         self.initialized_here = False
-        if self.world_size > 1:
-            import torch.distributed as dist
-
+        external = dist.is_available() and dist.is_initialized()
+        if self.world_size > 1 or (external and dist.get_world_size() > 1):
             if dev.type == "cuda":
                 dev = torch.device("cuda", self.local_rank)
                 torch.cuda.set_device(dev)
@@ -505,13 +561,19 @@ class Distributed:
         return self.rank == 0
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP-wrap ``model`` (already on :attr:`device`) when distributed, else return it unchanged."""
+        """DDP-wrap ``model`` (already on :attr:`device`) when distributed, else return it unchanged. DDP starts
+        every rank from rank 0's parameters and averages the gradients over the ranks in ``backward``."""
         if not self.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
+
+    def shard(self, tokens: Iterable[int]) -> list[int]:
+        """This rank's positions in a global batch whose items have ``tokens`` tokens (:func:`partition_by_tokens`;
+        all positions with one process)."""
+        return partition_by_tokens(tokens, self.world_size)[self.rank]
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on some rank (one all-reduce; no-op with one process)."""
@@ -522,6 +584,17 @@ class Distributed:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``tensor`` over the ranks, as a new tensor (one all-reduce; the input itself
+        with one process). Not differentiable: for counts and logged values."""
+        if not self.enabled:
+            return tensor
+        import torch.distributed as dist
+
+        out = tensor.detach().clone()
+        dist.all_reduce(out)
+        return out
 
     def mean(self, values: Mapping[str, float]) -> dict[str, float]:
         """Each value averaged over the ranks (one all-reduce; unchanged with one process)."""
@@ -534,6 +607,36 @@ class Distributed:
         dist.all_reduce(t)
         return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
 
+    def gather(self, values: Mapping[str, float]) -> dict[str, list[float]]:
+        """Every rank's ``values`` (the same keys on every rank): ``{key: [value of rank 0, rank 1, ...]}`` (one
+        all-gather; one-element lists with one process)."""
+        keys = sorted(values)
+        if not self.enabled:
+            return {k: [float(values[k])] for k in keys}
+        import torch.distributed as dist
+
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t)
+        rows = torch.stack(out).cpu().tolist()
+        return {k: [row[i] for row in rows] for i, k in enumerate(keys)}
+
+    def rank_stats(self, values: Mapping[str, float], prefix: str = "rank_") -> dict[str, float]:
+        """Per-rank figures of one step (e.g. ``{"step_s": ..., "fwd_s": ..., "tokens": ...}``) gathered over the
+        ranks (:meth:`gather`): ``{prefix + key + "_min"/"_max": ..., prefix + key + "_spread": (max - min) / max}``
+        (spread 0 when max is 0)."""
+        out: dict[str, float] = {}
+        for key, vals in self.gather(values).items():
+            lo, hi = min(vals), max(vals)
+            out[f"{prefix}{key}_min"], out[f"{prefix}{key}_max"] = lo, hi
+            out[f"{prefix}{key}_spread"] = (hi - lo) / hi if hi > 0 else 0.0
+        return out
+
+    def synchronize(self) -> None:
+        """Wait for this rank's queued CUDA work (for timings; no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist
@@ -541,10 +644,15 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        """Destroy the process group if this object created it."""
+        """Destroy the process group if this object created it. Drop the DDP model first: a wrapper still alive
+        (DDP sits in reference cycles, hence the garbage collection here) keeps the group's threads, which can abort
+        the process at exit."""
         if self.initialized_here:
+            import gc
+
             import torch.distributed as dist
 
+            gc.collect()
             dist.destroy_process_group()
             self.initialized_here = False
 

@@ -1,0 +1,236 @@
+"""Data-parallel VAE training on the CPU: two gloo processes against one process on the same global batch.
+
+The two ranks train the tiny VAE on a global batch of two samples of different sizes (a box and a rod at 32^3,
+split one per rank by the token-balanced partition); one process trains on both samples at once. With the global
+normalisation of :func:`model.train_vae.global_vae_loss`, per-sample posterior noise and DDP's gradient mean, both
+take the same steps up to float32 rounding. Checkpoints written by either configuration resume in the other.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("igl")
+pytest.importorskip("skimage")
+trimesh = pytest.importorskip("trimesh")
+
+import torch.distributed as tdist  # noqa: E402
+
+from model import training as T  # noqa: E402
+from model.train_vae import VAETrainConfig, train  # noqa: E402
+
+#: Tolerances. The two configurations compute the same gradients up to float32 summation order (DDP's bucketed
+#: all-reduce, the loss assembled from per-rank shares, window attention padded to another length): in float64 the
+#: summed shares equal the one-process gradient to 1e-15, in float32 the logged losses agree to ~1e-7 relative.
+#: AdamW then moves each weight by about lr * m / sqrt(v): a gradient entry that is a cancellation of many terms
+#: (large relative rounding error) can take a visibly different step, up to a few 1e-6 here (measured 5e-6 after 4
+#: steps). PARAM_ATOL = 3e-5 is 1% of one step's size (lr = 3e-3); normalising each rank by its local counts instead
+#: of the global ones moves 99% of the weights by more than that (measured: 1e-2). One exception: the key part of
+#: the attention's qkv bias has an exactly zero true gradient (softmax ignores a constant added to every score of a
+#: query), so its gradient is pure rounding noise that Adam turns into steps of up to lr in either run: those
+#: entries are only checked against steps * lr.
+PARAM_ATOL = 3e-5
+LR = 3e-3
+#: Logged losses (global means over thousands of voxels): relative tolerance (measured ~2e-7).
+LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A box and a rod of clearly different voxel counts, their samples cached up front."""
+    from model.data.dataset import SparseSDFDataset
+
+    root = tmp_path_factory.mktemp("dist_meshes")
+    trimesh.creation.box(extents=(1.0, 0.7, 0.5)).export(root / "box.obj")
+    trimesh.creation.cylinder(radius=0.12, height=1.0, sections=24).export(root / "rod.obj")
+    cache = tmp_path_factory.mktemp("dist_cache")
+    ds = SparseSDFDataset(str(root), (32,), tau=2.0, cache_dir=str(cache))
+    assert not ds.prepare_all(progress=False)["failed"]
+    sizes = [len(ds.sample(i, 32)) for i in range(len(ds))]
+    assert max(sizes) > 1.3 * min(sizes), sizes  # the ranks really hold different token counts
+    return dict(meshes=str(root), cache_dir=str(cache))
+
+
+def _config(data, out, *, batch_size, steps, resume=False) -> dict:
+    return dict(meshes=data["meshes"], cache_dir=data["cache_dir"], resolutions=(32,), model="tiny",
+                batch_size=batch_size, steps=steps, lr=LR, warmup_steps=0, schedule="constant", log_every=1,
+                ckpt_every=1000, val_every=0, val_meshes=0, held_out_fraction=0.0, out=str(out), progress=False,
+                seed=5, resume=resume)
+
+
+def _worker(rank: int, world: int, init_file: str, jobs: list, dump: str) -> None:
+    """One rank: a gloo group through a file (no network), then the ``jobs`` one after another; each job's final
+    parameters on this rank go to ``dump/<name>.rank<rank>.pt``."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        import model.train_vae as tv
+
+        made = []
+
+        class Recorded(tv.SparseSDFVAE):  # keeps a handle on the model each train() builds
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                made.append(self)
+
+        tv.SparseSDFVAE = Recorded
+        for name, config in jobs:
+            summary = tv.train(tv.VAETrainConfig(**config))
+            assert summary["world_size"] == world
+            torch.save({k: v.detach().clone() for k, v in made[-1].state_dict().items()},
+                       os.path.join(dump, f"{name}.rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+def _two_ranks(tmp_path, jobs) -> None:
+    import torch.multiprocessing as mp
+
+    init_file = tmp_path / "gloo_init"
+    if init_file.exists():
+        init_file.unlink()
+    mp.spawn(_worker, args=(2, str(init_file), jobs, str(tmp_path)), nprocs=2, join=True)
+
+
+def _train_records(run) -> list[dict]:
+    return [r for r in T.read_jsonl(run / "metrics.jsonl") if r.get("kind") == "train"]
+
+
+def _losses(run) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _train_records(run)}
+
+
+def _params(run) -> dict[str, torch.Tensor]:
+    return T.load_checkpoint(run / "checkpoint.safetensors").model
+
+
+def _key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Mask of the entries with an exactly zero true gradient: the k third of an attention's qkv bias."""
+    mask = torch.zeros_like(value, dtype=torch.bool)
+    if name.endswith("attn.to_qkv.bias"):
+        c = value.numel() // 3
+        mask[c:2 * c] = True
+    return mask
+
+
+def _assert_close_params(a: dict, b: dict, steps: int = 4) -> None:
+    assert a.keys() == b.keys()
+    worst, worst_key_bias = 0.0, 0.0
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs()
+        skip = _key_bias(k, diff)
+        worst = max(worst, float(diff[~skip].max()) if (~skip).any() else 0.0)
+        worst_key_bias = max(worst_key_bias, float(diff[skip].max()) if skip.any() else 0.0)
+    assert worst <= PARAM_ATOL, f"parameters differ by {worst:.3g} > {PARAM_ATOL}"
+    assert worst_key_bias <= steps * LR
+
+
+def _assert_close_losses(a: dict, b: dict, steps) -> None:
+    for s in steps:
+        assert a[s] == pytest.approx(b[s], rel=LOSS_RTOL), (s, a[s], b[s])
+
+
+def test_two_gloo_ranks_match_one_process_and_resume_across_world_sizes(data, tmp_path):
+    # one process, the whole global batch of two samples: 4 steps in one go, and 2 steps to resume from with 2 ranks
+    train(VAETrainConfig(**_config(data, tmp_path / "one", batch_size=2, steps=4)))
+    train(VAETrainConfig(**_config(data, tmp_path / "one_then_two", batch_size=2, steps=2)))
+
+    # two ranks, one sample each: 4 steps in one go; 2 steps (resumed below by one process); the resume of the
+    # one-process checkpoint to step 4
+    _two_ranks(tmp_path, [
+        ("two", _config(data, tmp_path / "two", batch_size=1, steps=4)),
+        ("two_then_one", _config(data, tmp_path / "two_then_one", batch_size=1, steps=2)),
+        ("one_then_two", _config(data, tmp_path / "one_then_two", batch_size=1, steps=4, resume=True)),
+    ])
+    # one process resumes the two-rank checkpoint of step 2 to step 4
+    summary = train(VAETrainConfig(**_config(data, tmp_path / "two_then_one", batch_size=2, steps=4, resume=True)))
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+
+    # (a) DDP keeps the ranks' parameters identical, bit for bit
+    for name in ("two", "one_then_two"):
+        r0, r1 = (torch.load(tmp_path / f"{name}.rank{r}.pt") for r in (0, 1))
+        assert all(torch.equal(r0[k], r1[k]) for k in r0), name
+        assert all(torch.equal(r0[k], v) for k, v in _params(tmp_path / name).items())  # rank 0 wrote these
+
+    # (b) two ranks on one sample each == one process on both samples, within float32 rounding
+    one, two = tmp_path / "one", tmp_path / "two"
+    _assert_close_losses(_losses(two), _losses(one), range(1, 5))
+    _assert_close_params(_params(two), _params(one))
+    at_step_2 = torch.load(tmp_path / "two_then_one.rank0.pt")  # dumped before the one-process resume
+    moved = max(float((_params(one)[k] - at_step_2[k]).abs().max()) for k in at_step_2)
+    assert moved > 30 * PARAM_ATOL  # steps 3 and 4 moved the weights far more than the tolerance
+    rec_two, rec_one = _train_records(two), _train_records(one)
+    assert [r["voxels"] for r in rec_two] == [r["voxels"] for r in rec_one]  # global counts
+    for r in rec_two:
+        assert r["world_size"] == 2
+        assert r["rank_voxels_min"] < r["rank_voxels_max"] and r["rank_voxels_min"] + r["rank_voxels_max"] == \
+            r["voxels"]
+        assert 0 <= r["rank_step_s_spread"] < 1 and r["rank_step_s_min"] <= r["rank_step_s_max"]
+    assert "rank_step_s_max" not in rec_one[0]
+
+    # (c) a checkpoint of either world size resumes in the other and continues as the original configuration would
+    for resumed, original in ((tmp_path / "two_then_one", two), (tmp_path / "one_then_two", one)):
+        losses = _losses(resumed)
+        assert sorted(losses) == [1, 2, 3, 4]
+        _assert_close_losses(losses, _losses(original), range(1, 5))
+        _assert_close_params(_params(resumed), _params(original))
+        ck = T.load_checkpoint(resumed / "checkpoint.safetensors")
+        assert ck.step == 4 and not any(k.startswith("module.") for k in ck.model)
+        assert ck.meta["global_batch_size"] == 2
+
+
+def test_partition_by_tokens_balances_tokens_not_samples():
+    parts = T.partition_by_tokens([100, 10, 60, 50, 5, 45], 2)
+    assert parts == [[0, 5], [1, 2, 3, 4]]  # 145 and 125 tokens: 2 samples on one rank, 4 on the other
+    assert sorted(sum(parts, [])) == list(range(6))
+    assert T.partition_by_tokens([7, 7, 7], 3) == [[0], [1], [2]]
+    assert T.partition_by_tokens([3], 2) == [[0], []]
+    loads = [sum([9, 1, 8, 2, 7, 3][i] for i in p) for p in T.partition_by_tokens([9, 1, 8, 2, 7, 3], 3)]
+    assert loads == [10, 10, 10]
+    with pytest.raises(ValueError):
+        T.partition_by_tokens([1], 0)
+
+
+def test_checkpoints_drop_wrapper_prefixes(tmp_path):
+    lin = torch.nn.Linear(2, 3)
+    state = {f"module.{k}": v for k, v in lin.state_dict().items()}
+    path = T.save_checkpoint(tmp_path / "c.safetensors", model=state, step=1)
+    assert set(T.load_checkpoint(path).model) == {"weight", "bias"}
+    assert T.strip_wrapper_prefixes({"a.module.b": 1}) == {"a.module.b": 1}
+
+
+def test_multi_gpu_report_smoke(tmp_path):
+    """The GPU report end to end at tiny size: torchrun with 1 and 2 gloo processes for the DiT loop and the VAE
+    trainer, same data and seed, so the two runs of each model have the same losses."""
+    from model.multi_gpu_report import NVLINK_MULTICAST_OFF, main
+
+    assert main(["--smoke", "--gpus", "2", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "multi_gpu.json").read_text())
+    assert sorted((r["model"], r["gpus"]) for r in records) == [("dit", 1), ("dit", 2), ("vae", 1), ("vae", 2)]
+    for r in records:
+        assert r["tokens_per_s"] > 0 and r["efficiency"] > 0 and r["gpu"] and r["date"] and r["smoke"]
+        assert not r.get("error")
+    for r in (r for r in records if r["gpus"] == 2):
+        assert r["loss_gap"] < 1e-5, r  # the same run on one and on two processes
+        assert 0 <= r["rank_step_s_spread_mean"] < 1 and 0 <= r["rank_fwd_s_spread_max"] < 1
+        assert r["timed_steps"] >= 1
+    env = json.loads((tmp_path / "runs" / "dit_2gpu" / "config.json").read_text())["environment"]
+    assert env == NVLINK_MULTICAST_OFF  # what the workers saw
+    md = (tmp_path / "multi_gpu.md").read_text()
+    assert "SMOKE RUN" in md and "NCCL_NVLS_ENABLE=0" in md and "| dit | 2 |" in md and "| vae | 2 |" in md
+    assert (tmp_path / "multi_gpu_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second command for one model keeps the other model's records
+    assert main(["--smoke", "--gpus", "2", "--models", "dit", "--out", str(tmp_path)]) == 0
+    assert len(json.loads((tmp_path / "multi_gpu.json").read_text())) == 4
