@@ -79,6 +79,10 @@ def test_smoke_stage_by_stage(meshes, tmp_path):
     md = (report / "dit_demo.md").read_text()
     for phrase in ("**Bar**", "random weights", "real latent coordinates", "held-out", "SMOKE RUN", "| mesh |"):
         assert phrase in md, phrase
+    assert "Reading the rows" in md
+    (report / "dit_demo.md").unlink()
+    assert main(common + ["--stage", "report"]) == 0  # the markdown again, from the JSON alone
+    assert (report / "dit_demo.md").read_text() == md
     for png in ("dit_demo_train.png", "dit_demo_held_out.png", "dit_loss.png", "vae_loss.png"):
         assert (report / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"]({png})" in md
