@@ -38,7 +38,7 @@ from .layout import BlockLayout
 #: number of dK/dV programs (the queries are split into that many slices over the key tiles).
 FWD = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
 DQ = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
-DKDV = dict(rows=128, block_n=64, programs=512, num_warps=4, num_stages=2)
+DKDV = dict(rows=128, block_n=64, programs=2048, num_warps=4, num_stages=2)
 
 
 @triton.jit

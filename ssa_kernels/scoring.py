@@ -10,10 +10,10 @@ best first, ``-1`` where the token's batch element has fewer than ``topk`` block
 One program takes ``BLOCK_T`` tokens and all ``G`` query heads of one kv group (``G >= 16``: one token, the 16-row
 matrix product of its heads; the head sum is then a column sum inside one warp) and walks the selection blocks of
 its tokens' batch elements in chunks of ``BLOCK_S``; the compressed keys of a chunk are contiguous in layout order
-(``sel_cmp_offsets``) and are visited in tiles of ``BLOCK_N``, summed into their selection blocks through a 0/1
-membership mask. Each chunk's scores go into a running top-k kept in registers by threshold insertion: a score
-enters only if it beats the current k-th best, replacing it, so after the first chunks most chunks cost one
-comparison. No ``[N, Nc]`` score tensor ever exists; memory is O(N * topk).
+(``sel_cmp_offsets``) and are visited in tiles of ``BLOCK_N``, summed into their selection blocks as differences of
+a running sum along the tile (or through a 0/1 membership mask, ``SCORE["aggregate"]``). Each chunk's scores go
+into a running top-k kept in registers by threshold insertion: a score enters only if it beats the current k-th
+best, replacing it, so after the first chunks most chunks cost one comparison. No ``[N, Nc]`` score tensor ever exists; memory is O(N * topk).
 """
 from __future__ import annotations
 
@@ -29,8 +29,14 @@ from .layout import BlockLayout
 #: compressed block per selection block the chunk is one step), heads of one group per matrix product.
 #: ``tokens_per_program``: with one token per matrix product (G >= 16), tokens that share each key tile
 #: (``tokens_per_program_agg`` when selection blocks hold several compressed blocks).
-SCORE = dict(rows=16, tokens_per_program=4, tokens_per_program_agg=2, block_n=32, block_s=16, max_heads=16,
-             num_warps=1, num_stages=2)
+#: ``aggregate``: how a tile's per-compressed-block scores are summed into selection blocks when a selection block
+#: holds several compressed blocks: ``"prefix"`` (a running sum along the tile's keys and two gathers per
+#: selection block, as the keys of a selection block are contiguous) or ``"mask"`` (a 0/1 membership mask,
+#: ``[tokens, keys, blocks]`` summed over the keys).
+SCORE = dict(rows=16, tokens_per_program=4, tokens_per_program_agg=4, block_n=32, block_s=64, max_heads=16,
+             num_warps=1, num_stages=2, aggregate="prefix")
+#: Values of ``SCORE["aggregate"]``.
+AGGREGATE_MODES = ("prefix", "mask")
 
 
 @triton.jit
@@ -71,7 +77,7 @@ def _score_topk_kernel(
     N, H, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, TOK_LOOP: tl.constexpr, TT: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ONE_CMP_PER_SEL: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ONE_CMP_PER_SEL: tl.constexpr, PREFIX_AGG: tl.constexpr,
     TOPK: tl.constexpr, K2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -112,18 +118,36 @@ def _score_topk_kernel(
         else:
             c_lo = tl.load(sel_cmp_offsets + s0)
             c_hi = tl.load(sel_cmp_offsets + tl.minimum(s0 + BLOCK_S, hi))
+            if PREFIX_AGG:  # selection block s owns compressed keys [sel_cmp_offsets[s], sel_cmp_offsets[s + 1])
+                sb_ok = sb < hi
+                a_s = tl.load(sel_cmp_offsets + sb, mask=sb_ok, other=0)
+                b_s = tl.load(sel_cmp_offsets + sb + 1, mask=sb_ok, other=0)
             for c0 in range(c_lo, c_hi, BLOCK_N):
                 cj = c0 + tl.arange(0, BLOCK_N)
                 c_ok = cj < c_hi
                 sel_j = tl.load(cmp_sel + cj, mask=c_ok, other=-1)
                 k = tl.load(KC + cj.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :],
                             mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-                member = sel_j[:, None] == sb[None, :]  # compressed blocks -> selection blocks [BLOCK_N, BLOCK_S]
+                if PREFIX_AGG:
+                    # block s's share of this tile: keys [a, b) of the tile, i.e. run[b - 1] - run[a - 1] with
+                    # run the inclusive running sum along the tile (run[-1] = 0)
+                    a = tl.minimum(tl.maximum(a_s - c0, 0), BLOCK_N)
+                    b = tl.minimum(tl.maximum(b_s - c0, 0), BLOCK_N)
+                    a_idx = tl.broadcast_to(tl.maximum(a - 1, 0)[None, :], [BLOCK_T, BLOCK_S])
+                    b_idx = tl.broadcast_to(tl.maximum(b - 1, 0)[None, :], [BLOCK_T, BLOCK_S])
+                else:
+                    member = sel_j[:, None] == sb[None, :]  # compressed -> selection blocks [BLOCK_N, BLOCK_S]
                 for ti in tl.static_range(TOK_LOOP):
                     psum = _tile_scores(Q, KC, LSE, k, sel_j, c_ok, pid_t * TT + ti * BLOCK_T, N, H, qk_scale, g,
                                         stride_qt, stride_qh, batch_sel_offsets, token_batch,
                                         G, HG, BLOCK_T, BLOCK_N, D, BLOCK_D, PRECISION)
-                    agg = tl.sum(tl.where(member[None, :, :], psum[:, :, None], 0.0), 1)  # [BLOCK_T, BLOCK_S]
+                    if PREFIX_AGG:
+                        run = tl.cumsum(psum, 1)
+                        upto_b = tl.where((b > 0)[None, :], tl.gather(run, b_idx, 1), 0.0)
+                        upto_a = tl.where((a > 0)[None, :], tl.gather(run, a_idx, 1), 0.0)
+                        agg = upto_b - upto_a  # [BLOCK_T, BLOCK_S]
+                    else:
+                        agg = tl.sum(tl.where(member[None, :, :], psum[:, :, None], 0.0), 1)  # [BLOCK_T, BLOCK_S]
                     if TOK_LOOP == 1:
                         score += agg
                     else:
@@ -170,13 +194,15 @@ def select_blocks_forward(q, k_cmp, lse, layout: BlockLayout, topk: int, scale: 
     one = layout.one_cmp_per_sel
     loop = SCORE["tokens_per_program" if one else "tokens_per_program_agg"] if bt == 1 else 1
     block_n = SCORE["block_n"]
+    if SCORE["aggregate"] not in AGGREGATE_MODES:
+        raise ValueError(f"SCORE['aggregate'] must be one of {AGGREGATE_MODES}, got {SCORE['aggregate']!r}")
     _score_topk_kernel[(triton.cdiv(n, bt * loop), hkv)](
         q, k_cmp, lse, idx,
         layout.token_batch, layout.batch_sel_offsets, layout.sel_cmp_offsets, layout.cmp_sel,
         n, hq, scale * LOG2E,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
         G=group, HG=hg, BLOCK_T=bt, TOK_LOOP=loop, TT=bt * loop, BLOCK_S=block_n if one else SCORE["block_s"], BLOCK_N=block_n,
-        ONE_CMP_PER_SEL=one, TOPK=topk, K2=triton.next_power_of_2(topk),
+        ONE_CMP_PER_SEL=one, PREFIX_AGG=SCORE["aggregate"] == "prefix", TOPK=topk, K2=triton.next_power_of_2(topk),
         D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), num_warps=SCORE["num_warps"],
         num_stages=SCORE["num_stages"],
     )

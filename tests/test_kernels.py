@@ -86,8 +86,13 @@ def test_compression_branch(mc):
     assert all(rel_err(a, b) < F32_TOL for a, b in zip(g, g_ref))
 
 
-@pytest.mark.parametrize("mc,hq,hkv,topk", [(4, 8, 2, 4), (8, 32, 2, 8), (2, 3, 1, 5), (4, 4, 4, 16)])
-def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk):
+@pytest.mark.parametrize("mc,hq,hkv,topk,aggregate", [
+    (4, 8, 2, 4, "prefix"), (8, 32, 2, 8, "prefix"), (2, 3, 1, 5, "prefix"), (4, 4, 4, 16, "prefix"),
+    (4, 8, 2, 4, "mask"), (2, 3, 1, 5, "mask"), (4, 32, 2, 8, "prefix"), (4, 32, 2, 8, "mask")])
+def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggregate, monkeypatch):
+    from ssa_kernels import scoring
+
+    monkeypatch.setitem(scoring.SCORE, "aggregate", aggregate)  # both ways of summing into selection blocks
     coords, (q, k, v, kc, vc, gate) = _make((150, 30, 0, 7), 20, mc, 8, hq, hkv, 16, seed=hq * 7 + topk)
     _, lse_ref = reference.compression_attention(q, kc, vc, coords, compression_block=mc)
     scores = reference.block_scores(q, kc, lse_ref, coords, compression_block=mc, selection_block=8)
