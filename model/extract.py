@@ -17,7 +17,10 @@ the VAE decoder kept). :func:`sparse_sdf_to_mesh` turns it into a triangle mesh:
    adds a spurious inner shell where the band's inner edge (values near ``-1``) meets the ``+1`` fill (the released
    pipeline removes it with a sign-refiner network; the component rule removes it for free). The component rule
    only decides from inside the brick, so where the two sides of a band meet through a hole, two neighbouring bricks
-   may decide differently and leave a crack on their shared face.
+   may decide differently and leave a crack on their shared face. ``fill=<array [G, G, G]>`` (``G`` dividing ``R``)
+   is a coarse fill grid: an empty voxel ``v`` takes ``grid[v * G // R]``, the padding takes ``+1``; with the sign
+   refiner's ``+-1`` grid this is the released 1024 field (``|SDF| * sign``, decoded values kept) without a dense
+   ``R^3`` array (:mod:`model.cascade`).
 4. **Marching cubes** (``skimage.measure.marching_cubes``, Lewiner) at ``level`` on each brick that crosses it, the
    vertices shifted by the brick's origin. Normals point to increasing values (outwards for a negative-inside SDF).
 5. **Welding.** Cells on the two sides of a brick face compute the vertices on that face from the same two values,
@@ -73,11 +76,19 @@ def _check_inputs(coords, values, resolution, level, brick, fill):
         raise ValueError(f"level must be a finite number, got {level!r}")
     if isinstance(fill, str):
         if fill != "sign":
-            raise ValueError(f"fill must be 'sign' or a number, got {fill!r}")
+            raise ValueError(f"fill must be 'sign', a number or a fill grid, got {fill!r}")
         if not -1.0 < level < 1.0:
             raise ValueError(f"fill='sign' fills with -1 / +1, so level must lie in (-1, 1), got {level}")
+    elif hasattr(fill, "shape"):
+        fill = _as_numpy(fill, np.float32)
+        g = fill.shape[0] if fill.ndim == 3 else 0
+        if fill.ndim != 3 or fill.shape != (g, g, g) or g < 1 or resolution % g:
+            raise ValueError(f"a fill grid must be [G, G, G] with G dividing resolution {resolution}, "
+                             f"got shape {fill.shape}")
+        if not np.isfinite(fill).all():
+            raise ValueError("the fill grid must be finite")
     elif not (isinstance(fill, (int, float, np.floating)) and math.isfinite(fill)):
-        raise ValueError(f"fill must be 'sign' or a finite number, got {fill!r}")
+        raise ValueError(f"fill must be 'sign', a finite number or a fill grid, got {fill!r}")
     c = _as_numpy(coords, np.int64)
     v = _as_numpy(values, np.float32)
     if c.ndim != 2 or c.shape[1] != 3:
@@ -90,7 +101,25 @@ def _check_inputs(coords, values, resolution, level, brick, fill):
         raise ValueError(f"coords must lie in [0, {resolution}), got range [{c.min()}, {c.max()}]")
     if not np.isfinite(v).all():
         raise ValueError("values must be finite")
-    return c, v
+    return c, v, fill
+
+
+#: Value of the padding voxels around the grid when a fill grid is given ("empty space is +1").
+_OUTSIDE = 1.0
+
+
+def _grid_fill(grid: np.ndarray, origin: np.ndarray, side: int, resolution: int) -> np.ndarray:
+    """``[side]^3`` float32 fill values of a brick whose padded-grid origin is ``origin``: each voxel takes the
+    coarse grid cell it lies in, padding voxels (outside ``[0, R)``) take :data:`_OUTSIDE`."""
+    factor = resolution // grid.shape[0]
+    axes = []
+    for a in range(3):
+        idx = origin[a] - 1 + np.arange(side)  # voxel index (padded index - 1)
+        axes.append((np.clip(idx, 0, resolution - 1) // factor, (idx < 0) | (idx >= resolution)))
+    vol = grid[np.ix_(axes[0][0], axes[1][0], axes[2][0])].astype(np.float32, copy=True)
+    outside = axes[0][1][:, None, None] | axes[1][1][None, :, None] | axes[2][1][None, None, :]
+    vol[outside] = _OUTSIDE
+    return vol
 
 
 def _brick_assignment(g: np.ndarray, brick: int, nb: int):
@@ -153,8 +182,9 @@ def sparse_sdf_to_mesh(
         resolution: the grid side ``R``.
         level: iso value (:data:`DEFAULT_LEVEL` = 0 for our VAE).
         brick: marching-cubes cells per brick side.
-        fill: ``"sign"`` (empty components take the side of their present neighbours) or a number for every empty
-            voxel (``1.0``: the released rule).
+        fill: ``"sign"`` (empty components take the side of their present neighbours), a number for every empty
+            voxel (``1.0``: the released rule), or a coarse fill grid ``[G, G, G]`` (numpy or torch, ``G`` dividing
+            ``R``; the padding takes ``+1``).
         progress: a tqdm bar over the bricks.
 
     Returns:
@@ -163,7 +193,8 @@ def sparse_sdf_to_mesh(
     """
     from skimage.measure import marching_cubes
 
-    c, v = _check_inputs(coords, values, resolution, level, brick, fill)
+    c, v, fill = _check_inputs(coords, values, resolution, level, brick, fill)
+    grid = fill if isinstance(fill, np.ndarray) else None
     if len(c) == 0:
         return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), np.int64), process=False)
     padded = resolution + 2
@@ -188,12 +219,15 @@ def sparse_sdf_to_mesh(
         sel = rows[starts[k] : ends[k]]
         local = g[sel] - origin
         vals = v[sel]
-        if not ((vals < level).any() or (not isinstance(fill, str) and fill < level)):
+        if grid is None and not ((vals < level).any() or (not isinstance(fill, str) and fill < level)):
             continue  # every value (and the fill) above the level: nothing to extract here
         vol = np.empty((side, side, side), np.float32)
         present = np.zeros((side, side, side), bool)
         present[local[:, 0], local[:, 1], local[:, 2]] = True
-        if isinstance(fill, str):
+        if grid is not None:
+            vol = _grid_fill(grid, origin, side, resolution)
+            vol[local[:, 0], local[:, 1], local[:, 2]] = vals
+        elif isinstance(fill, str):
             vol[local[:, 0], local[:, 1], local[:, 2]] = vals
             _fill_by_components(vol, present, level)
         else:

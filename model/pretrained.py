@@ -784,10 +784,11 @@ def save_released(folder, modules: Mapping[str, nn.Module], *, dtype: torch.dtyp
 
 
 @torch.no_grad()
-def decode_chunked(vae, z: SparseTensor, chunk_size: int = 1, *,
-                   padding: int = CHUNK_PADDING) -> tuple[SparseTensor, SparseTensor]:
+def decode_chunked(vae, z: SparseTensor, chunk_size: int = 1, *, padding: int = CHUNK_PADDING,
+                   features: bool = True) -> tuple[SparseTensor, SparseTensor | None]:
     """Decode every child of every latent voxel (the released decoder, no pruning): ``(sdf [M, 1] tanh, features
-    [M, C0])`` on the decoded voxels, in raster order (batch, x, y, z).
+    [M, C0])`` on the decoded voxels, in raster order (batch, x, y, z). ``features=False`` returns ``(sdf, None)``
+    without keeping the decoder features (the 1024 stage does not use them; they are 32 values per voxel).
 
     ``chunk_size > 1`` runs the transformer on all tokens, then the subdivide blocks per spatial chunk
     (``chunk_size`` chunks per axis) on the chunk's latent voxels plus ``padding`` latent cells of context (4, as
@@ -804,7 +805,7 @@ def decode_chunked(vae, z: SparseTensor, chunk_size: int = 1, *,
     factor = 2**levels
     if chunk_size == 1:
         out = dec(z)
-        parts = [(out.sdf.coords, out.sdf.feats, out.features.feats)]
+        parts = [(out.sdf.coords, out.sdf.feats, out.features.feats if features else None)]
     else:
         h = dec.input_layer(z)
         h = h.replace(h.feats + dec.pos_embedder(h))
@@ -827,14 +828,22 @@ def decode_chunked(vae, z: SparseTensor, chunk_size: int = 1, *,
                 parent = hc.coords[:, 1:].long() // 2 ** (i + 1)
                 hc = hc.subset(((parent >= lo - margins[i]) & (parent < hi + margins[i])).all(1))
             sdf = torch.tanh(dec.out_layer(hc).feats)
-            parts.append((hc.coords, sdf, hc.feats))
+            parts.append((hc.coords, sdf, hc.feats if features else None))
+            del hc
     coords = torch.cat([p[0] for p in parts]) if parts else z.coords.new_zeros((0, 4))
     sdf = torch.cat([p[1] for p in parts]) if parts else z.feats.new_zeros((0, 1))
-    feats = torch.cat([p[2] for p in parts]) if parts else z.feats.new_zeros((0, 0))
+    feats = None
+    if features:
+        feats = torch.cat([p[2] for p in parts]) if parts else z.feats.new_zeros((0, 0))
+    del parts
     fine_res = (z.resolution * factor) if z.resolution is not None else None
     radix = int(coords[:, 1:].max()) + 1 if coords.numel() else 1
-    c = coords.long()
-    order = torch.argsort(((c[:, 0] * radix + c[:, 1]) * radix + c[:, 2]) * radix + c[:, 3])
+    key = coords[:, 0].long()
+    for axis in (1, 2, 3):  # column by column: no [M, 4] int64 copy of the coordinates
+        key = key * radix + coords[:, axis]
+    order = torch.argsort(key)
+    del key
     coords = coords[order]
     kw = dict(batch_size=z.batch_size, resolution=fine_res, validate=False)
-    return SparseTensor(coords, sdf[order], **kw), SparseTensor(coords, feats[order], **kw)
+    sdf_out = SparseTensor(coords, sdf[order], **kw)
+    return sdf_out, (SparseTensor(coords, feats[order], **kw) if features else None)

@@ -25,7 +25,7 @@ axes), applied 3 times. :func:`refine_512` runs it over the 512^3 grid in 27 ove
 (8 -> 8) -> ``conv_out`` Conv3d(8 -> 1) -> logits; :func:`sign_refine_1024` mean-pools the decoded 1024^3 sparse SDF
 by 2, densifies it at 512^3 (empty = 1), predicts ``sigmoid >= 0.5 -> +1 else -1`` in 27 patches of 256^3 (offsets
 0, 128, 256; later patches overwrite overlaps), repeats each sign 2x2x2, and returns ``|SDF| * sign`` with the decoded
-values written back at the decoded voxels.
+values written back at the decoded voxels (:func:`predict_sign` gives the sign grid alone).
 
 Assumptions where RELEASED_MODEL.md leaves a choice open (the parameter layout does not depend on them):
 the UNet concatenates ``[running features, skip]`` (the diffusers convention its parameter names come from); the 512
@@ -49,6 +49,7 @@ __all__ = [
     "VoxelRefiner",
     "adaptive_filter",
     "patch_offsets",
+    "predict_sign",
     "refine_512",
     "sign_refine_1024",
 ]
@@ -403,11 +404,12 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
 
 
 @torch.no_grad()
-def sign_refine_1024(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, resolution: int = 1024, *,
-                     dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The sign refiner over the whole grid: decoded voxels ``coords [N, 3]`` on the ``resolution^3`` grid (twice
-    the refiner's), ``sdf [N]`` -> dense field ``[resolution]^3`` = ``|SDF| * sign`` (empty voxels ``|1|``), with
-    the decoded values written back at the decoded voxels."""
+def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, resolution: int = 1024, *,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The sign refiner's inside/outside grid on its own grid (half the field's side): decoded voxels ``coords
+    [N, 3]`` on the ``resolution^3`` grid, ``sdf [N]`` -> ``[resolution / 2]^3`` float32 of ``+1`` (outside) / ``-1``
+    (inside). The sparse SDF is mean-pooled by 2 and densified (empty = 1) patch by patch; later patches overwrite
+    overlaps. Each value stands for the 2^3 field voxels under it (:func:`sign_refine_1024`)."""
     cfg = refiner.config
     if resolution != 2 * cfg.resolution:
         raise ValueError(f"the sign refiner runs at {cfg.resolution}^3, so the field must be "
@@ -421,8 +423,10 @@ def sign_refine_1024(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tens
     r = cfg.resolution
     key = (parent[:, 0] * r + parent[:, 1]) * r + parent[:, 2]
     uniq, inverse = torch.unique(key, return_inverse=True)
+    del key, parent
     sums = torch.zeros(uniq.numel(), device=dev).index_add_(0, inverse, values)
     counts = torch.zeros(uniq.numel(), device=dev).index_add_(0, inverse, torch.ones_like(values))
+    del inverse
     pooled_coords = torch.stack([uniq // (r * r), (uniq // r) % r, uniq % r], dim=1)
     pooled = (sums / counts).unsqueeze(1)
     p = cfg.patch_size
@@ -433,6 +437,18 @@ def sign_refine_1024(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tens
                 s = _patch_dense(pooled_coords, pooled.to(dtype), (ox, oy, oz), p, 1.0)
                 prob = torch.sigmoid(refiner(s.unsqueeze(0))[0, 0].float())
                 sign[ox:ox + p, oy:oy + p, oz:oz + p] = torch.where(prob >= SIGN_THRESHOLD, 1.0, -1.0)
+    return sign
+
+
+@torch.no_grad()
+def sign_refine_1024(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, resolution: int = 1024, *,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The sign refiner over the whole grid: decoded voxels ``coords [N, 3]`` on the ``resolution^3`` grid (twice
+    the refiner's), ``sdf [N]`` -> dense field ``[resolution]^3`` = ``|SDF| * sign`` (empty voxels ``|1|``), with
+    the decoded values written back at the decoded voxels. (A dense 1024^3 field is 4.3 GB in float32: the cascade
+    keeps :func:`predict_sign`'s grid instead and fills the empty voxels from it during extraction.)"""
+    sign = predict_sign(refiner, coords, sdf, resolution, dtype=dtype)
+    c = coords.long()
     field = sign.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
-    field[c[:, 0], c[:, 1], c[:, 2]] = values
+    field[c[:, 0], c[:, 1], c[:, 2]] = sdf.reshape(-1).float()
     return field

@@ -1,0 +1,446 @@
+"""Time and peak GPU memory of every stage of the image-to-mesh cascade at 1024, with random weights of the released
+sizes (:class:`model.cascade.ImageToMesh`).
+
+``python -m model.generate_report --out reports [--mesh MESH] [--steps-dense N --steps-512 N --steps-1024 N]``
+(one CUDA GPU; about 2 minutes on an H100, 20 s of it building the random models) writes ``reports/generate.md`` and
+``reports/generate.json``. Needs torch, triton, transformers, trimesh, scikit-image, scipy and matplotlib.
+
+What runs: the whole cascade at resolution 1024 with every part at its released size (dense VAE and DiT, sparse VAEs
+and DiTs 512 and 1024 at width 1024 / 24 blocks, both refiners, a DINOv2 ViT-L/14-with-registers encoder), random
+weights, bf16 by default, parts offloaded to the CPU between their stages by default (``--no-offload`` keeps them all
+on the GPU). Random weights give a random structure, so the dense stage runs and is timed but the sparse stages get
+the latent voxels of a real mesh instead (``--mesh``; default the first mesh under ``data_cache/meshes``, else one of
+the meshes installed packages ship (:func:`model.data.meshes.available_meshes`), else a built-in torus; the report
+says which): its 64^3 cells for the 512 stage and, for the 1024 stage, the revoxelisation
+(:func:`model.cascade.mesh_to_latent_coords`, timed as the ``revoxelise`` stage) of the mesh subdivided to edges of
+1.5 voxels of the 512 grid (the density of the 512 stage's marching-cubes mesh). The conditioning image is a render
+of that mesh.
+
+Few sampling steps per stage by default (4 / 4 / 3): the first step of a stage includes the Triton compilation, so
+the report takes the median of the later steps as the time per step and estimates each stage at the released step
+counts (50 / 30 / 15) as ``time without the steps + time per step x released steps``. The sparse 1024 stage's time
+is split into spatial sparse attention (CUDA events around every call of the SSA kernels, and around every
+self-attention module: projections, compression, gate and kernels) and the rest.
+
+Without CUDA it prints a message and exits 0, unless ``--dry-run``: the tiny random cascade on the CPU (reference SSA,
+labelled DRY RUN everywhere), which the test suite runs to exercise this path.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["AttentionTimer", "choose_mesh", "main", "markdown", "run_report"]
+
+#: Published GPU memory needs of the released pipeline (Direct3D-S2 README), in GB.
+PUBLISHED_MEMORY_GB = {"512": 10.0, "1024": 24.0}
+#: Our target peak at 1024, GB.
+TARGET_PEAK_GB = 12.0
+#: Default sampling steps of the report per stage (the released ones are in model.cascade.RELEASED_STEPS).
+REPORT_STEPS = {"dense": 4, "512": 4, "1024": 3}
+#: Subdivision of the stand-in for the 512 mesh: longest edge in voxels of the 512 stage's grid.
+STANDIN_EDGE_VOXELS = 1.5
+#: Side of the conditioning render.
+RENDER_SIZE = 384
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def choose_mesh(path=None):
+    """``(trimesh.Trimesh, description)``: ``path``, else the first mesh under ``data_cache/meshes``, else the first
+    mesh installed packages ship, else a torus (trimesh primitive)."""
+    import trimesh
+
+    from .data.meshes import available_meshes, find_meshes
+    from .data.sdf import load_mesh
+
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"--mesh: file {os.fspath(path)!r} does not exist")
+        return load_mesh(path), f"{os.fspath(path)} (--mesh)"
+    cache = Path("data_cache/meshes")
+    candidates = []
+    if cache.is_dir():
+        candidates = find_meshes(cache)
+    where = "data_cache/meshes"
+    if not candidates:
+        candidates, where = available_meshes(), "an installed package's examples"
+    for candidate in candidates:
+        try:
+            return load_mesh(candidate), f"{candidate} (first mesh of {where})"
+        except ValueError:
+            continue
+    return trimesh.creation.torus(major_radius=0.3, minor_radius=0.12), \
+        "built-in torus (trimesh.creation.torus, radii 0.3 / 0.12; no mesh found on disk)"
+
+
+def _standin_512_mesh(mesh, grid: int, margin: float):
+    """The mesh normalised as the cascade normalises the 512 mesh and subdivided to the edge lengths of a
+    marching-cubes mesh on a ``grid^3`` grid."""
+    import trimesh
+    from trimesh.remesh import subdivide_to_size
+
+    from .data.sdf import normalize_mesh
+
+    norm = normalize_mesh(mesh, margin)[0]
+    v, f = subdivide_to_size(norm.vertices, norm.faces, max_edge=STANDIN_EDGE_VOXELS / grid, max_iter=30)
+    return trimesh.Trimesh(v, f, process=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention timing
+
+
+class AttentionTimer:
+    """Times the self-attention of one sparse DiT while it runs: every call of the SSA operation
+    (``ssa_kernels.spatial_sparse_attention``, or the dense reference on the CPU) and every self-attention module
+    (projections, compression, gate and the SSA operation), with CUDA events on a GPU (``time.perf_counter`` on the
+    CPU). Only calls made inside the DiT's forward count. ``totals()`` -> seconds and call counts."""
+
+    def __init__(self, dit: torch.nn.Module, device: torch.device):
+        self.dit, self.device = dit, device
+        self.active = False
+        self.kernel: list = []
+        self.module: list = []
+        self._handles: list = []
+        self._patched: list = []
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def __enter__(self) -> "AttentionTimer":
+        import reference
+        import ssa_kernels
+
+        def dit_pre(module, args):
+            self.active = True
+
+        def dit_post(module, args, output):
+            self.active = False
+
+        pending: dict[int, object] = {}
+
+        def attn_pre(module, args):
+            if self.active:
+                pending[id(module)] = self._mark()
+
+        def attn_post(module, args, output):
+            start = pending.pop(id(module), None)
+            if start is not None:
+                self.module.append((start, self._mark()))
+
+        self._handles.append(self.dit.register_forward_pre_hook(dit_pre))
+        self._handles.append(self.dit.register_forward_hook(dit_post))
+        for block in self.dit.blocks:
+            self._handles.append(block.self_attn.register_forward_pre_hook(attn_pre))
+            self._handles.append(block.self_attn.register_forward_hook(attn_post))
+        for owner in (ssa_kernels, reference):
+            original = owner.spatial_sparse_attention
+
+            def timed(*args, _original=original, **kwargs):
+                if not self.active:
+                    return _original(*args, **kwargs)
+                start = self._mark()
+                out = _original(*args, **kwargs)
+                self.kernel.append((start, self._mark()))
+                return out
+
+            owner.spatial_sparse_attention = timed
+            self._patched.append((owner, original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for owner, original in self._patched:
+            owner.spatial_sparse_attention = original
+        self._handles, self._patched = [], []
+
+    def _seconds(self, pairs) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return sum(a.elapsed_time(b) for a, b in pairs) / 1e3
+        return sum(b - a for a, b in pairs)
+
+    def totals(self) -> dict:
+        return {"ssa_op_seconds": self._seconds(self.kernel), "ssa_op_calls": len(self.kernel),
+                "self_attention_seconds": self._seconds(self.module), "self_attention_calls": len(self.module)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "transformers", "trimesh", "skimage"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def _estimate(rec: dict, released_steps: int) -> dict:
+    """Time per step (median of the steps after the first, which compiles) and the stage at the released steps."""
+    times = rec.get("step_seconds") or []
+    if not times:
+        return {}
+    per_step = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    rest = max(rec["seconds"] - sum(times), 0.0)
+    return {"seconds_per_step": per_step, "released_steps": released_steps,
+            "estimated_seconds_at_released_steps": rest + per_step * released_steps}
+
+
+def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
+               offload: bool = True, seed: int = 0, progress: bool = True) -> dict:
+    """Run the cascade as the module docstring says and return the result document."""
+    from .cascade import RELEASED_STEPS, ImageToMesh, mesh_to_latent_coords
+    from .render import render_views
+
+    steps = {**REPORT_STEPS, **(steps or {})}
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not dry_run and dev.type != "cuda":
+        raise RuntimeError("the report needs a CUDA GPU (use --dry-run for the tiny CPU version)")
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    mesh, mesh_source = choose_mesh(mesh_path)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random-weights warnings: the report says so itself
+        pipe = ImageToMesh.random("tiny" if dry_run else "released", seed=seed, device=dev, dtype=dtype,
+                                  offload=offload)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    build_seconds = time.perf_counter() - t0
+    parts = {name: sum(p.numel() for p in m.parameters()) for name, m in pipe.parts.items()}
+    parts["encoder"] = sum(p.numel() for p in pipe.encoder.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for m in [*pipe.parts.values(), pipe.encoder]
+                       for p in m.parameters())
+    p = pipe.parts
+    side_512 = p["sparse_dit_512"].config.resolution * p["sparse_vae_512"].config.downsample_factor
+    side_1024 = p["sparse_dit_1024"].config.resolution * p["sparse_vae_1024"].config.downsample_factor
+    cfg = pipe.config
+    render = render_views(mesh, num_views=1, size=RENDER_SIZE if not dry_run else 96, backend="numpy")[0]
+    coords_512 = mesh_to_latent_coords(mesh, resolution=side_512, factor=p["sparse_vae_512"].config.downsample_factor,
+                                       band=cfg.token_band, margin=cfg.mesh_margin, spacing=cfg.sample_spacing,
+                                       device=dev)
+    standin = _standin_512_mesh(mesh, side_512, cfg.mesh_margin)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    coords_1024 = mesh_to_latent_coords(standin, resolution=side_1024,
+                                        factor=p["sparse_vae_1024"].config.downsample_factor, band=cfg.token_band,
+                                        margin=cfg.mesh_margin, spacing=cfg.sample_spacing, normalize=False,
+                                        device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    revox = {"seconds": time.perf_counter() - t0,
+             "peak_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
+             "tokens": int(coords_1024.shape[0]), "mesh_faces": int(len(standin.faces)),
+             "input": "the report's mesh subdivided to 512-mesh edge lengths (stand-in for the 512 mesh)"}
+    with AttentionTimer(p["sparse_dit_1024"], dev) as timer:
+        result = pipe.generate(render, resolution=1024, steps=steps, seed=seed, coords_512=coords_512,
+                               coords_1024=coords_1024, run_dense=True, progress=progress)
+    attention = timer.totals()
+    stages = {}
+    for name, rec in result.stage_table().items():
+        if name == "sparse_1024":  # the revoxelisation runs just before this stage in the cascade
+            stages["revoxelise"] = revox
+        stages[name] = rec
+    released = {"dense": RELEASED_STEPS["dense"], "sparse_512": RELEASED_STEPS["512"],
+                "sparse_1024": RELEASED_STEPS["1024"]}
+    for name, n in released.items():
+        if name in stages:
+            stages[name].update(_estimate(stages[name], n))
+    s1024 = stages["sparse_1024"]["seconds"]
+    attention.update(stage_seconds=s1024,
+                     ssa_op_share=attention["ssa_op_seconds"] / s1024 if s1024 else None,
+                     self_attention_share=attention["self_attention_seconds"] / s1024 if s1024 else None)
+    peaks = [r["peak_bytes"] for r in stages.values() if r.get("peak_bytes") is not None]
+    total = sum(r["seconds"] for r in stages.values())
+    estimate = sum(r.get("estimated_seconds_at_released_steps", r["seconds"]) for r in stages.values())
+    return {
+        "dry_run": dry_run,
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()})",
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "versions": _versions(),
+        "sizes": "tiny" if dry_run else "released",
+        "dtype": str(dtype).replace("torch.", ""),
+        "offload": pipe.offload,
+        "backend": pipe.backend,
+        "parameters": parts,
+        "weight_bytes": weight_bytes,
+        "build_seconds": build_seconds,
+        "mesh": mesh_source,
+        "mesh_faces": int(len(mesh.faces)),
+        "steps": steps,
+        "released_steps": dict(RELEASED_STEPS),
+        "settings": result.settings,
+        "stages": stages,
+        "attention_1024": attention,
+        "total_seconds": total,
+        "estimated_total_seconds_at_released_steps": estimate,
+        "peak_bytes": max(peaks) if peaks else None,
+        "published_memory_gb": PUBLISHED_MEMORY_GB,
+        "target_peak_gb": TARGET_PEAK_GB,
+        "output_faces": int(len(result.mesh.faces)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _gb(nbytes) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 1e9:.2f}"
+
+
+def _placement(r: dict) -> str:
+    if r["offload"]:
+        return "parts offloaded to the CPU between their stages (each on the GPU only while its stage runs)"
+    return "all parts resident on the GPU" if "CPU" not in r["gpu"] else "on the CPU"
+
+
+def _notes(name: str, rec: dict) -> str:
+    keys = {"dense": ("occupied_voxels",), "sparse_512": ("tokens",), "sparse_1024": ("tokens",),
+            "decode_512": ("voxels", "chunks"), "decode_1024": ("voxels", "chunks"), "refine_512": ("faces",),
+            "revoxelise": ("mesh_faces", "tokens"), "extract": ("kept_voxels", "faces"),
+            "condition": ("condition_tokens",)}.get(name, ())
+    out = [f"{k.replace('_', ' ')} {rec[k]:,}" for k in keys if isinstance(rec.get(k), int)]
+    if "seconds_per_step" in rec:
+        out.append(f"{rec['steps']} steps, {rec['seconds_per_step']:.3f} s/step")
+    if rec.get("replaced_by_given_coords"):
+        out.append("voxels replaced by the mesh's")
+    return "; ".join(out)
+
+
+def markdown(r: dict) -> str:
+    dry = r["dry_run"]
+    v = r["versions"]
+    label = "DRY RUN: tiny random cascade on the CPU, NOT a measurement. " if dry else ""
+    peak = r["peak_bytes"]
+    lines = [
+        "# Image to mesh: time and GPU memory per stage at 1024" + (" (DRY RUN)" if dry else ""),
+        "",
+        f"{label}{r['date']}, {r['gpu']}, torch {v['torch']}, triton {v.get('triton')}, transformers "
+        f"{v.get('transformers')}. `python -m model.generate_report`.",
+        "",
+        f"Random weights of the {r['sizes']} sizes ({sum(r['parameters'].values()) / 1e6:,.1f} M parameters, "
+        f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']}, SSA backend `{r['backend']}`, "
+        f"{_placement(r)}; "
+        f"built in {r['build_seconds']:.1f} s (not counted). Sparse stages on the latent voxels of "
+        f"{r['mesh']} ({r['mesh_faces']:,} faces); the conditioning image is a render of it. Random weights give "
+        "noise fields, so the marching-cubes stages (refine_512's mesh, extract) see more surface than a trained "
+        "model's output would.",
+        "",
+        "| stage | seconds | peak GPU memory, GB | notes |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for name, rec in r["stages"].items():
+        lines.append(f"| {name} | {rec['seconds']:.2f} | {_gb(rec.get('peak_bytes'))} | {_notes(name, rec)} |")
+    lines += [f"| **total** | **{r['total_seconds']:.2f}** | **{_gb(peak)}** | |", ""]
+    steps, rel = r["steps"], r["released_steps"]
+    lines += [
+        f"Steps run: dense {steps['dense']}, 512 {steps['512']}, 1024 {steps['1024']} (released: {rel['dense']}, "
+        f"{rel['512']}, {rel['1024']}). Time per step = median of a stage's steps after the first (which includes "
+        "the Triton compilation); at the released step counts the sampling stages would take "
+        + ", ".join(f"{n} {rec['estimated_seconds_at_released_steps']:.1f} s" for n, rec in r["stages"].items()
+                    if "estimated_seconds_at_released_steps" in rec)
+        + f", the whole cascade about {r['estimated_total_seconds_at_released_steps']:.0f} s.",
+        "",
+    ]
+    a = r["attention_1024"]
+    if a.get("stage_seconds"):
+        lines += [
+            "Sparse 1024 stage, attention against the rest "
+            f"({'CUDA events' if not dry else 'wall clock'} around every call):",
+            "",
+            "| | seconds | share of the stage |",
+            "| --- | ---: | ---: |",
+            f"| SSA operation (`spatial_sparse_attention`, {a['ssa_op_calls']} calls) | {a['ssa_op_seconds']:.2f} | "
+            f"{100 * a['ssa_op_share']:.0f}% |",
+            f"| self-attention modules (projections, compression, gate, SSA) | {a['self_attention_seconds']:.2f} | "
+            f"{100 * a['self_attention_share']:.0f}% |",
+            f"| rest of the stage (cross-attention, MLPs, norms, sampler) | "
+            f"{a['stage_seconds'] - a['self_attention_seconds']:.2f} | "
+            f"{100 * (1 - a['self_attention_share']):.0f}% |",
+            "",
+        ]
+    pub = r["published_memory_gb"]
+    verdict = "n/a (no GPU)" if peak is None else (
+        f"{peak / 1e9:.2f} GB: {'under' if peak / 1e9 < r['target_peak_gb'] else 'OVER'} the target")
+    lines += [
+        f"GPU memory: published needs of the released pipeline: at least {pub['512']:.0f} GB at 512, about "
+        f"{pub['1024']:.0f} GB at 1024. Our target at 1024: peak under {r['target_peak_gb']:.0f} GB. "
+        f"Peak of this run: {verdict}.",
+        "",
+        "Peak = `torch.cuda.max_memory_allocated` since the stage began (the allocator's reserve can be larger). "
+        + ("With offloading a stage's peak holds only its own parts' weights; with `--no-offload` all "
+           f"{r['weight_bytes'] / 1e9:.2f} GB of weights stay on the GPU and add to every stage's peak. "
+           if r["offload"] else "All weights stay on the GPU (`--no-offload`), so they are in every stage's peak. ")
+        + "Mesh extraction runs on the CPU (scikit-image) after the pruning on the GPU; its peak is the pruning's.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    from .generate import DTYPES, _positive_int
+
+    p = argparse.ArgumentParser(prog="python -m model.generate_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for generate.md and generate.json")
+    p.add_argument("--mesh", help="mesh whose latent voxels feed the sparse stages (default: see the docstring)")
+    p.add_argument("--steps-dense", type=_positive_int, default=REPORT_STEPS["dense"])
+    p.add_argument("--steps-512", type=_positive_int, default=REPORT_STEPS["512"])
+    p.add_argument("--steps-1024", type=_positive_int, default=REPORT_STEPS["1024"])
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default bfloat16 on CUDA)")
+    p.add_argument("--no-offload", action="store_true", help="keep every part on the GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="default cuda (cpu with --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="tiny random cascade on the CPU (tests), labelled DRY RUN")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("generate_report: no CUDA device here; the report needs one GPU (nothing written). Run with --dry-run "
+              "for the tiny CPU version.")
+        return 0
+    device = args.device or ("cpu" if args.dry_run else "cuda")
+    steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
+    try:
+        r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
+                       dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
+                       progress=not args.no_progress)
+    except ValueError as exc:
+        p.error(str(exc))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "generate.json", json.dumps(r, indent=1, default=str))
+    _atomic_text(out / "generate.md", markdown(r))
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
