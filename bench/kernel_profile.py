@@ -1,6 +1,6 @@
 """Time every kernel of the SSA op on the headline shapes in one call: a developer tool for kernel work.
 
-    python -m bench.kernel_profile [--cases shell-1024:v1.1,shell-1024:v1.0] [--out DIR] [--large]
+    python -m bench.kernel_profile [--cases shell-1024:v1.1,shell-1024:v1.0] [--out DIR] [--large] [--trace]
 
 Prints, per case, each branch's forward and backward kernels, the whole op, FlashAttention-2 (PyTorch's SDPA
 FLASH backend) on the same tokens, peak memory, and useful TFLOP/s; writes the figures as JSON to ``--out``.
@@ -233,6 +233,39 @@ def large_case(shape="shell-2048", cfg="v1.1", copies=2):
     return out
 
 
+def trace_case(shape, cfg, out_dir, iters=3):
+    """``torch.profiler`` table of one forward and one backward of the whole op (after ``iters`` warm-up rounds):
+    every CUDA kernel and copy with its time, so what the per-kernel figures do not cover shows up."""
+    import ssa_kernels
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    c, coords, inp = _inputs(shape, cfg)
+    layout = ssa_kernels.build_layout(coords, compression_block=c.compression_block,
+                                      selection_block=c.selection_block, window=c.window)
+    x = [tt.clone().requires_grad_() for tt in inp]
+    do = torch.randn_like(inp[0])
+
+    def step():
+        with record_function("ssa_forward"):
+            o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=c.topk, shift=0)
+        with record_function("ssa_backward"):
+            torch.autograd.grad(o, x, do)
+
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    path = os.path.join(out_dir, f"trace_{shape}_{cfg}.txt")
+    with open(path, "w") as f:
+        f.write(table)
+    prof.export_chrome_trace(os.path.join(out_dir, f"trace_{shape}_{cfg}.json"))
+    print(table)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default="shell-1024:v1.1,shell-1024:v1.0")
@@ -242,12 +275,17 @@ def main(argv=None):
     p.add_argument("--no-fa2", action="store_true")
     p.add_argument("--sweep", default="", help='e.g. "selection.FWD:block_n=32|64,num_warps=2|4;scoring.SCORE:rows=64|128"')
     p.add_argument("--sweep-cases", default="shell-1024:v1.1", help="cases on which the sweeps run")
+    p.add_argument("--trace", action="store_true", help="only a torch.profiler table of one fwd+bwd per case")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_profile needs a CUDA GPU")
         return 1
     env = _env()
     print(env)
+    if a.trace:
+        for case in a.cases.split(","):
+            trace_case(*case.split(":"), a.out)
+        return 0
     results = []
     for case in a.cases.split(","):
         shape, cfg = case.split(":")

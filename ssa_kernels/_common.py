@@ -64,18 +64,25 @@ def check_kernel_dtype(t: torch.Tensor, name: str = "q") -> None:
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, PRECISION: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, gv, valid_t, qk_scale, PRECISION: tl.constexpr,
+               HAS_GATE: tl.constexpr):
     """One key-outer backward step: add this query tile's contribution to the key tile's dK and dV.
 
     ``k, v [N, D]`` (the key tile), ``q, do [R, D]``, ``lse2, delta [R]`` (log2-domain log-sum-exp and
-    rowsum(dO * O)), ``valid_t [N, R]``. Works on transposed scores (``S^T = K Q^T``) so that ``P^T`` and
+    rowsum(dO_branch * O)), ``valid_t [N, R]``. Works on transposed scores (``S^T = K Q^T``) so that ``P^T`` and
     ``dS^T`` come out of the matrix unit in the layout the next products need. ``dk`` is not yet scaled.
+    With ``HAS_GATE`` the branch's output gradient is ``gv [R] * do``: the row gate scales the columns of ``P^T``
+    and ``dP^T`` instead of ``do``, so ``do`` goes from memory to the matrix unit untouched.
     """
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     p_t = tl.where(valid_t, tl.exp2(s_t - lse2[None, :]), 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_GATE:
+        dv += tl.dot((p_t * gv[None, :]).to(do.dtype), do, input_precision=PRECISION)
+        ds_t = p_t * (dp_t * gv[None, :] - delta[None, :])
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
@@ -129,12 +136,15 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE, DELTA, tok64, g, r, d, row_ok, rd
                PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr):
     """:func:`_dkdv_step` for query tokens ``tok64`` (row r = token r // HG) and every head of kv group ``g``,
     ``HG`` heads per matrix product."""
+    if HAS_GATE:  # the branch's gate, one per token (the dO rows themselves are loaded unscaled)
+        gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        gv = tl.full(r.shape, 1.0, tl.float32)  # unused
     for hs in tl.static_range(G // HG):
         head = g * G + hs * HG + r % HG
         q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
-        do = _load_grad_out(DO, GATE, tok64, head, d, stride_dt, stride_dh, rd_mask, row_ok, q.dtype, HAS_GATE,
-                            GATE_IDX)
+        do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
         lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
         delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, PRECISION)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, gv, valid_t, qk_scale, PRECISION, HAS_GATE)
     return dk, dv
