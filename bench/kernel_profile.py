@@ -61,7 +61,7 @@ def _bench(fn, rep=200):
 _SWEEP_TARGET = {
     "compression.FWD": "cmp_fwd", "compression.DQ": "cmp_dq", "compression.DKDV": "cmp_bwd",
     "scoring.SCORE": "score_topk",
-    "selection.FWD": "sel_fwd", "selection.DQ": "sel_dq", "selection.DKDV": "sel_bwd",
+    "selection.FWD": "sel_fwd", "selection.DQ": "sel_dq", "selection.DKDV": "sel_bwd", "selection.INDEX": "sel_csr",
     "window.FWD": "win_fwd", "window.DQ": "win_bwd", "window.DKDV": "win_bwd",
 }
 

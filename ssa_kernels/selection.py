@@ -39,6 +39,13 @@ from .layout import BlockLayout
 FWD = dict(rows=16, block_n=16, num_warps=1, num_stages=3)
 DQ = dict(rows=16, block_n=16, num_warps=1, num_stages=3)
 DKDV = dict(rows=128, block_n=64, num_warps=4, num_stages=2)
+#: The block -> queries index: ``method`` ``"sort"`` (a stable radix sort of the bucket ids) or ``"count"`` (a
+#: counting sort in two Triton passes over chunks of tokens, :func:`block_query_index`). ``chunk_min``: fewest
+#: tokens per chunk; ``hist_factor``: the per-chunk counts may hold at most this many times the index's entries
+#: (more tokens per chunk when there are many blocks); ``block_t``: tokens per step of the counting pass.
+INDEX = dict(method="sort", chunk_min=32, hist_factor=2, block_t=64)
+#: Values of ``INDEX["method"]``.
+INDEX_METHODS = ("sort", "count")
 
 
 @triton.jit
@@ -200,14 +207,91 @@ def _sel_bwd_dkdv_kernel(
         tl.store(DV + out, dv, mask=kv_mask)
 
 
+@triton.jit
+def _csr_count_kernel(IDX, HIST, N, S, NB, CHUNK,
+                      HKV: tl.constexpr, TOPK: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``HIST[c, g*S + b]`` += the tokens of chunk ``c`` that chose block ``b`` for kv head ``g`` (integer atomics:
+    the counts do not depend on their order)."""
+    c = tl.program_id(0)
+    e = tl.arange(0, E)
+    e_ok = e < HKV * TOPK
+    g = e // TOPK
+    t_end = tl.minimum((c + 1) * CHUNK, N)
+    row = HIST + c.to(tl.int64) * NB
+    for t0 in range(c * CHUNK, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = (t < t_end)[:, None] & e_ok[None, :]
+        b = tl.load(IDX + t.to(tl.int64)[:, None] * (HKV * TOPK) + e[None, :], mask=ok, other=-1)
+        tl.atomic_add(row + g[None, :] * S + b, 1, mask=ok & (b >= 0))
+
+
+@triton.jit
+def _csr_fill_kernel(IDX, BASE, TOKENS, N, S, NB, CHUNK, HKV: tl.constexpr, TOPK: tl.constexpr, E: tl.constexpr):
+    """Place the tokens of chunk ``c`` one after another: ``BASE[c, bucket]`` starts at the bucket's first free
+    slot for this chunk and moves on by one per token (a token's entries hit distinct buckets, so they go in
+    together; the barrier orders one token's updates before the next token's reads)."""
+    c = tl.program_id(0)
+    e = tl.arange(0, E)
+    e_ok = e < HKV * TOPK
+    g = e // TOPK
+    row = BASE + c.to(tl.int64) * NB
+    t_start = c * CHUNK
+    src = IDX + t_start.to(tl.int64) * (HKV * TOPK) + e  # this token's entries
+    tok = t_start + tl.zeros([E], tl.int32)
+    for _ in range(t_start, tl.minimum(t_start + CHUNK, N)):
+        b = tl.load(src, mask=e_ok, other=-1)
+        valid = e_ok & (b >= 0)
+        slot = row + g * S + b
+        pos = tl.load(slot, mask=valid, other=0)
+        tl.store(TOKENS + pos, tok, mask=valid)
+        tl.store(slot, pos + 1, mask=valid)
+        tl.debug_barrier()
+        src += HKV * TOPK
+        tok += 1
+
+
+def _count_sort_index(idx: torch.Tensor, num_blocks: int):
+    """:func:`block_query_index` by a counting sort: per-chunk bucket counts (``_csr_count_kernel``), their scan
+    over buckets and chunks (each chunk's first free slot per bucket), then each chunk places its tokens in order
+    (``_csr_fill_kernel``). Same output as the sort, no comparison of keys."""
+    n, hkv, topk = idx.shape
+    dev = idx.device
+    nb = hkv * num_blocks
+    entries = n * hkv * topk
+    if n == 0:
+        return torch.zeros(nb + 1, device=dev, dtype=torch.int32), torch.empty(0, device=dev, dtype=torch.int32)
+    max_chunks = max(1, INDEX["hist_factor"] * entries // max(nb, 1))
+    chunk = max(INDEX["chunk_min"], triton.cdiv(n, max_chunks))
+    chunks = triton.cdiv(n, chunk)
+    idx = idx.contiguous()
+    e = triton.next_power_of_2(hkv * topk)
+    hist = torch.zeros(chunks, nb, device=dev, dtype=torch.int32)
+    _csr_count_kernel[(chunks,)](idx, hist, n, num_blocks, nb, chunk, HKV=hkv, TOPK=topk, E=e,
+                                 BLOCK_T=INDEX["block_t"], num_warps=4)
+    counts = hist.sum(0, dtype=torch.int64)
+    offsets = torch.zeros(nb + 1, device=dev, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    base = (torch.cumsum(hist, 0, dtype=torch.int64) - hist + offsets[:-1]).to(torch.int32)  # [chunks, nb]
+    del hist
+    tokens = torch.empty(entries, device=dev, dtype=torch.int32)
+    _csr_fill_kernel[(chunks,)](idx, base, tokens, n, num_blocks, nb, chunk, HKV=hkv, TOPK=topk, E=e,
+                                num_warps=1)
+    return offsets.int(), tokens  # entries of -1 take no slot: the index holds offsets[-1] tokens
+
+
 def block_query_index(idx: torch.Tensor, num_blocks: int):
     """The block -> queries index (CSR) of a top-k choice ``idx [N, Hkv, topk]`` (-1 = none).
 
     Returns ``(offsets [Hkv * S + 1] int32, tokens [E] int32)``: the tokens that chose block b for kv head g are
-    ``tokens[offsets[g*S+b] : offsets[g*S+b+1]]``, in increasing token order. Built with a stable radix
-    sort of the bucket ids (``torch.sort(stable=True)``, linear time on the GPU) and a count + scan for the
-    offsets: deterministic, no host synchronisation.
+    ``tokens[offsets[g*S+b] : offsets[g*S+b+1]]``, in increasing token order (entries past ``offsets[-1]`` are
+    unused). ``INDEX["method"]``: ``"sort"``, a stable radix sort of the bucket ids (``torch.sort(stable=True)``,
+    linear time on the GPU) and a count + scan for the offsets; ``"count"``, a counting sort
+    (:func:`_count_sort_index`). Both deterministic, no host synchronisation.
     """
+    if INDEX["method"] not in INDEX_METHODS:
+        raise ValueError(f"INDEX['method'] must be one of {INDEX_METHODS}, got {INDEX['method']!r}")
+    if INDEX["method"] == "count":
+        return _count_sort_index(idx, num_blocks)
     n, hkv, topk = idx.shape
     dev = idx.device
     nbuckets = hkv * num_blocks

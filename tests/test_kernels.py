@@ -165,12 +165,20 @@ def test_window_shift_with_no_effect_is_the_same_partition():
                                ssa_kernels.window_attention(q, k, v, layout, shift=4))
 
 
-def test_block_query_index_is_the_inverse_of_the_choice():
-    gen = torch.Generator().manual_seed(0)
-    n, hkv, topk, s = 300, 2, 5, 40
-    idx = torch.stack([torch.randperm(s, generator=gen)[:topk] for _ in range(n * hkv)]).view(n, hkv, topk)
+@pytest.mark.parametrize("method,n,chunk_min", [("sort", 300, 32), ("count", 300, 32), ("count", 300, 7),
+                                                ("count", 5, 32), ("count", 0, 32)])
+def test_block_query_index_is_the_inverse_of_the_choice(method, n, chunk_min, monkeypatch):
+    from ssa_kernels import selection
+
+    monkeypatch.setitem(selection.INDEX, "method", method)
+    monkeypatch.setitem(selection.INDEX, "chunk_min", chunk_min)  # 7: chunks that end inside a counting step
+    gen = torch.Generator().manual_seed(n)
+    hkv, topk, s = 2, 5, 40
+    rows = [torch.randperm(s, generator=gen)[:topk] for _ in range(n * hkv)]
+    idx = (torch.stack(rows) if rows else torch.zeros(0, topk, dtype=torch.long)).view(n, hkv, topk)
     idx[::7, :, -2:] = -1
     offsets, tokens = block_query_index(idx.int(), s)
+    assert offsets.shape == (hkv * s + 1,) and offsets[0] == 0 and bool((offsets[1:] >= offsets[:-1]).all())
     assert offsets[-1] == int((idx >= 0).sum())
     for g in range(hkv):
         for b in range(s):
@@ -188,6 +196,23 @@ def test_deterministic():
         x = [t.float().requires_grad_() for t in inp]
         o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=4)
         outs.append([o, *torch.autograd.grad(o, x, do)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_counting_sort_index_gives_the_same_gradients_bit_for_bit(monkeypatch):
+    """The two ways of building the block -> queries index give the same index, so the same dK/dV sums."""
+    from ssa_kernels import selection
+
+    coords, inp = _make((60, 25), 14, 4, 8, 8, 2, 32, seed=5)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    do = torch.randn(coords.shape[0], 8, 32)
+    outs = []
+    for method in selection.INDEX_METHODS:
+        monkeypatch.setitem(selection.INDEX, "method", method)
+        x = [t.float().requires_grad_() for t in inp]
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=0)
+        outs.append(torch.autograd.grad(o, x, do))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
