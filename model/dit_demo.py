@@ -694,7 +694,7 @@ def _evaluate_job(job: dict) -> tuple[str, dict]:
     from types import SimpleNamespace
 
     from .extract import sparse_sdf_to_mesh
-    from .preview import render_mesh
+    from .preview import framing_extent, render_mesh
     from .reconstruct import evaluate_mesh, normalized_mesh
 
     t0 = time.perf_counter()
@@ -705,7 +705,7 @@ def _evaluate_job(job: dict) -> tuple[str, dict]:
                              "fscore_all_faces", "gt_outer_fraction", "empty")}
     out["decoded_voxels"] = int(len(job["sdf"]))
     if job.get("thumbs"):
-        extent = 1.05 * float(np.linalg.norm(np.asarray(gt.vertices), axis=1).max())
+        extent = framing_extent(gt)
         size = job["thumb_size"]
         out["thumb"] = (render_mesh(mesh, size=size, extent=extent) * 255).astype(np.uint8)
         out["gt_thumb"] = (render_mesh(gt, size=size, extent=extent) * 255).astype(np.uint8)

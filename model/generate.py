@@ -117,13 +117,12 @@ def save_preview(path, image, mesh, *, caption: str = "", size: int = PREVIEW_SI
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .preview import render_mesh
+    from .preview import framing_extent, render_mesh, save_figure
 
     if isinstance(image, torch.Tensor):
         image = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     up = _y_up_to_z_up(mesh)
-    extent = 1.05 * float(np.linalg.norm(np.asarray(up.vertices), axis=1).max()) if len(up.vertices) else 0.5
-    render = render_mesh(up, size=size, extent=max(extent, 1e-3))
+    render = render_mesh(up, size=size, extent=max(framing_extent(up), 1e-3))
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
     axes[0].imshow(image)
     axes[0].set_title("input (preprocessed)", fontsize=9)
@@ -135,11 +134,7 @@ def save_preview(path, image, mesh, *, caption: str = "", size: int = PREVIEW_SI
     if caption:
         fig.suptitle(caption, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _output_names(images: list[str]) -> list[str]:

@@ -344,40 +344,15 @@ def _refiner_params(config) -> dict:
 # parts
 
 
-def _build_sparse_vae(config):
-    from .vae import SparseSDFVAE
-
-    return SparseSDFVAE(config)
-
-
-def _build_sparse_dit(config):
-    from .dit import SparseDiT
-
-    return SparseDiT(config)
+def _model_attr(path: str):
+    """The object ``path`` = ``"<module of model>.<name>"`` (imported on first use)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
-def _build_dense_vae(config):
-    from .dense import DenseShapeVAE
-
-    return DenseShapeVAE(config)
-
-
-def _build_dense_dit(config):
-    from .dense import DenseDiT
-
-    return DenseDiT(config)
-
-
-def _build_refiner(config):
-    from .refiner import VoxelRefiner
-
-    return VoxelRefiner(config)
-
-
-def _build_sign_refiner(config):
-    from .refiner import SignRefiner
-
-    return SignRefiner(config)
+def _builder(path: str) -> Callable[[Any], nn.Module]:
+    """``config -> module`` for the class ``path`` (see :func:`_model_attr`), imported when first built."""
+    return lambda config: _model_attr(path)(config)
 
 
 def _identity(name: str) -> str:
@@ -410,37 +385,36 @@ class PartSpec:
 
     def config_cls(self):
         """The dataclass of this part's config (``config_class`` is ``"<module of model>.<class>"``)."""
-        module, _, cls = self.config_class.rpartition(".")
-        return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+        return _model_attr(self.config_class)
 
 
 _TARGET = "direct3d_s2.models."
 PARTS: dict[str, PartSpec] = {
     spec.name: spec for spec in [
         PartSpec("dense_vae", "model_dense.ckpt", "vae", _TARGET + "autoencoders.dense_vae.DenseShapeVAE",
-                 "dense.DenseVAEConfig", _build_dense_vae, _dense_vae_default, _dense_vae_from_params,
+                 "dense.DenseVAEConfig", _builder("dense.DenseShapeVAE"), _dense_vae_default, _dense_vae_from_params,
                  _dense_vae_params),
         PartSpec("dense_dit", "model_dense.ckpt", "dit", _TARGET + "transformers.dense_dit.DenseDiT",
-                 "dense.DenseDiTConfig", _build_dense_dit, _dense_dit_default, _dense_dit_from_params,
+                 "dense.DenseDiTConfig", _builder("dense.DenseDiT"), _dense_dit_default, _dense_dit_from_params,
                  _dense_dit_params),
         PartSpec("sparse_vae_512", "model_sparse_512.ckpt", "vae", _TARGET + "autoencoders.ss_vae.SparseSDFVAE",
-                 "vae.VAEConfig", _build_sparse_vae, _sparse_vae_default(512), _sparse_vae_from_params,
+                 "vae.VAEConfig", _builder("vae.SparseSDFVAE"), _sparse_vae_default(512), _sparse_vae_from_params,
                  _sparse_vae_params),
         PartSpec("sparse_dit_512", "model_sparse_512.ckpt", "dit", _TARGET + "transformers.sparse_dit.SparseDiT",
-                 "dit.DiTConfig", _build_sparse_dit, _sparse_dit_default(64), _sparse_dit_from_params,
+                 "dit.DiTConfig", _builder("dit.SparseDiT"), _sparse_dit_default(64), _sparse_dit_from_params,
                  _sparse_dit_params),
         PartSpec("sparse_vae_1024", "model_sparse_1024.ckpt", "vae", _TARGET + "autoencoders.ss_vae.SparseSDFVAE",
-                 "vae.VAEConfig", _build_sparse_vae, _sparse_vae_default(1024), _sparse_vae_from_params,
+                 "vae.VAEConfig", _builder("vae.SparseSDFVAE"), _sparse_vae_default(1024), _sparse_vae_from_params,
                  _sparse_vae_params),
         PartSpec("sparse_dit_1024", "model_sparse_1024.ckpt", "dit", _TARGET + "transformers.sparse_dit.SparseDiT",
-                 "dit.DiTConfig", _build_sparse_dit, _sparse_dit_default(128), _sparse_dit_from_params,
+                 "dit.DiTConfig", _builder("dit.SparseDiT"), _sparse_dit_default(128), _sparse_dit_from_params,
                  _sparse_dit_params),
         PartSpec("refiner", "model_refiner.ckpt", "refiner", _TARGET + "refiner.unet_refiner.Voxel_RefinerXL",
-                 "refiner.RefinerConfig", _build_refiner, _refiner_default(False), _refiner_from_params(False),
-                 _refiner_params),
+                 "refiner.RefinerConfig", _builder("refiner.VoxelRefiner"), _refiner_default(False),
+                 _refiner_from_params(False), _refiner_params),
         PartSpec("refiner_1024", "model_refiner_1024.ckpt", "refiner",
                  _TARGET + "refiner.unet_refiner.Voxel_RefinerXL_sign", "refiner.RefinerConfig",
-                 _build_sign_refiner, _refiner_default(True), _refiner_from_params(True), _refiner_params),
+                 _builder("refiner.SignRefiner"), _refiner_default(True), _refiner_from_params(True), _refiner_params),
     ]
 }
 ALL_PARTS = tuple(PARTS)

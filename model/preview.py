@@ -96,6 +96,25 @@ def _close_holes(image: np.ndarray, filled: np.ndarray) -> None:
     image[holes] = total[holes] / count[holes]
 
 
+def framing_extent(mesh: trimesh.Trimesh, margin: float = 1.05, empty: float = 0.5) -> float:
+    """The ``extent`` of :func:`render_mesh` that frames ``mesh``: its largest vertex radius times ``margin``
+    (``empty`` for a mesh without vertices)."""
+    if not len(mesh.vertices):
+        return empty
+    return margin * float(np.linalg.norm(np.asarray(mesh.vertices), axis=1).max())
+
+
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure to ``path`` (folders made as needed, 100 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def comparison_figure(rows: Sequence[tuple[str, trimesh.Trimesh, trimesh.Trimesh, str]], path, *,
                       size: int = 256, column_titles: tuple[str, str] = ("input", "reconstruction"),
                       title: str = "") -> Path:
@@ -110,7 +129,7 @@ def comparison_figure(rows: Sequence[tuple[str, trimesh.Trimesh, trimesh.Trimesh
         raise ValueError("rows must hold at least one (name, input, reconstruction, caption) tuple")
     fig, axes = plt.subplots(len(rows), 2, figsize=(5.0, 2.5 * len(rows) + (0.4 if title else 0)), squeeze=False)
     for r, (name, gt, pred, caption) in enumerate(rows):
-        extent = 1.05 * float(np.linalg.norm(np.asarray(gt.vertices), axis=1).max()) if len(gt.vertices) else 0.5
+        extent = framing_extent(gt)
         for c, mesh in enumerate((gt, pred)):
             ax = axes[r, c]
             ax.imshow(render_mesh(mesh, size=size, extent=extent), cmap="gray", vmin=0, vmax=1)
@@ -123,8 +142,4 @@ def comparison_figure(rows: Sequence[tuple[str, trimesh.Trimesh, trimesh.Trimesh
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

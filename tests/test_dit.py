@@ -19,13 +19,7 @@ from model.ssa_layer import SpatialSparseAttention
 from ssa_kernels.layout import layout_order
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the tensors are tiny, and a shared 2-core machine slows multi-threaded ops badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _shape(n, extent, offset=0, seed=0):

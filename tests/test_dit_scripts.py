@@ -13,12 +13,7 @@ pytest.importorskip("transformers", reason="the image encoder needs transformers
 trimesh = pytest.importorskip("trimesh")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -109,12 +109,7 @@ RELEASED_FINGERPRINTS = {
 LISTINGS = Path("/work/shared/released-model")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _fingerprint(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, str]:

@@ -20,12 +20,7 @@ from model.vae import SparseSDFVAE, VAEConfig  # noqa: E402
 FIT_STEPS, FIT_LR = 12, 3e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,7 @@ from model.sparse import (
 from model.sparse.layers import CHILD_OFFSETS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run single-threaded: on a shared 2-core machine two OpenMP threads can be ~100x slower (each parallel
-    region waits for a busy core); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_sparse(sizes, channels, extent, *, dtype=torch.float64, seed=0, resolution=None):

@@ -20,13 +20,7 @@ from model.train_vae import VAETrainConfig, config_from_args, main, model_config
 RESOLUTION, BATCH = 32, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded: bitwise-reproducible CPU sums and no oversubscription on the 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -90,13 +90,7 @@ OURS_ONLY = {f"pruning.heads.{i}.{p}" for i in range(3) for p in ("weight", "bia
 RELEASED_ONLY: set = set()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded for speed and stability on a shared 2-core machine (see test_sparse_layers.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sphere_shell(resolution=SHELL_RESOLUTION, radius=SHELL_RADIUS, tau=SHELL_TAU, dtype=torch.float32):
