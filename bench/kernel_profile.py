@@ -61,7 +61,7 @@ def _bench(fn, rep=200):
 _SWEEP_TARGET = {
     "compression.FWD": "cmp_fwd", "compression.DQ": "cmp_dq", "compression.DKDV": "cmp_bwd",
     "scoring.SCORE": "score_topk",
-    "selection.FWD": "sel_fwd", "selection.DQ": "sel_dq", "selection.DKDV": "sel_bwd", "selection.INDEX": "sel_csr",
+    "selection.FWD": "sel_fwd", "selection.DQ": "sel_dq", "selection.DKDV": "sel_bwd",
     "window.FWD": "win_fwd", "window.DQ": "win_bwd", "window.DKDV": "win_bwd",
 }
 
@@ -106,7 +106,35 @@ def run_sweeps(fns, sweeps, rep):
     return rows
 
 
-def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=()):
+def load_baseline(path):
+    """Import a copy of the ``ssa_kernels`` package at ``path`` (e.g. ``git archive HEAD~1 ssa_kernels``) under
+    another name, so that a kernel change is timed against its predecessor in the same process. The copy is
+    made in a temporary folder with its custom ops renamed (``ssa_kernels::`` -> ``ssa_kernels_baseline::``)."""
+    import importlib.util
+    import shutil
+    import tempfile
+
+    if not os.path.isfile(os.path.join(path, "__init__.py")):
+        raise ValueError(f"--baseline {path!r}: no __init__.py there (give the folder of an ssa_kernels copy)")
+    copy = os.path.join(tempfile.mkdtemp(), "ssa_kernels_baseline")
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in os.listdir(copy):
+        if name.endswith(".py"):
+            f = os.path.join(copy, name)
+            with open(f) as fh:
+                text = fh.read()
+            with open(f, "w") as fh:
+                fh.write(text.replace("ssa_kernels::", "ssa_kernels_baseline::"))
+    init = os.path.join(copy, "__init__.py")
+    spec = importlib.util.spec_from_file_location("ssa_kernels_baseline", init,
+                                                  submodule_search_locations=[copy])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=(), baseline=None):
     import ssa_kernels
     from ssa_kernels import compression, scoring, selection, window
     from ssa_kernels.gate import gate_backward
@@ -151,6 +179,17 @@ def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=()):
         "sel_bwd": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale),
         "sel_dq": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale, parts=("dq",)),
         "win_bwd": lambda: window.window_backward(do, q, k, v, lse_win, delta, layout, 0, scale),
+        # the same with the branch gates (as inside the whole op)
+        "cmp_bwd_gated": lambda: compression.compression_backward(do, q, kc, vc, lse_cmp, delta, layout, scale,
+                                                                  gate=gate, gate_idx=0),
+        "sel_bwd_gated": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale,
+                                                              gate=gate, gate_idx=1),
+        "win_bwd_gated": lambda: window.window_backward(do, q, k, v, lse_win, delta, layout, 0, scale, gate=gate,
+                                                        gate_idx=2),
+        "cmp_dq_gated": lambda: compression.compression_backward(do, q, kc, vc, lse_cmp, delta, layout, scale,
+                                                                 gate=gate, gate_idx=0, parts=("dq",)),
+        "sel_dq_gated": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale,
+                                                             gate=gate, gate_idx=1, parts=("dq",)),
     }
     x = [tt.clone().requires_grad_() for tt in inp]
 
@@ -166,6 +205,16 @@ def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=()):
     with torch.no_grad():
         t["ssa_fwd"] = _bench(fwd, rep)
     t["ssa_bwd"] = t["ssa_fwd_bwd"] - t["ssa_fwd"]
+    if baseline is not None:  # the same op from the baseline copy, same inputs, same process
+        base_layout = baseline.build_layout(coords, compression_block=c.compression_block,
+                                            selection_block=c.selection_block, window=c.window)
+
+        def base_fwd():
+            return baseline.spatial_sparse_attention(*x, base_layout, topk=c.topk, shift=0)
+        t["base_fwd_bwd"] = _bench(lambda: torch.autograd.grad(base_fwd(), x, do), rep)
+        with torch.no_grad():
+            t["base_fwd"] = _bench(base_fwd, rep)
+        t["base_bwd"] = t["base_fwd_bwd"] - t["base_fwd"]
     if sweeps:
         res["sweeps"] = run_sweeps(fns, sweeps, rep)
 
@@ -266,6 +315,27 @@ def trace_case(shape, cfg, out_dir, iters=3):
     return path
 
 
+def compiled_kernels():
+    """Registers and spills of every kernel compiled so far in ``ssa_kernels``: ``[{kernel, constants, regs,
+    spills}]`` (a kernel that spills or needs many registers shows up here before it shows up in a timing)."""
+    import ssa_kernels
+    from triton.runtime.jit import JITFunction
+
+    rows = []
+    for mod_name in ("compression", "scoring", "selection", "window", "gate"):
+        mod = getattr(ssa_kernels, mod_name, None) or __import__(f"ssa_kernels.{mod_name}", fromlist=["_"])
+        for name, fn in vars(mod).items():
+            if not isinstance(fn, JITFunction) or not name.endswith("kernel"):
+                continue
+            for caches in fn.device_caches.values():
+                for kernel in caches[0].values():
+                    consts = {k: v for k, v in getattr(kernel, "constants", {}).items()
+                              if isinstance(v, (int, bool, str)) and not isinstance(k, tuple)}
+                    rows.append(dict(kernel=name, constants=consts, regs=getattr(kernel, "n_regs", None),
+                                     spills=getattr(kernel, "n_spills", None)))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default="shell-1024:v1.1,shell-1024:v1.0")
@@ -276,6 +346,8 @@ def main(argv=None):
     p.add_argument("--sweep", default="", help='e.g. "selection.FWD:block_n=32|64,num_warps=2|4;scoring.SCORE:rows=64|128"')
     p.add_argument("--sweep-cases", default="shell-1024:v1.1", help="cases on which the sweeps run")
     p.add_argument("--trace", action="store_true", help="only a torch.profiler table of one fwd+bwd per case")
+    p.add_argument("--regs", action="store_true", help="also list registers and spills of the compiled kernels")
+    p.add_argument("--baseline", default="", help="folder of another ssa_kernels copy: also time its whole op")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_profile needs a CUDA GPU")
@@ -286,11 +358,12 @@ def main(argv=None):
         for case in a.cases.split(","):
             trace_case(*case.split(":"), a.out)
         return 0
+    baseline = load_baseline(a.baseline) if a.baseline else None
     results = []
     for case in a.cases.split(","):
         shape, cfg = case.split(":")
         sweeps = parse_sweeps(a.sweep) if case in a.sweep_cases.split(",") else ()
-        r = profile_case(shape, cfg, rep=a.rep, with_fa2=not a.no_fa2, sweeps=sweeps)
+        r = profile_case(shape, cfg, rep=a.rep, with_fa2=not a.no_fa2, sweeps=sweeps, baseline=baseline)
         r.update(env)
         results.append(r)
         print(json.dumps({kk: vv for kk, vv in r.items() if kk != "sweeps"}), flush=True)
@@ -300,10 +373,17 @@ def main(argv=None):
             r.update(env)
             results.append(r)
             print(json.dumps(r), flush=True)
+    if a.regs:
+        regs = compiled_kernels()
+        for row in regs:
+            print(f"{row['kernel']}: regs {row['regs']} spills {row['spills']} {row['constants']}")
+        results.append(dict(compiled_kernels=regs))
     with open(os.path.join(a.out, "kernel_profile.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("\n| case | tokens | sel keys/q | " + " | ".join(results[0]["ms"]) + " | fwd x | bwd x | mem GB |")
     for r in results:
+        if "compiled_kernels" in r:
+            continue
         if "ms" in r:
             print(f"| {r['shape']} {r['config']} | {r['tokens']} | {r['selected_keys_per_query']:.0f} | "
                   + " | ".join(f"{v:.2f}" for v in r["ms"].values())

@@ -64,25 +64,24 @@ def check_kernel_dtype(t: torch.Tensor, name: str = "q") -> None:
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, gv, valid_t, qk_scale, PRECISION: tl.constexpr,
-               HAS_GATE: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISION: tl.constexpr,
+               SIGNED: tl.constexpr):
     """One key-outer backward step: add this query tile's contribution to the key tile's dK and dV.
 
-    ``k, v [N, D]`` (the key tile), ``q, do [R, D]``, ``lse2, delta [R]`` (log2-domain log-sum-exp and
-    rowsum(dO_branch * O)), ``valid_t [N, R]``. Works on transposed scores (``S^T = K Q^T``) so that ``P^T`` and
-    ``dS^T`` come out of the matrix unit in the layout the next products need. ``dk`` is not yet scaled.
-    With ``HAS_GATE`` the branch's output gradient is ``gv [R] * do``: the row gate scales the columns of ``P^T``
-    and ``dP^T`` instead of ``do``, so ``do`` goes from memory to the matrix unit untouched.
+    ``k, v [N, D]`` (the key tile), ``q, do [R, D]``, ``lse2, delta [R]`` from :func:`_grad_rows` (the
+    gate's magnitude already in ``lse2``), ``sgn [R]`` the gates' signs, ``valid_t [N, R]``. ``SIGNED``: apply
+    the signs to the columns of ``P^T`` (the kernel variant that runs when some gate is negative,
+    :func:`ssa_kernels.gate.fold_gate`). Works on transposed scores (``S^T = K Q^T``) so that ``P^T`` and
+    ``dS^T`` come out of the matrix unit in the layout the next products need; ``q`` and ``do`` go from memory
+    to the matrix unit untouched. ``dk`` is not yet scaled.
     """
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     p_t = tl.where(valid_t, tl.exp2(s_t - lse2[None, :]), 0.0)
+    if SIGNED:
+        p_t = p_t * sgn[None, :]
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    if HAS_GATE:
-        dv += tl.dot((p_t * gv[None, :]).to(do.dtype), do, input_precision=PRECISION)
-        ds_t = p_t * (dp_t * gv[None, :] - delta[None, :])
-    else:
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
@@ -120,31 +119,46 @@ def _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION: tl.conste
 
 
 @triton.jit
-def _load_grad_out(DO, GATE, tok64, head, d, stride_dt, stride_dh, mask, row_ok, dtype,
-                   HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr):
-    """The gradient of one branch's output rows: ``dO`` times the branch's gate when the gates are given."""
-    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=mask, other=0.0)
-    if HAS_GATE:
-        gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
-        do = (do.to(tl.float32) * gv[:, None]).to(dtype)
-    return do
+def _grad_rows(LSE2, DELTA, tok64, head, H, row_ok):
+    """``(lse2 [R], delta [R])`` of query rows: the log-sum-exp in the log2 domain with the gate folded in
+    (:func:`ssa_kernels.gate.fold_gate`) and rowsum(dO * o_branch)."""
+    lse2 = tl.load(LSE2 + tok64 * H + head, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+    return lse2, delta
 
 
 @triton.jit
-def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H, qk_scale,
+def _gate_sign(GATE, tok64, row_ok, GATE_IDX: tl.constexpr):
+    """``[R]`` +-1: the sign of each row's gate ``GATE[token, GATE_IDX]`` (its magnitude is in ``lse2``)."""
+    gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=1.0)
+    return tl.where(gv < 0, -1.0, 1.0)
+
+
+@triton.jit
+def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H, qk_scale,
                stride_qt, stride_qh, stride_dt, stride_dh, G: tl.constexpr, HG: tl.constexpr,
-               PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr):
+               PRECISION: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr):
     """:func:`_dkdv_step` for query tokens ``tok64`` (row r = token r // HG) and every head of kv group ``g``,
-    ``HG`` heads per matrix product."""
-    if HAS_GATE:  # the branch's gate, one per token (the dO rows themselves are loaded unscaled)
-        gv = tl.load(GATE + tok64 * 3 + GATE_IDX, mask=row_ok, other=0.0).to(tl.float32)
+    ``HG`` heads per matrix product. ``GATE`` is read only by the ``SIGNED`` variant."""
+    if SIGNED:
+        sgn = _gate_sign(GATE, tok64, row_ok, GATE_IDX)
     else:
-        gv = tl.full(r.shape, 1.0, tl.float32)  # unused
+        sgn = tl.full(r.shape, 1.0, tl.float32)  # unused
     for hs in tl.static_range(G // HG):
         head = g * G + hs * HG + r % HG
         q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
         do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
-        lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
-        delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, gv, valid_t, qk_scale, PRECISION, HAS_GATE)
+        lse2, delta = _grad_rows(LSE2, DELTA, tok64, head, H, row_ok)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISION, SIGNED)
     return dk, dv
+
+
+@triton.jit
+def _signed_variant_runs(NEG, HAS_GATE: tl.constexpr, SIGNED: tl.constexpr):
+    """Whether this launch of a key-outer backward kernel does the work: without gates the unsigned variant;
+    with gates the signed one exactly when ``NEG [1]`` (some gate is negative) is set, else the unsigned one."""
+    if HAS_GATE:
+        neg = tl.load(NEG) != 0
+    else:
+        neg = tl.program_id(0) < 0  # no gate: no sign
+    return neg == SIGNED

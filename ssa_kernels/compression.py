@@ -18,10 +18,11 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
-    LOG2E_C,
     _dkdv_rows,
+    _signed_variant_runs,
     _dq_step,
-    _load_grad_out,
+    _gate_sign,
+    _grad_rows,
     _online_softmax_step,
     _row_tokens_heads,
     _softmax_finish,
@@ -30,6 +31,7 @@ from ._common import (
     head_split,
     tokens_per_tile,
 )
+from .gate import fold_gate
 from .layout import BlockLayout
 
 
@@ -37,8 +39,8 @@ from .layout import BlockLayout
 #: rows: query rows (tokens x heads) per matrix product; block_n: compressed keys per step; programs: target
 #: number of dK/dV programs (the queries are split into that many slices over the key tiles).
 FWD = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
-DQ = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
-DKDV = dict(rows=128, block_n=64, programs=2048, num_warps=4, num_stages=2)
+DQ = dict(rows=128, block_n=64, num_warps=4, num_stages=2)
+DKDV = dict(rows=64, block_n=64, programs=2048, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -80,7 +82,7 @@ def _cmp_fwd_kernel(
 
 @triton.jit
 def _cmp_bwd_dq_kernel(
-    Q, KC, VC, DO, GATE, LSE, DELTA, DQ,
+    Q, KC, VC, DO, GATE, LSE2, DELTA, DQ,
     token_batch, batch_cmp_offsets,
     N, H, qk_scale, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
@@ -100,9 +102,8 @@ def _cmp_bwd_dq_kernel(
     d_ok = d < D
     rd_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
-    do = _load_grad_out(DO, GATE, tok64, head, d, stride_dt, stride_dh, rd_mask, row_ok, q.dtype, HAS_GATE, GATE_IDX)
-    lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
-    delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
+    lse2, delta = _grad_rows(LSE2, DELTA, tok64, head, H, row_ok)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
@@ -113,6 +114,8 @@ def _cmp_bwd_dq_kernel(
         valid = (n[None, :] >= k_lo[:, None]) & (n[None, :] < k_hi[:, None])
         dq = _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION)
     dq = dq * scale
+    if HAS_GATE:  # the gates' signs (their magnitudes are in lse2), once per row
+        dq = dq * _gate_sign(GATE, tok64, row_ok, GATE_IDX)[:, None]
     dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
     if ACCUMULATE:
         dq += tl.load(DQ + dq_off, mask=rd_mask, other=0.0)
@@ -121,19 +124,22 @@ def _cmp_bwd_dq_kernel(
 
 @triton.jit
 def _cmp_bwd_dkdv_kernel(
-    Q, KC, VC, DO, GATE, LSE, DELTA, DKP, DVP,
+    Q, KC, VC, DO, GATE, NEG, LSE2, DELTA, DKP, DVP,
     token_batch, cmp_batch, batch_offsets,
     N, NC, H, HKV, qk_scale, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
     NUM_SPLITS,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr,
 ):
     """Partial dK/dV of one tile of compressed keys over one slice of its batch elements' queries.
 
-    ``DKP, DVP [NUM_SPLITS, Nc, Hkv, D]`` float32; the caller sums over the first axis.
+    ``DKP, DVP [NUM_SPLITS, Nc, Hkv, D]`` float32; the caller sums over the first axis. Launched once per
+    ``SIGNED`` variant (``gate.fold_gate``); the variant that does not apply loops over nothing and
+    stores nothing.
     """
+    run = _signed_variant_runs(NEG, HAS_GATE, SIGNED)
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -144,7 +150,7 @@ def _cmp_bwd_dkdv_kernel(
     t_hi = tl.max(tl.load(batch_offsets + kb + 1, mask=n_ok, other=0))
     chunk = tl.cdiv(t_hi - t_lo, NUM_SPLITS)
     t_start = t_lo + split * chunk
-    t_end = tl.minimum(t_start + chunk, t_hi)
+    t_end = tl.where(run, tl.minimum(t_start + chunk, t_hi), t_start)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -161,12 +167,12 @@ def _cmp_bwd_dkdv_kernel(
         tb = tl.load(token_batch + tok, mask=row_ok, other=-1)
         valid_t = (kb[:, None] == tb[None, :]) & n_ok[:, None] & row_ok[None, :]
         rd_mask = row_ok[:, None] & d_ok[None, :]
-        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
-                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, HAS_GATE,
-                            GATE_IDX)
+        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
+                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
+                            GATE_IDX, SIGNED)
     part = ((split * NC + n.to(tl.int64)) * HKV + g)[:, None] * D + d[None, :]
-    tl.store(DKP + part, dk * scale, mask=kv_mask)
-    tl.store(DVP + part, dv, mask=kv_mask)
+    tl.store(DKP + part, dk * scale, mask=kv_mask & run)
+    tl.store(DVP + part, dv, mask=kv_mask & run)
 
 
 def _config(group: int, rows: int):
@@ -204,7 +210,7 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     """Gradients of the compression branch.
 
     ``do [N, Hq, D]`` is the gradient of the (gated, when ``gate`` is given: ``gate[:, gate_idx] * o``) output;
-    ``delta [N, Hq]`` float32 = rowsum(dO_branch * o_branch). dQ goes into ``dq_acc [N, Hq, D]`` (float32 by
+    ``delta [N, Hq]`` float32 = rowsum(do * o_branch), without the gate (it is folded in by the kernels). dQ goes into ``dq_acc [N, Hq, D]`` (float32 by
     default, or any float dtype; overwritten, or added to with ``accumulate``). Returns ``(dq_acc, dk_cmp, dv_cmp)``, the last two float32.
     ``parts`` runs only some of the kernels (for timing them apart).
     """
@@ -222,13 +228,14 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     do = do.contiguous() if do.stride(-1) != 1 else do
     has_gate = gate is not None
     gate_t = gate if has_gate else lse  # placeholder pointer, never read
+    lse2, neg, variants = fold_gate(lse, gate, gate_idx)
     common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
                   HAS_GATE=has_gate, GATE_IDX=gate_idx)
     hg, bt = _config(group, DQ["rows"])
     grid = (triton.cdiv(n, bt), hkv * (group // hg))
     if "dq" in parts:
         _cmp_bwd_dq_kernel[grid](
-            q, k_cmp, v_cmp, do, gate_t, lse, delta, dq_acc, layout.token_batch, layout.batch_cmp_offsets,
+            q, k_cmp, v_cmp, do, gate_t, lse2, delta, dq_acc, layout.token_batch, layout.batch_cmp_offsets,
             n, hq, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1),
             HG=hg, BLOCK_T=bt, BLOCK_N=DQ["block_n"], ACCUMULATE=accumulate, **common, **_launch(DQ),
@@ -240,11 +247,12 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     splits = max(1, min(triton.cdiv(DKDV["programs"], key_tiles * hkv), triton.cdiv(n, 4 * bt)))
     dkp = torch.empty(splits, nc, hkv, dim, device=q.device, dtype=torch.float32)
     dvp = torch.empty_like(dkp)
-    _cmp_bwd_dkdv_kernel[(key_tiles, hkv, splits)](
-        q, k_cmp, v_cmp, do, gate_t, lse, delta, dkp, dvp,
-        layout.token_batch, layout.cmp_batch, layout.batch_offsets,
-        n, nc, hq, hkv, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1), splits,
-        HG=hg, BLOCK_T=bt, BLOCK_N=DKDV["block_n"], **common, **_launch(DKDV),
-    )
+    for signed in variants:
+        _cmp_bwd_dkdv_kernel[(key_tiles, hkv, splits)](
+            q, k_cmp, v_cmp, do, gate_t, gate_t if neg is None else neg, lse2, delta, dkp, dvp,
+            layout.token_batch, layout.cmp_batch, layout.batch_offsets,
+            n, nc, hq, hkv, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1), splits,
+            HG=hg, BLOCK_T=bt, BLOCK_N=DKDV["block_n"], SIGNED=signed, **common, **_launch(DKDV),
+        )
     return dq_acc, dkp.sum(0), dvp.sum(0)

@@ -16,23 +16,25 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
-    LOG2E_C,
     _dkdv_rows,
+    _signed_variant_runs,
     _dq_step,
-    _load_grad_out,
+    _gate_sign,
+    _grad_rows,
     _online_softmax_step,
     _softmax_finish,
     block_d,
     dot_precision,
     head_split,
 )
+from .gate import fold_gate
 from .layout import WINDOW_TILE, BlockLayout
 
 #: Launch configurations. Forward and dQ: heads of one kv group per program (rows = WINDOW_TILE tokens x heads),
 #: keys per step. dK/dV: query rows (tokens x heads) per step; its keys per program are one tile.
-FWD = dict(max_heads=8, block_n=64, num_warps=4, num_stages=2)
-DQ = dict(max_heads=8, block_n=64, num_warps=4, num_stages=2)
-DKDV = dict(max_heads=16, rows=128, num_warps=4, num_stages=2)
+FWD = dict(max_heads=8, block_n=32, num_warps=4, num_stages=2)
+DQ = dict(max_heads=8, block_n=32, num_warps=4, num_stages=2)
+DKDV = dict(max_heads=16, rows=256, num_warps=4, num_stages=2)
 
 
 def _launch(cfg):
@@ -97,7 +99,7 @@ def _win_fwd_kernel(
 
 @triton.jit
 def _win_bwd_dq_kernel(
-    Q, K, V, DO, GATE, LSE, DELTA, DQ, perm, offsets, tiles, tile_window,
+    Q, K, V, DO, GATE, LSE2, DELTA, DQ, perm, offsets, tiles, tile_window,
     H, qk_scale, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -123,9 +125,8 @@ def _win_bwd_dq_kernel(
     d_ok = d < D
     rd_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
-    do = _load_grad_out(DO, GATE, tok64, head, d, stride_dt, stride_dh, rd_mask, row_ok, q.dtype, HAS_GATE, GATE_IDX)
-    lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
-    delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
+    lse2, delta = _grad_rows(LSE2, DELTA, tok64, head, H, row_ok)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
     for ks in range(w_lo, w_hi, BLOCK_N):
         kp = ks + tl.arange(0, BLOCK_N)
@@ -136,6 +137,8 @@ def _win_bwd_dq_kernel(
         v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         dq = _dq_step(dq, q, k, v, do, lse2, delta, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION)
     dq = dq * scale
+    if HAS_GATE:  # the gates' signs (their magnitudes are in lse2), once per row
+        dq = dq * _gate_sign(GATE, tok64, row_ok, GATE_IDX)[:, None]
     dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
     if ACCUMULATE:
         dq += tl.load(DQ + dq_off, mask=rd_mask, other=0.0)
@@ -144,50 +147,52 @@ def _win_bwd_dq_kernel(
 
 @triton.jit
 def _win_bwd_dkdv_kernel(
-    Q, K, V, DO, GATE, LSE, DELTA, DK, DV, perm, offsets, tiles, tile_window,
+    Q, K, V, DO, GATE, NEG, LSE2, DELTA, DK, DV, perm, offsets, tiles, tile_window,
     H, qk_scale, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr, SIGNED: tl.constexpr,
 ):
-    """dK/dV of one key tile (``BLOCK_N`` = the tile size) for kv head ``program_id(1)``; ``DK, DV [N, Hkv, D]``."""
-    tile = tl.program_id(0)
-    g = tl.program_id(1)
-    hkv = H // G
-    t_start = tl.load(tiles + 2 * tile)
-    t_end = tl.load(tiles + 2 * tile + 1)
-    w = tl.load(tile_window + tile)
-    w_lo = tl.load(offsets + w)
-    w_hi = tl.load(offsets + w + 1)
-    kp = t_start + tl.arange(0, BLOCK_N)
-    n_ok = kp < t_end
-    ktok = tl.load(perm + kp, mask=n_ok, other=0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    kv_off = ktok[:, None] * stride_kt + g * stride_kh + d[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    r = tl.arange(0, BLOCK_Q * HG)
-    for q0 in range(w_lo, w_hi, BLOCK_Q):
-        pos = q0 + r // HG
-        row_ok = pos < w_hi
-        tok64 = tl.load(perm + pos, mask=row_ok, other=0).to(tl.int64)
-        rd_mask = row_ok[:, None] & d_ok[None, :]
-        valid_t = n_ok[:, None] & row_ok[None, :]
-        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
-                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, HAS_GATE,
-                            GATE_IDX)
-    dk = dk * scale
-    out = (ktok[:, None] * hkv + g) * D + d[None, :]
-    if ACCUMULATE:
-        dk += tl.load(DK + out, mask=kv_mask, other=0.0)
-        dv += tl.load(DV + out, mask=kv_mask, other=0.0)
-    tl.store(DK + out, dk, mask=kv_mask)
-    tl.store(DV + out, dv, mask=kv_mask)
+    """dK/dV of one key tile (``BLOCK_N`` = the tile size) for kv head ``program_id(1)``; ``DK, DV [N, Hkv, D]``.
+    Launched once per ``SIGNED`` variant (``gate.fold_gate``), the one that does not apply does nothing."""
+    if _signed_variant_runs(NEG, HAS_GATE, SIGNED):
+        tile = tl.program_id(0)
+        g = tl.program_id(1)
+        hkv = H // G
+        t_start = tl.load(tiles + 2 * tile)
+        t_end = tl.load(tiles + 2 * tile + 1)
+        w = tl.load(tile_window + tile)
+        w_lo = tl.load(offsets + w)
+        w_hi = tl.load(offsets + w + 1)
+        kp = t_start + tl.arange(0, BLOCK_N)
+        n_ok = kp < t_end
+        ktok = tl.load(perm + kp, mask=n_ok, other=0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        kv_off = ktok[:, None] * stride_kt + g * stride_kh + d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        r = tl.arange(0, BLOCK_Q * HG)
+        for q0 in range(w_lo, w_hi, BLOCK_Q):
+            pos = q0 + r // HG
+            row_ok = pos < w_hi
+            tok64 = tl.load(perm + pos, mask=row_ok, other=0).to(tl.int64)
+            rd_mask = row_ok[:, None] & d_ok[None, :]
+            valid_t = n_ok[:, None] & row_ok[None, :]
+            dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
+                                qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
+                                GATE_IDX, SIGNED)
+        dk = dk * scale
+        out = (ktok[:, None] * hkv + g) * D + d[None, :]
+        if ACCUMULATE:
+            dk += tl.load(DK + out, mask=kv_mask, other=0.0)
+            dv += tl.load(DV + out, mask=kv_mask, other=0.0)
+        tl.store(DK + out, dk, mask=kv_mask)
+        tl.store(DV + out, dv, mask=kv_mask)
 
 
 def _launch_args(q, k, layout: BlockLayout, shift: int):
@@ -238,6 +243,7 @@ def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, sc
         return dq_acc, dk_acc, dv_acc
     has_gate = gate is not None
     gate_t = gate if has_gate else lse
+    lse2, neg, variants = fold_gate(lse, gate, gate_idx)
     prec = dot_precision(q.dtype)
     hg = head_split(group, DQ["max_heads"])
     common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=prec,
@@ -246,16 +252,18 @@ def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, sc
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1))
     if "dq" in parts:
         _win_bwd_dq_kernel[(n_tiles, hkv * (group // hg))](
-            q, k, v, do, gate_t, lse, delta, dq_acc, part.perm, part.offsets, part.tiles, part.tile_window,
+            q, k, v, do, gate_t, lse2, delta, dq_acc, part.perm, part.offsets, part.tiles, part.tile_window,
             hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_T=WINDOW_TILE, BLOCK_N=DQ["block_n"], **common,
             **_launch(DQ),
         )
     if "dkdv" not in parts:
         return dq_acc, dk_acc, dv_acc
     hg = head_split(group, DKDV["max_heads"])
-    _win_bwd_dkdv_kernel[(n_tiles, hkv)](
-        q, k, v, do, gate_t, lse, delta, dk_acc, dv_acc, part.perm, part.offsets, part.tiles, part.tile_window,
-        hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_Q=max(1, DKDV["rows"] // hg), BLOCK_N=WINDOW_TILE,
-        **common, **_launch(DKDV),
-    )
+    for signed in variants:
+        _win_bwd_dkdv_kernel[(n_tiles, hkv)](
+            q, k, v, do, gate_t, gate_t if neg is None else neg, lse2, delta, dk_acc, dv_acc,
+            part.perm, part.offsets, part.tiles, part.tile_window,
+            hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_Q=max(1, DKDV["rows"] // hg), BLOCK_N=WINDOW_TILE,
+            SIGNED=signed, **common, **_launch(DKDV),
+        )
     return dq_acc, dk_acc, dv_acc
