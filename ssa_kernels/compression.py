@@ -38,9 +38,9 @@ from .layout import BlockLayout
 #: Launch configurations (tuned on an H100 with bench/kernel_profile.py; reports/kernels.md has the figures).
 #: rows: query rows (tokens x heads) per matrix product; block_n: compressed keys per step; programs: target
 #: number of dK/dV programs (the queries are split into that many slices over the key tiles).
-FWD = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
-DQ = dict(rows=128, block_n=64, num_warps=4, num_stages=2)
-DKDV = dict(rows=64, block_n=64, programs=2048, num_warps=4, num_stages=2)
+FWD = dict(rows=128, block_n=64, num_warps=4, num_stages=3)
+DQ = dict(rows=128, block_n=32, num_warps=4, num_stages=2)
+DKDV = dict(rows=64, block_n=64, programs=2048, num_warps=4, num_stages=1)
 
 
 @triton.jit

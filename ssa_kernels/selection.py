@@ -40,7 +40,7 @@ from .layout import BlockLayout
 #: dK/dV: query rows per step, keys per program.
 FWD = dict(rows=16, block_n=32, num_warps=1, num_stages=2)
 DQ = dict(rows=16, block_n=16, num_warps=1, num_stages=3)
-DKDV = dict(rows=128, block_n=64, num_warps=4, num_stages=2)
+DKDV = dict(rows=128, block_n=64, num_warps=4, num_stages=3)
 
 
 @triton.jit
