@@ -109,10 +109,14 @@ def _softmax_finish(m, l, acc):
 
 
 @triton.jit
-def _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION: tl.constexpr):
-    """One query-outer backward step: add a key tile's contribution to ``dq [R, D]`` (not yet scaled)."""
+def _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One query-outer backward step: add a key tile's contribution to ``dq [R, D]`` (not yet scaled); without
+    ``MASKED`` every (row, key) pair is valid and ``valid`` is not read."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    if MASKED:
+        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    else:
+        p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

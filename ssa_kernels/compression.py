@@ -105,14 +105,25 @@ def _cmp_bwd_dq_kernel(
     do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
     lse2, delta = _grad_rows(LSE2, DELTA, tok64, head, H, row_ok)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
+    # when every row is in one batch element, its whole key tiles need no per-score mask (padding rows are not
+    # stored); the last, part-filled tile keeps it (a zero padding key has P = exp2(-lse2), which may overflow)
+    # and so do tiles of rows from several batch elements
+    one_batch = (tl.max(tl.where(row_ok, k_lo, -1)) == lo) & (tl.min(tl.where(row_ok, k_hi, 2147483647)) == hi)
+    full_end = tl.where(one_batch, lo + (hi - lo) // BLOCK_N * BLOCK_N, lo)
+    for start in range(lo, full_end, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
+        k = tl.load(KC + kv_off, mask=d_ok[None, :], other=0.0)
+        v = tl.load(VC + kv_off, mask=d_ok[None, :], other=0.0)
+        dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False)
+    for start in range(full_end, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
         k = tl.load(KC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(VC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         valid = (n[None, :] >= k_lo[:, None]) & (n[None, :] < k_hi[:, None])
-        dq = _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION)
+        dq = _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION, True)
     dq = dq * scale
     if HAS_GATE:  # the gates' signs (their magnitudes are in lse2), once per row
         dq = dq * _gate_sign(GATE, tok64, row_ok, GATE_IDX)[:, None]

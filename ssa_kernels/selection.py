@@ -141,7 +141,8 @@ def _sel_bwd_dq_kernel(
                 kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
                 k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                dq = _dq_step(dq, q, k, v, do, lse2, delta, row_sel[:, None] & n_ok[None, :], qk_scale, PRECISION)
+                dq = _dq_step(dq, q, k, v, do, lse2, delta, row_sel[:, None] & n_ok[None, :], qk_scale, PRECISION,
+                              True)
     dq = dq * scale
     if HAS_GATE:  # the gates' signs (their magnitudes are in lse2), once per row
         dq = dq * _gate_sign(GATE, tok64, row_ok, GATE_IDX)[:, None]
