@@ -3,6 +3,7 @@ pytest-benchmark unchanged, the set definitions, and the report (md / json / png
 from __future__ import annotations
 
 import json
+import pathlib
 import math
 
 import pytest
@@ -392,3 +393,33 @@ def test_flex_selection_block_mask_is_the_selection_branch():
     out = flex_attention(q4, k4, v4, block_mask=mask, enable_gqa=True).transpose(1, 2)[0]
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert 0 < density <= 1
+
+
+def test_kernel_profile_times_a_baseline_copy_of_the_kernels(tmp_path):
+    """``kernel_profile --baseline DIR`` imports another ``ssa_kernels`` copy beside the current one (its custom ops
+    renamed so both register); the copy computes the same op, and a folder without a package is refused."""
+    import shutil
+
+    import ssa_kernels
+    from bench.kernel_profile import load_baseline
+
+    src = tmp_path / "copy" / "ssa_kernels"
+    shutil.copytree(pathlib.Path(ssa_kernels.__file__).parent, src, ignore=shutil.ignore_patterns("__pycache__"))
+    base = load_baseline(str(src))
+    assert base.__name__ == "ssa_kernels_baseline" and base.spatial_sparse_attention is not \
+        ssa_kernels.spatial_sparse_attention
+    gen = torch.Generator().manual_seed(0)
+    coords = random_coords((50,), 10, compression_block=4, selection_block=8, generator=gen)
+    from tests.helpers import random_inputs
+
+    x = [t.requires_grad_() for t in random_inputs(coords, 4, 2, 16, compression_block=4, selection_block=8,
+                                                     generator=gen, dtype=torch.float32)]
+    outs = []
+    for mod in (ssa_kernels, base):
+        layout = mod.build_layout(coords, compression_block=4, selection_block=8, window=8)
+        o = mod.spatial_sparse_attention(*x, layout, topk=2, shift=0)
+        outs.append([o, *torch.autograd.grad(o.square().sum(), x)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="baseline"):
+        load_baseline(str(tmp_path))
