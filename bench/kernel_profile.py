@@ -211,6 +211,7 @@ def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=(), baseline=None):
 
         def base_fwd():
             return baseline.spatial_sparse_attention(*x, base_layout, topk=c.topk, shift=0)
+
         t["base_fwd_bwd"] = _bench(lambda: torch.autograd.grad(base_fwd(), x, do), rep)
         with torch.no_grad():
             t["base_fwd"] = _bench(base_fwd, rep)
@@ -316,8 +317,9 @@ def trace_case(shape, cfg, out_dir, iters=3):
 
 
 def compiled_kernels():
-    """Registers and spills of every kernel compiled so far in ``ssa_kernels``: ``[{kernel, constants, regs,
-    spills}]`` (a kernel that spills or needs many registers shows up here before it shows up in a timing)."""
+    """Registers and spills of every kernel compiled so far in ``ssa_kernels``, one row per compiled variant:
+    ``[{kernel, regs, spills}]`` (a kernel that spills or needs many registers shows up here before it shows up in
+    a timing)."""
     import ssa_kernels
     from triton.runtime.jit import JITFunction
 
@@ -329,9 +331,7 @@ def compiled_kernels():
                 continue
             for caches in fn.device_caches.values():
                 for kernel in caches[0].values():
-                    consts = {k: v for k, v in getattr(kernel, "constants", {}).items()
-                              if isinstance(v, (int, bool, str)) and not isinstance(k, tuple)}
-                    rows.append(dict(kernel=name, constants=consts, regs=getattr(kernel, "n_regs", None),
+                    rows.append(dict(kernel=name, regs=getattr(kernel, "n_regs", None),
                                      spills=getattr(kernel, "n_spills", None)))
     return rows
 
@@ -376,7 +376,7 @@ def main(argv=None):
     if a.regs:
         regs = compiled_kernels()
         for row in regs:
-            print(f"{row['kernel']}: regs {row['regs']} spills {row['spills']} {row['constants']}")
+            print(f"{row['kernel']}: regs {row['regs']} spills {row['spills']}")
         results.append(dict(compiled_kernels=regs))
     with open(os.path.join(a.out, "kernel_profile.json"), "w") as f:
         json.dump(results, f, indent=1)

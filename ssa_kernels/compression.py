@@ -19,11 +19,11 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     _dkdv_rows,
-    _signed_variant_runs,
     _dq_step,
     _gate_sign,
     _grad_rows,
     _online_softmax_step,
+    _signed_variant_runs,
     _row_tokens_heads,
     _softmax_finish,
     block_d,
@@ -221,9 +221,10 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     """Gradients of the compression branch.
 
     ``do [N, Hq, D]`` is the gradient of the (gated, when ``gate`` is given: ``gate[:, gate_idx] * o``) output;
-    ``delta [N, Hq]`` float32 = rowsum(do * o_branch), without the gate (it is folded in by the kernels). dQ goes into ``dq_acc [N, Hq, D]`` (float32 by
-    default, or any float dtype; overwritten, or added to with ``accumulate``). Returns ``(dq_acc, dk_cmp, dv_cmp)``, the last two float32.
-    ``parts`` runs only some of the kernels (for timing them apart).
+    ``delta [N, Hq]`` float32 = rowsum(do * o_branch), without the gate (it is folded in by the kernels). dQ goes
+    into ``dq_acc [N, Hq, D]`` (float32 by default, or any float dtype; overwritten, or added to with
+    ``accumulate``). Returns ``(dq_acc, dk_cmp, dv_cmp)``, the last two float32. ``parts`` runs only some of the
+    kernels (for timing them apart).
     """
     n, hq, dim = q.shape
     nc, hkv, _ = k_cmp.shape
@@ -260,7 +261,7 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     dvp = torch.empty_like(dkp)
     for signed in variants:
         _cmp_bwd_dkdv_kernel[(key_tiles, hkv, splits)](
-            q, k_cmp, v_cmp, do, gate_t, gate_t if neg is None else neg, lse2, delta, dkp, dvp,
+            q, k_cmp, v_cmp, do, gate_t, neg, lse2, delta, dkp, dvp,
             layout.token_batch, layout.cmp_batch, layout.batch_offsets,
             n, nc, hq, hkv, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1), splits,

@@ -73,22 +73,21 @@ def _fold_gate_kernel(LSE, GATE, LSE2, NEG, N, H, HAS_GATE: tl.constexpr, GATE_I
     tl.store(LSE2 + off, lse2, mask=mask)
 
 
-
 def fold_gate(lse, gate, gate_idx):
     """``(lse2 [N, H] float32, neg, variants)`` for a branch's backward kernels.
 
     ``lse2`` = ``lse * log2(e) - log2|gate[:, gate_idx]|`` (``+inf`` where the gate is 0; without a gate just
     ``lse * log2(e)``); ``neg`` ``[1]`` int32, 1 when some gate is negative (found on the device: no host
-    synchronisation), ``None`` without a gate; ``variants``: the ``SIGNED`` values to launch the key-outer
+    synchronisation; 0 without a gate); ``variants``: the ``SIGNED`` values to launch the key-outer
     kernels with. Both variants are launched when there are gates, and the one that does not apply exits at
     once (``_common._signed_variant_runs``). One pass over ``lse`` and the gate column.
     """
     n, hq = lse.shape
     lse2 = torch.empty(n, hq, device=lse.device, dtype=torch.float32)
-    neg = torch.zeros(1, device=lse.device, dtype=torch.int32) if gate is not None else None
+    neg = torch.zeros(1, device=lse.device, dtype=torch.int32)
     if n:
         _fold_gate_kernel[(triton.cdiv(n, GATE_BLOCK_T * 4),)](
-            lse, gate if gate is not None else lse, lse2, neg if neg is not None else lse2, n, hq,
+            lse, gate if gate is not None else lse, lse2, neg, n, hq,
             HAS_GATE=gate is not None, GATE_IDX=gate_idx, BLOCK_T=GATE_BLOCK_T * 4,
             BLOCK_H=triton.next_power_of_2(hq),
         )

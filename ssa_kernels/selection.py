@@ -21,11 +21,11 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     _dkdv_rows,
-    _signed_variant_runs,
     _dq_step,
     _gate_sign,
     _grad_rows,
     _online_softmax_step,
+    _signed_variant_runs,
     _row_tokens_heads,
     _softmax_finish,
     block_d,
@@ -301,7 +301,7 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
     grid = (layout.num_sel_blocks, triton.cdiv(layout.max_sel_block_tokens, DKDV["block_n"]), hkv)
     for signed in variants:
         _sel_bwd_dkdv_kernel[grid](
-            q, k, v, do, gate_t, gate_t if neg is None else neg, lse2, delta, dk_acc, dv_acc,
+            q, k, v, do, gate_t, neg, lse2, delta, dk_acc, dv_acc,
             layout.sel_offsets, csr_offsets, csr_tokens,
             layout.num_sel_blocks, hq, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),

@@ -17,11 +17,11 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     _dkdv_rows,
-    _signed_variant_runs,
     _dq_step,
     _gate_sign,
     _grad_rows,
     _online_softmax_step,
+    _signed_variant_runs,
     _softmax_finish,
     block_d,
     dot_precision,
@@ -262,7 +262,7 @@ def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, sc
     hg = head_split(group, DKDV["max_heads"])
     for signed in variants:
         _win_bwd_dkdv_kernel[(n_tiles, hkv)](
-            q, k, v, do, gate_t, gate_t if neg is None else neg, lse2, delta, dk_acc, dv_acc,
+            q, k, v, do, gate_t, neg, lse2, delta, dk_acc, dv_acc,
             part.perm, part.offsets, part.tiles, part.tile_window,
             hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_Q=max(1, DKDV["rows"] // hg), BLOCK_N=WINDOW_TILE,
             SIGNED=signed, **common, **_launch(DKDV),

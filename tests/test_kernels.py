@@ -33,21 +33,26 @@ def _make(sizes, extent, mc, ms, hq, hkv, d, seed, dtype=torch.float64):
     return coords, inp
 
 
+def _against_reference(coords, inp, dtype, *, mc, ms, topk, window, shift):
+    """``(o, grads, o_ref, grads_ref)``: the kernels' whole op in ``dtype`` and the float64 reference, both
+    differentiated against the same random output gradient."""
+    ref_in = [t.clone().requires_grad_() for t in inp]
+    o_ref = reference.spatial_sparse_attention(*ref_in, coords, compression_block=mc, selection_block=ms, topk=topk,
+                                               window=window, shift=shift)
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+    layout = ssa_kernels.build_layout(coords, compression_block=mc, selection_block=ms, window=window)
+    x = [t.to(dtype).requires_grad_() for t in inp]
+    o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=topk, shift=shift)
+    return o, torch.autograd.grad(o, x, do.to(dtype)), o_ref, g_ref
+
+
 @pytest.mark.parametrize("sizes,extent,mc,ms,hq,hkv,d,topk,shift", CASES)
 def test_whole_op_forward_and_six_gradients_float32(sizes, extent, mc, ms, hq, hkv, d, topk, shift):
     seed = torch.randint(0, 2**31, ()).item()
     coords, inp = _make(sizes, extent, mc, ms, hq, hkv, d, seed)
-    window = max(ms, 2)
-    ref_in = [t.clone().requires_grad_() for t in inp]
-    kw = dict(compression_block=mc, selection_block=ms, topk=topk, window=window, shift=shift)
-    o_ref = reference.spatial_sparse_attention(*ref_in, coords, **kw)
-    do = torch.randn_like(o_ref)
-    g_ref = torch.autograd.grad(o_ref, ref_in, do)
-
-    layout = ssa_kernels.build_layout(coords, compression_block=mc, selection_block=ms, window=window)
-    x = [t.float().requires_grad_() for t in inp]
-    o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=topk, shift=shift)
-    g = torch.autograd.grad(o, x, do.float())
+    o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=mc, ms=ms, topk=topk, window=max(ms, 2),
+                                            shift=shift)
     assert o.dtype == torch.float32
     assert rel_err(o, o_ref) < F32_TOL, f"seed {seed}"
     for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
@@ -56,8 +61,9 @@ def test_whole_op_forward_and_six_gradients_float32(sizes, extent, mc, ms, hq, h
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
 def test_whole_op_gates_of_any_sign_and_zero():
-    """The backward kernels fold |gate| into the log-sum-exp and its sign into delta and dO: negative gates, exact
-    zeros (log -> -inf) and gates above 1 must still give the reference's gradients."""
+    """The backward kernels fold |gate| into the log-sum-exp and apply its sign apart (dQ rows, the SIGNED dK/dV
+    variant): negative gates, exact zeros (log -> -inf) and gates above 1 must still give the reference's
+    gradients."""
     coords, inp = _make((70, 35), 12, 4, 8, 8, 2, 32, seed=5)
     gate = torch.randn(coords.shape[0], 3, dtype=torch.float64) * 2
     gate[::7, 0] = 0.0
@@ -66,15 +72,7 @@ def test_whole_op_gates_of_any_sign_and_zero():
     gate[1::11] = 0.0  # every branch of some tokens
     inp = inp[:5] + [gate]
     assert (gate < 0).any() and (gate > 1).any()
-    kw = dict(compression_block=4, selection_block=8, topk=3, window=8, shift=4)
-    ref_in = [t.clone().requires_grad_() for t in inp]
-    o_ref = reference.spatial_sparse_attention(*ref_in, coords, **kw)
-    do = torch.randn_like(o_ref)
-    g_ref = torch.autograd.grad(o_ref, ref_in, do)
-    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
-    x = [t.float().requires_grad_() for t in inp]
-    o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=4)
-    g = torch.autograd.grad(o, x, do.float())
+    o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8, shift=4)
     assert rel_err(o, o_ref) < F32_TOL
     for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
         assert torch.isfinite(a).all(), name
@@ -83,15 +81,7 @@ def test_whole_op_gates_of_any_sign_and_zero():
 
 def test_whole_op_float16():
     coords, inp = _make((80, 40), 14, 4, 8, 8, 2, 32, seed=11)
-    ref_in = [t.clone().requires_grad_() for t in inp]
-    kw = dict(compression_block=4, selection_block=8, topk=3, window=8, shift=0)
-    o_ref = reference.spatial_sparse_attention(*ref_in, coords, **kw)
-    do = torch.randn_like(o_ref)
-    g_ref = torch.autograd.grad(o_ref, ref_in, do)
-    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
-    x = [t.half().requires_grad_() for t in inp]
-    o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=0)
-    g = torch.autograd.grad(o, x, do.half())
+    o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8, shift=0)
     assert o.dtype == torch.float16
     assert rel_err(o, o_ref) < F16_TOL
     for a, b in zip(g, g_ref):
