@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -57,12 +58,23 @@ def _bench(fn, rep=200):
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
+def _samples(fn, n):
+    """``n`` single-call times (ms, CUDA events, the L2 cache cleared before each as ``do_bench`` does): the spread
+    that a median hides (e.g. whether the backward's two streams overlapped on every call)."""
+    from bench.timing import _event_ms, _l2_flusher
+
+    fn()
+    flush = _l2_flusher()
+    return [_event_ms(fn, before=flush) for _ in range(n)]
+
+
 #: Which timed function exercises each tunable launch configuration.
 _SWEEP_TARGET = {
     "compression.FWD": "cmp_fwd", "compression.DQ": "cmp_dq", "compression.DKDV": "cmp_bwd",
     "scoring.SCORE": "score_topk",
     "selection.FWD": "sel_fwd", "selection.DQ": "sel_dq", "selection.DKDV": "sel_bwd",
     "window.FWD": "win_fwd", "window.DQ": "win_bwd", "window.DKDV": "win_bwd",
+    "ssa.BACKWARD": "ssa_fwd_bwd",
 }
 
 
@@ -84,7 +96,10 @@ def parse_sweeps(text):
     return out
 
 
-def run_sweeps(fns, sweeps, rep):
+def run_sweeps(fns, sweeps, rep, target=None, samples=0):
+    """Time each configuration of ``sweeps`` with the function that exercises it, or with ``fns[target]``
+    (e.g. the whole op, where the kernels of the backward share the GPU); with ``samples``, the median of that
+    many single calls, all of them kept."""
     import importlib
 
     rows = []
@@ -94,13 +109,21 @@ def run_sweeps(fns, sweeps, rep):
         saved = dict(cfg)
         for combo in combos:
             cfg.update(combo)
+            fn = fns[target or _SWEEP_TARGET[name]]
+            calls = []
             try:
-                ms = _bench(fns[_SWEEP_TARGET[name]], rep)
+                if samples:
+                    calls = _samples(fn, samples)
+                    ms = statistics.median(calls)
+                else:
+                    ms = _bench(fn, rep)
             except Exception as e:  # a configuration that does not compile or fit is a result too
                 ms = float("nan")
                 print(f"{name} {combo}: {type(e).__name__}: {str(e)[:200]}")
-            rows.append(dict(kernel=name, config=dict(cfg), ms=ms))
-            print(f"sweep {name} {combo}: {ms:.3f} ms", flush=True)
+            rows.append(dict(kernel=name, config=dict(cfg), ms=ms, timed=target or _SWEEP_TARGET[name],
+                             samples_ms=calls))
+            spread = f" (min {min(calls):.2f}, max {max(calls):.2f} over {len(calls)} calls)" if calls else ""
+            print(f"sweep {name} {combo}: {ms:.3f} ms{spread}", flush=True)
             cfg.clear()
             cfg.update(saved)
     return rows
@@ -134,7 +157,7 @@ def load_baseline(path):
     return mod
 
 
-def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=(), baseline=None):
+def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=(), baseline=None, sweep_target=None, samples=0):
     import ssa_kernels
     from ssa_kernels import compression, scoring, selection, window
     from ssa_kernels.gate import gate_backward
@@ -217,7 +240,7 @@ def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=(), baseline=None):
             t["base_fwd"] = _bench(base_fwd, rep)
         t["base_bwd"] = t["base_fwd_bwd"] - t["base_fwd"]
     if sweeps:
-        res["sweeps"] = run_sweeps(fns, sweeps, rep)
+        res["sweeps"] = run_sweeps(fns, sweeps, rep, sweep_target, samples)
 
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -311,9 +334,53 @@ def trace_case(shape, cfg, out_dir, iters=3):
     path = os.path.join(out_dir, f"trace_{shape}_{cfg}.txt")
     with open(path, "w") as f:
         f.write(table)
-    prof.export_chrome_trace(os.path.join(out_dir, f"trace_{shape}_{cfg}.json"))
+    trace_path = os.path.join(out_dir, f"trace_{shape}_{cfg}.json")
+    prof.export_chrome_trace(trace_path)
     print(table)
+    timeline = kernel_timeline(trace_path)
+    with open(os.path.join(out_dir, f"timeline_{shape}_{cfg}.json"), "w") as f:
+        json.dump(timeline, f, indent=1)
+    plot_timeline(timeline, os.path.join(out_dir, f"timeline_{shape}_{cfg}.png"), f"{shape} / {cfg}")
     return path
+
+
+def kernel_timeline(trace_path):
+    """The GPU kernels of a ``torch.profiler`` chrome trace as ``[{name, stream, start_ms, ms}]``, start times
+    relative to the first kernel: which kernels ran side by side on which stream."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    if not kernels:
+        return []
+    t0 = min(e["ts"] for e in kernels)
+    rows = [dict(name=e["name"], stream=e.get("args", {}).get("stream", e.get("tid")), start_ms=(e["ts"] - t0) / 1e3,
+                 ms=e["dur"] / 1e3) for e in kernels]
+    return sorted(rows, key=lambda r: r["start_ms"])
+
+
+def plot_timeline(timeline, path, title):
+    """One row per CUDA stream, one bar per kernel (Triton kernels by name, everything else grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    streams = sorted({r["stream"] for r in timeline}, key=str)
+    names = sorted({r["name"] for r in timeline if r["name"].startswith("_")})
+    colours = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.6 * len(streams)))
+    for y, st in enumerate(streams):
+        for r in timeline:
+            if r["stream"] == st:
+                ax.barh(y, r["ms"], left=r["start_ms"], color=colours.get(r["name"], "0.7"), edgecolor="none")
+    ax.set_yticks(range(len(streams)), [f"stream {st}" for st in streams])
+    ax.set_xlabel("ms from the first kernel")
+    ax.set_title(f"{title}: GPU kernels of one forward + backward")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[n]) for n in names]
+    ax.legend(handles, names, fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(streams)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def compiled_kernels():
@@ -345,6 +412,10 @@ def main(argv=None):
     p.add_argument("--no-fa2", action="store_true")
     p.add_argument("--sweep", default="", help='e.g. "selection.FWD:block_n=32|64,num_warps=2|4;scoring.SCORE:rows=64|128"')
     p.add_argument("--sweep-cases", default="shell-1024:v1.1", help="cases on which the sweeps run")
+    p.add_argument("--sweep-op", action="store_true",
+                   help="time every sweep with the whole op's forward + backward instead of the kernel alone")
+    p.add_argument("--samples", type=int, default=0,
+                   help="time every sweep configuration as this many single calls (median, min, max) instead")
     p.add_argument("--trace", action="store_true", help="only a torch.profiler table of one fwd+bwd per case")
     p.add_argument("--regs", action="store_true", help="also list registers and spills of the compiled kernels")
     p.add_argument("--baseline", default="", help="folder of another ssa_kernels copy: also time its whole op")
@@ -363,7 +434,8 @@ def main(argv=None):
     for case in a.cases.split(","):
         shape, cfg = case.split(":")
         sweeps = parse_sweeps(a.sweep) if case in a.sweep_cases.split(",") else ()
-        r = profile_case(shape, cfg, rep=a.rep, with_fa2=not a.no_fa2, sweeps=sweeps, baseline=baseline)
+        r = profile_case(shape, cfg, rep=a.rep, with_fa2=not a.no_fa2, sweeps=sweeps, baseline=baseline,
+                         sweep_target="ssa_fwd_bwd" if a.sweep_op else None, samples=a.samples)
         r.update(env)
         results.append(r)
         print(json.dumps({kk: vv for kk, vv in r.items() if kk != "sweeps"}), flush=True)

@@ -29,6 +29,7 @@ from ._common import (
     block_d,
     dot_precision,
     head_split,
+    launch_config,
     tokens_per_tile,
 )
 from .gate import fold_gate
@@ -37,10 +38,11 @@ from .layout import BlockLayout
 
 #: Launch configurations (tuned on an H100 with bench/kernel_profile.py; reports/kernels.md has the figures).
 #: rows: query rows (tokens x heads) per matrix product; block_n: compressed keys per step; programs: target
-#: number of dK/dV programs (the queries are split into that many slices over the key tiles).
+#: number of dK/dV programs (the queries are split into that many slices over the key tiles); wide_head: the
+#: entries that replace these above head dim 32 (``_common.launch_config``).
 FWD = dict(rows=128, block_n=64, num_warps=4, num_stages=3)
-DQ = dict(rows=128, block_n=32, num_warps=4, num_stages=2)
-DKDV = dict(rows=64, block_n=64, programs=2048, num_warps=4, num_stages=1)
+DQ = dict(rows=128, block_n=32, num_warps=4, num_stages=3)
+DKDV = dict(rows=32, block_n=128, programs=2048, num_warps=4, num_stages=1, wide_head=dict(rows=64, block_n=64))
 
 
 @triton.jit
@@ -217,14 +219,16 @@ def compression_forward(q, k_cmp, v_cmp, layout: BlockLayout, scale: float):
 
 
 def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, scale: float, *,
-                         gate=None, gate_idx=0, dq_acc=None, accumulate=False, parts=("dq", "dkdv")):
+                         gate=None, gate_idx=0, dq_acc=None, accumulate=False, parts=("dq", "dkdv"),
+                         fold=None):
     """Gradients of the compression branch.
 
     ``do [N, Hq, D]`` is the gradient of the (gated, when ``gate`` is given: ``gate[:, gate_idx] * o``) output;
     ``delta [N, Hq]`` float32 = rowsum(do * o_branch), without the gate (it is folded in by the kernels). dQ goes
     into ``dq_acc [N, Hq, D]`` (float32 by default, or any float dtype; overwritten, or added to with
     ``accumulate``). Returns ``(dq_acc, dk_cmp, dv_cmp)``, the last two float32. ``parts`` runs only some of the
-    kernels (for timing them apart).
+    kernels (for timing them apart, or to launch them on different streams); ``fold`` is
+    ``gate.fold_gate(lse, gate, gate_idx)`` when the caller has it already (computed here otherwise).
     """
     n, hq, dim = q.shape
     nc, hkv, _ = k_cmp.shape
@@ -240,7 +244,7 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     do = do.contiguous() if do.stride(-1) != 1 else do
     has_gate = gate is not None
     gate_t = gate if has_gate else lse  # placeholder pointer, never read
-    lse2, neg, variants = fold_gate(lse, gate, gate_idx)
+    lse2, neg, variants = fold_gate(lse, gate, gate_idx) if fold is None else fold
     common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
                   HAS_GATE=has_gate, GATE_IDX=gate_idx)
     hg, bt = _config(group, DQ["rows"])
@@ -254,9 +258,10 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
         )
     if "dkdv" not in parts:
         return dq_acc, None, None
-    hg, bt = _config(group, DKDV["rows"])
-    key_tiles = triton.cdiv(nc, DKDV["block_n"])
-    splits = max(1, min(triton.cdiv(DKDV["programs"], key_tiles * hkv), triton.cdiv(n, 4 * bt)))
+    cfg = launch_config(DKDV, dim)
+    hg, bt = _config(group, cfg["rows"])
+    key_tiles = triton.cdiv(nc, cfg["block_n"])
+    splits = max(1, min(triton.cdiv(cfg["programs"], key_tiles * hkv), triton.cdiv(n, 4 * bt)))
     dkp = torch.empty(splits, nc, hkv, dim, device=q.device, dtype=torch.float32)
     dvp = torch.empty_like(dkp)
     for signed in variants:
@@ -265,6 +270,6 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
             layout.token_batch, layout.cmp_batch, layout.batch_offsets,
             n, nc, hq, hkv, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1), splits,
-            HG=hg, BLOCK_T=bt, BLOCK_N=DKDV["block_n"], SIGNED=signed, **common, **_launch(DKDV),
+            HG=hg, BLOCK_T=bt, BLOCK_N=cfg["block_n"], SIGNED=signed, **common, **_launch(cfg),
         )
     return dq_acc, dkp.sum(0), dvp.sum(0)

@@ -31,15 +31,17 @@ from ._common import (
     block_d,
     dot_precision,
     head_split,
+    launch_config,
     tokens_per_tile,
 )
 from .gate import fold_gate
 from .layout import BlockLayout
 
 #: Launch configurations. Forward and dQ: query rows (tokens x heads) per program, keys per step.
-#: dK/dV: query rows per step, keys per program.
+#: dK/dV: query rows per step, keys per program. wide_head: the entries that replace these above head dim 32
+#: (``_common.launch_config``).
 FWD = dict(rows=16, block_n=32, num_warps=1, num_stages=2)
-DQ = dict(rows=16, block_n=16, num_warps=1, num_stages=3)
+DQ = dict(rows=16, block_n=32, num_warps=1, num_stages=2, wide_head=dict(block_n=16, num_stages=3))
 DKDV = dict(rows=128, block_n=64, num_warps=4, num_stages=3)
 
 
@@ -261,12 +263,15 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
 
 
 def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale: float, *, gate=None, gate_idx=1,
-                       dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False, parts=("dq", "dkdv")):
+                       dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False, parts=("dq", "dkdv"),
+                       fold=None, index=None):
     """Gradients of the selection branch into float32 accumulators (created when not given).
 
     ``do`` is the gradient of ``gate[:, gate_idx] * o`` when ``gate`` is given, else of ``o``;
-    ``delta [N, Hq]`` float32 = rowsum(do * o), without the gate (it is folded in by the kernels). Returns ``(dq_acc, dk_acc, dv_acc)``. ``parts`` runs only
-    some of the kernels (for timing them apart).
+    ``delta [N, Hq]`` float32 = rowsum(do * o), without the gate (it is folded in by the kernels). Returns
+    ``(dq_acc, dk_acc, dv_acc)``. ``parts`` runs only some of the kernels (for timing them apart, or to launch
+    them on different streams); ``fold`` is ``gate.fold_gate(lse, gate, gate_idx)`` and ``index``
+    :func:`block_query_index` of ``idx`` when the caller has them already (computed here otherwise).
     """
     n, hq, dim = q.shape
     hkv = k.shape[1]
@@ -281,22 +286,23 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
         return dq_acc, dk_acc, dv_acc
     has_gate = gate is not None
     gate_t = gate if has_gate else lse
-    lse2, neg, variants = fold_gate(lse, gate, gate_idx)
+    lse2, neg, variants = fold_gate(lse, gate, gate_idx) if fold is None else fold
     prec = dot_precision(q.dtype)
-    hg, bt = _config(group, DQ["rows"])
+    dq_cfg = launch_config(DQ, dim)
+    hg, bt = _config(group, dq_cfg["rows"])
     if "dq" in parts:
         _sel_bwd_dq_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
             q, k, v, do, gate_t, lse2, delta, dq_acc, idx, layout.sel_offsets,
             n, hq, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
-            G=group, HG=hg, BLOCK_T=bt, BLOCK_N=DQ["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
+            G=group, HG=hg, BLOCK_T=bt, BLOCK_N=dq_cfg["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
             D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
             GATE_IDX=gate_idx,
-            ACCUMULATE=accumulate, **_launch(DQ),
+            ACCUMULATE=accumulate, **_launch(dq_cfg),
         )
     if "dkdv" not in parts:
         return dq_acc, dk_acc, dv_acc
-    csr_offsets, csr_tokens = block_query_index(idx, layout.num_sel_blocks)
+    csr_offsets, csr_tokens = block_query_index(idx, layout.num_sel_blocks) if index is None else index
     hg, bt = _config(group, DKDV["rows"])
     grid = (layout.num_sel_blocks, triton.cdiv(layout.max_sel_block_tokens, DKDV["block_n"]), hkv)
     for signed in variants:

@@ -10,16 +10,17 @@ captured in a CUDA graph once its :class:`~ssa_kernels.layout.BlockLayout` exist
 """
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import torch
 
 from ._common import MAX_TOPK, check_kernel_dtype
 from .compression import compression_backward, compression_forward
-from .gate import gate_backward, row_dot
+from .gate import fold_gate, gate_backward, row_dot
 from .layout import BlockLayout
 from .scoring import select_blocks_forward
-from .selection import selection_backward, selection_forward
+from .selection import block_query_index, selection_backward, selection_forward
 from .validate import check_attention_inputs, check_selection_args, resolve_scale
 from .window import window_backward, window_forward
 
@@ -112,6 +113,40 @@ def _(q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block
             torch.empty_like(lse), torch.empty_like(lse), q.new_empty(n, k.shape[1], topk, dtype=torch.int32))
 
 
+#: How the backward is launched on the GPU. Its kernels form two chains: the query-outer dQ kernels of the three
+#: branches (each adding to the dQ of the one before) and the key-outer dK/dV kernels (compression; selection and
+#: window adding into the same float32 accumulators). ``streams``: 1 runs both chains on the caller's stream, 2
+#: runs the chain named by ``side`` ("dkdv" or "dq") on a second stream with priority ``side_priority`` (0 the
+#: default, -1 higher) beside the other; ``dq_order`` / ``dkdv_order``: the order of the branches within each
+#: chain (the window comes last in the dK/dV chain). Each accumulator is written by one stream only, in a fixed
+#: order, so the result does not depend on the timing. Measured in reports/kernels.md (runs 28-36).
+BACKWARD = dict(streams=2, side="dkdv", side_priority=-1, dq_order="cmp-sel-win", dkdv_order="cmp-sel-win")
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """The second stream of the backward on ``device`` (None on the CPU or with ``streams=1``)."""
+    if device.type != "cuda" or BACKWARD["streams"] < 2:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, BACKWARD["side_priority"])
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=index, priority=key[1])
+    return _SIDE_STREAMS[key]
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _branch_order(text: str, name: str) -> list:
+    order = text.split("-")
+    if sorted(order) != ["cmp", "sel", "win"]:
+        raise ValueError(f"BACKWARD[{name!r}] must order cmp, sel and win, e.g. 'cmp-sel-win', got {text!r}")
+    return order
+
+
 @torch.library.custom_op("ssa_kernels::ssa_backward", mutates_args=())
 def _ssa_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
@@ -119,20 +154,68 @@ def _ssa_backward(
     lse_sel: torch.Tensor, lse_win: torch.Tensor, idx: torch.Tensor, layout_tensors: list[torch.Tensor],
     num_sel_blocks: int, max_sel_block_tokens: int, shift: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dq, dk, dv, dk_cmp, dv_cmp, dgate)``."""
+    """Returns ``(dq, dk, dv, dk_cmp, dv_cmp, dgate)``.
+
+    Two chains of kernels: dQ (compression, selection, window, each adding to the last) and dK/dV (compression;
+    selection then window, adding into the same float32 accumulators). On the GPU the second chain runs on a
+    side stream (:data:`BACKWARD`): the selection dQ kernel is bound by L2 reads, the dK/dV kernels by the
+    matrix and exponential units, so running them side by side can beat running them in turn.
+    """
     lay = _layout_view(layout_tensors, num_sel_blocks, max_sel_block_tokens)
     do = do.contiguous()
     dgate, delta = gate_backward(do, o_cmp, o_sel, o_win, gate)
+    lses = dict(cmp=lse_cmp, sel=lse_sel, win=lse_win)
+    # per branch: (lse2, negative-gate flag, kernel variants), delta, gate column
+    grad_rows = {b: (fold_gate(lses[b], gate, i), delta[i], i) for i, b in enumerate(("cmp", "sel", "win"))}
     # dQ collects the three branches in the dtype of q (each kernel adds its part in float32 registers and
     # rounds once): a float32 accumulator would cost 2x the memory of q at the peak of the backward
-    dq, dk_cmp, dv_cmp = compression_backward(do, q, k_cmp, v_cmp, lse_cmp, delta[0], lay, scale, gate=gate,
-                                              gate_idx=0, dq_acc=torch.empty_like(q))
+    dq = torch.empty_like(q)
     f32 = dict(device=k.device, dtype=torch.float32)
-    dq, dk, dv = selection_backward(do, q, k, v, idx, lse_sel, delta[1], lay, scale, gate=gate, gate_idx=1,
-                                    dq_acc=dq, dk_acc=torch.zeros(k.shape, **f32), dv_acc=torch.zeros(v.shape, **f32),
-                                    accumulate=True)
-    dq, dk, dv = window_backward(do, q, k, v, lse_win, delta[2], lay, shift, scale, gate=gate, gate_idx=2,
-                                 dq_acc=dq, dk_acc=dk, dv_acc=dv, accumulate=True)
+    dk, dv = torch.zeros(k.shape, **f32), torch.zeros(v.shape, **f32)
+    out = {}
+
+    def run(branch, part, accumulate):
+        """One branch's dQ (``part="dq"``) or dK/dV kernels."""
+        fold, dl, gate_idx = grad_rows[branch]
+        kw = dict(gate=gate, gate_idx=gate_idx, fold=fold, dq_acc=dq, accumulate=accumulate, parts=(part,))
+        if branch == "cmp":
+            out[part] = compression_backward(do, q, k_cmp, v_cmp, lses[branch], dl, lay, scale, **kw)
+        elif branch == "sel":
+            if part == "dkdv" and index_ready is not None:
+                torch.cuda.current_stream(q.device).wait_event(index_ready)
+            selection_backward(do, q, k, v, idx, lses[branch], dl, lay, scale, dk_acc=dk, dv_acc=dv, index=index,
+                               **kw)
+        else:
+            window_backward(do, q, k, v, lses[branch], dl, lay, shift, scale, dk_acc=dk, dv_acc=dv, **kw)
+
+    dq_order = _branch_order(BACKWARD["dq_order"], "dq_order")
+    dkdv_order = [b for b in _branch_order(BACKWARD["dkdv_order"], "dkdv_order") if b != "win"] + ["win"]
+    main = torch.cuda.current_stream(q.device) if q.device.type == "cuda" else None
+    side = _side_stream(q.device)
+    if side is not None:
+        side.wait_stream(main)  # everything above (gate backward, folds, zeroed accumulators) comes first
+    dkdv_stream, dq_stream = (side, None) if BACKWARD["side"] == "dkdv" else (None, side)
+    # the block -> queries index of the selection dK/dV kernel is built on the dQ chain's stream, off the dK/dV
+    # chain (which waits for it only when it reaches the selection kernel)
+    index_ready = None
+    with _on(dq_stream):
+        index = block_query_index(idx, num_sel_blocks)
+        if side is not None:
+            index_ready = torch.cuda.Event()
+            index_ready.record()
+    with _on(dkdv_stream):
+        for branch in dkdv_order:  # the dK/dV accumulators start at zero: every kernel adds
+            run(branch, "dkdv", accumulate=True)
+    with _on(dq_stream):
+        for i, branch in enumerate(dq_order):  # the first dQ kernel writes, the others add
+            run(branch, "dq", accumulate=i > 0)
+    _, dk_cmp, dv_cmp = out["dkdv"]
+    if side is not None:
+        # tensors made on this stream and read on the side stream are freed after this join in stream order;
+        # those made on the side stream and read here are marked as used here
+        main.wait_stream(side)
+        for t in (dk_cmp, dv_cmp) if dkdv_stream is not None else index:
+            t.record_stream(main)
     return (dq, dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype), dv_cmp.to(v_cmp.dtype), dgate)
 
 

@@ -229,7 +229,8 @@ def window_forward(q, k, v, layout: BlockLayout, shift: int, scale: float, *, mi
 
 
 def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, scale: float, *, gate=None,
-                    gate_idx=2, dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False, parts=("dq", "dkdv")):
+                    gate_idx=2, dq_acc=None, dk_acc=None, dv_acc=None, accumulate=False, parts=("dq", "dkdv"),
+                    fold=None):
     """Gradients of the window branch into float32 accumulators (created when not given); see
     :func:`ssa_kernels.selection.selection_backward` for the arguments. Returns ``(dq_acc, dk_acc, dv_acc)``."""
     part, n, hq, dim, group = _launch_args(q, k, layout, shift)
@@ -244,7 +245,7 @@ def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, sc
         return dq_acc, dk_acc, dv_acc
     has_gate = gate is not None
     gate_t = gate if has_gate else lse
-    lse2, neg, variants = fold_gate(lse, gate, gate_idx)
+    lse2, neg, variants = fold_gate(lse, gate, gate_idx) if fold is None else fold
     prec = dot_precision(q.dtype)
     hg = head_split(group, DQ["max_heads"])
     common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=prec,

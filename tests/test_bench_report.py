@@ -423,3 +423,27 @@ def test_kernel_profile_times_a_baseline_copy_of_the_kernels(tmp_path):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="baseline"):
         load_baseline(str(tmp_path))
+
+
+def test_kernel_timeline_from_a_chrome_trace(tmp_path):
+    """``kernel_profile --trace`` turns the profiler's chrome trace into per-stream kernel rows and a plot: only GPU
+    kernels, times in ms from the first kernel, in start order, the stream kept."""
+    from bench.kernel_profile import kernel_timeline, plot_timeline
+
+    trace = {"traceEvents": [
+        {"cat": "cpu_op", "name": "aten::empty", "ts": 5.0, "dur": 1.0},
+        {"cat": "kernel", "name": "_sel_bwd_dq_kernel", "ts": 1500.0, "dur": 250.0, "args": {"stream": 7}},
+        {"cat": "kernel", "name": "_cmp_bwd_dkdv_kernel", "ts": 1000.0, "dur": 2000.0, "args": {"stream": 13}},
+        {"cat": "kernel", "name": "elementwise", "ts": 3500.0, "dur": 10.0, "args": {"stream": 7}},
+        {"cat": "kernel", "name": "no duration", "ts": 900.0},
+    ]}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    rows = kernel_timeline(str(path))
+    assert [r["name"] for r in rows] == ["_cmp_bwd_dkdv_kernel", "_sel_bwd_dq_kernel", "elementwise"]
+    assert [r["stream"] for r in rows] == [13, 7, 7]
+    assert rows[0]["start_ms"] == 0.0 and rows[1]["start_ms"] == pytest.approx(0.5)
+    assert rows[0]["ms"] == pytest.approx(2.0)
+    png = tmp_path / "timeline.png"
+    plot_timeline(rows, str(png), "test")
+    assert png.stat().st_size > 1000

@@ -88,6 +88,28 @@ def test_whole_op_float16():
         assert rel_err(a, b) < F16_TOL
 
 
+@pytest.mark.parametrize("order", [dict(dq_order="sel-cmp-win", dkdv_order="sel-cmp-win"),
+                                   dict(dq_order="win-sel-cmp", streams=1)])
+def test_whole_op_backward_in_another_kernel_order(order, monkeypatch):
+    """The backward's two kernel chains (``ssa.BACKWARD``) in another order: the first dQ kernel must write and
+    the others add, whichever comes first, so the gradients still match the reference. A bad order is refused."""
+    import ssa_kernels.ssa as ssa_module
+
+    monkeypatch.setitem(ssa_module.BACKWARD, "dq_order", order["dq_order"])
+    monkeypatch.setitem(ssa_module.BACKWARD, "dkdv_order", order.get("dkdv_order", "cmp-sel-win"))
+    monkeypatch.setitem(ssa_module.BACKWARD, "streams", order.get("streams", 2))
+    coords, inp = _make((60, 30), 12, 4, 8, 8, 2, 16, seed=3)
+    o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8, shift=4)
+    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
+        assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
+    monkeypatch.setitem(ssa_module.BACKWARD, "dq_order", "cmp-sel")
+    x = [t.float().requires_grad_() for t in inp]
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=0)
+    with pytest.raises(ValueError, match="dq_order"):
+        o.sum().backward()
+
+
 @pytest.mark.parametrize("mc", [4, 8])
 def test_compression_branch(mc):
     coords, (q, k, v, kc, vc, gate) = _make((60, 0, 50), 16, mc, 8, 8, 2, 32, seed=mc)

@@ -18,6 +18,7 @@ import torch
 
 import reference
 import ssa_kernels
+import ssa_kernels.ssa as ssa_module
 from bench.shapes import shape_coords
 from tests.helpers import compressed_kv, random_coords, rel_err
 
@@ -135,15 +136,30 @@ def test_gpu_deterministic():
     layout = ssa_kernels.build_layout(coords, compression_block=8, selection_block=8, window=8)
     do = torch.randn_like(inp[0])
     runs = []
-    for _ in range(2):
+    # either kernel chain of the backward on a side stream of either priority, or all on one stream: the same
+    # kernels add into the same accumulators in the same order, so the results are bit-identical every time
+    for cfg in ({}, {}, dict(side="dq"), dict(side_priority=0), dict(streams=1)):
         x = [t.clone().requires_grad_() for t in inp]
-        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=0)
-        runs.append([o, *torch.autograd.grad(o, x, do)])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+        with _backward_config(**cfg):
+            o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=0)
+            runs.append([o, *torch.autograd.grad(o, x, do)])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
-def test_gpu_cuda_graph_capture():
+@contextlib.contextmanager
+def _backward_config(**cfg):
+    saved = dict(ssa_module.BACKWARD)
+    ssa_module.BACKWARD.update(cfg)
+    try:
+        yield
+    finally:
+        ssa_module.BACKWARD.update(saved)
+
+
+@pytest.mark.parametrize("cfg", [{}, dict(side="dq")], ids=["dkdv-side", "dq-side"])
+def test_gpu_cuda_graph_capture(cfg):
     coords = shape_coords("shell-512").cuda()
     inp = _inputs(coords, 32, 2, 32, 8, 8, torch.bfloat16, seed=1)
     layout = ssa_kernels.build_layout(coords, compression_block=8, selection_block=8, window=8)
@@ -151,8 +167,9 @@ def test_gpu_cuda_graph_capture():
     do = torch.randn_like(inp[0])
 
     def step():
-        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=4)
-        return [o.detach(), *torch.autograd.grad(o, x, do)]
+        with _backward_config(**cfg):
+            o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=4)
+            return [o.detach(), *torch.autograd.grad(o, x, do)]
 
     eager = step()  # also warms up (compiles) every kernel
     s = torch.cuda.Stream()
