@@ -118,8 +118,8 @@ def _(q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block
 #: window adding into the same float32 accumulators). ``streams``: 1 runs both chains on the caller's stream, 2
 #: runs the chain named by ``side`` ("dkdv" or "dq") on a second stream with priority ``side_priority`` (0 the
 #: default, -1 higher) beside the other; ``dq_order`` / ``dkdv_order``: the order of the branches within each
-#: chain (the window comes last in the dK/dV chain). Each accumulator is written by one stream only, in a fixed
-#: order, so the result does not depend on the timing. Measured in reports/kernels.md (runs 28-36).
+#: chain. Each accumulator is written by one stream only, in a fixed order, so the result does not depend on the
+#: timing. Measured in reports/kernels.md (runs 28-36).
 BACKWARD = dict(streams=2, side="dkdv", side_priority=-1, dq_order="cmp-sel-win", dkdv_order="cmp-sel-win")
 
 _SIDE_STREAMS: dict = {}
@@ -172,6 +172,23 @@ def _ssa_backward(
     dq = torch.empty_like(q)
     f32 = dict(device=k.device, dtype=torch.float32)
     dk, dv = torch.zeros(k.shape, **f32), torch.zeros(v.shape, **f32)
+    dq_order = _branch_order(BACKWARD["dq_order"], "dq_order")
+    dkdv_order = _branch_order(BACKWARD["dkdv_order"], "dkdv_order")
+    main = torch.cuda.current_stream(q.device) if q.device.type == "cuda" else None
+    side = _side_stream(q.device)
+    if side is not None:
+        side.wait_stream(main)  # everything above (gate backward, folds, zeroed accumulators) comes first
+    if BACKWARD["side"] not in ("dkdv", "dq"):
+        raise ValueError(f'BACKWARD["side"] must be "dkdv" or "dq", got {BACKWARD["side"]!r}')
+    dkdv_stream, dq_stream = (side, None) if BACKWARD["side"] == "dkdv" else (None, side)
+    # the block -> queries index of the selection dK/dV kernel is built on the dQ chain's stream, off the dK/dV
+    # chain (which waits for it only when it reaches the selection kernel)
+    index_ready = None
+    with _on(dq_stream):
+        index = block_query_index(idx, num_sel_blocks)
+        if side is not None:
+            index_ready = torch.cuda.Event()
+            index_ready.record()
     out = {}
 
     def run(branch, part, accumulate):
@@ -188,21 +205,6 @@ def _ssa_backward(
         else:
             window_backward(do, q, k, v, lses[branch], dl, lay, shift, scale, dk_acc=dk, dv_acc=dv, **kw)
 
-    dq_order = _branch_order(BACKWARD["dq_order"], "dq_order")
-    dkdv_order = [b for b in _branch_order(BACKWARD["dkdv_order"], "dkdv_order") if b != "win"] + ["win"]
-    main = torch.cuda.current_stream(q.device) if q.device.type == "cuda" else None
-    side = _side_stream(q.device)
-    if side is not None:
-        side.wait_stream(main)  # everything above (gate backward, folds, zeroed accumulators) comes first
-    dkdv_stream, dq_stream = (side, None) if BACKWARD["side"] == "dkdv" else (None, side)
-    # the block -> queries index of the selection dK/dV kernel is built on the dQ chain's stream, off the dK/dV
-    # chain (which waits for it only when it reaches the selection kernel)
-    index_ready = None
-    with _on(dq_stream):
-        index = block_query_index(idx, num_sel_blocks)
-        if side is not None:
-            index_ready = torch.cuda.Event()
-            index_ready.record()
     with _on(dkdv_stream):
         for branch in dkdv_order:  # the dK/dV accumulators start at zero: every kernel adds
             run(branch, "dkdv", accumulate=True)

@@ -102,12 +102,14 @@ def test_whole_op_backward_in_another_kernel_order(order, monkeypatch):
     o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8, shift=4)
     for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
         assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
-    monkeypatch.setitem(ssa_module.BACKWARD, "dq_order", "cmp-sel")
     x = [t.float().requires_grad_() for t in inp]
     layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
-    o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=0)
-    with pytest.raises(ValueError, match="dq_order"):
-        o.sum().backward()
+    for key, bad in (("dq_order", "cmp-sel"), ("dkdv_order", "cmp-cmp-win"), ("side", "dk")):
+        monkeypatch.setitem(ssa_module.BACKWARD, key, bad)
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=0)
+        with pytest.raises(ValueError, match=key):
+            o.sum().backward()
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("mc", [4, 8])
