@@ -16,7 +16,9 @@ Occupancy VAE (``DenseShapeVAE``; grid axes ``[x, y, z]``, 64^3 <-> 16^3 x 8 for
   inference).
 - Decoder: ``input_layer`` Conv3d(L -> C0) 3^3; ``middle_block``; ``blocks`` = per level residual blocks, then an up
   block except after the last level; ``out_layer`` = LayerNorm, SiLU, Conv3d(C -> 1) 3^3: occupancy logits.
-  The released pipeline marks ``sigmoid(logit) >= 0.1`` as occupied (:meth:`DenseShapeVAE.occupied_voxels`).
+  The released pipeline marks ``sigmoid(logit) >= 0.1`` as occupied, both sides in float16
+  (:meth:`DenseShapeVAE.occupied_voxels`). :meth:`DenseShapeVAE.encode` takes the occupancy grid (0/1) and maps it
+  to ``occ * 2 - 1`` itself, as the released ``encode`` does.
 
 Dense DiT (``DenseDiT``; RELEASED_MODEL.md E.1 and D for the shared parts):
 
@@ -58,6 +60,9 @@ __all__ = [
 DENSE_VAE_NORM_EPS = 1e-5
 #: Occupancy threshold of the released pipeline on ``sigmoid(logit)``.
 OCCUPANCY_THRESHOLD = 0.1
+#: The dtype the released pipeline compares in: its dense VAE runs in float16, so ``sigmoid(logit)`` is a float16
+#: value and the threshold becomes float16(0.1) = 0.0999755859375.
+OCCUPANCY_DTYPE = torch.float16
 #: Pixel-shuffle factor of the VAE's up blocks and stride of its down blocks.
 SCALE = 2
 
@@ -257,11 +262,17 @@ class DenseShapeVAE(nn.Module):
         self.encoder = DenseEncoder(config)
         self.decoder = DenseDecoder(config)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Occupancy (or any ``[B, in, R, R, R]`` field) -> ``(mean, logvar)``."""
-        if x.dim() != 5 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"x must be [B, {self.config.in_channels}, R, R, R], got {tuple(x.shape)}")
-        return self.encoder(x)
+    def encode(self, occupancy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Occupancy grid ``[B, in, R, R, R]`` (1 = occupied, 0 = empty; bool or float) -> ``(mean, logvar)``.
+
+        As the released ``encode``, the grid is mapped to ``occupancy * 2 - 1`` (values in {-1, 1}) before the
+        encoder, in the encoder's parameter dtype."""
+        if not isinstance(occupancy, torch.Tensor):
+            raise TypeError(f"occupancy must be a tensor, got {type(occupancy).__name__}")
+        if occupancy.dim() != 5 or occupancy.shape[1] != self.config.in_channels:
+            raise ValueError(f"occupancy must be [B, {self.config.in_channels}, R, R, R], got {tuple(occupancy.shape)}")
+        dtype = self.encoder.input_layer.weight.dtype
+        return self.encoder(occupancy.to(dtype) * 2 - 1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent ``[B, L, r, r, r]`` -> logits ``[B, out, R, R, R]``."""
@@ -271,7 +282,8 @@ class DenseShapeVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, *, sample_posterior: bool = False,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(logits, mean, logvar)``; decodes a posterior sample or the mean."""
+        """``(logits, mean, logvar)`` of an occupancy grid ``x`` (0/1, :meth:`encode`); decodes a posterior sample
+        or the mean."""
         mean, logvar = self.encode(x)
         z = mean
         if sample_posterior:
@@ -280,11 +292,16 @@ class DenseShapeVAE(nn.Module):
         return self.decode(z), mean, logvar
 
     @staticmethod
-    def occupied_voxels(logits: torch.Tensor, threshold: float = OCCUPANCY_THRESHOLD) -> torch.Tensor:
+    def occupied_voxels(logits: torch.Tensor, threshold: float = OCCUPANCY_THRESHOLD,
+                        dtype: torch.dtype = OCCUPANCY_DTYPE) -> torch.Tensor:
         """``[N, 4]`` int32 ``(batch, x, y, z)`` of the voxels with ``sigmoid(logit) >= threshold`` (channel 0),
-        in row-major order (z fastest), as the released pipeline lists them."""
-        prob = torch.sigmoid(logits[:, 0].float())
-        return torch.nonzero(prob >= threshold).to(torch.int32)
+        in row-major order (z fastest), as the released pipeline lists them.
+
+        The comparison is made as the released pipeline makes it: the sigmoid rounded to ``dtype`` (float16, the
+        released VAE's dtype) against ``threshold`` rounded to ``dtype`` (fp16(0.1) = 0.09998), so a logit one
+        float16 step below logit(0.1) can still count as occupied. ``dtype=torch.float32`` compares in float32."""
+        prob = torch.sigmoid(logits[:, 0].float()).to(dtype)
+        return torch.nonzero(prob >= torch.tensor(threshold, dtype=dtype)).to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ssa_kernels.layout import layout_order
 
-from .sparse.layers import AbsolutePositionEmbedder, FeedForward, FP32LayerNorm, sincos_position_embedding
+from .sparse.layers import (
+    AbsolutePositionEmbedder,
+    FeedForward,
+    FP32LayerNorm,
+    check_pool_mode,
+    sincos_position_embedding,
+)
 from .sparse.tensor import SparseTensor
 from .ssa_layer import ATTENTION_MODES, BACKENDS, COMPRESSION_VERSIONS, SpatialSparseAttention, dense_attention
 
@@ -83,7 +89,10 @@ class DiTConfig:
 
     ``resolution``: latent grid side (64 for the 512^3 model, 128 for 1024^3); ``pos_factor``: scale of the latent
     coordinates in the position embedding (released ``factor``); ``sparse_conditions``: v1.0's sparse image
-    conditioning (adds ``cond_proj``); ``use_shift``: alternate the window shift by block.
+    conditioning (adds ``cond_proj``); ``use_shift``: alternate the window shift by block; ``pool_mode``: the SSA
+    compression's pooling over a block's ``n`` tokens, ``"released"`` (``sum / (n + 1)``, as the published model
+    computes it: every ``released_*`` preset and :mod:`model.pretrained` loading) or ``"mean"`` (``sum / n``, the
+    default for models trained here; :func:`model.sparse.layers.pool_features`).
     Runtime switches (no parameters): ``backend`` (``"kernels"``/``"reference"``), ``attention`` (``"ssa"``/
     ``"full"``, the latter a benchmark baseline), ``use_checkpoint`` (activation checkpointing per block).
     """
@@ -106,6 +115,7 @@ class DiTConfig:
     sparse_conditions: bool = False
     use_shift: bool = True
     mlp_ratio: float = 4.0
+    pool_mode: str = "mean"
     backend: str = "kernels"
     attention: str = "ssa"
     use_checkpoint: bool = False
@@ -136,6 +146,7 @@ class DiTConfig:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        check_pool_mode(self.pool_mode)
 
     @property
     def head_dim(self) -> int:
@@ -167,24 +178,24 @@ class DiTConfig:
     @classmethod
     def released_512(cls, **overrides) -> "DiTConfig":
         """v1.1 ``sparse_dit_512`` (64^3 latents, factor 1.0; RELEASED_MODEL.md A.1)."""
-        return cls(**{"resolution": 64, "pos_factor": 1.0, **overrides})
+        return cls(**{"resolution": 64, "pos_factor": 1.0, "pool_mode": "released", **overrides})
 
     @classmethod
     def released_1024(cls, **overrides) -> "DiTConfig":
         """v1.1 ``sparse_dit_1024`` (128^3 latents, factor 0.5)."""
-        return cls(**{"resolution": 128, "pos_factor": 0.5, **overrides})
+        return cls(**{"resolution": 128, "pos_factor": 0.5, "pool_mode": "released", **overrides})
 
     @classmethod
     def released_512_v10(cls, **overrides) -> "DiTConfig":
         """v1.0 ``sparse_dit_512``: compression v2 on 4^3 blocks, topk 32, sparse conditioning (A.2)."""
         return cls(**{"resolution": 64, "pos_factor": 1.0, "compression_block": 4, "compression_version": "v2",
-                      "topk": 32, "sparse_conditions": True, **overrides})
+                      "topk": 32, "sparse_conditions": True, "pool_mode": "released", **overrides})
 
     @classmethod
     def released_1024_v10(cls, **overrides) -> "DiTConfig":
         """v1.0 ``sparse_dit_1024``: compression v2 on 4^3 blocks, topk 8, sparse conditioning, factor 0.5."""
         return cls(**{"resolution": 128, "pos_factor": 0.5, "compression_block": 4, "compression_version": "v2",
-                      "topk": 8, "sparse_conditions": True, **overrides})
+                      "topk": 8, "sparse_conditions": True, "pool_mode": "released", **overrides})
 
     @classmethod
     def tiny(cls, **overrides) -> "DiTConfig":
@@ -372,7 +383,8 @@ class SparseDiTBlock(nn.Module):
             c, config.num_heads, config.num_kv_heads, compression_block=config.compression_block,
             selection_block=config.selection_block, topk=config.topk, window=config.window,
             shift=config.shift(index), compression_version=config.compression_version,
-            compression_groups=config.compression_groups, backend=config.backend, attention=config.attention)
+            compression_groups=config.compression_groups, pool_mode=config.pool_mode, backend=config.backend,
+            attention=config.attention)
         self.norm2 = FP32LayerNorm(c, eps=BLOCK_NORM_EPS, elementwise_affine=True)
         self.cross_attn = CrossAttention(c, config.cond_channels, config.num_heads)
         self.norm3 = FP32LayerNorm(c, eps=BLOCK_NORM_EPS, elementwise_affine=False)

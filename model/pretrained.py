@@ -150,7 +150,7 @@ def _sparse_vae_default(resolution: int):
     from .vae import VAEConfig
 
     def make(state_keys=None):
-        return VAEConfig(resolution=resolution, prune="none")
+        return VAEConfig(resolution=resolution, prune="none", pool_mode="released")
     return make
 
 
@@ -171,7 +171,7 @@ def _sparse_vae_from_params(params: Mapping, part: str):
     return VAEConfig(latent_channels=p["embed_dim"], model_channels=p["model_channels_encoder"],
                      num_heads=p["num_heads_encoder"], encoder_blocks=p["num_blocks_encoder"],
                      decoder_blocks=p["num_blocks_decoder"], resolution=p["resolution"] * _SPARSE_VAE_FACTOR,
-                     out_channels=p["out_channels"], prune="none")
+                     out_channels=p["out_channels"], prune="none", pool_mode="released")
 
 
 def _sparse_vae_params(config) -> dict:
@@ -215,7 +215,7 @@ def _sparse_dit_from_params(params: Mapping, part: str):
                      compression_block=p["compression_block_size"], selection_block=p["selection_block_size"],
                      topk=p["topk"], window=p["window_size"], compression_version=p["compression_version"],
                      pos_factor=float(p["factor"]), sparse_conditions=bool(p["sparse_conditions"]),
-                     use_shift=bool(p["use_shift"]), mlp_ratio=float(p["mlp_ratio"]))
+                     use_shift=bool(p["use_shift"]), mlp_ratio=float(p["mlp_ratio"]), pool_mode="released")
 
 
 def _sparse_dit_params(config) -> dict:
@@ -330,7 +330,8 @@ def _refiner_from_params(sign: bool):
                  f"{_REFINER_PATCHES} patches per axis")
         return RefinerConfig(in_channels=p["in_channels"], out_channels=p["out_channels"],
                              layers_per_block=p["layers_per_block"], layers_mid_block=p["layers_mid_block"],
-                             patch_size=patch, patch_stride=(_REFINER_GRID - patch) // (_REFINER_PATCHES - 1))
+                             patch_size=patch, patch_stride=(_REFINER_GRID - patch) // (_REFINER_PATCHES - 1),
+                             pool_mode="released")
     return convert
 
 

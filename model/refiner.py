@@ -22,8 +22,8 @@ axes), applied 3 times. :func:`refine_512` runs it over the 512^3 grid in 27 ove
 320) blended linearly over the 32-voxel overlaps.
 
 1024 sign refiner (:class:`SignRefiner`, released ``Voxel_RefinerXL_sign``): ``conv_in`` Conv3d(1 -> 8) -> UNet
-(8 -> 8) -> ``conv_out`` Conv3d(8 -> 1) -> logits; :func:`sign_refine_1024` mean-pools the decoded 1024^3 sparse SDF
-by 2, densifies it at 512^3 (empty = 1), predicts ``sigmoid >= 0.5 -> +1 else -1`` in 27 patches of 256^3 (offsets
+(8 -> 8) -> ``conv_out`` Conv3d(8 -> 1) -> logits; :func:`sign_refine_1024` pools the decoded 1024^3 sparse SDF
+by 2 (the released ``sum / (n + 1)``, :class:`RefinerConfig`), densifies it at 512^3 (empty = 1), predicts ``sigmoid >= 0.5 -> +1 else -1`` in 27 patches of 256^3 (offsets
 0, 128, 256; later patches overwrite overlaps), repeats each sign 2x2x2, and returns ``|SDF| * sign`` with the decoded
 values written back at the decoded voxels (:func:`predict_sign` gives the sign grid alone).
 
@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .sparse.layers import check_pool_mode, pool_features
 
 __all__ = [
     "RefinerConfig",
@@ -70,7 +72,9 @@ class RefinerConfig:
     ``feature_channels``: decoder features the 512 refiner reads (the sparse VAE's last width, 32);
     ``resolution``: side of the grid the network runs on (512 for both: the sign refiner runs on the 1024 field
     pooled to 512); ``patch_size``/``patch_stride``: patch tiling (offsets ``0, stride, ..``, ending flush with the
-    grid)."""
+    grid); ``pool_mode``: how the sign refiner pools the 1024^3 SDF by 2, ``"released"`` (``sum / (n + 1)`` over a
+    parent's ``n`` decoded children, as the published SparseDownsample: the ``released_*`` presets and
+    :mod:`model.pretrained` loading) or ``"mean"`` (:func:`model.sparse.layers.pool_features`)."""
 
     in_channels: int = 1
     out_channels: int = 1
@@ -83,6 +87,7 @@ class RefinerConfig:
     resolution: int = 512
     patch_size: int = 192
     patch_stride: int = 160
+    pool_mode: str = "mean"
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "layers_per_block", "norm_groups", "feature_channels",
@@ -102,6 +107,7 @@ class RefinerConfig:
         if self.patch_size % factor:
             raise ValueError(f"patch_size {self.patch_size} must be divisible by {factor} (UNet levels)")
         patch_offsets(self.resolution, self.patch_size, self.patch_stride)  # validates the tiling
+        check_pool_mode(self.pool_mode)
 
     def replace(self, **overrides) -> "RefinerConfig":
         return dataclasses.replace(self, **overrides)
@@ -113,12 +119,12 @@ class RefinerConfig:
     @classmethod
     def released_512(cls, **overrides) -> "RefinerConfig":
         """The released ``refiner`` (Voxel_RefinerXL, patch 192): 27 patches at offsets 0, 160, 320."""
-        return cls(**overrides)
+        return cls(**{"pool_mode": "released", **overrides})
 
     @classmethod
     def released_1024(cls, **overrides) -> "RefinerConfig":
         """The released ``refiner_1024`` (Voxel_RefinerXL_sign, patch 256 on the pooled 512^3 grid)."""
-        return cls(**{"patch_size": 256, "patch_stride": 128, **overrides})
+        return cls(**{"patch_size": 256, "patch_stride": 128, "pool_mode": "released", **overrides})
 
     @classmethod
     def tiny(cls, **overrides) -> "RefinerConfig":
@@ -408,7 +414,8 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """The sign refiner's inside/outside grid on its own grid (half the field's side): decoded voxels ``coords
     [N, 3]`` on the ``resolution^3`` grid, ``sdf [N]`` -> ``[resolution / 2]^3`` float32 of ``+1`` (outside) / ``-1``
-    (inside). The sparse SDF is mean-pooled by 2 and densified (empty = 1) patch by patch; later patches overwrite
+    (inside). The sparse SDF is pooled by 2 (``config.pool_mode``; the published decoder's duplicate rows at its
+    chunk seams, which count twice there, do not exist in ours) and densified (empty = 1) patch by patch; later patches overwrite
     overlaps. Each value stands for the 2^3 field voxels under it (:func:`sign_refine_1024`)."""
     cfg = refiner.config
     if resolution != 2 * cfg.resolution:
@@ -418,17 +425,15 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
     dtype = dtype or next(refiner.parameters()).dtype
     c = coords.long()
     values = sdf.reshape(-1).float()
-    # mean-pool the sparse SDF by 2 onto the refiner's grid
+    # pool the sparse SDF by 2 onto the refiner's grid (cfg.pool_mode: the released model's sum / (n + 1))
     parent = c // 2
     r = cfg.resolution
     key = (parent[:, 0] * r + parent[:, 1]) * r + parent[:, 2]
-    uniq, inverse = torch.unique(key, return_inverse=True)
+    uniq, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
     del key, parent
-    sums = torch.zeros(uniq.numel(), device=dev).index_add_(0, inverse, values)
-    counts = torch.zeros(uniq.numel(), device=dev).index_add_(0, inverse, torch.ones_like(values))
+    pooled = pool_features(values.unsqueeze(1), inverse, counts, cfg.pool_mode)
     del inverse
     pooled_coords = torch.stack([uniq // (r * r), (uniq // r) % r, uniq % r], dim=1)
-    pooled = (sums / counts).unsqueeze(1)
     p = cfg.patch_size
     sign = torch.ones(r, r, r, device=dev)
     for ox in patch_offsets(r, p, cfg.patch_stride):

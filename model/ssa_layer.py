@@ -38,7 +38,7 @@ from ssa_kernels import build_layout
 from ssa_kernels.layout import BlockLayout
 
 from .sparse.conv import SparseConv3d
-from .sparse.layers import SparseGroupNorm, SparseSiLU
+from .sparse.layers import SparseGroupNorm, SparseSiLU, check_pool_mode, pool_features
 from .sparse.tensor import SparseTensor
 
 __all__ = [
@@ -89,42 +89,43 @@ def block_layout(x: SparseTensor, *, compression_block: int, selection_block: in
     return layout
 
 
-def block_mean(feats: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """Mean of ``feats [N, C]`` over the tokens of each compression block: ``[Nc, C]`` in the input dtype.
+def block_mean(feats: torch.Tensor, layout: BlockLayout, mode: str = "mean") -> torch.Tensor:
+    """Pooling of ``feats [N, C]`` over the tokens of each compression block: ``[Nc, C]`` in the input dtype.
 
+    ``mode``: ``"mean"`` or ``"released"`` (``sum / (n + 1)``, :func:`model.sparse.layers.pool_features`).
     Accumulates in at least float32 (the released SparseDownsample uses float64; the difference is rounding).
     """
-    cdt = torch.promote_types(feats.dtype, torch.float32)
-    nc = layout.num_cmp_blocks
-    with torch.autocast(device_type=feats.device.type, enabled=False):
-        total = feats.new_zeros(nc, feats.shape[1], dtype=cdt).index_add(0, layout.token_cmp.long(), feats.to(cdt))
-        counts = (layout.cmp_offsets[1:] - layout.cmp_offsets[:-1]).to(cdt).clamp_min(1)
-        return (total / counts.unsqueeze(1)).to(feats.dtype)
+    counts = layout.cmp_offsets[1:] - layout.cmp_offsets[:-1]
+    return pool_features(feats, layout.token_cmp.long(), counts, mode)
 
 
 class CompressionV1(nn.Module):
     """Released compression ``v1`` (v1.1): ``act_layers.0`` (1^3 sparse conv, ``conv.kernel [C, C]`` + bias), SiLU,
-    mean over each compression block. ``forward(x: SparseTensor [N, C], layout) -> [Nc, C]``."""
+    pooling over each compression block (``pool_mode``: :func:`block_mean`).
+    ``forward(x: SparseTensor [N, C], layout) -> [Nc, C]``."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, pool_mode: str = "mean"):
         super().__init__()
+        self.pool_mode = check_pool_mode(pool_mode)
         self.act_layers = nn.Sequential(SparseConv3d(channels, channels, 1), SparseSiLU())
 
     def forward(self, x: SparseTensor, layout: BlockLayout) -> torch.Tensor:
-        return block_mean(self.act_layers(x).feats, layout)
+        return block_mean(self.act_layers(x).feats, layout, self.pool_mode)
 
 
 class CompressionV2(nn.Module):
     """Released compression ``v2`` (v1.0, ``SparseDownBlock3d_v2``): ``act_layers`` (GroupNorm, SiLU) on the tokens,
-    mean pool to the compression blocks, ``out_layers`` (3^3 conv, GroupNorm, SiLU, 3^3 conv) on the block grid,
-    plus the mean-pooled raw input (identity skip). ``forward(x: SparseTensor [N, C], layout) -> [Nc, C]``.
+    pool to the compression blocks (``pool_mode``: :func:`block_mean`), ``out_layers`` (3^3 conv, GroupNorm, SiLU,
+    3^3 conv) on the block grid, plus the pooled raw input (identity skip).
+    ``forward(x: SparseTensor [N, C], layout) -> [Nc, C]``.
 
     The block-level tensor has coordinates ``layout.cmp_coords`` (batch, block x, y, z); its coordinate cache (the
     3^3 neighbour map) lives in ``x.cache`` so it is built once per coordinate set.
     """
 
-    def __init__(self, channels: int, num_groups: int = 32):
+    def __init__(self, channels: int, num_groups: int = 32, pool_mode: str = "mean"):
         super().__init__()
+        self.pool_mode = check_pool_mode(pool_mode)
         self.act_layers = nn.Sequential(SparseGroupNorm(num_groups, channels), SparseSiLU())
         self.out_layers = nn.Sequential(
             SparseConv3d(channels, channels, 3),
@@ -136,8 +137,8 @@ class CompressionV2(nn.Module):
     def forward(self, x: SparseTensor, layout: BlockLayout) -> torch.Tensor:
         key = ("ssa_block_grid_cache", layout.compression_block, layout.selection_block, layout.window)
         grid_cache = x.cache.setdefault(key, {})
-        pooled_raw = block_mean(x.feats, layout)
-        h = block_mean(self.act_layers(x).feats, layout)
+        pooled_raw = block_mean(x.feats, layout, self.pool_mode)
+        h = block_mean(self.act_layers(x).feats, layout, self.pool_mode)
         blocks = SparseTensor(layout.cmp_coords, h, batch_size=x.batch_size, cache=grid_cache, validate=False)
         h = self.out_layers(blocks).feats
         return h + pooled_raw.to(h.dtype)
@@ -240,6 +241,8 @@ class SpatialSparseAttention(nn.Module):
         window, shift: window side (8) and this layer's shift (0 or ``window // 2``).
         compression_version: ``"v1"`` or ``"v2"`` (module docstring).
         compression_groups: GroupNorm groups of compression v2 (32 released).
+        pool_mode: the compression's pooling, ``"released"`` (``sum / (n + 1)``, as the released model) or
+            ``"mean"`` (module docstring).
         backend: ``"kernels"`` (Triton, :func:`ssa_kernels.spatial_sparse_attention`) or ``"reference"``
             (:func:`reference.spatial_sparse_attention`, dense, any dtype; tests and CPU).
         attention: ``"ssa"``, or ``"full"`` for a full-attention benchmark baseline (module docstring).
@@ -263,6 +266,7 @@ class SpatialSparseAttention(nn.Module):
         shift: int = 0,
         compression_version: str = "v1",
         compression_groups: int = 32,
+        pool_mode: str = "mean",
         backend: str = "kernels",
         attention: str = "ssa",
     ):
@@ -298,13 +302,13 @@ class SpatialSparseAttention(nn.Module):
         self.proj_v = nn.Linear(channels, kv, bias=False)
         self.proj_o = nn.Linear(channels, channels, bias=False)
         if compression_version == "v1":
-            self.compression_key = CompressionV1(kv)
-            self.compression_value = CompressionV1(kv)
+            self.compression_key = CompressionV1(kv, pool_mode)
+            self.compression_value = CompressionV1(kv, pool_mode)
         else:
             if kv % compression_groups:
                 raise ValueError(f"compression_groups ({compression_groups}) must divide num_kv_heads * head_dim ({kv})")
-            self.compression_key = CompressionV2(kv, compression_groups)
-            self.compression_value = CompressionV2(kv, compression_groups)
+            self.compression_key = CompressionV2(kv, compression_groups, pool_mode)
+            self.compression_value = CompressionV2(kv, compression_groups, pool_mode)
         self.gate = nn.Sequential(nn.Linear(channels, 3, bias=False), nn.Sigmoid())
 
     @staticmethod

@@ -43,6 +43,7 @@ from .sparse.layers import (
     SparseLinear,
     SparseSiLU,
     SparseSubdivide,
+    check_pool_mode,
     pool_coords,
 )
 from .sparse.tensor import CoordIndex, SparseTensor
@@ -80,6 +81,9 @@ class VAEConfig:
     paper trains over {256, 384, 512, 1024}^3); ``pos_emb_factor`` scales the latent coordinates before the sin-cos
     embedding (1.0 in both released VAEs). ``prune``: ``"head"`` (learned pruning, module docstring) or
     ``"none"`` (keep all children, the released decoder). ``conv_backend``: see :mod:`model.sparse.conv`.
+    ``pool_mode``: the encoder's pooling by 2 over a parent's ``n`` children, ``"released"`` (``sum / (n + 1)``, as
+    the published SparseDownsample computes it: the ``released_*`` presets and :mod:`model.pretrained` loading) or
+    ``"mean"`` (``sum / n``, the default for models trained here; :func:`model.sparse.layers.pool_features`).
     """
 
     in_channels: int = 1
@@ -100,6 +104,7 @@ class VAEConfig:
     prune: str = "head"
     prune_threshold: float = 0.5
     conv_backend: str = "auto"
+    pool_mode: str = "mean"
     use_checkpoint: bool = False
 
     def __post_init__(self):
@@ -128,6 +133,7 @@ class VAEConfig:
             raise ValueError(f"prune_threshold must be in (0, 1), got {self.prune_threshold!r}")
         if self.conv_backend not in BACKENDS:
             raise ValueError(f"conv_backend must be one of {BACKENDS}, got {self.conv_backend!r}")
+        check_pool_mode(self.pool_mode)
         if self.logvar_min >= self.logvar_max:
             raise ValueError(f"logvar_min ({self.logvar_min}) must be below logvar_max ({self.logvar_max})")
 
@@ -153,12 +159,12 @@ class VAEConfig:
     @classmethod
     def released_512(cls, **overrides) -> "VAEConfig":
         """The released ``sparse_vae_512`` sizes (512^3 SDF, 64^3 latent; RELEASED_MODEL.md A.1)."""
-        return cls(**{"resolution": 512, **overrides})
+        return cls(**{"resolution": 512, "pool_mode": "released", **overrides})
 
     @classmethod
     def released_1024(cls, **overrides) -> "VAEConfig":
         """The released ``sparse_vae_1024`` sizes (same network, 1024^3 SDF, 128^3 latent, factor 1.0)."""
-        return cls(**{"resolution": 1024, **overrides})
+        return cls(**{"resolution": 1024, "pool_mode": "released", **overrides})
 
     @classmethod
     def tiny(cls, **overrides) -> "VAEConfig":
@@ -173,16 +179,18 @@ class VAEConfig:
 
 
 class SparseDownBlock3d(nn.Module):
-    """Residual down block: ``act_layers`` (GroupNorm, SiLU) -> mean pool by 2 -> ``out_layers`` (3^3 conv,
-    GroupNorm, SiLU, 3^3 conv), plus ``skip_connection`` (1^3 conv) of the mean-pooled input.
+    """Residual down block: ``act_layers`` (GroupNorm, SiLU) -> pool by 2 -> ``out_layers`` (3^3 conv,
+    GroupNorm, SiLU, 3^3 conv), plus ``skip_connection`` (1^3 conv) of the pooled input (``pool_mode``: mean or
+    the released ``sum / (n + 1)``, :class:`VAEConfig`).
 
     ``forward(x: SparseTensor [N, Cin] at R) -> SparseTensor [M, Cout] at R/2`` (parents in raster order).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_groups: int, conv_backend: str = "auto"):
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int, conv_backend: str = "auto",
+                 pool_mode: str = "mean"):
         super().__init__()
         self.act_layers = nn.Sequential(SparseGroupNorm(num_groups, in_channels), SparseSiLU())
-        self.down = SparseDownsample(LEVEL_FACTOR)
+        self.down = SparseDownsample(LEVEL_FACTOR, pool_mode)
         self.out_layers = nn.Sequential(
             SparseConv3d(in_channels, out_channels, 3, backend=conv_backend),
             SparseGroupNorm(num_groups, out_channels),
@@ -287,7 +295,8 @@ class SparseSDFEncoder(nn.Module):
         cc = config.conv_channels
         self.input_layer1 = SparseLinear(config.in_channels, cc[0])
         self.downsample = nn.ModuleList(
-            SparseDownBlock3d(cc[i], cc[i + 1], config.num_groups, config.conv_backend) for i in range(len(cc) - 1)
+            SparseDownBlock3d(cc[i], cc[i + 1], config.num_groups, config.conv_backend, config.pool_mode)
+            for i in range(len(cc) - 1)
         )
         self.input_layer = SparseLinear(cc[-1], config.model_channels)
         self.pos_embedder = AbsolutePositionEmbedder(config.model_channels, config.pos_emb_factor)

@@ -87,6 +87,61 @@ def _assert_close_to_scale(actual, expected, what, rel=2e-5):
     assert err <= rel * scale + 2e-5, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
+@pytest.mark.parametrize("pool_mode", ["released", "mean"])
+def test_compression_v1_against_the_direct_formula(pool_mode):
+    """Compressed key of block j = sum over its n tokens of SiLU(x W + b) divided by n + 1 ("released": the
+    published SparseDownsample) or n ("mean"); blocks of one, a few and all m^3 tokens, two batch elements."""
+    from model.ssa_layer import CompressionV1, block_layout
+
+    m = 2
+    full = [[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)]                  # block (0,0,0): 8 tokens
+    coords = [torch.tensor(full + [[2, 0, 0], [3, 1, 0], [2, 1, 1]] + [[0, 4, 4]]),      # 3 tokens, 1 token
+              torch.tensor([[6, 6, 6], [4, 4, 4]])]                                      # 1 token, 1 token
+    x = _sorted_tensor([c.int() for c in coords], 6, compression_block=m, selection_block=m, seed=3)
+    layout = block_layout(x, compression_block=m, selection_block=m, window=m)
+    comp = _randomize(CompressionV1(6, pool_mode), std=0.5).double()
+    xd = x.replace(x.feats.double())
+    got = comp(xd, layout)
+    w, b = comp.act_layers[0].conv.kernel, comp.act_layers[0].conv.bias
+    act = torch.nn.functional.silu(xd.feats @ w + b)
+    key = x.coords[:, 0].long() * 10**6 + (x.coords[:, 1:].long() // m) @ torch.tensor([10**4, 10**2, 1])
+    blocks = torch.unique_consecutive(key)
+    assert got.shape == (len(blocks), 6) and len(blocks) == 5
+    sizes = []
+    for j, blk in enumerate(blocks):
+        members = key == blk
+        n = int(members.sum())
+        sizes.append(n)
+        expected = act[members].sum(0) / (n + 1 if pool_mode == "released" else n)
+        torch.testing.assert_close(got[j], expected, rtol=1e-12, atol=1e-12)
+    assert sorted(sizes) == [1, 1, 1, 3, 8]
+
+
+def test_released_presets_pool_as_the_released_model():
+    """Every released preset (and the configurations read from a released config.yaml) divides by n + 1; the
+    dataclass default, for models trained here, is the true mean."""
+    from model.refiner import RefinerConfig
+    from model.vae import VAEConfig
+
+    for name in ("released_512", "released_1024", "released_512_v10", "released_1024_v10"):
+        cfg = DiTConfig.preset(name)
+        assert cfg.pool_mode == "released", name
+        layer = SparseDiT(cfg.replace(num_blocks=1)).blocks[0].self_attn
+        assert layer.compression_key.pool_mode == layer.compression_value.pool_mode == "released"
+    assert DiTConfig.tiny().pool_mode == DiTConfig().pool_mode == "mean"
+    assert VAEConfig.released_512().pool_mode == VAEConfig.released_1024().pool_mode == "released"
+    assert VAEConfig().pool_mode == VAEConfig.tiny().pool_mode == "mean"
+    from model.vae import SparseSDFVAE
+
+    downs = SparseSDFVAE(VAEConfig.tiny(pool_mode="released")).encoder.downsample
+    assert [block.down.mode for block in downs] == ["released"] * 3
+    assert RefinerConfig.released_512().pool_mode == RefinerConfig.released_1024().pool_mode == "released"
+    with pytest.raises(ValueError, match="pool_mode must be one of"):
+        DiTConfig.tiny(pool_mode="max")
+    with pytest.raises(ValueError, match="pool_mode must be one of"):
+        VAEConfig.tiny(pool_mode="sum")
+
+
 def test_ssa_layer_requires_layout_order_and_checks_arguments():
     layer = SpatialSparseAttention(64, 4, 2, compression_block=2, selection_block=4, topk=2, window=4,
                                    backend="reference")

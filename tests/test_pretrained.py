@@ -20,7 +20,7 @@ import yaml
 from model import pretrained as P
 from model.dense import DenseDiT, DenseDiTConfig, DenseShapeVAE, DenseVAEConfig, pixel_shuffle_3d
 from model.dit import Condition, DiTConfig, SparseDiT
-from model.refiner import (RefinerConfig, SignRefiner, VoxelRefiner, adaptive_filter, refine_512,
+from model.refiner import (RefinerConfig, SignRefiner, VoxelRefiner, adaptive_filter, predict_sign, refine_512,
                            sign_refine_1024)
 from model.sparse.layers import sincos_position_embedding
 from model.vae import SparseSDFVAE, VAEConfig
@@ -352,6 +352,12 @@ def test_dense_vae_forward_and_layout_rules():
         logits, mean, logvar = vae(x)
     assert logits.shape == (2, 1, 16, 16, 16) and mean.shape == logvar.shape == (2, 2, 4, 4, 4)
     assert DenseVAEConfig.released().latent_resolution == 16
+    # encode takes the occupancy grid and maps it to occ * 2 - 1 itself, as the released encode does
+    with torch.no_grad():
+        direct = vae.encoder(x * 2 - 1)
+        for got, want in zip(vae.encode(x.bool()), direct):
+            assert torch.equal(got, want)
+        assert not torch.equal(vae.encode(x)[0], vae.encoder(x)[0])
     # pixel shuffle: channel c*8 + 4i + 2j + k -> offset (i, j, k)
     t = torch.arange(16, dtype=torch.float32).view(1, 16, 1, 1, 1)
     s = pixel_shuffle_3d(t)
@@ -365,6 +371,15 @@ def test_dense_vae_forward_and_layout_rules():
     lg = torch.full((1, 1, 3, 3, 3), -10.0)
     lg[0, 0, 1, 2, 0] = lg[0, 0, 0, 0, 2] = math.log(0.1 / 0.9) + 1e-4
     assert DenseShapeVAE.occupied_voxels(lg).tolist() == [[0, 0, 0, 2], [0, 1, 2, 0]]
+    # the released pipeline compares in float16: sigmoid 0.09996 (< 0.1 in float32) rounds to fp16(0.1) = 0.09998
+    edge = torch.full((1, 1, 1, 1, 2), -10.0)
+    edge[0, 0, 0, 0, 1] = math.log(0.09996 / 0.90004)
+    assert torch.sigmoid(edge[0, 0, 0, 0, 1]) < 0.1
+    assert DenseShapeVAE.occupied_voxels(edge).tolist() == [[0, 0, 0, 1]]
+    assert DenseShapeVAE.occupied_voxels(edge, dtype=torch.float32).tolist() == []
+    # one float16 step further down is empty in both
+    edge[0, 0, 0, 0, 1] = math.log(0.09990 / 0.90010)
+    assert DenseShapeVAE.occupied_voxels(edge).tolist() == []
 
 
 def test_dense_dit_forward_attention_rules_and_batch_independence():
@@ -443,6 +458,27 @@ def test_refiner_whole_grid_helpers():
         sign_refine_1024(sign, fine, values, resolution=64)
 
 
+@pytest.mark.parametrize("pool_mode", ["released", "mean"])
+def test_sign_refiner_input_is_pooled_as_released(pool_mode):
+    """The sign refiner sees the decoded field pooled by 2: sum / (n + 1) over a parent's n decoded children with the
+    released pooling (the published SparseDownsample), sum / n with "mean"; parents without children read 1."""
+    cfg = RefinerConfig.tiny(pool_mode=pool_mode)
+    sign = SignRefiner(cfg).eval()
+    seen = []
+    sign.register_forward_pre_hook(lambda module, args: seen.append(args[0][0, 0].clone()))
+    fine = torch.tensor([[2, 2, 2], [3, 2, 2], [2, 3, 3],   # parent (1, 1, 1): 3 children
+                         [0, 0, 0],                          # parent (0, 0, 0): 1 child
+                         [6, 6, 6], [6, 6, 7], [6, 7, 6], [6, 7, 7], [7, 6, 6], [7, 6, 7], [7, 7, 6], [7, 7, 7]])
+    values = torch.tensor([0.3, -0.6, 0.9, 0.8] + [0.1 * i for i in range(1, 9)])
+    predict_sign(sign, fine, values, resolution=32)
+    first = seen[0]  # the patch at offset (0, 0, 0) of the 16^3 grid
+    extra = 1 if pool_mode == "released" else 0
+    torch.testing.assert_close(first[1, 1, 1], torch.tensor(0.6 / (3 + extra)))
+    torch.testing.assert_close(first[0, 0, 0], torch.tensor(0.8 / (1 + extra)))
+    torch.testing.assert_close(first[3, 3, 3], torch.tensor(3.6 / (8 + extra)))
+    assert first[2, 2, 2] == 1.0 and first[0, 1, 0] == 1.0  # no decoded child: empty space
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # decoding and the command line
 
@@ -495,3 +531,13 @@ def test_reconstruct_with_released_weights_end_to_end(tiny_folder, tmp_path, cap
             assert len(trimesh.load(out, force="mesh").faces) == doc["faces"]
     rc = main([str(mesh), "--weights", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "x.glb")])
     assert rc == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_released_configurations_pool_as_the_released_model():
+    """Configurations read from a released config.yaml (its params) or made without one are released ones: their
+    pooling divides by n + 1 (RELEASED_MODEL.md H.1)."""
+    for name in ("sparse_vae_512", "sparse_vae_1024", "sparse_dit_512", "sparse_dit_1024", "refiner",
+                 "refiner_1024"):
+        spec = P.PARTS[name]
+        assert spec.from_params({}, name).pool_mode == "released", name
+        assert spec.default_config(None).pool_mode == "released", name

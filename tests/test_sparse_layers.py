@@ -208,6 +208,24 @@ def test_conv_backends():
     assert tuple(SparseConv3d(2, 5, 1).conv.kernel.shape) == (2, 5)
 
 
+def test_auto_backend_never_picks_spconv(monkeypatch):
+    """spconv is opt-in: even where it would be usable, "auto" runs the torch backend (the tested one)."""
+    import model.sparse.conv as conv_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto picked spconv")
+
+    monkeypatch.setattr(conv_mod, "_spconv_usable", lambda feats: None)  # pretend spconv could run
+    monkeypatch.setattr(conv_mod, "_conv3_spconv", refuse)
+    x = random_sparse((20,), 2, 4)
+    conv = SparseConv3d(2, 2).double()
+    ref = SparseConv3d(2, 2, backend="torch").double()
+    ref.load_state_dict(conv.state_dict())
+    assert torch.equal(conv(x).feats, ref(x).feats)
+    with pytest.raises(AssertionError, match="auto picked spconv"):  # the opt-in name still reaches spconv
+        SparseConv3d(2, 2, backend="spconv").double()(x)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not spconv_available(), reason="needs CUDA and spconv")
 def test_spconv_backend_matches_torch_backend():
@@ -308,6 +326,30 @@ def test_downsample_is_the_mean_of_children_and_shares_the_cache():
         torch.testing.assert_close(y.feats[row], x.feats[members].mean(0))
     assert int(pm.counts.sum()) == x.num_voxels
     assert sparse_downsample(x.replace(x.feats * 3)).cache is y.cache  # one parent cache per coordinate set
+
+
+def test_released_pooling_divides_by_children_plus_one():
+    """Hand-computed: parents with 1, 3 and 8 children. The released SparseDownsample (scatter_reduce "mean" from a
+    zero tensor, include_self=True) gives sum / (n + 1); "mean" gives sum / n."""
+    one = [[0, 0, 0]]                                               # parent (0, 0, 0): 1 child
+    three = [[2, 0, 0], [3, 0, 0], [3, 1, 1]]                       # parent (1, 0, 0): 3 children
+    eight = [[x, y, z] for x in (0, 1) for y in (2, 3) for z in (0, 1)]  # parent (0, 1, 0): all 8 children
+    coords = torch.tensor(one + three + eight)
+    feats = torch.tensor([[4.0], [1.0], [2.0], [6.0]] + [[float(i)] for i in range(1, 9)], dtype=torch.float64)
+    x = SparseTensor.from_list([coords], [feats], resolution=4)
+    released = sparse_downsample(x, mode="released")
+    mean = sparse_downsample(x)
+    by_parent = {tuple(c[1:]): (float(r), float(m)) for c, r, m in
+                 zip(released.coords.tolist(), released.feats[:, 0], mean.feats[:, 0])}
+    assert by_parent == {(0, 0, 0): (4.0 / 2, 4.0), (1, 0, 0): (9.0 / 4, 3.0), (0, 1, 0): (36.0 / 9, 4.5)}
+    # the module form and bad modes
+    from model.sparse import SparseDownsample
+
+    assert torch.equal(SparseDownsample(2, "released")(x).feats, released.feats)
+    with pytest.raises(ValueError, match="pool_mode must be one of"):
+        SparseDownsample(2, "max")
+    with pytest.raises(ValueError, match="pool_mode must be one of"):
+        sparse_downsample(x, mode="sum")
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Every layer keeps batch elements apart: nothing computed for one batch element r
 - :class:`SparseGroupNorm`: ``nn.GroupNorm`` statistics per batch element over all its voxels (channels of a group
   x voxels form one statistic), computed in at least float32 (RELEASED_MODEL.md B, "Sparse GroupNorm").
 - :class:`FP32LayerNorm`: per-token layer norm computed in at least float32 (on plain ``[N, C]`` tensors).
-- :class:`SparseDownsample`: mean of the voxels sharing ``coord // factor`` (the 8 children for factor 2).
+- :class:`SparseDownsample`: pooling of the voxels sharing ``coord // factor`` (the 8 children for factor 2): their
+  mean, or the released model's ``sum / (n + 1)`` (:func:`pool_features`, :data:`POOL_MODES`).
 - :class:`SparseSubdivide`: every voxel becomes its 8 children ``coord * 2 + {0, 1}^3`` with its features.
 - :class:`AbsolutePositionEmbedder`: sin-cos embedding of the (x, y, z) coordinates (RELEASED_MODEL.md D/E.3).
 - :class:`FeedForward`: Linear -> GELU(tanh) -> Linear, parameters named ``mlp.{0,2}`` as released.
@@ -26,14 +27,17 @@ __all__ = [
     "AbsolutePositionEmbedder",
     "FP32LayerNorm",
     "FeedForward",
+    "POOL_MODES",
     "PoolMap",
     "SparseDownsample",
     "SparseGroupNorm",
     "SparseLinear",
     "SparseSiLU",
     "SparseSubdivide",
+    "check_pool_mode",
     "group_norm_per_batch",
     "pool_coords",
+    "pool_features",
     "pool_map",
     "sincos_position_embedding",
     "sparse_downsample",
@@ -47,6 +51,9 @@ NUM_CHILDREN = 8
 CHILD_OFFSETS = tuple((j >> 2 & 1, j >> 1 & 1, j & 1) for j in range(NUM_CHILDREN))
 #: Base of the sin-cos frequencies: f_i = BASE^(-i / F).
 POS_EMB_BASE = 10000.0
+#: Pooling modes (:func:`pool_features`): ``"mean"`` divides a parent's sum by its ``n`` children; ``"released"``
+#: divides by ``n + 1``, as the published ``SparseDownsample`` does (RELEASED_MODEL.md H.1).
+POOL_MODES = ("mean", "released")
 #: Values per frequency and axis (sin, cos) times the three axes.
 _POS_EMB_VALUES_PER_FREQ = 6
 
@@ -210,20 +217,43 @@ def pool_coords(x: SparseTensor, factor: int = 2) -> SparseTensor:
                         resolution=res, cache=pm.cache, validate=False)
 
 
-def sparse_downsample(x: SparseTensor, factor: int = 2) -> SparseTensor:
-    """Mean pooling: parent voxel ``coord // factor`` gets the mean of its children's features.
+def check_pool_mode(mode) -> str:
+    """``mode`` if it is one of :data:`POOL_MODES`, else a ``ValueError`` naming the choices."""
+    if mode not in POOL_MODES:
+        raise ValueError(f"pool_mode must be one of {POOL_MODES}, got {mode!r}")
+    return mode
+
+
+def pool_features(feats: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Pool child rows into parent rows: ``feats [N, C]``, parent row ``inverse [N]`` (int64) of every child and
+    children per parent ``counts [M]`` -> ``[M, C]`` in ``feats.dtype``; sums accumulate in at least float32.
+
+    ``mode="mean"``: ``sum / n``. ``mode="released"``: ``sum / (n + 1)``: the published ``SparseDownsample`` pools
+    with ``torch.scatter_reduce(zeros, ..., reduce="mean")`` and the default ``include_self=True``, so the zero it
+    starts from counts as one more element (a single child gives half its value, a full 8^3 block 512/513 of the
+    mean). The released weights were trained through it, so released configurations use it (RELEASED_MODEL.md H.1).
+    Parents with no child (``n = 0``) get zeros in both modes.
+    """
+    check_pool_mode(mode)
+    cdt = _compute_dtype(feats.dtype)
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        total = feats.new_zeros(counts.shape[0], feats.shape[1], dtype=cdt).index_add(0, inverse, feats.to(cdt))
+        denom = counts.to(cdt) + (1 if mode == "released" else 0)
+        return (total / denom.clamp_min(1).unsqueeze(1)).to(feats.dtype)
+
+
+def sparse_downsample(x: SparseTensor, factor: int = 2, mode: str = "mean") -> SparseTensor:
+    """Pooling by ``factor``: parent voxel ``coord // factor`` gets the pooled features of its children
+    (:func:`pool_features`: their mean, or ``sum / (n + 1)`` with ``mode="released"``).
 
     ``x.feats [N, C] -> [M, C]``, parents in raster order (:class:`PoolMap`); sums accumulate in at least float32
     (the released SparseDownsample uses float64; the difference is rounding only). Resolution ``ceil(R / factor)``.
     """
+    check_pool_mode(mode)
     pm = pool_map(x, factor)
-    cdt = _compute_dtype(x.dtype)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        total = x.feats.new_zeros(pm.coords.shape[0], x.num_channels, dtype=cdt)
-        total = total.index_add(0, pm.inverse, x.feats.to(cdt))
-        mean = (total / pm.counts.to(cdt).unsqueeze(1)).to(x.dtype)
+    pooled = pool_features(x.feats, pm.inverse, pm.counts, mode)
     res = None if x.resolution is None else -(-x.resolution // factor)
-    return SparseTensor(pm.coords, mean, batch_size=x.batch_size, resolution=res, cache=pm.cache, validate=False)
+    return SparseTensor(pm.coords, pooled, batch_size=x.batch_size, resolution=res, cache=pm.cache, validate=False)
 
 
 def subdivide_map(x: SparseTensor) -> tuple[torch.Tensor, dict]:
@@ -251,17 +281,17 @@ def sparse_subdivide(x: SparseTensor) -> SparseTensor:
 
 
 class SparseDownsample(nn.Module):
-    """Module form of :func:`sparse_downsample` (mean pooling by ``factor``)."""
+    """Module form of :func:`sparse_downsample` (pooling by ``factor``; ``mode`` in :data:`POOL_MODES`)."""
 
-    def __init__(self, factor: int = 2):
+    def __init__(self, factor: int = 2, mode: str = "mean"):
         super().__init__()
-        self.factor = factor
+        self.factor, self.mode = factor, check_pool_mode(mode)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return sparse_downsample(x, self.factor)
+        return sparse_downsample(x, self.factor, self.mode)
 
     def extra_repr(self) -> str:
-        return f"factor={self.factor}"
+        return f"factor={self.factor}, mode={self.mode!r}"
 
 
 class SparseSubdivide(nn.Module):
