@@ -8,6 +8,7 @@ take the same steps up to float32 rounding. Checkpoints written by either config
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -22,20 +23,43 @@ import torch.distributed as tdist  # noqa: E402
 from model import training as T  # noqa: E402
 from model.train_vae import VAETrainConfig, train  # noqa: E402
 
-#: Tolerances. The two configurations compute the same gradients up to float32 summation order (DDP's bucketed
-#: all-reduce, the loss assembled from per-rank shares, window attention padded to another length): in float64 the
-#: summed shares equal the one-process gradient to 1e-15, in float32 the logged losses agree to ~1e-7 relative.
-#: AdamW then moves each weight by about lr * m / sqrt(v): a gradient entry that is a cancellation of many terms
-#: (large relative rounding error) can take a visibly different step, up to a few 1e-6 here (measured 5e-6 after 4
-#: steps). PARAM_ATOL = 3e-5 is 1% of one step's size (lr = 3e-3); normalising each rank by its local counts instead
-#: of the global ones moves 99% of the weights by more than that (measured: 1e-2). One exception: the key part of
-#: the attention's qkv bias has an exactly zero true gradient (softmax ignores a constant added to every score of a
-#: query), so its gradient is pure rounding noise that Adam turns into steps of up to lr in either run: those
-#: entries are only checked against steps * lr.
-PARAM_ATOL = 3e-5
+#: Tolerances, derived from float32 rounding and Adam's step bound rather than fitted to a measurement. The two
+#: configurations compute the same gradients up to float32 summation order (DDP's bucketed all-reduce, the loss
+#: assembled from per-rank shares, window attention padded to another length): in float64 the summed shares equal
+#: the one-process gradient to 1e-15. With EPS32 the float32 unit roundoff and N the number of terms the losses and
+#: gradients sum over (the global batch's decoded voxels, read from the runs' logs: ``_terms``), the random-walk
+#: model of rounding gives a relative error of about sqrt(N) * EPS32 for such a sum.
+#:
+#: * Losses (means over N voxels): relative difference <= SAFETY * sqrt(N) * EPS32.
+#: * Every parameter (hard bound, no statistics): Adam's t-th update is at most lr * C_t in absolute value
+#:   (``_adam_step_bound``: C_1 = 1, C_4 = 1.0068 for betas (0.9, 0.999); finite for all t since beta1 <
+#:   sqrt(beta2); Adam's eps only shrinks it), whatever the gradients are, so two runs from the same initial weights
+#:   differ by at most 2 * lr * sum_t C_t (+ the rounding of the updates). Decoupled weight decay is 0 here (checked;
+#:   with 0 <= lr * wd <= 2 the bound would still hold).
+#: * The bulk of the parameters: Adam's update m_hat / (sqrt(v_hat) + eps) is invariant to the gradient's scale,
+#:   so a relative gradient error of sqrt(N) * EPS32 changes a step by about lr * sqrt(N) * EPS32; each run also
+#:   rounds theta - lr * update to |theta| * EPS32 / 2. Weight i's allowance after ``steps`` steps is therefore
+#:   ``scale_i = steps * EPS32 * (lr * sqrt(N) + |theta_i|)``, and the QUANTILE (99%) of |diff_i| / scale_i must
+#:   be <= SAFETY. Not the maximum: a gradient entry that is a cancellation of many terms has a large relative
+#:   rounding error and Adam's normalisation turns it into a visibly different step (up to the hard bound), so the
+#:   elementwise maximum over ~8e4 weights is a heavy-tailed statistic (measured 2e-6 ... 5e-5 across seeds, i.e.
+#:   up to 250 * scale_i), and so is a norm-wise relative difference (dominated by those few entries).
+#:
+#: Measured on the seed of this test (seed 5; seeds 1, 2, 3, 7, 11 in brackets): 99% quantile of |diff| / scale
+#: 0.17 (0.08 ... 0.78), loss differences 5e-8 (up to 6e-7) relative against a bound of ~2e-4. Normalising each
+#: rank by its local counts instead of the global ones (the bug this test exists for) gives a 99% quantile of
+#: 5e4 ... 7e4 (|diff| 1.4e-2) and loss differences of 1e-2 ... 5e-2. A flipped pruning decision (a prune logit
+#: within rounding of the threshold: the untrained model's logits sit around it) is a genuine bifurcation that no
+#: rounding tolerance covers (seed 4: one decoded voxel more at step 2, then loss differences of 2e-4 and a 99%
+#: quantile of 900): the failure messages show both runs' decoded voxel counts per step to tell it apart.
+#:
+#: One exception: the key part of the attention's qkv bias has an exactly zero true gradient (softmax ignores a
+#: constant added to every score of a query), so its gradient is pure rounding noise that Adam may turn into steps
+#: of up to lr in either run: those entries are left out of the quantile (the hard bound holds for them too).
+EPS32 = torch.finfo(torch.float32).eps
+SAFETY = 10.0
+QUANTILE = 0.99
 LR = 3e-3
-#: Logged losses (global means over thousands of voxels): relative tolerance (measured ~2e-7).
-LOSS_RTOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -57,8 +81,17 @@ def data(tmp_path_factory):
     return dict(meshes=str(root), cache_dir=str(cache))
 
 
+#: The decoder's pruning threshold in these runs. With the released 0.5, an untrained pruning head's logits sit
+#: around the threshold, and a float32 rounding difference between the two configurations can flip one decision
+#: (seen on one seed of seven: 14,140 vs 14,141 decoded voxels), after which the runs legitimately diverge. At 1e-3
+#: every child with a logit above -6.9 is kept: no logit of the untrained head comes near that, so the decoded voxel
+#: sets are identical by construction, while the extra-voxel SDF loss and the pruning BCE still run and train.
+PRUNE_THRESHOLD = 1e-3
+
+
 def _config(data, out, *, batch_size, steps, resume=False) -> dict:
     return dict(meshes=data["meshes"], cache_dir=data["cache_dir"], resolutions=(32,), model="tiny",
+                model_overrides={"prune_threshold": PRUNE_THRESHOLD},
                 batch_size=batch_size, steps=steps, lr=LR, warmup_steps=0, schedule="constant", log_every=1,
                 ckpt_every=1000, val_every=0, val_meshes=0, held_out_fraction=0.0, out=str(out), progress=False,
                 seed=5, resume=resume)
@@ -111,6 +144,15 @@ def _params(run) -> dict[str, torch.Tensor]:
     return T.load_checkpoint(run / "checkpoint.safetensors").model
 
 
+def _terms(*runs) -> int:
+    """N of the tolerances: the most voxels (input or decoded, global batch) any step of ``runs`` summed over."""
+    return int(max(max(r["voxels"], r["decoded_voxels"]) for run in runs for r in _train_records(run)))
+
+
+def _decoded(run) -> list[int]:
+    return [int(r["decoded_voxels"]) for r in _train_records(run)]
+
+
 def _key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
     """Mask of the entries with an exactly zero true gradient: the k third of an attention's qkv bias."""
     mask = torch.zeros_like(value, dtype=torch.bool)
@@ -120,21 +162,48 @@ def _key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _assert_close_params(a: dict, b: dict, steps: int = 4) -> None:
-    assert a.keys() == b.keys()
-    worst, worst_key_bias = 0.0, 0.0
-    for k in a:
+def _adam_step_bound(betas, t: int) -> float:
+    """The largest ``|update| / lr`` of Adam's ``t``-th step over all gradient sequences: with
+    ``m_t = (1 - b1) sum_k b1^k g_(t-k)`` and ``v_t = (1 - b2) sum_k b2^k g_(t-k)^2``, Cauchy-Schwarz gives
+    ``|m_t| <= (1 - b1) sqrt(sum_k (b1^2 / b2)^k) sqrt(v_t / (1 - b2))``, so with the bias corrections
+    ``|m_hat / sqrt(v_hat)| <= (1 - b1) / (1 - b1^t) * sqrt(sum_(k<t) (b1^2 / b2)^k * (1 - b2^t) / (1 - b2))``;
+    sharp (``g_(t-k)`` proportional to ``(b1 / b2)^k``), 1 for ``t = 1``."""
+    b1, b2 = betas
+    rho = sum((b1 * b1 / b2) ** k for k in range(t))
+    return (1 - b1) / (1 - b1 ** t) * math.sqrt(rho * (1 - b2 ** t) / (1 - b2))
+
+
+def _scaled_diffs(a: dict, b: dict, n: int, steps: int) -> torch.Tensor:
+    """``|a_i - b_i| / scale_i`` (module comment) of every weight except the key biases."""
+    out = []
+    for k in b:
         diff = (a[k].double() - b[k].double()).abs()
-        skip = _key_bias(k, diff)
-        worst = max(worst, float(diff[~skip].max()) if (~skip).any() else 0.0)
-        worst_key_bias = max(worst_key_bias, float(diff[skip].max()) if skip.any() else 0.0)
-    assert worst <= PARAM_ATOL, f"parameters differ by {worst:.3g} > {PARAM_ATOL}"
-    assert worst_key_bias <= steps * LR
+        scale = steps * EPS32 * (LR * math.sqrt(n) + torch.maximum(a[k].double().abs(), b[k].double().abs()))
+        out.append((diff / scale)[~_key_bias(k, diff)])
+    return torch.cat(out)
 
 
-def _assert_close_losses(a: dict, b: dict, steps) -> None:
-    for s in steps:
-        assert a[s] == pytest.approx(b[s], rel=LOSS_RTOL), (s, a[s], b[s])
+def _assert_runs_agree(run, original, steps: int = 4) -> None:
+    """``run`` and ``original`` took the same ``steps`` steps up to float32 rounding: losses, the hard bound on every
+    parameter, the QUANTILE of the scaled differences (module comment)."""
+    n = _terms(run, original)
+    why = f"N = {n}, decoded voxels per step {_decoded(run)} vs {_decoded(original)}"
+    losses, expected, rtol = _losses(run), _losses(original), SAFETY * math.sqrt(n) * EPS32
+    for s in range(1, steps + 1):
+        assert losses[s] == pytest.approx(expected[s], rel=rtol), (s, losses[s], expected[s], why)
+
+    a, b = _params(run), _params(original)
+    assert a.keys() == b.keys()
+    groups = T.load_checkpoint(original / "checkpoint.safetensors").optimizer["param_groups"]
+    for g in groups:  # the hypotheses of the hard bound: Adam, the constant lr, no weight decay
+        assert g["lr"] == LR and g["weight_decay"] == 0 and not g["amsgrad"] and not g["maximize"], g
+    bound = max(2 * LR * sum(_adam_step_bound(g["betas"], t) for t in range(1, steps + 1)) for g in groups)
+    rounding = {k: 2 * steps * EPS32 * torch.maximum(a[k].double().abs(), b[k].double().abs()) for k in a}
+    worst = max(float(((a[k].double() - b[k].double()).abs() - rounding[k]).max()) for k in a)
+    assert worst <= bound, f"a parameter differs by {worst:.3g} > {bound:.3g}, more than Adam can move it ({why})"
+
+    q = float(torch.quantile(_scaled_diffs(a, b, n, steps), QUANTILE))
+    assert q <= SAFETY, f"{QUANTILE:.0%} of the weights differ by up to {q:.3g} > {SAFETY} allowances ({why})"
 
 
 def test_two_gloo_ranks_match_one_process_and_resume_across_world_sizes(data, tmp_path):
@@ -161,11 +230,10 @@ def test_two_gloo_ranks_match_one_process_and_resume_across_world_sizes(data, tm
 
     # (b) two ranks on one sample each == one process on both samples, within float32 rounding
     one, two = tmp_path / "one", tmp_path / "two"
-    _assert_close_losses(_losses(two), _losses(one), range(1, 5))
-    _assert_close_params(_params(two), _params(one))
+    _assert_runs_agree(two, one)
     at_step_2 = torch.load(tmp_path / "two_then_one.rank0.pt")  # dumped before the one-process resume
-    moved = max(float((_params(one)[k] - at_step_2[k]).abs().max()) for k in at_step_2)
-    assert moved > 30 * PARAM_ATOL  # steps 3 and 4 moved the weights far more than the tolerance
+    moved = torch.quantile(_scaled_diffs(_params(one), at_step_2, _terms(one), 4), 0.5)
+    assert moved > 100 * SAFETY  # steps 3 and 4 moved most weights far more than the tolerance allows
     rec_two, rec_one = _train_records(two), _train_records(one)
     assert [r["voxels"] for r in rec_two] == [r["voxels"] for r in rec_one]  # global counts
     for r in rec_two:
@@ -179,8 +247,7 @@ def test_two_gloo_ranks_match_one_process_and_resume_across_world_sizes(data, tm
     for resumed, original in ((tmp_path / "two_then_one", two), (tmp_path / "one_then_two", one)):
         losses = _losses(resumed)
         assert sorted(losses) == [1, 2, 3, 4]
-        _assert_close_losses(losses, _losses(original), range(1, 5))
-        _assert_close_params(_params(resumed), _params(original))
+        _assert_runs_agree(resumed, original)
         ck = T.load_checkpoint(resumed / "checkpoint.safetensors")
         assert ck.step == 4 and not any(k.startswith("module.") for k in ck.model)
         assert ck.meta["global_batch_size"] == 2
