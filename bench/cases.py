@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from bench.shapes import CONFIGS, SHAPES, SSAConfig, shape_coords, shell_coords
+from ssa_kernels.shapes import CONFIGS, SHAPES, SSAConfig, shape_coords, shell_coords
 from ssa_kernels.layout import layout_order
 
 #: The two input sets of BENCHMARK.md: k_cmp = mean(k) * sqrt(count) (headline) or the plain mean.

@@ -27,7 +27,7 @@ def _env():
 
 
 def _inputs(shape, cfg, seed=0, batch_copies=1):
-    from bench.shapes import CONFIGS, shape_coords
+    from ssa_kernels.shapes import CONFIGS, shape_coords
     from bench.inputs import compressed_kv
 
     c = CONFIGS[cfg]

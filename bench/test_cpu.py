@@ -14,7 +14,7 @@ import torch
 import reference
 from bench.cases import PASS_FWD, PASS_FWDBWD, case_coords
 from bench.inputs import compressed_kv, make_ssa_inputs
-from bench.shapes import CONFIGS, shape_coords
+from ssa_kernels.shapes import CONFIGS, shape_coords
 from ssa_kernels.layout import build_layout, layout_order
 
 #: Tokens of the reference yardstick (a slice of shell-512).

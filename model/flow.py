@@ -94,9 +94,9 @@ def sample_timesteps(n: int, *, mode: str = "logit_normal", mean: float = 0.0, s
 def drop_condition(cond, drop_prob: float, *, generator: torch.Generator | None = None):
     """Classifier-free-guidance dropout: each batch element's condition is zeroed with probability ``drop_prob``.
 
-    ``cond``: a ``[B, L, C]`` tensor or a :class:`~model.dit.Condition`. Returns ``(cond', keep [B] bool)``.
+    ``cond``: a ``[B, L, C]`` tensor or a :class:`~model.nets.dit.Condition`. Returns ``(cond', keep [B] bool)``.
     """
-    from .dit import Condition
+    from model.nets.dit import Condition
 
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob!r}")
@@ -118,7 +118,7 @@ def flow_loss(model: Callable, x0: SparseTensor, cond, *, t: torch.Tensor | None
     Args:
         model: the DiT (``SparseTensor``, timesteps ``[B]`` in 0..1000, condition) -> velocity ``SparseTensor``.
         x0: clean latents ``[N, C]`` (several batch elements packed).
-        cond: condition ``[B, L, Cc]`` or :class:`~model.dit.Condition`.
+        cond: condition ``[B, L, Cc]`` or :class:`~model.nets.dit.Condition`.
         t: ``[B]`` timesteps in [0, 1] (drawn with :func:`sample_timesteps` when None).
         noise: ``[N, C]`` (drawn from ``generator`` when None).
         cond_drop_prob: classifier-free-guidance dropout probability.
@@ -217,8 +217,8 @@ def euler_sample(
         model: the DiT: ``model(x_t, t [B] in 0..1000, cond) -> velocity``.
         x: a SparseTensor giving the coordinates (its features are ignored; its number of channels is the latent
             width). Every step reuses ``x``'s coordinate cache (block layout built once).
-        cond: the condition (``[B, L, C]`` or :class:`~model.dit.Condition`); ``uncond`` defaults to zeros of the
-            same shape (:meth:`~model.dit.Condition.zeros_like`).
+        cond: the condition (``[B, L, C]`` or :class:`~model.nets.dit.Condition`); ``uncond`` defaults to zeros of the
+            same shape (:meth:`~model.nets.dit.Condition.zeros_like`).
         steps, guidance, shift: Euler steps, guidance scale (CFG whenever ``guidance > 0``: two forwards per step),
             timestep shift (6 at 64^3, 8 at 128^3).
         seed: seeds the initial noise (drawn on the CPU, float32); or pass ``noise [N, C]``.
@@ -228,7 +228,7 @@ def euler_sample(
 
     Returns the sampled ``x_0`` as a SparseTensor on ``x``'s coordinates (float32).
     """
-    from .dit import Condition
+    from model.nets.dit import Condition
 
     if not isinstance(x, SparseTensor):
         raise TypeError(f"x must be a SparseTensor, got {type(x).__name__}")

@@ -19,7 +19,7 @@ from bench.cases import (
 )
 from bench.flops import BACKWARD_FACTOR, selected_keys, ssa_work, window_tokens_per_query
 from bench.inputs import compressed_kv, compressed_kv_for_layout, compressed_kv_from_blocks, make_ssa_inputs
-from bench.shapes import CONFIGS, SHAPES
+from ssa_kernels.shapes import CONFIGS, SHAPES
 from bench.timing import ReplayClock, Timing, feed_benchmark
 from ssa_kernels.layout import build_layout, compression_block_index, selection_block_index
 from tests.helpers import random_coords

@@ -2,7 +2,7 @@
 
 The two ranks train the tiny VAE on a global batch of two samples of different sizes (a box and a rod at 32^3,
 split one per rank by the token-balanced partition); one process trains on both samples at once. With the global
-normalisation of :func:`model.train_vae.global_vae_loss`, per-sample posterior noise and DDP's gradient mean, both
+normalisation of :func:`model.training.vae.global_vae_loss`, per-sample posterior noise and DDP's gradient mean, both
 take the same steps up to float32 rounding. Checkpoints written by either configuration resume in the other.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ trimesh = pytest.importorskip("trimesh")
 
 import torch.distributed as tdist  # noqa: E402
 
-from model import training as T  # noqa: E402
-from model.train_vae import VAETrainConfig, train  # noqa: E402
+from model.training import common as T  # noqa: E402
+from model.training.vae import VAETrainConfig, train  # noqa: E402
 
 #: Tolerances, derived from float32 rounding and Adam's step bound rather than fitted to a measurement. The two
 #: configurations compute the same gradients up to float32 summation order (DDP's bucketed all-reduce, the loss
@@ -104,7 +104,7 @@ def _worker(rank: int, world: int, init_file: str, jobs: list, dump: str) -> Non
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        import model.train_vae as tv
+        import model.training.vae as tv
 
         made = []
 
@@ -276,7 +276,7 @@ def test_checkpoints_drop_wrapper_prefixes(tmp_path):
 def test_multi_gpu_report_smoke(tmp_path):
     """The GPU report end to end at tiny size: torchrun with 1 and 2 gloo processes for the DiT loop and the VAE
     trainer, same data and seed, so the two runs of each model have the same losses."""
-    from model.multi_gpu_report import NVLINK_MULTICAST_OFF, main
+    from model.reports.multi_gpu import NVLINK_MULTICAST_OFF, main
 
     assert main(["--smoke", "--gpus", "2", "--out", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "multi_gpu.json").read_text())

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import model.ssa_layer as ssa_layer
-from model.dit import Condition, DiTConfig, SparseDiT, condition_positions, timestep_embedding
+import model.nets.ssa_layer as ssa_layer
+from model.nets.dit import Condition, DiTConfig, SparseDiT, condition_positions, timestep_embedding
 from model.flow import flow_loss
 from model.sparse import SparseTensor
-from model.ssa_layer import SpatialSparseAttention
+from model.nets.ssa_layer import SpatialSparseAttention
 from ssa_kernels.layout import layout_order
 
 
@@ -91,7 +91,7 @@ def _assert_close_to_scale(actual, expected, what, rel=2e-5):
 def test_compression_v1_against_the_direct_formula(pool_mode):
     """Compressed key of block j = sum over its n tokens of SiLU(x W + b) divided by n + 1 ("released": the
     published SparseDownsample) or n ("mean"); blocks of one, a few and all m^3 tokens, two batch elements."""
-    from model.ssa_layer import CompressionV1, block_layout
+    from model.nets.ssa_layer import CompressionV1, block_layout
 
     m = 2
     full = [[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)]                  # block (0,0,0): 8 tokens
@@ -120,8 +120,8 @@ def test_compression_v1_against_the_direct_formula(pool_mode):
 def test_released_presets_pool_as_the_released_model():
     """Every released preset (and the configurations read from a released config.yaml) divides by n + 1; the
     dataclass default, for models trained here, is the true mean."""
-    from model.refiner import RefinerConfig
-    from model.vae import VAEConfig
+    from model.nets.refiner import RefinerConfig
+    from model.nets.vae import VAEConfig
 
     for name in ("released_512", "released_1024", "released_512_v10", "released_1024_v10"):
         cfg = DiTConfig.preset(name)
@@ -131,7 +131,7 @@ def test_released_presets_pool_as_the_released_model():
     assert DiTConfig.tiny().pool_mode == DiTConfig().pool_mode == "mean"
     assert VAEConfig.released_512().pool_mode == VAEConfig.released_1024().pool_mode == "released"
     assert VAEConfig().pool_mode == VAEConfig.tiny().pool_mode == "mean"
-    from model.vae import SparseSDFVAE
+    from model.nets.vae import SparseSDFVAE
 
     downs = SparseSDFVAE(VAEConfig.tiny(pool_mode="released")).encoder.downsample
     assert [block.down.mode for block in downs] == ["released"] * 3
@@ -436,7 +436,7 @@ def _rgba(h=100, w=200, box=(20, 60, 50, 130)):
 def test_preprocess_rgba_crops_pads_and_resizes():
     from PIL import Image
 
-    from model.conditioning import preprocess_image
+    from model.nets.conditioning import preprocess_image
 
     pre = preprocess_image(Image.fromarray(_rgba(), "RGBA"))
     assert pre.rgb.shape == (3, 518, 518) and pre.mask.shape == (518, 518)
@@ -456,7 +456,7 @@ def test_preprocess_rgba_crops_pads_and_resizes():
 def test_preprocess_needs_alpha_or_mask(tmp_path):
     from PIL import Image
 
-    from model.conditioning import load_image, preprocess_image
+    from model.nets.conditioning import load_image, preprocess_image
 
     rgb = Image.fromarray(_rgba()[..., :3], "RGB")
     with pytest.raises(ValueError, match="no alpha channel"):
@@ -481,7 +481,7 @@ def test_encoder_dense_and_sparse_conditions():
     pytest.importorskip("transformers", reason="the image encoder needs transformers")
     from PIL import Image
 
-    from model.conditioning import DinoV2Encoder, sparse_condition, tiny_dinov2_config
+    from model.nets.conditioning import DinoV2Encoder, sparse_condition, tiny_dinov2_config
 
     with pytest.warns(UserWarning, match="RANDOM weights"):
         enc = DinoV2Encoder.random(tiny_dinov2_config(), seed=0)

@@ -1,4 +1,4 @@
-"""``python -m model.dit_demo --smoke``: the DiT learning demonstration end to end on the CPU at toy size, run as the
+"""``python -m model.reports.dit_demo --smoke``: the DiT learning demonstration end to end on the CPU at toy size, run as the
 GPU run is (one stage per call, the DiT stage twice), plus the encoder feature cache it trains with."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def meshes(tmp_path_factory):
 def test_smoke_stage_by_stage(meshes, tmp_path):
     from PIL import Image
 
-    from model.dit_demo import main
+    from model.reports.dit_demo import main
 
     views, out = tmp_path / "views", tmp_path / "run"
     common = ["--smoke", "--meshes", str(meshes), "--views-dir", str(views), "--out", str(out)]
@@ -84,8 +84,8 @@ def test_smoke_stage_by_stage(meshes, tmp_path):
 
 
 def test_cached_encoder_returns_the_encoders_features():
-    from model.conditioning import DinoV2Encoder
-    from model.dit_demo import CachedEncoder
+    from model.nets.conditioning import DinoV2Encoder
+    from model.reports.dit_demo import CachedEncoder
 
     with pytest.warns(UserWarning, match="RANDOM weights"):
         cached = CachedEncoder.build(size="tiny", seed=3, device="cpu")
@@ -100,8 +100,8 @@ def test_cached_encoder_returns_the_encoders_features():
 
 
 def test_trainer_gets_the_cached_encoder_only_inside():
-    from model.conditioning import DinoV2Encoder
-    from model.dit_demo import CachedEncoder, _trainer_uses
+    from model.nets.conditioning import DinoV2Encoder
+    from model.reports.dit_demo import CachedEncoder, _trainer_uses
 
     with pytest.warns(UserWarning, match="RANDOM weights"):
         cached = CachedEncoder.build(size="tiny", seed=0, device="cpu")
@@ -113,7 +113,7 @@ def test_trainer_gets_the_cached_encoder_only_inside():
 
 
 def test_bad_options(tmp_path, capsys):
-    from model.dit_demo import main
+    from model.reports.dit_demo import main
 
     assert main(["--stage", "train", "--out", str(tmp_path)]) == 2
     assert "stage must be" in capsys.readouterr().err

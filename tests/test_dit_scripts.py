@@ -19,9 +19,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Two meshes, a tiny random VAE checkpoint, and the prepared folder (2 views of 64 px, SDF at 64^3)."""
-    from model.prepare_dit_data import main as prepare_main
-    from model.training import save_checkpoint
-    from model.vae import SparseSDFVAE, VAEConfig
+    from model.cli.prepare_dit_data import main as prepare_main
+    from model.training.common import save_checkpoint
+    from model.nets.vae import SparseSDFVAE, VAEConfig
 
     root = tmp_path_factory.mktemp("dit_scripts")
     meshes = root / "meshes"
@@ -59,7 +59,7 @@ def test_prepare_writes_latents_views_and_manifest(prepared):
 
 def _train(prepared, out, steps, *extra):
     """Options partly from a JSON config file, partly from flags (flags override the file)."""
-    from model.train_dit import main as train_main
+    from model.cli.train_dit import main as train_main
 
     config = prepared / "train.json"
     config.write_text(json.dumps({"model": "tiny", "backend": "reference", "encoder_size": "tiny", "lr": 5.0,
@@ -82,7 +82,7 @@ def test_train_resume_reproduces_the_uninterrupted_run(prepared, tmp_path):
     assert [r["loss"] for r in part] == [r["loss"] for r in full[:2]]
     run = tmp_path / "full"
     assert (run / "loss.png").is_file() and (run / "checkpoints" / "last.safetensors").is_file()
-    from model.dit import load_dit
+    from model.nets.dit import load_dit
 
     ema, meta = load_dit(run / "checkpoints" / "last.safetensors", return_meta=True)
     raw = load_dit(run / "checkpoints" / "last.safetensors", weights="model")
@@ -91,7 +91,7 @@ def test_train_resume_reproduces_the_uninterrupted_run(prepared, tmp_path):
 
 
 def test_sample_writes_a_mesh_or_the_sdf(prepared, tmp_path):
-    from model.sample import main as sample_main
+    from model.cli.sample import main as sample_main
 
     _train(prepared, tmp_path / "run", 2)
     out = tmp_path / "out" / "box.glb"
@@ -118,7 +118,7 @@ def test_sample_writes_a_mesh_or_the_sdf(prepared, tmp_path):
 
 
 def test_report_smoke(tmp_path):
-    from model.dit_report import main as report_main
+    from model.reports.dit import main as report_main
 
     assert report_main(["--smoke", "--out", str(tmp_path), "--reps", "1", "--full-reps", "1"]) == 0
     r = json.loads((tmp_path / "dit.json").read_text())

@@ -1,4 +1,4 @@
-"""Mesh extraction from sparse SDFs (model/extract.py): brick-wise marching cubes without a dense grid."""
+"""Mesh extraction from sparse SDFs (model/pipeline/extract.py): brick-wise marching cubes without a dense grid."""
 from __future__ import annotations
 
 import time
@@ -13,7 +13,7 @@ pytest.importorskip("skimage")
 
 from skimage.measure import marching_cubes  # noqa: E402
 
-from model.extract import decoded_to_meshes, sparse_sdf_to_mesh, to_original_frame  # noqa: E402
+from model.pipeline.extract import decoded_to_meshes, sparse_sdf_to_mesh, to_original_frame  # noqa: E402
 from model.sparse import SparseTensor  # noqa: E402
 
 #: The 1024^3 sphere: radius (unit cube) and band half-width (voxels).

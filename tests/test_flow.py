@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.dit import Condition
+from model.nets.dit import Condition
 from model.flow import (FlowMatchEulerScheduler, drop_condition, euler_sample, flow_loss, interpolate,
                         sample_timesteps, velocity_target)
 from model.sparse import SparseTensor

@@ -1,4 +1,4 @@
-"""Image to mesh (model/cascade.py, model/generate.py, model/generate_report.py): the whole random tiny cascade on the
+"""Image to mesh (model/pipeline/cascade.py, model/cli/generate.py, model/reports/generate.py): the whole random tiny cascade on the
 CPU through the command line, input checking, the revoxelisation between the 512 and 1024 stages, the layout built
 once per stage, extraction with the sign refiner's fill grid, and the report's dry run.
 
@@ -19,8 +19,8 @@ from PIL import Image
 
 pytest.importorskip("skimage")
 
-from model import cascade as C  # noqa: E402
-from model.extract import sparse_sdf_to_mesh  # noqa: E402
+from model.pipeline import cascade as C  # noqa: E402
+from model.pipeline.extract import sparse_sdf_to_mesh  # noqa: E402
 from ssa_kernels.layout import check_layout_order  # noqa: E402
 
 #: One Euler step per stage keeps the CPU runs short.
@@ -51,9 +51,9 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_run(images, tmp_path_factory):
-    """``python -m model.generate`` with random tiny weights on an RGB image, counting the block layouts built."""
-    import model.ssa_layer as S
-    from model.generate import main
+    """``python -m model.cli.generate`` with random tiny weights on an RGB image, counting the block layouts built."""
+    import model.nets.ssa_layer as S
+    from model.cli.generate import main
 
     out = tmp_path_factory.mktemp("generated")
     calls = []
@@ -88,7 +88,7 @@ def test_command_writes_a_glb_and_a_preview(cli_run):
 
 
 def test_command_warns_about_random_weights_and_prints_the_stage_table(images, tmp_path, capsys):
-    from model.generate import main
+    from model.cli.generate import main
 
     rc = main([str(images / "blue.png"), "--weights", "random:tiny", "--out", str(tmp_path), "--resolution", "512",
                "--device", "cpu", "--no-progress", "--no-preview", *FEW_STEPS])
@@ -133,7 +133,7 @@ def test_load_rgba_masks_and_errors(images):
 
 
 def test_command_rejects_bad_images_and_arguments_before_loading_weights(images, tmp_path, capsys):
-    from model.generate import main
+    from model.cli.generate import main
 
     bad = (("gray.png", "grayscale"), ("noisy.png", "uniform background"), ("missing.png", "does not exist"))
     for name, text in bad:
@@ -205,7 +205,7 @@ def test_sign_fill_grid_and_pruning_give_the_released_field_without_a_dense_grid
     (|SDF| * sign, decoded values kept), and dropping the voxels that cannot touch the level changes nothing."""
     from skimage.measure import marching_cubes
 
-    from model.refiner import RefinerConfig, SignRefiner, predict_sign, sign_refine_1024
+    from model.nets.refiner import RefinerConfig, SignRefiner, predict_sign, sign_refine_1024
 
     res, level = 32, 0.2
     g = (np.arange(res) + 0.5) / res - 0.5
@@ -283,7 +283,7 @@ def test_pipeline_api_given_coords_settings_and_errors(images):
 
 def test_from_pretrained_reads_a_released_folder(images, tmp_path):
     """The cascade from a folder in the released layout (tiny sizes, random weights) with a given encoder."""
-    from model.pretrained import save_released
+    from model.pipeline.pretrained import save_released
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -307,7 +307,7 @@ def test_from_pretrained_reads_a_released_folder(images, tmp_path):
 
 
 def test_report_dry_run_on_cpu(tmp_path, capsys):
-    from model.generate_report import main
+    from model.reports.generate import main
 
     rc = main(["--out", str(tmp_path), "--dry-run", "--steps-dense", "1", "--steps-512", "2", "--steps-1024", "2",
                "--no-progress"])

@@ -19,7 +19,7 @@ import torch
 import reference
 import ssa_kernels
 import ssa_kernels.ssa as ssa_module
-from bench.shapes import shape_coords
+from ssa_kernels.shapes import shape_coords
 from tests.helpers import compressed_kv, random_coords, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

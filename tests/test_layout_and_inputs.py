@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import reference
-from bench.shapes import SHAPES, shape_coords, shell_coords
+from ssa_kernels.shapes import SHAPES, shape_coords, shell_coords
 from ssa_kernels.layout import (
     check_layout_order,
     compression_block_index,

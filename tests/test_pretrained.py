@@ -1,5 +1,5 @@
-"""Loading the released checkpoints (model/pretrained.py), the dense stage and refiner modules built from
-RELEASED_MODEL.md (model/dense.py, model/refiner.py), and ``python -m model.reconstruct --weights``.
+"""Loading the released checkpoints (model/pipeline/pretrained.py), the dense stage and refiner modules built from
+RELEASED_MODEL.md (model/nets/dense.py, model/nets/refiner.py), and ``python -m model.cli.reconstruct --weights``.
 
 No network and no released weights here: the released layout is written with random tensors (the released names and
 shapes where affordable, tiny sizes with the released names otherwise), and the full-size modules are checked
@@ -17,13 +17,20 @@ import pytest
 import torch
 import yaml
 
-from model import pretrained as P
-from model.dense import DenseDiT, DenseDiTConfig, DenseShapeVAE, DenseVAEConfig, pixel_shuffle_3d
-from model.dit import Condition, DiTConfig, SparseDiT
-from model.refiner import (RefinerConfig, SignRefiner, VoxelRefiner, adaptive_filter, predict_sign, refine_512,
-                           sign_refine_1024)
+from model.pipeline import pretrained as P
+from model.nets.dense import DenseDiT, DenseDiTConfig, DenseShapeVAE, DenseVAEConfig, pixel_shuffle_3d
+from model.nets.dit import Condition, DiTConfig, SparseDiT
+from model.nets.refiner import (
+    RefinerConfig,
+    SignRefiner,
+    VoxelRefiner,
+    adaptive_filter,
+    predict_sign,
+    refine_512,
+    sign_refine_1024,
+)
 from model.sparse.layers import sincos_position_embedding
-from model.vae import SparseSDFVAE, VAEConfig
+from model.nets.vae import SparseSDFVAE, VAEConfig
 
 #: The hub's v1.1 config.yaml (RELEASED_MODEL.md A.1, with the published ``direct3d_s2.`` targets). Entries that are
 #: not checkpoint parts (schedulers, image encoders) are ignored by the loader.
@@ -508,7 +515,7 @@ def test_reconstruct_with_released_weights_end_to_end(tiny_folder, tmp_path, cap
     pytest.importorskip("skimage")
     import trimesh
 
-    from model.reconstruct import main
+    from model.cli.reconstruct import main
 
     folder, _ = tiny_folder
     mesh = tmp_path / "sphere.obj"

@@ -1,4 +1,4 @@
-"""``python -m model.reconstruct`` end to end on CPU, its errors, and ``python -m model.vae_report --smoke``."""
+"""``python -m model.cli.reconstruct`` end to end on CPU, its errors, and ``python -m model.reports.vae --smoke``."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,10 @@ import trimesh
 pytest.importorskip("igl")
 pytest.importorskip("skimage")
 
-from model import training as T  # noqa: E402
-from model.reconstruct import load_vae, main, vae_checkpoint_meta  # noqa: E402
-from model.vae import SparseSDFVAE, VAEConfig  # noqa: E402
+from model.training import common as T  # noqa: E402
+from model.pipeline.reconstruct import load_vae, vae_checkpoint_meta  # noqa: E402
+from model.cli.reconstruct import main
+from model.nets.vae import SparseSDFVAE, VAEConfig  # noqa: E402
 
 #: Training the tiny VAE on one sphere at 32^3 before reconstructing it: steps and learning rate (a few steps: the
 #: test is about the command, the VAE's quality is tested in test_vae_model.py).
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A sphere mesh and a tiny-VAE checkpoint briefly trained on it at 32^3 (through the real trainer)."""
-    from model.train_vae import VAETrainConfig, train
+    from model.training.vae import VAETrainConfig, train
 
     root = tmp_path_factory.mktemp("sphere")
     trimesh.creation.icosphere(3).export(root / "sphere.obj")
@@ -82,7 +83,7 @@ def test_reconstruct_errors(fitted, tmp_path, capsys):
 def test_vae_report_smoke(tmp_path):
     """The GPU report's whole path on CPU: tiny model, 32^3, a few steps, the 'big' run at 64^3; run as two calls
     (--stage train, then --stage evaluate), the form for machines with a per-command time limit."""
-    from model.vae_report import main as report_main
+    from model.reports.vae import main as report_main
 
     meshes = tmp_path / "meshes"
     meshes.mkdir()
@@ -113,8 +114,8 @@ def test_metrics_leave_out_faces_buried_inside_the_shape():
     """Two overlapping boxes (like pybullet's objects: unions of overlapping convex parts): the surface extracted
     from their SDF matches the outer surface; the faces inside the union are left out of the comparison."""
     from model.data.sdf import mesh_to_sparse_sdf
-    from model.extract import sparse_sdf_to_mesh
-    from model.reconstruct import evaluate_mesh, normalized_mesh
+    from model.pipeline.extract import sparse_sdf_to_mesh
+    from model.pipeline.reconstruct import evaluate_mesh, normalized_mesh
 
     a = trimesh.creation.box(extents=(1.0, 0.4, 0.4))
     b = trimesh.creation.box(extents=(0.4, 0.4, 1.0))

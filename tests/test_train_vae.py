@@ -1,4 +1,4 @@
-"""VAE training (model/train_vae.py) and the shared training infrastructure (model/training.py)."""
+"""VAE training (model/training/vae.py) and the shared training infrastructure (model/training/common.py)."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,10 @@ import trimesh
 pytest.importorskip("igl")
 pytest.importorskip("skimage")
 
-from model import training as T  # noqa: E402
-from model.reconstruct import load_vae  # noqa: E402
-from model.train_vae import VAETrainConfig, config_from_args, main, model_config, train  # noqa: E402
+from model.training import common as T  # noqa: E402
+from model.pipeline.reconstruct import load_vae  # noqa: E402
+from model.training.vae import VAETrainConfig, model_config, train  # noqa: E402
+from model.cli.train_vae import config_from_args, main
 
 #: The tiny runs of these tests: grid side and batch size (2 meshes -> one batch per epoch).
 RESOLUTION, BATCH = 32, 2
@@ -96,7 +97,7 @@ def test_command_line_config_file_and_errors(primitives, tmp_path, capsys):
     assert cfg.pybullet == 3 and cfg.meshes is None
     import dataclasses
 
-    from model.train_vae import _parser
+    from model.cli.train_vae import _parser
 
     flags = {a.dest for a in _parser()._actions}
     assert {f.name for f in dataclasses.fields(VAETrainConfig)} <= flags  # every option has a flag

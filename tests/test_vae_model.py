@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.sparse import SparseTensor
-from model.vae import SparseSDFVAE, VAEConfig, VAELossConfig, vae_loss
+from model.nets.vae import SparseSDFVAE, VAEConfig, VAELossConfig, vae_loss
 
 #: Where the full released listings live on the development machines (not in the repository): when present,
 #: the compact copy below is checked against them.
@@ -84,7 +84,7 @@ decoder.out_layer.bias  [1]
 
 #: Sphere shell of the tests: grid side, radius and band half-width (voxels).
 SHELL_RESOLUTION, SHELL_RADIUS, SHELL_TAU = 32, 10.0, 1.5
-#: Our keys that the released checkpoint does not have: the learned pruning heads (see model/vae.py).
+#: Our keys that the released checkpoint does not have: the learned pruning heads (see model/nets/vae.py).
 OURS_ONLY = {f"pruning.heads.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
 #: Released keys we intentionally do not have: none (every released parameter is mirrored).
 RELEASED_ONLY: set = set()

@@ -92,7 +92,7 @@ def available_meshes() -> list[Path]:
 def export_pybullet_meshes(dest, count: int = 150, *, overwrite: bool = False) -> list[Path]:
     """Copy the first ``count`` pybullet objects (``random_urdfs/NNN/NNN.obj``, in order) into the folder ``dest``
     as ``dest/NNN.obj`` (created if missing), so that a machine without pybullet can use them (e.g. with
-    ``python -m model.vae_report --meshes dest``). Files already there are kept unless ``overwrite``. Returns the
+    ``python -m model.reports.vae --meshes dest``). Files already there are kept unless ``overwrite``. Returns the
     paths in ``dest``."""
     import shutil
 

@@ -20,10 +20,10 @@ Per layer, for tokens ``x [N, C]`` in **layout order** (see below):
 
 ``attention="full"`` replaces the whole SSA operation with ordinary full attention per batch element over the same
 q/k/v (``scaled_dot_product_attention``, GQA by repeating the kv heads): a **baseline for benchmarks only**
-(``model.dit_report``); compression, intra-block PE and gate are then unused.
+(``model.reports.dit``); compression, intra-block PE and gate are then unused.
 
 Token order. The layer requires its input in the layout order of :func:`ssa_kernels.layout_order` for its block sizes
-(a :class:`ValueError` says so otherwise); :class:`model.dit.SparseDiT` puts its input in that order once and restores
+(a :class:`ValueError` says so otherwise); :class:`model.nets.dit.SparseDiT` puts its input in that order once and restores
 the caller's order on output. The :class:`~ssa_kernels.BlockLayout` is built once per coordinate set, cached in
 ``x.cache`` under ``("ssa_layout", compression_block, selection_block, window)``, and reused by every layer and every
 sampling step (:func:`block_layout`).
@@ -37,9 +37,9 @@ from torch import nn
 from ssa_kernels import build_layout
 from ssa_kernels.layout import BlockLayout
 
-from .sparse.conv import SparseConv3d
-from .sparse.layers import SparseGroupNorm, SparseSiLU, check_pool_mode, pool_features
-from .sparse.tensor import SparseTensor
+from model.sparse.conv import SparseConv3d
+from model.sparse.layers import SparseGroupNorm, SparseSiLU, check_pool_mode, pool_features
+from model.sparse.tensor import SparseTensor
 
 __all__ = [
     "ATTENTION_MODES",

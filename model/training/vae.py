@@ -1,10 +1,10 @@
-"""Train the sparse SDF VAE: ``python -m model.train_vae`` over :func:`train`.
+"""Train the sparse SDF VAE: ``python -m model.cli.train_vae`` over :func:`train`.
 
 Examples::
 
-    python -m model.train_vae --pybullet 100 --resolutions 256 --model base --steps 20000 --out runs/vae
-    python -m model.train_vae --config vae.json --time-limit 60 --resume
-    torchrun --nproc_per_node 8 -m model.train_vae --meshes data/meshes --resolutions 256 512 --out runs/vae
+    python -m model.cli.train_vae --pybullet 100 --resolutions 256 --model base --steps 20000 --out runs/vae
+    python -m model.cli.train_vae --config vae.json --time-limit 60 --resume
+    torchrun --nproc_per_node 8 -m model.training.vae --meshes data/meshes --resolutions 256 512 --out runs/vae
 
 Data: a folder of meshes (``--meshes``) or the first N pybullet objects (``--pybullet N``) become sparse SDF samples
 (:class:`model.data.dataset.SparseSDFDataset`, cached on disk, prepared up front with ``--prepare-workers``
@@ -14,7 +14,7 @@ processes), split into training and held-out meshes by a hash of their names
 
 Each step: encode, sample the posterior (each sample's noise from its own seed, the seeds drawn from a dedicated,
 checkpointed ``torch.Generator``), decode with the training pruning rule (predicted and target voxels),
-:func:`model.vae.vae_loss` (input, extra, sharp-edge SDF MSE + KL + pruning BCE), AdamW with linear warm-up and a
+:func:`model.nets.vae.vae_loss` (input, extra, sharp-edge SDF MSE + KL + pruning BCE), AdamW with linear warm-up and a
 cosine (or constant) schedule, gradient clipping (a step whose loss or gradient is not finite is skipped); bf16
 autocast on CUDA. Outputs in ``--out``: ``checkpoint.safetensors``
 (model + optimizer + step + RNG, written atomically; rank 0), ``metrics.jsonl`` (training records every
@@ -22,11 +22,11 @@ autocast on CUDA. Outputs in ``--out``: ``checkpoint.safetensors``
 continues from ``checkpoint.safetensors`` bit for bit on CPU (same data order, same posterior noise).
 ``--time-limit MIN`` stops cleanly (checkpoint, plot) after MIN minutes of training (data preparation not counted).
 Validation reconstructs ``val_meshes`` held-out meshes (encode the mean, decode with inference pruning, marching
-cubes) and logs F-score, Chamfer distance and normal consistency (:func:`model.reconstruct.evaluate_mesh`).
+cubes) and logs F-score, Chamfer distance and normal consistency (:func:`model.pipeline.reconstruct.evaluate_mesh`).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``; NCCL on GPUs, gloo on CPU) a step's *global* batch is ``batch_size *
 world_size`` samples of the same sequence a single process with that batch size would draw; each rank loads and
-trains on its share, cut by :func:`model.training.partition_by_tokens` (near-equal voxel counts, from the cached
+trains on its share, cut by :func:`model.training.common.partition_by_tokens` (near-equal voxel counts, from the cached
 samples' sizes, before anything is loaded). The model is DDP-wrapped and every loss term is normalised by its
 global count (:func:`global_vae_loss`), so a step on N ranks equals a step of one process on the whole global
 batch up to float rounding; the posterior noise of each sample is drawn from its own seed, taken from the
@@ -47,16 +47,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .training import (
+from model.nets.vae import SparseSDFVAE, VAEConfig, VAELossConfig, vae_loss
+from model.training.common import (
     Distributed,
     MetricsLog,
     TimeLimit,
     load_checkpoint,
-    load_config_file,
     lr_factor,
     plot_metrics,
     restore_rng,
@@ -64,9 +64,8 @@ from .training import (
     seed_everything,
     unwrap_model,
 )
-from .vae import SparseSDFVAE, VAEConfig, VAELossConfig, vae_loss
 
-__all__ = ["MODEL_PRESETS", "VAETrainConfig", "global_vae_loss", "main", "model_config", "train", "validate"]
+__all__ = ["MODEL_PRESETS", "VAETrainConfig", "global_vae_loss", "model_config", "train", "validate"]
 
 #: File names inside the output folder.
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -102,7 +101,7 @@ MODEL_PRESETS = {
 
 
 def model_config(name: str, overrides: dict | None = None) -> VAEConfig:
-    """The :class:`~model.vae.VAEConfig` of preset ``name`` with ``overrides`` (lists become tuples)."""
+    """The :class:`~model.nets.vae.VAEConfig` of preset ``name`` with ``overrides`` (lists become tuples)."""
     if name not in MODEL_PRESETS:
         raise ValueError(f"model must be one of {sorted(MODEL_PRESETS)}, got {name!r}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
@@ -126,7 +125,7 @@ class VAETrainConfig:
     optimizer steps), ``lr``, ``weight_decay``, ``warmup_steps``, ``schedule`` (``cosine``/``constant``),
     ``min_lr_ratio`` (end of the cosine), ``anneal_to_time_limit`` (the cosine follows the elapsed fraction of
     ``time_limit`` when that is further along than ``step / steps``), ``grad_clip`` (0 = off), the loss weights
-    (:class:`~model.vae.VAELossConfig`).
+    (:class:`~model.nets.vae.VAELossConfig`).
     Run: ``time_limit`` minutes (None = no limit), ``device``, ``bf16`` (autocast on CUDA), ``out``, ``resume``,
     ``seed``, ``log_every``, ``ckpt_every``, ``val_every`` (0 = only at the end), ``val_meshes``, ``val_resolution``
     (default: the first of ``resolutions``), ``val_points`` (surface points per mesh), ``num_workers`` (data
@@ -234,13 +233,13 @@ def _mesh_source(config: VAETrainConfig):
     if config.meshes is not None:
         if config.max_meshes is None:
             return config.meshes
-        from .data.meshes import find_meshes
+        from model.data.meshes import find_meshes
 
         paths = find_meshes(config.meshes)
         if not paths:
             raise ValueError(f"meshes: no mesh files found in {config.meshes}")
         return paths[: config.max_meshes]
-    from .data.meshes import pybullet_meshes
+    from model.data.meshes import pybullet_meshes
 
     return pybullet_meshes()[: config.pybullet]
 
@@ -248,7 +247,7 @@ def _mesh_source(config: VAETrainConfig):
 def build_datasets(config: VAETrainConfig, dist: Distributed | None = None):
     """``(train, held_out or None, report)``: the prepared, split datasets. Rank 0 prepares the cache (with
     ``prepare_workers`` processes), the others then read it."""
-    from .data.dataset import SparseSDFDataset
+    from model.data.dataset import SparseSDFDataset
 
     is_main = dist is None or dist.is_main
     resolutions = tuple(dict.fromkeys(config.resolutions + (config.eval_resolution,)))
@@ -294,7 +293,7 @@ def _voxel_count(dataset, index: int, resolution: int, cache: dict) -> int:
 class _ShardedBatches(torch.utils.data.Sampler):
     """This rank's share of the endless global batch sequence (epoch after epoch of the multi-resolution sampler,
     whose batch size is the global one), from global batch ``start`` on: one list of ``(index, resolution,
-    position, global_size)`` per step, the share :func:`~model.training.partition_by_tokens` gives this rank from
+    position, global_size)`` per step, the share :func:`~model.training.common.partition_by_tokens` gives this rank from
     the global batch's voxel counts (a global batch holds at least ``world_size`` samples, so no share is empty)."""
 
     def __init__(self, sampler, dataset, start: int, world_size: int, rank: int):
@@ -303,7 +302,7 @@ class _ShardedBatches(torch.utils.data.Sampler):
         self.counts: dict = {}
 
     def __iter__(self):
-        from .training import partition_by_tokens
+        from model.training.common import partition_by_tokens
 
         per_epoch = len(self.sampler)
         epoch = self.start // per_epoch
@@ -333,7 +332,7 @@ class _Positioned(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    from .data.dataset import collate_sparse_sdf
+    from model.data.dataset import collate_sparse_sdf
 
     batch = collate_sparse_sdf(items)
     batch["positions"] = torch.tensor([it["position"] for it in items], dtype=torch.int64)
@@ -342,7 +341,7 @@ def _collate(items):
 
 
 def _loader(train_ds, config: VAETrainConfig, start_step: int, dist: Distributed):
-    from .data.dataset import MultiResolutionBatchSampler
+    from model.data.dataset import MultiResolutionBatchSampler
 
     global_size = config.batch_size * dist.world_size
     if len(train_ds) < dist.world_size:
@@ -355,7 +354,7 @@ def _loader(train_ds, config: VAETrainConfig, start_step: int, dist: Distributed
 
 
 def _to_sparse(batch: dict, device: torch.device):
-    from .sparse.tensor import SparseTensor
+    from model.sparse.tensor import SparseTensor
 
     res = int(batch["resolution"][0])
     x = SparseTensor(batch["coords"].to(device, non_blocking=True), batch["sdf"].to(device, non_blocking=True),
@@ -375,7 +374,11 @@ def validate(vae: SparseSDFVAE, dataset, *, count: int, resolution: int, device:
     Returns ``{"fscore", "chamfer", "normal_consistency"}`` (means; Chamfer over non-empty reconstructions) and
     ``"meshes"``: per mesh ``{name, fscore, chamfer, normal_consistency, faces}``.
     """
-    from .reconstruct import evaluate_mesh, normalized_mesh, reconstruct_sample
+    from model.pipeline.reconstruct import (
+        evaluate_mesh,
+        normalized_mesh,
+        reconstruct_sample,
+    )
 
     per = []
     for i in range(min(count, len(dataset))):
@@ -407,7 +410,7 @@ class _TrainForward(torch.nn.Module):
         self.vae = vae
 
     def forward(self, x, seeds: torch.Tensor):
-        from .vae import VAEOutput
+        from model.nets.vae import VAEOutput
 
         posterior = self.vae.encode(x)
         mean = posterior.mean
@@ -429,7 +432,7 @@ def _posterior_noise(latent, seeds: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(latent.device, latent.dtype, non_blocking=True)
 
 
-#: Loss terms of :func:`model.vae.vae_loss`, in the order of :func:`global_vae_loss`'s counts.
+#: Loss terms of :func:`model.nets.vae.vae_loss`, in the order of :func:`global_vae_loss`'s counts.
 LOSS_TERMS = ("sdf_in", "sdf_extra", "sdf_sharp", "kl")
 
 
@@ -438,7 +441,7 @@ def global_vae_loss(output, x, sharp: torch.Tensor, losses: dict, config, dist: 
     global batch (as one process would compute it on all the ranks' samples at once); returns ``(loss to backward,
     {term: this rank's share of the global value})`` (the shares of all ranks add up to the global values).
 
-    Every term of :func:`model.vae.vae_loss` is a mean over some set of elements: decoded voxels that are input
+    Every term of :func:`model.nets.vae.vae_loss` is a mean over some set of elements: decoded voxels that are input
     voxels (``sdf_in``), the other decoded voxels (``sdf_extra``), input voxels near sharp edges (``sdf_sharp``),
     latent voxels (``kl``), and per decoder level the pruning candidates (``prune``: the mean over levels of the
     per-level means). Rank ``r`` holds ``n_r`` of a term's ``N = sum_r n_r`` elements and its local mean ``m_r``, so
@@ -549,7 +552,7 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
     params = [p for p in vae.parameters() if p.requires_grad]
 
     def meta() -> dict:
-        from .reconstruct import vae_checkpoint_meta
+        from model.pipeline.reconstruct import vae_checkpoint_meta
 
         return dict(vae_checkpoint_meta(vae_cfg, tau=config.tau, margin=train_ds.params["margin"],
                                         train_config=dataclasses.asdict(config)),
@@ -684,92 +687,3 @@ def _train(config: VAETrainConfig, dist: Distributed) -> dict:
         parameters=sum(p.numel() for p in unwrap_model(model).parameters()), world_size=dist.world_size,
         device=str(device),
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def _parser():
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m model.train_vae", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    S = argparse.SUPPRESS  # unset flags do not override the config file or the dataclass defaults
-    ap.add_argument("--config", default=S, help="JSON or YAML file of VAETrainConfig fields (flags override it)")
-    src = ap.add_argument_group("data")
-    src.add_argument("--meshes", default=S, help="folder (searched recursively) or file of meshes")
-    src.add_argument("--pybullet", type=int, default=S, help="use the first N pybullet objects")
-    src.add_argument("--max-meshes", dest="max_meshes", type=int, default=S, help="first N meshes of --meshes")
-    src.add_argument("--resolutions", type=int, nargs="+", default=S, help="SDF resolutions (one per batch)")
-    src.add_argument("--tau", type=float, default=S, help="band half-width in voxels")
-    src.add_argument("--cache-dir", dest="cache_dir", default=S)
-    src.add_argument("--prepare-workers", dest="prepare_workers", type=int, default=S)
-    src.add_argument("--held-out-fraction", dest="held_out_fraction", type=float, default=S)
-    src.add_argument("--split-seed", dest="split_seed", type=int, default=S, help="seed of the name-hash split")
-    mdl = ap.add_argument_group("model and optimisation")
-    mdl.add_argument("--model", choices=sorted(MODEL_PRESETS), default=S, help="VAE size preset")
-    mdl.add_argument("--model-overrides", dest="model_overrides", type=json.loads, default=S,
-                     help='JSON object of VAEConfig fields, e.g. \'{"latent_channels": 8}\'')
-    mdl.add_argument("--batch-size", dest="batch_size", type=int, default=S)
-    mdl.add_argument("--steps", type=int, default=S)
-    mdl.add_argument("--lr", type=float, default=S)
-    mdl.add_argument("--weight-decay", dest="weight_decay", type=float, default=S)
-    mdl.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=S)
-    mdl.add_argument("--schedule", choices=("cosine", "constant"), default=S)
-    mdl.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float, default=S, help="end of the cosine, x lr")
-    mdl.add_argument("--anneal-to-time-limit", dest="anneal_to_time_limit", action="store_true", default=S,
-                     help="the cosine follows the elapsed fraction of --time-limit when that is further along")
-    mdl.add_argument("--grad-clip", dest="grad_clip", type=float, default=S)
-    for name in ("in", "extra", "sharp", "kl", "prune"):
-        mdl.add_argument(f"--weight-{name}", dest=f"weight_{name}", type=float, default=S)
-    run = ap.add_argument_group("run")
-    run.add_argument("--time-limit", dest="time_limit", type=float, default=S,
-                     help="minutes of training, then checkpoint and stop")
-    run.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
-    run.add_argument("--no-bf16", dest="bf16", action="store_false", default=S, help="float32 on CUDA")
-    run.add_argument("--out", default=S, help="output folder")
-    run.add_argument("--resume", action="store_true", default=S, help="continue from OUT/checkpoint.safetensors")
-    run.add_argument("--seed", type=int, default=S)
-    run.add_argument("--log-every", dest="log_every", type=int, default=S)
-    run.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=S)
-    run.add_argument("--val-every", dest="val_every", type=int, default=S)
-    run.add_argument("--val-meshes", dest="val_meshes", type=int, default=S)
-    run.add_argument("--val-resolution", dest="val_resolution", type=int, default=S)
-    run.add_argument("--val-points", dest="val_points", type=int, default=S, help="surface points per mesh")
-    run.add_argument("--num-workers", dest="num_workers", type=int, default=S, help="data loader processes")
-    run.add_argument("--no-progress", dest="progress", action="store_false", default=S)
-    return ap
-
-
-def config_from_args(argv: Sequence[str] | None = None) -> VAETrainConfig:
-    """Dataclass defaults <- config file (``--config``) <- flags given on the command line."""
-    args = vars(_parser().parse_args(argv))
-    values: dict = {}
-    if "config" in args:
-        values.update(load_config_file(args.pop("config")))
-    if "meshes" in args or "pybullet" in args:  # a flag picks the data source over the file's
-        values.pop("meshes", None)
-        values.pop("pybullet", None)
-    values.update(args)
-    return VAETrainConfig.from_dict(values)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        config = config_from_args(argv)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    summary = train(config)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
-        val = summary["validation"] or {}
-        print(f"{summary['steps']} steps ({summary['stopped']}), {summary['train_seconds']:.0f} s, "
-              f"last loss {summary['last'].get('loss', float('nan')):.4g}; "
-              f"validation ({summary['validated_on']}) F-score {val.get('fscore', float('nan')):.3f}, "
-              f"Chamfer {val.get('chamfer', float('nan')):.5f}; checkpoint {summary['checkpoint']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

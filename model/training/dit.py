@@ -1,27 +1,27 @@
-"""Train the sparse DiT with rectified flow on prepared latents and views (``model.prepare_dit_data``).
+"""Train the sparse DiT with rectified flow on prepared latents and views (``model.training.dit_data``).
 
-``python -m model.train_dit --data DIR --out RUN [--config FILE] [--model tiny] [--steps N] [--resume [auto|CKPT]]``
+``python -m model.cli.train_dit --data DIR --out RUN [--config FILE] [--model tiny] [--steps N] [--resume [auto|CKPT]]``
 
 One step: a batch of latents chosen by :class:`TokenBatchSampler` (batches packed up to ``batch_tokens`` tokens,
 so batch elements of different sizes balance by token count, across ranks too), one random conditioning view per
-element, encoded by the frozen DINOv2 encoder (:mod:`model.conditioning`; random weights only when no ``encoder``
+element, encoded by the frozen DINOv2 encoder (:mod:`model.nets.conditioning`; random weights only when no ``encoder``
 is given, with a loud warning), condition dropout for classifier-free guidance, logit-normal timesteps and the
 rectified-flow loss (:func:`model.flow.flow_loss`), AdamW, gradient clipping, EMA of the weights.
 
 Determinism and resuming: everything random about a batch element in step ``s`` (the view choice, latent sampling,
 its timestep, noise and condition dropout) comes from a generator seeded by ``(seed, s, p)``, ``p`` its position in
 the step's global batch (:func:`item_generator`), and the batch order from ``(seed, epoch)``; so a run resumed from a
-checkpoint (model, EMA, optimizer state and step; :mod:`model.training` format, written atomically) continues
+checkpoint (model, EMA, optimizer state and step; :mod:`model.training.common` format, written atomically) continues
 exactly as the uninterrupted run would have, on any number of ranks.
 
 Outputs in ``RUN``: ``metrics.jsonl`` (one line per step: loss, lr, grad norm, tokens, batch size, seconds),
 ``loss.png``, ``checkpoints/step_XXXXXXX.safetensors`` and ``checkpoints/last.safetensors``, ``config.json``.
 Latents are normalised per channel with the training set's mean and std (stored in the checkpoint, undone by
-``model.sample``) unless ``normalize_latents`` is false.
+``model.cli.sample``) unless ``normalize_latents`` is false.
 
 torchrun: with ``WORLD_SIZE > 1`` the model is wrapped in DDP (NCCL on GPUs, gloo on CPU). Step ``s`` has one
 *global* batch, packed with ``world_size`` times the token and element budgets, and every rank trains on its share
-(:func:`model.training.partition_by_tokens`: near-equal token counts); the loss is the mean over the global batch's
+(:func:`model.training.common.partition_by_tokens`: near-equal token counts); the loss is the mean over the global batch's
 tokens (:func:`sharded_flow_loss`), so N ranks with ``batch_tokens`` T take the steps one process with ``N * T``
 (and ``N * max_batch``) takes, up to float rounding, and a checkpoint resumes on any number of ranks (the same
 sequence of global batches when ``world_size * batch_tokens`` stays the same). Rank 0 logs (global loss and token
@@ -31,13 +31,10 @@ through its interpreter, slow). ``--precision bf16`` uses bf16 autocast on CUDA.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dit import DiTConfig, SparseDiT
-from .flow import TIMESTEP_MODES, flow_loss
-from .sparse.tensor import SparseTensor
+from model.flow import TIMESTEP_MODES, flow_loss
+from model.nets.dit import DiTConfig, SparseDiT
+from model.sparse.tensor import SparseTensor
 
-__all__ = ["EMA", "LatentDataset", "TokenBatchSampler", "TrainConfig", "item_generator", "main", "sharded_flow_loss",
+__all__ = ["EMA", "LatentDataset", "TokenBatchSampler", "TrainConfig", "item_generator", "sharded_flow_loss",
            "train"]
 
 PRECISIONS = ("fp32", "bf16")
@@ -64,7 +61,7 @@ LATENT_MODES = ("mean", "sample")
 class TrainConfig:
     """Options of :func:`train` (also the keys of a ``--config`` JSON/YAML file; flags override the file).
 
-    ``model``: a :class:`~model.dit.DiTConfig` preset; ``model_overrides``: fields of it to change (e.g.
+    ``model``: a :class:`~model.nets.dit.DiTConfig` preset; ``model_overrides``: fields of it to change (e.g.
     ``{"num_blocks": 4}``); ``backend``: ``"kernels"``/``"reference"`` (None: the preset's). ``encoder``: DINOv2
     weights (a folder or hub id in the transformers format); None gives a seeded random encoder of ``encoder_size``
     (``"vitl14"`` or ``"tiny"``; tests and demonstrations only). ``batch_tokens``/``max_batch``: the token budget and
@@ -144,19 +141,19 @@ class TrainConfig:
 
 
 class LatentDataset:
-    """The items of a prepared folder (``manifest.json`` of :mod:`model.prepare_dit_data`).
+    """The items of a prepared folder (``manifest.json`` of :mod:`model.training.dit_data`).
 
     ``tokens[i]``: latent token count of item ``i``; :meth:`latent` -> ``(coords [M, 3] int32, mean, logvar
     [M, L] float32)`` (cached in memory); :meth:`view_path` -> the PNG of a view.
     """
 
     def __init__(self, root):
-        from .prepare_dit_data import MANIFEST_FORMAT, MANIFEST_NAME
+        from model.training.dit_data import MANIFEST_FORMAT, MANIFEST_NAME
 
         self.root = Path(root)
         path = self.root / MANIFEST_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: prepare the data with python -m model.prepare_dit_data")
+            raise FileNotFoundError(f"{path} not found: prepare the data with python -m model.cli.prepare_dit_data")
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"{path}: format {self.manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
@@ -208,7 +205,7 @@ class TokenBatchSampler:
     alone), then shuffle the batches. With several ranks a global batch needs one element per rank: one with fewer
     is merged into the next (the last one into the one before), and an epoch with fewer items than ranks repeats
     them. Step ``s`` is the epoch's global batch ``s``; rank ``r`` takes part ``r`` of
-    :func:`model.training.partition_by_tokens` of it (near-equal token counts; a part may exceed ``max_tokens`` by
+    :func:`model.training.common.partition_by_tokens` of it (near-equal token counts; a part may exceed ``max_tokens`` by
     less than one item). The global batches depend on ``world_size * max_tokens`` and ``world_size * max_batch``
     only: one rank with budget ``2 T`` draws what two ranks with ``T`` share.
     """
@@ -278,7 +275,7 @@ class TokenBatchSampler:
 
     def shard(self, step: int) -> tuple[list[int], list[int], list[int]]:
         """``(global item indices, this rank's positions in them, this rank's item indices)`` of step ``step``."""
-        from .training import partition_by_tokens
+        from model.training.common import partition_by_tokens
 
         _, items = self.global_batch(step)
         positions = partition_by_tokens([self.tokens[i] for i in items], self.world_size)[self.rank]
@@ -328,7 +325,7 @@ class EMA:
 
 
 def _load_view(dataset: LatentDataset, i: int, v: int, image_size: int, cache: dict):
-    from .conditioning import preprocess_image
+    from model.nets.conditioning import preprocess_image
 
     key = (i, v, image_size)
     if key not in cache:
@@ -342,7 +339,7 @@ def make_batch(dataset: LatentDataset, indices, *, generator, encoder, latent_mo
                stats: dict | None, sparse_conditions: bool, device, image_cache: dict):
     """``(x0: SparseTensor [N, L] on device, cond: Condition)`` for the items ``indices``; ``generator``: one
     ``torch.Generator`` for all of them or one per item (:func:`item_generator`)."""
-    from .conditioning import dense_condition, sparse_condition
+    from model.nets.conditioning import dense_condition, sparse_condition
 
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(indices)
     if len(gens) != len(indices):
@@ -388,8 +385,8 @@ def sharded_flow_loss(model, x0: SparseTensor, cond, generators, *, total_tokens
     gradient accumulation over several parts on one rank, pass the rank count, not the part count: the gradients of
     the parts add up. The shares of all parts add up to the global loss.
     """
-    from .dit import Condition
-    from .flow import sample_timesteps
+    from model.flow import sample_timesteps
+    from model.nets.dit import Condition
 
     counts = x0.batch_counts.tolist()
     if len(generators) != len(counts):
@@ -432,12 +429,19 @@ def _resolve_resume(resume, out: Path) -> Path | None:
 
 def train(cfg: TrainConfig, *, resume=None) -> dict:
     """Run training (module docstring); returns ``{"step", "loss", "checkpoint", "metrics"}`` of the last step."""
-    from .conditioning import DinoV2Encoder
-    from .training import (Distributed, MetricsLog, TimeLimit, load_checkpoint, lr_factor, plot_metrics,
-                           save_checkpoint)
+    from model.nets.conditioning import DinoV2Encoder
+    from model.training.common import (
+        Distributed,
+        MetricsLog,
+        TimeLimit,
+        load_checkpoint,
+        lr_factor,
+        plot_metrics,
+        save_checkpoint,
+    )
 
     if not cfg.data:
-        raise ValueError("data must name a folder prepared by python -m model.prepare_dit_data")
+        raise ValueError("data must name a folder prepared by python -m model.cli.prepare_dit_data")
     dist = Distributed(cfg.device)
     device = dist.device
     out = Path(cfg.out)
@@ -565,68 +569,3 @@ def train(cfg: TrainConfig, *, resume=None) -> dict:
         last["checkpoint"] = save(last["step"])
     last["metrics"] = str(out / "metrics.jsonl")
     return last
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.train_dit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="JSON or YAML file of TrainConfig options (flags override it)")
-    p.add_argument("--data", help="folder prepared by python -m model.prepare_dit_data")
-    p.add_argument("--out", help="run folder (metrics, plots, checkpoints)")
-    p.add_argument("--model", help="DiT preset: tiny, released_512, released_1024, released_512_v10, released_1024_v10")
-    p.add_argument("--model-overrides", type=json.loads, help='JSON of DiTConfig fields, e.g. \'{"num_blocks": 4}\'')
-    p.add_argument("--backend", choices=("kernels", "reference"), help="SSA backend (default: the preset's)")
-    p.add_argument("--encoder", help="DINOv2-with-registers weights: a local folder or hub id (transformers format)")
-    p.add_argument("--encoder-size", choices=("vitl14", "tiny"), help="random encoder size when --encoder is unset")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--schedule", choices=("constant", "cosine"))
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--batch-tokens", type=int, help="token budget of a batch")
-    p.add_argument("--max-batch", type=int, help="largest number of latents in a batch")
-    p.add_argument("--ema-decay", type=float)
-    p.add_argument("--cond-drop-prob", type=float)
-    p.add_argument("--timestep-mode", choices=TIMESTEP_MODES)
-    p.add_argument("--timestep-shift", type=float)
-    p.add_argument("--latent", choices=LATENT_MODES)
-    p.add_argument("--no-normalize-latents", dest="normalize_latents", action="store_false", default=None)
-    p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--checkpointing", dest="use_checkpoint", action="store_true", default=None,
-                   help="activation checkpointing per block")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--keep-checkpoints", type=int)
-    p.add_argument("--device")
-    p.add_argument("--time-limit-min", type=float)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint (no value or 'auto': RUN/checkpoints/last.safetensors)")
-    return p
-
-
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    options: dict = {}
-    if args.config:
-        from .training import load_config_file
-
-        options.update(load_config_file(args.config))
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            options[f.name] = value
-    cfg = TrainConfig.from_dict(options)
-    result = train(cfg, resume=args.resume)
-    if result.get("loss") is not None and os.environ.get("RANK", "0") == "0":
-        print(f"step {result['step']}: loss {result['loss']:.5f}; checkpoint {result['checkpoint']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Multi-GPU training report: the sparse DiT and the sparse SDF VAE trained with ``torchrun`` on 1 and on N GPUs.
 
-``python -m model.multi_gpu_report --out DIR [--gpus N] [--minutes M] [--models dit vae] [--meshes MESH_DIR]``
+``python -m model.reports.multi_gpu --out DIR [--gpus N] [--minutes M] [--models dit vae] [--meshes MESH_DIR]``
 (one host with N CUDA GPUs; ``--smoke``: tiny models on the CPU through gloo, for the tests)
 
 For each model, two runs on the same data with the same seed: one process, then N processes, each started with
@@ -9,14 +9,14 @@ For each model, two runs on the same data with the same seed: one process, then 
 off). Both runs train on the same sequence of global batches, so their loss curves must coincide up to float
 rounding:
 
-- **DiT** (an internal training loop around :func:`model.train_dit.sharded_flow_loss`, the trainer's own loss and
+- **DiT** (an internal training loop around :func:`model.training.dit.sharded_flow_loss`, the trainer's own loss and
   sharding, since the trainer needs prepared views and a DINOv2 encoder): the ``released_1024`` width and depth
   (1024 wide, 24 blocks, 509M parameters, SSA through the Triton kernels, bf16 autocast, activation checkpointing,
-  AdamW), ``--samples`` latents on the ``shell-1024`` coordinates (:func:`bench.shapes.shape_coords`, 137,124 tokens
+  AdamW), ``--samples`` latents on the ``shell-1024`` coordinates (:func:`ssa_kernels.shapes.shape_coords`, 137,124 tokens
   each) with random features and a random 1374-token condition each. A step's global batch is ``N *
-  --per-gpu-batch`` samples; N ranks take one share each (:func:`model.training.partition_by_tokens`), the single
+  --per-gpu-batch`` samples; N ranks take one share each (:func:`model.training.common.partition_by_tokens`), the single
   process accumulates the gradients of the same N shares one after another. Per-GPU work is the same in both runs.
-- **VAE** (the trainer itself, ``python -m model.train_vae``): preset ``--vae-model`` (default ``base``) at 256^3,
+- **VAE** (the trainer itself, ``python -m model.cli.train_vae``): preset ``--vae-model`` (default ``base``) at 256^3,
   on the meshes of ``--meshes`` or, without it, on synthetic closed shapes made with trimesh (ellipsoids, boxes,
   cylinders, capsules, tori of assorted proportions: their SDF bands are shells of different voxel counts).
   Global batch ``N * --per-gpu-batch`` samples: N ranks take a token-balanced share each, the single process
@@ -144,11 +144,11 @@ def synthetic_meshes(folder, count: int, seed: int = 0) -> list[Path]:
 
 def _dit_inputs(smoke: bool, samples: int, seed: int, device):
     """``(DiTConfig, [(coords [n, 3], latents [n, C], condition [1, L, Cc])] on device, shape name)``."""
-    from .dit import DiTConfig
+    from model.nets.dit import DiTConfig
 
     gen = torch.Generator().manual_seed(seed)
     if smoke:
-        from bench.shapes import shell_coords
+        from ssa_kernels.shapes import shell_coords
         from ssa_kernels.layout import layout_order
 
         cfg = DiTConfig.tiny(backend="kernels" if device.type == "cuda" else "reference", use_checkpoint=True)
@@ -158,7 +158,7 @@ def _dit_inputs(smoke: bool, samples: int, seed: int, device):
         sizes = [96 + 32 * (k % 4) for k in range(samples)]  # different token counts: the sharding balances them
         cond_tokens, shape = 21, "shell-16 prefixes (smoke)"
     else:
-        from bench.shapes import shape_coords
+        from ssa_kernels.shapes import shape_coords
 
         cfg = DiTConfig.released_1024(backend="kernels", use_checkpoint=True)
         coords = shape_coords("shell-1024", compression_block=cfg.compression_block,
@@ -175,7 +175,7 @@ def _dit_inputs(smoke: bool, samples: int, seed: int, device):
 
 
 def _dit_worker(a) -> None:
-    from .training import Distributed
+    from model.training.common import Distributed
 
     dist = Distributed(a.device)
     try:
@@ -185,10 +185,10 @@ def _dit_worker(a) -> None:
 
 
 def _dit_train(a, dist) -> None:
-    from .dit import SparseDiT
-    from .sparse.tensor import SparseTensor
-    from .train_dit import item_generator, sharded_flow_loss
-    from .training import MetricsLog, TimeLimit, partition_by_tokens
+    from model.nets.dit import SparseDiT
+    from model.sparse.tensor import SparseTensor
+    from model.training.dit import item_generator, sharded_flow_loss
+    from model.training.common import MetricsLog, TimeLimit, partition_by_tokens
 
     dev = dist.device
     if True:
@@ -290,7 +290,7 @@ def _plot(records: list[dict], runs: Path, path: Path) -> Path | None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .training import read_jsonl
+    from model.training.common import read_jsonl
 
     models = [m for m in MODELS if any(r["model"] == m for r in records)]
     if not models:
@@ -329,7 +329,7 @@ def markdown(records: list[dict]) -> str:
         "",
         f"{first['date']}, {first['gpu']}, torch {first.get('torch')}"
         + ("; **SMOKE RUN** (tiny models on the CPU through gloo): not a measurement." if smoke else "."),
-        f"Made by `{first.get('command', 'python -m model.multi_gpu_report')}`; NVLink multicast off in every "
+        f"Made by `{first.get('command', 'python -m model.reports.multi_gpu')}`; NVLink multicast off in every "
         "process (" + ", ".join(f"`{k}={v}`" for k, v in NVLINK_MULTICAST_OFF.items()) + ").",
         "",
         "| model | GPUs | tokens/s | scaling efficiency | s/step | tokens/step | timed steps | rank step-time spread "
@@ -367,7 +367,7 @@ def markdown(records: list[dict]) -> str:
         "both runs of a model train on the same sequence of global batches (N x the per-GPU batch), so their loss "
         "curves coincide up to float (bf16) rounding: the *loss gap* is the largest relative difference over the "
         "common steps. N ranks each take a share of a global batch balanced by token count "
-        "(`model.training.partition_by_tokens`: greedy, largest sample first into the lightest share), and the loss "
+        "(`model.training.common.partition_by_tokens`: greedy, largest sample first into the lightest share), and the loss "
         "is normalised by the global counts so that DDP's gradient mean is the one-process gradient on the whole "
         "global batch.",
         "",
@@ -398,7 +398,7 @@ def _per_gpu_batch(a, model: str) -> int:
 def _prepare_vae_data(a, out: Path) -> tuple[str, str, str, int]:
     """``(mesh folder, cache folder, description, meshes)``: the meshes (given or synthetic) with their sparse SDF
     samples prepared up front (so no run times the preparation)."""
-    from .data.dataset import SparseSDFDataset
+    from model.data.dataset import SparseSDFDataset
 
     per_step = a.gpus * _per_gpu_batch(a, "vae")
     if a.meshes:
@@ -416,7 +416,7 @@ def _prepare_vae_data(a, out: Path) -> tuple[str, str, str, int]:
 
 
 def _run_dit(a, nproc: int, run: Path, budget_s: float | None) -> tuple[int, str]:
-    args = ["model.multi_gpu_report", "--worker", "dit", "--out", str(run), "--gpus", str(a.gpus),
+    args = ["model.reports.multi_gpu", "--worker", "dit", "--out", str(run), "--gpus", str(a.gpus),
             "--per-gpu-batch", str(_per_gpu_batch(a, "dit")), "--samples", str(a.samples), "--seed", str(a.seed),
             "--lr", str(a.lr if a.lr is not None else (1e-3 if a.smoke else 1e-4)), "--device", a.device,
             "--max-steps", str(SMOKE_STEPS if a.smoke else a.max_steps)]
@@ -429,7 +429,7 @@ def _run_dit(a, nproc: int, run: Path, budget_s: float | None) -> tuple[int, str
 
 def _run_vae(a, nproc: int, run: Path, budget_s: float | None, meshes: str, cache: str) -> tuple[int, str]:
     batch = a.gpus * _per_gpu_batch(a, "vae") // nproc
-    args = ["model.train_vae", "--meshes", meshes, "--cache-dir", cache, "--resolutions", str(a.vae_resolution),
+    args = ["model.cli.train_vae", "--meshes", meshes, "--cache-dir", cache, "--resolutions", str(a.vae_resolution),
             "--model", "tiny" if a.smoke else a.vae_model, "--batch-size", str(batch),
             "--steps", str(SMOKE_STEPS if a.smoke else a.max_steps), "--lr", str(a.lr if a.lr is not None else 1e-3),
             "--warmup-steps", "0", "--schedule", "constant", "--log-every", "1", "--ckpt-every", str(10**9),
@@ -442,7 +442,7 @@ def _run_vae(a, nproc: int, run: Path, budget_s: float | None, meshes: str, cach
 
 def run_report(a, command: str = "") -> list[dict]:
     """All runs of ``a.models`` (1 and ``a.gpus`` processes), their records, the JSON, the plot and the report."""
-    from .training import read_jsonl
+    from model.training.common import read_jsonl
 
     t_start = time.time()
     deadline = None if a.smoke else t_start + a.minutes * 60.0 - 20.0  # 20 s for the report itself
@@ -494,7 +494,7 @@ def run_report(a, command: str = "") -> list[dict]:
                             f"width {v.get('model_channels')}) at {a.vae_resolution}^3 on {vae_data[2]}; "
                             f"{vae_data[3]} samples, global batch {a.gpus * b} samples per step "
                             f"(1 GPU: all at once; {a.gpus} GPUs: {b} each, token-balanced), "
-                            "AdamW lr 1e-3 constant, bf16 autocast on CUDA (the trainer `model.train_vae`).")
+                            "AdamW lr 1e-3 constant, bf16 autocast on CUDA (the trainer `model.training.vae`).")
         records.append(rec)
     for model in a.models:
         one = next((r for r in records if r["model"] == model and r["gpus"] == 1), None)
@@ -511,7 +511,7 @@ def run_report(a, command: str = "") -> list[dict]:
         records = [r for r in old if r.get("model") not in a.models] + records
     for r in records:
         r.pop("losses", None)
-    from .training import _atomic_replace
+    from model.training.common import _atomic_replace
 
     _atomic_replace(path, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1, default=str)))
     _plot(records, runs, out / "multi_gpu_loss.png")
@@ -521,7 +521,7 @@ def run_report(a, command: str = "") -> list[dict]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.multi_gpu_report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.reports.multi_gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for multi_gpu.md, multi_gpu.json, the plot and the runs")
     p.add_argument("--gpus", type=int, default=None, help="N (default: every visible GPU; 2 with --smoke)")
     p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole command")
@@ -531,7 +531,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="distinct DiT samples (latents + conditions)")
     p.add_argument("--meshes", default=None, help="VAE meshes (default: synthetic shapes)")
     p.add_argument("--vae-meshes", type=int, default=16, help="synthetic VAE meshes when --meshes is not given")
-    p.add_argument("--vae-model", default="base", help="VAE preset (model.train_vae --model)")
+    p.add_argument("--vae-model", default="base", help="VAE preset (model.cli.train_vae --model)")
     p.add_argument("--vae-resolution", type=int, default=None, help="SDF resolution (default 256; 32 with --smoke)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 3; 1 smoke)")
     p.add_argument("--max-steps", type=int, default=10_000, help="step cap of a run (the time budget decides)")
@@ -567,7 +567,7 @@ def main(argv=None) -> int:
         return 2
     a.vae_resolution = a.vae_resolution or (32 if a.smoke else 256)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
-    command = "python -m model.multi_gpu_report " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m model.reports.multi_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
     records = run_report(a, command)
     print(markdown(records))
     return 1 if any(r.get("error") for r in records) else 0

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sparse.attention import SparseTransformerBlock
-from .sparse.conv import BACKENDS, SparseConv3d
-from .sparse.layers import (
+from model.sparse.attention import SparseTransformerBlock
+from model.sparse.conv import BACKENDS, SparseConv3d
+from model.sparse.layers import (
     AbsolutePositionEmbedder,
     FP32LayerNorm,
     SparseDownsample,
@@ -46,7 +46,7 @@ from .sparse.layers import (
     check_pool_mode,
     pool_coords,
 )
-from .sparse.tensor import CoordIndex, SparseTensor
+from model.sparse.tensor import CoordIndex, SparseTensor
 
 __all__ = [
     "DecoderOutput",
@@ -82,7 +82,7 @@ class VAEConfig:
     embedding (1.0 in both released VAEs). ``prune``: ``"head"`` (learned pruning, module docstring) or
     ``"none"`` (keep all children, the released decoder). ``conv_backend``: see :mod:`model.sparse.conv`.
     ``pool_mode``: the encoder's pooling by 2 over a parent's ``n`` children, ``"released"`` (``sum / (n + 1)``, as
-    the published SparseDownsample computes it: the ``released_*`` presets and :mod:`model.pretrained` loading) or
+    the published SparseDownsample computes it: the ``released_*`` presets and :mod:`model.pipeline.pretrained` loading) or
     ``"mean"`` (``sum / n``, the default for models trained here; :func:`model.sparse.layers.pool_features`).
     """
 

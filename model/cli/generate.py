@@ -1,6 +1,6 @@
-"""Image to mesh from the command line, with the released Direct3D-S2 cascade (:class:`model.cascade.ImageToMesh`).
+"""Image to mesh from the command line, with the released Direct3D-S2 cascade (:class:`model.pipeline.cascade.ImageToMesh`).
 
-``python -m model.generate IMAGE [IMAGE ...] --weights PATH_OR_ID --out DIR [--resolution 512|1024]
+``python -m model.cli.generate IMAGE [IMAGE ...] --weights PATH_OR_ID --out DIR [--resolution 512|1024]
 [--steps-dense N --steps-512 N --steps-1024 N] [--guidance G] [--seed S] [--faces F] [--device D]``
 
 For each image, writes ``DIR/<name>.glb`` (the mesh, in the unit cube) and ``DIR/<name>.png`` (the image the encoder
@@ -9,10 +9,10 @@ every stage at the end.
 
 - Images: RGBA (alpha = object mask), or RGB with the object on a uniform background: the background colour is the
   median of the border pixels, and every pixel within ``--tolerance`` (default 12 of 255, per channel) of it that is
-  connected to the border is background (:func:`model.cascade.load_rgba`). Grayscale images, other modes, missing or
+  connected to the border is background (:func:`model.pipeline.cascade.load_rgba`). Grayscale images, other modes, missing or
   unreadable files and non-uniform backgrounds are errors naming the image; all images are checked before any
   weights are loaded.
-- ``--weights``: a released folder or a model hub id (:func:`model.pretrained.from_pretrained`), with the DINOv2
+- ``--weights``: a released folder or a model hub id (:func:`model.pipeline.pretrained.from_pretrained`), with the DINOv2
   encoder from ``--encoder`` (default the hub's ``facebook/dinov2-with-registers-large``; ``random`` for random
   weights). ``random:tiny`` runs the whole cascade with random weights of a tiny configuration (for smoke tests,
   with 4 / 3 / 2 steps unless ``--steps-*`` say otherwise: under a minute on a CPU) and ``random:released``
@@ -111,13 +111,13 @@ def _y_up_to_z_up(mesh):
 
 def save_preview(path, image, mesh, *, caption: str = "", size: int = PREVIEW_SIZE) -> Path:
     """A PNG with ``image`` (``[3, S, S]`` float tensor in [0, 1], or an ``[H, W, 3|4]`` uint8 array) beside a
-    render of ``mesh`` (:func:`model.preview.render_mesh`, headless numpy point splatting)."""
+    render of ``mesh`` (:func:`model.pipeline.preview.render_mesh`, headless numpy point splatting)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .preview import framing_extent, render_mesh, save_figure
+    from model.pipeline.preview import framing_extent, render_mesh, save_figure
 
     if isinstance(image, torch.Tensor):
         image = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
@@ -149,9 +149,14 @@ def _output_names(images: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cascade import BACKGROUND_TOLERANCE, INTERIOR_MODES, RELEASED_GUIDANCE, RELEASED_STEPS
+    from model.pipeline.cascade import (
+        BACKGROUND_TOLERANCE,
+        INTERIOR_MODES,
+        RELEASED_GUIDANCE,
+        RELEASED_STEPS,
+    )
 
-    p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.cli.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", metavar="IMAGE", help="RGBA image, or RGB image on a uniform background")
     p.add_argument("--weights", required=True,
                    help="released folder or model hub id; random:tiny / random:released for random weights")
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _build_pipe(args, device, dtype, config):
-    from .cascade import ImageToMesh
+    from model.pipeline.cascade import ImageToMesh
 
     if args.weights in RANDOM_WEIGHTS:
         size = RANDOM_WEIGHTS[args.weights]
@@ -206,7 +211,7 @@ def _build_pipe(args, device, dtype, config):
 
 
 def main(argv=None) -> int:
-    from .cascade import CascadeConfig, EmptyStageError, load_rgba
+    from model.pipeline.cascade import CascadeConfig, EmptyStageError, load_rgba
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -217,7 +222,7 @@ def main(argv=None) -> int:
         except (ValueError, TypeError) as exc:
             parser.error(str(exc))
     try:
-        from .cascade import _default_device
+        from model.pipeline.cascade import _default_device
 
         device = _default_device(args.device)
     except (ValueError, RuntimeError) as exc:

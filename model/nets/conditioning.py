@@ -21,7 +21,7 @@ Weights come from a local folder or a hub id in the ``transformers`` format (e.g
 checkpoint); :meth:`DinoV2Encoder.random` builds random weights for tests and demonstrations and says so loudly
 with a warning: its features are a fixed function of the image, not DINOv2 features.
 
-Conditions (:class:`model.dit.Condition`):
+Conditions (:class:`model.nets.dit.Condition`):
 
 - dense (v1.1): all tokens, :func:`dense_condition`;
 - sparse (v1.0, paper 4.2), :func:`sparse_condition`: the mask is max-pooled over each 14x14 patch (> 0 keeps the
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import NUM_PREFIX_TOKENS, Condition
+from model.nets.dit import NUM_PREFIX_TOKENS, Condition
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -283,7 +283,7 @@ class DinoV2Encoder(nn.Module):
 
     def encode_images(self, images, masks=None, *, sparse: bool = False) -> Condition:
         """Preprocess and encode a list of images (paths or PIL images; ``masks`` a list of the same length for RGB
-        input, or None) into a dense (default) or sparse :class:`~model.dit.Condition`."""
+        input, or None) into a dense (default) or sparse :class:`~model.nets.dit.Condition`."""
         if not isinstance(images, (list, tuple)):
             images = [images]
             masks = None if masks is None else [masks]
@@ -304,7 +304,7 @@ class DinoV2Encoder(nn.Module):
 
 
 def dense_condition(tokens: torch.Tensor) -> Condition:
-    """All tokens (v1.1): ``tokens [B, T, C]`` -> :class:`~model.dit.Condition` without mask."""
+    """All tokens (v1.1): ``tokens [B, T, C]`` -> :class:`~model.nets.dit.Condition` without mask."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         raise ValueError("tokens must be a [B, T, C] tensor")
     return Condition(tokens)
@@ -319,7 +319,7 @@ def sparse_condition(tokens: torch.Tensor, masks: torch.Tensor, *, patch_size: i
         tokens: ``[B, num_prefix + g*g, C]`` encoder tokens (patches in raster order, row-major).
         masks: ``[B, g*patch, g*patch]`` foreground masks in [0, 1] (the preprocessed alpha).
 
-    Returns a :class:`~model.dit.Condition` padded to the longest element: ``tokens [B, L, C]``, ``mask [B, L]``,
+    Returns a :class:`~model.nets.dit.Condition` padded to the longest element: ``tokens [B, L, C]``, ``mask [B, L]``,
     ``positions [B, L, 3]`` (prefix (0, 0, 1); patch at row r, column c -> (c, r, 0)).
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
@@ -336,7 +336,7 @@ def sparse_condition(tokens: torch.Tensor, masks: torch.Tensor, *, patch_size: i
     keep_patch = F.max_pool2d(masks.float().unsqueeze(1), patch_size).view(b, grid * grid) > 0
     keep = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=tokens.device),
                       keep_patch.to(tokens.device)], dim=1)  # [B, T]
-    from .dit import condition_positions
+    from model.nets.dit import condition_positions
 
     pos_all = condition_positions(t, num_prefix, device=tokens.device)
     counts = keep.sum(1)

@@ -3,24 +3,24 @@
 :class:`ImageToMesh` holds the eight released parts plus the image encoder and runs, for one image:
 
 1. **condition**: the object mask (alpha of an RGBA image, or the uniform background of an RGB image,
-   :func:`load_rgba`), the released preprocessing and the DINOv2 encoder (:mod:`model.conditioning`); one set of
+   :func:`load_rgba`), the released preprocessing and the DINOv2 encoder (:mod:`model.nets.conditioning`); one set of
    image tokens serves every DiT (the released dense and sparse encoders are the same network).
 2. **dense** (structure): the dense DiT samples the ``[8, 16, 16, 16]`` latent (50 Euler steps, shift 6, guidance
    7), the dense VAE decodes it to ``64^3`` occupancy logits, and ``sigmoid >= 0.1`` gives the occupied voxels: the
    512 stage's latent tokens at ``64^3``.
 3. **sparse_512**: the sparse DiT samples 16 channels per token (30 steps, shift 6, guidance 7); **decode_512**:
    the sparse VAE decodes every child of every token (the SDF on the 512^3 grid and the decoder's 32 features);
-   **refine_512**: the 512 refiner predicts the whole 512^3 field (:func:`model.refiner.refine_512`) and marching
+   **refine_512**: the 512 refiner predicts the whole 512^3 field (:func:`model.nets.refiner.refine_512`) and marching
    cubes at level 0.4 gives the 512 mesh (the output when ``resolution=512``).
 4. **revoxelise**: the 512 mesh, normalised (bounding-box centre, largest side 0.95 of the unit cube), gives the
    1024 stage's tokens: the 128^3 cells holding a point of the 1024^3 grid within 4 voxels of the surface
    (:func:`mesh_to_latent_coords`), in the SSA layout order.
 5. **sparse_1024** (15 steps, shift 8, guidance 7) and **decode_1024** (in spatial chunks,
-   :func:`model.pretrained.decode_chunked`; the decoder features are not kept); **refine_1024**: the sign refiner's
-   inside/outside grid at 512^3 (:func:`model.refiner.predict_sign`).
+   :func:`model.pipeline.pretrained.decode_chunked`; the decoder features are not kept); **refine_1024**: the sign refiner's
+   inside/outside grid at 512^3 (:func:`model.nets.refiner.predict_sign`).
 6. **extract**: marching cubes at level 0.2 on the decoded sparse SDF whose empty voxels take the sign grid's value
    (the released field ``|SDF| * sign`` with the decoded values kept), brick by brick without a dense 1024^3 array
-   (:func:`model.extract.sparse_sdf_to_mesh` with a fill grid). Voxels that cannot touch the level set (they and
+   (:func:`model.pipeline.extract.sparse_sdf_to_mesh` with a fill grid). Voxels that cannot touch the level set (they and
    their 26 neighbours, or their fill, lie on one side of it) are dropped first on the device
    (:func:`surface_voxels`); this changes no triangle.
 7. **simplify** (optional, ``faces=``): quadric decimation to a face budget through trimesh, which needs the
@@ -34,7 +34,7 @@ caller's generator). Each stage's wall time and peak GPU memory (``torch.cuda.ma
 stage began) are recorded (:class:`StageRecord`, ``result.stages``); ``offload=True`` keeps the parts on the CPU and
 moves each stage's parts to the GPU only while it runs.
 
-Meshes are in the unit cube ``[-0.5, 0.5]^3`` of :mod:`model.extract` (voxel ``i`` at ``(i + 0.5) / R - 0.5``; the
+Meshes are in the unit cube ``[-0.5, 0.5]^3`` of :mod:`model.pipeline.extract` (voxel ``i`` at ``(i + 0.5) / R - 0.5``; the
 released code maps voxel ``i`` to ``i / R * 2 - 1``, twice as large and half a voxel apart). The 1024 mesh lies in the
 frame of the normalised 512 mesh, as released.
 
@@ -45,7 +45,7 @@ Assumptions where RELEASED_MODEL.md leaves a choice open (each one is a constant
   extension computes) instead of to the triangles.
 - ``interior="refiner"`` (default, released ``remove_interior=True``) fills empty voxels from the sign refiner;
   ``"keep"`` (``remove_interior=False``) fills them with +1, which leaves the inner shell; ``"components"`` uses
-  our per-brick component rule of :mod:`model.extract` instead of the network. Surfaces made only of filled voxels
+  our per-brick component rule of :mod:`model.pipeline.extract` instead of the network. Surfaces made only of filled voxels
   (a sign flip of the refiner away from every decoded voxel, which the released dense field would turn into a
   floating surface) are not extracted.
 - ``faces=None`` (default) does not simplify; the released ``simplify_ratio`` 0.95 only acts with ``remesh``, which
@@ -71,10 +71,10 @@ from torch import nn
 
 from ssa_kernels.layout import layout_order
 
-from .dense import OCCUPANCY_THRESHOLD, DenseShapeVAE
-from .dit import Condition
-from .flow import RELEASED_SHIFT, euler_sample
-from .sparse.tensor import SparseTensor
+from model.nets.dense import OCCUPANCY_THRESHOLD, DenseShapeVAE
+from model.nets.dit import Condition
+from model.flow import RELEASED_SHIFT, euler_sample
+from model.sparse.tensor import SparseTensor
 
 __all__ = [
     "BACKGROUND_TOLERANCE",
@@ -437,7 +437,7 @@ def mesh_to_latent_coords(mesh, *, resolution: int = 1024, factor: int = 8, band
     if f.ndim != 2 or f.shape[1] != 3 or len(f) == 0 or v.ndim != 2 or v.shape[1] != 3:
         raise ValueError("mesh must have vertices [V, 3] and at least one triangle")
     if normalize:
-        from .data.sdf import normalize_mesh
+        from model.data.sdf import normalize_mesh
 
         v = np.asarray(normalize_mesh(trimesh.Trimesh(v, f, process=False), margin)[0].vertices)
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -469,7 +469,7 @@ def surface_voxels(coords: torch.Tensor, values: torch.Tensor, resolution: int, 
 
     ``coords [M, 3]`` (unique), ``values [M]``; ``fill`` a number or a coarse grid ``[G, G, G]`` (``G`` dividing
     ``resolution``; voxel ``v`` reads ``fill[v * G // resolution]``, outside the grid ``+1``), as
-    :func:`model.extract.sparse_sdf_to_mesh`'s ``fill``. A voxel is kept when its side of the level (value below
+    :func:`model.pipeline.extract.sparse_sdf_to_mesh`'s ``fill``. A voxel is kept when its side of the level (value below
     it or not) differs from its own fill's side or from the side of one of its 26 neighbours (the neighbour's value,
     or its fill when empty). Every corner of a marching-cubes cell that crosses the level is kept, and a dropped
     voxel's fill lies on its side, so extracting from the kept voxels gives the same triangles. Runs on the
@@ -615,8 +615,8 @@ class ImageToMesh:
 
     Build with :meth:`from_pretrained` (released weights), :meth:`random` / :meth:`random_tiny` (random weights, for
     timing and smoke tests; the output is noise), or directly from modules: ``encoder``
-    (:class:`~model.conditioning.DinoV2Encoder`) and ``parts`` (``{part: module}`` as
-    :func:`model.pretrained.from_pretrained` returns; the 1024 parts may be missing for ``resolution=512`` only, the
+    (:class:`~model.nets.conditioning.DinoV2Encoder`) and ``parts`` (``{part: module}`` as
+    :func:`model.pipeline.pretrained.from_pretrained` returns; the 1024 parts may be missing for ``resolution=512`` only, the
     sign refiner ``refiner_1024`` is needed only for ``interior="refiner"``).
 
     ``pipe(image, resolution=1024, steps=None, guidance=None, seed=0, faces=None) -> trimesh.Trimesh``;
@@ -704,18 +704,18 @@ class ImageToMesh:
                         encoder: str | os.PathLike | nn.Module | None = "facebook/dinov2-with-registers-large",
                         resolution: int = 1024, config: CascadeConfig | None = None, offload: bool = False,
                         backend: str = "auto", **hub_kwargs) -> "ImageToMesh":
-        """The released weights (:func:`model.pretrained.from_pretrained`: a released folder or a model hub id,
-        default :data:`model.pretrained.DEFAULT_HUB_ID`), cast to ``dtype`` (default float16 on CUDA, as released,
+        """The released weights (:func:`model.pipeline.pretrained.from_pretrained`: a released folder or a model hub id,
+        default :data:`model.pipeline.pretrained.DEFAULT_HUB_ID`), cast to ``dtype`` (default float16 on CUDA, as released,
         float32 on the CPU).
 
         ``encoder``: DINOv2-with-registers ViT-L/14 weights in the ``transformers`` format (folder or hub id; the
-        released checkpoints do not hold them), a :class:`~model.conditioning.DinoV2Encoder`, or ``"random"`` for a
+        released checkpoints do not hold them), a :class:`~model.nets.conditioning.DinoV2Encoder`, or ``"random"`` for a
         seeded random encoder (loud warning; the output is then noise). ``resolution=512`` loads only the parts
         the 512 output needs; ``config.interior`` other than ``"refiner"`` skips the sign refiner. ``hub_kwargs``
         go to the loader (``subfolder``, ``revision``, ``cache_dir``, ``local_files_only``).
         """
-        from .conditioning import DinoV2Encoder
-        from .pretrained import DEFAULT_HUB_ID, from_pretrained
+        from model.nets.conditioning import DinoV2Encoder
+        from model.pipeline.pretrained import DEFAULT_HUB_ID, from_pretrained
 
         if resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
@@ -754,11 +754,11 @@ class ImageToMesh:
         cascade on a CPU in seconds; its default config extracts at the fields' medians, so every stage has a
         surface) or ``"released"`` (the released sizes and levels, ViT-L/14 encoder included: ~2.5 B parameters, for
         GPU timing). Warns loudly: the output is noise."""
-        from .conditioning import DinoV2Encoder, dinov2_vitl14_reg_config, tiny_dinov2_config
-        from .dense import DenseDiT, DenseDiTConfig, DenseVAEConfig
-        from .dit import DiTConfig, SparseDiT
-        from .refiner import RefinerConfig, SignRefiner, VoxelRefiner
-        from .vae import SparseSDFVAE, VAEConfig
+        from model.nets.conditioning import DinoV2Encoder, dinov2_vitl14_reg_config, tiny_dinov2_config
+        from model.nets.dense import DenseDiT, DenseDiTConfig, DenseVAEConfig
+        from model.nets.dit import DiTConfig, SparseDiT
+        from model.nets.refiner import RefinerConfig, SignRefiner, VoxelRefiner
+        from model.nets.vae import SparseSDFVAE, VAEConfig
 
         if size not in ("tiny", "released"):
             raise ValueError(f"size must be 'tiny' or 'released', got {size!r}")
@@ -885,7 +885,7 @@ class ImageToMesh:
         return z
 
     def _sparse_condition(self, dit, tokens: torch.Tensor, mask: torch.Tensor) -> Condition:
-        from .conditioning import sparse_condition
+        from model.nets.conditioning import sparse_condition
 
         if dit.config.sparse_conditions:  # v1.0
             cond = sparse_condition(tokens, mask.unsqueeze(0).to(tokens.device),
@@ -966,7 +966,7 @@ class ImageToMesh:
         p = self.parts
 
         # 1. condition ----------------------------------------------------------------------------------------
-        from .conditioning import preprocess_image
+        from model.nets.conditioning import preprocess_image
 
         rgba = load_rgba(image)
         with recorder.stage("condition") as rec, self._on_device(self.encoder):
@@ -1002,8 +1002,8 @@ class ImageToMesh:
                                shift=cfg.shift_512, generator=generator, recorder=recorder, progress=progress)
         coords_out = {"512": z.coords.cpu()}
         vae5, ref = p["sparse_vae_512"], p["refiner"]
-        from .pretrained import decode_chunked
-        from .refiner import predict_sign, refine_512
+        from model.pipeline.pretrained import decode_chunked
+        from model.nets.refiner import predict_sign, refine_512
 
         with recorder.stage("decode_512") as rec, self._on_device(vae5):
             sdf, feats = decode_chunked(vae5, z.replace(z.feats.to(self.dtype)), cfg.decode_chunks_512)
@@ -1066,7 +1066,7 @@ class ImageToMesh:
                     keep_c, keep_v = fine[keep], values[keep]
                     rec.info["kept_voxels"] = int(keep_c.shape[0])
                 del fine, values
-                from .extract import sparse_sdf_to_mesh
+                from model.pipeline.extract import sparse_sdf_to_mesh
 
                 fill_arg = fill.cpu().numpy() if isinstance(fill, torch.Tensor) else fill
                 mesh = sparse_sdf_to_mesh(keep_c.cpu().numpy(), keep_v.float().cpu().numpy(), side,

@@ -1,31 +1,30 @@
 """Prepare the sparse DiT's training data: sparse latents from the VAE and rendered conditioning views, per mesh.
 
-``python -m model.prepare_dit_data MESH_DIR --vae CKPT --out DIR [--views 4] [--image-size 518]``
+``python -m model.cli.prepare_dit_data MESH_DIR --vae CKPT --out DIR [--views 4] [--image-size 518]``
 
 For each mesh under ``MESH_DIR`` (recursively, every format :mod:`model.data.meshes` reads):
 
 1. the sparse SDF at the VAE's resolution (:func:`model.data.sdf.mesh_to_sparse_sdf`, values ``sdf / tau``), with
    the band ``tau`` and normalisation ``margin`` the VAE was trained with (recorded in its checkpoint's ``data``
    entry; ``--tau`` overrides, the data defaults otherwise);
-2. the VAE posterior of it (:meth:`model.vae.SparseSDFVAE.encode`): ``DIR/<name>/latent.npz`` with ``coords [M, 3]``
+2. the VAE posterior of it (:meth:`model.nets.vae.SparseSDFVAE.encode`): ``DIR/<name>/latent.npz`` with ``coords [M, 3]``
    int32 latent voxels (raster order), ``mean [M, L]`` and ``logvar [M, L]`` float32, ``resolution`` (latent grid
    side), ``sdf_resolution``, ``tau``, ``margin``, ``center``/``scale`` (the mesh normalisation) and ``vae_key``
    (which VAE checkpoint made it);
-3. ``--views`` RGBA renders (:func:`model.render.render_views`, alpha = object mask, the same normalisation as the
+3. ``--views`` RGBA renders (:func:`model.data.render.render_views`, alpha = object mask, the same normalisation as the
    SDF): ``DIR/<name>/view_00.png`` ...;
 4. ``DIR/manifest.json``: the items (name, files, token count) and the meshes that failed (with the reason).
 
 Every file is written atomically (temporary file + rename). A mesh whose files exist (latent made by the same VAE,
 all views present) is skipped unless ``--overwrite``, so an interrupted run resumes where it stopped.
 
-VAE checkpoints (:func:`load_vae`): a checkpoint of :mod:`model.training` (``save_checkpoint``; the VAE config in
+VAE checkpoints (:func:`load_vae`): a checkpoint of :mod:`model.training.common` (``save_checkpoint``; the VAE config in
 its metadata document under ``vae_config``, ``config`` (or ``config["vae"]``/``config["model"]``)), or a ``.pt``
-file ``{"config": {...}, "state_dict": {...}}``. ``--vae-config`` (a preset name of :class:`model.vae.VAEConfig`
+file ``{"config": {...}, "state_dict": {...}}``. ``--vae-config`` (a preset name of :class:`model.nets.vae.VAEConfig`
 or a JSON file) overrides or supplies the configuration.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MANIFEST_FORMAT", "data_params", "encode_mesh", "load_vae", "main", "mesh_names", "prepare_dataset", "vae_config_from"]
+__all__ = ["MANIFEST_FORMAT", "data_params", "encode_mesh", "load_vae", "mesh_names", "prepare_dataset", "vae_config_from"]
 
 #: ``format`` entry of the manifest.
 MANIFEST_FORMAT = "ssa-dit-data/1"
@@ -50,9 +49,9 @@ LATENT_NAME = "latent.npz"
 
 
 def vae_config_from(spec):
-    """A :class:`model.vae.VAEConfig` from a preset name (``tiny``, ``released_512``, ``released_1024``), a JSON
+    """A :class:`model.nets.vae.VAEConfig` from a preset name (``tiny``, ``released_512``, ``released_1024``), a JSON
     file, or a dict of its fields (unknown keys are ignored; lists become tuples)."""
-    from .vae import VAEConfig
+    from model.nets.vae import VAEConfig
 
     if isinstance(spec, VAEConfig):
         return spec
@@ -83,21 +82,21 @@ def _find_vae_config(meta: dict):
 
 
 def load_vae(path, *, config=None, device="cpu", weights: str = "ema"):
-    """A :class:`model.vae.SparseSDFVAE` in eval mode from ``path`` (module docstring for the formats).
+    """A :class:`model.nets.vae.SparseSDFVAE` in eval mode from ``path`` (module docstring for the formats).
 
     ``config`` (preset name, JSON file, dict or VAEConfig) overrides the stored configuration; ``weights`` prefers
     EMA weights (keys ``ema.*``) when the checkpoint has them. The data normalisation the VAE was trained with
     (``{"tau": ..., "margin": ...}`` of the checkpoint's ``data`` entry, empty when not recorded) is kept as
     ``vae.data_params``; the data and sampling scripts use it as their default band and margin.
     """
-    from .vae import SparseSDFVAE
+    from model.nets.vae import SparseSDFVAE
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {path}")
     stored, recorded = None, {}
     if path.suffix == ".safetensors":
-        from .training import load_checkpoint
+        from model.training.common import load_checkpoint
 
         ck = load_checkpoint(path)
         state, stored = ck.model, _find_vae_config(ck.meta)
@@ -124,7 +123,7 @@ def load_vae(path, *, config=None, device="cpu", weights: str = "ema"):
 
 def data_params(vae, tau: float | None = None, margin: float | None = None) -> tuple[float, float]:
     """``(tau, margin)``: the given values, else the VAE checkpoint's recorded ones, else the data defaults."""
-    from .data.sdf import DEFAULT_MARGIN, DEFAULT_TAU
+    from model.data.sdf import DEFAULT_MARGIN, DEFAULT_TAU
 
     rec = getattr(vae, "data_params", {}) or {}
     return (float(tau or rec.get("tau") or DEFAULT_TAU), float(margin or rec.get("margin") or DEFAULT_MARGIN))
@@ -140,8 +139,8 @@ def encode_mesh(vae, mesh, *, resolution: int | None = None, tau: float | None =
                 device="cpu") -> dict:
     """Sparse latent of ``mesh`` (path or trimesh): ``{"coords": int32 [M, 3], "mean", "logvar": float32 [M, L],
     "resolution": latent side, "sdf_resolution", "center", "scale", "sdf_voxels"}``."""
-    from .data.sdf import mesh_to_sparse_sdf
-    from .sparse.tensor import SparseTensor
+    from model.data.sdf import mesh_to_sparse_sdf
+    from model.sparse.tensor import SparseTensor
 
     res = resolution or vae.config.resolution
     tau, margin = data_params(vae, tau, margin)
@@ -188,7 +187,7 @@ def mesh_names(paths, root) -> list[str]:
 
 
 def _atomic_json(path: Path, doc) -> None:
-    from .data.sdf import _atomic_write
+    from model.data.sdf import _atomic_write
 
     _atomic_write(path, lambda fh: fh.write(json.dumps(doc, indent=1)), "w")
 
@@ -198,10 +197,10 @@ def prepare_dataset(mesh_dir, vae, out, *, vae_key: str = "", views: int = 4, im
                     render_backend: str = "auto", overwrite: bool = False, device="cpu",
                     progress: bool = True) -> dict:
     """Latents and views of every mesh under ``mesh_dir`` into ``out`` (module docstring); returns the manifest."""
-    from .data.dataset import atomic_save_npz
-    from .data.meshes import find_meshes
-    from .data.sdf import load_mesh
-    from .render import render_views, save_rgba
+    from model.data.dataset import atomic_save_npz
+    from model.data.meshes import find_meshes
+    from model.data.render import render_views, save_rgba
+    from model.data.sdf import load_mesh
 
     if not isinstance(views, int) or views < 1:
         raise ValueError(f"views must be a positive int, got {views!r}")
@@ -263,36 +262,3 @@ def prepare_dataset(mesh_dir, vae, out, *, vae_key: str = "", views: int = 4, im
     }
     _atomic_json(out / MANIFEST_NAME, manifest)
     return manifest
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.prepare_dit_data", description=__doc__.split("\n\n")[0])
-    p.add_argument("mesh_dir", help="folder of meshes (searched recursively) or one mesh file")
-    p.add_argument("--vae", required=True, help="VAE checkpoint (model.training safetensors, or .pt)")
-    p.add_argument("--vae-config", default=None, help="VAE config preset (tiny, released_512, released_1024) or JSON")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--views", type=int, default=4, help="rendered conditioning views per mesh (default 4)")
-    p.add_argument("--image-size", type=int, default=518, help="render side in pixels (default 518)")
-    p.add_argument("--elevation", type=float, default=20.0, help="camera elevation in degrees (default 20)")
-    p.add_argument("--resolution", type=int, default=None, help="SDF resolution (default: the VAE's)")
-    p.add_argument("--tau", type=float, default=None,
-                   help="SDF band half-width in voxels (default: the VAE checkpoint's, else the data default)")
-    p.add_argument("--render-backend", default="auto", choices=("auto", "pyrender", "numpy"))
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    p.add_argument("--overwrite", action="store_true", help="recompute everything")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    from .training import resolve_device
-
-    device = resolve_device(args.device)
-    vae = load_vae(args.vae, config=args.vae_config, device=device)
-    manifest = prepare_dataset(args.mesh_dir, vae, args.out, vae_key=_file_key(args.vae), views=args.views,
-                               image_size=args.image_size, resolution=args.resolution, tau=args.tau,
-                               elevation=args.elevation, render_backend=args.render_backend,
-                               overwrite=args.overwrite, device=device, progress=not args.no_progress)
-    print(f"prepared {len(manifest['items'])} meshes ({len(manifest['failed'])} failed) in {args.out}")
-    return 0 if manifest["items"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

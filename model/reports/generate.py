@@ -1,7 +1,7 @@
 """Time and peak GPU memory of every stage of the image-to-mesh cascade at 1024, with random weights of the released
-sizes (:class:`model.cascade.ImageToMesh`).
+sizes (:class:`model.pipeline.cascade.ImageToMesh`).
 
-``python -m model.generate_report --out reports [--mesh MESH] [--steps-dense N --steps-512 N --steps-1024 N]``
+``python -m model.reports.generate --out reports [--mesh MESH] [--steps-dense N --steps-512 N --steps-1024 N]``
 (one CUDA GPU; about 2 minutes on an H100, 20 s of it building the random models) writes ``reports/generate.md`` and
 ``reports/generate.json``. Needs torch, triton, transformers, trimesh, scikit-image, scipy and matplotlib.
 
@@ -12,7 +12,7 @@ on the GPU). Random weights give a random structure, so the dense stage runs and
 the latent voxels of a real mesh instead (``--mesh``; default the first mesh under ``data_cache/meshes``, else one of
 the meshes installed packages ship (:func:`model.data.meshes.available_meshes`), else a built-in torus; the report
 says which): its 64^3 cells for the 512 stage and, for the 1024 stage, the revoxelisation
-(:func:`model.cascade.mesh_to_latent_coords`, timed as the ``revoxelise`` stage) of the mesh subdivided to edges of
+(:func:`model.pipeline.cascade.mesh_to_latent_coords`, timed as the ``revoxelise`` stage) of the mesh subdivided to edges of
 1.5 voxels of the 512 grid (the density of the 512 stage's marching-cubes mesh). The conditioning image is a render
 of that mesh.
 
@@ -46,7 +46,7 @@ __all__ = ["AttentionTimer", "choose_mesh", "main", "markdown", "run_report"]
 PUBLISHED_MEMORY_GB = {"512": 10.0, "1024": 24.0}
 #: Our target peak at 1024, GB.
 TARGET_PEAK_GB = 12.0
-#: Default sampling steps of the report per stage (the released ones are in model.cascade.RELEASED_STEPS).
+#: Default sampling steps of the report per stage (the released ones are in model.pipeline.cascade.RELEASED_STEPS).
 REPORT_STEPS = {"dense": 4, "512": 4, "1024": 3}
 #: Subdivision of the stand-in for the 512 mesh: longest edge in voxels of the 512 stage's grid.
 STANDIN_EDGE_VOXELS = 1.5
@@ -63,8 +63,8 @@ def choose_mesh(path=None):
     mesh installed packages ship, else a torus (trimesh primitive)."""
     import trimesh
 
-    from .data.meshes import available_meshes, find_meshes
-    from .data.sdf import load_mesh
+    from model.data.meshes import available_meshes, find_meshes
+    from model.data.sdf import load_mesh
 
     if path is not None:
         if not os.path.isfile(path):
@@ -92,7 +92,7 @@ def _standin_512_mesh(mesh, grid: int, margin: float):
     import trimesh
     from trimesh.remesh import subdivide_to_size
 
-    from .data.sdf import normalize_mesh
+    from model.data.sdf import normalize_mesh
 
     norm = normalize_mesh(mesh, margin)[0]
     v, f = subdivide_to_size(norm.vertices, norm.faces, max_edge=STANDIN_EDGE_VOXELS / grid, max_iter=30)
@@ -211,8 +211,8 @@ def _estimate(rec: dict, released_steps: int) -> dict:
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True) -> dict:
     """Run the cascade as the module docstring says and return the result document."""
-    from .cascade import RELEASED_STEPS, ImageToMesh, mesh_to_latent_coords
-    from .render import render_views
+    from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh, mesh_to_latent_coords
+    from model.data.render import render_views
 
     steps = {**REPORT_STEPS, **(steps or {})}
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -340,7 +340,7 @@ def markdown(r: dict) -> str:
         "# Image to mesh: time and GPU memory per stage at 1024" + (" (DRY RUN)" if dry else ""),
         "",
         f"{label}{r['date']}, {r['gpu']}, torch {v['torch']}, triton {v.get('triton')}, transformers "
-        f"{v.get('transformers')}. `python -m model.generate_report`.",
+        f"{v.get('transformers')}. `python -m model.reports.generate`.",
         "",
         f"Random weights of the {r['sizes']} sizes ({sum(r['parameters'].values()) / 1e6:,.1f} M parameters, "
         f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']}, SSA backend `{r['backend']}`, "
@@ -407,9 +407,9 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def main(argv=None) -> int:
-    from .generate import DTYPES, _positive_int
+    from model.cli.generate import DTYPES, _positive_int
 
-    p = argparse.ArgumentParser(prog="python -m model.generate_report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.reports.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for generate.md and generate.json")
     p.add_argument("--mesh", help="mesh whose latent voxels feed the sparse stages (default: see the docstring)")
     p.add_argument("--steps-dense", type=_positive_int, default=REPORT_STEPS["dense"])

@@ -1,4 +1,4 @@
-"""Training infrastructure shared by the trainers in :mod:`model` (the VAE's :mod:`model.train_vae`, later the DiT's).
+"""Training infrastructure shared by the trainers in :mod:`model` (the VAE's :mod:`model.training.vae`, later the DiT's).
 
 * **Checkpoints** (:func:`save_checkpoint`, :func:`load_checkpoint`): one safetensors file holding the model's state
   dict (``model/<name>``), the optimizer's tensors (``optim/<param>/<key>``), the RNG states (``rng/torch``,

@@ -3,14 +3,14 @@
 A released folder (the model hub's ``direct3d-s2-v-1-1`` or ``direct3d-s2-v-1-0``) holds ``config.yaml`` and five
 torch files, each a dict of state dicts:
 
-- ``model_dense.ckpt``: ``["vae"]`` part ``dense_vae`` (:class:`model.dense.DenseShapeVAE`), ``["dit"]`` part
-  ``dense_dit`` (:class:`model.dense.DenseDiT`);
-- ``model_sparse_512.ckpt``: ``["vae"]`` part ``sparse_vae_512`` (:class:`model.vae.SparseSDFVAE` with
-  ``prune="none"``), ``["dit"]`` part ``sparse_dit_512`` (:class:`model.dit.SparseDiT`);
+- ``model_dense.ckpt``: ``["vae"]`` part ``dense_vae`` (:class:`model.nets.dense.DenseShapeVAE`), ``["dit"]`` part
+  ``dense_dit`` (:class:`model.nets.dense.DenseDiT`);
+- ``model_sparse_512.ckpt``: ``["vae"]`` part ``sparse_vae_512`` (:class:`model.nets.vae.SparseSDFVAE` with
+  ``prune="none"``), ``["dit"]`` part ``sparse_dit_512`` (:class:`model.nets.dit.SparseDiT`);
 - ``model_sparse_1024.ckpt``: ``["vae"]`` part ``sparse_vae_1024``, ``["dit"]`` part ``sparse_dit_1024`` (same
   classes);
-- ``model_refiner.ckpt``: ``["refiner"]`` part ``refiner`` (:class:`model.refiner.VoxelRefiner`);
-- ``model_refiner_1024.ckpt``: ``["refiner"]`` part ``refiner_1024`` (:class:`model.refiner.SignRefiner`).
+- ``model_refiner.ckpt``: ``["refiner"]`` part ``refiner`` (:class:`model.nets.refiner.VoxelRefiner`);
+- ``model_refiner_1024.ckpt``: ``["refiner"]`` part ``refiner_1024`` (:class:`model.nets.refiner.SignRefiner`).
 
 :func:`from_pretrained` reads such a folder (or fetches it from the model hub, :data:`DEFAULT_HUB_ID`), maps every
 released tensor to exactly one parameter or buffer of our modules and loads strictly: a missing, unexpected or
@@ -28,7 +28,7 @@ the tiny test sizes), or from the ``configs`` override of :func:`from_pretrained
 sizes are used (a sparse DiT holding ``cond_proj`` is taken as v1.0).
 
 :func:`save_released` writes modules in the released layout (tests, and our own weights for tools that expect the
-released folder); our training checkpoints stay safetensors (:mod:`model.training`).
+released folder); our training checkpoints stay safetensors (:mod:`model.training.common`).
 
 :func:`decode_chunked` decodes like the released ``sparse_vae_1024`` (``chunk_size`` 4): every child of every latent
 voxel, the subdivide blocks run per spatial chunk with 4 latent cells of padding (same values as one pass; unlike
@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .sparse.tensor import SparseTensor
+from model.sparse.tensor import SparseTensor
 
 __all__ = [
     "ALL_PARTS",
@@ -147,7 +147,7 @@ _SPARSE_VAE_PARAMS = dict(use_checkpoint=True, embed_dim=16, num_head_channels_e
 
 
 def _sparse_vae_default(resolution: int):
-    from .vae import VAEConfig
+    from model.nets.vae import VAEConfig
 
     def make(state_keys=None):
         return VAEConfig(resolution=resolution, prune="none", pool_mode="released")
@@ -155,7 +155,7 @@ def _sparse_vae_default(resolution: int):
 
 
 def _sparse_vae_from_params(params: Mapping, part: str):
-    from .vae import VAEConfig
+    from model.nets.vae import VAEConfig
 
     p = _take(params, _SPARSE_VAE_PARAMS, part)
     _require(p["model_channels_encoder"] == p["model_channels_decoder"],
@@ -193,7 +193,7 @@ _SPARSE_DIT_PARAMS = dict(resolution=64, in_channels=16, out_channels=16, model_
 
 
 def _sparse_dit_default(resolution: int):
-    from .dit import DiTConfig
+    from model.nets.dit import DiTConfig
 
     def make(state_keys=None):
         v10 = state_keys is not None and "cond_proj.weight" in state_keys
@@ -204,7 +204,7 @@ def _sparse_dit_default(resolution: int):
 
 
 def _sparse_dit_from_params(params: Mapping, part: str):
-    from .dit import DiTConfig
+    from model.nets.dit import DiTConfig
 
     p = _take(params, _SPARSE_DIT_PARAMS, part)
     _require(p["pe_mode"] == "ape", f"{part}: pe_mode {p['pe_mode']!r} is not supported (released: 'ape')")
@@ -239,13 +239,13 @@ _DENSE_VAE_PARAMS = dict(use_checkpoint=True, embed_dim=8, in_channels=1, out_ch
 
 
 def _dense_vae_default(state_keys=None):
-    from .dense import DenseVAEConfig
+    from model.nets.dense import DenseVAEConfig
 
     return DenseVAEConfig.released()
 
 
 def _dense_vae_from_params(params: Mapping, part: str):
-    from .dense import DenseVAEConfig
+    from model.nets.dense import DenseVAEConfig
 
     p = _take(params, _DENSE_VAE_PARAMS, part)
     _require(float(p["latents_scale"]) == 1.0 and float(p["latents_shift"]) == 0.0,
@@ -275,13 +275,13 @@ _DENSE_DIT_PARAMS = dict(resolution=16, in_channels=8, out_channels=8, model_cha
 
 
 def _dense_dit_default(state_keys=None):
-    from .dense import DenseDiTConfig
+    from model.nets.dense import DenseDiTConfig
 
     return DenseDiTConfig.released()
 
 
 def _dense_dit_from_params(params: Mapping, part: str):
-    from .dense import DenseDiTConfig
+    from model.nets.dense import DenseDiTConfig
 
     p = _take(params, _DENSE_DIT_PARAMS, part)
     _require(p["patch_size"] == 1, f"{part}: patch_size {p['patch_size']} is not supported (released: 1)")
@@ -312,7 +312,7 @@ _REFINER_PARAMS = dict(in_channels=1, out_channels=1, layers_per_block=2, layers
 
 
 def _refiner_default(sign: bool):
-    from .refiner import RefinerConfig
+    from model.nets.refiner import RefinerConfig
 
     def make(state_keys=None):
         return RefinerConfig.released_1024() if sign else RefinerConfig.released_512()
@@ -321,7 +321,7 @@ def _refiner_default(sign: bool):
 
 def _refiner_from_params(sign: bool):
     def convert(params: Mapping, part: str):
-        from .refiner import RefinerConfig
+        from model.nets.refiner import RefinerConfig
 
         p = _take(params, {**_REFINER_PARAMS, "patch_size": 256 if sign else 192}, part)
         patch = p["patch_size"]
@@ -346,9 +346,9 @@ def _refiner_params(config) -> dict:
 
 
 def _model_attr(path: str):
-    """The object ``path`` = ``"<module of model>.<name>"`` (imported on first use)."""
+    """The object ``path`` = ``"<module of model.nets>.<name>"`` (imported on first use)."""
     module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    return getattr(importlib.import_module(f"model.nets.{module}"), name)
 
 
 def _builder(path: str) -> Callable[[Any], nn.Module]:

@@ -4,13 +4,13 @@
 GPU run (one H100; the machine has no pybullet, so the meshes travel as files)::
 
     python -m model.data.meshes --export data_cache/meshes --count 150     # once, on a machine with pybullet
-    python -m model.vae_report --meshes data_cache/meshes --out reports/vae
+    python -m model.reports.vae --meshes data_cache/meshes --out reports/vae
 
 Where one command may run for at most 10 minutes, split it in two calls on the same machine (``OUT`` must
 persist between them)::
 
-    python -m model.vae_report --meshes data_cache/meshes --out runs/vae_report --stage train --minutes 8
-    python -m model.vae_report --meshes data_cache/meshes --out runs/vae_report --stage evaluate
+    python -m model.reports.vae --meshes data_cache/meshes --out runs/vae_report --stage train --minutes 8
+    python -m model.reports.vae --meshes data_cache/meshes --out runs/vae_report --stage evaluate
 
 Needs, besides torch: numpy, scipy, trimesh, libigl, scikit-image (with ``--no-deps`` plus lazy_loader), safetensors,
 tqdm; matplotlib for the PNG figures (without it the report has every figure in ``vae.json`` but no pictures). The
@@ -18,16 +18,16 @@ report checks these before it starts.
 
 CPU smoke run (tiny model, 32^3, a few steps; what the tests run)::
 
-    python -m model.vae_report --smoke --meshes SOME_FOLDER --out /tmp/vae-smoke
+    python -m model.reports.vae --smoke --meshes SOME_FOLDER --out /tmp/vae-smoke
 
 Steps:
 
 1. The first ``--count`` meshes (path order) become sparse SDF samples at ``--resolution`` (default 256^3, tau 2),
    in ``--workers`` processes; a hash of each name holds out ``--held-out-fraction`` of them.
-2. :func:`model.train_vae.train` trains the ``--model`` preset for at most ``--minutes`` minutes (the cosine learning
+2. :func:`model.training.vae.train` trains the ``--model`` preset for at most ``--minutes`` minutes (the cosine learning
    rate follows the elapsed fraction of the time, so the run ends annealed), bf16 autocast on CUDA.
 3. Every held-out mesh (at most ``--eval-meshes``) is reconstructed (posterior mean, inference pruning, marching
-   cubes at 0) and compared with its input in the unit cube (:func:`model.reconstruct.evaluate_mesh`: input faces
+   cubes at 0) and compared with its input in the unit cube (:func:`model.pipeline.reconstruct.evaluate_mesh`: input faces
    buried inside the shape left out): F-score at 1/128, Chamfer distance, normal consistency, volume IoU, from
    ``--points`` surface points per mesh (200k: with fewer, the F-score at 1/128 of the sampling itself drops below
    0.99 on meshes of pybullet's surface area). The same metrics for the mesh extracted from the *input* band (no
@@ -164,7 +164,7 @@ def _mean(values) -> float:
 
 
 def _train_config(config: ReportConfig, device: torch.device):
-    from .train_vae import VAETrainConfig
+    from model.training.vae import VAETrainConfig
 
     source = dict(meshes=config.meshes, max_meshes=config.count) if config.meshes else dict(pybullet=config.count)
     return VAETrainConfig(
@@ -186,12 +186,12 @@ def run_report(config: ReportConfig, *, command: str = "") -> dict:
     """Run the steps of the module docstring that ``config.stage`` selects and (unless the stage is ``train``)
     write ``vae.json``, ``vae.md`` and the PNGs into ``config.out``; returns the JSON document (the training summary
     for ``stage="train"``)."""
-    from .data.sdf import mesh_to_sparse_sdf
-    from .extract import sparse_sdf_to_mesh
-    from .preview import comparison_figure
-    from .reconstruct import evaluate_mesh, load_vae, normalized_mesh, reconstruct_sample
-    from .train_vae import build_datasets, train
-    from .training import resolve_device
+    from model.data.sdf import mesh_to_sparse_sdf
+    from model.pipeline.extract import sparse_sdf_to_mesh
+    from model.pipeline.preview import comparison_figure
+    from model.pipeline.reconstruct import evaluate_mesh, load_vae, normalized_mesh, reconstruct_sample
+    from model.training.vae import build_datasets, train
+    from model.training.common import resolve_device
 
     missing = missing_modules(REQUIRED_MODULES)
     if missing:
@@ -350,7 +350,7 @@ def _markdown(doc: dict, config: ReportConfig) -> str:
         "directions, unit-cube units), normal consistency and volume IoU against the input mesh, both in the unit "
         f"cube, from {config.points:,} surface points per mesh (the F-score of two samplings of one surface of area "
         f"A is about 1 - exp(-pi t^2 N / A): {1 - math.exp(-math.pi * (1 / 128) ** 2 * config.points / 3):.4f} for "
-        "A = 3). Ground-truth points buried inside the shape are left out (`model.reconstruct.evaluate_mesh`: "
+        "A = 3). Ground-truth points buried inside the shape are left out (`model.pipeline.reconstruct.evaluate_mesh`: "
         "pybullet's objects are unions of overlapping convex parts, whose faces inside the volume no SDF has; "
         "*outer* = the share of ground-truth points kept); *F all faces* keeps them. *Band ceiling*: the F-score of "
         "the mesh extracted from the input band itself (no network): voxelisation and extraction alone.",
@@ -404,7 +404,7 @@ def _markdown(doc: dict, config: ReportConfig) -> str:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m model.vae_report", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m model.reports.vae", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = ReportConfig(out="")
     ap.add_argument("--out", required=True, help="report folder (vae.md, vae.json, PNGs, train/)")
@@ -427,7 +427,7 @@ def main(argv=None) -> int:
         return 2
     try:
         words = sys.argv[1:] if argv is None else list(argv)
-        doc = run_report(config, command=" ".join(["python -m model.vae_report"] + words))
+        doc = run_report(config, command=" ".join(["python -m model.reports.vae"] + words))
     except (FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

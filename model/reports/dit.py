@@ -1,14 +1,14 @@
 """Time one training step and one guided sampling step of the sparse DiT, SSA against full attention.
 
-``python -m model.dit_report --out DIR`` (one CUDA GPU): the ``released_1024`` DiT (width 1024, 24 blocks, 32 query
+``python -m model.reports.dit --out DIR`` (one CUDA GPU): the ``released_1024`` DiT (width 1024, 24 blocks, 32 query
 heads of 32, 2 kv heads, v1.1 compression) on the ``shell-1024`` token set of the benchmark (137,124 latent tokens,
-:func:`bench.shapes.shape_coords`) with random latent features and a random 1374-token condition:
+:func:`ssa_kernels.shapes.shape_coords`) with random latent features and a random 1374-token condition:
 
 - **training step**: forward + rectified-flow loss + backward + AdamW step, bf16 autocast, activation checkpointing
   per block; time (CUDA events around synchronised repetitions, after warm-up) and peak allocated memory;
 - **sampling step**: one guided Euler step, i.e. two forwards (condition, zeroed condition) and the update, no grad;
 - both with SSA through the Triton kernels, and with the same model switched to **full attention** (the
-  ``attention="full"`` baseline of :class:`model.ssa_layer.SpatialSparseAttention`: the same q/k/v, one softmax
+  ``attention="full"`` baseline of :class:`model.nets.ssa_layer.SpatialSparseAttention`: the same q/k/v, one softmax
   over all tokens) through ``scaled_dot_product_attention`` restricted to the FLASH_ATTENTION backend (PyTorch's
   FlashAttention-2 kernels). The full-attention step takes seconds at 137k tokens: it runs ``--full-reps`` times.
 
@@ -82,16 +82,16 @@ def _flash_context(device):
 def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup: int = 1, skip_full: bool = False,
                shape: str = "shell-1024", device=None, seed: int = 0) -> dict:
     """Run the measurements (module docstring) and return the result document."""
-    from .dit import DiTConfig, SparseDiT
-    from .flow import FlowMatchEulerScheduler, flow_loss
-    from .sparse.tensor import SparseTensor
+    from model.nets.dit import DiTConfig, SparseDiT
+    from model.flow import FlowMatchEulerScheduler, flow_loss
+    from model.sparse.tensor import SparseTensor
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not smoke and dev.type != "cuda":
         raise RuntimeError("the full report needs a CUDA GPU; use --smoke on a CPU")
     torch.manual_seed(seed)
     if smoke:
-        from bench.shapes import shell_coords
+        from ssa_kernels.shapes import shell_coords
         from ssa_kernels.layout import layout_order
 
         cfg = DiTConfig.tiny(backend="kernels" if dev.type == "cuda" else "reference", use_checkpoint=True)
@@ -101,7 +101,7 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
         cond_tokens = 21
         shape_name = "shell-16 (smoke)"
     else:
-        from bench.shapes import shape_coords
+        from ssa_kernels.shapes import shape_coords
 
         cfg = DiTConfig.released_1024(backend="kernels", use_checkpoint=True)
         coords = shape_coords(shape, compression_block=cfg.compression_block, selection_block=cfg.selection_block)
@@ -218,7 +218,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.dit_report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.reports.dit", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for dit.json and dit.md")
     p.add_argument("--smoke", action="store_true", help="tiny model on a small shell (CPU test)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of the SSA steps (default 3)")

@@ -1,9 +1,9 @@
 """Sample a shape from an image with the sparse DiT, decode it with the VAE and extract a mesh.
 
-``python -m model.sample IMAGE [--mask MASK] --dit CKPT --vae CKPT --coords (MESH | COORDS.npy) --out OUT.glb``
+``python -m model.cli.sample IMAGE [--mask MASK] --dit CKPT --vae CKPT --coords (MESH | COORDS.npy) --out OUT.glb``
 
 1. The image (RGBA, or RGB with ``--mask``) goes through the released preprocessing and the DINOv2 encoder
-   (:mod:`model.conditioning`): ``--encoder`` names real weights; without it the encoder the DiT was trained with is
+   (:mod:`model.nets.conditioning`): ``--encoder`` names real weights; without it the encoder the DiT was trained with is
    rebuilt when that was a seeded random one (stored in the checkpoint), else a random ViT-L/14 with a loud warning.
 2. The latent coordinates come from ``--coords`` (the dense structure stage that predicts them is a later issue): a
    ``.npy`` of ``[M, 3]`` (or ``[M, 4]`` with a batch column) latent voxel indices, or a mesh, voxelised at the SDF
@@ -12,7 +12,7 @@
    30 / shift 6 for 64^3 latents and 15 / 8 for 128^3 unless given), seeded.
 4. The latents are un-normalised with the training statistics stored in the checkpoint and decoded by the VAE; the
    decoded sparse SDF is saved as ``OUT`` with suffix ``.sdf.npz`` (``coords [K, 3]``, ``sdf [K]``, ``resolution``)
-   next to the latents (``.latent.npz``), and the mesh is extracted with :func:`model.extract.decoded_to_meshes`
+   next to the latents (``.latent.npz``), and the mesh is extracted with :func:`model.pipeline.extract.decoded_to_meshes`
    and written to ``OUT`` (any format trimesh writes: ``.glb``, ``.obj``, ``.ply``). When the extraction module
    cannot be imported (it needs trimesh and scikit-image) the mesh is skipped with a message and the SDF is kept.
 """
@@ -53,7 +53,7 @@ def latent_coords_from(source, *, sdf_resolution: int, downsample: int, tau: flo
             raise ValueError(f"{path}: coordinates must be non-empty and non-negative")
         arr = np.unique(arr.astype(np.int64), axis=0)
         return torch.from_numpy(arr.astype(np.int32))
-    from .data.sdf import DEFAULT_MARGIN, DEFAULT_TAU, mesh_to_sparse_sdf
+    from model.data.sdf import DEFAULT_MARGIN, DEFAULT_TAU, mesh_to_sparse_sdf
 
     sample = mesh_to_sparse_sdf(os.fspath(path), sdf_resolution, tau=tau or DEFAULT_TAU, margin=margin or DEFAULT_MARGIN)
     if len(sample) == 0:
@@ -66,8 +66,8 @@ def latent_coords_from(source, *, sdf_resolution: int, downsample: int, tau: flo
 def sample_latents(model, coords: torch.Tensor, cond, *, steps: int, guidance: float, shift: float, seed: int,
                    device, progress: bool = False):
     """Sampled latents (SparseTensor ``[M, C]``, float32) on ``coords [M, 3]`` for one condition."""
-    from .flow import euler_sample
-    from .sparse.tensor import SparseTensor
+    from model.flow import euler_sample
+    from model.sparse.tensor import SparseTensor
 
     c = coords.to(device)
     x = SparseTensor.from_list([c], [torch.zeros(c.shape[0], model.config.in_channels, device=device)])
@@ -75,7 +75,7 @@ def sample_latents(model, coords: torch.Tensor, cond, *, steps: int, guidance: f
 
 
 def _encoder_for(args, meta: dict):
-    from .conditioning import DinoV2Encoder
+    from model.nets.conditioning import DinoV2Encoder
 
     if args.encoder:
         return DinoV2Encoder.from_pretrained(args.encoder)
@@ -86,10 +86,10 @@ def _encoder_for(args, meta: dict):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.sample", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.cli.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("image", help="RGBA image, or RGB image with --mask")
     p.add_argument("--mask", help="object mask for an RGB image (white = object)")
-    p.add_argument("--dit", required=True, help="DiT checkpoint (model.train_dit, or released weights with --config)")
+    p.add_argument("--dit", required=True, help="DiT checkpoint (model.training.dit, or released weights with --config)")
     p.add_argument("--config", help="DiT preset for checkpoints without a stored config (e.g. released_1024)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA (default) or raw weights")
     p.add_argument("--vae", required=True, help="VAE checkpoint")
@@ -108,9 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--level", type=float, default=None, help="iso level of the extraction (default: extract's)")
     args = p.parse_args(argv)
 
-    from .dit import DiTConfig, load_dit
-    from .prepare_dit_data import data_params, load_vae
-    from .training import resolve_device
+    from model.nets.dit import DiTConfig, load_dit
+    from model.training.common import resolve_device
+    from model.training.dit_data import data_params, load_vae
 
     device = resolve_device(args.device)
     config = DiTConfig.preset(args.config) if args.config else None
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     feats = z.feats
     if stats:
         feats = feats * torch.tensor(stats["std"], device=device) + torch.tensor(stats["mean"], device=device)
-    from .data.dataset import atomic_save_npz
+    from model.data.dataset import atomic_save_npz
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                                                   "resolution": np.int64(sdf_res)})
     print(f"decoded {sdf.num_voxels} SDF voxels at {sdf_res}^3 -> {out.with_suffix('.sdf.npz')}")
     try:
-        from .extract import decoded_to_meshes
+        from model.pipeline.extract import decoded_to_meshes
     except ImportError as exc:
         print(f"mesh extraction unavailable ({exc}); kept the decoded SDF only", file=sys.stderr)
         return 0

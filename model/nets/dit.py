@@ -15,7 +15,7 @@ Module structure and parameter names mirror the released ``SparseDiT`` one to on
   ``x += gate_m * mlp(norm3(x) * (1 + scale_m) + shift_m)``, with ``(shift_a, scale_a, gate_a, shift_m, scale_m,
   gate_m) = adaLN_modulation(t_emb)`` (SiLU + Linear(C, 6C)). ``norm1``/``norm3`` have no parameters (eps 1e-6),
   ``norm2`` is affine (eps 1e-6), all computed in float32. ``self_attn`` is
-  :class:`~model.ssa_layer.SpatialSparseAttention` with window shift 0 on even and ``window // 2`` on odd blocks
+  :class:`~model.nets.ssa_layer.SpatialSparseAttention` with window shift 0 on even and ``window // 2`` on odd blocks
   (the first block unshifted); ``cross_attn`` has ``to_q``, ``to_kv`` (keys then values) and ``to_out``, with bias.
 - final parameter-free layer norm (eps 1e-5) and ``out_layer`` Linear(C, out).
 
@@ -45,15 +45,21 @@ from torch.utils.checkpoint import checkpoint
 
 from ssa_kernels.layout import layout_order
 
-from .sparse.layers import (
+from model.sparse.layers import (
     AbsolutePositionEmbedder,
     FeedForward,
     FP32LayerNorm,
     check_pool_mode,
     sincos_position_embedding,
 )
-from .sparse.tensor import SparseTensor
-from .ssa_layer import ATTENTION_MODES, BACKENDS, COMPRESSION_VERSIONS, SpatialSparseAttention, dense_attention
+from model.sparse.tensor import SparseTensor
+from model.nets.ssa_layer import (
+    ATTENTION_MODES,
+    BACKENDS,
+    COMPRESSION_VERSIONS,
+    SpatialSparseAttention,
+    dense_attention,
+)
 
 __all__ = [
     "Condition",
@@ -91,7 +97,7 @@ class DiTConfig:
     coordinates in the position embedding (released ``factor``); ``sparse_conditions``: v1.0's sparse image
     conditioning (adds ``cond_proj``); ``use_shift``: alternate the window shift by block; ``pool_mode``: the SSA
     compression's pooling over a block's ``n`` tokens, ``"released"`` (``sum / (n + 1)``, as the published model
-    computes it: every ``released_*`` preset and :mod:`model.pretrained` loading) or ``"mean"`` (``sum / n``, the
+    computes it: every ``released_*`` preset and :mod:`model.pipeline.pretrained` loading) or ``"mean"`` (``sum / n``, the
     default for models trained here; :func:`model.sparse.layers.pool_features`).
     Runtime switches (no parameters): ``backend`` (``"kernels"``/``"reference"``), ``attention`` (``"ssa"``/
     ``"full"``, the latter a benchmark baseline), ``use_checkpoint`` (activation checkpointing per block).
@@ -554,7 +560,7 @@ def load_dit(path, *, config: DiTConfig | None = None, weights: str = "ema", dev
     """A :class:`SparseDiT` (eval mode) from a checkpoint file; with ``return_meta`` also the checkpoint's metadata
     document (``{}`` for files without one).
 
-    Accepted: a training checkpoint of ``model.train_dit`` (:func:`model.training.save_checkpoint` format; model
+    Accepted: a training checkpoint of ``model.training.dit`` (:func:`model.training.common.save_checkpoint` format; model
     weights under their names, EMA weights under ``ema.<name>``, the config in the metadata document under
     ``dit_config``; ``weights`` picks ``"ema"`` (default; the model weights when there is no EMA) or ``"model"``),
     a plain safetensors state dict with the released names (pass ``config``), or a released ``.ckpt``/``.pt`` torch
@@ -571,7 +577,7 @@ def load_dit(path, *, config: DiTConfig | None = None, weights: str = "ema", dev
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        from .training import CHECKPOINT_FORMAT, load_checkpoint
+        from model.training.common import CHECKPOINT_FORMAT, load_checkpoint
 
         with safe_open(path, framework="pt") as fh:
             fmt = (fh.metadata() or {}).get("format")

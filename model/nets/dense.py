@@ -1,7 +1,7 @@
 """The dense stage of the released cascade: the occupancy VAE (:class:`DenseShapeVAE`) and the dense DiT
 (:class:`DenseDiT`), built from RELEASED_MODEL.md E.1/E.2 with the released parameter names and shapes
 (``statedict-dense_vae.txt``, ``statedict-dense_dit.txt``), so ``model_dense.ckpt["vae"]`` and ``["dit"]`` load with
-strict key matching (:mod:`model.pretrained`).
+strict key matching (:mod:`model.pipeline.pretrained`).
 
 Occupancy VAE (``DenseShapeVAE``; grid axes ``[x, y, z]``, 64^3 <-> 16^3 x 8 for the released sizes):
 
@@ -24,7 +24,7 @@ Dense DiT (``DenseDiT``; RELEASED_MODEL.md E.1 and D for the shared parts):
 
 - Tokens: the ``[C_in, R, R, R]`` latent flattened x-major (z fastest), ``input_layer`` Linear(C_in -> W), plus the
   persistent buffer ``pos_emb [R^3, W]`` (sin-cos embedding of the integer (x, y, z), no factor; in the checkpoint).
-- ``t_embedder``: as the sparse DiT's (:class:`model.dit.TimestepEmbedder`, cosine half first, raw 0..1000 t).
+- ``t_embedder``: as the sparse DiT's (:class:`model.nets.dit.TimestepEmbedder`, cosine half first, raw 0..1000 t).
 - Blocks as the sparse DiT's (adaLN order shift, scale, gate for attention then MLP; ``norm1``/``norm3`` without
   affine, ``norm2`` affine, eps 1e-6, float32) but with plain multi-head self-attention: ``to_qkv`` (W -> 3W, q|k|v,
   head-major) with bias, q and k each L2-normalised per head (float32) times ``gamma [H, D]`` times ``sqrt(D)``
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .dit import BLOCK_NORM_EPS, FINAL_NORM_EPS, Condition, TimestepEmbedder
-from .sparse.layers import FeedForward, FP32LayerNorm, sincos_position_embedding
+from model.nets.dit import BLOCK_NORM_EPS, FINAL_NORM_EPS, Condition, TimestepEmbedder
+from model.sparse.layers import FeedForward, FP32LayerNorm, sincos_position_embedding
 
 __all__ = [
     "ChannelLayerNorm",
@@ -451,7 +451,7 @@ def dense_position_embedding(resolution: int, channels: int, device=None) -> tor
 class DenseDiT(nn.Module):
     """The dense DiT (module docstring). ``forward(x [B, C_in, R, R, R], t, cond) -> [B, C_out, R, R, R]``:
     ``t`` the raw 0..1000 timestep (scalar, ``[1]`` or ``[B]``), ``cond`` image tokens ``[B or 1, L, Cc]`` or a
-    :class:`~model.dit.Condition` (its mask is honoured; positions are not used: the dense DiT never uses sparse
+    :class:`~model.nets.dit.Condition` (its mask is honoured; positions are not used: the dense DiT never uses sparse
     conditions)."""
 
     def __init__(self, config: DenseDiTConfig | None = None):
@@ -466,7 +466,7 @@ class DenseDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """As :meth:`model.dit.SparseDiT.initialize_weights`: Xavier linears, zero adaLN and output layer."""
+        """As :meth:`model.nets.dit.SparseDiT.initialize_weights`: Xavier linears, zero adaLN and output layer."""
         if self.out_layer.weight.device.type == "meta":
             return
         for module in self.modules():

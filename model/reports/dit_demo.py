@@ -3,23 +3,23 @@
 proves that the whole loop works: data, VAE latents, image conditioning, SSA training, sampling, decoding,
 extraction), and held-out images are reported without a bar.
 
-``python -m model.dit_demo --stage STAGES --out DIR [options]``; ``STAGES`` is one stage or a comma list of
+``python -m model.reports.dit_demo --stage STAGES --out DIR [options]``; ``STAGES`` is one stage or a comma list of
 ``render``, ``data``, ``vae``, ``dit``, ``sample`` (run in that order), or ``all``. Every stage reads what the
 earlier ones left in ``DIR``, so a machine that allows 10 minutes per command runs them as consecutive calls:
 
 1. ``render`` (the CPU machine, pyrender through EGL; the GPU machine has no pyrender): ``--views`` RGBA views per
-   mesh (:func:`model.render.render_views`, ``--view-size`` px, elevation 20 degrees, azimuths 30 + k 360 / views)
+   mesh (:func:`model.data.render.render_views`, ``--view-size`` px, elevation 20 degrees, azimuths 30 + k 360 / views)
    of the first ``--count`` meshes of ``--meshes`` into ``--views-dir`` (``NAME/view_XX.png`` + ``views.json``).
    Views ``0 .. --train-views - 1`` condition the training; the others are held out.
 2. ``data``: the sparse SDF of every mesh at ``--resolution`` (band ``--tau``), ``--workers`` processes, cached
    in ``DIR/sdf_cache``; the name-hash split of :mod:`model.data.dataset` holds out ``--held-out-fraction``
    (the same split for the VAE and the DiT: held-out meshes are unseen by both).
-3. ``vae``: :func:`model.train_vae.train` for ``--vae-minutes`` (the setup of ``model.vae_report``: preset
+3. ``vae``: :func:`model.training.vae.train` for ``--vae-minutes`` (the setup of ``model.reports.vae``: preset
    ``base``, batch 4, AdamW 1e-3, 200 warm-up steps, cosine annealed to the time limit, bf16), into ``DIR/vae``.
    ``--vae CKPT`` reuses a trained VAE instead (then this stage does nothing).
 4. ``dit``: the first call encodes every mesh with the VAE (posterior mean and log-variance on the latent voxels,
-   ``DIR/dit_data/NAME/latent.npz``) and writes the training manifest of :mod:`model.prepare_dit_data` (training
-   meshes, training views); then :func:`model.train_dit.train` runs for ``--dit-minutes``, resuming from the last
+   ``DIR/dit_data/NAME/latent.npz``) and writes the training manifest of :mod:`model.training.dit_data` (training
+   meshes, training views); then :func:`model.training.dit.train` runs for ``--dit-minutes``, resuming from the last
    checkpoint. Call it again to continue, until ``--dit-budget`` minutes of DiT training are spent (a call after
    that does nothing). The frozen image encoder's features of every conditioning view are computed once per call
    and looked up during training (:class:`CachedEncoder`: exact, keyed by the image's pixels; the DiT trainer's
@@ -29,12 +29,12 @@ earlier ones left in ``DIR``, so a machine that allows 10 minutes per command ru
    latent coordinates of the target mesh** (the dense structure stage that predicts them does not exist yet):
    Euler sampling (``--sample-steps``, ``--shift``, ``--guidance``), VAE decoding, brick-wise marching cubes,
    F-score at 1/128 and Chamfer distance against the ground-truth mesh with the outer-surface evaluation of
-   :func:`model.reconstruct.evaluate_mesh` (``--eval-workers`` processes). References on the same coordinates:
+   :func:`model.pipeline.reconstruct.evaluate_mesh` (``--eval-workers`` processes). References on the same coordinates:
    the VAE's own reconstruction (the posterior mean decoded: a perfect DiT's result) and the latents set to the
    training mean ("coordinates only": what the given coordinates alone yield). Ablations on some training meshes:
    no image (the zeroed condition) and other guidance scales. Writes ``DIR/report/dit_demo.md``,
    ``dit_demo.json``, side-by-side renders (conditioning view, ground truth, generated, VAE reconstruction;
-   thumbnails of :func:`model.preview.render_mesh`) and the loss curves.
+   thumbnails of :func:`model.pipeline.preview.render_mesh`) and the loss curves.
 6. ``report``: rewrites ``DIR/report/dit_demo.md`` from ``dit_demo.json`` (no model is loaded; ``sample`` already
    wrote it, this is for a report whose text changed after the run).
 
@@ -53,11 +53,11 @@ condition dropout 0.1, logit-normal timesteps, posterior means normalised per ch
 GPU sequence (one H100, each call under 10 minutes, the machine kept warm between them; ``DIR`` outside the
 repository, e.g. ``/root/runs/dit_demo``)::
 
-    python -m model.dit_demo --stage render --meshes data_cache/meshes --count 100      # CPU machine, once
-    python -m model.dit_demo --stage data,vae --meshes data_cache/meshes --out DIR      # ~0.5 + 7 min
-    python -m model.dit_demo --stage dit --meshes data_cache/meshes --out DIR           # ~1 + 7.5 min
-    python -m model.dit_demo --stage dit --meshes data_cache/meshes --out DIR           # ~0.5 + 7.5 min
-    python -m model.dit_demo --stage sample --meshes data_cache/meshes --out DIR        # ~3 min
+    python -m model.reports.dit_demo --stage render --meshes data_cache/meshes --count 100      # CPU machine, once
+    python -m model.reports.dit_demo --stage data,vae --meshes data_cache/meshes --out DIR      # ~0.5 + 7 min
+    python -m model.reports.dit_demo --stage dit --meshes data_cache/meshes --out DIR           # ~1 + 7.5 min
+    python -m model.reports.dit_demo --stage dit --meshes data_cache/meshes --out DIR           # ~0.5 + 7.5 min
+    python -m model.reports.dit_demo --stage sample --meshes data_cache/meshes --out DIR        # ~3 min
 
 ``--smoke``: the whole loop on the CPU at toy size (32^3, tiny models, a few steps, the numpy rasteriser), for the
 tests; its figures mean nothing.
@@ -256,7 +256,7 @@ SMOKE = dict(count=8, view_size=64, render_backend="numpy", resolution=32, held_
 
 def _resolve(cfg: DemoConfig) -> tuple[torch.device, str, str]:
     """``(device, SSA backend, precision)`` of this run."""
-    from .training import resolve_device
+    from model.training.common import resolve_device
 
     device = resolve_device(cfg.device)
     backend = cfg.backend if cfg.backend != "auto" else ("kernels" if device.type == "cuda" else "reference")
@@ -272,19 +272,19 @@ def _folder(name: str) -> str:
 def _mesh_list(cfg: DemoConfig):
     """``(paths, names)`` of the first ``count`` meshes of ``--meshes`` (the names of
     :class:`model.data.dataset.SparseSDFDataset`)."""
-    from .data.dataset import _default_names
-    from .data.meshes import find_meshes
+    from model.data.dataset import _default_names
+    from model.data.meshes import find_meshes
 
     if not cfg.meshes:
         raise ValueError("--meshes is required (e.g. data_cache/meshes, made by python -m model.data.meshes)")
     paths = find_meshes(cfg.meshes)[: cfg.count]
     if not paths:
         raise ValueError(f"no meshes found in {cfg.meshes}")
-    return paths, _default_names(paths, paths)  # a list, as model.train_vae hands it to the dataset
+    return paths, _default_names(paths, paths)  # a list, as model.training.vae hands it to the dataset
 
 
 def _atomic_json(path: Path, doc) -> None:
-    from .data.sdf import _atomic_write
+    from model.data.sdf import _atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda fh: fh.write(json.dumps(_json_safe(doc), indent=1)), "w")
@@ -317,7 +317,7 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 def stage_render(cfg: DemoConfig) -> dict:
     """Render the conditioning views (module docstring, step 1); returns the ``views.json`` document."""
-    from .render import render_views, save_rgba
+    from model.data.render import render_views, save_rgba
 
     paths, names = _mesh_list(cfg)
     root = Path(cfg.views_dir)
@@ -363,12 +363,12 @@ def _views(cfg: DemoConfig) -> dict:
 
 
 def _vae_train_config(cfg: DemoConfig, device: torch.device):
-    """The :class:`model.train_vae.VAETrainConfig` of the demo (also what the data and split come from)."""
-    from .train_vae import VAETrainConfig
+    """The :class:`model.training.vae.VAETrainConfig` of the demo (also what the data and split come from)."""
+    from model.training.vae import VAETrainConfig
 
     tau = cfg.tau
     if cfg.vae:  # a reused VAE: its band
-        from .training import read_checkpoint_metadata
+        from model.training.common import read_checkpoint_metadata
 
         meta = json.loads(read_checkpoint_metadata(cfg.vae).get("meta", "{}"))
         tau = float((meta.get("data") or {}).get("tau", tau))
@@ -383,7 +383,7 @@ def _vae_train_config(cfg: DemoConfig, device: torch.device):
 
 
 def _datasets(cfg: DemoConfig, device: torch.device, *, prepare: bool = False):
-    from .train_vae import build_datasets
+    from model.training.vae import build_datasets
 
     vcfg = _vae_train_config(cfg, device)
     if not prepare:
@@ -410,7 +410,7 @@ def stage_data(cfg: DemoConfig, device: torch.device) -> dict:
 
 def stage_vae(cfg: DemoConfig, device: torch.device) -> dict | None:
     """Train the VAE (module docstring, step 3) unless ``--vae`` names one or it was trained already."""
-    from .train_vae import train
+    from model.training.vae import train
 
     if cfg.vae:
         print(f"vae: reusing {cfg.vae}")
@@ -432,12 +432,12 @@ def stage_vae(cfg: DemoConfig, device: torch.device) -> dict | None:
 
 
 class CachedEncoder(torch.nn.Module):
-    """A frozen :class:`model.conditioning.DinoV2Encoder` whose outputs are remembered per image.
+    """A frozen :class:`model.nets.conditioning.DinoV2Encoder` whose outputs are remembered per image.
 
     ``forward(rgb [B, 3, S, S])`` returns exactly what the wrapped encoder returns: images seen before (keyed by an
     exact integer fingerprint of their 8-bit pixels, computed where the tensor lies) come from the store, the others
     go through the encoder and are stored. :meth:`precompute` fills the store from image files (the preprocessing
-    of :func:`model.conditioning.preprocess_image`, as the DiT trainer and the sampler apply it). It exposes the
+    of :func:`model.nets.conditioning.preprocess_image`, as the DiT trainer and the sampler apply it). It exposes the
     attributes the DiT trainer reads (``image_size``, ``patch_size``, ``num_prefix_tokens``, ``channels``,
     ``random_weights``).
     """
@@ -454,7 +454,7 @@ class CachedEncoder(torch.nn.Module):
 
     @classmethod
     def build(cls, *, size: str, seed: int, device) -> "CachedEncoder":
-        from .conditioning import DinoV2Encoder
+        from model.nets.conditioning import DinoV2Encoder
 
         return cls(DinoV2Encoder.build(None, size=size, seed=seed), size=size, seed=seed).to(device)
 
@@ -482,7 +482,7 @@ class CachedEncoder(torch.nn.Module):
     @torch.no_grad()
     def precompute(self, paths, *, batch: int = 16) -> list[torch.Tensor]:
         """Features ``[T, C]`` of each image file (stored for later lookups)."""
-        from .conditioning import preprocess_image
+        from model.nets.conditioning import preprocess_image
 
         out = []
         device = next(self.encoder.parameters()).device
@@ -495,8 +495,8 @@ class CachedEncoder(torch.nn.Module):
 @contextlib.contextmanager
 def _trainer_uses(cached: CachedEncoder):
     """While inside, ``DinoV2Encoder.build`` returns ``cached`` for the random encoder it wraps (any other request
-    builds as usual), so :func:`model.train_dit.train` looks features up instead of recomputing them."""
-    from . import conditioning
+    builds as usual), so :func:`model.training.dit.train` looks features up instead of recomputing them."""
+    from model.nets import conditioning
 
     original = conditioning.DinoV2Encoder.__dict__["build"]
 
@@ -530,13 +530,13 @@ def _items(cfg: DemoConfig) -> dict:
 
 def prepare_latents(cfg: DemoConfig, device: torch.device) -> dict:
     """Encode every mesh (training and held-out) and write ``DIR/dit_data``: per mesh ``latent.npz`` (the fields
-    of :func:`model.prepare_dit_data.encode_mesh`) and its views; ``manifest.json`` (training meshes with their
-    training views, for :class:`model.train_dit.LatentDataset`) and ``items.json`` (every mesh, its split and all
+    of :func:`model.training.dit_data.encode_mesh`) and its views; ``manifest.json`` (training meshes with their
+    training views, for :class:`model.training.dit.LatentDataset`) and ``items.json`` (every mesh, its split and all
     its views). Skipped when ``items.json`` was made by the same VAE checkpoint."""
-    from .data.dataset import atomic_save_npz
-    from .prepare_dit_data import LATENT_NAME, MANIFEST_FORMAT, MANIFEST_NAME
-    from .reconstruct import load_vae
-    from .sparse.tensor import SparseTensor
+    from model.data.dataset import atomic_save_npz
+    from model.training.dit_data import LATENT_NAME, MANIFEST_FORMAT, MANIFEST_NAME
+    from model.pipeline.reconstruct import load_vae
+    from model.sparse.tensor import SparseTensor
 
     ckpt = cfg.vae_checkpoint
     if not ckpt.is_file():
@@ -604,9 +604,9 @@ def prepare_latents(cfg: DemoConfig, device: torch.device) -> dict:
 
 def dit_train_config(cfg: DemoConfig, items: dict, *, backend: str, precision: str, steps: int,
                      minutes: float | None, device: torch.device):
-    """The :class:`model.train_dit.TrainConfig` of the demo's DiT (module docstring and :data:`DIT_CHOICES`)."""
-    from .conditioning import dinov2_vitl14_reg_config, tiny_dinov2_config
-    from .train_dit import TrainConfig
+    """The :class:`model.training.dit.TrainConfig` of the demo's DiT (module docstring and :data:`DIT_CHOICES`)."""
+    from model.nets.conditioning import dinov2_vitl14_reg_config, tiny_dinov2_config
+    from model.training.dit import TrainConfig
 
     enc_cfg = dinov2_vitl14_reg_config() if cfg.encoder_size == "vitl14" else tiny_dinov2_config()
     latent_res = int(items["latent_resolution"])
@@ -627,7 +627,7 @@ def dit_train_config(cfg: DemoConfig, items: dict, *, backend: str, precision: s
 
 
 def _dit_calls(cfg: DemoConfig) -> list[dict]:
-    from .training import read_jsonl
+    from model.training.common import read_jsonl
 
     return read_jsonl(cfg.dit_dir / "calls.jsonl")
 
@@ -639,8 +639,8 @@ def _dit_checkpoint(cfg: DemoConfig) -> Path:
 def stage_dit(cfg: DemoConfig, device: torch.device) -> dict | None:
     """Latents (first call), then DiT training for ``--dit-minutes`` from the last checkpoint, within
     ``--dit-budget`` minutes over all calls (module docstring, step 4)."""
-    from .train_dit import train
-    from .training import read_checkpoint_metadata
+    from model.training.dit import train
+    from model.training.common import read_checkpoint_metadata
 
     items = prepare_latents(cfg, device)
     spent = sum(c.get("seconds", 0.0) for c in _dit_calls(cfg)) / 60.0
@@ -693,9 +693,9 @@ def _evaluate_job(job: dict) -> tuple[str, dict]:
     ``(key, metrics [+ thumbnails]])``."""
     from types import SimpleNamespace
 
-    from .extract import sparse_sdf_to_mesh
-    from .preview import framing_extent, render_mesh
-    from .reconstruct import evaluate_mesh, normalized_mesh
+    from model.pipeline.extract import sparse_sdf_to_mesh
+    from model.pipeline.preview import framing_extent, render_mesh
+    from model.pipeline.reconstruct import evaluate_mesh, normalized_mesh
 
     t0 = time.perf_counter()
     mesh = sparse_sdf_to_mesh(job["coords"], job["sdf"], job["resolution"])
@@ -716,8 +716,8 @@ def _evaluate_job(job: dict) -> tuple[str, dict]:
 @torch.no_grad()
 def _decode(vae, coords: torch.Tensor, feats: torch.Tensor, latent_res: int, device: torch.device):
     """Decoded sparse SDF ``(coords [K, 3] int32, values [K] float32)`` of one shape's latents (inference pruning,
-    bf16 autocast on CUDA as :func:`model.reconstruct.reconstruct_sample`)."""
-    from .sparse.tensor import SparseTensor
+    bf16 autocast on CUDA as :func:`model.pipeline.reconstruct.reconstruct_sample`)."""
+    from model.sparse.tensor import SparseTensor
 
     z = SparseTensor.from_list([coords.to(device)], [feats.to(device).float()], resolution=latent_res)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -767,10 +767,10 @@ def _jobs(cfg: DemoConfig, items: list[dict]) -> list[dict]:
 
 def stage_sample(cfg: DemoConfig, device: torch.device) -> dict:
     """Generate, decode, extract, evaluate, report (module docstring, step 5); returns the JSON document."""
-    from .dit import Condition, load_dit
-    from .flow import euler_sample
-    from .reconstruct import load_vae
-    from .sparse.tensor import SparseTensor
+    from model.nets.dit import Condition, load_dit
+    from model.flow import euler_sample
+    from model.pipeline.reconstruct import load_vae
+    from model.sparse.tensor import SparseTensor
 
     t_all = time.perf_counter()
     doc_items = _items(cfg)
@@ -805,7 +805,7 @@ def stage_sample(cfg: DemoConfig, device: torch.device) -> dict:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        from .dit_demo import _evaluate_job as evaluate, _init_worker as init  # importable by the workers
+        from model.reports.dit_demo import _evaluate_job as evaluate, _init_worker as init  # importable by the workers
         pool = ProcessPoolExecutor(max_workers=cfg.eval_workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=init)
     else:
@@ -911,8 +911,8 @@ KINDS = {
 
 
 def _report(cfg, device, items, jobs, results, *, dit, meta, vae, vae_meta, timings) -> dict:
-    from .training import read_jsonl
-    from .vae_report import environment
+    from model.training.common import read_jsonl
+    from model.reports.vae import environment
 
     out = cfg.report_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -1057,7 +1057,7 @@ def _markdown(doc: dict, cfg: DemoConfig) -> str:
         "",
         f"- date: {env['date']}; device: {env.get('gpu') or env['device']}; torch {env['torch']} (CUDA {env['cuda']})",
         f"- commit: {env.get('git_commit')}" + (" (uncommitted changes)" if env.get("git_dirty") else ""),
-        "- command sequence: `python -m model.dit_demo --stage render|data,vae|dit|dit|sample` (module docstring)"
+        "- command sequence: `python -m model.reports.dit_demo --stage render|data,vae|dit|dit|sample` (module docstring)"
         + (" — **SMOKE RUN** (CPU, toy sizes, a few steps: the numbers mean nothing)" if doc["smoke"] else ""),
         "",
         f"**Bar** (mean F-score at 1/128 >= {BAR} on the shapes generated from the training images): "
@@ -1082,7 +1082,7 @@ def _markdown(doc: dict, cfg: DemoConfig) -> str:
         f"F-score at 1/128 of the unit cube ({cfg.resolution / 128:g} voxels at {cfg.resolution}^3), Chamfer distance "
         "(unit-cube units) and normal consistency against the ground-truth mesh, from "
         f"{cfg.points:,} surface points per mesh, ground-truth points buried inside the shape left out "
-        "(`model.reconstruct.evaluate_mesh`). Sampling: "
+        "(`model.pipeline.reconstruct.evaluate_mesh`). Sampling: "
         f"{cfg.sample_steps} Euler steps, shift {cfg.shift:g}, "
         + (f"classifier-free guidance {cfg.guidance:g}" if cfg.guidance > 1 else "no classifier-free guidance "
            "(the conditional velocity)") + f", {cfg.weights.upper()} weights, one seeded noise per shape.",
@@ -1183,7 +1183,7 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m model.dit_demo", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m model.reports.dit_demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = DemoConfig()
     ap.add_argument("--smoke", action="store_true", help="toy CPU run of the whole loop (tests)")

@@ -20,7 +20,7 @@ the VAE decoder kept). :func:`sparse_sdf_to_mesh` turns it into a triangle mesh:
    may decide differently and leave a crack on their shared face. ``fill=<array [G, G, G]>`` (``G`` dividing ``R``)
    is a coarse fill grid: an empty voxel ``v`` takes ``grid[v * G // R]``, the padding takes ``+1``; with the sign
    refiner's ``+-1`` grid this is the released 1024 field (``|SDF| * sign``, decoded values kept) without a dense
-   ``R^3`` array (:mod:`model.cascade`).
+   ``R^3`` array (:mod:`model.pipeline.cascade`).
 4. **Marching cubes** (``skimage.measure.marching_cubes``, Lewiner) at ``level`` on each brick that crosses it, the
    vertices shifted by the brick's origin. Normals point to increasing values (outwards for a negative-inside SDF).
 5. **Welding.** Cells on the two sides of a brick face compute the vertices on that face from the same two values,

@@ -2,24 +2,24 @@
 
 Command line::
 
-    python -m model.reconstruct MESH --ckpt CKPT --resolution R --out OUT.glb
-    python -m model.reconstruct MESH --weights PATH_OR_ID --resolution 512|1024 --out OUT.glb
+    python -m model.cli.reconstruct MESH --ckpt CKPT --resolution R --out OUT.glb
+    python -m model.cli.reconstruct MESH --weights PATH_OR_ID --resolution 512|1024 --out OUT.glb
 
 loads ``MESH``, makes its sparse SDF at ``R^3`` (:func:`model.data.sdf.mesh_to_sparse_sdf`, with the ``tau`` the
 checkpoint was trained with), encodes it (posterior mean), decodes it with inference pruning (only the voxels the
-pruning heads predict), extracts the mesh at the iso level 0 (:mod:`model.extract`), writes it as GLB and prints
+pruning heads predict), extracts the mesh at the iso level 0 (:mod:`model.pipeline.extract`), writes it as GLB and prints
 Chamfer distance, F-score (threshold 1/128 of the unit cube) and normal consistency against the input, both in the
 unit cube of the data (the input normalised by the sample's own centre and scale; input faces buried inside the
 shape left out, see :func:`evaluate_mesh`), plus time and peak memory.
 
-With ``--weights`` (instead of ``--ckpt``) the released sparse VAE is used (:func:`model.pretrained.from_pretrained`:
+With ``--weights`` (instead of ``--ckpt``) the released sparse VAE is used (:func:`model.pipeline.pretrained.from_pretrained`:
 a released folder or a model hub id): ``sparse_vae_1024`` for ``R > 512``, else ``sparse_vae_512`` (``--part``
 chooses). As released, the decoder keeps every child of every latent voxel (no pruning; ``sparse_vae_1024`` in
-spatial chunks, :func:`model.pretrained.decode_chunked`) and the surface is extracted at the released level 0.2.
+spatial chunks, :func:`model.pipeline.pretrained.decode_chunked`) and the surface is extracted at the released level 0.2.
 The released VAE's input normalisation is not published: we feed ``sdf / tau`` at the voxels with ``|sdf| < tau``
-with ``tau`` = :data:`model.pretrained.RELEASED_SDF_TAU` voxels (an assumption; ``--tau`` changes it). The mesh is
+with ``tau`` = :data:`model.pipeline.pretrained.RELEASED_SDF_TAU` voxels (an assumption; ``--tau`` changes it). The mesh is
 normalised as released (largest extent 0.95 of the unit cube); our voxel centres sit at ``(i + 0.5) / R`` where the
-released 1024 pipeline uses ``i / (R - 1)``. Empty voxels are filled by our per-brick sign rule (:mod:`model.extract`),
+released 1024 pipeline uses ``i / (R - 1)``. Empty voxels are filled by our per-brick sign rule (:mod:`model.pipeline.extract`),
 not the released +1, which adds an inner shell that the released pipeline removes with its refiners.
 
 Library: :func:`load_vae` (checkpoint -> model, with clear errors for files that are not VAE checkpoints),
@@ -29,8 +29,6 @@ Library: :func:`load_vae` (checkpoint -> model, with clear errors for files that
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import resource
 import sys
 import time
@@ -41,18 +39,17 @@ import numpy as np
 import torch
 import trimesh
 
-from .extract import DEFAULT_BRICK, DEFAULT_LEVEL, sparse_sdf_to_mesh
-from .metrics import DEFAULT_FSCORE_THRESHOLD
-from .sparse.tensor import SparseTensor
-from .training import load_checkpoint, resolve_device
-from .vae import SparseSDFVAE, VAEConfig
+from model.metrics import DEFAULT_FSCORE_THRESHOLD
+from model.nets.vae import SparseSDFVAE, VAEConfig
+from model.pipeline.extract import DEFAULT_BRICK, DEFAULT_LEVEL, sparse_sdf_to_mesh
+from model.sparse.tensor import SparseTensor
+from model.training.common import load_checkpoint, resolve_device
 
 __all__ = [
     "MODEL_CLASS",
     "Reconstruction",
     "evaluate_mesh",
     "load_vae",
-    "main",
     "normalized_mesh",
     "reconstruct_sample",
     "vae_checkpoint_meta",
@@ -77,7 +74,7 @@ def vae_checkpoint_meta(config: VAEConfig, *, tau: float, margin: float, **extra
 
 
 def vae_config_from_dict(values: dict) -> VAEConfig:
-    """:class:`~model.vae.VAEConfig` from its ``asdict`` form (lists back to tuples); ``ValueError`` on unknown keys."""
+    """:class:`~model.nets.vae.VAEConfig` from its ``asdict`` form (lists back to tuples); ``ValueError`` on unknown keys."""
     if not isinstance(values, dict):
         raise ValueError(f"vae_config must be a mapping, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(VAEConfig)}
@@ -174,7 +171,7 @@ def reconstruct_sample(
     The VAE reads ``sample.sdf_scaled`` (``sdf / tau``, the units it is trained on). ``device`` defaults to the
     VAE's; ``dtype``: autocast dtype on CUDA (e.g. ``torch.bfloat16``), None for float32. The VAE is left in the
     mode it was in. ``chunk_size > 1`` (VAEs without pruning heads, e.g. the released ones) decodes in spatial
-    chunks (:func:`model.pretrained.decode_chunked`).
+    chunks (:func:`model.pipeline.pretrained.decode_chunked`).
     """
     if not isinstance(vae, SparseSDFVAE):
         raise TypeError(f"vae must be a SparseSDFVAE, got {type(vae).__name__}")
@@ -195,7 +192,7 @@ def reconstruct_sample(
             _sync(dev)
             t1 = time.perf_counter()
             if chunk_size > 1:
-                from .pretrained import decode_chunked
+                from model.pipeline.pretrained import decode_chunked
 
                 decoded = decode_chunked(vae, z, chunk_size)[0]
             else:
@@ -226,7 +223,7 @@ def reconstruct_sample(
 def normalized_mesh(mesh, sample) -> trimesh.Trimesh:
     """The mesh (path or ``trimesh``) in the unit cube of ``sample``: ``(v - sample.center) * sample.scale``, the
     transform :func:`model.data.sdf.mesh_to_sparse_sdf` applied before voxelising it."""
-    from .data.sdf import load_mesh
+    from model.data.sdf import load_mesh
 
     m = load_mesh(mesh)
     v = (np.asarray(m.vertices, dtype=np.float64) - np.asarray(sample.center, np.float64)) * float(sample.scale)
@@ -250,7 +247,7 @@ def outer_surface_mask(mesh: trimesh.Trimesh, points: np.ndarray, normals: np.nd
     inside a part). Probing off the surface avoids the winding number's undefined value on the surface itself.
     All points are outer for a single closed or open surface.
     """
-    from .data.sdf import winding_number
+    from model.data.sdf import winding_number
 
     v, f = mesh.vertices, mesh.faces
     offset = SURFACE_PROBE * np.asarray(normals, dtype=np.float64)
@@ -271,7 +268,7 @@ def evaluate_mesh(pred: trimesh.Trimesh, gt: trimesh.Trimesh, *, num_points: int
     (= :func:`model.metrics.mesh_metrics`); ``gt_outer_fraction`` is the share of ground-truth points kept. Also
     ``faces`` (of ``pred``), ``num_points``, ``empty`` (an empty ``pred`` gets F-score 0 and NaN distances).
     """
-    from .metrics import point_metrics, sample_surface, volume_iou
+    from model.metrics import point_metrics, sample_surface, volume_iou
 
     if len(pred.faces) == 0:
         return {**EMPTY_METRICS, "fscore_threshold": float(threshold), "num_points": int(num_points), "faces": 0,
@@ -287,134 +284,3 @@ def evaluate_mesh(pred: trimesh.Trimesh, gt: trimesh.Trimesh, *, num_points: int
                empty=False)
     out["iou"] = volume_iou(pred, gt, iou_points, np.random.default_rng(s_vol)) if iou_points else float("nan")
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="python -m model.reconstruct",
-        description="Reconstruct a mesh through the sparse SDF VAE and compare it with the input.")
-    ap.add_argument("mesh", help="input mesh (any format trimesh reads: .obj .ply .stl .glb .off ...)")
-    source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="VAE checkpoint written by python -m model.train_vae")
-    source.add_argument("--weights", help="released weights: a folder in the released layout (config.yaml and the "
-                        "model_sparse_*.ckpt files) or a model hub id such as wushuang98/Direct3D-S2")
-    ap.add_argument("--part", choices=("auto", "sparse_vae_512", "sparse_vae_1024"), default="auto",
-                    help="released VAE to use with --weights (auto: sparse_vae_1024 when R > 512, else 512)")
-    ap.add_argument("--subfolder", help="folder of the release inside --weights (default direct3d-s2-v-1-1)")
-    ap.add_argument("--tau", type=float,
-                    help="SDF band half-width and scale in voxels (default: the checkpoint's; with --weights "
-                    "an assumption, 4)")
-    ap.add_argument("--chunk-size", type=int,
-                    help="decode in CHUNK^3 spatial chunks (default: the release's, 4 for sparse_vae_1024; 1 otherwise)")
-    ap.add_argument("--resolution", type=int, default=256, help="SDF grid side R (default 256; released: 512, 1024)")
-    ap.add_argument("--out", required=True, help="output mesh (.glb; any extension trimesh writes works)")
-    ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="autocast dtype on CUDA (auto: bfloat16 on CUDA; CPU always runs float32)")
-    ap.add_argument("--level", type=float,
-                    help="iso level (default 0 with --ckpt: our SDF is sdf/tau; 0.2 with --weights, as released)")
-    ap.add_argument("--threshold", type=float, default=DEFAULT_FSCORE_THRESHOLD,
-                    help="F-score threshold in unit-cube sides (default 1/128)")
-    ap.add_argument("--points", type=int, default=CLI_POINTS, help="surface points per mesh for the metrics")
-    ap.add_argument("--original-frame", action="store_true",
-                    help="write the mesh in the input's own frame (default: the unit cube of the data)")
-    ap.add_argument("--json", help="also write the figures to this JSON file")
-    args = ap.parse_args(argv)
-
-    from .data.sdf import MeshError, load_mesh, mesh_to_sparse_sdf
-
-    try:
-        if not os.path.isfile(args.mesh):
-            raise FileNotFoundError(f"mesh file not found: {args.mesh}")
-        device = resolve_device(args.device)
-        chunk_size, level = 1, DEFAULT_LEVEL if args.level is None else args.level
-        if args.weights is not None:
-            from .pretrained import RELEASED_MC_LEVEL, RELEASED_SDF_TAU, from_pretrained
-
-            part = args.part if args.part != "auto" else ("sparse_vae_1024" if args.resolution > 512
-                                                           else "sparse_vae_512")
-            models = from_pretrained(args.weights, parts=part, device=device, subfolder=args.subfolder)
-            vae = models[part]
-            chunk_size = int(models.options[part].get("chunk_size", 1))
-            tau, margin = RELEASED_SDF_TAU, 0.95
-            level = RELEASED_MC_LEVEL if args.level is None else args.level
-            print(f"weights    released {part} from {models.root} (input sdf/tau with tau {tau:g} voxels assumed; "
-                  f"level {level:g})")
-        else:
-            vae, meta = load_vae(args.ckpt, device=device)
-            data = meta.get("data", {})
-            tau, margin = float(data.get("tau", 2.0)), float(data.get("margin", 0.95))
-        if args.tau is not None:
-            tau = args.tau
-        if args.chunk_size is not None:
-            chunk_size = args.chunk_size
-        mesh = load_mesh(args.mesh)
-        t0 = time.perf_counter()
-        sample = mesh_to_sparse_sdf(mesh, args.resolution, tau=tau, margin=margin, compute_sharp=False)
-        t_sdf = time.perf_counter() - t0
-        if len(sample) == 0:
-            raise MeshError(f"{args.mesh}: no voxel of the {args.resolution}^3 grid lies within the band")
-    except (FileNotFoundError, MeshError, ValueError, TypeError, RuntimeError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    dtype = None
-    if device.type == "cuda" and args.dtype in ("auto", "bfloat16"):
-        dtype = torch.bfloat16
-    rec = reconstruct_sample(vae, sample, device=device, dtype=dtype, level=level, chunk_size=chunk_size)
-    gt = normalized_mesh(mesh, sample)
-    metrics = evaluate_mesh(rec.mesh, gt, num_points=args.points, threshold=args.threshold)
-
-    out_mesh = rec.mesh
-    if args.original_frame:
-        from .extract import to_original_frame
-
-        out_mesh = to_original_frame(rec.mesh, sample.center, sample.scale)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if len(out_mesh.faces):
-        out_mesh.export(out)
-    R = args.resolution
-    print(f"input      {args.mesh}: {len(mesh.faces):,} faces -> {rec.input_voxels:,} voxels at {R}^3 "
-          f"(tau {tau:g} voxels)")
-    print(f"latent     {rec.latent_voxels:,} voxels at {R // vae.config.downsample_factor}^3; "
-          f"decoded {len(rec.decoded_sdf):,} voxels")
-    if metrics["empty"]:
-        print(f"mesh       EMPTY: the decoded SDF has no surface at level {level:g}; nothing written")
-    else:
-        print(f"mesh       {len(out_mesh.faces):,} faces, {len(out_mesh.vertices):,} vertices -> {out}")
-    print(f"chamfer    {metrics['chamfer']:.6f} (unit cube; pred->gt {metrics['chamfer_pred_to_gt']:.6f}, "
-          f"gt->pred {metrics['chamfer_gt_to_pred']:.6f})")
-    print(f"f-score    {metrics['fscore']:.4f} at {args.threshold:.6f} (precision {metrics['precision']:.4f}, "
-          f"recall {metrics['recall']:.4f}; against all input faces, buried ones too: "
-          f"{metrics['fscore_all_faces']:.4f})")
-    print(f"normals    {metrics['normal_consistency']:.4f} (normal consistency)")
-    s = rec.seconds
-    print(f"time       sdf {t_sdf:.2f} s, encode {s['encode']:.3f} s, decode {s['decode']:.3f} s, "
-          f"extract {s['extract']:.2f} s on {device}")
-    print(f"memory     {_fmt_bytes(rec.peak_memory_bytes)} ({rec.peak_memory_kind})")
-    if args.json:
-        doc = dict(mesh=args.mesh, checkpoint=args.ckpt or args.weights, resolution=R, tau=tau, level=level,
-                   chunk_size=chunk_size, device=str(device),
-                   input_voxels=rec.input_voxels, latent_voxels=rec.latent_voxels,
-                   decoded_voxels=int(len(rec.decoded_sdf)), seconds=dict(sdf=t_sdf, **s),
-                   peak_memory_bytes=rec.peak_memory_bytes, peak_memory_kind=rec.peak_memory_kind, **metrics)
-        Path(args.json).write_text(json.dumps(doc, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

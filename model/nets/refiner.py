@@ -1,6 +1,6 @@
 """The two refiners of the released cascade (RELEASED_MODEL.md E.4-E.6), with the released parameter names and shapes
 (``statedict-refiner.txt``, ``statedict-refiner_1024.txt``), so ``model_refiner.ckpt["refiner"]`` and
-``model_refiner_1024.ckpt["refiner"]`` load with strict key matching (:mod:`model.pretrained`).
+``model_refiner_1024.ckpt["refiner"]`` load with strict key matching (:mod:`model.pipeline.pretrained`).
 
 Shared network (``unet3d1``, :class:`UNet3D`): block widths ``(8, 32, 128, 512)``, GroupNorm (4 groups, eps 1e-5,
 float32) + SiLU; ``conv_in`` 3^3; 4 down blocks of ``layers_per_block`` residual blocks (``resnets``; 1^3
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sparse.layers import check_pool_mode, pool_features
+from model.sparse.layers import check_pool_mode, pool_features
 
 __all__ = [
     "RefinerConfig",
@@ -74,7 +74,7 @@ class RefinerConfig:
     pooled to 512); ``patch_size``/``patch_stride``: patch tiling (offsets ``0, stride, ..``, ending flush with the
     grid); ``pool_mode``: how the sign refiner pools the 1024^3 SDF by 2, ``"released"`` (``sum / (n + 1)`` over a
     parent's ``n`` decoded children, as the published SparseDownsample: the ``released_*`` presets and
-    :mod:`model.pretrained` loading) or ``"mean"`` (:func:`model.sparse.layers.pool_features`)."""
+    :mod:`model.pipeline.pretrained` loading) or ``"mean"`` (:func:`model.sparse.layers.pool_features`)."""
 
     in_channels: int = 1
     out_channels: int = 1

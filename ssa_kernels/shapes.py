@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssa_kernels.layout import layout_order
+from .layout import layout_order
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Command-line entry points (``python -m model.cli.<name>``); thin layers over the library."""
