@@ -11,7 +11,9 @@ efficiency is against the bf16 matrix-product ceiling measured in the same run.
 ``benchmark.json`` holds one record per (shape, config, implementation, pass, input set) with at least
 ``shape, config, impl, pass, ms, speedup_vs_fa2, peak_mem_gb, gpu, date, inputs, tokens,
 selected_keys_per_query, tflops``. ``pass`` is ``fwd`` or ``bwd`` (``build`` for the layout build). From a run
-without a GPU the report says that its figures are CPU figures and leaves the GPU-only columns out.
+without a GPU the report says that its figures are CPU figures and leaves the GPU-only columns out. Both files name
+the commit the benchmark ran on (``<sha>``, ``<sha>-dirty`` with uncommitted changes to tracked files; recorded by
+:func:`bench.timing.environment_info`, else taken from pytest-benchmark's ``commit_info``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.timing import BYTES_PER_GB, MS_PER_S
+from model.io import DIRTY_SUFFIX, atomic_write_json, atomic_write_text, commit_label
 
 DEFAULT_RAW = Path("reports/raw/benchmark-raw.json")
 DEFAULT_OUT = Path("reports")
@@ -76,8 +79,19 @@ def load_raw(path: Path) -> dict:
     return raw
 
 
+def _commit(env: dict, raw: dict) -> str | None:
+    """The commit of the run: :func:`model.io.provenance`'s (``<sha>`` or ``<sha>-dirty``) when the run recorded
+    it, else pytest-benchmark's ``commit_info`` (``id`` and ``dirty``), else None."""
+    if env.get("commit"):
+        return env["commit"]
+    info = raw.get("commit_info") or {}
+    if info.get("id"):
+        return info["id"] + (DIRTY_SUFFIX if info.get("dirty") else "")
+    return None
+
+
 def run_meta(raw: dict) -> dict:
-    """GPU, versions, date, settings and the bf16 ceiling of the run."""
+    """GPU, versions, commit, date, settings and the bf16 ceiling of the run."""
     extra = raw.get("ssa_bench") or {}
     env = dict(extra.get("env") or raw.get("machine_info", {}).get("ssa_bench_env") or {})
     benches = raw["benchmarks"]
@@ -98,6 +112,7 @@ def run_meta(raw: dict) -> dict:
         "cudnn": env.get("cudnn"),
         "python": env.get("python"),
         "date": raw.get("datetime") or env.get("date"),
+        "commit": _commit(env, raw),
         "ceiling_tflops": max(ceilings) if ceilings else None,
         "fa2_impl": fa2,
         "settings": extra.get("settings") or {},
@@ -327,7 +342,8 @@ def _header(meta: dict) -> list[str]:
     lines = ["# SSA benchmark", ""]
     if meta["gpu_run"]:
         lines += [f"**GPU figures.** GPU: **{meta['gpu']}**; torch {meta['torch']}, triton {meta['triton']}, "
-                  f"CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, Python {meta['python']}; date {meta['date']}.", ""]
+                  f"CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, Python {meta['python']}; date {meta['date']}; "
+                  f"{commit_label(meta['commit'])}.", ""]
         if meta["ceiling_tflops"]:
             lines += [f"bf16 matrix-product ceiling measured in this run: **{meta['ceiling_tflops']:.0f} TFLOP/s** "
                       "(the reference of the efficiency columns).", ""]
@@ -338,8 +354,8 @@ def _header(meta: dict) -> list[str]:
             "the CPU part of the benchmark"
         lines += ["**CPU figures, not kernel speed.** This run had no CUDA GPU: GPU timings need a GPU. The figures "
                   f"below come from {what}; speedups, peak GPU memory and efficiency are GPU-only and left out.",
-                  "", f"torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}; date {meta['date']}.",
-                  ""]
+                  "", f"torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}; date {meta['date']}; "
+                  f"{commit_label(meta['commit'])}.", ""]
     s = meta["settings"]
     pol = s.get("policy") or {}
     if s:
@@ -606,12 +622,12 @@ def make_report(raw_path: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(records, meta, out)
     md = render_markdown(records, meta, plots)
-    (out / MD_NAME).write_text(md)
-    doc = {"gpu": meta["gpu"], "date": meta["date"], "gpu_run": meta["gpu_run"], "dry_run": meta["dry_run"],
+    atomic_write_text(out / MD_NAME, md)
+    doc = {"gpu": meta["gpu"], "date": meta["date"], "commit": meta["commit"], "gpu_run": meta["gpu_run"], "dry_run": meta["dry_run"],
            "versions": {k: meta[k] for k in ("torch", "triton", "cuda", "cudnn", "python")},
            "ceiling_tflops": meta["ceiling_tflops"], "fa2_impl": meta["fa2_impl"], "settings": meta["settings"],
            "source": str(raw_path), "records": records, "skipped": meta["skipped"]}
-    (out / JSON_NAME).write_text(json.dumps(doc, indent=1))
+    atomic_write_json(out / JSON_NAME, doc)
     return {"markdown": out / MD_NAME, "json": out / JSON_NAME, "plots": [out / p for p in plots],
             "records": records, "meta": meta}
 

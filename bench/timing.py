@@ -22,7 +22,6 @@ and each repetition is timed with ``time.perf_counter``.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import gc
 import platform
 import statistics
@@ -31,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+
+from model.io import provenance
 
 #: Milliseconds per second.
 MS_PER_S = 1e3
@@ -206,26 +207,15 @@ def feed_benchmark(benchmark, timing: Timing, **extra) -> None:
 
 
 def environment_info(device) -> dict:
-    """GPU name, torch / triton / CUDA / cuDNN versions, Python, and the date (UTC, ISO 8601)."""
-    import triton
-
-    info = {
-        "device": torch.device(device).type,
-        "gpu": None,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": None,
-        "python": platform.python_version(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    """The run's provenance (:func:`model.io.provenance`: the commit, ``<sha>`` or ``<sha>-dirty``, None outside a
+    git checkout; GPU name, torch / triton / CUDA versions, Python, the date, UTC ISO 8601) with the cuDNN version
+    and the GPU memory (GB) on CUDA, the CPU otherwise."""
+    prov = provenance(device)
+    info = {key: prov[key] for key in ("commit", "dirty", "device", "gpu", "torch", "triton", "cuda")}
+    info.update(cudnn=None, python=prov["python"], date=prov["date"])
     if _is_cuda(device) and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
-        info.update(
-            gpu=torch.cuda.get_device_name(torch.device(device)),
-            gpu_memory_gb=round(props.total_memory / BYTES_PER_GB, 1),
-            cudnn=torch.backends.cudnn.version(),
-        )
+        info.update(gpu_memory_gb=round(props.total_memory / BYTES_PER_GB, 1), cudnn=torch.backends.cudnn.version())
     else:
         info["gpu"] = None
         info["cpu"] = platform.processor() or platform.machine()

@@ -4,15 +4,15 @@ Every branch builds explicit masks from the coordinates and runs a masked softma
 one batch element at a time. Nothing here is fast; run it in float64 for tests.
 
 Shapes: ``q [N, Hq, D]``, ``k, v [N, Hkv, D]``, ``k_cmp, v_cmp [Nc, Hkv, D]``, ``gate [N, 3]``,
-``coords [N, 4]`` integer (batch, x, y, z) in layout order (see :mod:`ssa_kernels.layout`).
+``coords [N, 4]`` integer (batch, x, y, z) in layout order (see :mod:`reference.layout`).
 Query head ``h`` uses kv head ``h // (Hq // Hkv)``.
 """
 from __future__ import annotations
 
 import torch
 
-from ssa_kernels.layout import check_layout_order
-from ssa_kernels.validate import check_attention_inputs, check_selection_args, resolve_scale
+from .checks import check_args, check_inputs, resolve_scale
+from .layout import check_layout_order
 
 __all__ = [
     "block_ids",
@@ -220,7 +220,7 @@ def spatial_sparse_attention(
     return_branches=False,
     block_idx=None,
 ):
-    """The whole SSA operation (DESIGN.md 2): ``o = gate0 * o_cmp + gate1 * o_sel + gate2 * o_win``.
+    """The whole SSA operation (docs/ssa.md): ``o = gate0 * o_cmp + gate1 * o_sel + gate2 * o_win``.
 
     Returns ``o [N, Hq, D]``, or ``(o, (o_cmp, o_sel, o_win))`` with ``return_branches=True``.
     Gradients flow to q, k, v, k_cmp, v_cmp and gate; not through the block scores or the choice.
@@ -230,11 +230,11 @@ def spatial_sparse_attention(
     if not isinstance(coords, torch.Tensor):
         raise TypeError(f"coords must be a torch.Tensor, got {type(coords).__name__}")
     check_layout_order(coords, compression_block=compression_block, selection_block=selection_block)
-    n, hq, hkv, d, nc = check_attention_inputs(q, k, v, k_cmp, v_cmp, gate, num_tokens=coords.shape[0])
+    check_inputs(q, k, v, k_cmp, v_cmp, gate, num_tokens=coords.shape[0])
     if coords.device != q.device:
         raise ValueError(f"coords is on {coords.device} but q is on {q.device}")
-    check_selection_args(topk, window, shift)
-    scale = resolve_scale(scale, d)
+    check_args(topk, window, shift)
+    scale = resolve_scale(scale, q.shape[2])
 
     o_cmp, lse = compression_attention(q, k_cmp, v_cmp, coords, compression_block=compression_block, scale=scale)
     scores = block_scores(

@@ -1,4 +1,6 @@
-"""Pieces shared by the SSA kernels: constants, the row tiling of query heads, launcher helpers."""
+"""Pieces shared by the SSA kernels: constants, the row tiling of query heads, launcher helpers, and the
+``@triton.jit`` building blocks of the branch kernels (tile loads, the online-softmax steps, the backward steps and
+the prologues/epilogues the forward, dQ and dK/dV kernels of every branch share)."""
 from __future__ import annotations
 
 import math
@@ -32,6 +34,33 @@ def _row_tokens_heads(pid_t, pid_h, N, G: tl.constexpr, HG: tl.constexpr, BLOCK_
     tok = pid_t * BLOCK_T + r // HG
     head = h0 + r % HG
     return tok, head, tok < N, g
+
+
+@triton.jit
+def _batch_ranges(token_batch, batch_offsets, tok, row_ok):
+    """Per-row range ``[lo_r, hi_r)`` of ``batch_offsets`` (a CSR table over batch elements) of each row's batch
+    element, and their union's bounds ``lo, hi`` over the valid rows (a tile may straddle batch elements)."""
+    b = tl.load(token_batch + tok, mask=row_ok, other=0)
+    lo_r = tl.load(batch_offsets + b, mask=row_ok, other=0)
+    hi_r = tl.load(batch_offsets + b + 1, mask=row_ok, other=0)
+    lo = tl.min(tl.where(row_ok, lo_r, 2147483647))
+    hi = tl.max(hi_r)
+    return lo_r, hi_r, lo, hi
+
+
+@triton.jit
+def _load_rows(P, tok64, head, d, stride_t, stride_h, mask):
+    """Rows ``[R, BLOCK_D]`` of a ``[N, H, D]`` tensor (q, dO): token ``tok64``, head ``head``, 0 where masked."""
+    return tl.load(P + tok64[:, None] * stride_t + head[:, None] * stride_h + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_kv(K, V, key64, g, d, stride_kt, stride_kh, mask):
+    """The key and value tiles ``[N, BLOCK_D]`` of kv head ``g`` at key tokens ``key64 [N]`` (int64), 0 where masked."""
+    kv_off = key64[:, None] * stride_kt + g * stride_kh + d[None, :]
+    k = tl.load(K + kv_off, mask=mask, other=0.0)
+    v = tl.load(V + kv_off, mask=mask, other=0.0)
+    return k, v
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -123,6 +152,26 @@ def _softmax_finish(m, l, acc):
 
 
 @triton.jit
+def _softmax_start(R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The empty running state of :func:`_online_softmax_step` for ``R`` query rows: ``(m, l, acc)``."""
+    m = tl.full([R], float("-inf"), tl.float32)
+    l = tl.zeros([R], tl.float32)
+    acc = tl.zeros([R, BLOCK_D], tl.float32)
+    return m, l, acc
+
+
+@triton.jit
+def _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask):
+    """Forward epilogue: :func:`_softmax_finish`, then store ``o`` (in ``O``'s dtype, rows token ``tok64`` x head
+    ``head``) and ``lse`` (``LSE [N, H]`` float32); returns the stored ``o``."""
+    o, lse = _softmax_finish(m, l, acc)
+    o = o.to(O.dtype.element_ty)
+    tl.store(O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], o, mask=rd_mask)
+    tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
+    return o
+
+
+@triton.jit
 def _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One query-outer backward step: add a key tile's contribution to ``dq [R, D]`` (not yet scaled); without
     ``MASKED`` every (row, key) pair is valid and ``valid`` is not read."""
@@ -153,6 +202,43 @@ def _gate_sign(GATE, tok64, row_ok, GATE_IDX: tl.constexpr):
 
 
 @triton.jit
+def _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh, stride_dt, stride_dh, row_ok,
+                     rd_mask):
+    """``(q, do [R, BLOCK_D], lse2, delta [R])`` of query rows (token ``tok64``, head ``head``) for a backward step."""
+    q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
+    do = _load_rows(DO, tok64, head, d, stride_dt, stride_dh, rd_mask)
+    lse2, delta = _grad_rows(LSE2, DELTA, tok64, head, H, row_ok)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _dq_store(DQ, GATE, dq, scale, tok64, head, d, H, row_ok, rd_mask, D: tl.constexpr, HAS_GATE: tl.constexpr,
+              GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """dQ epilogue of a query-outer kernel: scale ``dq [R, BLOCK_D]``, apply the gates' signs (their magnitudes are
+    in ``lse2``) once per row, and store it into ``DQ [N, H, D]`` float32 (added to when ``ACCUMULATE``)."""
+    dq = dq * scale
+    if HAS_GATE:
+        dq = dq * _gate_sign(GATE, tok64, row_ok, GATE_IDX)[:, None]
+    dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(DQ + dq_off, mask=rd_mask, other=0.0)
+    tl.store(DQ + dq_off, dq, mask=rd_mask)
+
+
+@triton.jit
+def _dkdv_store(DK, DV, dk, dv, scale, key64, g, hkv, d, kv_mask, D: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """dK/dV epilogue of a key-outer kernel: scale ``dk``, and store both tiles of keys ``key64`` (int64), kv head
+    ``g`` into ``DK, DV [N, Hkv, D]`` float32 (added to when ``ACCUMULATE``)."""
+    dk = dk * scale
+    out = (key64[:, None] * hkv + g) * D + d[None, :]
+    if ACCUMULATE:
+        dk += tl.load(DK + out, mask=kv_mask, other=0.0)
+        dv += tl.load(DV + out, mask=kv_mask, other=0.0)
+    tl.store(DK + out, dk, mask=kv_mask)
+    tl.store(DV + out, dv, mask=kv_mask)
+
+
+@triton.jit
 def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H, qk_scale,
                stride_qt, stride_qh, stride_dt, stride_dh, G: tl.constexpr, HG: tl.constexpr,
                PRECISION: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr):
@@ -164,9 +250,8 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, r
         sgn = tl.full(r.shape, 1.0, tl.float32)  # unused
     for hs in tl.static_range(G // HG):
         head = g * G + hs * HG + r % HG
-        q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
-        do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
-        lse2, delta = _grad_rows(LSE2, DELTA, tok64, head, H, row_ok)
+        q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh,
+                                              stride_dt, stride_dh, row_ok, rd_mask)
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISION, SIGNED)
     return dk, dv
 

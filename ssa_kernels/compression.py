@@ -18,14 +18,18 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
+    _batch_ranges,
     _dkdv_rows,
     _dq_step,
-    _gate_sign,
-    _grad_rows,
+    _dq_store,
+    _grad_query_rows,
+    _load_kv,
+    _load_rows,
     _online_softmax_step,
     _signed_variant_runs,
     _row_tokens_heads,
-    _softmax_finish,
+    _softmax_start,
+    _softmax_store,
     block_d,
     dot_precision,
     head_split,
@@ -56,30 +60,19 @@ def _cmp_fwd_kernel(
 ):
     tok, head, row_ok, g = _row_tokens_heads(tl.program_id(0), tl.program_id(1), N, G, HG, BLOCK_T)
     tok64 = tok.to(tl.int64)
-    b = tl.load(token_batch + tok, mask=row_ok, other=0)
-    k_lo = tl.load(batch_cmp_offsets + b, mask=row_ok, other=0)
-    k_hi = tl.load(batch_cmp_offsets + b + 1, mask=row_ok, other=0)
-    lo = tl.min(tl.where(row_ok, k_lo, 2147483647))
-    hi = tl.max(k_hi)
+    k_lo, k_hi, lo, hi = _batch_ranges(token_batch, batch_cmp_offsets, tok, row_ok)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    m = tl.full([BLOCK_T * HG], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_T * HG], tl.float32)
-    acc = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+    rd_mask = row_ok[:, None] & d_ok[None, :]
+    q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
+    m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
-        kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
-        k = tl.load(KC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(VC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
         valid = (n[None, :] >= k_lo[:, None]) & (n[None, :] < k_hi[:, None])
         m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION)
-    o, lse = _softmax_finish(m, l, acc)
-    tl.store(O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
+    _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask)
 
 
 @triton.jit
@@ -95,17 +88,12 @@ def _cmp_bwd_dq_kernel(
     """dQ of the compression branch; ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
     tok, head, row_ok, g = _row_tokens_heads(tl.program_id(0), tl.program_id(1), N, G, HG, BLOCK_T)
     tok64 = tok.to(tl.int64)
-    b = tl.load(token_batch + tok, mask=row_ok, other=0)
-    k_lo = tl.load(batch_cmp_offsets + b, mask=row_ok, other=0)
-    k_hi = tl.load(batch_cmp_offsets + b + 1, mask=row_ok, other=0)
-    lo = tl.min(tl.where(row_ok, k_lo, 2147483647))
-    hi = tl.max(k_hi)
+    k_lo, k_hi, lo, hi = _batch_ranges(token_batch, batch_cmp_offsets, tok, row_ok)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     rd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
-    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
-    lse2, delta = _grad_rows(LSE2, DELTA, tok64, head, H, row_ok)
+    q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh, stride_dt,
+                                          stride_dh, row_ok, rd_mask)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
     # when every row is in one batch element, its whole key tiles need no per-score mask (padding rows are not
     # stored); the last, part-filled tile keeps it (a zero padding key has P = exp2(-lse2), which may overflow)
@@ -114,25 +102,15 @@ def _cmp_bwd_dq_kernel(
     full_end = tl.where(one_batch, lo + (hi - lo) // BLOCK_N * BLOCK_N, lo)
     for start in range(lo, full_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
-        k = tl.load(KC + kv_off, mask=d_ok[None, :], other=0.0)
-        v = tl.load(VC + kv_off, mask=d_ok[None, :], other=0.0)
+        k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, d_ok[None, :])
         dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False)
     for start in range(full_end, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
-        kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
-        k = tl.load(KC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(VC + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
         valid = (n[None, :] >= k_lo[:, None]) & (n[None, :] < k_hi[:, None])
         dq = _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION, True)
-    dq = dq * scale
-    if HAS_GATE:  # the gates' signs (their magnitudes are in lse2), once per row
-        dq = dq * _gate_sign(GATE, tok64, row_ok, GATE_IDX)[:, None]
-    dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
-    if ACCUMULATE:
-        dq += tl.load(DQ + dq_off, mask=rd_mask, other=0.0)
-    tl.store(DQ + dq_off, dq, mask=rd_mask)
+    _dq_store(DQ, GATE, dq, scale, tok64, head, d, H, row_ok, rd_mask, D, HAS_GATE, GATE_IDX, ACCUMULATE)
 
 
 @triton.jit
@@ -167,9 +145,7 @@ def _cmp_bwd_dkdv_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
-    k = tl.load(KC + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(VC + kv_off, mask=kv_mask, other=0.0)
+    k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     r = tl.arange(0, BLOCK_T * HG)

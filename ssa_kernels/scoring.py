@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, LOG2E_C, MAX_TOPK, block_d, dot_precision, head_split, tokens_per_tile
+from ._common import LOG2E, LOG2E_C, MAX_TOPK, _batch_ranges, block_d, dot_precision, head_split, tokens_per_tile
 from .layout import BlockLayout
 
 #: Launch configuration: query rows (tokens x heads) per matrix product, compressed keys per step
@@ -88,11 +88,7 @@ def _score_topk_kernel(
     tt = tl.arange(0, TT)
     t = pid_t * TT + tt
     t_ok = t < N
-    tb = tl.load(token_batch + t, mask=t_ok, other=0)
-    s_lo_t = tl.load(batch_sel_offsets + tb, mask=t_ok, other=0)
-    s_hi_t = tl.load(batch_sel_offsets + tb + 1, mask=t_ok, other=0)
-    lo = tl.min(tl.where(t_ok, s_lo_t, 2147483647))
-    hi = tl.max(s_hi_t)
+    s_lo_t, s_hi_t, lo, hi = _batch_ranges(token_batch, batch_sel_offsets, t, t_ok)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     kcol = tl.arange(0, K2)[None, :]

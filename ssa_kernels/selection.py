@@ -21,13 +21,17 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     _dkdv_rows,
+    _dkdv_store,
     _dq_step,
-    _gate_sign,
-    _grad_rows,
+    _dq_store,
+    _grad_query_rows,
+    _load_kv,
+    _load_rows,
     _online_softmax_step,
     _signed_variant_runs,
     _row_tokens_heads,
-    _softmax_finish,
+    _softmax_start,
+    _softmax_store,
     block_d,
     dot_precision,
     head_split,
@@ -46,6 +50,34 @@ DKDV = dict(rows=128, block_n=64, num_warps=4, num_stages=3)
 
 
 @triton.jit
+def _tile_choices(IDX, tok64, row_ok, g, hkv, TOPK: tl.constexpr, K2: tl.constexpr, BLOCK_T: tl.constexpr,
+                  HG: tl.constexpr):
+    """The chosen blocks ``sel_r [R, K2]`` of each row's token (-1 = none) and each row's token within the tile."""
+    kk = tl.arange(0, K2)
+    sel_r = tl.load(IDX + (tok64[:, None] * hkv + g) * TOPK + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < TOPK),
+                    other=-1)
+    r_tok = tl.arange(0, BLOCK_T * HG) // HG
+    return sel_r, r_tok
+
+
+@triton.jit
+def _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Choice ``slot`` of the tile's (token, choice) list: ``(blk, visit, row_sel)``, the chosen block, whether to
+    visit it (a block is visited once per tile: not when an earlier token of the tile chose it too) and the rows
+    that chose it."""
+    ti = slot // TOPK
+    t = pid_t * BLOCK_T + ti
+    blk = tl.load(IDX + (t.to(tl.int64) * hkv + g) * TOPK + slot % TOPK, mask=t < N, other=-1)
+    if BLOCK_T == 1:  # one token: its blocks are distinct and every row chose them
+        seen = 0
+        row_sel = row_ok
+    else:
+        seen = tl.sum(((sel_r == blk) & (r_tok < ti)[:, None]).to(tl.int32))
+        row_sel = tl.max((sel_r == blk).to(tl.int32), 1) > 0
+    return blk, (blk >= 0) & (seen == 0), row_sel
+
+
+@triton.jit
 def _sel_fwd_kernel(
     Q, K, V, O, LSE, IDX, sel_offsets,
     N, H, qk_scale,
@@ -58,44 +90,24 @@ def _sel_fwd_kernel(
     tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
     hkv = H // G
     tok64 = tok.to(tl.int64)
-    kk = tl.arange(0, K2)
-    # chosen blocks of each row's token [R, K2]
-    sel_r = tl.load(IDX + (tok64[:, None] * hkv + g) * TOPK + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < TOPK),
-                    other=-1)
-    r_tok = tl.arange(0, BLOCK_T * HG) // HG
+    sel_r, r_tok = _tile_choices(IDX, tok64, row_ok, g, hkv, TOPK, K2, BLOCK_T, HG)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    m = tl.full([BLOCK_T * HG], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_T * HG], tl.float32)
-    acc = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+    rd_mask = row_ok[:, None] & d_ok[None, :]
+    q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
+    m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
     for slot in range(0, BLOCK_T * TOPK):
-        ti = slot // TOPK
-        t = pid_t * BLOCK_T + ti
-        blk = tl.load(IDX + (t.to(tl.int64) * hkv + g) * TOPK + slot % TOPK, mask=t < N, other=-1)
-        # visit each block once per tile: skip it if an earlier token of the tile chose it too
-        if BLOCK_T == 1:  # one token: its blocks are distinct and every row chose them
-            seen = 0
-            row_sel = row_ok
-        else:
-            seen = tl.sum(((sel_r == blk) & (r_tok < ti)[:, None]).to(tl.int32))
-            row_sel = tl.max((sel_r == blk).to(tl.int32), 1) > 0
-        if (blk >= 0) & (seen == 0):
+        blk, visit, row_sel = _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK, BLOCK_T)
+        if visit:
             start = tl.load(sel_offsets + blk)
             end = tl.load(sel_offsets + blk + 1)
             for ks in range(start, end, BLOCK_N):
                 n = ks + tl.arange(0, BLOCK_N)
                 n_ok = n < end
-                kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
-                k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
                 m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_sel[:, None] & n_ok[None, :], qk_scale,
                                                  PRECISION)
-    o, lse = _softmax_finish(m, l, acc)
-    tl.store(O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
+    _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask)
 
 
 @triton.jit
@@ -113,45 +125,25 @@ def _sel_bwd_dq_kernel(
     tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
     hkv = H // G
     tok64 = tok.to(tl.int64)
-    kk = tl.arange(0, K2)
-    sel_r = tl.load(IDX + (tok64[:, None] * hkv + g) * TOPK + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < TOPK),
-                    other=-1)
-    r_tok = tl.arange(0, BLOCK_T * HG) // HG
+    sel_r, r_tok = _tile_choices(IDX, tok64, row_ok, g, hkv, TOPK, K2, BLOCK_T, HG)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     rd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
-    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
-    lse2, delta = _grad_rows(LSE2, DELTA, tok64, head, H, row_ok)
+    q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh, stride_dt,
+                                          stride_dh, row_ok, rd_mask)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
     for slot in range(0, BLOCK_T * TOPK):
-        ti = slot // TOPK
-        t = pid_t * BLOCK_T + ti
-        blk = tl.load(IDX + (t.to(tl.int64) * hkv + g) * TOPK + slot % TOPK, mask=t < N, other=-1)
-        if BLOCK_T == 1:  # one token: its blocks are distinct and every row chose them
-            seen = 0
-            row_sel = row_ok
-        else:
-            seen = tl.sum(((sel_r == blk) & (r_tok < ti)[:, None]).to(tl.int32))
-            row_sel = tl.max((sel_r == blk).to(tl.int32), 1) > 0
-        if (blk >= 0) & (seen == 0):
+        blk, visit, row_sel = _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK, BLOCK_T)
+        if visit:
             start = tl.load(sel_offsets + blk)
             end = tl.load(sel_offsets + blk + 1)
             for ks in range(start, end, BLOCK_N):
                 n = ks + tl.arange(0, BLOCK_N)
                 n_ok = n < end
-                kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
-                k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
                 dq = _dq_step(dq, q, k, v, do, lse2, delta, row_sel[:, None] & n_ok[None, :], qk_scale, PRECISION,
                               True)
-    dq = dq * scale
-    if HAS_GATE:  # the gates' signs (their magnitudes are in lse2), once per row
-        dq = dq * _gate_sign(GATE, tok64, row_ok, GATE_IDX)[:, None]
-    dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
-    if ACCUMULATE:
-        dq += tl.load(DQ + dq_off, mask=rd_mask, other=0.0)
-    tl.store(DQ + dq_off, dq, mask=rd_mask)
+    _dq_store(DQ, GATE, dq, scale, tok64, head, d, H, row_ok, rd_mask, D, HAS_GATE, GATE_IDX, ACCUMULATE)
 
 
 @triton.jit
@@ -181,9 +173,7 @@ def _sel_bwd_dkdv_kernel(
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        kv_off = n.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, kv_mask)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         q_lo = tl.load(csr_offsets + g * S + blk)
@@ -198,13 +188,7 @@ def _sel_bwd_dkdv_kernel(
             dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
                                 qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
                                 GATE_IDX, SIGNED)
-        dk = dk * scale
-        out = (n.to(tl.int64)[:, None] * hkv + g) * D + d[None, :]
-        if ACCUMULATE:
-            dk += tl.load(DK + out, mask=kv_mask, other=0.0)
-            dv += tl.load(DV + out, mask=kv_mask, other=0.0)
-        tl.store(DK + out, dk, mask=kv_mask)
-        tl.store(DV + out, dv, mask=kv_mask)
+        _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, hkv, d, kv_mask, D, ACCUMULATE)
 
 
 def block_query_index(idx: torch.Tensor, num_blocks: int):

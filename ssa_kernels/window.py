@@ -17,12 +17,16 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     _dkdv_rows,
+    _dkdv_store,
     _dq_step,
-    _gate_sign,
-    _grad_rows,
+    _dq_store,
+    _grad_query_rows,
+    _load_kv,
+    _load_rows,
     _online_softmax_step,
     _signed_variant_runs,
-    _softmax_finish,
+    _softmax_start,
+    _softmax_store,
     block_d,
     dot_precision,
     head_split,
@@ -42,16 +46,9 @@ def _launch(cfg):
 
 
 @triton.jit
-def _win_fwd_kernel(
-    Q, K, V, O, LSE, perm, offsets, tiles, tile_window,
-    OC, OS, GATE, OUT,
-    H, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
-    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSE_GATE: tl.constexpr,
-):
-    """Window attention of one query tile; with ``FUSE_GATE`` also the gate mix
-    ``OUT = gate0 * OC + gate1 * OS + gate2 * O`` (``OC, OS, OUT`` laid out like ``O``)."""
+def _window_query_rows(perm, offsets, tiles, tile_window, G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows of query tile ``program_id(0)`` (row r = its token r // HG) x the ``HG`` heads ``program_id(1)`` of one
+    kv group: ``(tok64, head, row_ok, g, w_lo, w_hi)``, ``[w_lo, w_hi)`` the window's range of ``perm``."""
     tile = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_sub = G // HG
@@ -66,28 +63,42 @@ def _win_fwd_kernel(
     pos = t_start + r // HG
     row_ok = pos < t_end
     tok64 = tl.load(perm + pos, mask=row_ok, other=0).to(tl.int64)
+    return tok64, head, row_ok, g, w_lo, w_hi
+
+
+@triton.jit
+def _window_keys(K, V, perm, ks, w_hi, g, d, d_ok, stride_kt, stride_kh, BLOCK_N: tl.constexpr):
+    """The key tile of the window at ``perm[ks : ks + BLOCK_N]`` (up to ``w_hi``): ``(k, v, n_ok)``."""
+    kp = ks + tl.arange(0, BLOCK_N)
+    n_ok = kp < w_hi
+    ktok = tl.load(perm + kp, mask=n_ok, other=0).to(tl.int64)
+    k, v = _load_kv(K, V, ktok, g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
+    return k, v, n_ok
+
+
+@triton.jit
+def _win_fwd_kernel(
+    Q, K, V, O, LSE, perm, offsets, tiles, tile_window,
+    OC, OS, GATE, OUT,
+    H, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSE_GATE: tl.constexpr,
+):
+    """Window attention of one query tile; with ``FUSE_GATE`` also the gate mix
+    ``OUT = gate0 * OC + gate1 * OS + gate2 * O`` (``OC, OS, OUT`` laid out like ``O``)."""
+    tok64, head, row_ok, g, w_lo, w_hi = _window_query_rows(perm, offsets, tiles, tile_window, G, HG, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    m = tl.full([BLOCK_T * HG], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_T * HG], tl.float32)
-    acc = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
-    for ks in range(w_lo, w_hi, BLOCK_N):
-        kp = ks + tl.arange(0, BLOCK_N)
-        n_ok = kp < w_hi
-        ktok = tl.load(perm + kp, mask=n_ok, other=0).to(tl.int64)
-        kv_off = ktok[:, None] * stride_kt + g * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION)
-    o, lse = _softmax_finish(m, l, acc)
-    o_off = tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     rd_mask = row_ok[:, None] & d_ok[None, :]
-    o = o.to(O.dtype.element_ty)
-    tl.store(O + o_off, o, mask=rd_mask)
-    tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
+    q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
+    m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
+    for ks in range(w_lo, w_hi, BLOCK_N):
+        k, v, n_ok = _window_keys(K, V, perm, ks, w_hi, g, d, d_ok, stride_kt, stride_kh, BLOCK_N)
+        m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION)
+    o = _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask)
     if FUSE_GATE:
+        o_off = tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         g0 = tl.load(GATE + tok64 * 3, mask=row_ok, other=0.0).to(tl.float32)
         g1 = tl.load(GATE + tok64 * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
         g2 = tl.load(GATE + tok64 * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
@@ -107,43 +118,18 @@ def _win_bwd_dq_kernel(
     HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """dQ of the window branch into ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
-    tile = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    n_sub = G // HG
-    g = pid_h // n_sub
-    r = tl.arange(0, BLOCK_T * HG)
-    head = g * G + (pid_h % n_sub) * HG + r % HG
-    t_start = tl.load(tiles + 2 * tile)
-    t_end = tl.load(tiles + 2 * tile + 1)
-    w = tl.load(tile_window + tile)
-    w_lo = tl.load(offsets + w)
-    w_hi = tl.load(offsets + w + 1)
-    pos = t_start + r // HG
-    row_ok = pos < t_end
-    tok64 = tl.load(perm + pos, mask=row_ok, other=0).to(tl.int64)
+    tok64, head, row_ok, g, w_lo, w_hi = _window_query_rows(perm, offsets, tiles, tile_window, G, HG, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     rd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0)
-    do = tl.load(DO + tok64[:, None] * stride_dt + head[:, None] * stride_dh + d[None, :], mask=rd_mask, other=0.0)
-    lse2, delta = _grad_rows(LSE2, DELTA, tok64, head, H, row_ok)
+    q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh, stride_dt,
+                                          stride_dh, row_ok, rd_mask)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
     for ks in range(w_lo, w_hi, BLOCK_N):
-        kp = ks + tl.arange(0, BLOCK_N)
-        n_ok = kp < w_hi
-        ktok = tl.load(perm + kp, mask=n_ok, other=0).to(tl.int64)
-        kv_off = ktok[:, None] * stride_kt + g * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k, v, n_ok = _window_keys(K, V, perm, ks, w_hi, g, d, d_ok, stride_kt, stride_kh, BLOCK_N)
         dq = _dq_step(dq, q, k, v, do, lse2, delta, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION,
                       True)
-    dq = dq * scale
-    if HAS_GATE:  # the gates' signs (their magnitudes are in lse2), once per row
-        dq = dq * _gate_sign(GATE, tok64, row_ok, GATE_IDX)[:, None]
-    dq_off = tok64[:, None] * (H * D) + head[:, None] * D + d[None, :]
-    if ACCUMULATE:
-        dq += tl.load(DQ + dq_off, mask=rd_mask, other=0.0)
-    tl.store(DQ + dq_off, dq, mask=rd_mask)
+    _dq_store(DQ, GATE, dq, scale, tok64, head, d, H, row_ok, rd_mask, D, HAS_GATE, GATE_IDX, ACCUMULATE)
 
 
 @triton.jit
@@ -172,9 +158,7 @@ def _win_bwd_dkdv_kernel(
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        kv_off = ktok[:, None] * stride_kt + g * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        k, v = _load_kv(K, V, ktok, g, d, stride_kt, stride_kh, kv_mask)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         r = tl.arange(0, BLOCK_Q * HG)
@@ -187,13 +171,7 @@ def _win_bwd_dkdv_kernel(
             dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
                                 qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
                                 GATE_IDX, SIGNED)
-        dk = dk * scale
-        out = (ktok[:, None] * hkv + g) * D + d[None, :]
-        if ACCUMULATE:
-            dk += tl.load(DK + out, mask=kv_mask, other=0.0)
-            dv += tl.load(DV + out, mask=kv_mask, other=0.0)
-        tl.store(DK + out, dk, mask=kv_mask)
-        tl.store(DV + out, dv, mask=kv_mask)
+        _dkdv_store(DK, DV, dk, dv, scale, ktok, g, hkv, d, kv_mask, D, ACCUMULATE)
 
 
 def _launch_args(q, k, layout: BlockLayout, shift: int):

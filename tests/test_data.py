@@ -219,7 +219,7 @@ def test_resolution_1024_never_allocates_a_dense_grid():
     dense_bytes = resolution**3  # one byte per voxel: the smallest dense grid
     assert peak < dense_bytes / 16, peak  # measured ~20 MB
     max1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    assert max1 < max(max0, rss0 + dense_bytes // 4)
+    assert max1 <= max(max0, rss0 + dense_bytes // 4)  # no new peak (max1 == max0) passes too
     shell = 4 * math.pi * radius**2 * resolution**2 * 2  # surface area x band thickness (2 voxels), in voxels
     assert 0.8 * shell < len(s) < 1.2 * shell
     assert np.abs(s.sdf).max() < 1.0 and s.coords.min() >= 0 and s.coords.max() < resolution

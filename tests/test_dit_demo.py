@@ -101,7 +101,7 @@ def test_cached_encoder_returns_the_encoders_features():
 
 def test_trainer_gets_the_cached_encoder_only_inside():
     from model.nets.conditioning import DinoV2Encoder
-    from model.reports.dit_demo import CachedEncoder, _trainer_uses
+    from model.reports.dit_demo.encoder import CachedEncoder, _trainer_uses
 
     with pytest.warns(UserWarning, match="RANDOM weights"):
         cached = CachedEncoder.build(size="tiny", seed=0, device="cpu")

@@ -65,7 +65,7 @@ def _train(prepared, out, steps, *extra):
     config.write_text(json.dumps({"model": "tiny", "backend": "reference", "encoder_size": "tiny", "lr": 5.0,
                                   "batch_tokens": 600, "ema_decay": 0.9, "latent": "sample", "progress": False}))
     args = ["--config", str(config), "--data", str(prepared / "data"), "--out", str(out), "--steps", str(steps),
-            "--lr", "1e-3", "--save-every", "2", *extra]
+            "--lr", "1e-3", "--ckpt-every", "2", *extra]
     with pytest.warns(UserWarning, match="RANDOM weights"):
         assert train_main(args) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,6 +1,8 @@
-"""Image to mesh (model/pipeline/cascade.py, model/cli/generate.py, model/reports/generate.py): the whole random tiny cascade on the
-CPU through the command line, input checking, the revoxelisation between the 512 and 1024 stages, the layout built
-once per stage, extraction with the sign refiner's fill grid, and the report's dry run.
+"""Image to mesh (model/pipeline/cascade.py, images.py, geometry.py, random_weights.py, model/cli/generate.py,
+model/reports/generate.py): the whole random tiny cascade on the CPU through the command line, input checking (one
+image opener for the cascade and the encoder's preprocessing), the revoxelisation between the 512 and 1024 stages,
+the layout built once per stage, extraction with the sign refiner's fill grid, the top-level API (``from model
+import ImageToMesh``, ``from_pretrained("random:tiny")``) and the report's dry run.
 
 The 1024^3 extraction from near-surface voxels only (no dense grid, memory checked) is
 tests/test_extract.py::test_sphere_at_1024_from_band_only.
@@ -20,6 +22,8 @@ from PIL import Image
 pytest.importorskip("skimage")
 
 from model.pipeline import cascade as C  # noqa: E402
+from model.pipeline import geometry as G  # noqa: E402
+from model.pipeline import images as IM  # noqa: E402
 from model.pipeline.extract import sparse_sdf_to_mesh  # noqa: E402
 from ssa_kernels.layout import check_layout_order  # noqa: E402
 
@@ -114,21 +118,21 @@ def test_the_block_layout_is_built_once_per_stage(cli_run):
 
 
 def test_load_rgba_masks_and_errors(images):
-    rgba = C.load_rgba(images / "red.png")
+    rgba = IM.load_rgba(images / "red.png")
     alpha = np.asarray(rgba)[..., 3]
     assert rgba.mode == "RGBA" and alpha[0, 0] == 0 and alpha[20, 32] == 255
     assert alpha[40, 50] == 255  # white inside the object, not reachable from the border: object
     assert (alpha > 0).sum() == 46 * 40
-    blue = np.asarray(C.load_rgba(images / "blue.png"))
+    blue = np.asarray(IM.load_rgba(images / "blue.png"))
     assert (blue[..., 3] > 0).sum() == 40 * 24  # RGBA keeps its alpha
     opaque = np.asarray(Image.open(images / "red.png").convert("RGBA"))  # alpha 255 everywhere: background rule
-    assert (np.asarray(C.load_rgba(opaque))[..., 3] > 0).sum() == 46 * 40
+    assert (np.asarray(IM.load_rgba(opaque))[..., 3] > 0).sum() == 46 * 40
     cases = [(images / "gray.png", ValueError, "grayscale"), (images / "noisy.png", ValueError, "uniform background"),
              (images / "missing.png", ValueError, "does not exist"), (images / "notes.png", ValueError, "not an image"),
              (np.zeros((8, 8), np.float32), ValueError, "uint8"), (42, TypeError, "must be a path")]
     for source, error, text in cases:
         with pytest.raises(error, match=text) as info:
-            C.load_rgba(source, name="IMAGE x")
+            IM.load_rgba(source, name="IMAGE x")
         assert str(info.value).startswith("IMAGE x") or "IMAGE x" in str(info.value)
 
 
@@ -168,7 +172,7 @@ def test_mesh_to_latent_coords_picks_the_band_cells():
     """A sphere of radius 0.3 (unit cube, already normalised): the kept 64^3 cells are those with a 512^3 grid
     point within 4 grid steps of the sphere, up to the sampling tolerance, and all of them."""
     sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.3)
-    cells = C.mesh_to_latent_coords(sphere, resolution=512, factor=8, normalize=False)
+    cells = G.mesh_to_latent_coords(sphere, resolution=512, factor=8, normalize=False)
     assert cells.dtype == torch.int32 and cells.shape[1] == 3
     cells = cells.long()
     assert len(torch.unique(cells, dim=0)) == len(cells)
@@ -183,7 +187,7 @@ def test_mesh_to_latent_coords_picks_the_band_cells():
     keys = set(map(tuple, cells.tolist()))
     assert all(tuple(g) in keys for g in grid[sure].tolist())
     # layout order for the DiT: a permutation of the same cells
-    ordered = C.to_layout_order(cells, compression_block=8, selection_block=8)
+    ordered = G.to_layout_order(cells, compression_block=8, selection_block=8)
     check_layout_order(ordered, compression_block=8, selection_block=8)
     assert ordered.shape == (len(cells), 4) and bool((ordered[:, 0] == 0).all())
     assert set(map(tuple, ordered[:, 1:].tolist())) == keys
@@ -191,13 +195,13 @@ def test_mesh_to_latent_coords_picks_the_band_cells():
     moved = sphere.copy()
     moved.apply_transform(np.diag([3.0, 3.0, 3.0, 1.0]))
     moved.apply_translation([5.0, -2.0, 1.0])
-    a = C.mesh_to_latent_coords(moved, resolution=128, factor=8)
-    b = C.mesh_to_latent_coords(sphere, resolution=128, factor=8)
+    a = G.mesh_to_latent_coords(moved, resolution=128, factor=8)
+    b = G.mesh_to_latent_coords(sphere, resolution=128, factor=8)
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="factor"):
-        C.mesh_to_latent_coords(sphere, resolution=1024, factor=7)
+        G.mesh_to_latent_coords(sphere, resolution=1024, factor=7)
     with pytest.raises(TypeError, match="mesh"):
-        C.mesh_to_latent_coords("sphere.obj")
+        G.mesh_to_latent_coords("sphere.obj")
 
 
 def test_sign_fill_grid_and_pruning_give_the_released_field_without_a_dense_grid():
@@ -227,7 +231,7 @@ def test_sign_fill_grid_and_pruning_give_the_released_field_without_a_dense_grid
     reference = trimesh.Trimesh((v - 0.5) / res - 0.5, f, process=False)
     reference.merge_vertices()
     full = sparse_sdf_to_mesh(coords, values, res, level=level, fill=sign, brick=8)
-    keep = C.surface_voxels(coords, values, res, level, sign)
+    keep = G.surface_voxels(coords, values, res, level, sign)
     assert 0 < int(keep.sum()) < len(coords)
     pruned = sparse_sdf_to_mesh(coords[keep], values[keep], res, level=level, fill=sign.numpy(), brick=8)
     assert len(full.faces) == len(pruned.faces) == len(reference.faces)
@@ -236,7 +240,7 @@ def test_sign_fill_grid_and_pruning_give_the_released_field_without_a_dense_grid
                                    np.unique(np.round(reference.vertices, 6), axis=0), atol=1e-6)
     # a constant fill (interior="keep") prunes consistently too
     plain = sparse_sdf_to_mesh(coords, values, res, level=level, fill=1.0, brick=8)
-    keep1 = C.surface_voxels(coords, values, res, level, 1.0)
+    keep1 = G.surface_voxels(coords, values, res, level, 1.0)
     assert len(sparse_sdf_to_mesh(coords[keep1], values[keep1], res, level=level, fill=1.0, brick=8).faces) == \
         len(plain.faces)
     # the released helper still gives the dense field of the same grid
@@ -306,6 +310,82 @@ def test_from_pretrained_reads_a_released_folder(images, tmp_path):
         C.ImageToMesh.from_pretrained(tmp_path / "release", encoder=str(tmp_path / "no-encoder"), device="cpu")
 
 
+def test_one_image_opener_serves_the_cascade_and_the_encoder_preprocessing(images, monkeypatch):
+    """``model.nets.conditioning.open_image`` is the library's only opener of image files: the cascade's
+    ``load_rgba`` and the encoder preprocessing's ``load_image`` both go through it, and no other library module
+    calls ``Image.open``."""
+    from pathlib import Path
+
+    import model.nets.conditioning as cond
+
+    calls = []
+    original = cond.open_image
+
+    def counting(source, name="image"):
+        calls.append(name)
+        return original(source, name)
+
+    monkeypatch.setattr(cond, "open_image", counting)
+    IM.load_rgba(images / "red.png", name="IMAGE red")
+    cond.load_image(images / "blue.png")
+    cond.preprocess_image(images / "blue.png", size=28, border=2)
+    assert calls == ["IMAGE red", "image", "image"]
+    # one error for a missing file, whichever caller: a ValueError (cascade, command line) and a FileNotFoundError
+    for call in (IM.load_rgba, cond.load_image):
+        with pytest.raises(cond.MissingImageError, match="does not exist") as info:
+            call(images / "missing.png")
+        assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
+    library = Path(C.__file__).resolve().parents[1]
+    openers = sorted(str(path.relative_to(library)) for path in library.rglob("*.py")
+                     if path.parts[len(library.parts)] not in ("cli", "reports") and "Image.open(" in path.read_text())
+    assert openers == ["nets/conditioning.py"]
+
+
+def test_top_level_api_is_lazy():
+    """``import model`` imports nothing heavy; ``from model import ImageToMesh`` loads the cascade on first use."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, model; assert 'torch' not in sys.modules and 'model.pipeline' not in sys.modules; "
+            "from model import ImageToMesh, CascadeConfig, SparseTensor, from_pretrained; "
+            "import model.pipeline.cascade as c, model.pipeline.pretrained as p; "
+            "assert ImageToMesh is c.ImageToMesh and CascadeConfig is c.CascadeConfig and from_pretrained is "
+            "p.from_pretrained and 'ImageToMesh' in dir(model)")
+    root = Path(C.__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
+    import model
+
+    assert model.ImageToMesh is C.ImageToMesh
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        model.Nothing  # noqa: B018
+
+
+def test_from_pretrained_builds_random_weights_and_names_the_valid_choices(images, tmp_path, capsys):
+    from model.cli.generate import main
+    from model.pipeline.random_weights import RANDOM_CONFIG
+
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        pipe = C.ImageToMesh.from_pretrained("random:tiny", device="cpu", seed=1, config={"interior": "keep"})
+    assert pipe.random_weights and pipe.device.type == "cpu" and pipe.dtype == torch.float32
+    assert set(pipe.parts) == {"dense_vae", "dense_dit", "sparse_vae_512", "sparse_dit_512", "refiner",
+                               "sparse_vae_1024", "sparse_dit_1024", "refiner_1024"}
+    assert pipe.config == C.CascadeConfig(**{**RANDOM_CONFIG["tiny"], "interior": "keep"})  # tiny's settings kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        same = C.ImageToMesh.random("tiny", seed=1)
+    for name, tensor in same.parts["sparse_dit_512"].state_dict().items():
+        torch.testing.assert_close(pipe.parts["sparse_dit_512"].state_dict()[name], tensor, rtol=0, atol=0)
+    for bad in ("random:huge", "random:"):
+        with pytest.raises(ValueError, match="valid choices: random:tiny, random:released"):
+            C.ImageToMesh.from_pretrained(bad)
+    with pytest.raises(ValueError, match="config has unknown fields"):
+        C.ImageToMesh.from_pretrained("random:tiny", config={"steps": 3})
+    rc = main([str(images / "red.png"), "--weights", "random:huge", "--out", str(tmp_path), "--device", "cpu"])
+    assert rc == 2 and "valid choices: random:tiny, random:released" in capsys.readouterr().err
+
+
 def test_report_dry_run_on_cpu(tmp_path, capsys):
     from model.reports.generate import main
 
@@ -320,7 +400,7 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     assert doc["stages"]["dense"]["replaced_by_given_coords"]
     assert doc["stages"]["sparse_1024"]["tokens"] == doc["stages"]["revoxelise"]["tokens"] > 0
     a = doc["attention_1024"]
-    assert a["ssa_op_calls"] == 2 * 2 * 2  # steps x guidance passes x blocks
+    assert a["ssa_op_calls"] == 2 * 2  # steps x blocks: both guidance passes run as one batched forward (small stage)
     assert 0 < a["ssa_op_seconds"] <= a["self_attention_seconds"] <= a["stage_seconds"]
     assert "estimated_seconds_at_released_steps" in doc["stages"]["sparse_1024"]
     assert doc["mesh"] and "24 GB" in md and "12 GB" in md

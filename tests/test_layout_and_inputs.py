@@ -1,4 +1,8 @@
 """Layout order, compression-block numbering, shell shapes and bad-input errors."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +15,8 @@ from ssa_kernels.layout import (
     selection_block_index,
 )
 from tests.helpers import random_coords, random_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_layout_order_sorts_by_batch_selection_block_sub_block_voxel():
@@ -29,6 +35,41 @@ def test_layout_order_sorts_by_batch_selection_block_sub_block_voxel():
     check_layout_order(coords[perm], compression_block=4, selection_block=8)
     with pytest.raises(ValueError, match="layout order"):
         check_layout_order(coords, compression_block=4, selection_block=8)
+
+
+@pytest.mark.parametrize("mc,ms", [(2, 4), (4, 4), (2, 8), (4, 8), (8, 8)])
+def test_reference_layout_order_equals_the_kernels(mc, ms):
+    """The oracle's own layout order (reference.layout, digit by digit) against ssa_kernels' mixed-radix keys,
+    on random voxels of several batch elements given in random order."""
+    gen = torch.Generator().manual_seed(100 * mc + ms)
+    for sizes, extent in (((50, 0, 130, 7), 13), ((1,), 3), ((200, 200), 9)):
+        parts = []
+        for b, n in enumerate(sizes):
+            lin = torch.randperm(extent**3, generator=gen)[:n]
+            xyz = torch.stack([lin // extent**2, (lin // extent) % extent, lin % extent], 1)
+            parts.append(torch.cat([torch.full((n, 1), b), xyz], 1))
+        coords = torch.cat(parts)
+        coords = coords[torch.randperm(coords.shape[0], generator=gen)]
+        perm = reference.layout_order(coords, compression_block=mc, selection_block=ms)
+        assert torch.equal(perm, layout_order(coords, compression_block=mc, selection_block=ms))
+        ordered = coords[perm]
+        reference.check_layout_order(ordered, compression_block=mc, selection_block=ms)
+        if ordered.shape[0] > 1:
+            with pytest.raises(ValueError, match="layout order"):
+                reference.check_layout_order(ordered.flip(0), compression_block=mc, selection_block=ms)
+            with pytest.raises(ValueError, match="duplicate"):
+                reference.check_layout_order(ordered[[0, 0]], compression_block=mc, selection_block=ms)
+
+
+def test_reference_imports_neither_triton_nor_ssa_kernels():
+    """The oracle must not depend on what it checks (docs/architecture.md)."""
+    code = ("import sys, reference\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('triton', 'ssa_kernels'))\n"
+            "print(bad)\n"
+            "sys.exit(1 if bad else 0)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, f"import reference pulled in {run.stdout.strip()} {run.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("mc,ms", [(4, 8), (8, 8), (2, 8), (1, 4)])

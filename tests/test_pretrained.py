@@ -1,5 +1,6 @@
-"""Loading the released checkpoints (model/pipeline/pretrained.py), the dense stage and refiner modules built from
-RELEASED_MODEL.md (model/nets/dense.py, model/nets/refiner.py), and ``python -m model.cli.reconstruct --weights``.
+"""Loading the released checkpoints (model/pipeline/pretrained.py, model/pipeline/released_config.py), the dense
+stage and refiner modules built from RELEASED_MODEL.md (model/nets/dense.py, model/nets/refiner.py), and
+``python -m model.cli.reconstruct --weights``.
 
 No network and no released weights here: the released layout is written with random tensors (the released names and
 shapes where affordable, tiny sizes with the released names otherwise), and the full-size modules are checked
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 from model.pipeline import pretrained as P
+from model.pipeline import released_config as RC
 from model.nets.dense import DenseDiT, DenseDiTConfig, DenseShapeVAE, DenseVAEConfig, pixel_shuffle_3d
 from model.nets.dit import Condition, DiTConfig, SparseDiT
 from model.nets.refiner import (
@@ -186,7 +188,7 @@ def test_tiny_folder_has_the_released_layout_and_round_trips(tiny_folder):
     assert doc["sparse_vae_1024"]["params"]["chunk_size"] == 4
 
     loaded = P.from_pretrained(folder)
-    assert set(loaded) == set(P.ALL_PARTS) and loaded.root == folder
+    assert set(loaded) == set(RC.ALL_PARTS) and loaded.root == folder
     for part, module in mods.items():
         assert type(loaded[part]) is type(module) and not loaded[part].training
         assert loaded.configs[part] == module.config
@@ -310,7 +312,7 @@ def test_hub_id_fetches_through_snapshot_download_and_failures_say_what_to_do(ti
         P.from_pretrained("someone/some-model", parts="sparse_vae_512")
     text = str(err.value)
     assert "'someone/some-model'" in text and "Network is unreachable" in text
-    assert "huggingface-cli download someone/some-model" in text and "instead of the id" in text
+    assert "`hf download someone/some-model" in text and "instead of the id" in text
     with pytest.raises(FileNotFoundError, match="no such folder, and not a model hub id"):
         P.from_pretrained(str(tmp_path / "nowhere" / "x" / "y"))
 
@@ -320,14 +322,14 @@ def test_hub_id_fetches_through_snapshot_download_and_failures_say_what_to_do(ti
 
 
 def _build_meta(part: str, doc: dict):
-    spec = P.PARTS[part]
-    config, _ = P._part_config(spec, doc, None, None)
+    spec = RC.PARTS[part]
+    config, _ = RC.part_config(spec, doc, None, None)
     with torch.device("meta"):
         module = spec.build(config)
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("version,part", [("v1.1", p) for p in P.ALL_PARTS]
+@pytest.mark.parametrize("version,part", [("v1.1", p) for p in RC.ALL_PARTS]
                          + [("v1.0", "sparse_dit_512"), ("v1.0", "sparse_dit_1024")])
 def test_modules_from_the_hub_config_have_exactly_the_released_keys_and_shapes(version, part):
     ours = _build_meta(part, _hub_config(version))
@@ -340,9 +342,9 @@ def test_modules_from_the_hub_config_have_exactly_the_released_keys_and_shapes(v
 
 
 def test_without_config_yaml_the_released_sizes_are_used_and_v10_is_recognised():
-    for part in P.ALL_PARTS:
+    for part in RC.ALL_PARTS:
         assert _fingerprint(_build_meta(part, {})) == RELEASED_FINGERPRINTS[part]
-    v10 = P.PARTS["sparse_dit_512"].default_config({"cond_proj.weight"})
+    v10 = RC.PARTS["sparse_dit_512"].default_config({"cond_proj.weight"})
     assert v10 == DiTConfig.released_512_v10()
 
 
@@ -545,6 +547,6 @@ def test_released_configurations_pool_as_the_released_model():
     pooling divides by n + 1 (RELEASED_MODEL.md H.1)."""
     for name in ("sparse_vae_512", "sparse_vae_1024", "sparse_dit_512", "sparse_dit_1024", "refiner",
                  "refiner_1024"):
-        spec = P.PARTS[name]
+        spec = RC.PARTS[name]
         assert spec.from_params({}, name).pool_mode == "released", name
         assert spec.default_config(None).pool_mode == "released", name

@@ -40,7 +40,7 @@ def fitted(tmp_path_factory):
 
 def test_reconstruct_end_to_end(fitted, tmp_path, capsys):
     out, js = tmp_path / "rec.glb", tmp_path / "rec.json"
-    rc = main([str(fitted["mesh"]), "--ckpt", str(fitted["ckpt"]), "--resolution", "32", "--out", str(out),
+    rc = main([str(fitted["mesh"]), "--vae", str(fitted["ckpt"]), "--resolution", "32", "--out", str(out),
                "--device", "cpu", "--points", "5000", "--json", str(js)])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -56,9 +56,9 @@ def test_reconstruct_end_to_end(fitted, tmp_path, capsys):
 
 
 def test_reconstruct_errors(fitted, tmp_path, capsys):
-    ok = ["--ckpt", str(fitted["ckpt"]), "--out", str(tmp_path / "x.glb"), "--resolution", "32"]
+    ok = ["--vae", str(fitted["ckpt"]), "--out", str(tmp_path / "x.glb"), "--resolution", "32"]
     assert main([str(tmp_path / "missing.obj")] + ok) == 2
-    assert "mesh file not found" in capsys.readouterr().err
+    assert "MESH: " in (err := capsys.readouterr().err) and "does not exist" in err
     bad = tmp_path / "bad.obj"
     bad.write_text("this is not a mesh\n")
     assert main([str(bad)] + ok) == 2
@@ -66,7 +66,7 @@ def test_reconstruct_errors(fitted, tmp_path, capsys):
     # a checkpoint of another model class
     other = T.save_checkpoint(tmp_path / "dit.safetensors", model=torch.nn.Linear(2, 2),
                               meta={"model_class": "SparseDiT"})
-    args = [str(fitted["mesh"]), "--out", str(tmp_path / "x.glb"), "--resolution", "32", "--ckpt"]
+    args = [str(fitted["mesh"]), "--out", str(tmp_path / "x.glb"), "--resolution", "32", "--vae"]
     assert main(args + [str(other)]) == 2
     assert "holds a SparseDiT checkpoint" in capsys.readouterr().err
     # VAE weights that do not fit the architecture recorded with them
@@ -77,7 +77,7 @@ def test_reconstruct_errors(fitted, tmp_path, capsys):
     with pytest.raises(ValueError, match="do not fit"):
         load_vae(wrong)
     assert main(args + [str(tmp_path / "none.safetensors")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert "--vae: " in (err := capsys.readouterr().err) and "does not exist" in err
 
 
 def test_vae_report_smoke(tmp_path):

@@ -12,6 +12,7 @@ import trimesh
 pytest.importorskip("igl")
 pytest.importorskip("skimage")
 
+from model.io import atomic_write  # noqa: E402
 from model.training import common as T  # noqa: E402
 from model.pipeline.reconstruct import load_vae  # noqa: E402
 from model.training.vae import VAETrainConfig, model_config, train  # noqa: E402
@@ -97,9 +98,9 @@ def test_command_line_config_file_and_errors(primitives, tmp_path, capsys):
     assert cfg.pybullet == 3 and cfg.meshes is None
     import dataclasses
 
-    from model.cli.train_vae import _parser
+    from model.cli.train_vae import build_parser
 
-    flags = {a.dest for a in _parser()._actions}
+    flags = {a.dest for a in build_parser()._actions}
     assert {f.name for f in dataclasses.fields(VAETrainConfig)} <= flags  # every option has a flag
     for kwargs, match in [(dict(pybullet=2), "exactly one"), (dict(model="huge"), "model must be one of"),
                           (dict(batch_size=0), "batch_size"), (dict(schedule="step"), "schedule"),
@@ -109,7 +110,7 @@ def test_command_line_config_file_and_errors(primitives, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--meshes", primitives["meshes"], "--model", "nope"])
     assert main(["--config", str(tmp_path / "missing.json")]) == 2
-    assert "config file not found" in capsys.readouterr().err
+    assert "--config: " in (err := capsys.readouterr().err) and "does not exist" in err
     rc = main(["--meshes", primitives["meshes"], "--cache-dir", primitives["cache_dir"], "--resolutions", "32",
                "--model", "tiny", "--steps", "1", "--batch-size", "2", "--val-meshes", "0", "--no-progress",
                "--out", str(tmp_path / "cli")])
@@ -148,7 +149,7 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        T._atomic_replace(path, boom)
+        atomic_write(path, boom)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
     (tmp_path / "x.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a safetensors"):

@@ -1,22 +1,24 @@
-"""Image to mesh from the command line, with the released Direct3D-S2 cascade (:class:`model.pipeline.cascade.ImageToMesh`).
+"""Image to mesh with the released Direct3D-S2 cascade: one .glb mesh and one .png preview per image.
 
 ``python -m model.cli.generate IMAGE [IMAGE ...] --weights PATH_OR_ID --out DIR [--resolution 512|1024]
 [--steps-dense N --steps-512 N --steps-1024 N] [--guidance G] [--seed S] [--faces F] [--device D]``
 
 For each image, writes ``DIR/<name>.glb`` (the mesh, in the unit cube) and ``DIR/<name>.png`` (the image the encoder
-saw beside a render of the mesh), shows a progress bar per sampling stage and prints the time and peak GPU memory of
-every stage at the end.
+saw beside a render of the mesh), shows a progress bar for every stage that takes a while (``--no-progress``: none)
+and prints the device (with the number of CPU threads on a CPU) and the time and peak GPU memory of every stage at
+the end.
 
 - Images: RGBA (alpha = object mask), or RGB with the object on a uniform background: the background colour is the
   median of the border pixels, and every pixel within ``--tolerance`` (default 12 of 255, per channel) of it that is
-  connected to the border is background (:func:`model.pipeline.cascade.load_rgba`). Grayscale images, other modes, missing or
-  unreadable files and non-uniform backgrounds are errors naming the image; all images are checked before any
-  weights are loaded.
-- ``--weights``: a released folder or a model hub id (:func:`model.pipeline.pretrained.from_pretrained`), with the DINOv2
-  encoder from ``--encoder`` (default the hub's ``facebook/dinov2-with-registers-large``; ``random`` for random
+  connected to the border is background (:func:`model.pipeline.images.load_rgba`). Grayscale images, other modes,
+  missing or unreadable files and non-uniform backgrounds are errors naming the image; all images are checked before
+  any weights are loaded.
+- ``--weights``: a released folder or a model hub id (:func:`model.pipeline.pretrained.from_pretrained`), with the
+  DINOv2 encoder from ``--encoder`` (default the hub's ``facebook/dinov2-with-registers-large``; ``random`` for random
   weights). ``random:tiny`` runs the whole cascade with random weights of a tiny configuration (for smoke tests,
   with 4 / 3 / 2 steps unless ``--steps-*`` say otherwise: under a minute on a CPU) and ``random:released``
-  with random weights of the released sizes (GPU timing); both say on stderr that the output is noise.
+  with random weights of the released sizes (GPU timing), both built by
+  :meth:`model.pipeline.cascade.ImageToMesh.from_pretrained`; both say on stderr that the output is noise.
 - Sampling defaults are the released ones (50 / 30 / 15 steps, guidance 7); ``--faces`` simplifies the mesh to a
   face budget when trimesh's quadric decimation is available (it needs the ``fast_simplification`` package; without
   it the mesh is kept, with a warning).
@@ -24,7 +26,6 @@ every stage at the end.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import warnings
@@ -33,12 +34,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_ENCODER", "RANDOM_WEIGHTS", "format_stages", "main", "save_preview"]
+from model.cli.args import (
+    UserError,
+    add_device,
+    add_no_progress,
+    add_out,
+    add_seed,
+    describe_device,
+    make_parser,
+    non_negative_float,
+    non_negative_int,
+    output_folder,
+    positive_int,
+    resolve_device,
+    run,
+)
 
-#: transformers checkpoint of DINOv2 ViT-L/14 with registers (the released image encoder's weights).
-DEFAULT_ENCODER = "facebook/dinov2-with-registers-large"
-#: ``--weights`` values that build random weights instead of loading them.
-RANDOM_WEIGHTS = {"random:tiny": "tiny", "random:released": "released"}
+__all__ = ["format_stages", "main", "save_preview"]
+
 #: Steps per stage of ``--weights random:tiny`` where ``--steps-*`` are not given (its output is noise anyway).
 SMOKE_STEPS = {"dense": 4, "512": 3, "1024": 2}
 #: ``--dtype`` names.
@@ -47,31 +60,22 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 PREVIEW_SIZE = 384
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _guidance(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+        return non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
 
 
 def _tolerance(text: str) -> int:
-    value = _positive_int(text) if text != "0" else 0
+    value = non_negative_int(text)
     if value > 255:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 255], got {value}")
     return value
+
+
+#: Kept for model.reports.generate.
+_positive_int = positive_int
 
 
 def _gb(nbytes) -> str:
@@ -149,110 +153,108 @@ def _output_names(images: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from model.pipeline.cascade import (
-        BACKGROUND_TOLERANCE,
-        INTERIOR_MODES,
-        RELEASED_GUIDANCE,
-        RELEASED_STEPS,
-    )
+    from model.pipeline.cascade import DEFAULT_ENCODER, INTERIOR_MODES, RELEASED_GUIDANCE, RELEASED_STEPS
+    from model.pipeline.images import BACKGROUND_TOLERANCE
 
-    p = argparse.ArgumentParser(prog="python -m model.cli.generate", description=__doc__.split("\n\n")[0])
+    p = make_parser("model.cli.generate", __doc__)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="RGBA image, or RGB image on a uniform background")
-    p.add_argument("--weights", required=True,
-                   help="released folder or model hub id; random:tiny / random:released for random weights")
-    p.add_argument("--out", required=True, help="output folder (one .glb and one .png per image)")
-    p.add_argument("--resolution", type=int, choices=(512, 1024), default=1024, help="output grid (default 1024)")
-    p.add_argument("--steps-dense", type=_positive_int, help=f"dense stage steps (default {RELEASED_STEPS['dense']})")
-    p.add_argument("--steps-512", type=_positive_int, help=f"512 stage steps (default {RELEASED_STEPS['512']})")
-    p.add_argument("--steps-1024", type=_positive_int, help=f"1024 stage steps (default {RELEASED_STEPS['1024']})")
-    p.add_argument("--guidance", type=_guidance, help=f"guidance scale of every stage (default {RELEASED_GUIDANCE})")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--faces", type=_positive_int, help="simplify each mesh to at most this many faces")
-    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default float16 on CUDA, float32 on CPU)")
-    p.add_argument("--encoder", default=DEFAULT_ENCODER,
-                   help=f"DINOv2-with-registers weights, folder or hub id (default {DEFAULT_ENCODER}); 'random' for "
+    p.add_argument("--weights", required=True, metavar="PATH_OR_ID",
+                   help="released folder or model hub id; random:tiny (a CPU smoke test) or random:released for "
                         "random weights")
+    add_out(p, "output folder: one NAME.glb and one NAME.png per image (created when missing)")
+    p.add_argument("--resolution", type=int, choices=(512, 1024), default=1024,
+                   help="output grid side (default %(default)s)")
+    for stage in ("dense", "512", "1024"):
+        p.add_argument(f"--steps-{stage}", type=positive_int, metavar="N",
+                       help=f"sampling steps of the {stage} stage (default {RELEASED_STEPS[stage]}; "
+                            f"{SMOKE_STEPS[stage]} with random:tiny)")
+    p.add_argument("--guidance", type=_guidance, metavar="G",
+                   help=f"classifier-free guidance scale of every stage (default {RELEASED_GUIDANCE:g})")
+    add_seed(p, what="noise seed")
+    p.add_argument("--faces", type=positive_int, metavar="N",
+                   help="simplify each mesh to at most N faces (default: keep every face)")
+    add_device(p)
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="weights dtype (default float16 on CUDA, float32 on the CPU)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, metavar="PATH_OR_ID",
+                   help="DINOv2-with-registers weights, a folder or hub id, or 'random' for random weights "
+                        "(default %(default)s)")
     p.add_argument("--interior", choices=INTERIOR_MODES, default="refiner",
-                   help="fill of the 1024 field's empty voxels: the sign refiner (released, default), +1 ('keep': "
-                        "leaves the inner shell) or our per-brick component rule")
-    p.add_argument("--offload", action="store_true", help="keep the parts on the CPU, each on the GPU only for its "
-                                                          "stage (less GPU memory)")
-    p.add_argument("--tolerance", type=_tolerance, default=BACKGROUND_TOLERANCE,
-                   help=f"background colour tolerance for RGB images, 0..255 (default {BACKGROUND_TOLERANCE})")
-    p.add_argument("--subfolder", help="folder inside the released repository (default direct3d-s2-v-1-1)")
+                   help="fill of the 1024 field's empty voxels: the sign refiner (refiner, as released), +1 (keep: "
+                        "leaves the inner shell) or our per-brick component rule (components) (default %(default)s)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the parts on the CPU, each on the GPU only for its stage (less GPU memory)")
+    p.add_argument("--tolerance", type=_tolerance, default=BACKGROUND_TOLERANCE, metavar="T",
+                   help="background colour tolerance of RGB images, 0..255 per channel (default %(default)s)")
+    p.add_argument("--subfolder", metavar="NAME",
+                   help="folder inside the released repository (default direct3d-s2-v-1-1)")
     p.add_argument("--local-files-only", action="store_true", help="do not download, use the hub cache only")
     p.add_argument("--no-preview", action="store_true", help="do not write the preview PNGs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(p)
     return p
 
 
 def _build_pipe(args, device, dtype, config):
     from model.pipeline.cascade import ImageToMesh
+    from model.pipeline.random_weights import random_size
 
-    if args.weights in RANDOM_WEIGHTS:
-        size = RANDOM_WEIGHTS[args.weights]
+    size = random_size(args.weights)  # None for released weights; ValueError for an unknown random:<size>
+    if size is not None:
         print(f"WARNING: --weights {args.weights}: every part has RANDOM weights ({size} sizes); the meshes are "
               "NOISE, for smoke tests and timing only", file=sys.stderr)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # said above
-            cfg = config if size == "released" else None
-            pipe = ImageToMesh.random(size, seed=args.seed, device=device, dtype=dtype, offload=args.offload,
-                                      config=cfg)
-        if args.interior != "refiner":
-            pipe.config = pipe.config.replace(interior=args.interior)
-        return pipe
-    hub = {k: v for k, v in (("subfolder", args.subfolder), ("local_files_only", args.local_files_only)) if v}
-    if args.encoder == "random":
+    elif args.encoder == "random":
         print("WARNING: --encoder random: the image encoder has RANDOM weights; the meshes do not follow the "
               "images", file=sys.stderr)
-    return ImageToMesh.from_pretrained(args.weights, device=device, dtype=dtype, encoder=args.encoder,
-                                       resolution=args.resolution, config=config, offload=args.offload, **hub)
+    hub = {k: v for k, v in (("subfolder", args.subfolder), ("local_files_only", args.local_files_only)) if v}
+    with warnings.catch_warnings():
+        if size is not None:
+            warnings.simplefilter("ignore", UserWarning)  # said above
+        return ImageToMesh.from_pretrained(args.weights, device=device, dtype=dtype, encoder=args.encoder,
+                                           resolution=args.resolution, config=config, offload=args.offload,
+                                           seed=args.seed, **hub)
 
 
 def main(argv=None) -> int:
-    from model.pipeline.cascade import CascadeConfig, EmptyStageError, load_rgba
-
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(parser, lambda args: _main(parser, args), argv)
+
+
+def _main(parser, args) -> int:
+    from model.pipeline.cascade import EmptyStageError
+    from model.pipeline.images import load_rgba
+
+    out = output_folder("--out", args.out)
     images = []
     for path in args.images:
         try:
             images.append(load_rgba(path, tolerance=args.tolerance, name=f"IMAGE {path!r}"))
         except (ValueError, TypeError) as exc:
             parser.error(str(exc))
-    try:
-        from model.pipeline.cascade import _default_device
-
-        device = _default_device(args.device)
-    except (ValueError, RuntimeError) as exc:
-        parser.error(f"--device: {exc}")
+    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    config = CascadeConfig(interior=args.interior)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    config = {"interior": args.interior}  # over the default settings of the weights (random:tiny has its own)
     try:
         pipe = _build_pipe(args, device, dtype, config)
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
-        print(f"{parser.prog}: error: --weights {args.weights}: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"--weights {args.weights}: {exc}") from exc
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     if args.weights == "random:tiny":  # a smoke test: few steps unless asked otherwise (noise either way)
         steps = {k: v if v is not None else SMOKE_STEPS[k] for k, v in steps.items()}
+    out.mkdir(parents=True, exist_ok=True)
     failed = 0
     summaries = []
+    where = f"{describe_device(pipe.device)}, {str(pipe.dtype).replace('torch.', '')}"
     for path, rgba, name in zip(args.images, images, _output_names(args.images)):
-        print(f"{path}: generating at {args.resolution} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')})",
-              file=sys.stderr)
+        print(f"{path}: generating at {args.resolution} on {where}", file=sys.stderr)
         try:
             result = pipe.generate(rgba, resolution=args.resolution, steps=steps, guidance=args.guidance,
-                                   seed=args.seed, faces=args.faces, progress=not args.no_progress)
+                                   seed=args.seed, faces=args.faces, progress=args.progress)
         except EmptyStageError as exc:
             print(f"{path}: FAILED: {exc}", file=sys.stderr)
             failed += 1
             continue
         mesh = result.mesh
-        lines = [f"{path}:"]
+        lines = [f"{path}: on {where}"]
         if len(mesh.faces) == 0:
             lines.append("  EMPTY mesh: nothing written")
             failed += 1

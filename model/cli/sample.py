@@ -1,10 +1,12 @@
 """Sample a shape from an image with the sparse DiT, decode it with the VAE and extract a mesh.
 
-``python -m model.cli.sample IMAGE [--mask MASK] --dit CKPT --vae CKPT --coords (MESH | COORDS.npy) --out OUT.glb``
+``python -m model.cli.sample IMAGE [--mask MASK] --dit CKPT --vae CKPT --coords (MESH | COORDS.npy) --out OUT.glb``;
+``--dit`` and ``--vae`` take a checkpoint file or the ``--out`` folder of the trainer that wrote it.
 
 1. The image (RGBA, or RGB with ``--mask``) goes through the released preprocessing and the DINOv2 encoder
-   (:mod:`model.nets.conditioning`): ``--encoder`` names real weights; without it the encoder the DiT was trained with is
-   rebuilt when that was a seeded random one (stored in the checkpoint), else a random ViT-L/14 with a loud warning.
+   (:mod:`model.nets.conditioning`): ``--encoder`` names real weights; without it the encoder the DiT was trained
+   with is rebuilt when that was a seeded random one (stored in the checkpoint), else a random ViT-L/14 with a loud
+   warning.
 2. The latent coordinates come from ``--coords`` (the dense structure stage that predicts them is a later issue): a
    ``.npy`` of ``[M, 3]`` (or ``[M, 4]`` with a batch column) latent voxel indices, or a mesh, voxelised at the SDF
    resolution (the data pipeline's band) and pooled to the latent grid.
@@ -12,9 +14,10 @@
    30 / shift 6 for 64^3 latents and 15 / 8 for 128^3 unless given), seeded.
 4. The latents are un-normalised with the training statistics stored in the checkpoint and decoded by the VAE; the
    decoded sparse SDF is saved as ``OUT`` with suffix ``.sdf.npz`` (``coords [K, 3]``, ``sdf [K]``, ``resolution``)
-   next to the latents (``.latent.npz``), and the mesh is extracted with :func:`model.pipeline.extract.decoded_to_meshes`
-   and written to ``OUT`` (any format trimesh writes: ``.glb``, ``.obj``, ``.ply``). When the extraction module
-   cannot be imported (it needs trimesh and scikit-image) the mesh is skipped with a message and the SDF is kept.
+   next to the latents (``.latent.npz``), and the mesh is extracted with
+   :func:`model.pipeline.extract.decoded_to_meshes` and written to ``OUT`` (``.glb``, ``.obj``, ``.ply``, ``.stl`` or
+   ``.off``). When the extraction module cannot be imported (it needs trimesh and scikit-image) the mesh is skipped
+   with a message and the SDF is kept.
 """
 from __future__ import annotations
 
@@ -26,6 +29,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from model.cli.args import (
+    UserError,
+    add_device,
+    add_no_progress,
+    add_out,
+    add_seed,
+    checkpoint_file,
+    describe_device,
+    existing_file,
+    loading,
+    make_parser,
+    non_negative_float,
+    output_file,
+    positive_float,
+    positive_int,
+    resolve_device,
+    run,
+)
 
 __all__ = ["latent_coords_from", "main", "sample_latents"]
 
@@ -55,7 +77,8 @@ def latent_coords_from(source, *, sdf_resolution: int, downsample: int, tau: flo
         return torch.from_numpy(arr.astype(np.int32))
     from model.data.sdf import DEFAULT_MARGIN, DEFAULT_TAU, mesh_to_sparse_sdf
 
-    sample = mesh_to_sparse_sdf(os.fspath(path), sdf_resolution, tau=tau or DEFAULT_TAU, margin=margin or DEFAULT_MARGIN)
+    sample = mesh_to_sparse_sdf(os.fspath(path), sdf_resolution, tau=tau or DEFAULT_TAU,
+                                margin=margin or DEFAULT_MARGIN)
     if len(sample) == 0:
         raise ValueError(f"{path}: the mesh gives no voxel at resolution {sdf_resolution}")
     cells = np.unique(sample.coords.astype(np.int64) // downsample, axis=0)
@@ -85,40 +108,82 @@ def _encoder_for(args, meta: dict):
     return DinoV2Encoder.build(None, size=enc.get("size", "vitl14"), seed=int(enc.get("seed", 0)))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.cli.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("image", help="RGBA image, or RGB image with --mask")
-    p.add_argument("--mask", help="object mask for an RGB image (white = object)")
-    p.add_argument("--dit", required=True, help="DiT checkpoint (model.training.dit, or released weights with --config)")
-    p.add_argument("--config", help="DiT preset for checkpoints without a stored config (e.g. released_1024)")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA (default) or raw weights")
-    p.add_argument("--vae", required=True, help="VAE checkpoint")
-    p.add_argument("--vae-config", help="VAE config preset or JSON (when the checkpoint has none)")
-    p.add_argument("--coords", required=True, help="mesh file or .npy of latent coordinates [M, 3]")
-    p.add_argument("--out", required=True, help="output mesh (.glb/.obj/.ply)")
-    p.add_argument("--encoder", help="DINOv2-with-registers weights (folder or hub id, transformers format)")
-    p.add_argument("--steps", type=int, help="Euler steps (default 30 at 64^3 latents, 15 at 128^3)")
-    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
-    p.add_argument("--shift", type=float, help="timestep shift (default 6 at 64^3 latents, 8 at 128^3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, help="SDF resolution for voxelising a --coords mesh "
-                                                   "(default: the training data's)")
-    p.add_argument("--backend", choices=("kernels", "reference"), help="SSA backend (default: the checkpoint's)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--level", type=float, default=None, help="iso level of the extraction (default: extract's)")
-    args = p.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("model.cli.sample", __doc__)
+    p.add_argument("image", metavar="IMAGE", help="RGBA image, or RGB image with --mask")
+    p.add_argument("--mask", metavar="FILE", help="object mask of an RGB image, white = object (default: none)")
+    p.add_argument("--dit", required=True, metavar="CKPT",
+                   help="DiT checkpoint: a file, or the --out folder of python -m model.cli.train_dit (its "
+                        "checkpoints/last.safetensors); released weights with --config")
+    p.add_argument("--config", metavar="PRESET",
+                   help="DiT preset for checkpoints without a stored configuration, e.g. released_1024 "
+                        "(default: the checkpoint's)")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="sample with the raw weights (default: the moving average of the weights, when stored)")
+    p.add_argument("--vae", required=True, metavar="CKPT",
+                   help="VAE checkpoint: a file, or the --out folder of python -m model.cli.train_vae")
+    p.add_argument("--vae-config", metavar="PRESET_OR_JSON",
+                   help="VAE configuration preset or JSON file, for checkpoints without one (default: the "
+                        "checkpoint's)")
+    p.add_argument("--coords", required=True, metavar="MESH_OR_NPY",
+                   help="where the shape's latent voxels are: a mesh (voxelised) or a .npy of latent coordinates "
+                        "[M, 3]")
+    add_out(p, "output mesh file (.glb, .obj, .ply, .stl or .off); OUT.sdf.npz and OUT.latent.npz are written "
+               "beside it")
+    p.add_argument("--encoder", metavar="PATH_OR_ID",
+                   help="DINOv2-with-registers weights, a folder or hub id (default: the random encoder the DiT "
+                        "was trained with)")
+    p.add_argument("--steps", type=positive_int, metavar="N",
+                   help="Euler steps (default 30 at 64^3 latents, 15 at 128^3)")
+    p.add_argument("--guidance", type=non_negative_float, default=7.0, metavar="G",
+                   help="classifier-free guidance scale (default %(default)g)")
+    p.add_argument("--shift", type=positive_float, help="timestep shift (default 6 at 64^3 latents, 8 at 128^3)")
+    add_seed(p, what="noise seed")
+    p.add_argument("--resolution", type=positive_int, metavar="R",
+                   help="SDF grid side for voxelising a --coords mesh (default: the training data's)")
+    p.add_argument("--backend", choices=("auto", "kernels", "reference"), default="auto",
+                   help="SSA backend: auto is the Triton kernels on CUDA and the dense reference on the CPU "
+                        "(default %(default)s)")
+    add_device(p)
+    p.add_argument("--level", type=float, default=None,
+                   help="iso level of the mesh extraction (default: model.pipeline.extract's, 0)")
+    add_no_progress(p)
+    return p
 
+
+def _outputs(args):
+    out = Path(args.out)
+    return [out, out.with_suffix(".latent.npz"), out.with_suffix(".sdf.npz")]
+
+
+def main(argv=None) -> int:
+    return run(build_parser(), _main, argv, outputs=_outputs)
+
+
+def _main(args) -> int:
     from model.nets.dit import DiTConfig, load_dit
-    from model.training.common import resolve_device
     from model.training.dit_data import data_params, load_vae
 
+    existing_file("IMAGE", args.image, "image file")
+    if args.mask:
+        existing_file("--mask", args.mask, "mask image")
+    existing_file("--coords", args.coords, "mesh or .npy file")
+    dit_path = checkpoint_file("--dit", args.dit)
+    vae_path = checkpoint_file("--vae", args.vae)
+    out = output_file("--out", args.out)
     device = resolve_device(args.device)
-    config = DiTConfig.preset(args.config) if args.config else None
-    model, meta = load_dit(args.dit, config=config, weights=args.weights, device="cpu", return_meta=True)
-    if args.backend:
-        model.set_mode(backend=args.backend)
+    try:
+        config = DiTConfig.preset(args.config) if args.config else None
+    except ValueError as exc:
+        raise UserError(f"--config: {exc}") from None
+    with loading("--dit", args.dit):
+        model, meta = load_dit(dit_path, config=config, weights="ema" if args.ema else "model", device="cpu",
+                               return_meta=True)
+    model.set_mode(backend=("kernels" if device.type == "cuda" else "reference") if args.backend == "auto"
+                   else args.backend)
     model = model.to(device)
-    vae = load_vae(args.vae, config=args.vae_config, device=device)
+    with loading("--vae", args.vae):
+        vae = load_vae(vae_path, config=args.vae_config, device=device)
     latent_res = int(meta.get("latent_resolution") or model.config.resolution)
     sdf_res = args.resolution or latent_res * vae.config.downsample_factor
     steps = args.steps or (30 if latent_res <= 64 else 15)
@@ -130,16 +195,16 @@ def main(argv=None) -> int:
     tau, margin = data_params(vae)
     coords = latent_coords_from(args.coords, sdf_resolution=sdf_res, downsample=vae.config.downsample_factor,
                                 tau=tau, margin=margin)
-    print(f"sampling {coords.shape[0]} latent tokens, {steps} steps, guidance {args.guidance}, shift {shift}")
+    print(f"sampling {coords.shape[0]} latent tokens, {steps} steps, guidance {args.guidance:g}, shift {shift:g} "
+          f"on {describe_device(device)}")
     z = sample_latents(model, coords, cond, steps=steps, guidance=args.guidance, shift=shift, seed=args.seed,
-                       device=device, progress=True)
+                       device=device, progress=args.progress)
     stats = meta.get("latent_stats")
     feats = z.feats
     if stats:
         feats = feats * torch.tensor(stats["std"], device=device) + torch.tensor(stats["mean"], device=device)
-    from model.data.dataset import atomic_save_npz
+    from model.io import atomic_save_npz
 
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_npz(out.with_suffix(".latent.npz"), {"coords": coords.numpy(), "latent": feats.cpu().numpy()})
     with torch.no_grad():

@@ -4,9 +4,9 @@
   each (mesh, resolution) into a sample once with :func:`model.data.sdf.mesh_to_sparse_sdf`, and keeps it as one
   compressed ``.npz`` in ``cache_dir``. The file name carries a cache key: a hash of the mesh file's resolved path,
   size and modification time, the resolution, ``tau``, ``margin``, the sharp-edge parameters and the sample format
-  version, so editing the mesh or changing a parameter makes a new entry. Files are written to a temporary file in
-  the same folder, flushed, then renamed over the final name with ``os.replace`` (atomic on POSIX), so a reader never
-  sees a half-written file and a crash leaves no partial entry.
+  version, so editing the mesh or changing a parameter makes a new entry. Files are written atomically
+  (:func:`model.io.atomic_save_npz`: a temporary file in the same folder, fsynced, then renamed over the final name
+  with ``os.replace``), so a reader never sees a half-written file and a crash leaves no partial entry.
 * Items are ``dict(coords=int32 [M, 3], sdf=float32 [M], sharp=bool [M], resolution=int, name=str, index=int)``
   (torch tensors). ``sdf`` is ``sdf_voxels / tau`` in (-1, 1) by default (``sdf_units="tau"``, the VAE's tanh target)
   or the signed distance in voxels (``sdf_units="voxel"``). ``dataset[i]`` picks one of ``resolutions`` at random,
@@ -35,6 +35,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from model.io import atomic_save_npz  # noqa: F401  (re-exported: the cache writer; its home is model.io)
+
 from .meshes import MESH_EXTENSIONS, find_meshes
 from .sdf import (
     DEFAULT_MARGIN,
@@ -45,7 +47,6 @@ from .sdf import (
     MeshError,
     SparseSDF,
     _check_tau,
-    atomic_save_npz,  # noqa: F401  (re-exported: the cache writer)
     compute_and_store,
     load_sample,
     prepare_sample_file,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 #: File extensions (lower case) recognised as meshes.
@@ -110,20 +111,27 @@ def export_pybullet_meshes(dest, count: int = 150, *, overwrite: bool = False) -
     return out
 
 
-def main(argv=None) -> int:
+def build_parser():
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m model.data.meshes",
                                  description="List the meshes available offline, or copy pybullet's into a folder.")
-    ap.add_argument("--export", metavar="DIR", help="copy the first --count pybullet objects into DIR as NNN.obj")
+    ap.add_argument("--export", metavar="DIR", help="copy the first --count pybullet objects into DIR as NNN.obj "
+                                                    "(needs pybullet: pip install -e '.[meshes]'; default: list the "
+                                                    "meshes available instead)")
     ap.add_argument("--count", type=int, default=150, help="how many pybullet objects to export (default 150)")
     ap.add_argument("--overwrite", action="store_true", help="replace files already in DIR")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.export:
         try:
             paths = export_pybullet_meshes(args.export, args.count, overwrite=args.overwrite)
         except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}")
+            print(f"{ap.prog}: error: --export: {exc}", file=sys.stderr)
             return 2
         size = sum(p.stat().st_size for p in paths)
         print(f"{len(paths)} meshes in {args.export} ({size / 1e6:.1f} MB)")

@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
+
+from model.io import atomic_write
 
 __all__ = ["BACKENDS", "camera_poses", "normalized_vertices", "render_views", "save_rgba"]
 
@@ -191,17 +192,11 @@ def render_views(mesh, *, num_views: int = 4, size: int = 518, elevation: float 
 
 
 def save_rgba(path, rgba: np.ndarray) -> None:
-    """Write ``rgba [H, W, 4] uint8`` as a PNG atomically (temporary file + ``os.replace``)."""
+    """Write ``rgba [H, W, 4] uint8`` as a PNG atomically (:func:`model.io.atomic_write`)."""
     from PIL import Image
 
     rgba = np.asarray(rgba)
     if rgba.ndim != 3 or rgba.shape[2] != 4 or rgba.dtype != np.uint8:
         raise ValueError(f"rgba must be a [H, W, 4] uint8 array, got {rgba.shape} {rgba.dtype}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(rgba, "RGBA").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    image = Image.fromarray(rgba, "RGBA")
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -64,12 +64,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import trimesh
+
+from model.io import atomic_save_npz, atomic_write_text
 
 #: Largest bounding-box side of a normalised mesh, as a fraction of the unit cube's side.
 DEFAULT_MARGIN = 0.95
@@ -653,30 +654,6 @@ def resample(sample: SparseSDF, mesh: Any, resolution: int, *, normalize: bool =
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path, write, mode: str) -> None:
-    """Call ``write(file)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it over ``path``
-    with ``os.replace`` (atomic on POSIX). On any error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_save_npz(path, arrays: dict) -> None:
-    """Write ``arrays`` as a compressed ``.npz`` at ``path`` atomically (temporary file + ``os.replace``)."""
-    _atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays), "wb")
-
-
 def save_sample(sample: SparseSDF, path) -> None:
     """Store ``sample`` at ``path`` (compressed ``.npz``, written atomically)."""
     atomic_save_npz(path, sample.to_arrays())
@@ -700,7 +677,7 @@ def compute_and_store(mesh_path, resolution: int, params: dict, out_path) -> Spa
             raise MeshError(f"{mesh_path}: no voxel lies within the band")
     except MeshError as exc:
         msg = str(exc) if os.fspath(mesh_path) in str(exc) else f"{mesh_path}: {exc}"
-        _atomic_write(out_path.with_suffix(".failed"), lambda fh: fh.write(msg), "w")
+        atomic_write_text(out_path.with_suffix(".failed"), msg)
         raise MeshError(msg) from exc
     save_sample(s, out_path)
     return s

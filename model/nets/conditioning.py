@@ -3,7 +3,8 @@
 
 Preprocessing (RELEASED_MODEL.md A.5), :func:`preprocess_image`:
 
-1. an RGBA image (its alpha is the object mask), or an RGB image plus a separate mask file (:func:`load_image`);
+1. an RGBA image (its alpha is the object mask), or an RGB image plus a separate mask file (:func:`load_image`;
+   every image file the library reads is opened by :func:`open_image`);
    anything else raises ``ValueError`` (this project has no background remover: the released pipeline runs
    BiRefNet for RGB input, which needs weights no machine here can fetch);
 2. crop to the inclusive bounding box of ``alpha > 0`` (the whole image when fewer than 0.1% of pixels pass);
@@ -47,10 +48,13 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DinoV2Encoder",
+    "ImageFileError",
+    "MissingImageError",
     "PreprocessedImage",
     "dense_condition",
     "dinov2_vitl14_reg_config",
     "load_image",
+    "open_image",
     "preprocess_image",
     "sparse_condition",
     "tiny_dinov2_config",
@@ -84,15 +88,57 @@ def _pil():
     return Image
 
 
+class ImageFileError(ValueError, OSError):
+    """An image file that cannot be read (not an image PIL can open). A ``ValueError`` (bad input) and an
+    ``OSError`` (what PIL raises for such a file)."""
+
+
+class MissingImageError(ImageFileError, FileNotFoundError):
+    """An image path that names no file. Also a ``FileNotFoundError``."""
+
+
+def open_image(source, name: str = "image"):
+    """The ``PIL.Image`` of ``source``: the library's one opener of image files (:func:`load_image` here and
+    :func:`model.pipeline.images.load_rgba` of the cascade both go through it).
+
+    ``source``: a path (the file is opened and fully read), a ``PIL.Image`` (returned as is), or a uint8 array
+    ``[H, W, 3]`` (RGB) / ``[H, W, 4]`` (RGBA). The image keeps its mode; callers convert.
+
+    Raises :class:`MissingImageError` for a path that is no file, :class:`ImageFileError` for a file PIL cannot read,
+    ``ValueError`` for an array of another dtype or shape and ``TypeError`` for other argument types; every message
+    starts with ``name``.
+    """
+    Image = _pil()
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] not in (3, 4):
+            raise ValueError(f"{name}: an array must be uint8 [H, W, 3] (RGB) or [H, W, 4] (RGBA), got "
+                             f"{source.dtype} {source.shape}")
+        return Image.fromarray(source, "RGBA" if source.shape[2] == 4 else "RGB")
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise MissingImageError(f"{name}: file {path!r} does not exist")
+        try:
+            img = Image.open(path)
+            img.load()
+        except OSError as exc:  # PIL.UnidentifiedImageError is an OSError
+            raise ImageFileError(f"{name}: {path!r} is not an image PIL can read ({exc})") from exc
+        return img
+    raise TypeError(f"{name} must be a path, a PIL.Image or a uint8 array [H, W, 3|4], got {type(source).__name__}")
+
+
 def load_image(image, mask=None):
-    """An RGBA ``PIL.Image`` from ``image`` (a path or a PIL image) and, for RGB input, ``mask`` (a path or a PIL
-    image: its luminance, or its alpha when it has one, is the object mask; same size as the image).
+    """An RGBA ``PIL.Image`` from ``image`` (a path, a PIL image or a uint8 array, :func:`open_image`) and, for RGB
+    input, ``mask`` (the same kinds: its luminance, or its alpha when it has one, is the object mask; same size as
+    the image).
 
     Raises ``ValueError`` for an RGB image without a mask, an RGBA image with a mask (ambiguous), mismatched sizes or
     an unsupported image mode; ``FileNotFoundError`` for a missing file; ``TypeError`` for other argument types.
     """
     Image = _pil()
-    img = _open(image, "image")
+    img = open_image(image, "image")
     has_alpha = img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         if mask is not None:
@@ -104,7 +150,7 @@ def load_image(image, mask=None):
         raise ValueError(
             f"image has no alpha channel (mode {img.mode}) and no mask was given: pass an RGBA image, or the object "
             "mask as a separate file (mask=...; white = object); there is no background remover here")
-    m = _open(mask, "mask")
+    m = open_image(mask, "mask")
     if m.size != img.size:
         raise ValueError(f"mask is {m.size[0]}x{m.size[1]} but the image is {img.size[0]}x{img.size[1]}")
     if m.mode in _ALPHA_MODES:
@@ -117,19 +163,6 @@ def load_image(image, mask=None):
     rgba = img.convert("RGB").convert("RGBA")
     rgba.putalpha(m)
     return rgba
-
-
-def _open(source, name: str):
-    Image = _pil()
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"{name} file {os.fspath(source)} does not exist")
-        img = Image.open(source)
-        img.load()
-        return img
-    raise TypeError(f"{name} must be a path or a PIL.Image, got {type(source).__name__}")
 
 
 @dataclass

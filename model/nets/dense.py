@@ -44,6 +44,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.nets.dit import BLOCK_NORM_EPS, FINAL_NORM_EPS, Condition, TimestepEmbedder
+from model.nets.fused import norm_modulate
+from model.sparse.tensor import SparseTensor
 from model.sparse.layers import FeedForward, FP32LayerNorm, sincos_position_embedding
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "DenseDiTBlock",
     "DenseDiTConfig",
     "DenseShapeVAE",
+    "DenseTokenVelocity",
     "DenseVAEConfig",
     "pixel_shuffle_3d",
 ]
@@ -417,6 +420,11 @@ class DenseCrossAttention(nn.Module):
                                            attn_mask=attn_mask)
         return self.to_out(o.transpose(1, 2).reshape(b, n, c))
 
+    def null_output(self) -> torch.Tensor:
+        """``[C]``: the output for an all-zero condition (every key is the key bias: uniform weights, the value
+        bias attended), as :meth:`model.nets.dit.CrossAttention.null_output`."""
+        return self.to_out(self.to_kv.bias[self.to_q.out_features:])
+
 
 class DenseDiTBlock(nn.Module):
     """One block: ``norm1``/``norm3`` (no parameters), ``self_attn``, ``norm2``, ``cross_attn``, ``mlp.mlp.{0,2}``,
@@ -434,11 +442,32 @@ class DenseDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
 
     def forward(self, h: torch.Tensor, t_emb: torch.Tensor, context: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, null_from: int | None = None) -> torch.Tensor:
+        """``null_from``: batch elements from this index on have an all-zero condition: they add
+        :meth:`DenseCrossAttention.null_output` instead of attending (None: every element attends)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(t_emb).unsqueeze(1).chunk(6, -1)
-        h = h + gate_a * self.self_attn(self.norm1(h) * (1 + scale_a) + shift_a)
-        h = h + self.cross_attn(self.norm2(h), context, mask)
-        return h + gate_m * self.mlp(self.norm3(h) * (1 + scale_m) + shift_m)
+        h = torch.addcmul(h, gate_a, self.self_attn(_norm_modulate(self.norm1, h, shift_a, scale_a)))
+        if null_from is None:
+            h = h + self.cross_attn(_norm_modulate(self.norm2, h), context, mask)
+        else:
+            head = h[:null_from]
+            attended = self.cross_attn(_norm_modulate(self.norm2, head), context[:null_from],
+                                       None if mask is None else mask[:null_from])
+            h = torch.cat([head + attended, h[null_from:] + self.cross_attn.null_output().to(h.dtype)])
+        return torch.addcmul(h, gate_m, self.mlp(_norm_modulate(self.norm3, h, shift_m, scale_m)))
+
+
+def _norm_modulate(norm: nn.Module, h: torch.Tensor, shift: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`model.nets.fused.norm_modulate` on ``h [B, N, C]`` with per-element ``shift, scale [B, 1, C]``."""
+    b, n, c = h.shape
+    if shift is None:
+        return norm_modulate(norm, h.reshape(b * n, c)).view(b, n, c)
+    if b == 1:
+        return norm_modulate(norm, h.reshape(n, c), shift.reshape(1, c), scale.reshape(1, c)).view(b, n, c)
+    batch_index = torch.arange(b, device=h.device).repeat_interleave(n)
+    return norm_modulate(norm, h.reshape(b * n, c), shift.reshape(b, c), scale.reshape(b, c),
+                         batch_index).view(b, n, c)
 
 
 def dense_position_embedding(resolution: int, channels: int, device=None) -> torch.Tensor:
@@ -481,7 +510,10 @@ class DenseDiT(nn.Module):
         nn.init.zeros_(self.out_layer.weight)
         nn.init.zeros_(self.out_layer.bias)
 
-    def forward(self, x: torch.Tensor, t, cond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, cond, *, null_from: int | None = None) -> torch.Tensor:
+        """``null_from``: batch elements from this index on carry an all-zero condition (their cross-attention is
+        the constant :meth:`DenseCrossAttention.null_output`; :meth:`guided_velocity`). A ``Condition`` marked
+        ``null`` does the same for every element; both only when no gradient is recorded."""
         cfg = self.config
         r = cfg.resolution
         if x.dim() != 5 or tuple(x.shape[1:]) != (cfg.in_channels, r, r, r):
@@ -498,6 +530,10 @@ class DenseDiT(nn.Module):
             raise ValueError(f"cond has batch size {context.shape[0]} but x has {b}")
         context = context.expand(b, -1, -1)
         mask = None if mask is None or bool(mask.all()) else mask.expand(b, -1)
+        if torch.is_grad_enabled():
+            null_from = None
+        elif cond.null:
+            null_from = 0
         h = self.input_layer(x.flatten(2).transpose(1, 2))
         h = h + self.pos_emb.to(h.dtype)
         t_emb = self.t_embedder(t.expand(b))
@@ -506,9 +542,74 @@ class DenseDiT(nn.Module):
                 h = checkpoint(block, h, t_emb, context.to(h.dtype), mask,
                                                       use_reentrant=False)
             else:
-                h = block(h, t_emb, context.to(h.dtype), mask)
+                h = block(h, t_emb, context.to(h.dtype), mask, null_from)
         cdt = torch.promote_types(h.dtype, torch.float32)
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = F.layer_norm(h.to(cdt), (h.shape[-1],), eps=FINAL_NORM_EPS).to(h.dtype)
         out = self.out_layer(h)  # [B, R^3, C_out]
         return out.transpose(1, 2).reshape(b, cfg.out_channels, r, r, r)
+
+    @torch.no_grad()
+    def guided_velocity(self, x: torch.Tensor, t, cond, guidance: float) -> torch.Tensor:
+        """Classifier-free guidance ``v_u + guidance * (v_c - v_u)`` against the zeroed condition, as one forward
+        over ``[x; x]`` whose second half skips the cross-attention (:meth:`forward`'s ``null_from``). ``x [B, C,
+        R, R, R]`` -> float32 ``[B, C, R, R, R]``."""
+        cond = cond if isinstance(cond, Condition) else Condition(cond)
+        b = x.shape[0]
+        tokens = cond.tokens.expand(b, -1, -1)
+        mask = None if cond.mask is None else cond.mask.expand(b, -1)
+        pair = Condition(torch.cat([tokens, tokens]), None if mask is None else torch.cat([mask, mask]))
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        t = (t.expand(b) if t.shape[0] == 1 else t).repeat(2)
+        v = self(torch.cat([x, x]), t, pair, null_from=b).float()
+        v_c, v_u = v[:b], v[b:]
+        return v_u + guidance * (v_c - v_u)
+
+
+class DenseTokenVelocity(nn.Module):
+    """The dense DiT seen by :func:`model.flow.euler_sample` (the cascade's dense stage): the ``[C, R, R, R]``
+    latent as ``R^3`` tokens in raster order (x-major, z fastest), ``feats [R^3, C]``; guided steps as one batched
+    forward, optionally replayed from a CUDA graph (:meth:`guided_velocity`)."""
+
+    def __init__(self, dit: nn.Module, *, cuda_graph: bool = False):
+        super().__init__()
+        self.dit = dit
+        self.cuda_graph = cuda_graph
+        self._graph = None
+
+    def forward(self, x: SparseTensor, t, cond) -> SparseTensor:
+        r, ch = self.dit.config.resolution, x.num_channels
+        v = self.dit(x.feats.t().reshape(1, ch, r, r, r), t, cond)
+        return x.replace(v.reshape(ch, -1).t())
+
+    @torch.no_grad()
+    def guided_velocity(self, x: SparseTensor, t, cond, guidance: float, *, batched: bool = True) -> SparseTensor:
+        """The guided velocity as one batched forward (:meth:`model.nets.dense.DenseDiT.guided_velocity`), replayed
+        from a CUDA graph when ``cuda_graph`` (every step has the same shapes: the 4,096-token forward is short
+        enough for kernel launches to dominate it otherwise)."""
+        r, ch = self.dit.config.resolution, x.num_channels
+        latent = x.feats.t().reshape(1, ch, r, r, r)
+        if self.cuda_graph and latent.is_cuda:
+            v = self._replay(latent, t, cond, guidance)
+        else:
+            v = self.dit.guided_velocity(latent, t, cond, guidance)
+        return x.replace(v.reshape(ch, -1).t())
+
+    def _replay(self, latent: torch.Tensor, t, cond, guidance: float) -> torch.Tensor:
+        t = torch.as_tensor(t, device=latent.device, dtype=torch.float32).reshape(-1)
+        if self._graph is None:
+            static = (latent.clone(), t.clone())
+            side = torch.cuda.Stream(latent.device)
+            side.wait_stream(torch.cuda.current_stream(latent.device))
+            with torch.cuda.stream(side):  # warm-up outside the capture: Triton compilation, library handles
+                for _ in range(2):
+                    self.dit.guided_velocity(*static, cond, guidance)
+            torch.cuda.current_stream(latent.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.dit.guided_velocity(*static, cond, guidance)
+            self._graph, self._static, self._out = graph, static, out
+        self._static[0].copy_(latent)
+        self._static[1].copy_(t)
+        self._graph.replay()
+        return self._out.clone()

@@ -36,11 +36,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from ssa_kernels.layout import layout_order
@@ -52,6 +53,7 @@ from model.sparse.layers import (
     check_pool_mode,
     sincos_position_embedding,
 )
+from model.nets.fused import norm_modulate
 from model.sparse.tensor import SparseTensor
 from model.nets.ssa_layer import (
     ATTENTION_MODES,
@@ -232,12 +234,20 @@ class Condition:
     ``tokens [B, L, Cc]``; ``mask [B, L]`` bool (True = real token) or None (all real); ``positions [B, L, 3]``
     (sparse conditioning: class/register tokens at (0, 0, 1), patch tokens at (column, row, 0)) or None.
     The unconditional input of classifier-free guidance is :meth:`zeros_like` (zeroed tokens, same mask and
-    positions: the released sampler passes an all-zero tensor of the condition's shape).
+    positions: the released sampler passes an all-zero tensor of the condition's shape). It is marked ``null``:
+    with zero tokens every cross-attention key is the projection's bias, so the softmax is uniform and the
+    attention output is the value bias whatever the query; :class:`SparseDiT` then adds that constant instead of
+    attending (the same result up to rounding, without the ``N x L`` scores).
+
+    ``cache``: per-condition storage the DiT fills during sampling (the condition tokens' key/value projections of
+    every block, computed once per sampling run instead of once per step); never saved, not compared.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    null: bool = False
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.tokens, torch.Tensor) or self.tokens.dim() != 3:
@@ -255,7 +265,7 @@ class Condition:
         return self.tokens.shape[0]
 
     def zeros_like(self) -> "Condition":
-        return Condition(torch.zeros_like(self.tokens), self.mask, self.positions)
+        return Condition(torch.zeros_like(self.tokens), self.mask, self.positions, null=True)
 
     def drop(self, keep: torch.Tensor) -> "Condition":
         """Zero the tokens of the batch elements where ``keep [B]`` is False (condition dropout for CFG)."""
@@ -356,21 +366,26 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(cond_channels, 2 * channels)
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, h: torch.Tensor, offsets: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
-                cache: dict | None = None) -> torch.Tensor:
-        n = h.shape[0]
+    def project_context(self, context: torch.Tensor) -> torch.Tensor:
+        """Keys and values of the condition tokens: ``context [B, L, Cc] -> [B, L, 2, H, D]``."""
         b, length = context.shape[:2]
+        return self.to_kv(context).view(b, length, 2, self.num_heads, self.channels // self.num_heads)
+
+    def null_output(self) -> torch.Tensor:
+        """``[C]``: the output for an all-zero condition (every key equals the key bias, so the attention weights
+        are uniform and the attended value is the value bias): ``to_out(value bias)``."""
+        return self.to_out(self.to_kv.bias[self.channels:])
+
+    def forward(self, h: torch.Tensor, offsets: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+                cache: dict | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
+        """``kv``: :meth:`project_context` of ``context`` when already computed."""
+        n = h.shape[0]
         d = self.channels // self.num_heads
         q = self.to_q(h).view(n, self.num_heads, d)
-        kv = self.to_kv(context).view(b, length, 2, self.num_heads, d)
+        kv = self.project_context(context) if kv is None else kv
         o = dense_attention(q, kv[:, :, 0], kv[:, :, 1], offsets, kv_mask=mask, cache=cache,
                             cache_key="dit_cross_attention")
         return self.to_out(o.reshape(n, self.channels))
-
-
-def _per_token(mod: torch.Tensor, batch_index: torch.Tensor | None) -> torch.Tensor:
-    """Per-batch-element ``mod [B, C]`` -> per token: broadcast ``[1, C]`` for one element, else ``[N, C]``."""
-    return mod if batch_index is None else mod.index_select(0, batch_index)
 
 
 class SparseDiTBlock(nn.Module):
@@ -398,15 +413,81 @@ class SparseDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
 
     def forward(self, x: SparseTensor, h: torch.Tensor, t_emb: torch.Tensor, context: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cross: "CrossPlan | None" = None) -> torch.Tensor:
+        """``cross``: which rows attend to the condition (:class:`CrossPlan`; None: all of them)."""
         bidx = x.batch_index if t_emb.shape[0] > 1 else None
-        mods = self.adaLN_modulation(t_emb).chunk(6, dim=1)
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (_per_token(m, bidx) for m in mods)
-        u = self.norm1(h) * (1 + scale_a) + shift_a
-        h = h + gate_a * self.self_attn(x.replace(u)).feats
-        h = h + self.cross_attn(self.norm2(h), x.offsets, context, mask, cache=x.cache)
-        u = self.norm3(h) * (1 + scale_m) + shift_m
-        return h + gate_m * self.mlp(u)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(t_emb).chunk(6, dim=1)
+        with record_function("dit.norm"):
+            u = norm_modulate(self.norm1, h, shift_a, scale_a, bidx)
+        with record_function("dit.self_attn"):
+            o = self.self_attn(x.replace(u)).feats
+        with record_function("dit.residual"):
+            h = _gated_add(h, gate_a, o, bidx)
+        with record_function("dit.cross_attn"):
+            h = self._cross_attention(x, h, context, mask, cross)
+        with record_function("dit.norm"):
+            u = norm_modulate(self.norm3, h, shift_m, scale_m, bidx)
+        with record_function("dit.mlp"):
+            o = _token_chunks(self.mlp, u)
+        with record_function("dit.residual"):
+            return _gated_add(h, gate_m, o, bidx)
+
+    def _cross_attention(self, x: SparseTensor, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+                         cross: "CrossPlan | None") -> torch.Tensor:
+        """``h + CrossAttn(LN2(h))``; rows past ``cross.rows`` (an all-zero condition) add the constant
+        :meth:`CrossAttention.null_output` instead."""
+        rows = h.shape[0] if cross is None else cross.rows
+        kv = None
+        if cross is not None and cross.kv is not None and rows:
+            w, b = self.cross_attn.to_kv.weight, self.cross_attn.to_kv.bias
+            key = (id(self), w._version, b._version)  # stale after any in-place weight update
+            kv = cross.kv.get(key)
+            if kv is None:
+                kv = cross.kv[key] = self.cross_attn.project_context(context[:cross.batch])
+        if rows == h.shape[0]:
+            return h + self.cross_attn(norm_modulate(self.norm2, h), x.offsets, context, mask, cache=x.cache, kv=kv)
+        out = h + self.cross_attn.null_output().to(h.dtype)
+        if rows:
+            head = h[:rows]
+            attended = self.cross_attn(norm_modulate(self.norm2, head), cross.offsets, context[:cross.batch],
+                                       None if mask is None else mask[:cross.batch], cache=cross.cache, kv=kv)
+            out = torch.cat([head + attended, out[rows:]])
+        return out
+
+
+#: Rows per chunk of the MLP when no gradient is recorded: the 4x-wide hidden layer of 137k tokens alone is 1.1 GB in
+#: bfloat16; chunks keep the sampling peak at a few hundred MB for it (the MLP is per token, so chunking is exact).
+MLP_CHUNK_ROWS = 65536
+
+
+def _token_chunks(fn, u: torch.Tensor) -> torch.Tensor:
+    """``fn(u)`` for a per-token ``fn``, in chunks of :data:`MLP_CHUNK_ROWS` rows when no gradient is recorded."""
+    if torch.is_grad_enabled() or u.shape[0] <= MLP_CHUNK_ROWS:
+        return fn(u)
+    return torch.cat([fn(part) for part in u.split(MLP_CHUNK_ROWS)])
+
+
+def _gated_add(h: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, batch_index: torch.Tensor | None) -> torch.Tensor:
+    """``h + gate * o`` in one kernel (``torch.addcmul``); ``gate [B, C]`` per batch element (``batch_index``)."""
+    if batch_index is not None:
+        gate = gate.index_select(0, batch_index)
+    return torch.addcmul(h, gate, o)
+
+
+@dataclass
+class CrossPlan:
+    """Cross-attention of one forward when some batch elements carry an all-zero (``null``) condition.
+
+    The conditioned elements come first: rows ``[0, rows)`` (elements ``[0, batch)``, CSR ``offsets``) attend to
+    the condition; the remaining rows get :meth:`CrossAttention.null_output`. ``kv``: the condition's key/value
+    projections per cross-attention module (``id(module)``), or empty; ``cache``: padding plans of the head rows.
+    """
+
+    rows: int
+    batch: int
+    offsets: torch.Tensor
+    kv: dict
+    cache: dict
 
 
 class SparseDiT(nn.Module):
@@ -534,21 +615,90 @@ class SparseDiT(nn.Module):
             t = t.expand(batch)
         xs, perm = self.to_layout_order(x)
         context, mask = self._context(cond, batch, x.device)
+        cross = self._cross_plan(xs, cond)
+        h = self._blocks(xs, t, context, mask, cross)
+        return x.replace(self._output(h, perm))
+
+    def _blocks(self, xs: SparseTensor, t: torch.Tensor, context: torch.Tensor, mask, cross) -> torch.Tensor:
+        """Input layer, position embedding and the blocks: the residual stream ``[N, C]`` in layout order."""
         h = self.input_layer(xs.feats)
         h = h + self.pos_embedder(xs)
         t_emb = self.t_embedder(t)
         for block in self.blocks:
             if self.config.use_checkpoint and torch.is_grad_enabled():
-                h = checkpoint(block, xs, h, t_emb, context, mask, use_reentrant=False)
+                h = checkpoint(block, xs, h, t_emb, context, mask, cross, use_reentrant=False)
             else:
-                h = block(xs, h, t_emb, context, mask)
+                h = block(xs, h, t_emb, context, mask, cross)
+        return h
+
+    def _output(self, h: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+        """Final parameter-free layer norm and ``out_layer``, rows back in the caller's order."""
         cdt = torch.promote_types(h.dtype, torch.float32)
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = F.layer_norm(h.to(cdt), (h.shape[-1],), eps=FINAL_NORM_EPS).to(h.dtype)
         out = self.out_layer(h)
         if perm is not None:
             out = torch.empty_like(out).index_copy_(0, perm, out)
-        return x.replace(out)
+        return out
+
+    def _cross_plan(self, xs: SparseTensor, cond) -> CrossPlan | None:
+        """How the blocks treat the condition (:class:`CrossPlan`): None (attend everywhere, nothing kept) while
+        training; during sampling the key/value projections are kept on the :class:`Condition` and an all-zero
+        condition (``Condition.null``, not with v1.0's sparse conditioning, whose projected tokens are not zero)
+        becomes a constant (:meth:`guided_velocity` builds the plan of a batched guided step itself)."""
+        if torch.is_grad_enabled() or not isinstance(cond, Condition):
+            return None
+        kv = cond.cache.setdefault(("dit_cross_kv", id(self)), {})
+        if cond.null and not self.config.sparse_conditions:
+            return CrossPlan(rows=0, batch=0, offsets=None, kv=None, cache={})
+        return CrossPlan(rows=xs.num_voxels, batch=xs.batch_size, offsets=xs.offsets, kv=kv, cache=xs.cache)
+
+    @torch.no_grad()
+    def guided_velocity(self, x: SparseTensor, t, cond, guidance: float, uncond=None, *,
+                        batched: bool = True) -> SparseTensor:
+        """Classifier-free guidance: ``v_u + guidance * (v_c - v_u)`` of the condition ``cond`` and ``uncond``
+        (default :meth:`Condition.zeros_like`), as a SparseTensor on ``x``'s coordinates (float32 features).
+
+        ``batched``: one forward over both (each batch element twice: conditioned, then unconditioned, sharing the
+        coordinates; the doubled coordinate set and its block layout are built once and kept in ``x.cache``);
+        otherwise two forwards. With a zeroed (``null``) ``uncond`` the unconditioned rows skip the cross-attention
+        (see :class:`Condition`)."""
+        if not isinstance(x, SparseTensor):
+            raise TypeError(f"x must be a SparseTensor, got {type(x).__name__}")
+        cond = cond if isinstance(cond, Condition) else Condition(cond)
+        uncond = cond.zeros_like() if uncond is None else (uncond if isinstance(uncond, Condition)
+                                                           else Condition(uncond))
+        if not batched or not uncond.null or self.config.sparse_conditions:
+            v_c = self(x, t, cond).feats.float()
+            v_u = self(x, t, uncond).feats.float()
+            return x.replace(v_u + guidance * (v_c - v_u))
+        batch = x.batch_size
+        pair_coords, pair_cache = self._guidance_pair(x)
+        pair = SparseTensor(pair_coords, torch.cat([x.feats, x.feats]), batch_size=2 * batch,
+                            resolution=x.resolution, cache=pair_cache, validate=False)
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        t = (t.expand(batch) if t.shape[0] == 1 else t).repeat(2)
+        xs, perm = self.to_layout_order(pair)
+        context, mask = self._context(cond, batch, x.device)
+        context = torch.cat([context, context])  # the unconditioned half never reads it (null rows)
+        mask = None if mask is None else torch.cat([mask, mask])
+        head_offsets = xs.offsets[:batch + 1]
+        kv = cond.cache.setdefault(("dit_cross_kv", id(self)), {})
+        cross = CrossPlan(rows=x.num_voxels, batch=batch, offsets=head_offsets, kv=kv,
+                          cache=xs.cache.setdefault("dit_guidance_head", {}))
+        h = self._blocks(xs, t, context, mask, cross)
+        v = self._output(h, perm).float()
+        v_c, v_u = v[:x.num_voxels], v[x.num_voxels:]
+        return x.replace(v_u + guidance * (v_c - v_u))
+
+    def _guidance_pair(self, x: SparseTensor) -> tuple[torch.Tensor, dict]:
+        """Coordinates of ``x`` twice (batch ``b`` and ``b + B``) and their cache, built once per coordinate set."""
+        key = "dit_guidance_pair"
+        if key not in x.cache:
+            shifted = x.coords.clone()
+            shifted[:, 0] += x.batch_size
+            x.cache[key] = (torch.cat([x.coords, shifted]), {})
+        return x.cache[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -560,7 +710,7 @@ def load_dit(path, *, config: DiTConfig | None = None, weights: str = "ema", dev
     """A :class:`SparseDiT` (eval mode) from a checkpoint file; with ``return_meta`` also the checkpoint's metadata
     document (``{}`` for files without one).
 
-    Accepted: a training checkpoint of ``model.training.dit`` (:func:`model.training.common.save_checkpoint` format; model
+    Accepted: a checkpoint of the DiT trainer (:func:`model.io.save_checkpoint` format; model
     weights under their names, EMA weights under ``ema.<name>``, the config in the metadata document under
     ``dit_config``; ``weights`` picks ``"ema"`` (default; the model weights when there is no EMA) or ``"model"``),
     a plain safetensors state dict with the released names (pass ``config``), or a released ``.ckpt``/``.pt`` torch
@@ -577,7 +727,7 @@ def load_dit(path, *, config: DiTConfig | None = None, weights: str = "ema", dev
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        from model.training.common import CHECKPOINT_FORMAT, load_checkpoint
+        from model.io import CHECKPOINT_FORMAT, load_checkpoint
 
         with safe_open(path, framework="pt") as fh:
             fmt = (fh.metadata() or {}).get("format")

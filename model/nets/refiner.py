@@ -384,12 +384,30 @@ def _ramp_weights(offsets: list[int], size: int, overlap: int, device, dtype) ->
     return out
 
 
+def _patch_bar(total: int, desc: str, progress: bool):
+    """A tqdm bar over ``total`` patches, or a stand-in that does nothing."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="patch", leave=False)
+
+    class _Quiet:
+        def update(self, n: int = 1) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    return _Quiet()
+
+
 @torch.no_grad()
 def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, feats: torch.Tensor, *,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+               dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
     """The 512 refiner over the whole grid: decoded voxels ``coords [N, 3]`` (x, y, z on the refiner's grid),
     ``sdf [N]`` and ``feats [N, F]`` -> refined dense field ``[R, R, R]`` (float32), from overlapping patches blended
-    linearly over their overlaps. Empty voxels read SDF 1 and features 0."""
+    linearly over their overlaps. Empty voxels read SDF 1 and features 0. ``progress``: a tqdm bar over the
+    patches."""
     cfg = refiner.config
     p, r = cfg.patch_size, cfg.resolution
     offs = patch_offsets(r, p, cfg.patch_stride)
@@ -397,26 +415,30 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     dtype = dtype or next(refiner.parameters()).dtype
     ramps = _ramp_weights(offs, p, cfg.overlap, dev, torch.float32)
     out = torch.zeros(r, r, r, device=dev)
+    bar = _patch_bar(len(offs) ** 3, "refine 512", progress)
     for i, ox in enumerate(offs):
         for j, oy in enumerate(offs):
             for k, oz in enumerate(offs):
+                bar.update()
                 lo = (ox, oy, oz)
                 s = _patch_dense(coords, sdf.reshape(-1, 1).to(dtype), lo, p, 1.0)
                 f = _patch_dense(coords, feats.to(dtype), lo, p, 0.0)
                 pred = refiner(s.unsqueeze(0), f.unsqueeze(0))[0, 0].float()
                 weight = ramps[i][:, None, None] * ramps[j][None, :, None] * ramps[k][None, None, :]
                 out[ox:ox + p, oy:oy + p, oz:oz + p] += weight * pred
+    bar.close()
     return out
 
 
 @torch.no_grad()
 def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, resolution: int = 1024, *,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
     """The sign refiner's inside/outside grid on its own grid (half the field's side): decoded voxels ``coords
     [N, 3]`` on the ``resolution^3`` grid, ``sdf [N]`` -> ``[resolution / 2]^3`` float32 of ``+1`` (outside) / ``-1``
     (inside). The sparse SDF is pooled by 2 (``config.pool_mode``; the published decoder's duplicate rows at its
     chunk seams, which count twice there, do not exist in ours) and densified (empty = 1) patch by patch; later patches overwrite
-    overlaps. Each value stands for the 2^3 field voxels under it (:func:`sign_refine_1024`)."""
+    overlaps. Each value stands for the 2^3 field voxels under it (:func:`sign_refine_1024`). ``progress``: a tqdm
+    bar over the patches."""
     cfg = refiner.config
     if resolution != 2 * cfg.resolution:
         raise ValueError(f"the sign refiner runs at {cfg.resolution}^3, so the field must be "
@@ -436,12 +458,15 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
     pooled_coords = torch.stack([uniq // (r * r), (uniq // r) % r, uniq % r], dim=1)
     p = cfg.patch_size
     sign = torch.ones(r, r, r, device=dev)
+    bar = _patch_bar(len(patch_offsets(r, p, cfg.patch_stride)) ** 3, "refine 1024", progress)
     for ox in patch_offsets(r, p, cfg.patch_stride):
         for oy in patch_offsets(r, p, cfg.patch_stride):
             for oz in patch_offsets(r, p, cfg.patch_stride):
+                bar.update()
                 s = _patch_dense(pooled_coords, pooled.to(dtype), (ox, oy, oz), p, 1.0)
                 prob = torch.sigmoid(refiner(s.unsqueeze(0))[0, 0].float())
                 sign[ox:ox + p, oy:oy + p, oz:oz + p] = torch.where(prob >= SIGN_THRESHOLD, 1.0, -1.0)
+    bar.close()
     return sign
 
 

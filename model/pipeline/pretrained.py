@@ -17,7 +17,8 @@ released tensor to exactly one parameter or buffer of our modules and loads stri
 misshapen tensor, a missing file or entry, or a config.yaml entry we cannot map is an error, and all problems of one
 call are collected and reported together, each named (:class:`ReleasedCheckpointError`). Our modules mirror the
 released names and layouts one to one (the sparse convolutions keep torchsparse's ``[27, Cin, Cout]`` kernels,
-RELEASED_MODEL.md B), so the per-part key map (:attr:`PartSpec.rename`) is the identity today; it is the one place a
+RELEASED_MODEL.md B), so the per-part key map (:attr:`model.pipeline.released_config.PartSpec.rename`) is the
+identity today; it is the one place a
 rename or re-layout goes when our structure departs from the released one. Checkpoint dtypes (float16 or float32,
 G.4) are accepted and cast to the ``dtype`` asked for.
 
@@ -25,10 +26,12 @@ Configurations come from ``config.yaml`` (``<part>: {target, params}``, the rele
 mapped to our dataclass configs; unknown parameters are errors), from the optional ``ours`` mapping of a part (the
 fields of our config; :func:`save_released` writes it when the released parameters cannot express our config, e.g.
 the tiny test sizes), or from the ``configs`` override of :func:`from_pretrained`. Without config.yaml the released
-sizes are used (a sparse DiT holding ``cond_proj`` is taken as v1.0).
+sizes are used (a sparse DiT holding ``cond_proj`` is taken as v1.0). The parts (:data:`PARTS`: files, entries,
+classes) and this mapping live in :mod:`model.pipeline.released_config`; this module reads, checks and writes the
+weights.
 
 :func:`save_released` writes modules in the released layout (tests, and our own weights for tools that expect the
-released folder); our training checkpoints stay safetensors (:mod:`model.training.common`).
+released folder); our training checkpoints stay safetensors (:mod:`model.io`).
 
 :func:`decode_chunked` decodes like the released ``sparse_vae_1024`` (``chunk_size`` 4): every child of every latent
 voxel, the subdivide blocks run per spatial chunk with 4 latent cells of padding (same values as one pass; unlike
@@ -36,27 +39,31 @@ the released code, no voxel is emitted twice at chunk seams).
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import itertools
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from model.pipeline.released_config import (
+    ALL_PARTS,
+    CONFIG_FILE,
+    PARTS,
+    PartSpec,
+    config_entry,
+    normalise_parts,
+    part_config,
+    read_config_yaml,
+)
 from model.sparse.tensor import SparseTensor
 
 __all__ = [
-    "ALL_PARTS",
     "DEFAULT_HUB_ID",
     "DEFAULT_SUBFOLDER",
-    "PARTS",
-    "PartSpec",
     "PretrainedDownloadError",
     "RELEASED_MC_LEVEL",
     "RELEASED_SDF_TAU",
@@ -73,7 +80,6 @@ __all__ = [
 DEFAULT_HUB_ID = "wushuang98/Direct3D-S2"
 DEFAULT_SUBFOLDER = "direct3d-s2-v-1-1"
 SUBFOLDER_V10 = "direct3d-s2-v-1-0"
-CONFIG_FILE = "config.yaml"
 #: Iso level of the released pipeline on the sparse VAE's decoded SDF (RELEASED_MODEL.md A.3, C.5).
 RELEASED_MC_LEVEL = 0.2
 #: Our ASSUMPTION for the released sparse VAE's input (not published, RELEASED_MODEL.md F): the signed distance
@@ -82,11 +88,6 @@ RELEASED_MC_LEVEL = 0.2
 RELEASED_SDF_TAU = 4.0
 #: Latent cells of padding around each chunk of the chunked decoder (RELEASED_MODEL.md C.5).
 CHUNK_PADDING = 4
-#: Released sparse VAE: SDF voxels per latent voxel side (three subdivide levels).
-_SPARSE_VAE_FACTOR = 8
-#: Released refiners: grid side they run on, and patches per axis.
-_REFINER_GRID = 512
-_REFINER_PATCHES = 3
 
 
 class ReleasedCheckpointError(ValueError):
@@ -102,339 +103,6 @@ class ReleasedCheckpointError(ValueError):
 
 class PretrainedDownloadError(RuntimeError):
     """The released folder could not be fetched from the model hub (no network, unknown id, ...)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# configuration mapping (config.yaml params <-> our dataclass configs)
-
-
-def _take(params: Mapping, known: dict[str, Any], part: str) -> dict[str, Any]:
-    """``params`` completed with the ``known`` defaults; unknown keys raise ``ValueError`` naming them."""
-    if not isinstance(params, Mapping):
-        raise ValueError(f"{part}: params must be a mapping, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ValueError(f"{part}: config.yaml params {unknown} are not understood by this loader")
-    return {**known, **params}
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
-def _config_from_fields(cls, values: Mapping, part: str):
-    """A dataclass config from its field values (lists back to tuples); unknown fields raise."""
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{part}: 'ours' must be a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{part}: 'ours' has fields {unknown} that {cls.__name__} does not have")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def _config_fields(config) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-
-
-# sparse VAE ------------------------------------------------------------------------------------------------------
-
-_SPARSE_VAE_PARAMS = dict(use_checkpoint=True, embed_dim=16, num_head_channels_encoder=64, model_channels_encoder=512,
-                          num_heads_encoder=8, num_blocks_encoder=4, num_head_channels_decoder=64,
-                          model_channels_decoder=512, num_heads_decoder=8, num_blocks_decoder=4, resolution=64,
-                          out_channels=1, use_fp16=True, latents_scale=1.0, latents_shift=0.0, chunk_size=1)
-
-
-def _sparse_vae_default(resolution: int):
-    from model.nets.vae import VAEConfig
-
-    def make(state_keys=None):
-        return VAEConfig(resolution=resolution, prune="none", pool_mode="released")
-    return make
-
-
-def _sparse_vae_from_params(params: Mapping, part: str):
-    from model.nets.vae import VAEConfig
-
-    p = _take(params, _SPARSE_VAE_PARAMS, part)
-    _require(p["model_channels_encoder"] == p["model_channels_decoder"],
-             f"{part}: encoder and decoder widths differ ({p['model_channels_encoder']} vs "
-             f"{p['model_channels_decoder']}); our VAE has one width")
-    _require(p["num_heads_encoder"] == p["num_heads_decoder"],
-             f"{part}: encoder and decoder head counts differ; our VAE has one")
-    for side in ("encoder", "decoder"):
-        _require(p[f"num_heads_{side}"] * p[f"num_head_channels_{side}"] == p[f"model_channels_{side}"],
-                 f"{part}: num_heads_{side} x num_head_channels_{side} != model_channels_{side}")
-    _require(float(p["latents_scale"]) == 1.0 and float(p["latents_shift"]) == 0.0,
-             f"{part}: latents_scale/latents_shift other than 1/0 are not supported (the released ones are 1/0)")
-    return VAEConfig(latent_channels=p["embed_dim"], model_channels=p["model_channels_encoder"],
-                     num_heads=p["num_heads_encoder"], encoder_blocks=p["num_blocks_encoder"],
-                     decoder_blocks=p["num_blocks_decoder"], resolution=p["resolution"] * _SPARSE_VAE_FACTOR,
-                     out_channels=p["out_channels"], prune="none", pool_mode="released")
-
-
-def _sparse_vae_params(config) -> dict:
-    heads, width = config.num_heads, config.model_channels
-    return dict(use_checkpoint=True, embed_dim=config.latent_channels, num_head_channels_encoder=width // heads,
-                model_channels_encoder=width, num_heads_encoder=heads, num_blocks_encoder=config.encoder_blocks,
-                num_head_channels_decoder=width // heads, model_channels_decoder=width, num_heads_decoder=heads,
-                num_blocks_decoder=config.decoder_blocks, resolution=config.latent_resolution,
-                out_channels=config.out_channels, use_fp16=True, latents_scale=1.0, latents_shift=0.0)
-
-
-# sparse DiT ------------------------------------------------------------------------------------------------------
-
-_SPARSE_DIT_PARAMS = dict(resolution=64, in_channels=16, out_channels=16, model_channels=1024, cond_channels=1024,
-                          num_blocks=24, num_heads=32, num_kv_heads=2, compression_block_size=8,
-                          selection_block_size=8, topk=8, compression_version="v1", pe_mode="ape", factor=1.0,
-                          sparse_conditions=False, qk_rms_norm=True, use_shift=True, use_checkpoint=True,
-                          use_fp16=True, window_size=8, mlp_ratio=4)
-
-
-def _sparse_dit_default(resolution: int):
-    from model.nets.dit import DiTConfig
-
-    def make(state_keys=None):
-        v10 = state_keys is not None and "cond_proj.weight" in state_keys
-        if resolution == 64:
-            return DiTConfig.released_512_v10() if v10 else DiTConfig.released_512()
-        return DiTConfig.released_1024_v10() if v10 else DiTConfig.released_1024()
-    return make
-
-
-def _sparse_dit_from_params(params: Mapping, part: str):
-    from model.nets.dit import DiTConfig
-
-    p = _take(params, _SPARSE_DIT_PARAMS, part)
-    _require(p["pe_mode"] == "ape", f"{part}: pe_mode {p['pe_mode']!r} is not supported (released: 'ape')")
-    # qk_rms_norm has no effect in the released sparse DiT (RELEASED_MODEL.md F); use_checkpoint/use_fp16 are runtime
-    return DiTConfig(resolution=p["resolution"], in_channels=p["in_channels"], out_channels=p["out_channels"],
-                     model_channels=p["model_channels"], cond_channels=p["cond_channels"], num_blocks=p["num_blocks"],
-                     num_heads=p["num_heads"], num_kv_heads=p["num_kv_heads"],
-                     compression_block=p["compression_block_size"], selection_block=p["selection_block_size"],
-                     topk=p["topk"], window=p["window_size"], compression_version=p["compression_version"],
-                     pos_factor=float(p["factor"]), sparse_conditions=bool(p["sparse_conditions"]),
-                     use_shift=bool(p["use_shift"]), mlp_ratio=float(p["mlp_ratio"]), pool_mode="released")
-
-
-def _sparse_dit_params(config) -> dict:
-    return dict(resolution=config.resolution, in_channels=config.in_channels, out_channels=config.out_channels,
-                model_channels=config.model_channels, cond_channels=config.cond_channels,
-                num_blocks=config.num_blocks, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-                compression_block_size=config.compression_block, selection_block_size=config.selection_block,
-                topk=config.topk, compression_version=config.compression_version, pe_mode="ape",
-                factor=float(config.pos_factor), sparse_conditions=bool(config.sparse_conditions), qk_rms_norm=True,
-                use_shift=bool(config.use_shift), use_checkpoint=True, use_fp16=True, window_size=config.window,
-                mlp_ratio=config.mlp_ratio)
-
-
-# dense VAE / DiT -------------------------------------------------------------------------------------------------
-
-_DENSE_VAE_PARAMS = dict(use_checkpoint=True, embed_dim=8, in_channels=1, out_channels=1,
-                         model_channels_encoder=[32, 128, 512], num_res_blocks_encoder=2,
-                         num_res_blocks_middle_encoder=2, model_channels_decoder=[512, 128, 64],
-                         num_res_blocks_decoder=4, num_res_blocks_middle_decoder=4, use_fp16=True, latents_scale=1.0,
-                         latents_shift=0.0)
-
-
-def _dense_vae_default(state_keys=None):
-    from model.nets.dense import DenseVAEConfig
-
-    return DenseVAEConfig.released()
-
-
-def _dense_vae_from_params(params: Mapping, part: str):
-    from model.nets.dense import DenseVAEConfig
-
-    p = _take(params, _DENSE_VAE_PARAMS, part)
-    _require(float(p["latents_scale"]) == 1.0 and float(p["latents_shift"]) == 0.0,
-             f"{part}: latents_scale/latents_shift other than 1/0 are not supported (the released ones are 1/0)")
-    enc, dec = tuple(p["model_channels_encoder"]), tuple(p["model_channels_decoder"])
-    # the occupancy grid: the released latent is 16^3 (dense_dit resolution) at 64^3
-    return DenseVAEConfig(in_channels=p["in_channels"], out_channels=p["out_channels"], latent_channels=p["embed_dim"],
-                          encoder_channels=enc, encoder_res_blocks=p["num_res_blocks_encoder"],
-                          encoder_middle_blocks=p["num_res_blocks_middle_encoder"], decoder_channels=dec,
-                          decoder_res_blocks=p["num_res_blocks_decoder"],
-                          decoder_middle_blocks=p["num_res_blocks_middle_decoder"])
-
-
-def _dense_vae_params(config) -> dict:
-    return dict(use_checkpoint=True, embed_dim=config.latent_channels, in_channels=config.in_channels,
-                out_channels=config.out_channels, model_channels_encoder=list(config.encoder_channels),
-                num_res_blocks_encoder=config.encoder_res_blocks,
-                num_res_blocks_middle_encoder=config.encoder_middle_blocks,
-                model_channels_decoder=list(config.decoder_channels), num_res_blocks_decoder=config.decoder_res_blocks,
-                num_res_blocks_middle_decoder=config.decoder_middle_blocks, use_fp16=True, latents_scale=1.0,
-                latents_shift=0.0)
-
-
-_DENSE_DIT_PARAMS = dict(resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024,
-                         num_blocks=24, num_heads=16, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True,
-                         use_checkpoint=True, use_fp16=True, latent_shape=None)
-
-
-def _dense_dit_default(state_keys=None):
-    from model.nets.dense import DenseDiTConfig
-
-    return DenseDiTConfig.released()
-
-
-def _dense_dit_from_params(params: Mapping, part: str):
-    from model.nets.dense import DenseDiTConfig
-
-    p = _take(params, _DENSE_DIT_PARAMS, part)
-    _require(p["patch_size"] == 1, f"{part}: patch_size {p['patch_size']} is not supported (released: 1)")
-    _require(p["pe_mode"] == "ape", f"{part}: pe_mode {p['pe_mode']!r} is not supported (released: 'ape')")
-    r = p["resolution"]
-    if p["latent_shape"] is not None:
-        _require(list(p["latent_shape"]) == [p["in_channels"], r, r, r],
-                 f"{part}: latent_shape {p['latent_shape']} does not match in_channels and resolution")
-    return DenseDiTConfig(resolution=r, in_channels=p["in_channels"], out_channels=p["out_channels"],
-                          model_channels=p["model_channels"], cond_channels=p["cond_channels"],
-                          num_blocks=p["num_blocks"], num_heads=p["num_heads"], mlp_ratio=float(p["mlp_ratio"]),
-                          qk_rms_norm=bool(p["qk_rms_norm"]))
-
-
-def _dense_dit_params(config) -> dict:
-    r = config.resolution
-    return dict(resolution=r, in_channels=config.in_channels, out_channels=config.out_channels,
-                model_channels=config.model_channels, cond_channels=config.cond_channels,
-                num_blocks=config.num_blocks, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, patch_size=1,
-                pe_mode="ape", qk_rms_norm=bool(config.qk_rms_norm), use_checkpoint=True, use_fp16=True,
-                latent_shape=[config.in_channels, r, r, r])
-
-
-# refiners --------------------------------------------------------------------------------------------------------
-
-_REFINER_PARAMS = dict(in_channels=1, out_channels=1, layers_per_block=2, layers_mid_block=2, patch_size=192,
-                       use_fp16=True)
-
-
-def _refiner_default(sign: bool):
-    from model.nets.refiner import RefinerConfig
-
-    def make(state_keys=None):
-        return RefinerConfig.released_1024() if sign else RefinerConfig.released_512()
-    return make
-
-
-def _refiner_from_params(sign: bool):
-    def convert(params: Mapping, part: str):
-        from model.nets.refiner import RefinerConfig
-
-        p = _take(params, {**_REFINER_PARAMS, "patch_size": 256 if sign else 192}, part)
-        patch = p["patch_size"]
-        _require((_REFINER_GRID - patch) % (_REFINER_PATCHES - 1) == 0,
-                 f"{part}: patch_size {patch} does not tile the {_REFINER_GRID}^3 grid in "
-                 f"{_REFINER_PATCHES} patches per axis")
-        return RefinerConfig(in_channels=p["in_channels"], out_channels=p["out_channels"],
-                             layers_per_block=p["layers_per_block"], layers_mid_block=p["layers_mid_block"],
-                             patch_size=patch, patch_stride=(_REFINER_GRID - patch) // (_REFINER_PATCHES - 1),
-                             pool_mode="released")
-    return convert
-
-
-def _refiner_params(config) -> dict:
-    return dict(in_channels=config.in_channels, out_channels=config.out_channels,
-                layers_per_block=config.layers_per_block, layers_mid_block=config.layers_mid_block,
-                patch_size=config.patch_size, use_fp16=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# parts
-
-
-def _model_attr(path: str):
-    """The object ``path`` = ``"<module of model.nets>.<name>"`` (imported on first use)."""
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(f"model.nets.{module}"), name)
-
-
-def _builder(path: str) -> Callable[[Any], nn.Module]:
-    """``config -> module`` for the class ``path`` (see :func:`_model_attr`), imported when first built."""
-    return lambda config: _model_attr(path)(config)
-
-
-def _identity(name: str) -> str:
-    return name
-
-
-@dataclass(frozen=True)
-class PartSpec:
-    """One released part: where it lives (``file``, ``entry``), the released class (``target``), how to build our
-    module, and how released parameters/tensor names map to ours.
-
-    ``rename(released_name) -> our_name`` and ``unrename`` (its inverse) are the key map; ``relayout`` /
-    ``unrelayout(our_name, tensor)`` re-lay tensors whose layout differs (identity today: our modules mirror the
-    released names and layouts one to one).
-    """
-
-    name: str
-    file: str
-    entry: str
-    target: str
-    config_class: str
-    build: Callable[[Any], nn.Module]
-    default_config: Callable[..., Any]
-    from_params: Callable[[Mapping, str], Any]
-    to_params: Callable[[Any], dict]
-    rename: Callable[[str], str] = _identity
-    unrename: Callable[[str], str] = _identity
-    relayout: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
-    unrelayout: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
-
-    def config_cls(self):
-        """The dataclass of this part's config (``config_class`` is ``"<module of model>.<class>"``)."""
-        return _model_attr(self.config_class)
-
-
-_TARGET = "direct3d_s2.models."
-PARTS: dict[str, PartSpec] = {
-    spec.name: spec for spec in [
-        PartSpec("dense_vae", "model_dense.ckpt", "vae", _TARGET + "autoencoders.dense_vae.DenseShapeVAE",
-                 "dense.DenseVAEConfig", _builder("dense.DenseShapeVAE"), _dense_vae_default, _dense_vae_from_params,
-                 _dense_vae_params),
-        PartSpec("dense_dit", "model_dense.ckpt", "dit", _TARGET + "transformers.dense_dit.DenseDiT",
-                 "dense.DenseDiTConfig", _builder("dense.DenseDiT"), _dense_dit_default, _dense_dit_from_params,
-                 _dense_dit_params),
-        PartSpec("sparse_vae_512", "model_sparse_512.ckpt", "vae", _TARGET + "autoencoders.ss_vae.SparseSDFVAE",
-                 "vae.VAEConfig", _builder("vae.SparseSDFVAE"), _sparse_vae_default(512), _sparse_vae_from_params,
-                 _sparse_vae_params),
-        PartSpec("sparse_dit_512", "model_sparse_512.ckpt", "dit", _TARGET + "transformers.sparse_dit.SparseDiT",
-                 "dit.DiTConfig", _builder("dit.SparseDiT"), _sparse_dit_default(64), _sparse_dit_from_params,
-                 _sparse_dit_params),
-        PartSpec("sparse_vae_1024", "model_sparse_1024.ckpt", "vae", _TARGET + "autoencoders.ss_vae.SparseSDFVAE",
-                 "vae.VAEConfig", _builder("vae.SparseSDFVAE"), _sparse_vae_default(1024), _sparse_vae_from_params,
-                 _sparse_vae_params),
-        PartSpec("sparse_dit_1024", "model_sparse_1024.ckpt", "dit", _TARGET + "transformers.sparse_dit.SparseDiT",
-                 "dit.DiTConfig", _builder("dit.SparseDiT"), _sparse_dit_default(128), _sparse_dit_from_params,
-                 _sparse_dit_params),
-        PartSpec("refiner", "model_refiner.ckpt", "refiner", _TARGET + "refiner.unet_refiner.Voxel_RefinerXL",
-                 "refiner.RefinerConfig", _builder("refiner.VoxelRefiner"), _refiner_default(False),
-                 _refiner_from_params(False), _refiner_params),
-        PartSpec("refiner_1024", "model_refiner_1024.ckpt", "refiner",
-                 _TARGET + "refiner.unet_refiner.Voxel_RefinerXL_sign", "refiner.RefinerConfig",
-                 _builder("refiner.SignRefiner"), _refiner_default(True), _refiner_from_params(True), _refiner_params),
-    ]
-}
-ALL_PARTS = tuple(PARTS)
-#: Runtime options of a part read from config.yaml that are not part of our config: ``chunk_size`` of the VAEs.
-_DEFAULT_OPTIONS = {"sparse_vae_1024": {"chunk_size": 4}}
-
-
-def _normalise_parts(parts) -> tuple[str, ...]:
-    if parts is None:
-        return ALL_PARTS
-    if isinstance(parts, str):
-        parts = (parts,)
-    parts = tuple(dict.fromkeys(parts))
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        raise ValueError(f"unknown part(s) {unknown}; known: {list(ALL_PARTS)}")
-    if not parts:
-        raise ValueError("parts must name at least one part")
-    return parts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -476,7 +144,7 @@ def resolve_folder(path_or_id, *, parts: Iterable[str] = ALL_PARTS, subfolder: s
     if not _HUB_ID.match(text) or text.startswith((".", "~")):
         raise FileNotFoundError(f"{text}: no such folder, and not a model hub id of the form owner/name "
                                 f"(the release is {DEFAULT_HUB_ID!r})")
-    return _download(text, _normalise_parts(tuple(parts)), subfolder or DEFAULT_SUBFOLDER, revision, cache_dir,
+    return _download(text, normalise_parts(tuple(parts)), subfolder or DEFAULT_SUBFOLDER, revision, cache_dir,
                      local_files_only)
 
 
@@ -485,7 +153,8 @@ def _download(repo_id: str, parts: tuple[str, ...], subfolder: str, revision, ca
     files = sorted({PARTS[p].file for p in parts})
     patterns = [f"{subfolder}/{CONFIG_FILE}"] + [f"{subfolder}/{f}" for f in files]
     advice = (f"Without network access here, fetch the files on a machine that has it, e.g. "
-              f"`huggingface-cli download {repo_id} --include '{subfolder}/*' --local-dir DIR`, copy DIR over and "
+              f"`hf download {repo_id} --include '{subfolder}/*' --local-dir DIR` (older huggingface_hub: "
+              f"`huggingface-cli download`), copy DIR over and "
               f"pass DIR/{subfolder} (or DIR) instead of the id; with HF_HUB_OFFLINE=1 a filled hub cache is used.")
     try:
         from huggingface_hub import snapshot_download
@@ -503,52 +172,6 @@ def _download(repo_id: str, parts: tuple[str, ...], subfolder: str, revision, ca
 
 # ---------------------------------------------------------------------------------------------------------------
 # reading
-
-
-def _read_config_yaml(root: Path, problems: list[str]) -> dict:
-    path = root / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    import yaml
-
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        problems.append(f"{CONFIG_FILE}: not valid YAML ({exc})")
-        return {}
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        problems.append(f"{CONFIG_FILE}: expected a mapping of parts, got {type(doc).__name__}")
-        return {}
-    return doc
-
-
-def _part_config(spec: PartSpec, doc: Mapping, state_keys, override) -> tuple[Any, dict]:
-    """``(config, options)`` of one part: the override, else config.yaml's ``ours`` or ``params``, else the
-    released defaults. ``ValueError`` naming the part for entries we cannot map."""
-    options = dict(_DEFAULT_OPTIONS.get(spec.name, {}))
-    entry = doc.get(spec.name)
-    if entry is not None:
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{CONFIG_FILE}: entry {spec.name!r} must be a mapping with target and params")
-        target = entry.get("target")
-        expected_cls = spec.target.rsplit(".", 1)[1]
-        if target is not None and str(target).strip().rsplit(".", 1)[-1] != expected_cls:
-            raise ValueError(f"{CONFIG_FILE}: {spec.name}.target is {target!r}, expected a {expected_cls}")
-        params = entry.get("params") or {}
-        if isinstance(params, Mapping) and "chunk_size" in params:
-            options["chunk_size"] = int(params["chunk_size"])
-    if override is not None:
-        cls = spec.config_cls()
-        if not isinstance(override, cls):
-            raise ValueError(f"configs[{spec.name!r}] must be a {cls.__name__}, got {type(override).__name__}")
-        return override, options
-    if entry is None:
-        return spec.default_config(state_keys), options
-    if "ours" in entry:
-        return _config_from_fields(spec.config_cls(), entry["ours"], spec.name), options
-    return spec.from_params(params, spec.name), options
 
 
 def _load_file(path: Path) -> Any:
@@ -658,7 +281,7 @@ def from_pretrained(path_or_id=DEFAULT_HUB_ID, *, parts: str | Iterable[str] | N
     Raises :class:`ReleasedCheckpointError` listing every problem (missing files or entries, config entries we
     cannot map, missing / unexpected / misshapen tensors) and :class:`PretrainedDownloadError` when fetching fails.
     """
-    parts = _normalise_parts(parts)
+    parts = normalise_parts(parts)
     configs = dict(configs or {})
     unknown = sorted(set(configs) - set(PARTS))
     if unknown:
@@ -666,14 +289,14 @@ def from_pretrained(path_or_id=DEFAULT_HUB_ID, *, parts: str | Iterable[str] | N
     root = resolve_folder(path_or_id, parts=parts, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                           local_files_only=local_files_only)
     problems: list[str] = []
-    doc = _read_config_yaml(root, problems)
+    doc = read_config_yaml(root, problems)
     states = _read_entries(root, parts, problems)
     pending, out_configs, out_options = [], {}, {}
     for part in parts:
         spec = PARTS[part]
         state = states.get(part)
         try:
-            config, options = _part_config(spec, doc, None if state is None else set(state), configs.get(part))
+            config, options = part_config(spec, doc, None if state is None else set(state), configs.get(part))
         except (ValueError, TypeError) as exc:
             problems.append(f"{CONFIG_FILE} ({part}): {exc}")
             continue
@@ -706,7 +329,7 @@ def from_pretrained(path_or_id=DEFAULT_HUB_ID, *, parts: str | Iterable[str] | N
 
 def released_state_dict(part: str, module: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """``module``'s state dict under the released names and layouts of ``part`` (optionally cast)."""
-    spec = PARTS[_normalise_parts(part)[0]]
+    spec = PARTS[normalise_parts(part)[0]]
     out = {}
     for name, tensor in module.state_dict().items():
         t = spec.unrelayout(name, tensor.detach())
@@ -724,7 +347,7 @@ def save_released(folder, modules: Mapping[str, nn.Module], *, dtype: torch.dtyp
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    parts = _normalise_parts(tuple(modules))
+    parts = normalise_parts(tuple(modules))
     by_file: dict[str, dict] = {}
     for part in parts:
         spec = PARTS[part]
@@ -737,19 +360,10 @@ def save_released(folder, modules: Mapping[str, nn.Module], *, dtype: torch.dtyp
     cfg_path = folder / CONFIG_FILE
     doc = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
     for part in parts:
-        spec = PARTS[part]
         config = getattr(modules[part], "config", None)
         if config is None:
             raise ValueError(f"{part}: the module has no .config to describe in {CONFIG_FILE}")
-        params = {**spec.to_params(config), **_DEFAULT_OPTIONS.get(part, {})}
-        entry = {"target": spec.target, "params": params}
-        try:
-            same = spec.from_params(params, part) == config
-        except ValueError:
-            same = False
-        if not same:
-            entry["ours"] = _config_fields(config)
-        doc[part] = entry
+        doc[part] = config_entry(part, config)
     cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return folder
 
@@ -760,7 +374,8 @@ def save_released(folder, modules: Mapping[str, nn.Module], *, dtype: torch.dtyp
 
 @torch.no_grad()
 def decode_chunked(vae, z: SparseTensor, chunk_size: int = 1, *, padding: int = CHUNK_PADDING,
-                   features: bool = True) -> tuple[SparseTensor, SparseTensor | None]:
+                   features: bool = True, progress: bool = False,
+                   desc: str = "decode") -> tuple[SparseTensor, SparseTensor | None]:
     """Decode every child of every latent voxel (the released decoder, no pruning): ``(sdf [M, 1] tanh, features
     [M, C0])`` on the decoded voxels, in raster order (batch, x, y, z). ``features=False`` returns ``(sdf, None)``
     without keeping the decoder features (the 1024 stage does not use them; they are 32 values per voxel).
@@ -770,6 +385,7 @@ def decode_chunked(vae, z: SparseTensor, chunk_size: int = 1, *, padding: int = 
     released), keeping each chunk's own voxels: the same values as one pass (the subdivide blocks see 2.625 latent
     cells around a voxel) with a fraction of the peak memory (RELEASED_MODEL.md C.5). After each subdivide block
     the context is trimmed to what the remaining blocks still read, so the chunks together cost about one pass.
+    ``progress``: a tqdm bar (``desc``) over the chunks.
     """
     if getattr(vae, "pruning", None) is not None:
         raise ValueError("decode_chunked decodes every child: build the VAE with prune='none' (as released)")
@@ -792,7 +408,12 @@ def decode_chunked(vae, z: SparseTensor, chunk_size: int = 1, *, padding: int = 
         # latent cells of context the blocks after block i still read (a 3^3 conv before and after each subdivide)
         margins = [math.ceil(sum(2.0**-j + 2.0**-(j + 1) for j in range(i + 1, levels))) for i in range(levels)]
         parts = []
-        for cell in itertools.product(range(chunk_size), repeat=3):
+        cells = itertools.product(range(chunk_size), repeat=3)
+        if progress:
+            from tqdm.auto import tqdm
+
+            cells = tqdm(list(cells), desc=desc, unit="chunk", leave=False)
+        for cell in cells:
             lo = torch.tensor(cell, device=xyz.device) * side
             hi = lo + side
             if not bool(((xyz >= lo) & (xyz < hi)).all(1).any()):

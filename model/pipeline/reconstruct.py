@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m model.cli.reconstruct MESH --ckpt CKPT --resolution R --out OUT.glb
+    python -m model.cli.reconstruct MESH --vae CKPT --resolution R --out OUT.glb
     python -m model.cli.reconstruct MESH --weights PATH_OR_ID --resolution 512|1024 --out OUT.glb
 
 loads ``MESH``, makes its sparse SDF at ``R^3`` (:func:`model.data.sdf.mesh_to_sparse_sdf`, with the ``tau`` the
@@ -12,7 +12,7 @@ Chamfer distance, F-score (threshold 1/128 of the unit cube) and normal consiste
 unit cube of the data (the input normalised by the sample's own centre and scale; input faces buried inside the
 shape left out, see :func:`evaluate_mesh`), plus time and peak memory.
 
-With ``--weights`` (instead of ``--ckpt``) the released sparse VAE is used (:func:`model.pipeline.pretrained.from_pretrained`:
+With ``--weights`` (instead of ``--vae``) the released sparse VAE is used (:func:`model.pipeline.pretrained.from_pretrained`:
 a released folder or a model hub id): ``sparse_vae_1024`` for ``R > 512``, else ``sparse_vae_512`` (``--part``
 chooses). As released, the decoder keeps every child of every latent voxel (no pruning; ``sparse_vae_1024`` in
 spatial chunks, :func:`model.pipeline.pretrained.decode_chunked`) and the surface is extracted at the released level 0.2.
@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import trimesh
 
+from model.io import load_checkpoint, resolve_device
 from model.metrics import DEFAULT_FSCORE_THRESHOLD
 from model.nets.vae import SparseSDFVAE, VAEConfig
 from model.pipeline.extract import DEFAULT_BRICK, DEFAULT_LEVEL, sparse_sdf_to_mesh
 from model.sparse.tensor import SparseTensor
-from model.training.common import load_checkpoint, resolve_device
 
 __all__ = [
     "MODEL_CLASS",

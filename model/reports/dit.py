@@ -14,7 +14,7 @@ heads of 32, 2 kv heads, v1.1 compression) on the ``shell-1024`` token set of th
 
 Writes ``DIR/dit.json`` (``ssa_step_ms``, ``full_attention_step_ms``, ``ssa_sample_step_ms``,
 ``full_attention_sample_step_ms``, ``peak_mem_gb``, ``full_attention_peak_mem_gb``, ``tokens``, ``gpu``, ``date``,
-versions, the configuration, every repetition) and ``DIR/dit.md``.
+``commit`` and versions (:func:`model.io.provenance`), the configuration, every repetition) and ``DIR/dit.md``.
 
 ``--smoke``: the ``tiny`` DiT on a small shell on the CPU (reference SSA unless CUDA is present), for tests.
 Needs only torch, triton and numpy (no trimesh, no transformers).
@@ -22,9 +22,6 @@ Needs only torch, triton and numpy (no trimesh, no transformers).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import platform
 import sys
 import time
@@ -32,6 +29,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
 
 __all__ = ["main", "markdown", "run_report"]
 
@@ -80,7 +79,7 @@ def _flash_context(device):
 
 
 def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup: int = 1, skip_full: bool = False,
-               shape: str = "shell-1024", device=None, seed: int = 0) -> dict:
+               shape: str = "shell-1024", device=None, seed: int = 0, profile: bool = True) -> dict:
     """Run the measurements (module docstring) and return the result document."""
     from model.nets.dit import DiTConfig, SparseDiT
     from model.flow import FlowMatchEulerScheduler, flow_loss
@@ -109,8 +108,8 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
         shape_name = shape
     n = coords.shape[0]
     model = SparseDiT(cfg).to(dev)
-    for p in model.parameters():  # non-degenerate weights (the DiT initialisation zeroes the gates and output)
-        if p.dim() >= 2 and p.abs().sum() == 0:
+    for p in model.parameters():  # non-degenerate weights (the DiT initialisation zeroes gates, output and biases)
+        if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.02)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(seed)
@@ -139,18 +138,14 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
         v = v_u + 7.0 * (v_c - v_u)
         return xt.feats.float() + (float(sigmas[1]) - float(sigmas[0])) * v
 
-    result: dict = {"tokens": n, "shape": shape_name, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                    else f"CPU ({platform.processor() or platform.machine()})",
-                    "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+    prov = provenance(dev)
+    result: dict = {"tokens": n, "shape": shape_name,
+                    "gpu": prov["gpu"] or f"CPU ({platform.processor() or platform.machine()})",
+                    "date": prov["date"], "commit": prov["commit"], "torch": prov["torch"], "triton": prov["triton"],
+                    "cuda": prov["cuda"], "python": prov["python"],
                     "smoke": smoke, "config": cfg.to_dict(), "condition_tokens": cond_tokens,
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "precision": "bf16 autocast" if use_bf16 else "fp32", "activation_checkpointing": True}
-    try:
-        import triton
-
-        result["triton"] = triton.__version__
-    except ImportError:  # pragma: no cover
-        result["triton"] = None
     model.set_mode(attention="ssa")
     t_train, peak = _time(train_step, reps=reps, warmup=warmup, device=dev)
     t_sample, peak_s = _time(sample_step, reps=reps, warmup=warmup, device=dev)
@@ -172,6 +167,36 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
             result["speedup_sample"] = result["full_attention_sample_step_ms"] / result["ssa_sample_step_ms"]
     else:
         result.update(full_attention_step_ms=None, full_attention_sample_step_ms=None)
+    if profile and dev.type == "cuda":
+        from model.reports.dit_profile import profile_step, sampling_variants
+
+        result["profile_train_step"] = profile_step(train_step)
+        opt.state.clear()  # the sampling measurements below hold no optimizer state
+        for p in model.parameters():
+            p.grad = None
+        torch.cuda.empty_cache()
+
+        def forward():
+            with torch.no_grad(), autocast():
+                model(xt, torch.full((1,), 700.0, device=dev), cond)
+        result["profile_forward"] = profile_step(forward)
+        from ssa_kernels.shapes import shape_coords
+
+        small = shape_coords("shell-512", compression_block=cfg.compression_block,
+                             selection_block=cfg.selection_block)
+        extra: dict = {}
+        variants = sampling_variants(model, xt, torch.full((1,), float(sigmas[0]) * 1000.0, device=dev), cond,
+                                     guidance=7.0, sigma_step=float(sigmas[1]) - float(sigmas[0]), time_fn=_time,
+                                     reps=reps, warmup=warmup, extra_profiles=extra, small_coords=small)
+        result["sampling_variants"] = variants
+        result.update({f"profile_{k}": v for k, v in extra.items()})
+        from model.flow import BATCHED_GUIDANCE_MAX_TOKENS
+
+        # the variant the sampler picks for this token count (model.flow.euler_sample, batched_guidance="auto")
+        chosen = "one batched forward" if n <= BATCHED_GUIDANCE_MAX_TOKENS else "two forwards"
+        fastest = next(v for v in variants if v["name"] == f"bf16 weights, fused norms, shortcut, {chosen}")
+        result.update(fast_sample_step_ms=fastest["median_ms"], fast_sample_peak_mem_gb=fastest["peak_gb"],
+                      fast_sample_variant=fastest["name"])
     return result
 
 
@@ -186,7 +211,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# Sparse DiT: SSA against full attention",
         "",
-        f"{r['date']}, {r['gpu']}, torch {r['torch']}, triton {r.get('triton')}; "
+        f"{r['date']}, {r['gpu']}, torch {r['torch']}, triton {r.get('triton')}, {commit_label(r)}; "
         f"{'SMOKE RUN (tiny model on CPU), not a measurement' if r['smoke'] else 'released_1024 configuration'}.",
         "",
         f"Model: width {cfg['model_channels']}, {cfg['num_blocks']} blocks, {cfg['num_heads']} query heads of "
@@ -200,40 +225,102 @@ def markdown(r: dict) -> str:
         f"| training step (fwd + bwd + AdamW), ms | {_fmt(r['ssa_step_ms'])} | {_fmt(r.get('full_attention_step_ms'))} |",
         f"| peak memory of the training step, GB | {_fmt(r.get('peak_mem_gb'))} | "
         f"{_fmt(r.get('full_attention_peak_mem_gb'))} |",
-        f"| guided sampling step (2 forwards + Euler), ms | {_fmt(r['ssa_sample_step_ms'])} | "
-        f"{_fmt(r.get('full_attention_sample_step_ms'))} |",
+        f"| guided sampling step (2 forwards + Euler; fp32 weights, bf16 autocast), ms | "
+        f"{_fmt(r['ssa_sample_step_ms'])} | {_fmt(r.get('full_attention_sample_step_ms'))} |",
     ]
+    if r.get("fast_sample_step_ms") is not None:
+        lines.append(f"| guided sampling step as the cascade runs it ({r['fast_sample_variant']}), ms | "
+                     f"{_fmt(r['fast_sample_step_ms'])} | |")
+        lines.append(f"| peak memory of that sampling step, GB | {_fmt(r.get('fast_sample_peak_mem_gb'))} | |")
     if r.get("speedup_train"):
         lines += ["", f"Speed-up of SSA: {r['speedup_train']:.1f}x per training step, {r['speedup_sample']:.1f}x per "
                       "sampling step."]
     lines += ["", f"Full attention: {r.get('full_attention_backend', 'not run')} over the same q/k/v (GQA by repeating "
                   "the kv heads); medians of the repetitions in dit.json."]
+    lines += _profile_markdown(r)
     return "\n".join(lines) + "\n"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _profile_markdown(r: dict) -> list[str]:
+    """The sampling variants and the GPU time breakdowns (:mod:`model.reports.dit_profile`)."""
+    lines = []
+    if r.get("sampling_variants"):
+        lines += ["", "## The guided sampling step, variant by variant (same process, same inputs)", "",
+                  "| variant | ms | peak GB | rel. difference to the first |", "| --- | ---: | ---: | ---: |"]
+        for v in r["sampling_variants"]:
+            lines.append(f"| {v['name']} | {v['median_ms']:,.1f} | {_fmt(v['peak_gb'])} | {v['rel_diff']:.2e} |")
+        lines += ["", "Peak: allocated GPU memory during the step (weights, inputs and activations; no optimizer "
+                      "state). The relative difference is the norm of the guided velocity's difference over its norm; "
+                      "guidance 7 multiplies the rounding of v_c - v_u by 7, and bf16 weights round the norms' "
+                      "affine parameters, biases and the intra-block positional table that autocast keeps in fp32. "
+                      "`tests/test_dit_fast_paths.py` (GPU) checks on a small model that the fast path is as close to "
+                      "an fp32 run as the plain bf16 two-forward path is. Batched guidance pays at 19k tokens (the "
+                      "512 stage), not at 137k: `model.flow.euler_sample` batches below 65,536 tokens."]
+    # (the per-range totals of the block parts stay in dit.json only: the profiler adds the kernels of ranges nested
+    # inside a range, such as the SSA op's own, to it again, so they do not add up to the forward)
+    for key, title in (("profile_forward", "one forward (SSA, bf16 autocast)"),
+                       ("profile_forward_bf16_condition", "one forward, bf16 weights, fused norms, with the condition"),
+                       ("profile_forward_bf16_zeroed_condition", "one forward, bf16 weights, zeroed condition"),
+                       ("profile_train_step", "one training step (forward with checkpointing, backward, AdamW)")):
+        prof = r.get(key)
+        if not prof:
+            continue
+        total = prof["total_ms"] or 1.0
+        lines += ["", f"## GPU time of {title}: {prof['total_ms']:,.1f} ms of kernels", "",
+                  "| kind of kernel | ms | share |", "| --- | ---: | ---: |"]
+        lines += [f"| {k} | {ms:,.1f} | {100 * ms / total:.0f}% |" for k, ms in prof["kinds"].items()]
+        lines += ["", "| largest kernels | ms | calls |", "| --- | ---: | ---: |"]
+        lines += [f"| `{name}` | {ms:,.1f} | {calls} |" for name, ms, calls in prof["top_kernels"]]
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from model.cli.args import add_device, add_out, add_seed, make_parser, non_negative_int, positive_int
+    from ssa_kernels.shapes import SHAPES
+
+    p = make_parser("model.reports.dit", __doc__)
+    add_out(p, "folder for dit.json and dit.md")
+    p.add_argument("--smoke", action="store_true", help="tiny model on a small shell (CPU test)")
+    p.add_argument("--reps", type=positive_int, default=3, metavar="N",
+                   help="timed repetitions of the SSA steps (default %(default)s)")
+    p.add_argument("--full-reps", type=positive_int, default=2, metavar="N",
+                   help="timed repetitions of the full-attention steps (default %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, metavar="N",
+                   help="untimed calls before the timed ones (default %(default)s)")
+    p.add_argument("--skip-full", action="store_true", help="do not run the full-attention baseline")
+    p.add_argument("--shape", default="shell-1024", choices=sorted(SHAPES),
+                   help="benchmark token set (default %(default)s)")
+    add_device(p, default=None, shown="cuda when available, else the CPU")
+    add_seed(p)
+    p.add_argument("--no-profile", action="store_true", help="skip the profiles and the sampling variants")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.reports.dit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for dit.json and dit.md")
-    p.add_argument("--smoke", action="store_true", help="tiny model on a small shell (CPU test)")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions of the SSA steps (default 3)")
-    p.add_argument("--full-reps", type=int, default=2, help="timed repetitions of the full-attention steps")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--skip-full", action="store_true", help="do not run the full-attention baseline")
-    p.add_argument("--shape", default="shell-1024", help="benchmark token set (default shell-1024)")
-    p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
-    r = run_report(smoke=args.smoke, reps=args.reps, full_reps=args.full_reps, warmup=args.warmup,
-                   skip_full=args.skip_full, shape=args.shape, device=args.device)
+    from model.cli.args import run
+
+    return run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    from model.cli.args import UserError, output_folder, resolve_device
+
+    output_folder("--out", args.out)
+    if args.device is not None:
+        resolve_device(args.device)
+    try:
+        r = run_report(smoke=args.smoke, reps=args.reps, full_reps=args.full_reps, warmup=args.warmup,
+                       skip_full=args.skip_full, shape=args.shape, seed=args.seed,
+                       device=None if args.device in (None, "auto") else args.device,
+                       profile=not args.no_profile)
+    except RuntimeError as exc:
+        if "needs a CUDA GPU" not in str(exc):
+            raise
+        raise UserError(str(exc)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "dit.json", json.dumps(r, indent=1))
-    _atomic_text(out / "dit.md", markdown(r))
+    atomic_write_json(out / "dit.json", r)
+    atomic_write_text(out / "dit.md", markdown(r))
     print(markdown(r))
     return 0
 

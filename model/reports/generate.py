@@ -9,10 +9,10 @@ What runs: the whole cascade at resolution 1024 with every part at its released 
 and DiTs 512 and 1024 at width 1024 / 24 blocks, both refiners, a DINOv2 ViT-L/14-with-registers encoder), random
 weights, bf16 by default, parts offloaded to the CPU between their stages by default (``--no-offload`` keeps them all
 on the GPU). Random weights give a random structure, so the dense stage runs and is timed but the sparse stages get
-the latent voxels of a real mesh instead (``--mesh``; default the first mesh under ``data_cache/meshes``, else one of
-the meshes installed packages ship (:func:`model.data.meshes.available_meshes`), else a built-in torus; the report
-says which): its 64^3 cells for the 512 stage and, for the 1024 stage, the revoxelisation
-(:func:`model.pipeline.cascade.mesh_to_latent_coords`, timed as the ``revoxelise`` stage) of the mesh subdivided to edges of
+the latent voxels of a mesh instead (``--mesh``; default ``shell``, the benchmark's shell surface as a mesh
+(:func:`shell_mesh`, 110,656 latent tokens at 1024, a realistic size); ``cache``: the first mesh under
+``data_cache/meshes``, else one of the meshes installed packages ship, else a torus; the report says which): its 64^3 cells for the 512 stage and, for the 1024 stage, the revoxelisation
+(:func:`model.pipeline.geometry.mesh_to_latent_coords`, timed as the ``revoxelise`` stage) of the mesh subdivided to edges of
 1.5 voxels of the 512 grid (the density of the 512 stage's marching-cubes mesh). The conditioning image is a render
 of that mesh.
 
@@ -28,8 +28,6 @@ labelled DRY RUN everywhere), which the test suite runs to exercise this path.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import statistics
@@ -39,6 +37,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
 
 __all__ = ["AttentionTimer", "choose_mesh", "main", "markdown", "run_report"]
 
@@ -58,15 +58,39 @@ RENDER_SIZE = 384
 # inputs
 
 
+#: Grid of the marching cubes that turns the benchmark's shell into the report's default mesh.
+SHELL_MESH_GRID = 192
+
+
+def shell_mesh():
+    """The benchmark's shell surface (sphere, torus and box: :func:`ssa_kernels.shapes.shell_sdf`) as a watertight
+    mesh in the unit cube: marching cubes of its SDF on a :data:`SHELL_MESH_GRID`^3 grid (247,340 faces). Its 1024
+    revoxelisation has 110,656 latent tokens, the size of a detailed real shape (the released model's 1024 stage
+    sees 100k+ tokens on typical objects)."""
+    import trimesh
+    from skimage.measure import marching_cubes
+
+    from ssa_kernels.shapes import shell_sdf
+
+    r = SHELL_MESH_GRID
+    ar = torch.arange(r)
+    xx, yy, zz = torch.meshgrid(ar, ar, ar, indexing="ij")
+    verts, faces, _, _ = marching_cubes(shell_sdf(r, xx, yy, zz).numpy(), 0.0)
+    return trimesh.Trimesh((verts + 0.5) / r - 0.5, faces)
+
+
 def choose_mesh(path=None):
-    """``(trimesh.Trimesh, description)``: ``path``, else the first mesh under ``data_cache/meshes``, else the first
-    mesh installed packages ship, else a torus (trimesh primitive)."""
+    """``(trimesh.Trimesh, description)``: ``path`` (``"shell"``, the default: :func:`shell_mesh`), ``"cache"`` (the
+    first mesh under ``data_cache/meshes``, else the first mesh installed packages ship, else a torus)."""
     import trimesh
 
     from model.data.meshes import available_meshes, find_meshes
     from model.data.sdf import load_mesh
 
-    if path is not None:
+    if path is None or path == "shell":
+        return shell_mesh(), (f"the benchmark's shell surface (marching cubes of ssa_kernels.shapes.shell_sdf at "
+                              f"{SHELL_MESH_GRID}^3; default, --mesh shell)")
+    if path != "cache":
         if not os.path.isfile(path):
             raise ValueError(f"--mesh: file {os.fspath(path)!r} does not exist")
         return load_mesh(path), f"{os.fspath(path)} (--mesh)"
@@ -147,6 +171,18 @@ class AttentionTimer:
 
         self._handles.append(self.dit.register_forward_pre_hook(dit_pre))
         self._handles.append(self.dit.register_forward_hook(dit_post))
+        guided = getattr(self.dit, "guided_velocity", None)
+        if guided is not None:  # a batched guided step runs the blocks without calling forward
+
+            def guided_timed(*args, **kwargs):
+                self.active = True
+                try:
+                    return guided(*args, **kwargs)
+                finally:
+                    self.active = False
+
+            self.dit.guided_velocity = guided_timed
+            self._instance_patched = True
         for block in self.dit.blocks:
             self._handles.append(block.self_attn.register_forward_pre_hook(attn_pre))
             self._handles.append(block.self_attn.register_forward_hook(attn_post))
@@ -166,6 +202,9 @@ class AttentionTimer:
         return self
 
     def __exit__(self, *exc) -> None:
+        if getattr(self, "_instance_patched", False):
+            del self.dit.guided_velocity  # the class's method again
+            self._instance_patched = False
         for handle in self._handles:
             handle.remove()
         for owner, original in self._patched:
@@ -187,9 +226,11 @@ class AttentionTimer:
 # the run
 
 
-def _versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    for name in ("triton", "transformers", "trimesh", "skimage"):
+def _versions(prov: dict) -> dict:
+    """torch, Python, triton and CUDA from the provenance ``prov`` (:func:`model.io.provenance`), and the versions of
+    the other packages the cascade uses (None when not installed)."""
+    out = {key: prov[key] for key in ("torch", "python", "triton", "cuda")}
+    for name in ("transformers", "trimesh", "skimage"):
         try:
             out[name] = __import__(name).__version__
         except ImportError:
@@ -211,7 +252,8 @@ def _estimate(rec: dict, released_steps: int) -> dict:
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True) -> dict:
     """Run the cascade as the module docstring says and return the result document."""
-    from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh, mesh_to_latent_coords
+    from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh
+    from model.pipeline.geometry import mesh_to_latent_coords
     from model.data.render import render_views
 
     steps = {**REPORT_STEPS, **(steps or {})}
@@ -219,7 +261,7 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
     if not dry_run and dev.type != "cuda":
         raise RuntimeError("the report needs a CUDA GPU (use --dry-run for the tiny CPU version)")
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    mesh, mesh_source = choose_mesh(mesh_path)
+    mesh, mesh_source = choose_mesh(mesh_path if mesh_path is not None or not dry_run else "cache")
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the random-weights warnings: the report says so itself
@@ -276,11 +318,13 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
     peaks = [r["peak_bytes"] for r in stages.values() if r.get("peak_bytes") is not None]
     total = sum(r["seconds"] for r in stages.values())
     estimate = sum(r.get("estimated_seconds_at_released_steps", r["seconds"]) for r in stages.values())
+    prov = provenance(dev)
     return {
         "dry_run": dry_run,
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()})",
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "versions": _versions(),
+        "gpu": prov["gpu"] or f"CPU ({platform.machine()})",
+        "date": prov["date"],
+        "commit": prov["commit"],
+        "versions": _versions(prov),
         "sizes": "tiny" if dry_run else "released",
         "dtype": str(dtype).replace("torch.", ""),
         "offload": pipe.offload,
@@ -340,7 +384,7 @@ def markdown(r: dict) -> str:
         "# Image to mesh: time and GPU memory per stage at 1024" + (" (DRY RUN)" if dry else ""),
         "",
         f"{label}{r['date']}, {r['gpu']}, torch {v['torch']}, triton {v.get('triton')}, transformers "
-        f"{v.get('transformers')}. `python -m model.reports.generate`.",
+        f"{v.get('transformers')}, {commit_label(r)}. `python -m model.reports.generate`.",
         "",
         f"Random weights of the {r['sizes']} sizes ({sum(r['parameters'].values()) / 1e6:,.1f} M parameters, "
         f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']}, SSA backend `{r['backend']}`, "
@@ -400,44 +444,58 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def build_parser() -> argparse.ArgumentParser:
+    from model.cli.args import add_device, add_no_progress, add_out, add_seed, make_parser, positive_int
+    from model.cli.generate import DTYPES
+
+    p = make_parser("model.reports.generate", __doc__)
+    add_out(p, "folder for generate.md and generate.json")
+    p.add_argument("--mesh", default=None,
+                   help="mesh whose latent voxels feed the sparse stages: a file, 'shell' (the benchmark's shell "
+                        "surface, 110,656 tokens at 1024) or 'cache' (the first mesh of data_cache/meshes) (default "
+                        "shell; cache with --dry-run)")
+    for stage in ("dense", "512", "1024"):
+        p.add_argument(f"--steps-{stage}", type=positive_int, default=REPORT_STEPS[stage], metavar="N",
+                       help=f"sampling steps of the {stage} stage (default %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default bfloat16 on CUDA)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="keep every part on the GPU (default: each part on the GPU for its own stage only)")
+    add_seed(p)
+    add_device(p, default=None, shown="cuda; cpu with --dry-run")
+    p.add_argument("--dry-run", action="store_true", help="tiny random cascade on the CPU (tests), labelled DRY RUN")
+    add_no_progress(p)
+    return p
 
 
 def main(argv=None) -> int:
-    from model.cli.generate import DTYPES, _positive_int
+    from model.cli.args import run
 
-    p = argparse.ArgumentParser(prog="python -m model.reports.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for generate.md and generate.json")
-    p.add_argument("--mesh", help="mesh whose latent voxels feed the sparse stages (default: see the docstring)")
-    p.add_argument("--steps-dense", type=_positive_int, default=REPORT_STEPS["dense"])
-    p.add_argument("--steps-512", type=_positive_int, default=REPORT_STEPS["512"])
-    p.add_argument("--steps-1024", type=_positive_int, default=REPORT_STEPS["1024"])
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default bfloat16 on CUDA)")
-    p.add_argument("--no-offload", action="store_true", help="keep every part on the GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="default cuda (cpu with --dry-run)")
-    p.add_argument("--dry-run", action="store_true", help="tiny random cascade on the CPU (tests), labelled DRY RUN")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    from model.cli.args import UserError, output_folder, resolve_device
+    from model.cli.generate import DTYPES
+
+    output_folder("--out", args.out)
+    if args.device is not None:
+        resolve_device(args.device)
     if not args.dry_run and not torch.cuda.is_available():
         print("generate_report: no CUDA device here; the report needs one GPU (nothing written). Run with --dry-run "
               "for the tiny CPU version.")
         return 0
-    device = args.device or ("cpu" if args.dry_run else "cuda")
+    device = args.device if args.device not in (None, "auto") else ("cpu" if args.dry_run else "cuda")
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     try:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
-                       progress=not args.no_progress)
+                       progress=args.progress)
     except ValueError as exc:
-        p.error(str(exc))
+        raise UserError(f"--mesh: {exc}" if args.mesh and str(args.mesh) in str(exc) else str(exc)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "generate.json", json.dumps(r, indent=1, default=str))
-    _atomic_text(out / "generate.md", markdown(r))
+    atomic_write_json(out / "generate.json", r, default=str)
+    atomic_write_text(out / "generate.md", markdown(r))
     print(markdown(r))
     return 0
 

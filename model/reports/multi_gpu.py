@@ -1,6 +1,6 @@
 """Multi-GPU training report: the sparse DiT and the sparse SDF VAE trained with ``torchrun`` on 1 and on N GPUs.
 
-``python -m model.reports.multi_gpu --out DIR [--gpus N] [--minutes M] [--models dit vae] [--meshes MESH_DIR]``
+``python -m model.reports.multi_gpu --out DIR [--gpus N] [--time-limit MINUTES] [--models dit vae] [--meshes MESH_DIR]``
 (one host with N CUDA GPUs; ``--smoke``: tiny models on the CPU through gloo, for the tests)
 
 For each model, two runs on the same data with the same seed: one process, then N processes, each started with
@@ -26,18 +26,18 @@ rounding:
 Measured per run, after ``--warmup`` steps: tokens per second (latent tokens for the DiT, input voxels for the VAE,
 summed over the ranks, over the wall time of the steps), and with N ranks the spread of the ranks' step times,
 forward times and token counts per step (``(max - min) / max``, gathered every step). Scaling efficiency =
-``tokens_per_s(N) / (N * tokens_per_s(1))``. The time budget ``--minutes`` (default 9) covers the whole command:
-it is shared out among the runs still to do (data preparation and process start-up included).
+``tokens_per_s(N) / (N * tokens_per_s(1))``. The time limit ``--time-limit`` (minutes, default 9) covers the
+whole command: it is shared out among the runs still to do (data preparation and process start-up included).
 
 Writes ``DIR/multi_gpu.md``, ``DIR/multi_gpu.json`` (a list, one record per run: ``model``, ``gpus``,
-``tokens_per_s``, ``efficiency``, ``gpu``, ``date`` and the details; records of other models already in the file
-are kept, so ``--models dit`` and ``--models vae`` may run as two commands), ``DIR/multi_gpu_loss.png`` (the loss
-curves of both runs per model) and the runs' folders under ``DIR/runs`` (``metrics.jsonl`` and logs).
+``tokens_per_s``, ``efficiency``, ``gpu``, ``date``, ``commit`` (:func:`model.io.provenance`) and the details; records
+of other models already in the file are kept, so ``--models dit`` and ``--models vae`` may run as two commands),
+``DIR/multi_gpu_loss.png`` (the loss curves of both runs per model) and the runs' folders under ``DIR/runs``
+(``metrics.jsonl`` and logs).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -51,6 +51,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from model.io import atomic_write, atomic_write_json, atomic_write_text, commit_label, provenance
 
 __all__ = ["NVLINK_MULTICAST_OFF", "main", "markdown", "summarize_run", "synthetic_meshes"]
 
@@ -309,7 +311,7 @@ def _plot(records: list[dict], runs: Path, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -327,7 +329,8 @@ def markdown(records: list[dict]) -> str:
     lines = [
         "# Multi-GPU training: the sparse DiT and the sparse SDF VAE on 1 and N GPUs",
         "",
-        f"{first['date']}, {first['gpu']}, torch {first.get('torch')}"
+        f"{first['date']}, {first['gpu']}, torch {first.get('torch')}, "
+        + " / ".join(dict.fromkeys(commit_label(r) for r in records))  # every commit the records were measured on
         + ("; **SMOKE RUN** (tiny models on the CPU through gloo): not a measurement." if smoke else "."),
         f"Made by `{first.get('command', 'python -m model.reports.multi_gpu')}`; NVLink multicast off in every "
         "process (" + ", ".join(f"`{k}={v}`" for k, v in NVLINK_MULTICAST_OFF.items()) + ").",
@@ -450,7 +453,7 @@ def run_report(a, command: str = "") -> list[dict]:
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     gpu = _device_name(a.smoke)
-    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    prov = provenance("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
     plan = [(m, p) for m in a.models for p in (1, a.gpus)]
     vae_data = _prepare_vae_data(a, out) if "vae" in a.models else None
     records: list[dict] = []
@@ -466,7 +469,8 @@ def run_report(a, command: str = "") -> list[dict]:
         else:
             rc, tail = _run_vae(a, nproc, run, budget, vae_data[0], vae_data[1])
         b = _per_gpu_batch(a, model)
-        rec: dict = dict(model=model, gpus=nproc, gpu=gpu, date=date, torch=torch.__version__, smoke=a.smoke,
+        rec: dict = dict(model=model, gpus=nproc, gpu=gpu, date=prov["date"], commit=prov["commit"],
+                         torch=prov["torch"], triton=prov["triton"], cuda=prov["cuda"], smoke=a.smoke,
                          command=command, run=run.name, per_gpu_batch=b, global_batch=a.gpus * b,
                          tokens_per_s=None, efficiency=None)
         if rc != 0:
@@ -511,33 +515,51 @@ def run_report(a, command: str = "") -> list[dict]:
         records = [r for r in old if r.get("model") not in a.models] + records
     for r in records:
         r.pop("losses", None)
-    from model.training.common import _atomic_replace
-
-    _atomic_replace(path, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1, default=str)))
+    atomic_write_json(path, records, default=str)
     _plot(records, runs, out / "multi_gpu_loss.png")
-    _atomic_replace(out / "multi_gpu.md", lambda tmp: Path(tmp).write_text(markdown(records)))
+    atomic_write_text(out / "multi_gpu.md", markdown(records))
     print(f"[multi_gpu_report] done in {time.time() - t_start:.0f} s: {out / 'multi_gpu.md'}", flush=True)
     return records
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.reports.multi_gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for multi_gpu.md, multi_gpu.json, the plot and the runs")
-    p.add_argument("--gpus", type=int, default=None, help="N (default: every visible GPU; 2 with --smoke)")
-    p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole command")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+def build_parser() -> argparse.ArgumentParser:
+    from model.cli.args import (
+        add_out,
+        add_seed,
+        add_time_limit,
+        make_parser,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
+
+    p = make_parser("model.reports.multi_gpu", __doc__)
+    add_out(p, "folder for multi_gpu.md, multi_gpu.json, the plot and the runs")
+    p.add_argument("--gpus", type=positive_int, default=None, metavar="N",
+                   help="GPUs of the multi-GPU runs (default: every visible GPU; 2 with --smoke)")
+    add_time_limit(p, "the whole command, shared out among the runs", default=9.0, dest="minutes")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                   help=f"models to run (default {' '.join(MODELS)})")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU through gloo (tests)")
-    p.add_argument("--per-gpu-batch", type=int, default=None, help="samples per GPU and step (DiT 1, VAE 2)")
-    p.add_argument("--samples", type=int, default=8, help="distinct DiT samples (latents + conditions)")
-    p.add_argument("--meshes", default=None, help="VAE meshes (default: synthetic shapes)")
-    p.add_argument("--vae-meshes", type=int, default=16, help="synthetic VAE meshes when --meshes is not given")
-    p.add_argument("--vae-model", default="base", help="VAE preset (model.cli.train_vae --model)")
-    p.add_argument("--vae-resolution", type=int, default=None, help="SDF resolution (default 256; 32 with --smoke)")
-    p.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 3; 1 smoke)")
-    p.add_argument("--max-steps", type=int, default=10_000, help="step cap of a run (the time budget decides)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="auto (default), or cpu")
+    p.add_argument("--per-gpu-batch", type=positive_int, default=None, metavar="N",
+                   help="samples per GPU and step (default 1 for the DiT, 2 for the VAE)")
+    p.add_argument("--samples", type=positive_int, default=8, metavar="N",
+                   help="distinct DiT samples, latents and conditions (default %(default)s)")
+    p.add_argument("--meshes", default=None, metavar="DIR", help="VAE meshes (default: synthetic shapes)")
+    p.add_argument("--vae-meshes", type=positive_int, default=16, metavar="N",
+                   help="synthetic VAE meshes when --meshes is not given (default %(default)s)")
+    p.add_argument("--vae-model", default="base",
+                   help="VAE preset, as model.cli.train_vae --model (default %(default)s)")
+    p.add_argument("--vae-resolution", type=positive_int, default=None, metavar="R",
+                   help="SDF grid side of the VAE runs (default 256; 32 with --smoke)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, metavar="N",
+                   help="steps left out of the timing (default 3; 1 with --smoke)")
+    p.add_argument("--max-steps", type=positive_int, default=10_000, metavar="N",
+                   help="step cap of a run; the time limit decides (default %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate (default 1e-4 for the DiT, 1e-3 for the VAE and with --smoke)")
+    add_seed(p)
+    p.add_argument("--device", default=None, help="auto or cpu (default auto; cpu with --smoke)")
     # internal: the DiT worker inside torchrun
     p.add_argument("--worker", choices=("dit",), help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
@@ -546,7 +568,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    a = _parser().parse_args(argv)
+    from model.cli.args import run
+
+    return run(build_parser(), lambda a: _main(a, argv), argv)
+
+
+def _main(a, argv) -> int:
+    from model.cli.args import UserError, output_folder
+
+    output_folder("--out", a.out)
     if a.device is None:
         a.device = "cpu" if a.smoke else "auto"
     if a.worker == "dit":
@@ -557,14 +587,12 @@ def main(argv=None) -> int:
     if a.gpus is None:
         a.gpus = 2 if a.smoke or not torch.cuda.is_available() else torch.cuda.device_count()
     if a.gpus < 2:
-        print("error: --gpus must be at least 2", file=sys.stderr)
-        return 2
+        raise UserError("--gpus: the report compares 1 GPU with N >= 2 GPUs; give --gpus 2 or more")
     if not a.smoke and not torch.cuda.is_available():
-        print("error: the report needs CUDA GPUs; use --smoke on a CPU", file=sys.stderr)
-        return 2
+        raise UserError("no CUDA GPU here: the report needs CUDA GPUs; use --smoke on a CPU")
     if not a.smoke and torch.cuda.device_count() < a.gpus:
-        print(f"error: --gpus {a.gpus} but {torch.cuda.device_count()} GPUs are visible", file=sys.stderr)
-        return 2
+        raise UserError(f"--gpus {a.gpus}: only {torch.cuda.device_count()} GPUs are visible; give --gpus "
+                        f"{torch.cuda.device_count()} or fewer")
     a.vae_resolution = a.vae_resolution or (32 if a.smoke else 256)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
     command = "python -m model.reports.multi_gpu " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -9,7 +9,7 @@ GPU run (one H100; the machine has no pybullet, so the meshes travel as files)::
 Where one command may run for at most 10 minutes, split it in two calls on the same machine (``OUT`` must
 persist between them)::
 
-    python -m model.reports.vae --meshes data_cache/meshes --out runs/vae_report --stage train --minutes 8
+    python -m model.reports.vae --meshes data_cache/meshes --out runs/vae_report --stage train --time-limit 8
     python -m model.reports.vae --meshes data_cache/meshes --out runs/vae_report --stage evaluate
 
 Needs, besides torch: numpy, scipy, trimesh, libigl, scikit-image (with ``--no-deps`` plus lazy_loader), safetensors,
@@ -24,7 +24,7 @@ Steps:
 
 1. The first ``--count`` meshes (path order) become sparse SDF samples at ``--resolution`` (default 256^3, tau 2),
    in ``--workers`` processes; a hash of each name holds out ``--held-out-fraction`` of them.
-2. :func:`model.training.vae.train` trains the ``--model`` preset for at most ``--minutes`` minutes (the cosine learning
+2. :func:`model.training.vae.train` trains the ``--model`` preset for at most ``--time-limit`` minutes (the cosine learning
    rate follows the elapsed fraction of the time, so the run ends annealed), bf16 autocast on CUDA.
 3. Every held-out mesh (at most ``--eval-meshes``) is reconstructed (posterior mean, inference pruning, marching
    cubes at 0) and compared with its input in the unit cube (:func:`model.pipeline.reconstruct.evaluate_mesh`: input faces
@@ -40,20 +40,20 @@ Steps:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import importlib.util
 import json
 import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
 
 __all__ = ["ReportConfig", "main", "run_report"]
 
@@ -136,25 +136,10 @@ SMOKE = dict(count=6, resolution=32, minutes=2.0, model="tiny", batch_size=2, lr
 
 
 def environment(device: torch.device) -> dict:
-    """Machine, versions, date and the repository's commit."""
-    env = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-        platform=platform.platform(), cpus=os.cpu_count(), device=str(device),
-    )
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
-    else:
-        env.update(gpu=None)
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-        env.update(git_commit=commit.stdout.strip() or None, git_dirty=bool(dirty.stdout.strip()))
-    except (OSError, subprocess.SubprocessError):
-        env.update(git_commit=None, git_dirty=None)
+    """The run's provenance (:func:`model.io.provenance`: commit, versions, GPU, UTC date) with the device as given
+    (e.g. ``cuda:0``), the platform and the CPU count."""
+    env = provenance(device)
+    env.update(device=str(device), platform=platform.platform(), cpus=os.cpu_count())
     return env
 
 
@@ -187,11 +172,11 @@ def run_report(config: ReportConfig, *, command: str = "") -> dict:
     write ``vae.json``, ``vae.md`` and the PNGs into ``config.out``; returns the JSON document (the training summary
     for ``stage="train"``)."""
     from model.data.sdf import mesh_to_sparse_sdf
+    from model.io import resolve_device
     from model.pipeline.extract import sparse_sdf_to_mesh
     from model.pipeline.preview import comparison_figure
     from model.pipeline.reconstruct import evaluate_mesh, load_vae, normalized_mesh, reconstruct_sample
     from model.training.vae import build_datasets, train
-    from model.training.common import resolve_device
 
     missing = missing_modules(REQUIRED_MODULES)
     if missing:
@@ -206,7 +191,7 @@ def run_report(config: ReportConfig, *, command: str = "") -> dict:
     summary_path = out / "train" / SUMMARY_NAME
     if config.stage in ("all", "train"):
         summary = train(train_cfg)
-        summary_path.write_text(json.dumps(_json_safe(summary), indent=2))
+        atomic_write_json(summary_path, _json_safe(summary), indent=2)
         print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s ({summary['stopped']})",
               flush=True)
         if config.stage == "train":
@@ -292,8 +277,8 @@ def run_report(config: ReportConfig, *, command: str = "") -> dict:
                         fscore_bar=FSCORE_BAR, bar_met=bool(mean_f >= FSCORE_BAR) if rows else False),
         big=big, figures=figures, total_seconds=time.perf_counter() - t_all,
     )
-    (out / "vae.json").write_text(json.dumps(_json_safe(doc), indent=2))
-    (out / "vae.md").write_text(_markdown(doc, config))
+    atomic_write_json(out / "vae.json", _json_safe(doc), indent=2)
+    atomic_write_text(out / "vae.md", _markdown(doc, config))
     return doc
 
 
@@ -322,7 +307,7 @@ def _markdown(doc: dict, config: ReportConfig) -> str:
         f"- date: {env['date']}; device: {env.get('gpu') or env['device']}"
         + (f" ({env.get('gpu_memory_gib')} GiB)" if env.get("gpu") else "")
         + f"; torch {env['torch']} (CUDA {env['cuda']}); Python {env['python']}; {env['cpus']} CPUs",
-        f"- commit: {env.get('git_commit')}" + (" (uncommitted changes)" if env.get("git_dirty") else ""),
+        f"- {commit_label(env)}",
         f"- command: `{doc['command'] or 'run_report(...)'}`"
         + (" (smoke run: CPU, a few steps, figures meaningless)" if config.smoke else ""),
         "",
@@ -401,36 +386,63 @@ def _markdown(doc: dict, config: ReportConfig) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    import argparse
+#: ``--help`` of the options made from :class:`ReportConfig` fields.
+OPTION_HELP = {
+    "count": "meshes used (the first N)", "resolution": "SDF grid side of training and evaluation",
+    "tau": "SDF band half-width in voxels", "minutes": "wall-clock minutes of training",
+    "model": "VAE size preset (model.cli.train_vae --model)", "batch_size": "meshes per batch",
+    "lr": "peak learning rate", "warmup_steps": "linear warm-up steps", "max_steps": "step cap of the training",
+    "held_out_fraction": "share of the meshes held out for the evaluation",
+    "workers": "processes preparing the SDF samples", "loader_workers": "data loader processes",
+    "val_every": "steps between validations (0: only at the end)", "eval_meshes": "held-out meshes evaluated",
+    "render_meshes": "meshes drawn in the figure", "points": "surface points per mesh of the metrics",
+    "iou_points": "points of the volume IoU", "big_resolution": "grid side of the large reconstruction",
+    "big_repeats": "timed repetitions of the large reconstruction",
+    "device": "auto (CUDA when available, else the CPU), cpu, cuda or cuda:N", "seed": "random seed",
+    "cache_dir": "folder of the cached SDF samples",
+}
+#: Fields whose option has another name than ``--field-name``.
+OPTION_FLAGS = {"minutes": "--time-limit"}
 
-    ap = argparse.ArgumentParser(prog="python -m model.reports.vae", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = ReportConfig(out="")
-    ap.add_argument("--out", required=True, help="report folder (vae.md, vae.json, PNGs, train/)")
-    ap.add_argument("--meshes", help="folder of meshes (default: the installed pybullet objects)")
+
+def build_parser():
+    from model.cli.args import add_config_options, add_out, make_parser
+
+    ap = make_parser("model.reports.vae", __doc__)
+    add_out(ap, "report folder: vae.md, vae.json, the PNGs and train/")
+    ap.add_argument("--meshes", metavar="DIR",
+                    help="folder of meshes (default: the installed pybullet objects, the meshes extra)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run for tests (overrides the sizes below)")
     ap.add_argument("--stage", choices=STAGES, default=None,
-                    help="all (default); train: data + training only; evaluate: the rest, from OUT/train")
-    for f in dataclasses.fields(ReportConfig):
-        if f.name in ("out", "meshes", "smoke", "stage"):
-            continue
-        ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(getattr(defaults, f.name)),
-                        default=None, help=f"default {getattr(defaults, f.name)!r}")
-    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+                    help="all; train: data and training only; evaluate: the rest, from OUT/train (default all)")
+    ap.set_defaults(_flags=add_config_options(ap, ReportConfig, skip=("out", "meshes", "smoke", "stage"),
+                                              flags=OPTION_FLAGS, helps=OPTION_HELP))
+    return ap
+
+
+def main(argv=None) -> int:
+    from model.cli.args import run
+
+    return run(build_parser(), lambda args: _main(args, argv), argv)
+
+
+def _main(args, argv) -> int:
+    from model.cli.args import UserError, option_message, output_folder
+
+    flags = args._flags
+    output_folder("--out", args.out)
+    args = {k: v for k, v in vars(args).items() if v is not None and k != "_flags"}
     values = dict(SMOKE) if args.get("smoke") else {}
     values.update(args)
     try:
         config = ReportConfig(**values)
     except (TypeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(option_message(str(exc), flags)) from None
     try:
         words = sys.argv[1:] if argv is None else list(argv)
         doc = run_report(config, command=" ".join(["python -m model.reports.vae"] + words))
     except (FileNotFoundError, ModuleNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
     if config.stage == "train":
         print("training done; now run the same command with --stage evaluate")
         return 0

@@ -1,11 +1,9 @@
 """Training infrastructure shared by the trainers in :mod:`model` (the VAE's :mod:`model.training.vae`, later the DiT's).
 
-* **Checkpoints** (:func:`save_checkpoint`, :func:`load_checkpoint`): one safetensors file holding the model's state
-  dict (``model/<name>``), the optimizer's tensors (``optim/<param>/<key>``), the RNG states (``rng/torch``,
-  ``rng/cuda/<i>``, ``rng/gen/<name>`` for named ``torch.Generator`` objects) and, in the safetensors metadata (str to
-  str), the step, the optimizer's non-tensor state, Python's and numpy's RNG states and a caller-given JSON document
-  (configs, data positions, ...). Written to a temporary file in the same folder, flushed and fsynced, then renamed
-  over the target with ``os.replace`` (atomic on POSIX): a crash never leaves a half-written checkpoint.
+* **Checkpoints** (:func:`save_checkpoint`, :func:`load_checkpoint`, :func:`restore_rng`) and
+  :func:`resolve_device` live in :mod:`model.io` (the library loads checkpoints without importing training) and are
+  re-exported here for the trainers: one safetensors file with the model, optimizer and RNG states and a JSON
+  document, written atomically.
 * **Metrics**: :class:`MetricsLog` appends one JSON object per line (flushed per line); on resume it drops the lines
   logged after the checkpoint's step. :func:`plot_metrics` draws the loss curves (matplotlib, Agg backend) to a PNG.
 * **Runs**: :func:`seed_everything`, :func:`resolve_device`, :class:`Distributed` (torchrun: process group, DDP
@@ -25,17 +23,31 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 
+from model.io import (  # re-exported: the trainers' checkpoints and devices (their home is model.io)
+    CHECKPOINT_FORMAT,
+    WRAPPER_PREFIXES,
+    Checkpoint,
+    atomic_write,
+    atomic_write_text,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    resolve_device,
+    restore_rng,
+    save_checkpoint,
+    strip_wrapper_prefixes,
+    unwrap_model,
+)
+
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "WRAPPER_PREFIXES",
     "Checkpoint",
     "Distributed",
     "MetricsLog",
@@ -45,20 +57,22 @@ __all__ = [
     "lr_factor",
     "partition_by_tokens",
     "plot_metrics",
+    "read_checkpoint_metadata",
     "read_jsonl",
     "resolve_device",
+    "restore_rng",
     "save_checkpoint",
     "seed_everything",
+    "strip_wrapper_prefixes",
+    "unwrap_model",
 ]
 
-#: Value of the ``format`` metadata entry of our checkpoints.
-CHECKPOINT_FORMAT = "ssa-kernels-checkpoint/1"
 #: Learning-rate schedules of :func:`lr_factor`.
 SCHEDULES = ("constant", "cosine")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# seeds, devices
+# seeds
 
 
 def seed_everything(seed: int) -> None:
@@ -68,253 +82,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None -> ``cuda`` when available else ``cpu``; anything else is checked (a CUDA device without CUDA
-    raises ``ValueError``)."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: cannot parse {device!r} ({exc})") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available")
-    return dev
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-@dataclass
-class Checkpoint:
-    """What :func:`load_checkpoint` returns.
-
-    ``model``: state dict (``{name: tensor}``); ``optimizer``: an optimizer state dict ready for
-    ``optimizer.load_state_dict`` (None when not saved); ``step``; ``meta``: the caller's JSON document;
-    ``rng``: opaque RNG states for :func:`restore_rng`; ``path``.
-    """
-
-    model: dict[str, torch.Tensor]
-    optimizer: dict | None
-    step: int
-    meta: dict
-    rng: dict
-    path: str
-
-
-def _atomic_replace(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, fsync it, then ``os.replace`` it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _cpu_tensor(t: torch.Tensor, seen: set) -> torch.Tensor:
-    """Detached, contiguous CPU copy-if-needed; a tensor whose storage was already stored is cloned (safetensors
-    refuses shared storage)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        return t.cpu().contiguous()
-    t = t.contiguous()
-    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) if t.numel() else None
-    if key is not None and key in seen:
-        return t.clone()
-    if key is not None:
-        seen.add(key)
-    return t
-
-
-def _rng_payload(generators: Mapping[str, torch.Generator] | None):
-    tensors = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = state
-    for name, gen in (generators or {}).items():
-        if not isinstance(gen, torch.Generator):
-            raise TypeError(f"generators[{name!r}] must be a torch.Generator, got {type(gen).__name__}")
-        tensors[f"rng/gen/{name}"] = gen.get_state()
-    np_state = np.random.get_state()
-    meta = {
-        "rng_python": json.dumps(random.getstate()),
-        "rng_numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
-    }
-    return tensors, meta
-
-
-def save_checkpoint(
-    path,
-    *,
-    model: torch.nn.Module | Mapping[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer | None = None,
-    step: int = 0,
-    meta: Mapping[str, Any] | None = None,
-    generators: Mapping[str, torch.Generator] | None = None,
-) -> Path:
-    """Write a checkpoint atomically (module docstring) and return its path.
-
-    Args:
-        path: target file (``.safetensors``); its folder is created.
-        model: a module (DDP-wrapped or not) or a state dict.
-        optimizer: its state is saved when given.
-        step: the number of optimizer steps taken.
-        meta: a JSON-serialisable document stored as is (e.g. ``{"config": ..., "model_class": ...}``).
-        generators: named ``torch.Generator`` objects whose states are saved (restored by :func:`restore_rng`).
-    """
-    path = Path(path)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if isinstance(model, torch.nn.Module):
-        state = _unwrap(model).state_dict()
-    elif isinstance(model, Mapping):
-        state = strip_wrapper_prefixes(model)
-    else:
-        raise TypeError(f"model must be a torch.nn.Module or a state dict, got {type(model).__name__}")
-    seen: set = set()
-    tensors = {f"model/{k}": _cpu_tensor(v, seen) for k, v in state.items()}
-    metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "meta": json.dumps(dict(meta or {}))}
-    if optimizer is not None:
-        opt_state = optimizer.state_dict()
-        plain: dict[str, dict] = {}
-        for pid, entries in opt_state["state"].items():
-            for key, value in entries.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim/{pid}/{key}"] = _cpu_tensor(value, seen)
-                else:
-                    plain.setdefault(str(pid), {})[key] = value
-        metadata["optim"] = json.dumps({"param_groups": opt_state["param_groups"], "plain_state": plain})
-    rng_tensors, rng_meta = _rng_payload(generators)
-    tensors.update(rng_tensors)
-    metadata.update(rng_meta)
-
-    from safetensors.torch import save_file
-
-    _atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return path
-
-
-def read_checkpoint_metadata(path) -> dict[str, str]:
-    """The raw safetensors metadata of ``path`` (``ValueError`` naming the file when it is not a safetensors file)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception as exc:  # safetensors raises its own error types on a bad header
-        raise ValueError(f"{path} is not a safetensors checkpoint ({type(exc).__name__}: {exc})") from exc
-
-
-def load_checkpoint(path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` (``ValueError`` naming the file if it is not one)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    metadata = read_checkpoint_metadata(path)
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint of this project (format {metadata.get('format')!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r})")
-    tensors = load_file(str(path), device=str(map_location))
-    model = strip_wrapper_prefixes({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
-    optimizer = None
-    if "optim" in metadata:
-        doc = json.loads(metadata["optim"])
-        state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim/"):
-                _, pid, key = k.split("/", 2)
-                state.setdefault(int(pid), {})[key] = v
-        for pid, entries in doc["plain_state"].items():
-            state.setdefault(int(pid), {}).update(entries)
-        groups = doc["param_groups"]
-        for g in groups:  # JSON turned tuples into lists
-            for key, value in list(g.items()):
-                if key != "params" and isinstance(value, list):
-                    g[key] = tuple(value)
-        optimizer = {"state": state, "param_groups": groups}
-    rng = {k: v.cpu() for k, v in tensors.items() if k.startswith("rng/")}
-    rng["python"] = metadata.get("rng_python")
-    rng["numpy"] = metadata.get("rng_numpy")
-    return Checkpoint(model=model, optimizer=optimizer, step=int(metadata["step"]),
-                      meta=json.loads(metadata.get("meta", "{}")), rng=rng, path=str(path))
-
-
-def restore_rng(checkpoint: Checkpoint, generators: Mapping[str, torch.Generator] | None = None) -> None:
-    """Restore the global RNG states (Python, numpy, torch, CUDA where saved and available) and the states of the
-    named ``generators`` saved with :func:`save_checkpoint`."""
-    rng = checkpoint.rng
-    if rng.get("python"):
-        version, state, gauss = json.loads(rng["python"])
-        random.setstate((version, tuple(state), gauss))
-    if rng.get("numpy"):
-        name, keys, pos, has_gauss, cached = json.loads(rng["numpy"])
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "rng/torch" in rng:
-        torch.set_rng_state(rng["rng/torch"].to(torch.uint8))
-    if torch.cuda.is_available():
-        states = [rng[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in rng]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in states])
-    for name, gen in (generators or {}).items():
-        key = f"rng/gen/{name}"
-        if key not in rng:
-            raise ValueError(f"checkpoint {checkpoint.path} has no state for generator {name!r}")
-        gen.set_state(rng[key].to(torch.uint8))
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / DataParallel and ``torch.compile`` wrappers."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while True:
-        if isinstance(model, (DistributedDataParallel, DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-unwrap_model = _unwrap
-
-#: Key prefixes that DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) add to a wrapped model's state dict.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict:
-    """``state`` without the DDP / ``torch.compile`` key prefixes, when every key carries one (a state dict taken
-    from a wrapped model): checkpoints then load into the bare model on any number of ranks."""
-    state = dict(state)
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,7 +123,7 @@ class MetricsLog:
             self.path.write_text("")
         else:
             kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
-            _atomic_replace(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -437,7 +204,7 @@ def plot_metrics(records: Iterable[Mapping[str, Any]], path, *, loss_keys: Itera
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
 

@@ -1,6 +1,6 @@
 """Train the sparse DiT with rectified flow on prepared latents and views (``model.training.dit_data``).
 
-``python -m model.cli.train_dit --data DIR --out RUN [--config FILE] [--model tiny] [--steps N] [--resume [auto|CKPT]]``
+``python -m model.cli.train_dit --data DIR --out RUN [--config FILE] [--model tiny] [--steps N] [--resume]``
 
 One step: a batch of latents chosen by :class:`TokenBatchSampler` (batches packed up to ``batch_tokens`` tokens,
 so batch elements of different sizes balance by token count, across ranks too), one random conditioning view per

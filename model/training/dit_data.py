@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.io import atomic_save_npz, atomic_write_json, load_checkpoint
+
 __all__ = ["MANIFEST_FORMAT", "data_params", "encode_mesh", "load_vae", "mesh_names", "prepare_dataset", "vae_config_from"]
 
 #: ``format`` entry of the manifest.
@@ -96,8 +98,6 @@ def load_vae(path, *, config=None, device="cpu", weights: str = "ema"):
         raise FileNotFoundError(f"VAE checkpoint not found: {path}")
     stored, recorded = None, {}
     if path.suffix == ".safetensors":
-        from model.training.common import load_checkpoint
-
         ck = load_checkpoint(path)
         state, stored = ck.model, _find_vae_config(ck.meta)
         recorded = ck.meta.get("data") if isinstance(ck.meta.get("data"), dict) else {}
@@ -186,18 +186,11 @@ def mesh_names(paths, root) -> list[str]:
     return names
 
 
-def _atomic_json(path: Path, doc) -> None:
-    from model.data.sdf import _atomic_write
-
-    _atomic_write(path, lambda fh: fh.write(json.dumps(doc, indent=1)), "w")
-
-
 def prepare_dataset(mesh_dir, vae, out, *, vae_key: str = "", views: int = 4, image_size: int = 518,
                     resolution: int | None = None, tau: float | None = None, elevation: float = 20.0,
                     render_backend: str = "auto", overwrite: bool = False, device="cpu",
                     progress: bool = True) -> dict:
     """Latents and views of every mesh under ``mesh_dir`` into ``out`` (module docstring); returns the manifest."""
-    from model.data.dataset import atomic_save_npz
     from model.data.meshes import find_meshes
     from model.data.render import render_views, save_rgba
     from model.data.sdf import load_mesh
@@ -260,5 +253,5 @@ def prepare_dataset(mesh_dir, vae, out, *, vae_key: str = "", views: int = 4, im
         "items": items,
         "failed": failed,
     }
-    _atomic_json(out / MANIFEST_NAME, manifest)
+    atomic_write_json(out / MANIFEST_NAME, manifest)
     return manifest

@@ -1,0 +1,195 @@
+"""Where a sparse DiT step spends its GPU time, and the sampling-step variants side by side (for ``model.reports.dit``).
+
+- :func:`profile_step`: ``torch.profiler`` over one call; GPU kernel time per kind of kernel (SSA kernels, matrix
+  products, attention (SDPA), layer norm, element-wise, index/copy, other) and the largest kernels. The
+  ``record_function`` ranges of :class:`model.nets.dit.SparseDiTBlock` (``dit.norm``, ``dit.self_attn``,
+  ``dit.cross_attn``, ``dit.mlp``, ``dit.residual``) are recorded too, but the profiler adds the kernels of ranges
+  nested inside one (the SSA op's own) to it again, so their totals are upper bounds (kept in the JSON only); they
+  cover the forward only.
+- :func:`sampling_variants`: one guided Euler step (condition + zeroed condition, guidance, update) timed in the
+  same process for each way of running it, with its peak memory and its relative difference from the first
+  (unoptimised) one: fp32 weights under bf16 autocast with the unfused ops and two plain forwards (the path of
+  earlier reports), then the fused norms with the zeroed-condition shortcut, then bf16 weights, two forwards or one
+  batched forward.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+__all__ = ["KERNEL_KINDS", "RANGES", "kernel_kind", "profile_step", "sampling_variants"]
+
+#: ``record_function`` ranges of the DiT block (model.nets.dit).
+RANGES = ("dit.norm", "dit.self_attn", "dit.cross_attn", "dit.mlp", "dit.residual")
+#: Kernel kinds by name fragments, first match wins (names as the CUDA runtime reports them).
+KERNEL_KINDS = (
+    ("SSA kernels", ("_cmp_", "_sel_", "_win_", "_score_topk", "_gate_bwd", "_fold_gate", "_row_dot")),
+    ("layer norm (fused)", ("_layer_norm_modulate",)),
+    ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("matrix products", ("gemm", "xmma", "cutlass", "nvjet", "gemv", "splitk", "cublas")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("index / copy / sort", ("index", "gather", "scatter", "copy", "cat", "radix", "sort", "memcpy", "memset",
+                             "fill")),
+    ("element-wise / reduction", ("elementwise", "vectorized", "unrolled", "reduce", "gelu", "silu", "sigmoid",
+                                  "mul", "add")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The :data:`KERNEL_KINDS` entry of a kernel name ("other" when none matches)."""
+    low = name.lower()
+    for kind, fragments in KERNEL_KINDS:
+        if any(f.lower() in low for f in fragments):
+            return kind
+    return "other"
+
+
+def _device_time_us(evt, total: bool) -> float:
+    for attr in (("device_time_total", "cuda_time_total") if total else ("self_device_time_total",
+                                                                         "self_cuda_time_total")):
+        if hasattr(evt, attr):
+            return float(getattr(evt, attr))
+    return 0.0
+
+
+def profile_step(fn, *, top: int = 12) -> dict:
+    """Run ``fn()`` once under ``torch.profiler`` (CUDA activity) and break its GPU time down (module docstring).
+
+    Returns ``{"total_ms", "ranges": {range: ms}, "kinds": {kind: ms}, "top_kernels": [[name, ms, calls], ...]}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels, ranges = {}, {r: 0.0 for r in RANGES}
+    for evt in prof.key_averages():
+        if evt.key in ranges:
+            ranges[evt.key] += _device_time_us(evt, total=True) / 1e3
+            continue
+        self_ms = _device_time_us(evt, total=False) / 1e3
+        if self_ms > 0 and evt.device_type is not None and "cuda" in str(evt.device_type).lower():
+            name = evt.key
+            prev = kernels.get(name, (0.0, 0))
+            kernels[name] = (prev[0] + self_ms, prev[1] + evt.count)
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    total = sum(ms for ms, _ in kernels.values())
+    top_k = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"total_ms": total, "ranges": ranges, "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [[name[:90], ms, calls] for name, (ms, calls) in top_k]}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step: float, time_fn,
+                      reps: int, warmup: int, extra_profiles: dict | None = None,
+                      small_coords: torch.Tensor | None = None) -> list[dict]:
+    """Time one guided Euler step for every variant (module docstring); ``model`` holds fp32 weights and is
+    converted to bf16 in place for the last variants. ``time_fn(fn, reps=, warmup=, device=)`` returns
+    ``(times_ms, peak_gb)``. Each record: ``name``, ``median_ms``, ``reps_ms``, ``peak_gb``, ``rel_diff`` (relative
+    norm of the guided velocity against the first variant's; the rows of ``small_coords`` compare with their own
+    first row). ``extra_profiles``: filled with kernel profiles of the bf16 forward, conditioned and zeroed."""
+    import model.nets.fused as fused
+    from model.nets.dit import Condition
+
+    dev = xt.device
+    autocast = lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)  # noqa: E731
+    out = []
+    reference = {}
+
+    def step(v_fn, ctx):
+        def run():
+            with torch.no_grad(), ctx():
+                v = v_fn()
+            reference["last"] = v
+            return xt.feats.float() + sigma_step * v
+        return run
+
+    def plain():
+        v_c = model(xt, t, cond_tokens).feats.float()
+        v_u = model(xt, t, torch.zeros_like(cond_tokens)).feats.float()
+        return v_u + guidance * (v_c - v_u)
+
+    def guided(batched, cond):
+        return lambda: model.guided_velocity(xt, t, cond, guidance, batched=batched).feats
+
+    def record(name, fn, *, unfused=False):
+        fused.ENABLED = not unfused
+        try:
+            times, peak = time_fn(fn, reps=reps, warmup=warmup, device=dev)
+            fn()  # the velocity of this variant for the comparison
+        finally:
+            fused.ENABLED = True
+        v = reference["last"].float()
+        base = reference.setdefault("base", v)
+        out.append({"name": name, "median_ms": sorted(times)[len(times) // 2], "reps_ms": times, "peak_gb": peak,
+                    "rel_diff": _rel(v, base)})
+
+    record("fp32 weights + bf16 autocast, unfused, two forwards (earlier reports)", step(plain, autocast),
+           unfused=True)
+    cond = Condition(cond_tokens)
+    record("fp32 weights + bf16 autocast, fused norms, zeroed-condition shortcut, two forwards",
+           step(guided(False, cond), autocast))
+    model.to(torch.bfloat16)
+    xt_bf16 = xt.replace(xt.feats.to(torch.bfloat16))
+    cond16 = Condition(cond_tokens.to(torch.bfloat16))
+
+    def guided16(batched):
+        return lambda: model.guided_velocity(xt_bf16, t, cond16, guidance, batched=batched).feats
+
+    record("bf16 weights, fused norms, shortcut, two forwards", step(guided16(False), nullcontext))
+    record("bf16 weights, fused norms, shortcut, one batched forward", step(guided16(True), nullcontext))
+    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            ctx = (lambda b=backend: sdpa_kernel(getattr(SDPBackend, b)))
+            record(f"bf16 weights, fused norms, shortcut, two forwards, cross-attention on {backend}",
+                   step(guided16(False), ctx))
+        except Exception as exc:  # a backend that does not take the shape
+            out.append({"name": f"cross-attention on {backend}: {type(exc).__name__}: {str(exc)[:120]}",
+                        "median_ms": float("nan"), "reps_ms": [], "peak_gb": None, "rel_diff": float("nan")})
+    if extra_profiles is not None:
+        def forward(c):
+            with torch.no_grad():
+                model(xt_bf16, t, c)
+        extra_profiles["forward_bf16_condition"] = profile_step(lambda: forward(cond16))
+        extra_profiles["forward_bf16_zeroed_condition"] = profile_step(lambda: forward(cond16.zeros_like()))
+    try:
+        for block in model.blocks:
+            block.mlp = torch.compile(block.mlp, dynamic=False)
+        record("bf16 weights, fused norms, shortcut, two forwards, torch.compile on each MLP",
+               step(guided16(False), nullcontext))
+    except Exception as exc:
+        out.append({"name": f"torch.compile on each MLP: {type(exc).__name__}: {str(exc)[:120]}",
+                    "median_ms": float("nan"), "reps_ms": [], "peak_gb": None, "rel_diff": float("nan")})
+    finally:
+        for block in model.blocks:
+            block.mlp = getattr(block.mlp, "_orig_mod", block.mlp)
+    if small_coords is not None:
+        from model.sparse.tensor import SparseTensor
+
+        n = small_coords.shape[0]
+        gen = torch.Generator().manual_seed(5)
+        xs = SparseTensor(small_coords.to(dev), torch.randn(n, xt.num_channels, generator=gen).to(dev, torch.bfloat16),
+                          validate=False)
+        base_small = {}
+        for batched in (False, True):
+            def small_step(b=batched):
+                with torch.no_grad():
+                    return model.guided_velocity(xs, t, cond16, guidance, batched=b).feats
+            times, peak = time_fn(small_step, reps=reps, warmup=warmup, device=dev)
+            v = small_step()
+            base = base_small.setdefault("v", v)
+            out.append({"name": f"{n:,} tokens: bf16 weights, fused norms, shortcut, "
+                                f"{'one batched forward' if batched else 'two forwards'}",
+                        "median_ms": sorted(times)[len(times) // 2], "reps_ms": times, "peak_gb": peak,
+                        "rel_diff": _rel(v, base)})
+    return out
