@@ -66,6 +66,14 @@ def plain(text: str | None, *, paragraph: bool = True) -> str:
     return " ".join(text.split())
 
 
+def dataclass_defaults(cls) -> dict:
+    """``{field: default}`` of a configuration dataclass (factories called), for the defaults shown in --help."""
+    import dataclasses
+
+    return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)}
+
+
 def make_parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` for ``python -m PROG`` described by the first paragraph of ``doc`` (plain text)."""
     return argparse.ArgumentParser(prog=f"python -m {prog}", description=plain(doc), **kwargs)

@@ -11,7 +11,6 @@ CUDA and to the dense reference on the CPU (``--backend auto``). Runs under ``to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -24,6 +23,7 @@ from model.cli.args import (
     add_resume,
     add_seed,
     add_time_limit,
+    dataclass_defaults,
     existing_file,
     existing_path,
     json_object,
@@ -41,8 +41,7 @@ from model.flow import TIMESTEP_MODES
 from model.training.dit import LATENT_MODES, PRECISIONS, TrainConfig
 
 #: Defaults of TrainConfig, shown in --help.
-DEFAULTS = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(TrainConfig)}
+DEFAULTS = dataclass_defaults(TrainConfig)
 #: DiT presets (model.nets.dit.DiTConfig.preset).
 MODELS = ("tiny", "released_512", "released_1024", "released_512_v10", "released_1024_v10")
 #: Random image encoders (model.nets.conditioning.DinoV2Encoder.build) and ``auto``.

@@ -9,7 +9,6 @@ of training. Runs under ``torchrun`` (DDP).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import re
@@ -25,6 +24,7 @@ from model.cli.args import (
     add_resume,
     add_seed,
     add_time_limit,
+    dataclass_defaults,
     existing_file,
     existing_path,
     json_object,
@@ -40,8 +40,7 @@ from model.cli.args import (
 from model.training.vae import MODEL_PRESETS, VAETrainConfig, model_config
 
 #: Defaults of VAETrainConfig, shown in --help.
-DEFAULTS = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(VAETrainConfig)}
+DEFAULTS = dataclass_defaults(VAETrainConfig)
 #: The install hint of --pybullet.
 PYBULLET_HINT = "the meshes extra: pip install -e '.[meshes]'"
 

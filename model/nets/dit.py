@@ -275,14 +275,14 @@ class Condition:
     def to(self, device=None, dtype=None) -> "Condition":
         return Condition(self.tokens.to(device=device, dtype=dtype),
                          None if self.mask is None else self.mask.to(device),
-                         None if self.positions is None else self.positions.to(device))
+                         None if self.positions is None else self.positions.to(device), null=self.null)
 
     def select(self, index) -> "Condition":
         """The batch elements ``index`` (int, slice, or index tensor)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
         return Condition(self.tokens[index], None if self.mask is None else self.mask[index],
-                         None if self.positions is None else self.positions[index])
+                         None if self.positions is None else self.positions[index], null=self.null)
 
     @staticmethod
     def cat(conditions) -> "Condition":
@@ -446,13 +446,13 @@ class SparseDiTBlock(nn.Module):
                 kv = cross.kv[key] = self.cross_attn.project_context(context[:cross.batch])
         if rows == h.shape[0]:
             return h + self.cross_attn(norm_modulate(self.norm2, h), x.offsets, context, mask, cache=x.cache, kv=kv)
-        out = h + self.cross_attn.null_output().to(h.dtype)
-        if rows:
-            head = h[:rows]
-            attended = self.cross_attn(norm_modulate(self.norm2, head), cross.offsets, context[:cross.batch],
-                                       None if mask is None else mask[:cross.batch], cache=cross.cache, kv=kv)
-            out = torch.cat([head + attended, out[rows:]])
-        return out
+        null = h[rows:] + self.cross_attn.null_output().to(h.dtype)
+        if not rows:
+            return null
+        head = h[:rows]
+        attended = self.cross_attn(norm_modulate(self.norm2, head), cross.offsets, context[:cross.batch],
+                                   None if mask is None else mask[:cross.batch], cache=cross.cache, kv=kv)
+        return torch.cat([head + attended, null])
 
 
 #: Rows per chunk of the MLP when no gradient is recorded: the 4x-wide hidden layer of 137k tokens alone is 1.1 GB in
