@@ -25,7 +25,8 @@ IMAGE = ROOT / "tests" / "data" / "images" / "capsule.png"
 SCRIPTS = [
     "model.cli.generate", "model.cli.prepare_dit_data", "model.cli.reconstruct", "model.cli.sample",
     "model.cli.train_dit", "model.cli.train_vae", "model.reports.dit", "model.reports.generate",
-    "model.reports.multi_gpu", "model.reports.vae", "model.reports.dit_demo", "model.data.meshes", "bench.run_gpu",
+    "model.reports.multi_gpu", "model.reports.vae", "model.reports.dit_demo", "model.reports.extract",
+    "model.reports.refiner", "model.data.meshes", "bench.run_gpu",
 ]
 #: Options deliberately hidden from --help (the report's torchrun worker).
 INTERNAL = {("model.reports.multi_gpu", "--worker"), ("model.reports.multi_gpu", "--seconds"),
@@ -42,6 +43,8 @@ VOCABULARY = {
                             "--resume"},
     "model.reports.dit": {"--out", "--device", "--seed"},
     "model.reports.generate": {"--out", "--device", "--seed", "--no-progress"},
+    "model.reports.extract": {"--out", "--device"},
+    "model.reports.refiner": {"--out", "--device", "--seed"},
     "model.reports.multi_gpu": {"--out", "--device", "--seed", "--time-limit"},
     "model.reports.vae": {"--out", "--device", "--seed", "--time-limit"},
     "model.reports.dit_demo": {"--out", "--device", "--seed", "--vae-time-limit", "--dit-time-limit",

@@ -20,8 +20,8 @@ the end.
   with random weights of the released sizes (GPU timing), both built by
   :meth:`model.pipeline.cascade.ImageToMesh.from_pretrained`; both say on stderr that the output is noise.
 - Sampling defaults are the released ones (50 / 30 / 15 steps, guidance 7); ``--faces`` simplifies the mesh to a
-  face budget when trimesh's quadric decimation is available (it needs the ``fast_simplification`` package; without
-  it the mesh is kept, with a warning).
+  face budget, ``--simplify-ratio`` removes a share of its faces (the released post-processing: 0.95), both by
+  quadric decimation (``fast-simplification``).
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ from model.cli.args import (
     positive_int,
     resolve_device,
     run,
+    unit_interval,
 )
 
 __all__ = ["format_stages", "main", "save_preview"]
@@ -65,6 +66,13 @@ def _guidance(text: str) -> float:
         return non_negative_float(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+
+
+def _ratio(text: str) -> float:
+    value = unit_interval(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
 
 
 def _tolerance(text: str) -> int:
@@ -173,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_seed(p, what="noise seed")
     p.add_argument("--faces", type=positive_int, metavar="N",
                    help="simplify each mesh to at most N faces (default: keep every face)")
+    p.add_argument("--simplify-ratio", type=_ratio, metavar="R",
+                   help="simplify each mesh by removing this share of its faces, in [0, 1) (the released "
+                        "post-processing uses 0.95; default: keep every face; not with --faces)")
     add_device(p)
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="weights dtype (default float16 on CUDA, float32 on the CPU)")
@@ -223,6 +234,8 @@ def _main(parser, args) -> int:
     from model.pipeline.cascade import EmptyStageError
     from model.pipeline.images import load_rgba
 
+    if args.faces is not None and args.simplify_ratio is not None:
+        parser.error("give one of --faces and --simplify-ratio, not both")
     out = output_folder("--out", args.out)
     images = []
     for path in args.images:
@@ -248,7 +261,8 @@ def _main(parser, args) -> int:
         print(f"{path}: generating at {args.resolution} on {where}", file=sys.stderr)
         try:
             result = pipe.generate(rgba, resolution=args.resolution, steps=steps, guidance=args.guidance,
-                                   seed=args.seed, faces=args.faces, progress=args.progress)
+                                   seed=args.seed, faces=args.faces, simplify_ratio=args.simplify_ratio,
+                                   progress=args.progress)
         except EmptyStageError as exc:
             print(f"{path}: FAILED: {exc}", file=sys.stderr)
             failed += 1

@@ -1,4 +1,5 @@
-"""Fused element-wise work of the DiT blocks on the GPU: layer norm + adaLN modulation in one pass.
+"""Fused element-wise work on the GPU: layer norm + adaLN modulation in one pass (the DiT blocks), and group norm
+over huge volumes (the refiners).
 
 A DiT block normalises its residual stream three times per layer (RELEASED_MODEL.md D): ``LN(h) * (1 + scale) +
 shift`` before the SSA and the MLP, and an affine ``LN(h)`` before the cross-attention. Written as PyTorch ops
@@ -12,6 +13,13 @@ Only the forward exists (sampling runs without autograd). Under the Triton inter
 tensors when no gradient is recorded, the plain PyTorch ops otherwise (training, CPU, float64), so callers need not
 care. ``torch.nn.functional.layer_norm`` alone cannot fold in the per-batch-element modulation, which is why this is
 a kernel of ours.
+
+:func:`group_norm` is the refiners' GroupNorm (4 groups over ``[B, C, D, H, W]`` patches of 192^3 / 256^3 voxels).
+PyTorch's CUDA group norm reduces each (batch element, group) row in one thread block: 4 blocks for 33M values each,
+17 ms per call and 73-86% of a refiner patch on an H100 (reports/refiner.md). Here each row is cut into chunks of
+:data:`GROUP_CHUNK` values; one kernel computes every chunk's mean and centred sum of squares in one read (float32),
+the chunks are merged exactly (Chan's parallel formula, float64, on ``[rows, chunks]``), and a second kernel writes
+``(x - mean) * rstd * weight + bias`` rounded once to the input dtype: two reads and one write of the volume.
 """
 from __future__ import annotations
 
@@ -20,12 +28,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["layer_norm_modulate", "norm_modulate", "use_fused"]
+__all__ = ["group_norm", "layer_norm_modulate", "norm_modulate", "use_fused"]
 
 #: Warps per program of the row kernel (one row of up to a few thousand channels per program).
 NUM_WARPS = 4
 #: Dtypes the fused kernel takes (float32 inputs run it too; float64 stays on the PyTorch path).
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Values per program of the group norm kernels.
+GROUP_CHUNK = 4096
+#: Warps per program of the group norm kernels.
+GROUP_WARPS = 8
 
 
 @triton.jit
@@ -58,6 +70,74 @@ def _layer_norm_modulate_kernel(
         scale = tl.load(SCALE + m * stride_mod + cols, mask=valid, other=0.0).to(tl.float32)
         y = y * (1.0 + scale) + shift
     tl.store(OUT + row * stride_out + cols, y.to(OUT.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _group_chunk_stats_kernel(X, MEAN, M2, row_size, num_chunks, CHUNK: tl.constexpr):
+    """Program ``(row, chunk)``: mean and centred sum of squares of ``CHUNK`` values of one row, in float32."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < row_size
+    x = tl.load(X + row * row_size + offs, mask=valid, other=0.0).to(tl.float32)
+    n = tl.minimum(row_size - chunk * CHUNK, CHUNK).to(tl.float32)
+    mean = tl.sum(x, axis=0) / n
+    centred = tl.where(valid, x - mean, 0.0)
+    tl.store(MEAN + row * num_chunks + chunk, mean)
+    tl.store(M2 + row * num_chunks + chunk, tl.sum(centred * centred, axis=0))
+
+
+@triton.jit
+def _group_apply_kernel(X, OUT, SCALE, SHIFT, row_size, spatial, channels_per_group, CHUNK: tl.constexpr):
+    """Program ``(row, chunk)``: ``x * scale[c] + shift[c]`` (float32, one rounding) with ``c`` the channel of each
+    value: row ``r`` = (batch element, group) holds ``channels_per_group`` channels of ``spatial`` values each."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < row_size
+    x = tl.load(X + row * row_size + offs, mask=valid, other=0.0).to(tl.float32)
+    c = row * channels_per_group + offs // spatial  # (batch, channel) index into the [B * C] coefficients
+    scale = tl.load(SCALE + c, mask=valid, other=0.0)
+    shift = tl.load(SHIFT + c, mask=valid, other=0.0)
+    tl.store(OUT + row * row_size + offs, (x * scale + shift).to(OUT.dtype.element_ty), mask=valid)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    """``F.group_norm`` for a contiguous CUDA tensor ``x [B, C, *spatial]`` (no autograd), statistics in float32
+    chunks merged in float64, output in ``x.dtype`` (module docstring). ``weight``, ``bias``: ``[C]`` or None."""
+    if x.dim() < 2 or not (x.is_cuda or _interpreting()):
+        raise ValueError(f"x must be a [B, C, ...] CUDA tensor, got {tuple(x.shape)} on {x.device}")
+    if x.dtype not in FUSED_DTYPES:
+        raise TypeError(f"x must be one of {FUSED_DTYPES}, got {x.dtype}")
+    b, c = x.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"{c} channels do not split into {num_groups} groups")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    spatial = x[0, 0].numel() if x.numel() else 0
+    rows, per = b * num_groups, c // num_groups
+    row_size = per * spatial
+    if x.numel() == 0:
+        return out
+    chunks = triton.cdiv(row_size, GROUP_CHUNK)
+    mean = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    _group_chunk_stats_kernel[(rows, chunks)](x, mean, m2, row_size, chunks, CHUNK=GROUP_CHUNK,
+                                              num_warps=GROUP_WARPS)
+    counts = torch.full((chunks,), float(GROUP_CHUNK), device=x.device, dtype=torch.float64)
+    counts[-1] = row_size - (chunks - 1) * GROUP_CHUNK
+    mean, m2 = mean.double(), m2.double()
+    row_mean = (mean * counts).sum(1, keepdim=True) / row_size
+    var = (m2.sum(1) + (counts * (mean - row_mean) ** 2).sum(1)) / row_size  # Chan's merge, biased as group norm
+    rstd = torch.rsqrt(var + eps).repeat_interleave(per).view(b, c)
+    mu = row_mean[:, 0].repeat_interleave(per).view(b, c)
+    w = weight.double()[None] if weight is not None else torch.ones(1, c, device=x.device, dtype=torch.float64)
+    bb = bias.double()[None] if bias is not None else torch.zeros(1, c, device=x.device, dtype=torch.float64)
+    scale = (rstd * w).float().reshape(-1)
+    shift = (bb - mu * rstd * w).float().reshape(-1)
+    _group_apply_kernel[(rows, chunks)](x, out, scale, shift, row_size, spatial, per, CHUNK=GROUP_CHUNK,
+                                        num_warps=GROUP_WARPS)
+    return out
 
 
 def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | None = None,

@@ -32,9 +32,25 @@ the UNet concatenates ``[running features, skip]`` (the diffusers convention its
 refiner concatenates ``[SDF branch, feature branch]``; no activation between the adaptive blocks, ``mid_conv`` and
 ``conv_out``; the third adaptive block's filter is predicted from the output of adaptive block 2; the L1
 normalisation divides by ``max(sum |w|, 1e-12)``; the 1-D blending ramps are ``linspace(0, 1, overlap)``.
+
+Inference paths (the same numbers as the plain ones, up to float rounding; ``tests/test_refiner_fast.py``):
+
+- **empty patches run once**: a patch holding no decoded voxel reads SDF 1 and features 0 everywhere (the sign
+  refiner: pooled SDF 1), so every such patch has the same output; :func:`refine_512` and :func:`predict_sign` run
+  the network on the first one and reuse its output for the others (bitwise the same result), and report
+  ``patches`` / ``run`` / ``reused`` / ``empty`` in an optional ``stats`` dict.
+- **group norm**: on CUDA :class:`GroupNorm32` runs the chunked kernels of :func:`model.nets.fused.group_norm`
+  (PyTorch's own reduces each of the 4 group rows of a patch in one thread block and took 73-86% of a patch).
+- **memory layout**: ``channels_last=True`` runs the patches in ``torch.channels_last_3d`` (NDHWC); off by default,
+  as it was 5-7% slower for both refiners on an H100 (the weights are converted for the call and back afterwards).
+  ``cudnn_benchmark`` sets ``torch.backends.cudnn.benchmark`` for the call. ``python -m model.reports.refiner``
+  times the variants on a GPU.
+- **element-wise traffic**: :func:`adaptive_filter` accumulates its 27 taps in place into one buffer; the residual
+  blocks apply SiLU and the shortcut in place when autograd is off.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -109,7 +125,7 @@ class RefinerConfig:
         patch_offsets(self.resolution, self.patch_size, self.patch_stride)  # validates the tiling
         check_pool_mode(self.pool_mode)
 
-    def replace(self, **overrides) -> "RefinerConfig":
+    def replace(self, **overrides) -> RefinerConfig:
         return dataclasses.replace(self, **overrides)
 
     @property
@@ -117,20 +133,20 @@ class RefinerConfig:
         return max(self.patch_size - self.patch_stride, 0)
 
     @classmethod
-    def released_512(cls, **overrides) -> "RefinerConfig":
+    def released_512(cls, **overrides) -> RefinerConfig:
         """The released ``refiner`` (Voxel_RefinerXL, patch 192): 27 patches at offsets 0, 160, 320."""
         return cls(**{"pool_mode": "released", **overrides})
 
     @classmethod
-    def released_1024(cls, **overrides) -> "RefinerConfig":
+    def released_1024(cls, **overrides) -> RefinerConfig:
         """The released ``refiner_1024`` (Voxel_RefinerXL_sign, patch 256 on the pooled 512^3 grid)."""
         return cls(**{"patch_size": 256, "patch_stride": 128, "pool_mode": "released", **overrides})
 
     @classmethod
-    def tiny(cls, **overrides) -> "RefinerConfig":
+    def tiny(cls, **overrides) -> RefinerConfig:
         """Small refiners for tests: widths (8, 8, 16, 16), 8 decoder features, 16^3 grid in 8^3 patches."""
-        sizes = dict(block_channels=(8, 8, 16, 16), layers_per_block=1, layers_mid_block=1, feature_channels=8,
-                     resolution=16, patch_size=8, patch_stride=4)
+        sizes = {"block_channels": (8, 8, 16, 16), "layers_per_block": 1, "layers_mid_block": 1,
+                 "feature_channels": 8, "resolution": 16, "patch_size": 8, "patch_stride": 4}
         return cls(**{**sizes, **overrides})
 
 
@@ -151,13 +167,43 @@ def patch_offsets(resolution: int, patch: int, stride: int) -> list[int]:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """``nn.GroupNorm`` computed in at least float32, returned in the input dtype."""
+    """``nn.GroupNorm`` with float32 statistics, returned in the input's dtype and memory layout. Two paths, equal up
+    to float rounding:
+
+    - **CUDA without autograd** (fp16/bf16/fp32 input): :func:`model.nets.fused.group_norm`, statistics in float32
+      chunks merged in float64 and one rounding of ``(x - mean) * rstd * weight + bias`` to the input dtype. PyTorch's
+      CUDA group norm reduces each (batch element, group) row in a single thread block, 4 blocks for a whole patch:
+      17 ms a call on a 256^3 patch, 73-86% of a refiner's time on an H100 (reports/refiner.md); the chunked kernels
+      read the volume twice at full bandwidth. A channels-last input is made contiguous for it and returned
+      channels-last.
+    - **everywhere else** (the CPU, autograd, float64): upcast to float32, ``F.group_norm``, cast back (the released
+      ``GroupNorm32``).
+
+    :attr:`cuda_native` = False forces the float32 path everywhere (the previous behaviour, for comparisons)."""
+
+    #: Use the chunked kernels on CUDA (class docstring).
+    cuda_native: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cdt = torch.promote_types(x.dtype, torch.float32)
+        from model.nets.fused import FUSED_DTYPES, group_norm
+
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.group_norm(x.to(cdt), self.num_groups, self.weight.to(cdt), self.bias.to(cdt),
-                                self.eps).to(x.dtype)
+            if self.cuda_native and x.is_cuda and x.dtype in FUSED_DTYPES and not torch.is_grad_enabled():
+                y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+                return y.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(x) else y
+            cdt = torch.promote_types(x.dtype, torch.float32)
+            y = F.group_norm(x.to(cdt), self.num_groups, self.weight.to(cdt), self.bias.to(cdt), self.eps).to(x.dtype)
+            return y.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(x) else y
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether the 5-D ``x`` is laid out channels-last (NDHWC) and not also contiguous (one channel: ambiguous)."""
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when autograd is off (``x`` is always a fresh norm output here)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 def _conv3(cin: int, cout: int, bias: bool = True) -> nn.Conv3d:
@@ -176,9 +222,10 @@ class ResnetBlock3D(nn.Module):
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        h = self.conv1(_silu(self.norm1(x)))
+        h = self.conv2(_silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h if torch.is_grad_enabled() else h.add_(skip)
 
 
 class _Resample(nn.Module):
@@ -267,7 +314,7 @@ class UNet3D(nn.Module):
         h = self.mid_block(h)
         for block in self.up_blocks:
             h = block(h, skips)
-        return F.silu(self.conv_norm_out(h))
+        return _silu(self.conv_norm_out(h))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,15 +324,31 @@ class UNet3D(nn.Module):
 def adaptive_filter(x: torch.Tensor, logits: torch.Tensor, iterations: int = ADAPTIVE_ITERATIONS) -> torch.Tensor:
     """Apply the per-voxel 3^3 filter ``logits [B, 27, D, H, W]`` (L1-normalised over the 27 taps) ``iterations``
     times to every channel of ``x [B, C, D, H, W]``; tap ``9 a + 3 b + c`` reads the zero-padded input at offset
-    ``(a - 1, b - 1, c - 1)``."""
-    w = F.normalize(logits.float(), p=1, dim=1).to(x.dtype)
-    d, h, wd = x.shape[2:]
+    ``(a - 1, b - 1, c - 1)``.
+
+    The weights are normalised in float32 and stored once in ``x``'s dtype (NCDHW, so each tap is one dense plane);
+    each iteration copies its input into the inside of one zero-bordered buffer and accumulates the 27 taps into one
+    output buffer in place (``addcmul_``), in ``x``'s memory layout: no new tensor per tap."""
+    b, c, d, h, wd = x.shape
+    denom = torch.linalg.vector_norm(logits, ord=1, dim=1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12)
+    w = torch.empty(logits.shape, dtype=x.dtype, device=x.device)
+    torch.div(logits, denom, out=w)  # float32 division, rounded once to x's dtype
+    del denom
+    fmt = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
+    padded = torch.empty((b, c, d + 2, h + 2, wd + 2), dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+    inside = padded[:, :, 1:d + 1, 1:h + 1, 1:wd + 1]
+    out = None
     for _ in range(iterations):
-        padded = F.pad(x, (1, 1, 1, 1, 1, 1))
-        out = torch.zeros_like(x)
+        inside.copy_(x)  # x's values now live in padded: out may overwrite x from the second iteration on
+        if out is None:
+            out = torch.empty((b, c, d, h, wd), dtype=x.dtype, device=x.device, memory_format=fmt)
         for tap in range(ADAPTIVE_TAPS):
-            a, b, c = tap // 9, (tap // 3) % 3, tap % 3
-            out = out + w[:, tap:tap + 1] * padded[:, :, a:a + d, b:b + h, c:c + wd]
+            ta, tb, tc = tap // 9, (tap // 3) % 3, tap % 3
+            shifted = padded[:, :, ta:ta + d, tb:tb + h, tc:tc + wd]
+            if tap == 0:
+                torch.mul(w[:, :1], shifted, out=out)
+            else:
+                out.addcmul_(w[:, tap:tap + 1], shifted)
         x = out
     return x
 
@@ -330,7 +393,10 @@ class VoxelRefiner(nn.Module):
         self.conv_out = _conv3(w, config.out_channels)
 
     def forward(self, sdf: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        h = self.unet3d1(torch.cat([self.conv_in(sdf), self.latent_mlp(feats.to(sdf.dtype))], dim=1))
+        h = torch.cat([self.conv_in(sdf), self.latent_mlp(feats.to(sdf.dtype))], dim=1)
+        if _is_channels_last(feats):  # keep the patch's layout (cat falls back to NCDHW when its inputs differ)
+            h = h.contiguous(memory_format=torch.channels_last_3d)
+        h = self.unet3d1(h)
         h = adaptive_filter(h, self.adaptive_conv1(h))
         h = self.mid_conv(h)
         h = adaptive_filter(h, self.adaptive_conv2(h))
@@ -358,16 +424,71 @@ class SignRefiner(nn.Module):
 # whole-grid helpers
 
 
-def _patch_dense(coords: torch.Tensor, values: torch.Tensor, lo: tuple[int, int, int], size: int,
-                 fill: float) -> torch.Tensor:
-    """``[C, size, size, size]`` from sparse ``coords [N, 3]`` / ``values [N, C]`` inside ``[lo, lo + size)``."""
-    lo_t = torch.tensor(lo, device=coords.device)
-    rel = coords.long() - lo_t
-    inside = ((rel >= 0) & (rel < size)).all(1)
-    rel, vals = rel[inside], values[inside]
-    out = torch.full((values.shape[1], size, size, size), fill, dtype=values.dtype, device=values.device)
-    out[:, rel[:, 0], rel[:, 1], rel[:, 2]] = vals.T
+def _patch_members(coords: torch.Tensor, lo: tuple[int, int, int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoded voxels inside the patch ``[lo, lo + size)^3``: their patch-relative coordinates ``[M, 3]`` and
+    their rows ``[M]`` of ``coords [N, 3]`` (int64)."""
+    rel = coords - torch.tensor(lo, device=coords.device, dtype=coords.dtype)
+    rows = ((rel >= 0) & (rel < size)).all(1).nonzero().squeeze(1)
+    return rel[rows], rows
+
+
+def _densify(rel: torch.Tensor, values: torch.Tensor, size: int, fill: float,
+             memory_format: torch.memory_format) -> torch.Tensor:
+    """``[1, C, size, size, size]`` in ``memory_format``: ``fill`` everywhere, ``values [M, C]`` at ``rel [M, 3]``."""
+    out = torch.empty((1, values.shape[1], size, size, size), dtype=values.dtype, device=values.device,
+                      memory_format=memory_format).fill_(fill)
+    out[0, :, rel[:, 0], rel[:, 1], rel[:, 2]] = values.T
     return out
+
+
+def _patch_format(channels_last: bool | None, device) -> torch.memory_format:
+    """The memory layout the patches run in: ``channels_last`` None means contiguous (NCDHW): channels-last was
+    5-7% slower on an H100 for both refiners (reports/refiner.md)."""
+    if channels_last is None:
+        channels_last = False
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def _weights_format(module: nn.Module) -> torch.memory_format:
+    """The layout of ``module``'s 5-D weights (judged on the first one whose layout is not ambiguous)."""
+    for param in module.parameters():
+        if param.dim() == 5 and _is_channels_last(param):
+            return torch.channels_last_3d
+        if param.dim() == 5 and param.is_contiguous() and \
+                not param.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.contiguous_format
+    return torch.contiguous_format
+
+
+@contextlib.contextmanager
+def _running_as(module: nn.Module, memory_format: torch.memory_format, cudnn_benchmark: bool | None):
+    """``module``'s 5-D weights in ``memory_format`` and ``torch.backends.cudnn.benchmark`` = ``cudnn_benchmark``
+    (None: unchanged) while the block runs; both restored afterwards."""
+    before = _weights_format(module)
+    benchmark = torch.backends.cudnn.benchmark
+    if before != memory_format:
+        module.to(memory_format=memory_format)
+    if cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        if before != memory_format:
+            module.to(memory_format=before)
+
+
+class _PatchCounter:
+    """Counts the patches run and reused, and fills the caller's ``stats`` dict (``patches``, ``run``, ``reused``,
+    ``empty``) as it goes."""
+
+    def __init__(self, total: int, stats: dict | None):
+        self.stats = stats if stats is not None else {}
+        self.stats.update(patches=total, run=0, reused=0, empty=0)
+
+    def count(self, empty: bool, reused: bool) -> None:
+        self.stats["empty"] += int(empty)
+        self.stats["reused" if reused else "run"] += 1
 
 
 def _ramp_weights(offsets: list[int], size: int, overlap: int, device, dtype) -> list[torch.Tensor]:
@@ -403,48 +524,74 @@ def _patch_bar(total: int, desc: str, progress: bool):
 
 @torch.no_grad()
 def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, feats: torch.Tensor, *,
-               dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+               dtype: torch.dtype | None = None, progress: bool = False, channels_last: bool | None = None,
+               cudnn_benchmark: bool | None = None, reuse_empty: bool = True,
+               stats: dict | None = None) -> torch.Tensor:
     """The 512 refiner over the whole grid: decoded voxels ``coords [N, 3]`` (x, y, z on the refiner's grid),
     ``sdf [N]`` and ``feats [N, F]`` -> refined dense field ``[R, R, R]`` (float32), from overlapping patches blended
     linearly over their overlaps. Empty voxels read SDF 1 and features 0. ``progress``: a tqdm bar over the
-    patches."""
+    patches.
+
+    ``channels_last``: run the patches in ``torch.channels_last_3d`` (None: off, it is slower); ``cudnn_benchmark``:
+    the value of ``torch.backends.cudnn.benchmark`` during the call (None: unchanged); ``reuse_empty``: run the
+    network once for all the patches without a decoded voxel (their inputs are identical) and reuse its output (False: run every
+    patch); ``stats``: a dict filled with ``patches``, ``run``, ``reused`` and ``empty`` (patch counts)."""
     cfg = refiner.config
     p, r = cfg.patch_size, cfg.resolution
     offs = patch_offsets(r, p, cfg.patch_stride)
     dev = coords.device
     dtype = dtype or next(refiner.parameters()).dtype
+    fmt = _patch_format(channels_last, dev)
     ramps = _ramp_weights(offs, p, cfg.overlap, dev, torch.float32)
     out = torch.zeros(r, r, r, device=dev)
+    coords = coords.long()
+    sdf, feats = sdf.reshape(-1, 1).to(dtype), feats.to(dtype)
+    counter = _PatchCounter(len(offs) ** 3, stats)
+    empty_pred = None
     bar = _patch_bar(len(offs) ** 3, "refine 512", progress)
-    for i, ox in enumerate(offs):
-        for j, oy in enumerate(offs):
-            for k, oz in enumerate(offs):
-                bar.update()
-                lo = (ox, oy, oz)
-                s = _patch_dense(coords, sdf.reshape(-1, 1).to(dtype), lo, p, 1.0)
-                f = _patch_dense(coords, feats.to(dtype), lo, p, 0.0)
-                pred = refiner(s.unsqueeze(0), f.unsqueeze(0))[0, 0].float()
-                weight = ramps[i][:, None, None] * ramps[j][None, :, None] * ramps[k][None, None, :]
-                out[ox:ox + p, oy:oy + p, oz:oz + p] += weight * pred
+    with _running_as(refiner, fmt, cudnn_benchmark):
+        for i, ox in enumerate(offs):
+            for j, oy in enumerate(offs):
+                for k, oz in enumerate(offs):
+                    bar.update()
+                    rel, rows = _patch_members(coords, (ox, oy, oz), p)
+                    empty = rows.numel() == 0
+                    reuse = reuse_empty and empty and empty_pred is not None
+                    if reuse:
+                        pred = empty_pred
+                    else:
+                        s = _densify(rel, sdf[rows], p, 1.0, fmt)
+                        f = _densify(rel, feats[rows], p, 0.0, fmt)
+                        pred = refiner(s, f)[0, 0].float()
+                        del s, f
+                        if reuse_empty and empty:
+                            empty_pred = pred
+                    counter.count(empty, reuse)
+                    weight = ramps[i][:, None, None] * ramps[j][None, :, None] * ramps[k][None, None, :]
+                    out[ox:ox + p, oy:oy + p, oz:oz + p] += weight * pred
     bar.close()
     return out
 
 
 @torch.no_grad()
 def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, resolution: int = 1024, *,
-                 dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, progress: bool = False, channels_last: bool | None = None,
+                 cudnn_benchmark: bool | None = None, reuse_empty: bool = True,
+                 stats: dict | None = None) -> torch.Tensor:
     """The sign refiner's inside/outside grid on its own grid (half the field's side): decoded voxels ``coords
     [N, 3]`` on the ``resolution^3`` grid, ``sdf [N]`` -> ``[resolution / 2]^3`` float32 of ``+1`` (outside) / ``-1``
     (inside). The sparse SDF is pooled by 2 (``config.pool_mode``; the published decoder's duplicate rows at its
-    chunk seams, which count twice there, do not exist in ours) and densified (empty = 1) patch by patch; later patches overwrite
-    overlaps. Each value stands for the 2^3 field voxels under it (:func:`sign_refine_1024`). ``progress``: a tqdm
-    bar over the patches."""
+    chunk seams, which count twice there, do not exist in ours) and densified (empty = 1) patch by patch; later
+    patches overwrite overlaps. Each value stands for the 2^3 field voxels under it (:func:`sign_refine_1024`).
+    ``progress``: a tqdm bar over the patches; ``channels_last``, ``cudnn_benchmark``, ``reuse_empty`` and
+    ``stats``: as in :func:`refine_512` (a patch is empty when no pooled voxel falls in it)."""
     cfg = refiner.config
     if resolution != 2 * cfg.resolution:
         raise ValueError(f"the sign refiner runs at {cfg.resolution}^3, so the field must be "
                          f"{2 * cfg.resolution}^3, got {resolution}")
     dev = coords.device
     dtype = dtype or next(refiner.parameters()).dtype
+    fmt = _patch_format(channels_last, dev)
     c = coords.long()
     values = sdf.reshape(-1).float()
     # pool the sparse SDF by 2 onto the refiner's grid (cfg.pool_mode: the released model's sum / (n + 1))
@@ -453,19 +600,34 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
     key = (parent[:, 0] * r + parent[:, 1]) * r + parent[:, 2]
     uniq, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
     del key, parent
-    pooled = pool_features(values.unsqueeze(1), inverse, counts, cfg.pool_mode)
+    pooled = pool_features(values.unsqueeze(1), inverse, counts, cfg.pool_mode).to(dtype)
     del inverse
     pooled_coords = torch.stack([uniq // (r * r), (uniq // r) % r, uniq % r], dim=1)
     p = cfg.patch_size
+    offs = patch_offsets(r, p, cfg.patch_stride)
     sign = torch.ones(r, r, r, device=dev)
-    bar = _patch_bar(len(patch_offsets(r, p, cfg.patch_stride)) ** 3, "refine 1024", progress)
-    for ox in patch_offsets(r, p, cfg.patch_stride):
-        for oy in patch_offsets(r, p, cfg.patch_stride):
-            for oz in patch_offsets(r, p, cfg.patch_stride):
-                bar.update()
-                s = _patch_dense(pooled_coords, pooled.to(dtype), (ox, oy, oz), p, 1.0)
-                prob = torch.sigmoid(refiner(s.unsqueeze(0))[0, 0].float())
-                sign[ox:ox + p, oy:oy + p, oz:oz + p] = torch.where(prob >= SIGN_THRESHOLD, 1.0, -1.0)
+    counter = _PatchCounter(len(offs) ** 3, stats)
+    empty_sign = None
+    bar = _patch_bar(len(offs) ** 3, "refine 1024", progress)
+    with _running_as(refiner, fmt, cudnn_benchmark):
+        for ox in offs:
+            for oy in offs:
+                for oz in offs:
+                    bar.update()
+                    rel, rows = _patch_members(pooled_coords, (ox, oy, oz), p)
+                    empty = rows.numel() == 0
+                    reuse = reuse_empty and empty and empty_sign is not None
+                    if reuse:
+                        patch_sign = empty_sign
+                    else:
+                        s = _densify(rel, pooled[rows], p, 1.0, fmt)
+                        prob = torch.sigmoid(refiner(s)[0, 0].float())
+                        del s
+                        patch_sign = torch.where(prob >= SIGN_THRESHOLD, 1.0, -1.0)
+                        if reuse_empty and empty:
+                            empty_sign = patch_sign
+                    counter.count(empty, reuse)
+                    sign[ox:ox + p, oy:oy + p, oz:oz + p] = patch_sign
     bar.close()
     return sign
 

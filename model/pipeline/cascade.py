@@ -24,8 +24,8 @@
    (:func:`model.pipeline.extract.sparse_sdf_to_mesh` with a fill grid). Voxels that cannot touch the level set (they
    and their 26 neighbours, or their fill, lie on one side of it) are dropped first on the device
    (:func:`model.pipeline.geometry.surface_voxels`); this changes no triangle.
-7. **simplify** (optional, ``faces=``): quadric decimation to a face budget through trimesh, which needs the
-   ``fast_simplification`` package; without it the mesh is kept as is, with a warning.
+7. **simplify** (optional): quadric decimation (``fast-simplification``) to a face budget (``faces=``) or by a
+   share of the faces (``simplify_ratio=``; the released ``remesh`` post-processing removes 95%).
 
 Every sparse stage puts its tokens in the SSA layout order once (:func:`ssa_kernels.layout_order`), draws its noise in
 that order, and samples on one :class:`~model.sparse.tensor.SparseTensor` whose coordinate cache holds the block
@@ -49,8 +49,8 @@ Assumptions where RELEASED_MODEL.md leaves a choice open (each one is a constant
   our per-brick component rule of :mod:`model.pipeline.extract` instead of the network. Surfaces made only of filled
   voxels (a sign flip of the refiner away from every decoded voxel, which the released dense field would turn into
   a floating surface) are not extracted.
-- ``faces=None`` (default) does not simplify; the released ``simplify_ratio`` 0.95 only acts with ``remesh``, which
-  is off by default.
+- ``faces=None`` and ``simplify_ratio=None`` (default) do not simplify, as released (its ``simplify_ratio`` 0.95 only
+  acts with ``remesh``, which is off by default).
 - The sparse VAEs decode in spatial chunks (4 per axis at both stages by default; the released 512 VAE decodes in
   one pass): same values, less memory.
 
@@ -607,7 +607,7 @@ class ImageToMesh:
                                    progress=run.progress)
             del sdf, feats  # freed before marching cubes
             level = _level(self.config.level_512, field_512)
-            mesh = dense_field_to_mesh(field_512, level)
+            mesh = dense_field_to_mesh(field_512, level, progress=run.progress)
             del field_512
             rec.info.update(level=level, faces=len(mesh.faces), grid=ref.config.resolution)
         if len(mesh.faces) == 0:
@@ -649,20 +649,28 @@ class ImageToMesh:
                  run: _Run) -> trimesh.Trimesh:
         """Stage **extract**: marching cubes at ``level`` on the decoded voxels ``fine [M, 3]`` / ``values [M]`` of
         the ``side^3`` grid, empty voxels taking ``fill``, brick by brick
-        (:func:`model.pipeline.extract.sparse_sdf_to_mesh`), after dropping the voxels that cannot touch the level
+        (:func:`model.pipeline.extract.sparse_sdf_to_mesh`): on the GPU with its torch backend, on the CPU with
+        scikit-image after dropping the voxels that cannot touch the level
         (:func:`model.pipeline.geometry.surface_voxels`; not with the component rule)."""
         from model.pipeline.extract import sparse_sdf_to_mesh
 
         with run.recorder.stage("extract") as rec:
-            if isinstance(fill, str):
-                keep_c, keep_v = fine, values
+            if fine.is_cuda and not isinstance(fill, str):
+                # GPU marching cubes reads the decoded voxels where they are; pruning would not change a triangle
+                mesh = sparse_sdf_to_mesh(fine, values.float(), side, level=level, fill=fill, progress=run.progress,
+                                          backend="torch")
+                rec.info["backend"] = "torch"
             else:
-                keep = surface_voxels(fine, values.float(), side, level, fill)
-                keep_c, keep_v = fine[keep], values[keep]
-                rec.info["kept_voxels"] = int(keep_c.shape[0])
-            fill_arg = fill.cpu().numpy() if isinstance(fill, torch.Tensor) else fill
-            mesh = sparse_sdf_to_mesh(keep_c.cpu().numpy(), keep_v.float().cpu().numpy(), side, level=level,
-                                      fill=fill_arg, progress=run.progress)
+                if isinstance(fill, str):
+                    keep_c, keep_v = fine, values
+                else:
+                    keep = surface_voxels(fine, values.float(), side, level, fill)
+                    keep_c, keep_v = fine[keep], values[keep]
+                    rec.info["kept_voxels"] = int(keep_c.shape[0])
+                fill_arg = fill.cpu().numpy() if isinstance(fill, torch.Tensor) else fill
+                mesh = sparse_sdf_to_mesh(keep_c.cpu().numpy(), keep_v.float().cpu().numpy(), side, level=level,
+                                          fill=fill_arg, progress=run.progress, backend="skimage")
+                rec.info["backend"] = "skimage"
             rec.info.update(level=level, faces=len(mesh.faces), interior=self.config.interior)
         return mesh
 
@@ -688,16 +696,17 @@ class ImageToMesh:
                           stacklevel=_WARN_CALLER)
         return mesh
 
-    def _simplify(self, mesh: trimesh.Trimesh, faces: int, run: _Run) -> trimesh.Trimesh:
-        """Stage **simplify**: quadric decimation to at most ``faces`` faces
+    def _simplify(self, mesh: trimesh.Trimesh, faces: int | None, ratio: float | None, run: _Run) -> trimesh.Trimesh:
+        """Stage **simplify**: quadric decimation to at most ``faces`` faces or by the share ``ratio``
         (:func:`model.pipeline.geometry.simplify_mesh`)."""
         with run.recorder.stage("simplify") as rec:
             before = len(mesh.faces)
-            mesh = simplify_mesh(mesh, faces)
+            mesh = simplify_mesh(mesh, faces, ratio=ratio)
             rec.info.update(faces_before=before, faces=len(mesh.faces))
         return mesh
 
-    def _new_run(self, *, resolution, steps, guidance, seed, faces, coords_512, coords_1024, progress) -> _Run:
+    def _new_run(self, *, resolution, steps, guidance, seed, faces, simplify_ratio, coords_512, coords_1024,
+                 progress) -> _Run:
         """The checked arguments of :meth:`generate` as a :class:`_Run` (``ValueError`` naming the argument)."""
         if resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
@@ -708,6 +717,11 @@ class ImageToMesh:
             raise ValueError("interior='refiner' needs the refiner_1024 part")
         if faces is not None:
             positive_int("faces", faces)
+            if simplify_ratio is not None:
+                raise ValueError("give one of faces and simplify_ratio, not both")
+        if simplify_ratio is not None and (isinstance(simplify_ratio, bool) or not isinstance(
+                simplify_ratio, (int, float)) or not 0.0 <= simplify_ratio < 1.0):
+            raise ValueError(f"simplify_ratio must be a number in [0, 1), got {simplify_ratio!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
         step = self._steps(steps)
@@ -724,9 +738,9 @@ class ImageToMesh:
 
     @torch.no_grad()
     def generate(self, image, *, resolution: int = 1024, steps=None, guidance: float | None = None, seed: int = 0,
-                 faces: int | None = None, coords_512: torch.Tensor | None = None,
-                 coords_1024: torch.Tensor | None = None, run_dense: bool | None = None,
-                 progress: bool = False) -> CascadeResult:
+                 faces: int | None = None, simplify_ratio: float | None = None,
+                 coords_512: torch.Tensor | None = None, coords_1024: torch.Tensor | None = None,
+                 run_dense: bool | None = None, progress: bool = False) -> CascadeResult:
         """Run the cascade on one image (module docstring), one method per stage.
 
         Args:
@@ -738,7 +752,8 @@ class ImageToMesh:
             guidance: classifier-free guidance scale of every stage (default the config's, released 7).
             seed: seeds the noise of all stages (one CPU generator, drawn stage after stage).
             faces: simplify the final mesh to at most this many faces
-                (:func:`model.pipeline.geometry.simplify_mesh`).
+                (:func:`model.pipeline.geometry.simplify_mesh`); or ``simplify_ratio``: remove this share of its faces
+                (the released post-processing: 0.95).
             coords_512 / coords_1024: latent voxels ``[N, 3]`` (or ``[N, 4]`` with batch 0) to use instead of the
                 dense stage's / the revoxelised 512 mesh's (the stages that make them are then skipped; with
                 ``run_dense=True`` the dense stage still runs, e.g. to time it, and its voxels are replaced).
@@ -749,7 +764,8 @@ class ImageToMesh:
         stage gives nothing to continue from (no occupied voxel; no 512 surface when the 1024 stage needs it).
         """
         run = self._new_run(resolution=resolution, steps=steps, guidance=guidance, seed=seed, faces=faces,
-                            coords_512=coords_512, coords_1024=coords_1024, progress=progress)
+                            simplify_ratio=simplify_ratio, coords_512=coords_512, coords_1024=coords_1024,
+                            progress=progress)
         run_dense = coords_512 is None if run_dense is None else bool(run_dense)
         if not run_dense and coords_512 is None:
             raise ValueError("run_dense=False needs coords_512 (the 512 stage's latent voxels)")
@@ -757,9 +773,10 @@ class ImageToMesh:
         occupied = self._dense(run) if run_dense else None
         mesh_512 = self._stage_512(run.given.get("coords_512", occupied), resolution, run)
         mesh = self._stage_1024(mesh_512, run) if resolution == 1024 else mesh_512
-        if faces is not None and len(mesh.faces) > faces:
-            mesh = self._simplify(mesh, faces, run)
+        if (faces is not None and len(mesh.faces) > faces) or simplify_ratio:
+            mesh = self._simplify(mesh, faces, simplify_ratio, run)
         settings = dict(resolution=resolution, steps=run.steps, guidance=run.guidance, seed=int(seed), faces=faces,
+                        simplify_ratio=simplify_ratio,
                         dtype=str(self.dtype).replace("torch.", ""), device=str(self.device), offload=self.offload,
                         backend=self.backend, interior=self.config.interior, random_weights=self.random_weights,
                         given_coords=sorted(run.given))

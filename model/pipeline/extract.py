@@ -31,6 +31,13 @@ Coordinates: voxel ``(i, j, l)`` has its centre at ``((i, j, l) + 0.5) / R - 0.5
 of :mod:`model.data.sdf`, and so do the returned vertices. :func:`to_original_frame` maps a mesh back to the frame of
 the mesh a sample was made from (``original = unit / scale + center``).
 
+Backends: ``backend="skimage"`` is the brick loop above on the CPU; ``backend="torch"`` is
+:func:`model.pipeline.marching_cubes.sparse_marching_cubes`, batched tensor operations on the device of the inputs
+(the GPU path: a fill number or a fill grid, not ``fill="sign"``; it extracts only cells with a decoded corner, and
+resolves a face with four crossings by keeping the outside connected, where Lewiner's tables may add a tunnel).
+``"auto"`` (default) takes ``"torch"`` when ``coords`` is a CUDA tensor and ``fill`` is not ``"sign"``, else
+``"skimage"``.
+
 Which ``level``: our VAE is trained on ``sdf / tau`` (:attr:`model.data.sdf.SparseSDF.sdf_scaled`), whose surface is
 exactly at 0, so :data:`DEFAULT_LEVEL` is 0. The released pipeline extracts at 0.2 (0.4 after its 512 refiner) on its
 own, unpublished normalisation of the training SDF; 0.2 on ours would move the surface outwards by ``0.2 * tau``
@@ -44,10 +51,12 @@ from typing import Sequence
 import numpy as np
 import trimesh
 
-__all__ = ["DEFAULT_BRICK", "DEFAULT_LEVEL", "decoded_to_meshes", "sparse_sdf_to_mesh", "to_original_frame"]
+__all__ = ["BACKENDS", "DEFAULT_BRICK", "DEFAULT_LEVEL", "decoded_to_meshes", "sparse_sdf_to_mesh", "to_original_frame"]
 
 #: Iso level of our VAE's output (``sdf / tau``: the surface is at 0).
 DEFAULT_LEVEL = 0.0
+#: Values of ``sparse_sdf_to_mesh(backend=...)``.
+BACKENDS = ("auto", "skimage", "torch")
 #: Marching-cubes cells per brick side.
 DEFAULT_BRICK = 32
 #: Largest grid side accepted (keys stay well inside int64).
@@ -173,6 +182,7 @@ def sparse_sdf_to_mesh(
     brick: int = DEFAULT_BRICK,
     fill="sign",
     progress: bool = False,
+    backend: str = "auto",
 ) -> trimesh.Trimesh:
     """Triangle mesh of the ``level`` set of a sparse SDF, in the unit cube (see the module docstring).
 
@@ -186,11 +196,17 @@ def sparse_sdf_to_mesh(
             voxel (``1.0``: the released rule), or a coarse fill grid ``[G, G, G]`` (numpy or torch, ``G`` dividing
             ``R``; the padding takes ``+1``).
         progress: a tqdm bar over the bricks.
+        backend: ``"auto"``, ``"skimage"`` (CPU) or ``"torch"`` (the inputs' device; module docstring).
 
     Returns:
         ``trimesh.Trimesh`` (``process=False``; vertices ``[V, 3]`` float64 in ``[-0.5, 0.5]^3``, faces ``[F, 3]``,
         outward normals for a negative-inside SDF), with no faces when the level set is empty.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = getattr(coords, "is_cuda", False)
+    if backend == "torch" or (backend == "auto" and on_cuda and not isinstance(fill, str)):
+        return _torch_mesh(coords, values, resolution, level, fill, progress)
     from skimage.measure import marching_cubes
 
     c, v, fill = _check_inputs(coords, values, resolution, level, brick, fill)
@@ -248,6 +264,34 @@ def sparse_sdf_to_mesh(
     verts, faces = _weld(verts, faces, padded)
     unit = (verts.astype(np.float64) - 0.5) / resolution - 0.5  # padded index - 1 = voxel index; centre at +0.5
     return trimesh.Trimesh(unit, faces, process=False)
+
+
+def _torch_mesh(coords, values, resolution, level, fill, progress) -> trimesh.Trimesh:
+    """``backend="torch"``: :func:`model.pipeline.marching_cubes.sparse_marching_cubes` on the inputs' device (numpy
+    inputs run on the CPU), returned in the unit cube like the CPU path."""
+    import torch
+
+    from model.pipeline.marching_cubes import sparse_marching_cubes
+
+    if isinstance(fill, str):
+        raise ValueError("backend='torch' takes a fill number or a fill grid, not fill='sign' (use backend='skimage')")
+    coords = coords if isinstance(coords, torch.Tensor) else torch.from_numpy(np.asarray(coords, dtype=np.int64))
+    values = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values, dtype=np.float32))
+    if not isinstance(fill, (int, float, np.floating)):
+        fill = fill if isinstance(fill, torch.Tensor) else torch.from_numpy(np.asarray(fill, dtype=np.float32))
+    else:
+        fill = float(fill)
+    values = values.to(coords.device)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("values must be finite")
+    if isinstance(fill, torch.Tensor) and not bool(torch.isfinite(fill).all()):
+        raise ValueError("the fill grid must be finite")
+    if isinstance(resolution, np.integer):
+        resolution = int(resolution)
+    verts, faces = sparse_marching_cubes(coords, values, resolution, level=float(level), fill=fill,
+                                         progress=progress)
+    unit = (verts.double().cpu().numpy() + 0.5) / resolution - 0.5
+    return trimesh.Trimesh(unit, faces.cpu().numpy(), process=False)
 
 
 def _weld(verts: np.ndarray, faces: np.ndarray, padded: int):

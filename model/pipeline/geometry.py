@@ -9,7 +9,6 @@ Meshes are in the unit cube ``[-0.5, 0.5]^3`` of :mod:`model.pipeline.extract` (
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -219,15 +218,23 @@ def surface_voxels(coords: torch.Tensor, values: torch.Tensor, resolution: int, 
     return keep
 
 
-def dense_field_to_mesh(field: torch.Tensor | np.ndarray, level: float) -> trimesh.Trimesh:
-    """Marching cubes (skimage, Lewiner) of a dense ``[R, R, R]`` field at ``level``, vertices in the unit cube
-    (voxel ``i`` at ``(i + 0.5) / R - 0.5``), normals towards increasing values. An empty mesh when the level set
-    is empty."""
+def dense_field_to_mesh(field: torch.Tensor | np.ndarray, level: float, *, progress: bool = False) -> trimesh.Trimesh:
+    """Marching cubes of a dense ``[R, R, R]`` field at ``level``, vertices in the unit cube (voxel ``i`` at ``(i +
+    0.5) / R - 0.5``), normals towards increasing values. A CUDA tensor is extracted on the GPU
+    (:func:`model.pipeline.marching_cubes.dense_marching_cubes`), anything else by scikit-image (Lewiner) on the CPU.
+    An empty mesh when the level set is empty."""
+    from model.pipeline.marching_cubes import dense_marching_cubes
+
+    shape = tuple(field.shape) if hasattr(field, "shape") else np.shape(field)
+    if len(shape) != 3 or len(set(shape)) != 1:
+        raise ValueError(f"field must be a cube [R, R, R], got {shape}")
+    if isinstance(field, torch.Tensor) and field.is_cuda:
+        verts, faces = dense_marching_cubes(field, float(level), progress=progress)
+        return trimesh.Trimesh((verts.double().cpu().numpy() + 0.5) / shape[0] - 0.5, faces.cpu().numpy(),
+                               process=False)
     from skimage.measure import marching_cubes
 
     vol = field.detach().float().cpu().numpy() if isinstance(field, torch.Tensor) else np.asarray(field, np.float32)
-    if vol.ndim != 3 or len(set(vol.shape)) != 1:
-        raise ValueError(f"field must be a cube [R, R, R], got {vol.shape}")
     if not float(vol.min()) < level < float(vol.max()):
         return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), np.int64), process=False)
     verts, faces, _, _ = marching_cubes(vol, level)
@@ -235,18 +242,26 @@ def dense_field_to_mesh(field: torch.Tensor | np.ndarray, level: float) -> trime
                            process=False)
 
 
-def simplify_mesh(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
-    """Quadric decimation to at most ``faces`` faces (trimesh; needs the ``fast_simplification`` package). Without
-    that package, or when the mesh is already small enough, the mesh is returned unchanged (with a warning in the
-    first case)."""
-    faces = positive_int("faces", faces)
-    if len(mesh.faces) <= faces:
+#: The released post-processing's decimation (``simplify_ratio``: the share of the faces removed).
+RELEASED_SIMPLIFY_RATIO = 0.95
+
+
+def simplify_mesh(mesh: trimesh.Trimesh, faces: int | None = None, *, ratio: float | None = None) -> trimesh.Trimesh:
+    """Quadric edge-collapse decimation (the ``fast-simplification`` package) to at most ``faces`` faces, or removing
+    the share ``ratio`` of the faces (the released ``remesh`` post-processing removes
+    :data:`RELEASED_SIMPLIFY_RATIO` = 95%); one of the two. A mesh already within the budget is returned as is."""
+    import fast_simplification
+
+    if (faces is None) == (ratio is None):
+        raise ValueError("give one of faces and ratio")
+    if faces is not None:
+        target = positive_int("faces", faces)
+    else:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        target = max(1, int(round(len(mesh.faces) * (1.0 - ratio))))
+    if len(mesh.faces) <= target:
         return mesh
-    try:
-        out = mesh.simplify_quadric_decimation(face_count=faces)
-    except (ImportError, ModuleNotFoundError) as exc:
-        warnings.warn(f"simplification to {faces} faces skipped: trimesh's quadric decimation needs the "
-                      f"fast_simplification package ({exc}); the mesh keeps its {len(mesh.faces)} faces",
-                      RuntimeWarning, stacklevel=2)
-        return mesh
-    return out
+    verts, tris = fast_simplification.simplify(np.asarray(mesh.vertices, np.float64),
+                                               np.asarray(mesh.faces, np.int32), target_count=target)
+    return trimesh.Trimesh(verts, tris, process=False)
