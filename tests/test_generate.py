@@ -386,7 +386,7 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     from model.reports.generate import main
 
     rc = main(["--out", str(tmp_path), "--dry-run", "--steps-dense", "1", "--steps-512", "2", "--steps-1024", "2",
-               "--no-progress"])
+               "--no-progress", "--profile", "decode_512"])
     assert rc == 0
     doc = json.loads((tmp_path / "generate.json").read_text())
     md = (tmp_path / "generate.md").read_text()
@@ -400,3 +400,9 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     assert 0 < a["ssa_op_seconds"] <= a["self_attention_seconds"] <= a["stage_seconds"]
     assert "estimated_seconds_at_released_steps" in doc["stages"]["sparse_1024"]
     assert doc["mesh"] and "24 GB" in md and "12 GB" in md
+    # the target column, and the profiled stage (CPU: no GPU kernels)
+    assert "<= 25" in md and "<= 3 (" in md
+    assert doc["stages"]["decode_512"]["profile"]["gpu_ms"] == 0 and "Stage decode_512 under torch.profiler" in md
+    assert "profile" not in doc["stages"]["sparse_512"]
+    assert main(["--out", str(tmp_path), "--dry-run", "--profile", "bogus"]) == 2
+    assert "--profile: unknown stages ['bogus']" in capsys.readouterr().err

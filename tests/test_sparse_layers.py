@@ -24,6 +24,7 @@ from model.sparse import (
     spconv_available,
     window_attention,
 )
+from model.sparse.conv import submanifold_conv3d
 from model.sparse.layers import CHILD_OFFSETS
 
 
@@ -224,6 +225,53 @@ def test_auto_backend_never_picks_spconv(monkeypatch):
     assert torch.equal(conv(x).feats, ref(x).feats)
     with pytest.raises(AssertionError, match="auto picked spconv"):  # the opt-in name still reaches spconv
         SparseConv3d(2, 2, backend="spconv").double()(x)
+
+
+@pytest.mark.parametrize("cin, cout", [(3, 5), (16, 32), (70, 20)])
+def test_triton_conv_matches_float64(cin, cout):
+    """The Triton kernel (the interpreter on a CPU) against the torch backend in float64, on fresh random voxels:
+    two batch elements of different sizes, lone voxels (one present tap), channel counts below and across the tiles
+    (70 = 64 + 6 input channels), with and without bias."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = random_sparse((150, 37), cin, 6, dtype=torch.float64, seed=cin)
+    ref = SparseConv3d(cin, cout, backend="torch").double()
+    with torch.no_grad():
+        ref.conv.bias.normal_()
+    expected = ref(x).feats
+    tri = SparseConv3d(cin, cout, backend="triton").float().to(dev)
+    tri.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        got = tri(x.to(device=dev).replace(x.feats.float().to(dev))).feats
+        assert got.dtype == torch.float32
+        assert float((got.double().cpu() - expected).norm() / expected.norm()) < 1e-5
+        nobias = submanifold_conv3d(x.replace(x.feats.float()).to(device=dev), tri.conv.kernel, None,
+                                    backend="triton")
+        assert float((nobias.double().cpu() + ref.conv.bias - expected).norm() / expected.norm()) < 1e-5
+    lone = SparseTensor(torch.tensor([[0, 0, 0, 0], [0, 5, 5, 5]]), torch.randn(2, cin))
+    with torch.no_grad():
+        y = SparseConv3d(cin, cout, backend="triton").to(dev)(lone.to(device=dev)).feats.cpu()
+    assert y.shape == (2, cout) and torch.isfinite(y).all()
+
+
+def test_triton_conv_refuses_autograd_and_auto_picks_it_only_without_grad(monkeypatch):
+    import model.sparse.conv as conv_mod
+
+    x = random_sparse((30,), 4, 4, dtype=torch.float32)
+    conv = SparseConv3d(4, 4, backend="triton")
+    with pytest.raises(RuntimeError, match="no backward"):
+        conv(x)  # the kernel weights require grad under autograd
+    calls = []
+    monkeypatch.setattr(conv_mod, "_conv3_triton", lambda *a: calls.append(1) or conv_mod._conv3_torch(
+        a[0].feats, conv_mod.neighbour_map(a[0]), a[1], a[2]))
+    auto = SparseConv3d(4, 4)
+    auto(x)  # CPU features: torch backend
+    assert not calls
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # pretend the features are on a GPU
+    auto(x)  # gradient recorded: torch backend
+    assert not calls
+    with torch.no_grad():
+        auto(x)
+    assert calls == [1]
 
 
 @pytest.mark.gpu

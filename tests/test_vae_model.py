@@ -293,3 +293,33 @@ def test_released_parameter_names_and_shapes(part):
     assert not mismatched
     assert {k: tuple(v.shape) for k, v in vae_no_heads.state_dict().items()} == released  # loads strictly
     assert sum(v.numel() for k, v in vae.state_dict().items() if k in released) == 37_874_113
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_triton_convolutions_match_the_torch_backend():
+    """The sampling path's decoder (auto backend: the Triton convolution without autograd) against the torch
+    backend, same weights, on the GPU: equal to float noise in float32; in bfloat16 both against the float32 decode,
+    the kernel (float32 sums, one rounding) no further from it than the torch backend (a rounding per tap)."""
+    from model.sparse.conv import SparseConv3d
+
+    torch.manual_seed(0)
+    x = sphere_shell()
+    vae = SparseSDFVAE(VAEConfig.tiny(prune="none")).eval().cuda()  # prune none: the same voxels in every run
+    convs = [m for m in vae.modules() if isinstance(m, SparseConv3d)]
+
+    def decode(dtype, backend):
+        for m in convs:
+            m.backend = backend
+        vae.to(dtype)
+        with torch.no_grad():
+            z = vae.encode(x.to(device="cuda").replace(x.feats.cuda().to(dtype))).mode()
+            return vae.decode(z).sdf
+
+    ref32, auto32 = decode(torch.float32, "torch"), decode(torch.float32, "auto")
+    assert torch.equal(auto32.coords, ref32.coords)
+    rel = lambda a, b: float((a.feats.double() - b.feats.double()).norm() / b.feats.double().norm())  # noqa: E731
+    assert rel(auto32, ref32) < 1e-5
+    auto16, torch16 = decode(torch.bfloat16, "auto"), decode(torch.bfloat16, "torch")
+    assert torch.equal(auto16.coords, ref32.coords)
+    assert rel(auto16, ref32) <= 1.5 * rel(torch16, ref32) + 1e-3

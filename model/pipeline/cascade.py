@@ -308,6 +308,7 @@ class ImageToMesh:
         for name, module in self.parts.items():
             module.to(device=home, dtype=self.dtype)
         self.last_result: CascadeResult | None = None
+        self.profile_stages: set[str] = set()  # stages run under torch.profiler (model.pipeline.records)
 
     # ---------------------------------------------------------------------------------------------------------
     # construction
@@ -733,8 +734,9 @@ class ImageToMesh:
                         or value.dtype.is_floating_point or value.shape[0] == 0:
                     raise ValueError(f"{name} must be a non-empty integer tensor [N, 3] or [N, 4]")
                 given[name] = value[:, -3:]
-        return _Run(recorder=StageRecorder(self.device), generator=torch.Generator().manual_seed(int(seed)),
-                    steps=step, guidance=guidance, given=given, progress=progress)
+        return _Run(recorder=StageRecorder(self.device, self.profile_stages),
+                    generator=torch.Generator().manual_seed(int(seed)), steps=step, guidance=guidance, given=given,
+                    progress=progress)
 
     @torch.no_grad()
     def generate(self, image, *, resolution: int = 1024, steps=None, guidance: float | None = None, seed: int = 0,

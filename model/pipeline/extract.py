@@ -271,7 +271,7 @@ def _torch_mesh(coords, values, resolution, level, fill, progress) -> trimesh.Tr
     inputs run on the CPU), returned in the unit cube like the CPU path."""
     import torch
 
-    from model.pipeline.marching_cubes import sparse_marching_cubes
+    from model.pipeline.marching_cubes import mesh_to_numpy, sparse_marching_cubes
 
     if isinstance(fill, str):
         raise ValueError("backend='torch' takes a fill number or a fill grid, not fill='sign' (use backend='skimage')")
@@ -290,8 +290,8 @@ def _torch_mesh(coords, values, resolution, level, fill, progress) -> trimesh.Tr
         resolution = int(resolution)
     verts, faces = sparse_marching_cubes(coords, values, resolution, level=float(level), fill=fill,
                                          progress=progress)
-    unit = (verts.double().cpu().numpy() + 0.5) / resolution - 0.5
-    return trimesh.Trimesh(unit, faces.cpu().numpy(), process=False)
+    verts, faces = mesh_to_numpy(verts, faces)
+    return trimesh.Trimesh((verts.astype(np.float64) + 0.5) / resolution - 0.5, faces, process=False)
 
 
 def _weld(verts: np.ndarray, faces: np.ndarray, padded: int):

@@ -223,15 +223,14 @@ def dense_field_to_mesh(field: torch.Tensor | np.ndarray, level: float, *, progr
     0.5) / R - 0.5``), normals towards increasing values. A CUDA tensor is extracted on the GPU
     (:func:`model.pipeline.marching_cubes.dense_marching_cubes`), anything else by scikit-image (Lewiner) on the CPU.
     An empty mesh when the level set is empty."""
-    from model.pipeline.marching_cubes import dense_marching_cubes
+    from model.pipeline.marching_cubes import dense_marching_cubes, mesh_to_numpy
 
     shape = tuple(field.shape) if hasattr(field, "shape") else np.shape(field)
     if len(shape) != 3 or len(set(shape)) != 1:
         raise ValueError(f"field must be a cube [R, R, R], got {shape}")
     if isinstance(field, torch.Tensor) and field.is_cuda:
-        verts, faces = dense_marching_cubes(field, float(level), progress=progress)
-        return trimesh.Trimesh((verts.double().cpu().numpy() + 0.5) / shape[0] - 0.5, faces.cpu().numpy(),
-                               process=False)
+        verts, faces = mesh_to_numpy(*dense_marching_cubes(field, float(level), progress=progress))
+        return trimesh.Trimesh((verts.astype(np.float64) + 0.5) / shape[0] - 0.5, faces, process=False)
     from skimage.measure import marching_cubes
 
     vol = field.detach().float().cpu().numpy() if isinstance(field, torch.Tensor) else np.asarray(field, np.float32)

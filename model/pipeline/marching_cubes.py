@@ -38,7 +38,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["CASE_TRIANGLES", "DEFAULT_CHUNK_BRICKS", "EDGES", "dense_marching_cubes", "sparse_marching_cubes"]
+__all__ = ["CASE_TRIANGLES", "DEFAULT_CHUNK_BRICKS", "EDGES", "dense_marching_cubes", "mesh_to_numpy",
+           "sparse_marching_cubes"]
 
 #: Corner ``4 a + 2 b + c`` of a cell is at offset ``(a, b, c)``.
 CORNERS = np.array(list(itertools.product((0, 1), repeat=3)), dtype=np.int64)
@@ -334,3 +335,19 @@ def _merge(pieces, dev) -> tuple[torch.Tensor, torch.Tensor]:
         faces.append(global_ids[base:base + keys.numel()][local])
         base += keys.numel()
     return vertices, torch.cat(faces)
+
+
+def mesh_to_numpy(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(vertices [V, 3] float32, faces [F, 3] int32 or int64)`` as numpy arrays. From the GPU the faces travel as
+    int32 (when ``V < 2^31``) through page-locked buffers: a 57M-face mesh is 1.7 GB as float32 + int64 and took
+    1.5 s through pageable memory."""
+    if faces.is_cuda and vertices.shape[0] < 2**31:
+        faces = faces.to(torch.int32)
+    out = []
+    for t in (vertices.float(), faces):
+        if t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t)
+            t = host
+        out.append(t.numpy())
+    return out[0], out[1]

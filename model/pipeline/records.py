@@ -1,5 +1,7 @@
 """Per-stage records of a cascade run: wall time and peak GPU memory of each stage (:class:`StageRecord`), taken by a
-:class:`StageRecorder` around each stage of :meth:`model.pipeline.cascade.ImageToMesh.generate`."""
+:class:`StageRecorder` around each stage of :meth:`model.pipeline.cascade.ImageToMesh.generate`; optionally a
+``torch.profiler`` summary of chosen stages (``ImageToMesh.profile_stages``: the GPU kernels by time, the GPU's busy
+time against the wall time)."""
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +32,9 @@ class StageRecorder:
     """Times stages and their peak GPU memory on ``device``: ``with recorder.stage(name) as rec:`` adds a
     :class:`StageRecord` to ``records`` (``{name: record}``, in order) when the block ends, also on an error."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, profile=()):
         self.device = device
+        self.profile = set(profile)
         self.records: dict[str, StageRecord] = {}
 
     def _sync(self) -> None:
@@ -44,12 +47,41 @@ class StageRecorder:
         self._sync()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        prof = _profiler() if name in self.profile else contextlib.nullcontext()
         t0 = time.perf_counter()
         try:
-            yield rec
+            with prof:
+                yield rec
+                self._sync()
         finally:
             self._sync()
             rec.seconds = time.perf_counter() - t0
+            if name in self.profile:
+                rec.info["profile"] = summarize_profile(prof)
             if self.device.type == "cuda":
                 rec.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
             self.records[name] = rec
+
+
+#: Kernels listed per profiled stage.
+PROFILE_TOP = 15
+
+
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
+def summarize_profile(prof, top: int = PROFILE_TOP) -> dict:
+    """``{"gpu_ms": summed kernel time, "top_kernels": [[name, ms, calls], ...]}`` of a finished profiler."""
+    kernels = {}
+    for evt in prof.key_averages():
+        us = next((float(getattr(evt, a)) for a in ("self_device_time_total", "self_cuda_time_total")
+                   if hasattr(evt, a)), 0.0)
+        if us > 0 and "cuda" in str(getattr(evt, "device_type", "")).lower():
+            ms, calls = kernels.get(evt.key, (0.0, 0))
+            kernels[evt.key] = (ms + us / 1e3, calls + evt.count)
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"gpu_ms": sum(ms for ms, _ in kernels.values()),
+            "top_kernels": [[name[:90], ms, calls] for name, (ms, calls) in ranked]}

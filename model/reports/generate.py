@@ -22,6 +22,9 @@ counts (50 / 30 / 15) as ``time without the steps + time per step x released ste
 is split into spatial sparse attention (CUDA events around every call of the SSA kernels, and around every
 self-attention module: projections, compression, gate and kernels) and the rest.
 
+``--profile STAGE ...`` runs those stages under ``torch.profiler`` (:attr:`ImageToMesh.profile_stages`) and lists
+their largest GPU kernels (profiled stages run slower). ``--simplify-ratio`` adds the released decimation.
+
 Without CUDA it prints a message and exits 0, unless ``--dry-run``: the tiny random cascade on the CPU (reference SSA,
 labelled DRY RUN everywhere), which the test suite runs to exercise this path.
 """
@@ -257,7 +260,7 @@ def _estimate(rec: dict, released_steps: int) -> dict:
 
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True,
-               simplify_ratio: float | None = None) -> dict:
+               simplify_ratio: float | None = None, profile=()) -> dict:
     """Run the cascade as the module docstring says and return the result document."""
     from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh
     from model.pipeline.geometry import mesh_to_latent_coords
@@ -277,6 +280,7 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     build_seconds = time.perf_counter() - t0
+    pipe.profile_stages = set(profile)
     parts = {name: sum(p.numel() for p in m.parameters()) for name, m in pipe.parts.items()}
     parts["encoder"] = sum(p.numel() for p in pipe.encoder.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for m in [*pipe.parts.values(), pipe.encoder]
@@ -437,6 +441,14 @@ def markdown(r: dict) -> str:
         + f", the whole cascade about {r['estimated_total_seconds_at_released_steps']:.0f} s.",
         "",
     ]
+    for name, rec in r["stages"].items():
+        prof = rec.get("profile")
+        if prof:
+            lines += [f"Stage {name} under torch.profiler: GPU kernels {prof['gpu_ms']:,.0f} ms of "
+                      f"{1e3 * rec['seconds']:,.0f} ms wall (the profiler slows the host side).", "",
+                      "| kernel | ms | calls |", "| --- | ---: | ---: |"]
+            lines += [f"| `{k}` | {ms:,.1f} | {calls} |" for k, ms, calls in prof["top_kernels"]]
+            lines.append("")
     a = r["attention_1024"]
     if a.get("stage_seconds"):
         lines += [
@@ -491,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simplify-ratio", type=float, default=None, metavar="R",
                    help="simplify the output mesh by removing this share of its faces (released 0.95; default: "
                         "none; random weights give a noise mesh of 100M+ faces, whose decimation takes minutes)")
+    p.add_argument("--profile", nargs="+", default=[], metavar="STAGE",
+                   help="run these stages under torch.profiler and list their largest GPU kernels (default: none; "
+                        "profiled stages run slower, so their times are not comparable)")
     p.add_argument("--no-offload", action="store_true",
                    help="keep every part on the GPU (default: each part on the GPU for its own stage only)")
     add_seed(p)
@@ -517,12 +532,17 @@ def _main(args) -> int:
         print("generate_report: no CUDA device here; the report needs one GPU (nothing written). Run with --dry-run "
               "for the tiny CPU version.")
         return 0
+    from model.pipeline.cascade import STAGES
+
+    unknown = sorted(set(args.profile) - set(STAGES))
+    if unknown:
+        raise UserError(f"--profile: unknown stages {unknown}; the stages are {', '.join(STAGES)}")
     device = args.device if args.device not in (None, "auto") else ("cpu" if args.dry_run else "cuda")
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     try:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
-                       progress=args.progress, simplify_ratio=args.simplify_ratio)
+                       progress=args.progress, simplify_ratio=args.simplify_ratio, profile=args.profile)
     except ValueError as exc:
         raise UserError(f"--mesh: {exc}" if args.mesh and str(args.mesh) in str(exc) else str(exc)) from None
     out = Path(args.out)

@@ -22,8 +22,11 @@ Backends (``backend=`` of the module):
   the GPU test ``tests/test_sparse_layers.py::test_spconv_backend_matches_torch_backend`` runs only where it is
   present; until that test runs with the GPU suite and spconv is measured faster on the model's convolutions,
   nothing selects it by itself.
-- ``"auto"`` (default): the torch backend (the one every test runs). It is a name of its own so that a backend
-  can be promoted to the default once it is tested and measured faster, without changing saved configurations.
+- ``"triton"``: one Triton kernel over a neighbour table (:mod:`model.sparse.conv_kernel`), no autograd; CUDA
+  tensors (CPU ones under the Triton interpreter, for the tests).
+- ``"auto"`` (default): ``"triton"`` for CUDA features of a supported dtype when no gradient is recorded
+  (sampling, decoding), the torch backend otherwise (training, the CPU). Tested against each other on fresh random
+  inputs (``tests/test_sparse_layers.py``).
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ KERNEL_VOLUME = KERNEL_SIZE**3
 #: Tap of offset (0, 0, 0).
 CENTER_TAP = KERNEL_VOLUME // 2
 #: Accepted values of ``backend``.
-BACKENDS = ("auto", "torch", "spconv")
+BACKENDS = ("auto", "torch", "spconv", "triton")
 #: Feature dtypes spconv 2.3 runs.
 _SPCONV_DTYPES = (torch.float16, torch.float32)
 #: Neighbours (of 27) a voxel of a thin surface band typically has: the initialisation keeps the activation scale
@@ -243,7 +246,32 @@ def submanifold_conv3d(
         if reason is not None:
             raise RuntimeError(f"backend='spconv' was requested but {reason}")
         return _conv3_spconv(x, kernel, bias, training)
+    if backend == "triton" or (backend == "auto" and _triton_usable(x.feats, kernel, bias)):
+        return _conv3_triton(x, kernel, bias)
     return _conv3_torch(x.feats, neighbour_map(x), kernel, bias)
+
+
+def _triton_usable(feats: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``"auto"`` takes the Triton kernel: CUDA features of a kernel dtype, no gradient to record."""
+    from .conv_kernel import KERNEL_DTYPES
+
+    grad = torch.is_grad_enabled() and (feats.requires_grad or kernel.requires_grad or
+                                        (bias is not None and bias.requires_grad))
+    return feats.is_cuda and feats.dtype in KERNEL_DTYPES and not grad
+
+
+def _conv3_triton(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The Triton kernel on ``x``'s neighbour table (built from the neighbour map once, cached in ``x.cache``)."""
+    from .conv_kernel import TABLE_CACHE_KEY, conv3_kernel, neighbour_table
+
+    if torch.is_grad_enabled() and (x.feats.requires_grad or kernel.requires_grad):
+        raise RuntimeError("backend='triton' has no backward; use backend='torch' (or 'auto') to train")
+    table = x.cache.get(TABLE_CACHE_KEY)
+    if table is None:
+        nmap = neighbour_map(x)
+        table = neighbour_table(nmap.pairs, nmap.num_voxels, KERNEL_VOLUME, CENTER_TAP, x.feats.device)
+        x.cache[TABLE_CACHE_KEY] = table
+    return conv3_kernel(x.feats, table, kernel, bias)
 
 
 class ConvKernel(nn.Module):
@@ -277,7 +305,8 @@ class SparseConv3d(nn.Module):
         in_channels, out_channels: ``Cin``, ``Cout``.
         kernel_size: 3 (submanifold, 27 taps) or 1 (pointwise, ``y = x @ kernel + bias``).
         bias: learn a bias ``[Cout]``.
-        backend: ``"auto"``, ``"torch"`` or ``"spconv"`` (module docstring); 1^3 kernels are a matrix product.
+        backend: ``"auto"``, ``"torch"``, ``"spconv"`` or ``"triton"`` (module docstring); 1^3 kernels are a
+            matrix product.
 
     Parameters live in ``self.conv`` (``conv.kernel``, ``conv.bias``), the released names.
     ``forward(x: SparseTensor [N, Cin]) -> SparseTensor [N, Cout]``, same coordinates and cache.
