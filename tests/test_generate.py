@@ -268,7 +268,8 @@ def test_pipeline_api_given_coords_settings_and_errors(images):
     for kwargs, text in ((dict(resolution=256), "resolution"), (dict(steps=0), "steps"),
                          (dict(steps={"768": 2}), "unknown stages"), (dict(guidance=-1.0), "guidance"),
                          (dict(coords_512=torch.zeros(0, 3, dtype=torch.int32)), "coords_512"),
-                         (dict(faces=0), "faces")):
+                         (dict(faces=0), "faces"), (dict(simplify_ratio=1.0), "simplify_ratio"),
+                         (dict(faces=100, simplify_ratio=0.5), "not both")):
         with pytest.raises(ValueError, match=text):
             pipe.generate(images / "red.png", **kwargs)
     with pytest.raises(ValueError, match="outside"):
@@ -279,6 +280,34 @@ def test_pipeline_api_given_coords_settings_and_errors(images):
         C.ImageToMesh(pipe.encoder, parts)
     with pytest.raises(ValueError, match="interior"):
         C.CascadeConfig(interior="fill")
+    from model.pipeline.offload import Offloader
+
+    with pytest.raises(ValueError, match="CUDA"):
+        Offloader("cpu", [pipe.encoder])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloading_lends_pinned_weights_and_changes_nothing(images):
+    """offload=True: the weights stay pinned on the CPU between stages, the whole cascade (1024 included) gives the
+    same mesh as with every part resident on the GPU, and simplify_ratio is accepted and checked."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lent = C.ImageToMesh.random("tiny", seed=1, device="cuda", offload=True)
+        resident = C.ImageToMesh.random("tiny", seed=1, device="cuda", offload=False)
+    kwargs = dict(steps=2, seed=3)
+    a = lent.generate(images / "red.png", **kwargs)
+    b = resident.generate(images / "red.png", **kwargs)
+    np.testing.assert_array_equal(a.mesh.vertices, b.mesh.vertices)
+    np.testing.assert_array_equal(a.mesh.faces, b.mesh.faces)
+    weights = [t for m in [lent.encoder, *lent.parts.values()] for t in [*m.parameters(), *m.buffers()]]
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in weights)
+    with pytest.raises(ValueError, match="simplify_ratio"):
+        lent.generate(images / "red.png", simplify_ratio=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        lent.generate(images / "red.png", faces=100, simplify_ratio=0.5)
 
 
 def test_from_pretrained_reads_a_released_folder(images, tmp_path):

@@ -145,6 +145,14 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def share_below_one(text: str) -> float:
+    """A share in ``[0, 1)`` (e.g. of the faces a decimation removes)."""
+    value = _number(text, float, "a number in [0, 1)")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the shared options
 

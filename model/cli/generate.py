@@ -48,7 +48,7 @@ from model.cli.args import (
     positive_int,
     resolve_device,
     run,
-    unit_interval,
+    share_below_one,
 )
 
 __all__ = ["format_stages", "main", "save_preview"]
@@ -66,13 +66,6 @@ def _guidance(text: str) -> float:
         return non_negative_float(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-
-
-def _ratio(text: str) -> float:
-    value = unit_interval(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
 
 
 def _tolerance(text: str) -> int:
@@ -181,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_seed(p, what="noise seed")
     p.add_argument("--faces", type=positive_int, metavar="N",
                    help="simplify each mesh to at most N faces (default: keep every face)")
-    p.add_argument("--simplify-ratio", type=_ratio, metavar="R",
+    p.add_argument("--simplify-ratio", type=share_below_one, metavar="R",
                    help="simplify each mesh by removing this share of its faces, in [0, 1) (the released "
                         "post-processing uses 0.95; default: keep every face; not with --faces)")
     add_device(p)

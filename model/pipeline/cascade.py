@@ -307,6 +307,10 @@ class ImageToMesh:
         self.encoder.to(home)
         for name, module in self.parts.items():
             module.to(device=home, dtype=self.dtype)
+        if self.offload:
+            from model.pipeline.offload import Offloader
+
+            self._offloader = Offloader(self.device, [self.encoder, *self.parts.values()])
         self.last_result: CascadeResult | None = None
         self.profile_stages: set[str] = set()  # stages run under torch.profiler (model.pipeline.records)
 
@@ -452,14 +456,8 @@ class ImageToMesh:
         if not self.offload:
             yield
             return
-        for m in modules:
-            m.to(self.device)
-        try:
+        with self._offloader.lend(*modules):  # pinned CPU weights, no copy back (model.pipeline.offload)
             yield
-        finally:
-            for m in modules:
-                m.to("cpu")
-            torch.cuda.empty_cache()
 
     def _steps(self, steps) -> dict[str, int]:
         cfg = self.config

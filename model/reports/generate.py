@@ -487,7 +487,8 @@ def markdown(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from model.cli.args import add_device, add_no_progress, add_out, add_seed, make_parser, positive_int
+    from model.cli.args import (add_device, add_no_progress, add_out, add_seed, make_parser, positive_int,
+                                share_below_one)
     from model.cli.generate import DTYPES
 
     p = make_parser("model.reports.generate", __doc__)
@@ -500,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--steps-{stage}", type=positive_int, default=REPORT_STEPS[stage], metavar="N",
                        help=f"sampling steps of the {stage} stage (default %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default bfloat16 on CUDA)")
-    p.add_argument("--simplify-ratio", type=float, default=None, metavar="R",
+    p.add_argument("--simplify-ratio", type=share_below_one, default=None, metavar="R",
                    help="simplify the output mesh by removing this share of its faces (released 0.95; default: "
                         "none; random weights give a noise mesh of 100M+ faces, whose decimation takes minutes)")
     p.add_argument("--profile", nargs="+", default=[], metavar="STAGE",
