@@ -100,33 +100,46 @@ def run_sweeps(fns, sweeps, rep, target=None, samples=0):
     """Time each configuration of ``sweeps`` with the function that exercises it, or with ``fns[target]``
     (e.g. the whole op, where the kernels of the backward share the GPU); with ``samples``, the median of that
     many single calls, all of them kept."""
-    import importlib
+    from ssa_kernels.launch import overriding
 
     rows = []
     for name, combos in sweeps:
-        mod_name, key = name.split(".")
-        cfg = getattr(importlib.import_module(f"ssa_kernels.{mod_name}"), key)
-        saved = dict(cfg)
         for combo in combos:
-            cfg.update(combo)
             fn = fns[target or _SWEEP_TARGET[name]]
             calls = []
-            try:
-                if samples:
-                    calls = _samples(fn, samples)
-                    ms = statistics.median(calls)
-                else:
-                    ms = _bench(fn, rep)
-            except Exception as e:  # a configuration that does not compile or fit is a result too
-                ms = float("nan")
-                print(f"{name} {combo}: {type(e).__name__}: {str(e)[:200]}")
-            rows.append(dict(kernel=name, config=dict(cfg), ms=ms, timed=target or _SWEEP_TARGET[name],
+            with overriding(name, combo):  # the table itself is not changed (ssa_kernels.launch)
+                try:
+                    if samples:
+                        calls = _samples(fn, samples)
+                        ms = statistics.median(calls)
+                    else:
+                        ms = _bench(fn, rep)
+                except Exception as e:  # a configuration that does not compile or fit is a result too
+                    ms = float("nan")
+                    print(f"{name} {combo}: {type(e).__name__}: {str(e)[:200]}")
+            rows.append(dict(kernel=name, config=dict(combo), ms=ms, timed=target or _SWEEP_TARGET[name],
                              samples_ms=calls))
             spread = f" (min {min(calls):.2f}, max {max(calls):.2f} over {len(calls)} calls)" if calls else ""
             print(f"sweep {name} {combo}: {ms:.3f} ms{spread}", flush=True)
-            cfg.clear()
-            cfg.update(saved)
     return rows
+
+
+def best_entries(results, arch):
+    """The launch-table entries of a sweep (:mod:`ssa_kernels.launch`): per case and kernel, the fastest swept
+    configuration (configurations that failed are skipped), for ``arch`` and the case's head dim and dtype."""
+    from ssa_kernels.launch import Entry
+
+    entries = []
+    for r in results:
+        best = {}
+        for row in r.get("sweeps", ()):
+            ms = row["ms"]
+            if ms == ms and (row["kernel"] not in best or ms < best[row["kernel"]]["ms"]):
+                best[row["kernel"]] = row
+        for name, row in best.items():
+            entries.append(Entry(name, dict(row["config"]), arch=arch, min_head_dim=r["head_dim"],
+                                 max_head_dim=r["head_dim"], dtypes=(r["dtype"],)))
+    return entries
 
 
 def load_baseline(path):
@@ -165,7 +178,7 @@ def profile_case(shape, cfg, rep=200, with_fa2=True, sweeps=(), baseline=None, s
     c, coords, inp = _inputs(shape, cfg)
     q, k, v, kc, vc, gate = inp
     n = q.shape[0]
-    res = dict(shape=shape, config=cfg, tokens=n)
+    res = dict(shape=shape, config=cfg, tokens=n, head_dim=c.head_dim, dtype=str(q.dtype).replace("torch.", ""))
     res["layout_ms"] = _bench(lambda: ssa_kernels.build_layout(coords, compression_block=c.compression_block,
                                                                selection_block=c.selection_block, window=c.window),
                               rep=50)
@@ -416,6 +429,10 @@ def main(argv=None):
                    help="time every sweep with the whole op's forward + backward instead of the kernel alone")
     p.add_argument("--samples", type=int, default=0,
                    help="time every sweep configuration as this many single calls (median, min, max) instead")
+    p.add_argument("--write-table", nargs="?", const="", default=None, metavar="PATH",
+                   help="after the sweeps, record each kernel's fastest swept configuration for this GPU, head dim "
+                        "and dtype in the launch table (default ssa_kernels/launch_table.json; give the current "
+                        "values among the swept ones, so that a slower set cannot replace them)")
     p.add_argument("--trace", action="store_true", help="only a torch.profiler table of one fwd+bwd per case")
     p.add_argument("--regs", action="store_true", help="also list registers and spills of the compiled kernels")
     p.add_argument("--baseline", default="", help="folder of another ssa_kernels copy: also time its whole op")
@@ -452,6 +469,12 @@ def main(argv=None):
         results.append(dict(compiled_kernels=regs))
     with open(os.path.join(a.out, "kernel_profile.json"), "w") as f:
         json.dump(results, f, indent=1)
+    if a.write_table is not None:
+        from ssa_kernels.launch import TABLE_PATH, architecture, write_entries
+
+        entries = best_entries(results, architecture(torch.device("cuda")))
+        write_entries(entries, a.write_table or TABLE_PATH)
+        print(f"launch table: {len(entries)} entries written to {a.write_table or TABLE_PATH}")
     print("\n| case | tokens | sel keys/q | " + " | ".join(results[0]["ms"]) + " | fwd x | bwd x | mem GB |")
     for r in results:
         if "compiled_kernels" in r:

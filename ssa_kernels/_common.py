@@ -72,20 +72,6 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-#: Head dims up to this use a launch configuration as tuned; wider heads apply its ``wide_head`` entries
-#: (bigger tiles pay at head dim 32, the released model's, but would need twice the registers or more at 64-128).
-TUNED_HEAD_DIM = 32
-
-
-def launch_config(cfg: dict, head_dim: int) -> dict:
-    """A launch configuration for ``head_dim``: ``cfg`` with its ``wide_head`` entries applied above
-    :data:`TUNED_HEAD_DIM`."""
-    out = {key: val for key, val in cfg.items() if key != "wide_head"}
-    if head_dim > TUNED_HEAD_DIM:
-        out.update(cfg.get("wide_head", {}))
-    return out
-
-
 def head_split(group: int, max_heads: int) -> int:
     """Heads of one kv group handled by one program: the largest power-of-two divisor of ``group`` <= max_heads."""
     hg = 1

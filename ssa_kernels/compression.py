@@ -33,20 +33,15 @@ from ._common import (
     block_d,
     dot_precision,
     head_split,
-    launch_config,
     tokens_per_tile,
 )
 from .gate import fold_gate
+from .launch import config
 from .layout import BlockLayout
 
 
-#: Launch configurations (tuned on an H100 with bench/kernel_profile.py; reports/kernels.md has the figures).
-#: rows: query rows (tokens x heads) per matrix product; block_n: compressed keys per step; programs: target
-#: number of dK/dV programs (the queries are split into that many slices over the key tiles); wide_head: the
-#: entries that replace these above head dim 32 (``_common.launch_config``).
-FWD = dict(rows=128, block_n=64, num_warps=4, num_stages=3)
-DQ = dict(rows=128, block_n=32, num_warps=4, num_stages=3)
-DKDV = dict(rows=32, block_n=128, programs=2048, num_warps=4, num_stages=1, wide_head=dict(rows=64, block_n=64))
+# Launch configurations: ssa_kernels.launch ("compression.FWD", "compression.DQ", "compression.DKDV"; programs: the
+# target number of dK/dV programs, the queries split into that many slices over the key tiles).
 
 
 @triton.jit
@@ -178,7 +173,8 @@ def compression_forward(q, k_cmp, v_cmp, layout: BlockLayout, scale: float):
     n, hq, dim = q.shape
     hkv = k_cmp.shape[1]
     group = hq // hkv
-    hg, bt = _config(group, FWD["rows"])
+    fwd = config("compression.FWD", head_dim=dim, dtype=q.dtype, device=q.device)
+    hg, bt = _config(group, fwd["rows"])
     o = torch.empty_like(q)
     lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
     if n == 0:
@@ -188,8 +184,8 @@ def compression_forward(q, k_cmp, v_cmp, layout: BlockLayout, scale: float):
         q, k_cmp, v_cmp, o, lse, layout.token_batch, layout.batch_cmp_offsets,
         n, hq, scale * LOG2E,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
-        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=FWD["block_n"], D=dim, BLOCK_D=block_d(dim),
-        PRECISION=dot_precision(q.dtype), **_launch(FWD),
+        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=fwd["block_n"], D=dim, BLOCK_D=block_d(dim),
+        PRECISION=dot_precision(q.dtype), **_launch(fwd),
     )
     return o, lse
 
@@ -223,18 +219,19 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
     lse2, neg, variants = fold_gate(lse, gate, gate_idx) if fold is None else fold
     common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
                   HAS_GATE=has_gate, GATE_IDX=gate_idx)
-    hg, bt = _config(group, DQ["rows"])
+    dq_cfg = config("compression.DQ", head_dim=dim, dtype=q.dtype, device=q.device)
+    hg, bt = _config(group, dq_cfg["rows"])
     grid = (triton.cdiv(n, bt), hkv * (group // hg))
     if "dq" in parts:
         _cmp_bwd_dq_kernel[grid](
             q, k_cmp, v_cmp, do, gate_t, lse2, delta, dq_acc, layout.token_batch, layout.batch_cmp_offsets,
             n, hq, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1),
-            HG=hg, BLOCK_T=bt, BLOCK_N=DQ["block_n"], ACCUMULATE=accumulate, **common, **_launch(DQ),
+            HG=hg, BLOCK_T=bt, BLOCK_N=dq_cfg["block_n"], ACCUMULATE=accumulate, **common, **_launch(dq_cfg),
         )
     if "dkdv" not in parts:
         return dq_acc, None, None
-    cfg = launch_config(DKDV, dim)
+    cfg = config("compression.DKDV", head_dim=dim, dtype=q.dtype, device=q.device)
     hg, bt = _config(group, cfg["rows"])
     key_tiles = triton.cdiv(nc, cfg["block_n"])
     splits = max(1, min(triton.cdiv(cfg["programs"], key_tiles * hkv), triton.cdiv(n, 4 * bt)))

@@ -11,7 +11,7 @@ One program takes ``BLOCK_T`` tokens and all ``G`` query heads of one kv group (
 matrix product of its heads; the head sum is then a column sum inside one warp) and walks the selection blocks of
 its tokens' batch elements in chunks of ``BLOCK_S``; the compressed keys of a chunk are contiguous in layout order
 (``sel_cmp_offsets``) and are visited in tiles of ``BLOCK_N``, summed into their selection blocks as differences of
-a running sum along the tile (or through a 0/1 membership mask, ``SCORE["aggregate"]``). Each chunk's scores go
+a running sum along the tile (or through a 0/1 membership mask, the ``aggregate`` setting). Each chunk's scores go
 into a running top-k kept in registers by threshold insertion: a score enters only if it beats the current k-th
 best, replacing it, so after the first chunks most chunks cost one comparison. No ``[N, Nc]`` score tensor ever exists; memory is O(N * topk).
 """
@@ -22,20 +22,20 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, LOG2E_C, MAX_TOPK, _batch_ranges, block_d, dot_precision, head_split, tokens_per_tile
+from .launch import config
 from .layout import BlockLayout
 
-#: Launch configuration: query rows (tokens x heads) per matrix product, compressed keys per step
-#: (``block_n``), selection blocks per chunk when a block holds several compressed blocks (``block_s``; with one
-#: compressed block per selection block the chunk is one step), heads of one group per matrix product.
-#: ``tokens_per_program``: with one token per matrix product (G >= 16), tokens that share each key tile
-#: (``tokens_per_program_agg`` when selection blocks hold several compressed blocks).
-#: ``aggregate``: how a tile's per-compressed-block scores are summed into selection blocks when a selection block
-#: holds several compressed blocks: ``"prefix"`` (a running sum along the tile's keys and two gathers per
-#: selection block, as the keys of a selection block are contiguous) or ``"mask"`` (a 0/1 membership mask,
-#: ``[tokens, keys, blocks]`` summed over the keys).
-SCORE = dict(rows=16, tokens_per_program=4, tokens_per_program_agg=4, block_n=32, block_s=64, max_heads=16,
-             num_warps=1, num_stages=2, aggregate="prefix")
-#: Values of ``SCORE["aggregate"]``.
+# Launch configuration "scoring.SCORE" (ssa_kernels.launch): query rows (tokens x heads) per matrix product,
+# compressed keys per step
+# (``block_n``), selection blocks per chunk when a block holds several compressed blocks (``block_s``; with one
+# compressed block per selection block the chunk is one step), heads of one group per matrix product.
+# ``tokens_per_program``: with one token per matrix product (G >= 16), tokens that share each key tile
+# (``tokens_per_program_agg`` when selection blocks hold several compressed blocks).
+# ``aggregate``: how a tile's per-compressed-block scores are summed into selection blocks when a selection block
+# holds several compressed blocks: ``"prefix"`` (a running sum along the tile's keys and two gathers per
+# selection block, as the keys of a selection block are contiguous) or ``"mask"`` (a 0/1 membership mask,
+# ``[tokens, keys, blocks]`` summed over the keys).
+#: Values of the ``aggregate`` setting.
 AGGREGATE_MODES = ("prefix", "mask")
 
 
@@ -185,21 +185,22 @@ def select_blocks_forward(q, k_cmp, lse, layout: BlockLayout, topk: int, scale: 
     idx = torch.empty(n, hkv, topk, device=q.device, dtype=torch.int32)
     if n == 0:
         return idx
-    hg = head_split(group, SCORE["max_heads"])
-    bt = tokens_per_tile(hg, SCORE["rows"])
+    cfg = config("scoring.SCORE", head_dim=dim, dtype=q.dtype, device=q.device)
+    hg = head_split(group, cfg["max_heads"])
+    bt = tokens_per_tile(hg, cfg["rows"])
     one = layout.one_cmp_per_sel
-    loop = SCORE["tokens_per_program" if one else "tokens_per_program_agg"] if bt == 1 else 1
-    block_n = SCORE["block_n"]
-    if SCORE["aggregate"] not in AGGREGATE_MODES:
-        raise ValueError(f"SCORE['aggregate'] must be one of {AGGREGATE_MODES}, got {SCORE['aggregate']!r}")
+    loop = cfg["tokens_per_program" if one else "tokens_per_program_agg"] if bt == 1 else 1
+    block_n = cfg["block_n"]
+    if cfg["aggregate"] not in AGGREGATE_MODES:
+        raise ValueError(f"scoring.SCORE's aggregate must be one of {AGGREGATE_MODES}, got {cfg['aggregate']!r}")
     _score_topk_kernel[(triton.cdiv(n, bt * loop), hkv)](
         q, k_cmp, lse, idx,
         layout.token_batch, layout.batch_sel_offsets, layout.sel_cmp_offsets, layout.cmp_sel,
         n, hq, scale * LOG2E,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
-        G=group, HG=hg, BLOCK_T=bt, TOK_LOOP=loop, TT=bt * loop, BLOCK_S=block_n if one else SCORE["block_s"], BLOCK_N=block_n,
-        ONE_CMP_PER_SEL=one, PREFIX_AGG=SCORE["aggregate"] == "prefix", TOPK=topk, K2=triton.next_power_of_2(topk),
-        D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), num_warps=SCORE["num_warps"],
-        num_stages=SCORE["num_stages"],
+        G=group, HG=hg, BLOCK_T=bt, TOK_LOOP=loop, TT=bt * loop, BLOCK_S=block_n if one else cfg["block_s"],
+        BLOCK_N=block_n, ONE_CMP_PER_SEL=one, PREFIX_AGG=cfg["aggregate"] == "prefix", TOPK=topk,
+        K2=triton.next_power_of_2(topk), D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return idx

@@ -35,18 +35,14 @@ from ._common import (
     block_d,
     dot_precision,
     head_split,
-    launch_config,
     tokens_per_tile,
 )
 from .gate import fold_gate
+from .launch import config
 from .layout import BlockLayout
 
-#: Launch configurations. Forward and dQ: query rows (tokens x heads) per program, keys per step.
-#: dK/dV: query rows per step, keys per program. wide_head: the entries that replace these above head dim 32
-#: (``_common.launch_config``).
-FWD = dict(rows=16, block_n=32, num_warps=1, num_stages=2)
-DQ = dict(rows=16, block_n=32, num_warps=1, num_stages=2, wide_head=dict(block_n=16, num_stages=3))
-DKDV = dict(rows=128, block_n=64, num_warps=4, num_stages=3)
+# Launch configurations: ssa_kernels.launch ("selection.FWD", "selection.DQ": query rows (tokens x heads) per
+# program, keys per step; "selection.DKDV": query rows per step, keys per program).
 
 
 @triton.jit
@@ -231,7 +227,8 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
     hkv = k.shape[1]
     group = hq // hkv
     topk = idx.shape[2]
-    hg, bt = _config(group, FWD["rows"])
+    fwd = config("selection.FWD", head_dim=dim, dtype=q.dtype, device=q.device)
+    hg, bt = _config(group, fwd["rows"])
     o = torch.empty_like(q)
     lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
     if n == 0:
@@ -240,8 +237,8 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
         q, k, v, o, lse, idx, layout.sel_offsets,
         n, hq, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
-        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=FWD["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
-        D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), **_launch(FWD),
+        G=group, HG=hg, BLOCK_T=bt, BLOCK_N=fwd["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
+        D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), **_launch(fwd),
     )
     return o, lse
 
@@ -272,7 +269,7 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
     gate_t = gate if has_gate else lse
     lse2, neg, variants = fold_gate(lse, gate, gate_idx) if fold is None else fold
     prec = dot_precision(q.dtype)
-    dq_cfg = launch_config(DQ, dim)
+    dq_cfg = config("selection.DQ", head_dim=dim, dtype=q.dtype, device=q.device)
     hg, bt = _config(group, dq_cfg["rows"])
     if "dq" in parts:
         _sel_bwd_dq_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
@@ -287,17 +284,18 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
     if "dkdv" not in parts:
         return dq_acc, dk_acc, dv_acc
     csr_offsets, csr_tokens = block_query_index(idx, layout.num_sel_blocks) if index is None else index
-    hg, bt = _config(group, DKDV["rows"])
-    grid = (layout.num_sel_blocks, triton.cdiv(layout.max_sel_block_tokens, DKDV["block_n"]), hkv)
+    dkdv = config("selection.DKDV", head_dim=dim, dtype=q.dtype, device=q.device)
+    hg, bt = _config(group, dkdv["rows"])
+    grid = (layout.num_sel_blocks, triton.cdiv(layout.max_sel_block_tokens, dkdv["block_n"]), hkv)
     for signed in variants:
         _sel_bwd_dkdv_kernel[grid](
             q, k, v, do, gate_t, neg, lse2, delta, dk_acc, dv_acc,
             layout.sel_offsets, csr_offsets, csr_tokens,
             layout.num_sel_blocks, hq, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
-            G=group, HG=hg, BLOCK_T=bt, BLOCK_N=DKDV["block_n"],
+            G=group, HG=hg, BLOCK_T=bt, BLOCK_N=dkdv["block_n"],
             D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
             GATE_IDX=gate_idx, ACCUMULATE=accumulate, SIGNED=signed,
-            **_launch(DKDV),
+            **_launch(dkdv),
         )
     return dq_acc, dk_acc, dv_acc

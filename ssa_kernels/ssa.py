@@ -18,6 +18,7 @@ import torch
 from ._common import MAX_TOPK, check_kernel_dtype
 from .compression import compression_backward, compression_forward
 from .gate import fold_gate, gate_backward, row_dot
+from .launch import config
 from .layout import BlockLayout
 from .scoring import select_blocks_forward
 from .selection import block_query_index, selection_backward, selection_forward
@@ -113,24 +114,23 @@ def _(q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block
             torch.empty_like(lse), torch.empty_like(lse), q.new_empty(n, k.shape[1], topk, dtype=torch.int32))
 
 
-#: How the backward is launched on the GPU. Its kernels form two chains: the query-outer dQ kernels of the three
-#: branches (each adding to the dQ of the one before) and the key-outer dK/dV kernels (compression; selection and
-#: window adding into the same float32 accumulators). ``streams``: 1 runs both chains on the caller's stream, 2
-#: runs the chain named by ``side`` ("dkdv" or "dq") on a second stream with priority ``side_priority`` (0 the
-#: default, -1 higher) beside the other; ``dq_order`` / ``dkdv_order``: the order of the branches within each
-#: chain. Each accumulator is written by one stream only, in a fixed order, so the result does not depend on the
-#: timing. Measured in reports/kernels.md (runs 28-36).
-BACKWARD = dict(streams=2, side="dkdv", side_priority=-1, dq_order="cmp-sel-win", dkdv_order="cmp-sel-win")
+# How the backward is launched on the GPU (launch configuration "ssa.BACKWARD", ssa_kernels.launch). Its kernels
+# form two chains: the query-outer dQ kernels of the three branches (each adding to the dQ of the one before) and the key-outer dK/dV kernels (compression; selection and
+# window adding into the same float32 accumulators). ``streams``: 1 runs both chains on the caller's stream, 2
+# runs the chain named by ``side`` ("dkdv" or "dq") on a second stream with priority ``side_priority`` (0 the
+# default, -1 higher) beside the other; ``dq_order`` / ``dkdv_order``: the order of the branches within each
+# chain. Each accumulator is written by one stream only, in a fixed order, so the result does not depend on the
+# timing. Measured in reports/kernels.md (runs 28-36).
 
 _SIDE_STREAMS: dict = {}
 
 
-def _side_stream(device: torch.device):
+def _side_stream(device: torch.device, cfg: dict):
     """The second stream of the backward on ``device`` (None on the CPU or with ``streams=1``)."""
-    if device.type != "cuda" or BACKWARD["streams"] < 2:
+    if device.type != "cuda" or cfg["streams"] < 2:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, BACKWARD["side_priority"])
+    key = (index, cfg["side_priority"])
     if key not in _SIDE_STREAMS:
         _SIDE_STREAMS[key] = torch.cuda.Stream(device=index, priority=key[1])
     return _SIDE_STREAMS[key]
@@ -143,7 +143,7 @@ def _on(stream):
 def _branch_order(text: str, name: str) -> list:
     order = text.split("-")
     if sorted(order) != ["cmp", "sel", "win"]:
-        raise ValueError(f"BACKWARD[{name!r}] must order cmp, sel and win, e.g. 'cmp-sel-win', got {text!r}")
+        raise ValueError(f"ssa.BACKWARD's {name} must order cmp, sel and win, e.g. 'cmp-sel-win', got {text!r}")
     return order
 
 
@@ -158,7 +158,7 @@ def _ssa_backward(
 
     Two chains of kernels: dQ (compression, selection, window, each adding to the last) and dK/dV (compression;
     selection then window, adding into the same float32 accumulators). On the GPU the second chain runs on a
-    side stream (:data:`BACKWARD`): the selection dQ kernel is bound by L2 reads, the dK/dV kernels by the
+    side stream (launch configuration ``ssa.BACKWARD``): the selection dQ kernel is bound by L2 reads, the dK/dV kernels by the
     matrix and exponential units, so running them side by side can beat running them in turn.
     """
     lay = _layout_view(layout_tensors, num_sel_blocks, max_sel_block_tokens)
@@ -172,15 +172,16 @@ def _ssa_backward(
     dq = torch.empty_like(q)
     f32 = dict(device=k.device, dtype=torch.float32)
     dk, dv = torch.zeros(k.shape, **f32), torch.zeros(v.shape, **f32)
-    dq_order = _branch_order(BACKWARD["dq_order"], "dq_order")
-    dkdv_order = _branch_order(BACKWARD["dkdv_order"], "dkdv_order")
+    cfg = config("ssa.BACKWARD", head_dim=q.shape[-1], dtype=q.dtype, device=q.device)
+    dq_order = _branch_order(cfg["dq_order"], "dq_order")
+    dkdv_order = _branch_order(cfg["dkdv_order"], "dkdv_order")
     main = torch.cuda.current_stream(q.device) if q.device.type == "cuda" else None
-    side = _side_stream(q.device)
+    side = _side_stream(q.device, cfg)
     if side is not None:
         side.wait_stream(main)  # everything above (gate backward, folds, zeroed accumulators) comes first
-    if BACKWARD["side"] not in ("dkdv", "dq"):
-        raise ValueError(f'BACKWARD["side"] must be "dkdv" or "dq", got {BACKWARD["side"]!r}')
-    dkdv_stream, dq_stream = (side, None) if BACKWARD["side"] == "dkdv" else (None, side)
+    if cfg["side"] not in ("dkdv", "dq"):
+        raise ValueError(f"ssa.BACKWARD's side must be 'dkdv' or 'dq', got {cfg['side']!r}")
+    dkdv_stream, dq_stream = (side, None) if cfg["side"] == "dkdv" else (None, side)
     # the block -> queries index of the selection dK/dV kernel is built on the dQ chain's stream, off the dK/dV
     # chain (which waits for it only when it reaches the selection kernel)
     index_ready = None

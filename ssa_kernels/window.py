@@ -32,13 +32,12 @@ from ._common import (
     head_split,
 )
 from .gate import fold_gate
+from .launch import config
 from .layout import WINDOW_TILE, BlockLayout
 
-#: Launch configurations. Forward and dQ: heads of one kv group per program (rows = WINDOW_TILE tokens x heads),
-#: keys per step. dK/dV: query rows (tokens x heads) per step; its keys per program are one tile.
-FWD = dict(max_heads=8, block_n=32, num_warps=4, num_stages=2)
-DQ = dict(max_heads=8, block_n=32, num_warps=4, num_stages=2)
-DKDV = dict(max_heads=16, rows=256, num_warps=4, num_stages=2)
+# Launch configurations: ssa_kernels.launch ("window.FWD", "window.DQ": heads of one kv group per program (rows =
+# WINDOW_TILE tokens x heads), keys per step; "window.DKDV": query rows (tokens x heads) per step, its keys per
+# program one tile).
 
 
 def _launch(cfg):
@@ -194,14 +193,15 @@ def window_forward(q, k, v, layout: BlockLayout, shift: int, scale: float, *, mi
     n_tiles = part.tiles.shape[0]
     if n_tiles:
         oc, os_, gate = mix if mix is not None else (o, o, lse)
-        hg = head_split(group, FWD["max_heads"])
+        fwd = config("window.FWD", head_dim=dim, dtype=q.dtype, device=q.device)
+        hg = head_split(group, fwd["max_heads"])
         _win_fwd_kernel[(n_tiles, hkv * (group // hg))](
             q, k, v, o, lse, part.perm, part.offsets, part.tiles, part.tile_window,
             oc, os_, gate, out if mix is not None else o,
             hq, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
-            G=group, HG=hg, BLOCK_T=WINDOW_TILE, BLOCK_N=FWD["block_n"], D=dim, BLOCK_D=block_d(dim),
-            PRECISION=dot_precision(q.dtype), FUSE_GATE=mix is not None, **_launch(FWD),
+            G=group, HG=hg, BLOCK_T=WINDOW_TILE, BLOCK_N=fwd["block_n"], D=dim, BLOCK_D=block_d(dim),
+            PRECISION=dot_precision(q.dtype), FUSE_GATE=mix is not None, **_launch(fwd),
         )
     return (o, lse) if mix is None else (o, lse, out)
 
@@ -225,7 +225,8 @@ def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, sc
     gate_t = gate if has_gate else lse
     lse2, neg, variants = fold_gate(lse, gate, gate_idx) if fold is None else fold
     prec = dot_precision(q.dtype)
-    hg = head_split(group, DQ["max_heads"])
+    dq_cfg = config("window.DQ", head_dim=dim, dtype=q.dtype, device=q.device)
+    hg = head_split(group, dq_cfg["max_heads"])
     common = dict(G=group, D=dim, BLOCK_D=block_d(dim), PRECISION=prec,
                   HAS_GATE=has_gate,
                   GATE_IDX=gate_idx, ACCUMULATE=accumulate)
@@ -233,17 +234,18 @@ def window_backward(do, q, k, v, lse, delta, layout: BlockLayout, shift: int, sc
     if "dq" in parts:
         _win_bwd_dq_kernel[(n_tiles, hkv * (group // hg))](
             q, k, v, do, gate_t, lse2, delta, dq_acc, part.perm, part.offsets, part.tiles, part.tile_window,
-            hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_T=WINDOW_TILE, BLOCK_N=DQ["block_n"], **common,
-            **_launch(DQ),
+            hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_T=WINDOW_TILE, BLOCK_N=dq_cfg["block_n"], **common,
+            **_launch(dq_cfg),
         )
     if "dkdv" not in parts:
         return dq_acc, dk_acc, dv_acc
-    hg = head_split(group, DKDV["max_heads"])
+    dkdv = config("window.DKDV", head_dim=dim, dtype=q.dtype, device=q.device)
+    hg = head_split(group, dkdv["max_heads"])
     for signed in variants:
         _win_bwd_dkdv_kernel[(n_tiles, hkv)](
             q, k, v, do, gate_t, neg, lse2, delta, dk_acc, dv_acc,
             part.perm, part.offsets, part.tiles, part.tile_window,
-            hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_Q=max(1, DKDV["rows"] // hg), BLOCK_N=WINDOW_TILE,
-            SIGNED=signed, **common, **_launch(DKDV),
+            hq, scale * LOG2E, scale, *strides, HG=hg, BLOCK_Q=max(1, dkdv["rows"] // hg), BLOCK_N=WINDOW_TILE,
+            SIGNED=signed, **common, **_launch(dkdv),
         )
     return dq_acc, dk_acc, dv_acc

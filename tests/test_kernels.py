@@ -98,7 +98,7 @@ def test_whole_op_backward_in_another_kernel_order(monkeypatch):
     """The backward's two kernel chains (``ssa.BACKWARD``) in other orders: the first dQ kernel must write and
     the others add, whichever comes first, so the gradients still match the reference. A bad order is refused.
     One forward serves every order (the graph is kept)."""
-    import ssa_kernels.ssa as ssa_module
+    from ssa_kernels.launch import overriding
 
     coords, inp = _make((40, 20), 12, 4, 8, 8, 2, 16, seed=3)
     ref_in = [t.clone().requires_grad_() for t in inp]
@@ -111,17 +111,13 @@ def test_whole_op_backward_in_another_kernel_order(monkeypatch):
     o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=4)
     for order in (dict(dq_order="sel-cmp-win", dkdv_order="sel-cmp-win", streams=2),
                   dict(dq_order="win-sel-cmp", dkdv_order="cmp-sel-win", streams=1)):
-        for key, val in order.items():
-            monkeypatch.setitem(ssa_module.BACKWARD, key, val)
-        g = torch.autograd.grad(o, x, do.float(), retain_graph=True)
+        with overriding("ssa.BACKWARD", order):
+            g = torch.autograd.grad(o, x, do.float(), retain_graph=True)
         for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
             assert rel_err(a, b) < F32_TOL, f"{order} d{name}: {rel_err(a, b):.2e}"
-        monkeypatch.undo()
     for key, bad in (("dq_order", "cmp-sel"), ("dkdv_order", "cmp-cmp-win"), ("side", "dk")):
-        monkeypatch.setitem(ssa_module.BACKWARD, key, bad)
-        with pytest.raises(ValueError, match=key):
+        with overriding("ssa.BACKWARD", {key: bad}), pytest.raises(ValueError, match=key):
             torch.autograd.grad(o.sum(), x, retain_graph=True)
-        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("mc", [4, 8])
@@ -147,7 +143,7 @@ def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggreg
     """Both ways of summing compressed keys into selection blocks (``aggregate``; with ``mc == ms`` there is
     nothing to sum) on the same inputs. The first batch element (70 tokens) has more selection blocks than topk
     (about 23 of 27: asserted), the last (7 tokens) fewer than topk 8 and 16."""
-    from ssa_kernels import scoring
+    from ssa_kernels.launch import overriding
 
     coords, (q, k, v, kc, vc, gate) = _make((70, 20, 0, 7), 20, mc, 8, hq, hkv, 16, seed=hq * 7 + topk)
     _, lse_ref = reference.compression_attention(q, kc, vc, coords, compression_block=mc)
@@ -163,8 +159,8 @@ def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggreg
     clear = (gap > 1e-5) | torch.isinf(srt[..., k_eff])
     assert clear.float().mean() > 0.9
     for aggregate in aggregates:
-        monkeypatch.setitem(scoring.SCORE, "aggregate", aggregate)
-        idx = ssa_kernels.select_blocks(q.float(), kc.float(), lse, layout, topk=topk)
+        with overriding("scoring.SCORE", {"aggregate": aggregate}):
+            idx = ssa_kernels.select_blocks(q.float(), kc.float(), lse, layout, topk=topk)
         assert idx.dtype == torch.int32 and idx.shape == ref_idx.shape
         same = (idx.long().sort(-1).values == ref_idx.sort(-1).values).all(-1)
         assert bool(same[clear].all()), aggregate

@@ -18,7 +18,6 @@ import torch
 
 import reference
 import ssa_kernels
-import ssa_kernels.ssa as ssa_module
 from ssa_kernels.shapes import shape_coords
 from tests.helpers import compressed_kv, random_coords, rel_err
 
@@ -148,14 +147,10 @@ def test_gpu_deterministic():
             assert torch.equal(a, b)
 
 
-@contextlib.contextmanager
 def _backward_config(**cfg):
-    saved = dict(ssa_module.BACKWARD)
-    ssa_module.BACKWARD.update(cfg)
-    try:
-        yield
-    finally:
-        ssa_module.BACKWARD.update(saved)
+    from ssa_kernels.launch import overriding
+
+    return overriding("ssa.BACKWARD", cfg)
 
 
 @pytest.mark.parametrize("cfg", [{}, dict(side="dq")], ids=["dkdv-side", "dq-side"])

@@ -1,0 +1,165 @@
+"""Launch configurations of the SSA kernels: one table keyed by GPU architecture, head dim and dtype.
+
+Every kernel has a base configuration (:data:`BASE`), tuned on an H100 (``sm90``) at head dim 32 in bf16 with
+``bench/kernel_profile.py`` (reports/kernels.md has the figures). Entries (:class:`Entry`) refine it for an
+architecture (``"sm90"``, ``"sm80"``, ... or any), a range of head dims and a set of dtypes, each replacing some of
+the base values: :func:`config` applies the matching entries in order, then the values of the innermost
+:func:`overriding` block. Two kinds of entries exist:
+
+- :data:`ENTRIES`, written here: wider heads (above :data:`TUNED_HEAD_DIM`) use smaller tiles where the tuned
+  ones would need twice the registers or more;
+- the measured table ``launch_table.json`` beside this module (absent until a sweep writes it), loaded after them:
+  ``python -m bench.kernel_profile --sweep ... --write-table`` times the configurations it is given and records the
+  fastest one per kernel for the GPU, head dim and dtype it ran on.
+
+A sweep times variants inside :func:`overriding` blocks; nothing here is changed by timing, so a process that
+profiles and a process that runs compute with the same configurations.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import threading
+
+import torch
+
+__all__ = ["BASE", "ENTRIES", "Entry", "TABLE_PATH", "architecture", "config", "load_table", "overriding",
+           "write_entries"]
+
+#: Head dims up to this use the base configurations as tuned.
+TUNED_HEAD_DIM = 32
+
+#: Base configurations per kernel. rows: query rows (tokens x heads) per matrix product; block_n: keys per step;
+#: block_s: selection blocks per scoring chunk; programs: target number of dK/dV programs; max_heads: heads of one
+#: kv group per program; tokens_per_program(_agg): query tokens per scoring program; aggregate: how scoring sums
+#: the compressed scores of a selection block ("prefix" or "mask"); the backward's streams and kernel order.
+BASE: dict[str, dict] = {
+    "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3),
+    "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3),
+    "compression.DKDV": dict(rows=32, block_n=128, programs=2048, num_warps=4, num_stages=1),
+    "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
+    "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
+    "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3),
+    "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
+    "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
+    "window.DKDV": dict(max_heads=16, rows=256, num_warps=4, num_stages=2),
+    "scoring.SCORE": dict(rows=16, tokens_per_program=4, tokens_per_program_agg=4, block_n=32, block_s=64,
+                          max_heads=16, num_warps=1, num_stages=2, aggregate="prefix"),
+    "ssa.BACKWARD": dict(streams=2, side="dkdv", side_priority=-1, dq_order="cmp-sel-win",
+                         dkdv_order="cmp-sel-win"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """Values that replace ``kernel``'s base ones on ``arch`` (``"*"``: any), for head dims in ``[min_head_dim,
+    max_head_dim]`` (None: unbounded) and the ``dtypes`` named (``"*"``: any; else names such as ``"bfloat16"``)."""
+
+    kernel: str
+    values: dict
+    arch: str = "*"
+    min_head_dim: int | None = None
+    max_head_dim: int | None = None
+    dtypes: tuple[str, ...] = ("*",)
+
+    def matches(self, arch: str, head_dim: int | None, dtype: str | None) -> bool:
+        if self.arch != "*" and self.arch != arch:
+            return False
+        if head_dim is not None:
+            if self.min_head_dim is not None and head_dim < self.min_head_dim:
+                return False
+            if self.max_head_dim is not None and head_dim > self.max_head_dim:
+                return False
+        elif self.min_head_dim is not None or self.max_head_dim is not None:
+            return False
+        return "*" in self.dtypes or dtype in self.dtypes
+
+
+#: Entries written here (module docstring), applied before the measured table.
+ENTRIES: tuple[Entry, ...] = (
+    Entry("compression.DKDV", dict(rows=64, block_n=64), min_head_dim=TUNED_HEAD_DIM + 1),
+    Entry("selection.DQ", dict(block_n=16, num_stages=3), min_head_dim=TUNED_HEAD_DIM + 1),
+)
+#: The measured table (module docstring).
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch_table.json")
+
+
+def load_table(path: str = TABLE_PATH) -> tuple[Entry, ...]:
+    """The entries of a table file (``{"entries": [{"kernel", "values", "arch", ...}, ...]}``); none when absent."""
+    if not os.path.isfile(path):
+        return ()
+    with open(path) as f:
+        doc = json.load(f)
+    out = []
+    for raw in doc.get("entries", []):
+        entry = Entry(**{**raw, "dtypes": tuple(raw.get("dtypes", ("*",)))})
+        _check_values(entry.kernel, entry.values)
+        out.append(entry)
+    return tuple(out)
+
+
+def write_entries(entries, path: str = TABLE_PATH) -> None:
+    """Add ``entries`` to the table file, replacing any entry of the same kernel, architecture, head dims and
+    dtypes (written atomically)."""
+    for e in entries:
+        _check_values(e.kernel, e.values)
+    key = lambda e: (e.kernel, e.arch, e.min_head_dim, e.max_head_dim, tuple(e.dtypes))  # noqa: E731
+    new = {key(e) for e in entries}
+    kept = [e for e in load_table(path) if key(e) not in new]
+    doc = {"entries": [dataclasses.asdict(e) for e in [*kept, *entries]]}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+_MEASURED = load_table()
+_LOCAL = threading.local()
+
+
+def _check_values(kernel: str, values: dict) -> None:
+    if kernel not in BASE:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {sorted(BASE)}")
+    unknown = sorted(set(values) - set(BASE[kernel]))
+    if unknown:
+        raise ValueError(f"{kernel} has no launch settings {unknown}; its settings: {sorted(BASE[kernel])}")
+
+
+def architecture(device=None) -> str:
+    """``"sm90"`` for an H100 / H200 (compute capability 9.0), ...; ``"cpu"`` off CUDA."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def config(kernel: str, *, head_dim: int | None = None, dtype: torch.dtype | None = None, device=None) -> dict:
+    """The launch configuration of ``kernel`` (a fresh dict) for ``head_dim``, ``dtype`` and ``device``'s
+    architecture (module docstring)."""
+    if kernel not in BASE:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {sorted(BASE)}")
+    arch = architecture(device)
+    dname = str(dtype).replace("torch.", "") if dtype is not None else None
+    out = dict(BASE[kernel])
+    for entry in (*ENTRIES, *_MEASURED):
+        if entry.kernel == kernel and entry.matches(arch, head_dim, dname):
+            out.update(entry.values)
+    for name, values in getattr(_LOCAL, "overrides", ()):
+        if name == kernel:
+            out.update(values)
+    return out
+
+
+@contextlib.contextmanager
+def overriding(kernel: str, values: dict):
+    """Inside the block (this thread), :func:`config` gives ``kernel`` these values over the table's."""
+    _check_values(kernel, values)
+    stack = getattr(_LOCAL, "overrides", ())
+    _LOCAL.overrides = (*stack, (kernel, dict(values)))
+    try:
+        yield
+    finally:
+        _LOCAL.overrides = stack
