@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -128,11 +129,17 @@ def _check_values(kernel: str, values: dict) -> None:
 
 
 def architecture(device=None) -> str:
-    """``"sm90"`` for an H100 / H200 (compute capability 9.0), ...; ``"cpu"`` off CUDA."""
+    """``"sm90"`` for an H100 / H200 (compute capability 9.0), ...; ``"cpu"`` off CUDA. Asked once per device (a
+    lookup runs before every kernel launch)."""
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda":
         return "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_architecture(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_architecture(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
     return f"sm{major}{minor}"
 
 
