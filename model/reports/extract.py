@@ -53,8 +53,8 @@ def sign_grid(coords: np.ndarray, sdf: np.ndarray, resolution: int) -> np.ndarra
     cell = coords // 2
     occupied = np.zeros((g, g, g), bool)
     occupied[cell[:, 0], cell[:, 1], cell[:, 2]] = True
-    total = np.zeros((g, g, g), np.float32)
-    np.add.at(total, (cell[:, 0], cell[:, 1], cell[:, 2]), sdf.astype(np.float32))
+    flat = (cell[:, 0] * g + cell[:, 1]) * g + cell[:, 2]
+    total = np.bincount(flat, weights=sdf, minlength=g**3).reshape(g, g, g)
     label, _ = ndimage.label(~occupied)
     border = np.unique(np.concatenate([label[[0, -1]].ravel(), label[:, [0, -1]].ravel(),
                                        label[:, :, [0, -1]].ravel()]))

@@ -50,6 +50,7 @@ __all__ = [
     "kernel_offsets",
     "kernel_to_dense_weight",
     "neighbour_map",
+    "neighbour_rows",
     "spconv_available",
     "submanifold_conv3d",
 ]
@@ -67,7 +68,8 @@ _SPCONV_DTYPES = (torch.float16, torch.float32)
 #: Neighbours (of 27) a voxel of a thin surface band typically has: the initialisation keeps the activation scale
 #: for that many present taps.
 TYPICAL_NEIGHBOURS = 9
-#: Cache key of the torch backend's neighbour map.
+#: Cache keys of the neighbour rows and the torch backend's neighbour map.
+_ROWS_CACHE_KEY = "conv3_neighbour_rows"
 _NMAP_CACHE_KEY = "conv3_neighbour_map"
 #: Cache key of spconv's indice dictionary.
 _SPCONV_CACHE_KEY = "spconv_indice_dict"
@@ -102,20 +104,35 @@ class NeighbourMap:
     pairs: tuple[tuple[int, torch.Tensor, torch.Tensor], ...]
 
 
-def neighbour_map(x: SparseTensor) -> NeighbourMap:
-    """The 3^3 neighbour map of ``x``'s coordinates, built once and cached in ``x.cache``."""
-    if _NMAP_CACHE_KEY in x.cache:
-        return x.cache[_NMAP_CACHE_KEY]
+def neighbour_rows(x: SparseTensor) -> torch.Tensor:
+    """``[N, 27]`` int32: the input row of each tap's neighbour of every voxel of ``x`` (-1 where absent; the centre
+    tap is the row itself), found once per coordinate set with the coordinate hash and cached in ``x.cache``. Both
+    backends read it: the Triton kernel directly, the torch backend through :func:`neighbour_map`."""
+    if _ROWS_CACHE_KEY in x.cache:
+        return x.cache[_ROWS_CACHE_KEY]
     coords = x.coords.long()
     n = coords.shape[0]
+    if n >= 2**31:
+        raise ValueError(f"{n} voxels do not fit the int32 neighbour rows")
+    rows = torch.full((n, KERNEL_VOLUME), -1, dtype=torch.int32, device=coords.device)
+    if n:
+        query = coords.unsqueeze(1).repeat(1, KERNEL_VOLUME, 1)  # [N, 27, 4]
+        query[:, :, 1:] += kernel_offsets(coords.device).unsqueeze(0)
+        rows = x.coord_index().lookup(query.reshape(-1, 4)).view(n, KERNEL_VOLUME).to(torch.int32)
+    x.cache[_ROWS_CACHE_KEY] = rows
+    return rows
+
+
+def neighbour_map(x: SparseTensor) -> NeighbourMap:
+    """The 3^3 neighbour map of ``x``'s coordinates (pairs per off-centre tap, from :func:`neighbour_rows`), built
+    once and cached in ``x.cache``."""
+    if _NMAP_CACHE_KEY in x.cache:
+        return x.cache[_NMAP_CACHE_KEY]
+    n = x.coords.shape[0]
     pairs = []
     if n:
-        index = x.coord_index()
         taps = [t for t in range(KERNEL_VOLUME) if t != CENTER_TAP]
-        offsets = kernel_offsets(coords.device)[taps]  # [26, 3]
-        query = coords.unsqueeze(0).repeat(len(taps), 1, 1)  # [26, N, 4]
-        query[:, :, 1:] += offsets.unsqueeze(1)
-        src = index.lookup(query.reshape(-1, 4)).view(len(taps), n)  # [26, N] input row of each output row
+        src = neighbour_rows(x)[:, taps].t().long()  # [26, N] input row of each output row
         found = src >= 0
         counts = found.sum(1).tolist()
         tap_pos, out_rows = torch.nonzero(found, as_tuple=True)  # ordered by tap, then output row
@@ -261,17 +278,12 @@ def _triton_usable(feats: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor
 
 
 def _conv3_triton(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The Triton kernel on ``x``'s neighbour table (built from the neighbour map once, cached in ``x.cache``)."""
-    from .conv_kernel import TABLE_CACHE_KEY, conv3_kernel, neighbour_table
+    """The Triton kernel on ``x``'s neighbour rows (:func:`neighbour_rows`)."""
+    from .conv_kernel import conv3_kernel
 
     if torch.is_grad_enabled() and (x.feats.requires_grad or kernel.requires_grad):
         raise RuntimeError("backend='triton' has no backward; use backend='torch' (or 'auto') to train")
-    table = x.cache.get(TABLE_CACHE_KEY)
-    if table is None:
-        nmap = neighbour_map(x)
-        table = neighbour_table(nmap.pairs, nmap.num_voxels, KERNEL_VOLUME, CENTER_TAP, x.feats.device)
-        x.cache[TABLE_CACHE_KEY] = table
-    return conv3_kernel(x.feats, table, kernel, bias)
+    return conv3_kernel(x.feats, neighbour_rows(x), kernel, bias)
 
 
 class ConvKernel(nn.Module):

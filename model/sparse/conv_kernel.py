@@ -8,8 +8,8 @@ accumulates ``sum_k x[table[row, k]] @ kernel[k]`` over the 27 taps in registers
 row from the cache once per tap and writing the output once: an implicit GEMM over a neighbour table.
 
 ``table [N, 27]`` int32 holds the input row of each tap's neighbour (-1 where absent; the centre tap is the row
-itself), built from the cached neighbour map (:func:`neighbour_table`). No autograd: training keeps the torch backend.
-spconv does the same on its own tables, but is not installed on our machines (module docstring of
+itself), cached per coordinate set (:func:`model.sparse.conv.neighbour_rows`). No autograd: training keeps the
+torch backend. spconv does the same on its own tables, but is not installed on our machines (module docstring of
 :mod:`model.sparse.conv`).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["KERNEL_DTYPES", "conv3_kernel", "neighbour_table"]
+__all__ = ["KERNEL_DTYPES", "conv3_kernel"]
 
 #: Feature dtypes the kernel takes (float32 runs with IEEE products, as PyTorch's default matmul).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -32,8 +32,6 @@ MIN_DOT = 16
 #: Warps and software pipelining stages per program.
 NUM_WARPS = 4
 NUM_STAGES = 2
-#: Cache key of the neighbour table on a :class:`~model.sparse.tensor.SparseTensor`.
-TABLE_CACHE_KEY = "conv3_neighbour_table"
 
 
 @triton.jit
@@ -67,18 +65,6 @@ def _subm_conv3_kernel(
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptr = OUT + rows.to(tl.int64)[:, None] * cout + cols[None, :]
     tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-def neighbour_table(pairs, num_rows: int, taps: int, center: int, device) -> torch.Tensor:
-    """``[num_rows, taps]`` int32 input row of every tap (-1 where absent) from the neighbour map's ``pairs``
-    (``(tap, in_rows, out_rows)``, :class:`model.sparse.conv.NeighbourMap`); the centre tap is the identity."""
-    if num_rows >= 2**31:
-        raise ValueError(f"{num_rows} rows do not fit the int32 neighbour table")
-    table = torch.full((num_rows, taps), -1, dtype=torch.int32, device=device)
-    table[:, center] = torch.arange(num_rows, dtype=torch.int32, device=device)
-    for tap, in_rows, out_rows in pairs:
-        table[out_rows, tap] = in_rows.to(torch.int32)
-    return table
 
 
 def _tile(n: int, largest: int) -> int:
