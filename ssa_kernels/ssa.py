@@ -43,6 +43,15 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _pair(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` and ``v`` with unit last stride and the same strides: the kernels address both with ``k``'s strides
+    (a strided view such as a slice of a merged projection keeps its strides when ``v`` has the same ones)."""
+    k, v = _contig(k), _contig(v)
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return k, v
+
+
 def _check_qkv(q, k, v, layout, name_k="k"):
     for t, name in ((q, "q"), (k, name_k), (v, "v")):
         if not isinstance(t, torch.Tensor):
@@ -114,13 +123,13 @@ def _(q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block
             torch.empty_like(lse), torch.empty_like(lse), q.new_empty(n, k.shape[1], topk, dtype=torch.int32))
 
 
-# How the backward is launched on the GPU (launch configuration "ssa.BACKWARD", ssa_kernels.launch). Its kernels
-# form two chains: the query-outer dQ kernels of the three branches (each adding to the dQ of the one before) and the key-outer dK/dV kernels (compression; selection and
-# window adding into the same float32 accumulators). ``streams``: 1 runs both chains on the caller's stream, 2
-# runs the chain named by ``side`` ("dkdv" or "dq") on a second stream with priority ``side_priority`` (0 the
-# default, -1 higher) beside the other; ``dq_order`` / ``dkdv_order``: the order of the branches within each
-# chain. Each accumulator is written by one stream only, in a fixed order, so the result does not depend on the
-# timing. Measured in reports/kernels.md (runs 28-36).
+# How the backward is launched on the GPU (launch configuration "ssa.BACKWARD", ssa_kernels.launch). Its kernels form
+# two chains: the query-outer dQ kernels of the three branches (each adding to the dQ of the one before) and the key-
+# outer dK/dV kernels (compression; selection and window adding into the same float32 accumulators). ``streams``: 1 runs
+# both chains on the caller's stream, 2 runs the chain named by ``side`` ("dkdv" or "dq") on a second stream with
+# priority ``side_priority`` (0 the default, -1 higher) beside the other; ``dq_order`` / ``dkdv_order``: the order of
+# the branches within each chain. Each accumulator is written by one stream only, in a fixed order, so the result does
+# not depend on the timing. Measured in reports/kernels.md (runs 28-36).
 
 _SIDE_STREAMS: dict = {}
 
@@ -158,8 +167,8 @@ def _ssa_backward(
 
     Two chains of kernels: dQ (compression, selection, window, each adding to the last) and dK/dV (compression;
     selection then window, adding into the same float32 accumulators). On the GPU the second chain runs on a
-    side stream (launch configuration ``ssa.BACKWARD``): the selection dQ kernel is bound by L2 reads, the dK/dV kernels by the
-    matrix and exponential units, so running them side by side can beat running them in turn.
+    side stream (launch configuration ``ssa.BACKWARD``): the selection dQ kernel is bound by L2 reads, the dK/dV
+    kernels by the matrix and exponential units, so running them side by side can beat running them in turn.
     """
     lay = _layout_view(layout_tensors, num_sel_blocks, max_sel_block_tokens)
     do = do.contiguous()
@@ -271,7 +280,10 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gate, layout: BlockLayout, *
     if nc != layout.num_cmp_blocks:
         raise ValueError(f"k_cmp has {nc} rows but the layout has {layout.num_cmp_blocks} compression blocks")
     scale = resolve_scale(scale, dim)
-    q, k, v, k_cmp, v_cmp, gate = (_contig(t) for t in (q, k, v, k_cmp, v_cmp, gate))
+    q = _contig(q)
+    k, v = _pair(k, v)
+    k_cmp, v_cmp = _pair(k_cmp, v_cmp)
+    gate = gate.contiguous()  # read as [N, 3] rows of 3
     if not 1 <= topk <= MAX_TOPK:
         raise ValueError(f"topk must be in [1, {MAX_TOPK}] for the kernels, got {topk}")
     out = _ssa_forward(q, k, v, k_cmp, v_cmp, gate, *_layout_args(layout, shift), topk, shift, scale)
@@ -342,7 +354,7 @@ def compression_attention(q, k_cmp, v_cmp, layout: BlockLayout, *, scale=None):
         raise ValueError(f"k_cmp has {k_cmp.shape[0]} rows but the layout has {layout.num_cmp_blocks} "
                          "compression blocks")
     scale = resolve_scale(scale, q.shape[2])
-    return _CompressionAttention.apply(_contig(q), _contig(k_cmp), _contig(v_cmp), layout, scale)
+    return _CompressionAttention.apply(_contig(q), *_pair(k_cmp, v_cmp), layout, scale)
 
 
 @torch.no_grad()
@@ -364,7 +376,7 @@ def selection_attention(q, k, v, idx, layout: BlockLayout, *, scale=None):
     if not isinstance(idx, torch.Tensor) or idx.dim() != 3 or idx.shape[:2] != (q.shape[0], k.shape[1]):
         raise ValueError(f"idx must have shape [{q.shape[0]}, {k.shape[1]}, topk]")
     scale = resolve_scale(scale, q.shape[2])
-    return _SelectionAttention.apply(_contig(q), _contig(k), _contig(v), idx.int().contiguous(), layout, scale)
+    return _SelectionAttention.apply(_contig(q), *_pair(k, v), idx.int().contiguous(), layout, scale)
 
 
 def window_attention(q, k, v, layout: BlockLayout, *, shift: int = 0, scale=None):
@@ -372,4 +384,4 @@ def window_attention(q, k, v, layout: BlockLayout, *, shift: int = 0, scale=None
     _check_qkv(q, k, v, layout)
     layout.window_partition(shift)
     scale = resolve_scale(scale, q.shape[2])
-    return _WindowAttention.apply(_contig(q), _contig(k), _contig(v), layout, shift, scale)
+    return _WindowAttention.apply(_contig(q), *_pair(k, v), layout, shift, scale)

@@ -85,6 +85,41 @@ def test_whole_op_gates_of_any_sign_and_zero():
         assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
 
 
+def test_whole_op_on_views_of_one_merged_projection():
+    """q, k, v and the gate as column slices of one ``[N, Hq*D + 2*Hkv*D + 3]`` float32 matrix (what a merged
+    projection gives: unit last stride, the row stride of the whole matrix), and v_cmp with other strides than
+    k_cmp: the kernels address k and v (k_cmp and v_cmp) with one set of strides and the gate as rows of 3, so the
+    op must hand them over in matching layouts. Output and gradients as the reference's."""
+    coords, inp = _make((40, 21), 12, 4, 8, 8, 2, 32, seed=13)
+    q, k, v, k_cmp, v_cmp, gate = inp
+    n = q.shape[0]
+    ref_in = [t.clone().requires_grad_() for t in inp]
+    o_ref = reference.spatial_sparse_attention(*ref_in, coords, compression_block=4, selection_block=8, topk=3,
+                                               window=8, shift=4)
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+    merged = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), gate, torch.zeros(n, 5,
+                       dtype=q.dtype)], dim=1).float().requires_grad_()
+    cols = torch.tensor([0, q[0].numel(), k[0].numel(), v[0].numel(), 3]).cumsum(0).tolist()
+    views = [merged[:, a:b] for a, b in zip(cols[:-1], cols[1:])]
+    q2, k2, v2 = (t.view(n, *s.shape[1:]) for t, s in zip(views[:3], (q, k, v)))
+    cmp = torch.cat([k_cmp, v_cmp], dim=2).float().requires_grad_()  # k_cmp, v_cmp: views of a wider tensor
+    d = k_cmp.shape[2]
+    k_cmp2, v_cmp2 = cmp[:, :, :d], cmp[:, :, d:]
+    assert k2.stride() == v2.stride() and k2.stride(0) == merged.shape[1] and views[3].stride(0) != 3
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    o = ssa_kernels.spatial_sparse_attention(q2, k2, v2, k_cmp2, v_cmp2, views[3], layout, topk=3, shift=4)
+    assert rel_err(o, o_ref) < F32_TOL
+    gm, gc = torch.autograd.grad(o, [merged, cmp], do.float())
+    grads = [gm[:, a:b] for a, b in zip(cols[:-1], cols[1:])] + [gc[:, :, :d], gc[:, :, d:]]
+    for name, a, b in zip(("q", "k", "v", "gate", "k_cmp", "v_cmp"), grads, [*g_ref[:3], g_ref[5], *g_ref[3:5]]):
+        assert rel_err(a.reshape(b.shape), b) < F32_TOL, f"d{name}: {rel_err(a.reshape(b.shape), b):.2e}"
+    v_other = v.float().permute(0, 2, 1).contiguous().permute(0, 2, 1)  # no unit last stride
+    o2 = ssa_kernels.spatial_sparse_attention(q.float(), k.float(), v_other, k_cmp.float(), v_cmp.float(),
+                                              gate.float(), layout, topk=3, shift=4)
+    assert rel_err(o2, o_ref) < F32_TOL
+
+
 def test_whole_op_float16():
     coords, inp = _make((48, 24), 14, 4, 8, 8, 2, 32, seed=11)
     o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8, shift=0)
