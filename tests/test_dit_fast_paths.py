@@ -49,6 +49,37 @@ def test_fused_norm_modulate_matches_pytorch(affine, mod, batched):
         fused.layer_norm_modulate(x, 1e-6, shift=torch.zeros(2, c), scale=torch.zeros(2, c))
 
 
+def test_fused_norm_adds_the_pending_constant_in_place():
+    """``add=``: the kernel stores ``round(x + add)`` into x (the residual stream) and normalises that; ``out=``
+    writes into a given tensor (row slices of one buffer); the PyTorch fallback does the same."""
+    if not fused._interpreting():
+        pytest.skip("the CPU run of the kernel needs the Triton interpreter")
+    g = torch.Generator().manual_seed(2)
+    n, c = 29, 40
+    x = (torch.randn(n, c, generator=g) * 2).to(torch.float16)
+    add = torch.randn(c, generator=g)
+    shift, scale = torch.randn(1, c, generator=g), torch.randn(1, c, generator=g)
+    want_x = (x.float() + add).to(torch.float16)
+    want = fused._reference(want_x, 1e-6, None, None, shift, scale)
+    got_x, out = x.clone(), torch.empty(n + 3, c, dtype=torch.float16)
+    got = fused.layer_norm_modulate(got_x, 1e-6, shift=shift, scale=scale, add=add, out=out[3:])
+    assert got.data_ptr() == out[3:].data_ptr()
+    torch.testing.assert_close(got_x, want_x, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    norm = torch.nn.LayerNorm(c, eps=1e-6, elementwise_affine=False)
+    with torch.no_grad():
+        fallback_x = x.float()  # float32 on the CPU: the PyTorch ops (use_fused is for CUDA tensors)
+        y = fused.norm_modulate(norm, fallback_x, shift, scale, add=add)
+    torch.testing.assert_close(fallback_x, x.float() + add)
+    torch.testing.assert_close(y, fused._reference(x.float() + add, 1e-6, None, None, shift, scale))
+    with pytest.raises(ValueError, match="add must have"):
+        fused.layer_norm_modulate(x.clone(), 1e-6, add=torch.zeros(c + 1))
+    with pytest.raises(ValueError, match="out must be"):
+        fused.layer_norm_modulate(x.clone(), 1e-6, out=torch.empty(n, c))
+    with pytest.raises(ValueError, match="inference"):
+        fused.norm_modulate(norm, x.float(), add=add)
+
+
 def test_zeroed_condition_shortcut_batched_guidance_and_kept_projections():
     dit = _model()
     x = SparseTensor.from_list([_coords(150, 16, 0), _coords(90, 16, 1)],
@@ -71,6 +102,49 @@ def test_zeroed_condition_shortcut_batched_guidance_and_kept_projections():
         again = dit.guided_velocity(x, t, cond, 7.0).feats
         fresh = dit.guided_velocity(x, t, Condition(cond.tokens), 7.0).feats
     torch.testing.assert_close(again, fresh)
+
+
+def test_inference_blocks_match_the_plain_blocks():
+    """``SparseDiTBlock.forward_inference`` (residual adds in the products' epilogues, adaLN gates folded into the
+    weights, bias constants carried into the next norm, merged q/k/v/gate projection) against the plain blocks: one
+    and two elements, a shared and per-element timestep, a plain condition tensor, the zeroed-condition shortcut and
+    batched guidance (float32, reference SSA)."""
+    import model.nets.dit as dit_module
+
+    dit = _model()
+    x = SparseTensor.from_list([_coords(150, 16, 0), _coords(90, 16, 1)],
+                               [torch.randn(150, 4), torch.randn(90, 4)])
+    cond = torch.randn(2, 21, 32)
+    calls = []
+    original = dit.blocks[0].forward_inference
+    dit.blocks[0].forward_inference = lambda *a, **k: calls.append(1) or original(*a, **k)
+
+    def both(fn):
+        with torch.no_grad():
+            dit_module.INFERENCE_PATH = False
+            try:
+                plain = fn()
+            finally:
+                dit_module.INFERENCE_PATH = True
+            before = len(calls)
+            fast = fn()
+            return plain, fast, len(calls) > before
+
+    for t in (torch.tensor([500.0]), 300.0):
+        plain, fast, used = both(lambda: dit(x, t, cond).feats)
+        assert used
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+        for batched in (True, False):
+            plain, fast, used = both(lambda: dit.guided_velocity(x, t, Condition(cond), 7.0, batched=batched).feats)
+            assert used
+            torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
+    plain, fast, used = both(lambda: dit(x, torch.tensor([500.0, 200.0]), cond).feats)
+    assert not used  # two modulation rows: the plain blocks
+    torch.testing.assert_close(fast, plain)
+    with torch.enable_grad():
+        out = dit(x, torch.tensor([500.0]), cond).feats
+        out.square().mean().backward()  # autograd runs the plain blocks
+    assert dit.blocks[0].self_attn.proj_q.weight.grad is not None
 
 
 def test_euler_sample_takes_the_guided_path():

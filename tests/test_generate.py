@@ -415,11 +415,12 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     from model.reports.generate import main
 
     rc = main(["--out", str(tmp_path), "--dry-run", "--steps-dense", "1", "--steps-512", "2", "--steps-1024", "2",
-               "--no-progress", "--profile", "decode_512"])
+               "--no-progress", "--profile", "decode_512", "--warmup"])
     assert rc == 0
     doc = json.loads((tmp_path / "generate.json").read_text())
     md = (tmp_path / "generate.md").read_text()
     assert doc["dry_run"] and "DRY RUN" in md and "NOT a measurement" in md
+    assert doc["warmup_seconds"] > 0 and "Warm process" in md  # --warmup: one untimed run first
     assert list(doc["stages"]) == ["condition", "dense", "sparse_512", "decode_512", "refine_512", "revoxelise",
                                    "sparse_1024", "decode_1024", "refine_1024", "extract"]
     assert doc["stages"]["dense"]["replaced_by_given_coords"]

@@ -376,16 +376,21 @@ class CrossAttention(nn.Module):
         are uniform and the attended value is the value bias): ``to_out(value bias)``."""
         return self.to_out(self.to_kv.bias[self.channels:])
 
-    def forward(self, h: torch.Tensor, offsets: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
-                cache: dict | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
-        """``kv``: :meth:`project_context` of ``context`` when already computed."""
+    def attend(self, h: torch.Tensor, offsets: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+               cache: dict | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
+        """The attended values before ``to_out``: ``[N, C]``. ``kv``: :meth:`project_context` of ``context`` when
+        already computed."""
         n = h.shape[0]
         d = self.channels // self.num_heads
         q = self.to_q(h).view(n, self.num_heads, d)
         kv = self.project_context(context) if kv is None else kv
         o = dense_attention(q, kv[:, :, 0], kv[:, :, 1], offsets, kv_mask=mask, cache=cache,
                             cache_key="dit_cross_attention")
-        return self.to_out(o.reshape(n, self.channels))
+        return o.reshape(n, self.channels)
+
+    def forward(self, h: torch.Tensor, offsets: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+                cache: dict | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
+        return self.to_out(self.attend(h, offsets, context, mask, cache=cache, kv=kv))
 
 
 class SparseDiTBlock(nn.Module):
@@ -432,18 +437,75 @@ class SparseDiTBlock(nn.Module):
         with record_function("dit.residual"):
             return _gated_add(h, gate_m, o, bidx)
 
+    def forward_inference(self, x: SparseTensor, h: torch.Tensor, pending: torch.Tensor | None, t_emb: torch.Tensor,
+                          context: torch.Tensor, mask: torch.Tensor | None, cross: "CrossPlan | None" = None,
+                          shared: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` without autograd, for one modulation row (``t_emb [1, C]``), updating ``h`` in place.
+
+        The residual stream is carried as ``h + pending`` (``pending [C]`` or None): every residual branch ends in
+        a matrix product that adds into ``h`` itself (``addmm_``: the product's epilogue reads the stream, no
+        separate ``h + gate * o`` pass), with the adaLN gate folded into the rows of that product's weight
+        (``gate * (u @ W^T) = u @ (gate[:, None] * W)^T``); what a bias leaves over is a constant row, added by the
+        next layer norm as it reads the stream (:func:`model.nets.fused.norm_modulate` ``add=``). Equal to
+        :meth:`forward` up to float rounding (fewer roundings: each product accumulates onto the stream in
+        float32). ``shared``: the self-attention output is taken from it when there, else stored in it (the two
+        passes of a guided step, :meth:`SparseDiT.forward`). Returns ``(h, pending)``."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(t_emb).chunk(6, dim=1)
+        o = None if shared is None else shared.get("self_attention")
+        if o is None:
+            with record_function("dit.norm"):
+                u = norm_modulate(self.norm1, h, shift_a, scale_a, add=pending)
+            with record_function("dit.self_attn"):
+                o = self.self_attn.attend(x.replace(u))
+            if shared is not None:
+                shared["self_attention"] = o
+        elif pending is not None:
+            h.add_(pending)
+        with record_function("dit.residual"):
+            h.addmm_(o, (self.self_attn.proj_o.weight * gate_a.reshape(-1, 1)).t())
+        n = h.shape[0]
+        rows = n if cross is None else cross.rows
+        ca = self.cross_attn
+        with record_function("dit.cross_attn"):
+            if rows:
+                offsets, ctx, msk, cache = ((x.offsets, context, mask, x.cache) if rows == n else
+                                            (cross.offsets, context[:cross.batch],
+                                             None if mask is None else mask[:cross.batch], cross.cache))
+                head = h[:rows]
+                o = ca.attend(norm_modulate(self.norm2, head), offsets, ctx, msk, cache=cache,
+                              kv=self._kept_kv(context, cross))
+                head.addmm_(o, ca.to_out.weight.t())
+        with record_function("dit.norm"):
+            u = torch.empty_like(h)
+            if rows:
+                norm_modulate(self.norm3, h[:rows], shift_m, scale_m, add=ca.to_out.bias, out=u[:rows])
+            if rows < n:
+                norm_modulate(self.norm3, h[rows:], shift_m, scale_m, add=ca.null_output(), out=u[rows:])
+        with record_function("dit.mlp"):
+            first, second = self.mlp.mlp[0], self.mlp.mlp[2]
+            w2 = (second.weight * gate_m.reshape(-1, 1)).t()
+            for start in range(0, n, MLP_CHUNK_ROWS):
+                stop = min(n, start + MLP_CHUNK_ROWS)
+                h[start:stop].addmm_(_gelu_linear(u[start:stop], first.weight, first.bias), w2)
+        return h, gate_m.reshape(-1) * second.bias
+
+    def _kept_kv(self, context: torch.Tensor, cross: "CrossPlan | None") -> torch.Tensor | None:
+        """The condition's key/value projection of this block, kept on the :class:`CrossPlan` (None: none kept)."""
+        if cross is None or cross.kv is None or not cross.rows:
+            return None
+        w, b = self.cross_attn.to_kv.weight, self.cross_attn.to_kv.bias
+        key = (id(self), w._version, b._version)  # stale after any in-place weight update
+        kv = cross.kv.get(key)
+        if kv is None:
+            kv = cross.kv[key] = self.cross_attn.project_context(context[:cross.batch])
+        return kv
+
     def _cross_attention(self, x: SparseTensor, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
                          cross: "CrossPlan | None") -> torch.Tensor:
         """``h + CrossAttn(LN2(h))``; rows past ``cross.rows`` (an all-zero condition) add the constant
         :meth:`CrossAttention.null_output` instead."""
         rows = h.shape[0] if cross is None else cross.rows
-        kv = None
-        if cross is not None and cross.kv is not None and rows:
-            w, b = self.cross_attn.to_kv.weight, self.cross_attn.to_kv.bias
-            key = (id(self), w._version, b._version)  # stale after any in-place weight update
-            kv = cross.kv.get(key)
-            if kv is None:
-                kv = cross.kv[key] = self.cross_attn.project_context(context[:cross.batch])
+        kv = self._kept_kv(context, cross)
         if rows == h.shape[0]:
             return h + self.cross_attn(norm_modulate(self.norm2, h), x.offsets, context, mask, cache=x.cache, kv=kv)
         null = h[rows:] + self.cross_attn.null_output().to(h.dtype)
@@ -455,6 +517,9 @@ class SparseDiTBlock(nn.Module):
         return torch.cat([head + attended, null])
 
 
+#: Switch for :meth:`SparseDiTBlock.forward_inference` (tests and reports compare it with the plain blocks).
+INFERENCE_PATH = True
+
 #: Rows per chunk of the MLP when no gradient is recorded: the 4x-wide hidden layer of 137k tokens alone is 1.1 GB in
 #: bfloat16; chunks keep the sampling peak at a few hundred MB for it (the MLP is per token, so chunking is exact).
 MLP_CHUNK_ROWS = 65536
@@ -465,6 +530,14 @@ def _token_chunks(fn, u: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or u.shape[0] <= MLP_CHUNK_ROWS:
         return fn(u)
     return torch.cat([fn(part) for part in u.split(MLP_CHUNK_ROWS)])
+
+
+def _gelu_linear(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``GELU_tanh(u @ weight^T + bias)``; on CUDA in half precision with the bias and GELU in the product's
+    epilogue (:class:`~model.sparse.layers.FeedForward`)."""
+    if u.is_cuda and u.dtype in (torch.float16, torch.bfloat16):
+        return torch._addmm_activation(bias, u, weight.t(), use_gelu=True)
+    return F.gelu(F.linear(u, weight, bias), approximate="tanh")
 
 
 def _gated_add(h: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, batch_index: torch.Tensor | None) -> torch.Tensor:
@@ -600,7 +673,10 @@ class SparseDiT(nn.Module):
             mask = None
         return tokens, mask
 
-    def forward(self, x: SparseTensor, t, cond) -> SparseTensor:
+    def forward(self, x: SparseTensor, t, cond, *, shared: dict | None = None) -> SparseTensor:
+        """``shared``: a dict handed to both passes of one guided step (same ``x`` and ``t``) by
+        :meth:`guided_velocity`: the first block's self-attention reads only ``x`` and ``t``, so the second pass
+        takes the first one's output from it instead of computing it again (inference blocks only)."""
         if not isinstance(x, SparseTensor):
             raise TypeError(f"x must be a SparseTensor, got {type(x).__name__}")
         if x.num_channels != self.config.in_channels:
@@ -611,25 +687,38 @@ class SparseDiT(nn.Module):
             t = t.view(1)
         if t.dim() != 1 or t.shape[0] not in (1, batch):
             raise ValueError(f"t must be a scalar or have shape [{batch}], got {tuple(t.shape)}")
-        if t.shape[0] != batch:
-            t = t.expand(batch)
+        # one timestep for all elements stays one row: one modulation row for every token (no batch gathers)
         xs, perm = self.to_layout_order(x)
         context, mask = self._context(cond, batch, x.device)
         cross = self._cross_plan(xs, cond)
-        h = self._blocks(xs, t, context, mask, cross)
+        h = self._blocks(xs, t, context, mask, cross, shared)
         return x.replace(self._output(h, perm))
 
-    def _blocks(self, xs: SparseTensor, t: torch.Tensor, context: torch.Tensor, mask, cross) -> torch.Tensor:
+    def _blocks(self, xs: SparseTensor, t: torch.Tensor, context: torch.Tensor, mask, cross,
+                shared: dict | None = None) -> torch.Tensor:
         """Input layer, position embedding and the blocks: the residual stream ``[N, C]`` in layout order."""
         h = self.input_layer(xs.feats)
         h = h + self.pos_embedder(xs)
         t_emb = self.t_embedder(t)
+        if self._inference_path(h, t_emb):
+            pending = None
+            for i, block in enumerate(self.blocks):
+                h, pending = block.forward_inference(xs, h, pending, t_emb, context, mask, cross,
+                                                     shared=shared if i == 0 else None)
+            return h if pending is None else h.add_(pending)
         for block in self.blocks:
             if self.config.use_checkpoint and torch.is_grad_enabled():
                 h = checkpoint(block, xs, h, t_emb, context, mask, cross, use_reentrant=False)
             else:
                 h = block(xs, h, t_emb, context, mask, cross)
         return h
+
+    def _inference_path(self, h: torch.Tensor, t_emb: torch.Tensor) -> bool:
+        """Whether the blocks run :meth:`SparseDiTBlock.forward_inference`: :data:`INFERENCE_PATH` on, no autograd,
+        no autocast (weights and stream in one dtype), one modulation row (one timestep for every element)."""
+        return (INFERENCE_PATH and not torch.is_grad_enabled() and not torch.is_autocast_enabled()
+                and t_emb.shape[0] == 1 and h.dtype == self.input_layer.weight.dtype
+                and h.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
     def _output(self, h: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
         """Final parameter-free layer norm and ``out_layer``, rows back in the caller's order."""
@@ -669,15 +758,16 @@ class SparseDiT(nn.Module):
         uncond = cond.zeros_like() if uncond is None else (uncond if isinstance(uncond, Condition)
                                                            else Condition(uncond))
         if not batched or not uncond.null or self.config.sparse_conditions:
-            v_c = self(x, t, cond).feats.float()
-            v_u = self(x, t, uncond).feats.float()
+            shared = {}  # the first block's self-attention, computed once for both passes
+            v_c = self(x, t, cond, shared=shared).feats.float()
+            v_u = self(x, t, uncond, shared=shared).feats.float()
             return x.replace(v_u + guidance * (v_c - v_u))
         batch = x.batch_size
         pair_coords, pair_cache = self._guidance_pair(x)
         pair = SparseTensor(pair_coords, torch.cat([x.feats, x.feats]), batch_size=2 * batch,
                             resolution=x.resolution, cache=pair_cache, validate=False)
         t = torch.as_tensor(t, device=x.device).reshape(-1)
-        t = (t.expand(batch) if t.shape[0] == 1 else t).repeat(2)
+        t = t if t.shape[0] == 1 else t.repeat(2)  # one timestep for all: one modulation row
         xs, perm = self.to_layout_order(pair)
         context, mask = self._context(cond, batch, x.device)
         context = torch.cat([context, context])  # the unconditioned half never reads it (null rows)

@@ -42,17 +42,25 @@ GROUP_WARPS = 8
 
 @triton.jit
 def _layer_norm_modulate_kernel(
-    X, OUT, W, B, SHIFT, SCALE, BIDX,
-    stride_x, stride_out, stride_mod,
+    X, OUT, W, B, SHIFT, SCALE, BIDX, ADD, XOUT,
+    stride_x, stride_out, stride_mod, stride_xout,
     num_channels, eps,
-    HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, HAS_BIDX: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, HAS_BIDX: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """One row: ``y = (x - mean) / sqrt(var + eps)``, then ``y * w + b`` (affine), then ``y * (1 + scale) + shift``
-    with the modulation row of the token's batch element (row 0 when ``HAS_BIDX`` is off)."""
+    """One row: with ``HAS_ADD`` first ``x = round(x + add)``, stored to ``XOUT`` (may be ``X`` itself: the row is
+    read whole before it is written); then ``y = (x - mean) / sqrt(var + eps)``, ``y * w + b`` (affine),
+    ``y * (1 + scale) + shift`` with the modulation row of the token's batch element (row 0 when ``HAS_BIDX`` is
+    off)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     valid = cols < num_channels
-    x = tl.load(X + row * stride_x + cols, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(X + row * stride_x + cols, mask=valid, other=0.0)
+    if HAS_ADD:
+        a = tl.load(ADD + cols, mask=valid, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) + a).to(XOUT.dtype.element_ty)  # the residual stream as stored
+        tl.store(XOUT + row * stride_xout + cols, x, mask=valid)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=0) / num_channels
     centred = tl.where(valid, x - mean, 0.0)
     var = tl.sum(centred * centred, axis=0) / num_channels
@@ -142,7 +150,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 
 def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | None = None,
                         bias: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                        scale: torch.Tensor | None = None, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+                        scale: torch.Tensor | None = None, batch_index: torch.Tensor | None = None,
+                        add: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused ``LN(x) [* weight + bias] [* (1 + scale) + shift]`` on a CUDA tensor (no autograd).
 
     Args:
@@ -151,8 +160,11 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | N
         weight, bias: ``[C]`` affine parameters, both or neither.
         shift, scale: ``[B, C]`` modulation rows, both or neither; row ``batch_index[i]`` modulates token ``i``
             (``batch_index [N]`` int, or None when ``B == 1``).
+        add: ``[C]``: first add this vector to every row **of x in place** (``x += add``, rounded to x's dtype:
+            a residual stream's pending constant) and normalise the sum.
+        out: ``[N, C]`` tensor to write into (rows contiguous; default a new one).
 
-    Returns ``[N, C]`` in ``x.dtype``.
+    Returns ``[N, C]`` in ``x.dtype`` (``out`` when given).
     """
     if x.dim() != 2 or not (x.is_cuda or _interpreting()):
         raise ValueError(f"x must be a [N, C] CUDA tensor, got {tuple(x.shape)} on {x.device}")
@@ -163,8 +175,18 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | N
     if (shift is None) != (scale is None):
         raise ValueError("shift and scale must be given together")
     n, c = x.shape
+    if add is not None:
+        if x.stride(1) != 1:
+            raise ValueError("add= updates x in place: x's rows must be contiguous")
+        if add.numel() != c:
+            raise ValueError(f"add must have {c} values, got shape {tuple(add.shape)}")
+        add = add.reshape(c).contiguous()
     x = x if x.stride(1) == 1 else x.contiguous()
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be a [N, C] {x.dtype} tensor with contiguous rows, got {tuple(out.shape)} "
+                         f"{out.dtype}")
     if n == 0:
         return out
     has_mod = shift is not None
@@ -180,10 +202,11 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | N
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         shift if has_mod else dummy, scale if has_mod else dummy,
         batch_index if batch_index is not None else dummy,
-        x.stride(0), out.stride(0), shift.stride(0) if has_mod else 0,
+        add if add is not None else dummy, x,
+        x.stride(0), out.stride(0), shift.stride(0) if has_mod else 0, x.stride(0),
         c, float(eps),
         HAS_AFFINE=weight is not None, HAS_MOD=has_mod, HAS_BIDX=has_mod and batch_index is not None,
-        BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS,
+        HAS_ADD=add is not None, BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS,
     )
     return out
 
@@ -205,24 +228,37 @@ def use_fused(x: torch.Tensor) -> bool:
 
 
 def norm_modulate(norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor | None = None,
-                  scale: torch.Tensor | None = None, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: torch.Tensor | None = None, batch_index: torch.Tensor | None = None, *,
+                  add: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``norm(x) * (1 + scale) + shift`` (or ``norm(x)`` without modulation), ``x [N, C]``.
 
     ``norm`` is a ``LayerNorm`` over the last dimension (affine or not), computed in at least float32. ``shift`` and
     ``scale`` are ``[1, C]`` (one batch element) or ``[B, C]`` with ``batch_index [N]``. The result has ``x``'s
     dtype. Fused into one kernel where :func:`use_fused` allows; otherwise the PyTorch ops (autograd-capable).
+
+    ``add [C]`` (no autograd): first ``x += add`` in place (rounded to x's dtype), then normalise: a residual
+    stream's pending constant folded into the norm that reads it. ``out``: where to write the result.
     """
+    if add is not None:
+        if torch.is_grad_enabled():
+            raise ValueError("add= updates x in place and is for inference (no autograd)")
+        if not use_fused(x) or x.dim() != 2:
+            cdt = torch.promote_types(x.dtype, torch.float32)
+            x.copy_(x.to(cdt) + add.to(cdt))  # one rounding, as the kernel
+            add = None
     if use_fused(x) and x.dim() == 2:
         affine = norm.weight is not None
         return layer_norm_modulate(x, norm.eps, weight=norm.weight if affine else None,
                                    bias=norm.bias if affine else None, shift=shift, scale=scale,
-                                   batch_index=batch_index)
+                                   batch_index=batch_index, add=add, out=out)
     y = norm(x)
-    if shift is None:
-        return y
-    if batch_index is not None:
-        shift, scale = shift.index_select(0, batch_index), scale.index_select(0, batch_index)
-    return y * (1 + scale) + shift
+    if shift is not None:
+        if batch_index is not None:
+            shift, scale = shift.index_select(0, batch_index), scale.index_select(0, batch_index)
+        y = y * (1 + scale) + shift
+    if out is not None:
+        return out.copy_(y)
+    return y
 
 
 def _reference(x, eps, weight=None, bias=None, shift=None, scale=None, batch_index=None) -> torch.Tensor:

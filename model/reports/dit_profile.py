@@ -9,8 +9,9 @@
 - :func:`sampling_variants`: one guided Euler step (condition + zeroed condition, guidance, update) timed in the
   same process for each way of running it, with its peak memory and its relative difference from the first
   (unoptimised) one: fp32 weights under bf16 autocast with the unfused ops and two plain forwards (the path of
-  earlier reports), then the fused norms with the zeroed-condition shortcut, then bf16 weights, two forwards or one
-  batched forward.
+  earlier reports), then the fused norms with the zeroed-condition shortcut, then bf16 weights with the plain
+  blocks (``INFERENCE_PATH`` and the merged projection off), then bf16 weights on the inference blocks
+  (:meth:`model.nets.dit.SparseDiTBlock.forward_inference`), two forwards or one batched forward.
 """
 from __future__ import annotations
 
@@ -96,7 +97,9 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
     ``(times_ms, peak_gb)``. Each record: ``name``, ``median_ms``, ``reps_ms``, ``peak_gb``, ``rel_diff`` (relative
     norm of the guided velocity against the first variant's; the rows of ``small_coords`` compare with their own
     first row). ``extra_profiles``: filled with kernel profiles of the bf16 forward, conditioned and zeroed."""
+    import model.nets.dit as dit_module
     import model.nets.fused as fused
+    import model.nets.ssa_layer as ssa_layer
     from model.nets.dit import Condition
 
     dev = xt.device
@@ -120,20 +123,22 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
     def guided(batched, cond):
         return lambda: model.guided_velocity(xt, t, cond, guidance, batched=batched).feats
 
-    def record(name, fn, *, unfused=False):
+    def record(name, fn, *, unfused=False, plain_blocks=False):
         fused.ENABLED = not unfused
+        dit_module.INFERENCE_PATH = ssa_layer.MERGED_PROJECTION = not plain_blocks
         try:
             times, peak = time_fn(fn, reps=reps, warmup=warmup, device=dev)
             fn()  # the velocity of this variant for the comparison
         finally:
             fused.ENABLED = True
+            dit_module.INFERENCE_PATH = ssa_layer.MERGED_PROJECTION = True
         v = reference["last"].float()
         base = reference.setdefault("base", v)
         out.append({"name": name, "median_ms": sorted(times)[len(times) // 2], "reps_ms": times, "peak_gb": peak,
                     "rel_diff": _rel(v, base)})
 
     record("fp32 weights + bf16 autocast, unfused, two forwards (earlier reports)", step(plain, autocast),
-           unfused=True)
+           unfused=True, plain_blocks=True)
     cond = Condition(cond_tokens)
     record("fp32 weights + bf16 autocast, fused norms, zeroed-condition shortcut, two forwards",
            step(guided(False, cond), autocast))
@@ -144,6 +149,8 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
     def guided16(batched):
         return lambda: model.guided_velocity(xt_bf16, t, cond16, guidance, batched=batched).feats
 
+    record("bf16 weights, fused norms, shortcut, two forwards, plain blocks (before the inference blocks)",
+           step(guided16(False), nullcontext), plain_blocks=True)
     record("bf16 weights, fused norms, shortcut, two forwards", step(guided16(False), nullcontext))
     record("bf16 weights, fused norms, shortcut, one batched forward", step(guided16(True), nullcontext))
     for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):

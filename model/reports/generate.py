@@ -20,7 +20,7 @@ Few sampling steps per stage by default (4 / 4 / 3): the first step of a stage i
 the report takes the median of the later steps as the time per step and estimates each stage at the released step
 counts (50 / 30 / 15) as ``time without the steps + time per step x released steps``. The sparse 1024 stage's time
 is split into spatial sparse attention (CUDA events around every call of the SSA kernels, and around every
-self-attention module: projections, compression, gate and kernels) and the rest.
+self-attention module up to its output projection: q/k/v/gate projection, compression and kernels) and the rest.
 
 ``--profile STAGE ...`` runs those stages under ``torch.profiler`` (:attr:`ImageToMesh.profile_stages`) and lists
 their largest GPU kernels (profiled stages run slower). ``--simplify-ratio`` adds the released decimation.
@@ -138,9 +138,10 @@ def _standin_512_mesh(mesh, grid: int, margin: float):
 
 class AttentionTimer:
     """Times the self-attention of one sparse DiT while it runs: every call of the SSA operation
-    (``ssa_kernels.spatial_sparse_attention``, or the dense reference on the CPU) and every self-attention module
-    (projections, compression, gate and the SSA operation), with CUDA events on a GPU (``time.perf_counter`` on the
-    CPU). Only calls made inside the DiT's forward count. ``totals()`` -> seconds and call counts."""
+    (``ssa_kernels.spatial_sparse_attention``, or the dense reference on the CPU) and every self-attention module's
+    :meth:`~model.nets.ssa_layer.SpatialSparseAttention.attend` (q/k/v/gate projection, compression and the SSA
+    operation; the output projection is part of the block's residual product), with CUDA events on a GPU
+    (``time.perf_counter`` on the CPU). Only calls made inside the DiT's forward count. ``totals()`` -> seconds and call counts."""
 
     def __init__(self, dit: torch.nn.Module, device: torch.device):
         self.dit, self.device = dit, device
@@ -149,6 +150,7 @@ class AttentionTimer:
         self.module: list = []
         self._handles: list = []
         self._patched: list = []
+        self._attend_patched: list = []
 
     def _mark(self):
         if self.device.type == "cuda":
@@ -167,17 +169,6 @@ class AttentionTimer:
         def dit_post(module, args, output):
             self.active = False
 
-        pending: dict[int, object] = {}
-
-        def attn_pre(module, args):
-            if self.active:
-                pending[id(module)] = self._mark()
-
-        def attn_post(module, args, output):
-            start = pending.pop(id(module), None)
-            if start is not None:
-                self.module.append((start, self._mark()))
-
         self._handles.append(self.dit.register_forward_pre_hook(dit_pre))
         self._handles.append(self.dit.register_forward_hook(dit_post))
         guided = getattr(self.dit, "guided_velocity", None)
@@ -192,9 +183,20 @@ class AttentionTimer:
 
             self.dit.guided_velocity = guided_timed
             self._instance_patched = True
-        for block in self.dit.blocks:
-            self._handles.append(block.self_attn.register_forward_pre_hook(attn_pre))
-            self._handles.append(block.self_attn.register_forward_hook(attn_post))
+        for block in self.dit.blocks:  # attend(): the module's work up to its output projection, on both paths
+            attention = block.self_attn
+            original_attend = attention.attend
+
+            def attend_timed(*args, _original=original_attend, **kwargs):
+                if not self.active:
+                    return _original(*args, **kwargs)
+                start = self._mark()
+                out = _original(*args, **kwargs)
+                self.module.append((start, self._mark()))
+                return out
+
+            attention.attend = attend_timed
+            self._attend_patched.append(attention)
         for owner in (ssa_kernels, reference):
             original = owner.spatial_sparse_attention
 
@@ -214,6 +216,9 @@ class AttentionTimer:
         if getattr(self, "_instance_patched", False):
             del self.dit.guided_velocity  # the class's method again
             self._instance_patched = False
+        for attention in self._attend_patched:
+            del attention.attend  # the class's method again
+        self._attend_patched = []
         for handle in self._handles:
             handle.remove()
         for owner, original in self._patched:
@@ -260,8 +265,10 @@ def _estimate(rec: dict, released_steps: int) -> dict:
 
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True,
-               simplify_ratio: float | None = None, profile=()) -> dict:
-    """Run the cascade as the module docstring says and return the result document."""
+               simplify_ratio: float | None = None, profile=(), warmup: bool = False) -> dict:
+    """Run the cascade as the module docstring says and return the result document. ``warmup``: run the whole
+    cascade once first, one step per sampling stage, untimed (its wall time is recorded apart), so that the timed
+    run finds every kernel compiled and every library initialised, as a second image in the same process does."""
     from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh
     from model.pipeline.geometry import mesh_to_latent_coords
     from model.data.render import render_views
@@ -308,6 +315,15 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
              "peak_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
              "tokens": int(coords_1024.shape[0]), "mesh_faces": int(len(standin.faces)),
              "input": "the report's mesh subdivided to 512-mesh edge lengths (stand-in for the 512 mesh)"}
+    warmup_seconds = None
+    if warmup:
+        t0 = time.perf_counter()
+        pipe.generate(render, resolution=1024, steps={k: 1 for k in steps}, seed=seed, coords_512=coords_512,
+                      coords_1024=coords_1024, run_dense=True, progress=False, simplify_ratio=simplify_ratio)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        warmup_seconds = time.perf_counter() - t0
     with AttentionTimer(p["sparse_dit_1024"], dev) as timer:
         result = pipe.generate(render, resolution=1024, steps=steps, seed=seed, coords_512=coords_512,
                                coords_1024=coords_1024, run_dense=True, progress=progress,
@@ -344,6 +360,7 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "parameters": parts,
         "weight_bytes": weight_bytes,
         "build_seconds": build_seconds,
+        "warmup_seconds": warmup_seconds,
         "mesh": mesh_source,
         "mesh_faces": int(len(mesh.faces)),
         "steps": steps,
@@ -417,7 +434,13 @@ def markdown(r: dict) -> str:
         f"Random weights of the {r['sizes']} sizes ({sum(r['parameters'].values()) / 1e6:,.1f} M parameters, "
         f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']}, SSA backend `{r['backend']}`, "
         f"{_placement(r)}; "
-        f"built in {r['build_seconds']:.1f} s (not counted). Sparse stages on the latent voxels of "
+        f"built in {r['build_seconds']:.1f} s (not counted). "
+        + (f"**Warm process**: a first run of the whole cascade with one step per sampling stage took "
+           f"{r['warmup_seconds']:.1f} s before the timed one (`--warmup`, not counted), so no stage below compiles "
+           "a kernel or initialises a library, as for a second image in one process. "
+           if r.get("warmup_seconds") is not None else
+           "Cold process: each stage's first use of a kernel includes its compilation. ")
+        + "Sparse stages on the latent voxels of "
         f"{r['mesh']} ({r['mesh_faces']:,} faces); the conditioning image is a render of it. Random weights give "
         "noise fields, so the marching-cubes stages (refine_512's mesh, extract) see more surface than a trained "
         "model's output would.",
@@ -459,7 +482,8 @@ def markdown(r: dict) -> str:
             "| --- | ---: | ---: |",
             f"| SSA operation (`spatial_sparse_attention`, {a['ssa_op_calls']} calls) | {a['ssa_op_seconds']:.2f} | "
             f"{100 * a['ssa_op_share']:.0f}% |",
-            f"| self-attention modules (projections, compression, gate, SSA) | {a['self_attention_seconds']:.2f} | "
+            "| self-attention modules up to the output projection (q/k/v/gate projection, compression, SSA) | "
+            f"{a['self_attention_seconds']:.2f} | "
             f"{100 * a['self_attention_share']:.0f}% |",
             f"| rest of the stage (cross-attention, MLPs, norms, sampler) | "
             f"{a['stage_seconds'] - a['self_attention_seconds']:.2f} | "
@@ -507,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", nargs="+", default=[], metavar="STAGE",
                    help="run these stages under torch.profiler and list their largest GPU kernels (default: none; "
                         "profiled stages run slower, so their times are not comparable)")
+    p.add_argument("--warmup", action="store_true",
+                   help="run the cascade once untimed (one step per sampling stage) before the timed run")
     p.add_argument("--no-offload", action="store_true",
                    help="keep every part on the GPU (default: each part on the GPU for its own stage only)")
     add_seed(p)
@@ -543,7 +569,8 @@ def _main(args) -> int:
     try:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
-                       progress=args.progress, simplify_ratio=args.simplify_ratio, profile=args.profile)
+                       progress=args.progress, simplify_ratio=args.simplify_ratio, profile=args.profile,
+                       warmup=args.warmup)
     except ValueError as exc:
         raise UserError(f"--mesh: {exc}" if args.mesh and str(args.mesh) in str(exc) else str(exc)) from None
     out = Path(args.out)
