@@ -359,10 +359,9 @@ def test_timing_script_runs_on_the_cpu(tmp_path, capsys):
     for entry in doc["refiners"].values():
         rows = entry["variants"]
         assert len(rows) == 5 and not [r for r in rows if "error" in r]
-        assert [(r["dtype"], r["layout"], r["cudnn_benchmark"], r["group_norm"]) for r in rows] == [
-            ("bf16", "contiguous", False, "native"), ("bf16", "contiguous", False, "float32"),
-            ("bf16", "contiguous", True, "native"), ("bf16", "channels_last_3d", False, "native"),
-            ("fp16", "contiguous", False, "native")]
+        assert [(r["dtype"], r["kernels"]) for r in rows] == [
+            ("bf16", "pytorch"), ("bf16", "adaptive"), ("bf16", "adaptive+conv"), ("bf16", "adaptive+conv-dot"),
+            ("fp16", "adaptive+conv")]
         assert all(r["median_ms"] > 0 and r["finite"] and len(r["reps_ms"]) == 1 for r in rows)
         assert all(r["rel_diff"] < 0.1 for r in rows[1:])
         assert entry["fastest"] in {r["label"] for r in rows} and entry["patches_per_grid"] == 27
@@ -381,6 +380,8 @@ def test_timing_script_help_and_profile_table():
     assert kernel_kind("void at::native::RowwiseMomentsCUDAKernel<c10::BFloat16, float>") == "group norm"
     assert kernel_kind("void at::native::CatArrayBatchedCopy<...>") == "copy / cat / pad / fill"
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, silu>") == "element-wise / reduction"
+    assert kernel_kind("_conv3_fma_kernel") == "Triton convolution"
+    assert kernel_kind("_adaptive_filter_kernel") == "Triton adaptive filter"
     assert kernel_kind("mystery") == "other"
     row = {"label": "bf16, channels_last_3d, cudnn.benchmark on", "median_ms": 100.0, "first_call_ms": 900.0,
            "peak_gb": 3.0, "first_call_peak_gb": 5.0, "grid_seconds": 2.7, "rel_diff": None, "finite": True}
@@ -419,3 +420,35 @@ def test_chunked_group_norm_matches_float64(shape, groups, dtype):
         assert x[0, : shape[1] // groups].numel() > 3 * GROUP_CHUNK  # the several-chunk case is really exercised
     with pytest.raises(ValueError, match="groups"):
         group_norm(x.to(dtype), 5, None, None, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_refiners_with_the_triton_kernels_match_the_pytorch_path(dtype, tol):
+    """Both refiners at the released widths on a 32^3 patch: the Triton adaptive filter and few-channel
+    convolutions (on by default on CUDA) against cuDNN + the 27 addcmul passes (float32: rounding only; bf16: the
+    two paths round differently, bf16 noise through a UNet)."""
+    import model.nets.refiner as refiner
+
+    gen = torch.Generator().manual_seed(3)
+    for net, inputs in ((VoxelRefiner(RefinerConfig.released_512(patch_size=32, patch_stride=16, resolution=64)),
+                         (torch.randn(1, 1, 32, 32, 32, generator=gen), torch.randn(1, 32, 32, 32, 32, generator=gen))),
+                        (SignRefiner(RefinerConfig.released_1024(patch_size=32, patch_stride=16, resolution=64)),
+                         (torch.randn(1, 1, 32, 32, 32, generator=gen),))):
+        net = net.cuda().to(dtype).eval()
+        args = [t.cuda().to(dtype) for t in inputs]
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 = float32
+        try:
+            with torch.no_grad():
+                fast = net(*args)
+                refiner.ADAPTIVE_KERNEL = refiner.CONV_KERNEL = False
+                try:
+                    slow = net(*args)
+                finally:
+                    refiner.ADAPTIVE_KERNEL = refiner.CONV_KERNEL = True
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        assert fast.dtype == dtype and torch.isfinite(fast).all()
+        assert _rel(fast.float(), slow.float()) < tol, (type(net).__name__, _rel(fast.float(), slow.float()))

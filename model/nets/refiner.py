@@ -206,8 +206,61 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
-def _conv3(cin: int, cout: int, bias: bool = True) -> nn.Conv3d:
-    return nn.Conv3d(cin, cout, 3, padding=1, bias=bias)
+#: Inference kernels of the refiners (Triton, CUDA, no autograd); reports switch them off to time the PyTorch path.
+#: ``ADAPTIVE_KERNEL``: :func:`model.nets.adaptive_kernel.adaptive_filter_kernel` for :func:`adaptive_filter`;
+#: ``CONV_KERNEL``: :func:`model.nets.conv3d_kernel.conv3d_small` for the 3^3 convolutions of few channels, and a
+#: plain matrix product for the 1^3 shortcuts (:class:`Conv3x3`, :class:`Conv1x1`).
+ADAPTIVE_KERNEL = True
+CONV_KERNEL = True
+#: A 3^3 convolution takes the Triton kernel when ``Cin * Cout`` is at most this (every full-resolution convolution
+#: of both refiners: 1 -> 8, 8 -> 8, 16 -> 8, 8 -> 27, 8 -> 1); wider ones stay with cuDNN's implicit GEMMs.
+SMALL_CONV_WORK = 16 * 27
+
+
+class Conv3x3(nn.Conv3d):
+    """``nn.Conv3d(cin, cout, 3, padding=1)`` (same parameters and names). On CUDA without autograd, for a
+    contiguous NCDHW input with ``Cin * Cout <= SMALL_CONV_WORK``, the Triton kernel
+    :func:`model.nets.conv3d_kernel.conv3d_small`: cuDNN runs these few-channel convolutions as implicit GEMMs in
+    NDHWC and transposes every input and output around them (about half of a 256^3 patch's convolution time,
+    reports/refiner.md), while the kernel reads NCDHW directly. ``forward(x, relu=False)``: ``relu`` applies ReLU
+    (fused into the kernel's store)."""
+
+    def __init__(self, cin: int, cout: int, bias: bool = True):
+        super().__init__(cin, cout, 3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        if (CONV_KERNEL and x.is_cuda and not torch.is_grad_enabled()
+                and self.in_channels * self.out_channels <= SMALL_CONV_WORK and x.is_contiguous()):
+            from model.nets.conv3d_kernel import supports
+
+            if supports(x, self.weight):
+                from model.nets.conv3d_kernel import conv3d_small
+
+                return conv3d_small(x, self.weight, self.bias, relu=relu)
+        y = super().forward(x)
+        return F.relu(y, inplace=not torch.is_grad_enabled()) if relu else y
+
+
+class Conv1x1(nn.Conv3d):
+    """``nn.Conv3d(cin, cout, 1)`` (same parameters and names). On CUDA without autograd (:data:`CONV_KERNEL`), for a
+    contiguous NCDHW input: one matrix product ``weight [Cout, Cin] @ x [Cin, D*H*W]`` per batch element, read and
+    written in place of cuDNN's implicit GEMM and the NCDHW <-> NDHWC transposes around it."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if CONV_KERNEL and x.is_cuda and not torch.is_grad_enabled() and x.dim() == 5 and x.is_contiguous():
+            b, c = x.shape[:2]
+            y = torch.matmul(self.weight.view(self.out_channels, c), x.view(b, c, -1))
+            if self.bias is not None:
+                y += self.bias.view(1, -1, 1)
+            return y.view(b, self.out_channels, *x.shape[2:])
+        return super().forward(x)
+
+
+def _conv3(cin: int, cout: int, bias: bool = True) -> Conv3x3:
+    return Conv3x3(cin, cout, bias=bias)
 
 
 class ResnetBlock3D(nn.Module):
@@ -219,7 +272,7 @@ class ResnetBlock3D(nn.Module):
         self.conv1 = _conv3(in_channels, out_channels)
         self.norm2 = GroupNorm32(groups, out_channels, eps=eps)
         self.conv2 = _conv3(out_channels, out_channels)
-        self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = Conv1x1(in_channels, out_channels) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(_silu(self.norm1(x)))
@@ -328,7 +381,15 @@ def adaptive_filter(x: torch.Tensor, logits: torch.Tensor, iterations: int = ADA
 
     The weights are normalised in float32 and stored once in ``x``'s dtype (NCDHW, so each tap is one dense plane);
     each iteration copies its input into the inside of one zero-bordered buffer and accumulates the 27 taps into one
-    output buffer in place (``addcmul_``), in ``x``'s memory layout: no new tensor per tap."""
+    output buffer in place (``addcmul_``), in ``x``'s memory layout: no new tensor per tap. On CUDA without autograd
+    (:data:`ADAPTIVE_KERNEL`) one Triton kernel per iteration does the same (:mod:`model.nets.adaptive_kernel`:
+    the 27 taps read from the cache in one pass instead of 27 passes over the volume, float32 sums)."""
+    if ADAPTIVE_KERNEL and x.is_cuda and not torch.is_grad_enabled():
+        from model.nets.adaptive_kernel import KERNEL_DTYPES, adaptive_filter_kernel
+
+        if x.dtype in KERNEL_DTYPES:
+            y = adaptive_filter_kernel(x, logits, iterations)
+            return y.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(x) else y
     b, c, d, h, wd = x.shape
     denom = torch.linalg.vector_norm(logits, ord=1, dim=1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12)
     w = torch.empty(logits.shape, dtype=x.dtype, device=x.device)
@@ -353,8 +414,19 @@ def adaptive_filter(x: torch.Tensor, logits: torch.Tensor, iterations: int = ADA
     return x
 
 
-def _adaptive_conv(channels: int) -> nn.Sequential:
-    return nn.Sequential(_conv3(channels, channels), nn.ReLU(), _conv3(channels, ADAPTIVE_TAPS, bias=False))
+class AdaptiveConv(nn.Sequential):
+    """``adaptive_conv{i}`` (released names ``0`` and ``2``): 3^3 conv C -> C, ReLU, 3^3 conv C -> 27 without bias;
+    the ReLU is fused into the first convolution's kernel where that runs (:class:`Conv3x3`)."""
+
+    def __init__(self, channels: int):
+        super().__init__(_conv3(channels, channels), nn.ReLU(), _conv3(channels, ADAPTIVE_TAPS, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[2](self[0](x, relu=True))
+
+
+def _adaptive_conv(channels: int) -> AdaptiveConv:
+    return AdaptiveConv(channels)
 
 
 class LatentMLP(nn.Module):

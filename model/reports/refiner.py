@@ -3,9 +3,12 @@
 ``python -m model.reports.refiner --out reports`` (one CUDA GPU; about 2 minutes on an H100) builds the two refiners of
 :mod:`model.nets.refiner` at the released sizes with random weights (``RefinerConfig.released_512()``: one 192^3
 patch with 32 decoder features; ``RefinerConfig.released_1024()``: one 256^3 patch of the pooled SDF) and times one
-patch forward of each (no grad) for the cascade's path (bf16, contiguous NCDHW, the chunked group norm of
-:class:`model.nets.refiner.GroupNorm32`) and one change at a time from it: the previous float32 group norm,
-``torch.backends.cudnn.benchmark`` on, ``torch.channels_last_3d`` (input and weights), fp16. Per variant: the median of ``--reps``
+patch forward of each (no grad): the PyTorch path (bf16, contiguous NCDHW, the chunked group norm of
+:class:`model.nets.refiner.GroupNorm32`, cuDNN convolutions, the adaptive filter as 27 ``addcmul_`` passes), then
+the Triton adaptive filter (:mod:`model.nets.adaptive_kernel`), then also the Triton few-channel convolutions
+(:mod:`model.nets.conv3d_kernel`, CUDA-core and tensor-core variants), then fp16 (:data:`KERNEL_SETS`; the
+cascade runs with both kernels on). Earlier reports timed channels-last, cudnn.benchmark and the float32 group
+norm (git history of reports/refiner.md). Per variant: the median of ``--reps``
 calls timed with CUDA events after ``--warmup`` calls, the first call (with cuDNN's autotuning when benchmark is on),
 ``torch.cuda.max_memory_allocated`` over the timed calls and over the first call, and the relative difference of the
 output from the first variant's. Then ``torch.profiler`` over one forward of the fastest variant of each refiner: GPU
@@ -41,6 +44,8 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.chan
 TOP_KERNELS = 15
 #: Kernel kinds by name fragments (case-insensitive), first match wins.
 KERNEL_KINDS = (
+    ("Triton adaptive filter", ("_adaptive_filter",)),
+    ("Triton convolution", ("_conv3_fma", "_conv3_dot")),
     ("layout transposes", ("nchwtonhwc", "nhwctonchw", "transpose")),
     ("group norm", ("rowwisemoments", "groupnorm", "group_norm", "computefusedparams", "_group_")),
     ("copy / cat / pad / fill", ("copy", "cat", "pad", "fill", "memset", "memcpy", "index")),
@@ -156,34 +161,54 @@ class _CudnnBenchmark:
         torch.backends.cudnn.benchmark = self.before
 
 
-class _GroupNormPath:
-    """:attr:`model.nets.refiner.GroupNorm32.cuda_native` set while the block runs, restored afterwards."""
+#: Kernel sets of the variants: (Triton adaptive filter, Triton small convolutions, their tensor-core variant).
+KERNEL_SETS = {"pytorch": (False, False, False), "adaptive": (True, False, False),
+               "adaptive+conv": (True, True, False), "adaptive+conv-dot": (True, True, True)}
 
-    def __init__(self, native: bool):
-        self.native = native
+
+class _Paths:
+    """The refiners' switches set while the block runs, restored afterwards: ``GroupNorm32.cuda_native`` and the
+    kernel set (:data:`KERNEL_SETS`: ``refiner.ADAPTIVE_KERNEL``, ``refiner.CONV_KERNEL``,
+    ``conv3d_kernel.USE_DOT``)."""
+
+    def __init__(self, v: dict):
+        self.native = v["group_norm"] == "native"
+        self.kernels = KERNEL_SETS[v["kernels"]]
 
     def __enter__(self):
-        from model.nets.refiner import GroupNorm32
+        import model.nets.conv3d_kernel as conv3d_kernel
+        import model.nets.refiner as refiner
 
-        self.before = GroupNorm32.cuda_native
-        GroupNorm32.cuda_native = self.native
+        self.before = (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
+                       conv3d_kernel.USE_DOT)
+        refiner.GroupNorm32.cuda_native = self.native
+        refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, conv3d_kernel.USE_DOT = self.kernels
 
     def __exit__(self, *exc):
-        from model.nets.refiner import GroupNorm32
+        import model.nets.conv3d_kernel as conv3d_kernel
+        import model.nets.refiner as refiner
 
-        GroupNorm32.cuda_native = self.before
+        (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
+         conv3d_kernel.USE_DOT) = self.before
 
 
 def _plan() -> list[dict]:
-    """The variants in the order they run; the first is the reference of the relative differences."""
-    base = {"dtype": "bf16", "layout": "contiguous", "cudnn_benchmark": False, "group_norm": "native"}
-    return [base, {**base, "group_norm": "float32"}, {**base, "cudnn_benchmark": True},
-            {**base, "layout": "channels_last_3d"}, {**base, "dtype": "fp16"}]
+    """The variants in the order they run; the first (the PyTorch path: cuDNN convolutions, 27 ``addcmul_`` passes
+    per adaptive filter) is the reference of the relative differences."""
+    base = {"dtype": "bf16", "layout": "contiguous", "cudnn_benchmark": False, "group_norm": "native",
+            "kernels": "pytorch"}
+    return [base, {**base, "kernels": "adaptive"}, {**base, "kernels": "adaptive+conv"},
+            {**base, "kernels": "adaptive+conv-dot"}, {**base, "dtype": "fp16", "kernels": "adaptive+conv"}]
 
 
 def _label(v: dict) -> str:
     gn = ", float32 group norm (previous path)" if v["group_norm"] == "float32" else ""
-    return f"{v['dtype']}, {v['layout']}, cudnn.benchmark {'on' if v['cudnn_benchmark'] else 'off'}{gn}"
+    kernels = {"pytorch": "cuDNN convolutions + PyTorch adaptive filter",
+               "adaptive": "cuDNN convolutions + Triton adaptive filter",
+               "adaptive+conv": "Triton adaptive filter + Triton few-channel convolutions (FMA)",
+               "adaptive+conv-dot": "Triton adaptive filter + Triton few-channel convolutions (tensor cores)"}
+    return (f"{v['dtype']}, {kernels[v['kernels']]}, {v['layout']}, "
+            f"cudnn.benchmark {'on' if v['cudnn_benchmark'] else 'off'}{gn}")
 
 
 def _rel_diff(out: torch.Tensor, ref: torch.Tensor | None) -> float | None:
@@ -217,7 +242,7 @@ def _time_variants(master, inputs, *, device, reps: int, warmup: int, patches: i
                 with torch.no_grad():
                     return model(*args)
 
-            with _CudnnBenchmark(v["cudnn_benchmark"]), _GroupNormPath(v["group_norm"] == "native"):
+            with _CudnnBenchmark(v["cudnn_benchmark"]), _Paths(v):
                 timing = _time_calls(forward, reps=reps, warmup=warmup, device=device)
             out = timing.pop("output")
             row.update(timing, finite=bool(torch.isfinite(out).all()), rel_diff=_rel_diff(out, ref),
@@ -245,7 +270,7 @@ def _profile(master, inputs, v: dict, *, device) -> dict:
         with torch.no_grad():
             model(*args)
 
-    with _CudnnBenchmark(v["cudnn_benchmark"]), _GroupNormPath(v["group_norm"] == "native"):
+    with _CudnnBenchmark(v["cudnn_benchmark"]), _Paths(v):
         forward()  # warm (the autotuning cache is per process, so this is the timed variant's state)
         prof = profile_step(forward, top=10 ** 6)
     kernels = prof["top_kernels"]
@@ -254,6 +279,64 @@ def _profile(master, inputs, v: dict, *, device) -> dict:
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
     return {"variant": _label(v), "total_ms": prof["total_ms"],
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "top_kernels": kernels[:TOP_KERNELS]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch sweep of the few-channel convolution
+
+#: (Cin, Cout, side) of the swept convolutions: the refiners' full-resolution shapes.
+SWEEP_SHAPES = ((8, 8, 192), (8, 27, 192), (8, 8, 256), (16, 8, 256))
+#: (block_w, num_warps) launches of the sweep.
+SWEEP_LAUNCHES = ((64, 1), (64, 2), (128, 1), (128, 2), (256, 2), (256, 4))
+
+
+def sweep_conv(device, *, reps: int = 5) -> dict:
+    """Time :func:`model.nets.conv3d_kernel.conv3d_small` (bf16, FMA kernel) for every launch of
+    :data:`SWEEP_LAUNCHES` on every shape of :data:`SWEEP_SHAPES`, beside cuDNN (``F.conv3d`` on the same NCDHW
+    tensors, its layout transposes included); medians of ``reps`` calls (CUDA events). Returns
+    ``{"rows": [{cin, cout, side, cudnn_ms, launches: {"block_w x warps": ms}, default: label}]}``."""
+    import torch.nn.functional as F
+    import triton
+
+    from model.nets.conv3d_kernel import _block_w, _fma_warps, conv3d_small
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for cin, cout, side in SWEEP_SHAPES:
+        x = torch.randn(1, cin, side, side, side, generator=gen).to(device, torch.bfloat16)
+        w = (torch.randn(cout, cin, 3, 3, 3, generator=gen) * 0.1).to(device, torch.bfloat16)
+        b = torch.randn(cout, generator=gen).to(device, torch.bfloat16)
+        with torch.no_grad():
+            row = {"cin": cin, "cout": cout, "side": side,
+                   "cudnn_ms": _time_calls(lambda: F.conv3d(x, w, b, padding=1), reps=reps, warmup=1,
+                                           device=device)["median_ms"], "launches": {}}
+            bw = _block_w(side, triton.next_power_of_2(cout))
+            row["default"] = f"{bw} x {_fma_warps(bw)}"
+            for block_w, warps in SWEEP_LAUNCHES:
+                label = f"{block_w} x {warps}"
+                row["launches"][label] = _time_calls(
+                    lambda: conv3d_small(x, w, b, block_w=block_w, num_warps=warps), reps=reps, warmup=1,
+                    device=device)["median_ms"]
+        rows.append(row)
+    return {"rows": rows}
+
+
+def _sweep_markdown(sweep: dict) -> list[str]:
+    labels = [f"{bw} x {wp}" for bw, wp in SWEEP_LAUNCHES]
+    lines = ["", "## Few-channel convolution: launch sweep (bf16, one 3^3 convolution, ms)", "",
+             "`python -m model.reports.refiner --sweep-conv`: `conv3d_small` per tile width x warps (default launch "
+             "in bold) beside cuDNN on the same NCDHW tensors (its layout transposes included).", "",
+             "| Cin -> Cout, side | cuDNN | " + " | ".join(labels) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in labels) + " |"]
+    for row in sweep["rows"]:
+        cells = []
+        for label in labels:
+            ms = row["launches"].get(label)
+            text = "-" if ms is None else f"{ms:.2f}"
+            cells.append(f"**{text}**" if label == row["default"] else text)
+        lines.append(f"| {row['cin']} -> {row['cout']}, {row['side']}^3 | {row['cudnn_ms']:.2f} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,6 +443,8 @@ def markdown(r: dict) -> str:
             lines += ["", "(no profile)"]
     if r["smoke"]:
         lines += ["", "(no profiles on the CPU)"]
+    if r.get("conv_sweep"):
+        lines += _sweep_markdown(r["conv_sweep"])
     return "\n".join(lines) + "\n"
 
 
@@ -382,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=positive_int, default=1, metavar="N",
                    help="untimed calls per variant before the timed ones; the first is reported as the first call "
                         "(default %(default)s)")
+    p.add_argument("--sweep-conv", action="store_true",
+                   help="also time the few-channel convolution kernel per launch against cuDNN (CUDA only; default: "
+                        "off)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the torch.profiler run of the fastest variants (default: profile them)")
     add_device(p, default=None, shown="cuda when available, else the CPU with the tiny configuration")
@@ -406,6 +494,8 @@ def _main(args) -> int:
     refiners = tuple(REFINERS) if args.refiners == "both" else (args.refiners,)
     r = run_report(tiny=args.tiny, device=dev, reps=args.reps, warmup=args.warmup, refiners=refiners,
                    seed=args.seed, profile=args.profile)
+    if args.sweep_conv and dev.type == "cuda":
+        r["conv_sweep"] = sweep_conv(dev)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "refiner.json", r)
     text = markdown(r)
