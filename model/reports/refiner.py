@@ -287,7 +287,7 @@ def _profile(master, inputs, v: dict, *, device) -> dict:
 #: (Cin, Cout, side) of the swept convolutions: the refiners' full-resolution shapes.
 SWEEP_SHAPES = ((8, 8, 192), (8, 27, 192), (8, 8, 256), (16, 8, 256))
 #: (block_w, num_warps) launches of the sweep.
-SWEEP_LAUNCHES = ((64, 1), (64, 2), (128, 1), (128, 2), (256, 2), (256, 4))
+SWEEP_LAUNCHES = ((64, 1), (64, 2), (128, 1), (128, 2), (256, 1), (256, 2), (256, 4))
 
 
 def sweep_conv(device, *, reps: int = 5) -> dict:
