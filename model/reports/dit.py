@@ -79,7 +79,8 @@ def _flash_context(device):
 
 
 def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup: int = 1, skip_full: bool = False,
-               shape: str = "shell-1024", device=None, seed: int = 0, profile: bool = True) -> dict:
+               shape: str = "shell-1024", device=None, seed: int = 0, profile: bool = True,
+               core_variants: bool = False) -> dict:
     """Run the measurements (module docstring) and return the result document."""
     from model.nets.dit import DiTConfig, SparseDiT
     from model.flow import FlowMatchEulerScheduler, flow_loss
@@ -187,7 +188,8 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
         extra: dict = {}
         variants = sampling_variants(model, xt, torch.full((1,), float(sigmas[0]) * 1000.0, device=dev), cond,
                                      guidance=7.0, sigma_step=float(sigmas[1]) - float(sigmas[0]), time_fn=_time,
-                                     reps=reps, warmup=warmup, extra_profiles=extra, small_coords=small)
+                                     reps=reps, warmup=warmup, extra_profiles=extra, small_coords=small,
+                                     core=core_variants)
         result["sampling_variants"] = variants
         result.update({f"profile_{k}": v for k, v in extra.items()})
         from model.flow import BATCHED_GUIDANCE_MAX_TOKENS
@@ -293,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p, default=None, shown="cuda when available, else the CPU")
     add_seed(p)
     p.add_argument("--no-profile", action="store_true", help="skip the profiles and the sampling variants")
+    p.add_argument("--core-variants", action="store_true",
+                   help="skip the sampling variants earlier reports found no faster: SDPA backends of the "
+                        "cross-attention, torch.compile on the MLPs (default: all variants)")
     return p
 
 
@@ -312,7 +317,7 @@ def _main(args) -> int:
         r = run_report(smoke=args.smoke, reps=args.reps, full_reps=args.full_reps, warmup=args.warmup,
                        skip_full=args.skip_full, shape=args.shape, seed=args.seed,
                        device=None if args.device in (None, "auto") else args.device,
-                       profile=not args.no_profile)
+                       profile=not args.no_profile, core_variants=args.core_variants)
     except RuntimeError as exc:
         if "needs a CUDA GPU" not in str(exc):
             raise

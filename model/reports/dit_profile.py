@@ -85,18 +85,24 @@ def profile_step(fn, *, top: int = 12) -> dict:
             "top_kernels": [[name[:90], ms, calls] for name, (ms, calls) in top_k]}
 
 
+class _Skipped(Exception):
+    """A variant left out (``core``)."""
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step: float, time_fn,
                       reps: int, warmup: int, extra_profiles: dict | None = None,
-                      small_coords: torch.Tensor | None = None) -> list[dict]:
+                      small_coords: torch.Tensor | None = None, core: bool = False) -> list[dict]:
     """Time one guided Euler step for every variant (module docstring); ``model`` holds fp32 weights and is
     converted to bf16 in place for the last variants. ``time_fn(fn, reps=, warmup=, device=)`` returns
     ``(times_ms, peak_gb)``. Each record: ``name``, ``median_ms``, ``reps_ms``, ``peak_gb``, ``rel_diff`` (relative
     norm of the guided velocity against the first variant's; the rows of ``small_coords`` compare with their own
-    first row). ``extra_profiles``: filled with kernel profiles of the bf16 forward, conditioned and zeroed."""
+    first row). ``extra_profiles``: filled with kernel profiles of the bf16 forward, conditioned and zeroed.
+    ``core``: skip the variants that earlier reports found no faster (cross-attention on each SDPA backend,
+    ``torch.compile`` on the MLPs)."""
     import model.nets.dit as dit_module
     import model.nets.fused as fused
     import model.nets.ssa_layer as ssa_layer
@@ -153,7 +159,7 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
            step(guided16(False), nullcontext), plain_blocks=True)
     record("bf16 weights, fused norms, shortcut, two forwards", step(guided16(False), nullcontext))
     record("bf16 weights, fused norms, shortcut, one batched forward", step(guided16(True), nullcontext))
-    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+    for backend in () if core else ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -170,10 +176,14 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
         extra_profiles["forward_bf16_condition"] = profile_step(lambda: forward(cond16))
         extra_profiles["forward_bf16_zeroed_condition"] = profile_step(lambda: forward(cond16.zeros_like()))
     try:
+        if core:
+            raise _Skipped
         for block in model.blocks:
             block.mlp = torch.compile(block.mlp, dynamic=False)
         record("bf16 weights, fused norms, shortcut, two forwards, torch.compile on each MLP",
                step(guided16(False), nullcontext))
+    except _Skipped:
+        pass
     except Exception as exc:
         out.append({"name": f"torch.compile on each MLP: {type(exc).__name__}: {str(exc)[:120]}",
                     "median_ms": float("nan"), "reps_ms": [], "peak_gb": None, "rel_diff": float("nan")})
