@@ -251,12 +251,19 @@ class Conv1x1(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if CONV_KERNEL and x.is_cuda and not torch.is_grad_enabled() and x.dim() == 5 and x.is_contiguous():
-            b, c = x.shape[:2]
-            y = torch.matmul(self.weight.view(self.out_channels, c), x.view(b, c, -1))
-            if self.bias is not None:
-                y += self.bias.view(1, -1, 1)
-            return y.view(b, self.out_channels, *x.shape[2:])
+            return pointwise_conv(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias)`` for a 1^3 kernel on a contiguous ``x [B, Cin, D, H, W]``: ``weight [Cout,
+    Cin, 1, 1, 1] @ x [B, Cin, D*H*W]`` (one matrix product per batch element), then the bias."""
+    b, c = x.shape[:2]
+    cout = weight.shape[0]
+    y = torch.matmul(weight.reshape(cout, c), x.reshape(b, c, -1))
+    if bias is not None:
+        y += bias.view(1, -1, 1)
+    return y.view(b, cout, *x.shape[2:])
 
 
 def _conv3(cin: int, cout: int, bias: bool = True) -> Conv3x3:
