@@ -453,14 +453,3 @@ def test_refiners_with_the_triton_kernels_match_the_pytorch_path(dtype, tol):
         assert fast.dtype == dtype and torch.isfinite(fast).all()
         assert _rel(fast.float(), slow.float()) < tol, (type(net).__name__, _rel(fast.float(), slow.float()))
 
-
-def test_pointwise_conv_equals_conv3d():
-    """The 1^3 shortcut as one matrix product (the CUDA inference path of ``Conv1x1``) against ``F.conv3d``."""
-    from model.nets.refiner import pointwise_conv
-
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 16, 3, 5, 7, generator=gen, dtype=torch.float64)
-    w = torch.randn(8, 16, 1, 1, 1, generator=gen, dtype=torch.float64)
-    b = torch.randn(8, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(pointwise_conv(x, w, b), F.conv3d(x, w, b))
-    torch.testing.assert_close(pointwise_conv(x, w, None), F.conv3d(x, w))

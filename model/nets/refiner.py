@@ -208,8 +208,8 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
 
 #: Inference kernels of the refiners (Triton, CUDA, no autograd); reports switch them off to time the PyTorch path.
 #: ``ADAPTIVE_KERNEL``: :func:`model.nets.adaptive_kernel.adaptive_filter_kernel` for :func:`adaptive_filter`;
-#: ``CONV_KERNEL``: :func:`model.nets.conv3d_kernel.conv3d_small` for the 3^3 convolutions of few channels, and a
-#: plain matrix product for the 1^3 shortcuts (:class:`Conv3x3`, :class:`Conv1x1`).
+#: ``CONV_KERNEL``: :func:`model.nets.conv3d_kernel.conv3d_small` for the 3^3 convolutions of few channels
+#: (:class:`Conv3x3`; the 1^3 shortcuts stay with cuDNN: as one matrix product they were slower, reports/refiner.md).
 ADAPTIVE_KERNEL = True
 CONV_KERNEL = True
 #: A 3^3 convolution takes the Triton kernel when ``Cin * Cout`` is at most this (every full-resolution convolution
@@ -241,31 +241,6 @@ class Conv3x3(nn.Conv3d):
         return F.relu(y, inplace=not torch.is_grad_enabled()) if relu else y
 
 
-class Conv1x1(nn.Conv3d):
-    """``nn.Conv3d(cin, cout, 1)`` (same parameters and names). On CUDA without autograd (:data:`CONV_KERNEL`), for a
-    contiguous NCDHW input: one matrix product ``weight [Cout, Cin] @ x [Cin, D*H*W]`` per batch element, read and
-    written in place of cuDNN's implicit GEMM and the NCDHW <-> NDHWC transposes around it."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__(cin, cout, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if CONV_KERNEL and x.is_cuda and not torch.is_grad_enabled() and x.dim() == 5 and x.is_contiguous():
-            return pointwise_conv(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.conv3d(x, weight, bias)`` for a 1^3 kernel on a contiguous ``x [B, Cin, D, H, W]``: ``weight [Cout,
-    Cin, 1, 1, 1] @ x [B, Cin, D*H*W]`` (one matrix product per batch element), then the bias."""
-    b, c = x.shape[:2]
-    cout = weight.shape[0]
-    y = torch.matmul(weight.reshape(cout, c), x.reshape(b, c, -1))
-    if bias is not None:
-        y += bias.view(1, -1, 1)
-    return y.view(b, cout, *x.shape[2:])
-
-
 def _conv3(cin: int, cout: int, bias: bool = True) -> Conv3x3:
     return Conv3x3(cin, cout, bias=bias)
 
@@ -279,7 +254,7 @@ class ResnetBlock3D(nn.Module):
         self.conv1 = _conv3(in_channels, out_channels)
         self.norm2 = GroupNorm32(groups, out_channels, eps=eps)
         self.conv2 = _conv3(out_channels, out_channels)
-        self.conv_shortcut = Conv1x1(in_channels, out_channels) if in_channels != out_channels else None
+        self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(_silu(self.norm1(x)))
