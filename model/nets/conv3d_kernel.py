@@ -76,6 +76,22 @@ USE_DOT = False
 
 
 @triton.jit
+def _program_row(depth, height, width, INDEX_64: tl.constexpr):
+    """The output row of program ``(row, tile)``: ``(b, z, y)`` from ``row = (b * D + z) * H + y``, with the
+    width, plane and volume sizes in the offsets' integer type (int64 when ``INDEX_64``)."""
+    row = tl.program_id(0)
+    if INDEX_64:
+        row = row.to(tl.int64)
+        depth = tl.cast(depth, tl.int64)
+        height = tl.cast(height, tl.int64)
+        width = tl.cast(width, tl.int64)
+    y = row % height
+    bz = row // height
+    plane = height * width
+    return bz // depth, bz % depth, y, width, plane, depth * plane
+
+
+@triton.jit
 def _conv3_fma_kernel(
     X, W, BIAS, OUT,
     depth, height, width,
@@ -88,18 +104,7 @@ def _conv3_fma_kernel(
     ``(dz * 3 + dy) * 3 + dx``, output channels zero-padded to ``COUT_P``); ``BIAS [COUT_P]`` float32 (zero-padded;
     read only when ``HAS_BIAS``). Offsets are int32 unless ``INDEX_64``.
     """
-    row = tl.program_id(0)
-    if INDEX_64:
-        row = row.to(tl.int64)
-        depth = tl.cast(depth, tl.int64)
-        height = tl.cast(height, tl.int64)
-        width = tl.cast(width, tl.int64)
-    y = row % height
-    bz = row // height
-    z = bz % depth
-    b = bz // depth
-    plane = height * width
-    volume = depth * plane
+    b, z, y, width, plane, volume = _program_row(depth, height, width, INDEX_64)
     xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W] output x
     co = tl.arange(0, COUT_P)
     xl = xs - 1  # input x of the taps dx = 0 (left) and dx = 2 (right)
@@ -152,18 +157,7 @@ def _conv3_dot_kernel(
     columns, which are never in the volume). ``W [K_PAD, N_PAD]`` in ``X``'s dtype, zero-padded; ``BIAS [N_PAD]``
     float32.
     """
-    row = tl.program_id(0)
-    if INDEX_64:
-        row = row.to(tl.int64)
-        depth = tl.cast(depth, tl.int64)
-        height = tl.cast(height, tl.int64)
-        width = tl.cast(width, tl.int64)
-    y = row % height
-    bz = row // height
-    z = bz % depth
-    b = bz // depth
-    plane = height * width
-    volume = depth * plane
+    b, z, y, width, plane, volume = _program_row(depth, height, width, INDEX_64)
     xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W] output x
     cols = tl.arange(0, N_PAD)
     centre = X + (b * CIN * volume + z * plane + y * width)  # input voxel (b, 0, z, y, 0)
