@@ -85,8 +85,8 @@ class DiTConfig:
     coordinates in the position embedding (released ``factor``); ``sparse_conditions``: v1.0's sparse image
     conditioning (adds ``cond_proj``); ``use_shift``: alternate the window shift by block; ``pool_mode``: the SSA
     compression's pooling over a block's ``n`` tokens, ``"released"`` (``sum / (n + 1)``, as the published model
-    computes it: every ``released_*`` preset and :mod:`model.pipeline.pretrained` loading) or ``"mean"`` (``sum / n``, the
-    default for models trained here; :func:`model.sparse.layers.pool_features`).
+    computes it: every ``released_*`` preset and :mod:`model.pipeline.pretrained` loading) or ``"mean"`` (``sum / n``,
+    the default for models trained here; :func:`model.sparse.layers.pool_features`).
     Runtime switches (no parameters): ``backend`` (``"kernels"``/``"reference"``), ``attention`` (``"ssa"``/
     ``"full"``, the latter a benchmark baseline), ``use_checkpoint`` (activation checkpointing per block).
     """
@@ -202,7 +202,8 @@ class DiTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "DiTConfig":
-        """A preset by name: ``released_512``, ``released_1024``, ``released_512_v10``, ``released_1024_v10``, ``tiny``."""
+        """A preset by name: ``released_512``, ``released_1024``, ``released_512_v10``, ``released_1024_v10``,
+        ``tiny``."""
         presets = ("released_512", "released_1024", "released_512_v10", "released_1024_v10", "tiny")
         if name not in presets:
             raise ValueError(f"unknown DiT preset {name!r}; known: {presets}")

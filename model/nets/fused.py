@@ -9,9 +9,9 @@ times; at 137k tokens x 1024 channels that is ~1.5 ms of memory traffic per norm
 float32 (one rounding at the end, where the unfused path rounds after each op).
 
 Only the forward exists (sampling runs without autograd). Under the Triton interpreter (``TRITON_INTERPRET=1``)
-:func:`layer_norm_modulate` also takes CPU tensors, for the tests. :func:`norm_modulate` dispatches: the fused kernel for CUDA
-tensors when no gradient is recorded, the plain PyTorch ops otherwise (training, CPU, float64), so callers need not
-care. ``torch.nn.functional.layer_norm`` alone cannot fold in the per-batch-element modulation, which is why this is
+:func:`layer_norm_modulate` also takes CPU tensors, for the tests. :func:`norm_modulate` dispatches: the fused kernel
+for CUDA tensors when no gradient is recorded, the plain PyTorch ops otherwise (training, CPU, float64), so callers need
+not care. ``torch.nn.functional.layer_norm`` alone cannot fold in the per-batch-element modulation, which is why this is
 a kernel of ours.
 
 :func:`group_norm` is the refiners' GroupNorm (4 groups over ``[B, C, D, H, W]`` patches of 192^3 / 256^3 voxels).

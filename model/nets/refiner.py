@@ -22,10 +22,11 @@ axes), applied 3 times. :func:`refine_512` runs it over the 512^3 grid in 27 ove
 320) blended linearly over the 32-voxel overlaps.
 
 1024 sign refiner (:class:`SignRefiner`, released ``Voxel_RefinerXL_sign``): ``conv_in`` Conv3d(1 -> 8) -> UNet
-(8 -> 8) -> ``conv_out`` Conv3d(8 -> 1) -> logits; :func:`sign_refine_1024` pools the decoded 1024^3 sparse SDF
-by 2 (the released ``sum / (n + 1)``, :class:`RefinerConfig`), densifies it at 512^3 (empty = 1), predicts ``sigmoid >= 0.5 -> +1 else -1`` in 27 patches of 256^3 (offsets
-0, 128, 256; later patches overwrite overlaps), repeats each sign 2x2x2, and returns ``|SDF| * sign`` with the decoded
-values written back at the decoded voxels (:func:`predict_sign` gives the sign grid alone).
+(8 -> 8) -> ``conv_out`` Conv3d(8 -> 1) -> logits; :func:`sign_refine_1024` pools the decoded 1024^3 sparse SDF by 2
+(the released ``sum / (n + 1)``, :class:`RefinerConfig`), densifies it at 512^3 (empty = 1), predicts
+``sigmoid >= 0.5 -> +1 else -1`` in 27 patches of 256^3 (offsets 0, 128, 256; later patches overwrite overlaps),
+repeats each sign 2x2x2, and returns ``|SDF| * sign`` with the decoded values written back at the decoded voxels
+(:func:`predict_sign` gives the sign grid alone).
 
 Assumptions where RELEASED_MODEL.md leaves a choice open (the parameter layout does not depend on them):
 the UNet concatenates ``[running features, skip]`` (the diffusers convention its parameter names come from); the 512
@@ -587,8 +588,8 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     patches.
 
     ``channels_last``: run the patches in ``torch.channels_last_3d`` (None: off, it is slower); ``cudnn_benchmark``:
-    the value of ``torch.backends.cudnn.benchmark`` during the call (None: unchanged); ``reuse_empty``: run the
-    network once for all the patches without a decoded voxel (their inputs are identical) and reuse its output (False: run every
+    the value of ``torch.backends.cudnn.benchmark`` during the call (None: unchanged); ``reuse_empty``: run the network
+    once for all the patches without a decoded voxel (their inputs are identical) and reuse its output (False: run every
     patch); ``stats``: a dict filled with ``patches``, ``run``, ``reused`` and ``empty`` (patch counts)."""
     cfg = refiner.config
     p, r = cfg.patch_size, cfg.resolution

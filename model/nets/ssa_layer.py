@@ -22,8 +22,8 @@ Per layer, for tokens ``x [N, C]`` in **layout order** (see below):
 q/k/v (``scaled_dot_product_attention``, GQA by repeating the kv heads): a **baseline for benchmarks only**
 (``model.reports.dit``); compression, intra-block PE and gate are then unused.
 
-Token order. The layer requires its input in the layout order of :func:`ssa_kernels.layout_order` for its block sizes
-(a :class:`ValueError` says so otherwise); :class:`model.nets.dit.SparseDiT` puts its input in that order once and restores
+Token order. The layer requires its input in the layout order of :func:`ssa_kernels.layout_order` for its block sizes (a
+:class:`ValueError` says so otherwise); :class:`model.nets.dit.SparseDiT` puts its input in that order once and restores
 the caller's order on output. The :class:`~ssa_kernels.BlockLayout` is built once per coordinate set, cached in
 ``x.cache`` under ``("ssa_layout", compression_block, selection_block, window)``, and reused by every layer and every
 sampling step (:func:`block_layout`).
@@ -310,7 +310,8 @@ class SpatialSparseAttention(nn.Module):
             self.compression_value = CompressionV1(kv, pool_mode)
         else:
             if kv % compression_groups:
-                raise ValueError(f"compression_groups ({compression_groups}) must divide num_kv_heads * head_dim ({kv})")
+                raise ValueError(f"compression_groups ({compression_groups}) must divide num_kv_heads * head_dim "
+                                 f"({kv})")
             self.compression_key = CompressionV2(kv, compression_groups, pool_mode)
             self.compression_value = CompressionV2(kv, compression_groups, pool_mode)
         self.gate = nn.Sequential(nn.Linear(channels, 3, bias=False), nn.Sigmoid())

@@ -11,10 +11,11 @@ weights, bf16 by default, parts offloaded to the CPU between their stages by def
 on the GPU). Random weights give a random structure, so the dense stage runs and is timed but the sparse stages get
 the latent voxels of a mesh instead (``--mesh``; default ``shell``, the benchmark's shell surface as a mesh
 (:func:`shell_mesh`, 110,656 latent tokens at 1024, a realistic size); ``cache``: the first mesh under
-``data_cache/meshes``, else one of the meshes installed packages ship, else a torus; the report says which): its 64^3 cells for the 512 stage and, for the 1024 stage, the revoxelisation
-(:func:`model.pipeline.geometry.mesh_to_latent_coords`, timed as the ``revoxelise`` stage) of the mesh subdivided to edges of
-1.5 voxels of the 512 grid (the density of the 512 stage's marching-cubes mesh). The conditioning image is a render
-of that mesh.
+``data_cache/meshes``, else one of the meshes installed packages ship, else a torus; the report says which): its 64^3
+cells for the 512 stage and, for the 1024 stage, the revoxelisation
+(:func:`model.pipeline.geometry.mesh_to_latent_coords`, timed as the ``revoxelise`` stage) of the mesh subdivided to
+edges of 1.5 voxels of the 512 grid (the density of the 512 stage's marching-cubes mesh). The conditioning image is a
+render of that mesh.
 
 Few sampling steps per stage by default (4 / 4 / 3): the first step of a stage includes the Triton compilation, so
 the report takes the median of the later steps as the time per step and estimates each stage at the released step
@@ -141,7 +142,8 @@ class AttentionTimer:
     (``ssa_kernels.spatial_sparse_attention``, or the dense reference on the CPU) and every self-attention module's
     :meth:`~model.nets.ssa_layer.SpatialSparseAttention.attend` (q/k/v/gate projection, compression and the SSA
     operation; the output projection is part of the block's residual product), with CUDA events on a GPU
-    (``time.perf_counter`` on the CPU). Only calls made inside the DiT's forward count. ``totals()`` -> seconds and call counts."""
+    (``time.perf_counter`` on the CPU). Only calls made inside the DiT's forward count. ``totals()`` -> seconds and call
+    counts."""
 
     def __init__(self, dit: torch.nn.Module, device: torch.device):
         self.dit, self.device = dit, device
