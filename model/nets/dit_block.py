@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
 from model.nets.fused import norm_modulate
 from model.nets.ssa_layer import SpatialSparseAttention, dense_attention
-from model.sparse.layers import FeedForward, FP32LayerNorm
+from model.sparse.layers import FeedForward, FP32LayerNorm, gelu_linear
 from model.sparse.tensor import SparseTensor
 
 if TYPE_CHECKING:
@@ -166,7 +165,7 @@ class SparseDiTBlock(nn.Module):
             w2 = (second.weight * gate_m.reshape(-1, 1)).t()
             for start in range(0, n, MLP_CHUNK_ROWS):
                 stop = min(n, start + MLP_CHUNK_ROWS)
-                h[start:stop].addmm_(_gelu_linear(u[start:stop], first.weight, first.bias), w2)
+                h[start:stop].addmm_(gelu_linear(u[start:stop], first.weight, first.bias), w2)
         return h, gate_m.reshape(-1) * second.bias
 
     def _kept_kv(self, context: torch.Tensor, cross: "CrossPlan | None") -> torch.Tensor | None:
@@ -207,14 +206,6 @@ def _token_chunks(fn, u: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or u.shape[0] <= MLP_CHUNK_ROWS:
         return fn(u)
     return torch.cat([fn(part) for part in u.split(MLP_CHUNK_ROWS)])
-
-
-def _gelu_linear(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``GELU_tanh(u @ weight^T + bias)``; on CUDA in half precision with the bias and GELU in the product's
-    epilogue (:class:`~model.sparse.layers.FeedForward`)."""
-    if u.is_cuda and u.dtype in (torch.float16, torch.bfloat16):
-        return torch._addmm_activation(bias, u, weight.t(), use_gelu=True)
-    return F.gelu(F.linear(u, weight, bias), approximate="tanh")
 
 
 def _gated_add(h: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, batch_index: torch.Tensor | None) -> torch.Tensor:

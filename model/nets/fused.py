@@ -42,14 +42,14 @@ GROUP_WARPS = 8
 
 @triton.jit
 def _layer_norm_modulate_kernel(
-    X, OUT, W, B, SHIFT, SCALE, BIDX, ADD, XOUT,
-    stride_x, stride_out, stride_mod, stride_xout,
+    X, OUT, W, B, SHIFT, SCALE, BIDX, ADD,
+    stride_x, stride_out, stride_mod,
     num_channels, eps,
     HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, HAS_BIDX: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """One row: with ``HAS_ADD`` first ``x = round(x + add)``, stored to ``XOUT`` (may be ``X`` itself: the row is
-    read whole before it is written); then ``y = (x - mean) / sqrt(var + eps)``, ``y * w + b`` (affine),
+    """One row: with ``HAS_ADD`` first ``x = round(x + add)``, stored back into ``X`` (the row is read whole before
+    it is written); then ``y = (x - mean) / sqrt(var + eps)``, ``y * w + b`` (affine),
     ``y * (1 + scale) + shift`` with the modulation row of the token's batch element (row 0 when ``HAS_BIDX`` is
     off)."""
     row = tl.program_id(0).to(tl.int64)
@@ -58,8 +58,8 @@ def _layer_norm_modulate_kernel(
     x = tl.load(X + row * stride_x + cols, mask=valid, other=0.0)
     if HAS_ADD:
         a = tl.load(ADD + cols, mask=valid, other=0.0).to(tl.float32)
-        x = (x.to(tl.float32) + a).to(XOUT.dtype.element_ty)  # the residual stream as stored
-        tl.store(XOUT + row * stride_xout + cols, x, mask=valid)
+        x = (x.to(tl.float32) + a).to(X.dtype.element_ty)  # the residual stream as stored
+        tl.store(X + row * stride_x + cols, x, mask=valid)
     x = x.to(tl.float32)
     mean = tl.sum(x, axis=0) / num_channels
     centred = tl.where(valid, x - mean, 0.0)
@@ -202,8 +202,8 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | N
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         shift if has_mod else dummy, scale if has_mod else dummy,
         batch_index if batch_index is not None else dummy,
-        add if add is not None else dummy, x,
-        x.stride(0), out.stride(0), shift.stride(0) if has_mod else 0, x.stride(0),
+        add if add is not None else dummy,
+        x.stride(0), out.stride(0), shift.stride(0) if has_mod else 0,
         c, float(eps),
         HAS_AFFINE=weight is not None, HAS_MOD=has_mod, HAS_BIDX=has_mod and batch_index is not None,
         HAS_ADD=add is not None, BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS,

@@ -222,9 +222,9 @@ class Conv3x3(nn.Conv3d):
     """``nn.Conv3d(cin, cout, 3, padding=1)`` (same parameters and names). On CUDA without autograd, for a
     contiguous NCDHW input with ``Cin * Cout <= SMALL_CONV_WORK``, the Triton kernel
     :func:`model.nets.conv3d_kernel.conv3d_small`: cuDNN runs these few-channel convolutions as implicit GEMMs in
-    NDHWC and transposes every input and output around them (about half of a 256^3 patch's convolution time,
-    reports/refiner.md), while the kernel reads NCDHW directly. ``forward(x, relu=False)``: ``relu`` applies ReLU
-    (fused into the kernel's store)."""
+    NDHWC and transposes every input and output around them (the transposes alone took 30 of the 162 ms of kernels
+    of a 256^3 sign-refiner patch), while the kernel reads NCDHW directly. ``forward(x, relu=False)``: ``relu``
+    applies ReLU (fused into the kernel's store)."""
 
     def __init__(self, cin: int, cout: int, bias: bool = True):
         super().__init__(cin, cout, 3, padding=1, bias=bias)
@@ -408,10 +408,6 @@ class AdaptiveConv(nn.Sequential):
         return self[2](self[0](x, relu=True))
 
 
-def _adaptive_conv(channels: int) -> AdaptiveConv:
-    return AdaptiveConv(channels)
-
-
 class LatentMLP(nn.Module):
     """Per-voxel MLP ``net`` = Linear(F, F), ReLU, Linear(F, F), ReLU, Linear(F, F), ReLU, Linear(F, out)."""
 
@@ -441,9 +437,9 @@ class VoxelRefiner(nn.Module):
         self.unet3d1 = UNet3D(2 * w, config)
         self.conv_in = _conv3(config.in_channels, w)
         self.latent_mlp = LatentMLP(config.feature_channels, w)
-        self.adaptive_conv1 = _adaptive_conv(w)
-        self.adaptive_conv2 = _adaptive_conv(w)
-        self.adaptive_conv3 = _adaptive_conv(w)
+        self.adaptive_conv1 = AdaptiveConv(w)
+        self.adaptive_conv2 = AdaptiveConv(w)
+        self.adaptive_conv3 = AdaptiveConv(w)
         self.mid_conv = _conv3(w, w)
         self.conv_out = _conv3(w, config.out_channels)
 

@@ -85,8 +85,19 @@ def profile_step(fn, *, top: int = 12) -> dict:
             "top_kernels": [[name[:90], ms, calls] for name, (ms, calls) in top_k]}
 
 
-class _Skipped(Exception):
-    """A variant left out (``core``)."""
+def _compiled_mlp_variant(model, record, fn, out: list) -> None:
+    """Time ``fn`` with ``torch.compile`` on each block's MLP (a failure becomes a row saying why), then restore the
+    plain MLPs."""
+    try:
+        for block in model.blocks:
+            block.mlp = torch.compile(block.mlp, dynamic=False)
+        record("bf16 weights, fused norms, shortcut, two forwards, torch.compile on each MLP", fn)
+    except Exception as exc:
+        out.append({"name": f"torch.compile on each MLP: {type(exc).__name__}: {str(exc)[:120]}",
+                    "median_ms": float("nan"), "reps_ms": [], "peak_gb": None, "rel_diff": float("nan")})
+    finally:
+        for block in model.blocks:
+            block.mlp = getattr(block.mlp, "_orig_mod", block.mlp)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -175,21 +186,8 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
                 model(xt_bf16, t, c)
         extra_profiles["forward_bf16_condition"] = profile_step(lambda: forward(cond16))
         extra_profiles["forward_bf16_zeroed_condition"] = profile_step(lambda: forward(cond16.zeros_like()))
-    try:
-        if core:
-            raise _Skipped
-        for block in model.blocks:
-            block.mlp = torch.compile(block.mlp, dynamic=False)
-        record("bf16 weights, fused norms, shortcut, two forwards, torch.compile on each MLP",
-               step(guided16(False), nullcontext))
-    except _Skipped:
-        pass
-    except Exception as exc:
-        out.append({"name": f"torch.compile on each MLP: {type(exc).__name__}: {str(exc)[:120]}",
-                    "median_ms": float("nan"), "reps_ms": [], "peak_gb": None, "rel_diff": float("nan")})
-    finally:
-        for block in model.blocks:
-            block.mlp = getattr(block.mlp, "_orig_mod", block.mlp)
+    if not core:
+        _compiled_mlp_variant(model, record, step(guided16(False), nullcontext), out)
     if small_coords is not None:
         from model.sparse.tensor import SparseTensor
 

@@ -187,32 +187,26 @@ class AttentionTimer:
             self._instance_patched = True
         for block in self.dit.blocks:  # attend(): the module's work up to its output projection, on both paths
             attention = block.self_attn
-            original_attend = attention.attend
-
-            def attend_timed(*args, _original=original_attend, **kwargs):
-                if not self.active:
-                    return _original(*args, **kwargs)
-                start = self._mark()
-                out = _original(*args, **kwargs)
-                self.module.append((start, self._mark()))
-                return out
-
-            attention.attend = attend_timed
+            attention.attend = self._timed(attention.attend, self.module)
             self._attend_patched.append(attention)
         for owner in (ssa_kernels, reference):
             original = owner.spatial_sparse_attention
-
-            def timed(*args, _original=original, **kwargs):
-                if not self.active:
-                    return _original(*args, **kwargs)
-                start = self._mark()
-                out = _original(*args, **kwargs)
-                self.kernel.append((start, self._mark()))
-                return out
-
-            owner.spatial_sparse_attention = timed
+            owner.spatial_sparse_attention = self._timed(original, self.kernel)
             self._patched.append((owner, original))
         return self
+
+    def _timed(self, original, pairs: list):
+        """``original`` wrapped: while the DiT runs, each call's start and end marks go to ``pairs``."""
+
+        def timed(*args, **kwargs):
+            if not self.active:
+                return original(*args, **kwargs)
+            start = self._mark()
+            out = original(*args, **kwargs)
+            pairs.append((start, self._mark()))
+            return out
+
+        return timed
 
     def __exit__(self, *exc) -> None:
         if getattr(self, "_instance_patched", False):

@@ -35,6 +35,7 @@ __all__ = [
     "SparseSiLU",
     "SparseSubdivide",
     "check_pool_mode",
+    "gelu_linear",
     "group_norm_per_batch",
     "pool_coords",
     "pool_features",
@@ -112,12 +113,18 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self.mlp[0]
         if (not torch.is_grad_enabled() and x.is_cuda and x.dim() == 2 and x.dtype == first.weight.dtype
-                and x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled()):
-            # bias + GELU(tanh) in the matrix product's epilogue (cuBLASLt): the 4x-wide hidden layer is written
-            # once instead of written, read and written again by a separate GELU kernel
-            hidden = torch._addmm_activation(first.bias, x, first.weight.t(), use_gelu=True)
-            return self.mlp[2](hidden)
+                and not torch.is_autocast_enabled()):
+            return self.mlp[2](gelu_linear(x, first.weight, first.bias))
         return self.mlp(x)
+
+
+def gelu_linear(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``GELU_tanh(u @ weight^T + bias)`` without autograd. On CUDA in half precision the bias and the GELU run in
+    the matrix product's epilogue (cuBLASLt): the 4x-wide hidden layer of an MLP is written once instead of written,
+    read and written again by a separate GELU kernel."""
+    if u.is_cuda and u.dtype in (torch.float16, torch.bfloat16):
+        return torch._addmm_activation(bias, u, weight.t(), use_gelu=True)
+    return F.gelu(F.linear(u, weight, bias), approximate="tanh")
 
 
 # ---------------------------------------------------------------------------------------------------------------
