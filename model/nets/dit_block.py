@@ -100,17 +100,20 @@ class SparseDiTBlock(nn.Module):
                 mask: torch.Tensor | None, cross: "CrossPlan | None" = None) -> torch.Tensor:
         """``cross``: which rows attend to the condition (:class:`CrossPlan`; None: all of them)."""
         bidx = x.batch_index if t_emb.shape[0] > 1 else None
+        # under autocast the norms hand the products their operand dtype directly (one rounding, nothing in float32
+        # kept for the backward pass: model.nets.fused)
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else None
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(t_emb).chunk(6, dim=1)
         with record_function("dit.norm"):
-            u = norm_modulate(self.norm1, h, shift_a, scale_a, bidx)
+            u = norm_modulate(self.norm1, h, shift_a, scale_a, bidx, dtype=dt)
         with record_function("dit.self_attn"):
             o = self.self_attn(x.replace(u)).feats
         with record_function("dit.residual"):
             h = _gated_add(h, gate_a, o, bidx)
         with record_function("dit.cross_attn"):
-            h = self._cross_attention(x, h, context, mask, cross)
+            h = self._cross_attention(x, h, context, mask, cross, dt)
         with record_function("dit.norm"):
-            u = norm_modulate(self.norm3, h, shift_m, scale_m, bidx)
+            u = norm_modulate(self.norm3, h, shift_m, scale_m, bidx, dtype=dt)
         with record_function("dit.mlp"):
             o = _token_chunks(self.mlp, u)
         with record_function("dit.residual"):
@@ -180,18 +183,19 @@ class SparseDiTBlock(nn.Module):
         return kv
 
     def _cross_attention(self, x: SparseTensor, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
-                         cross: "CrossPlan | None") -> torch.Tensor:
+                         cross: "CrossPlan | None", dtype: torch.dtype | None = None) -> torch.Tensor:
         """``h + CrossAttn(LN2(h))``; rows past ``cross.rows`` (an all-zero condition) add the constant
-        :meth:`CrossAttention.null_output` instead."""
+        :meth:`CrossAttention.null_output` instead. ``dtype``: the norm's output dtype (None: h's)."""
         rows = h.shape[0] if cross is None else cross.rows
         kv = self._kept_kv(context, cross)
         if rows == h.shape[0]:
-            return h + self.cross_attn(norm_modulate(self.norm2, h), x.offsets, context, mask, cache=x.cache, kv=kv)
+            return h + self.cross_attn(norm_modulate(self.norm2, h, dtype=dtype), x.offsets, context, mask,
+                                       cache=x.cache, kv=kv)
         null = h[rows:] + self.cross_attn.null_output().to(h.dtype)
         if not rows:
             return null
         head = h[:rows]
-        attended = self.cross_attn(norm_modulate(self.norm2, head), cross.offsets, context[:cross.batch],
+        attended = self.cross_attn(norm_modulate(self.norm2, head, dtype=dtype), cross.offsets, context[:cross.batch],
                                    None if mask is None else mask[:cross.batch], cache=cross.cache, kv=kv)
         return torch.cat([head + attended, null])
 

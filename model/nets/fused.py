@@ -8,11 +8,18 @@ times; at 137k tokens x 1024 channels that is ~1.5 ms of memory traffic per norm
 24-block model. :func:`layer_norm_modulate` reads the row once and writes it once, with every intermediate in
 float32 (one rounding at the end, where the unfused path rounds after each op).
 
-Only the forward exists (sampling runs without autograd). Under the Triton interpreter (``TRITON_INTERPRET=1``)
-:func:`layer_norm_modulate` also takes CPU tensors, for the tests. :func:`norm_modulate` dispatches: the fused kernel
-for CUDA tensors when no gradient is recorded, the plain PyTorch ops otherwise (training, CPU, float64), so callers need
-not care. ``torch.nn.functional.layer_norm`` alone cannot fold in the per-batch-element modulation, which is why this is
-a kernel of ours.
+Sampling runs the forward kernel alone. Training (autograd) runs :class:`_NormModulateFunction`: the same kernel
+also stores each row's float32 mean and rstd, and only ``x``, those two ``[N]`` vectors and the small parameters are
+saved (no float32 copy of the stream, no output); the backward kernel recomputes ``x_hat`` per row and writes ``dx``
+in one pass, each program summing the parameter gradients of a tile of :data:`ROWS_PER_PROGRAM` rows into float32
+partial sums that a few small PyTorch ops add up (``dweight``/``dbias`` per tile; ``dshift``/``dscale`` per tile
+and batch element, deterministic for a non-decreasing ``batch_index``: :func:`_backward`). ``dtype=`` picks the
+output dtype (bfloat16 from a float32 stream under autocast, rounded once). Under the Triton interpreter
+(``TRITON_INTERPRET=1``) :func:`layer_norm_modulate` also takes CPU tensors, for the tests. :func:`norm_modulate`
+dispatches: the fused path for CUDA tensors (:func:`use_fused`; CPU tensors too under the interpreter with
+:data:`INTERPRET_ON_CPU`), the plain PyTorch ops otherwise (CPU, float64), so callers need not care.
+``torch.nn.functional.layer_norm`` alone cannot fold in the per-batch-element modulation, which is why this is a
+kernel of ours.
 
 :func:`group_norm` is the refiners' GroupNorm (4 groups over ``[B, C, D, H, W]`` patches of 192^3 / 256^3 voxels).
 PyTorch's CUDA group norm reduces each (batch element, group) row in one thread block: 4 blocks for 33M values each,
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 __all__ = ["group_norm", "layer_norm_modulate", "norm_modulate", "use_fused"]
 
@@ -34,6 +42,11 @@ __all__ = ["group_norm", "layer_norm_modulate", "norm_modulate", "use_fused"]
 NUM_WARPS = 4
 #: Dtypes the fused kernel takes (float32 inputs run it too; float64 stays on the PyTorch path).
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Rows per program of the backward kernel (a tile: its ``dweight``/``dbias`` partial sums are one row of a
+#: ``[programs, C]`` float32 buffer).
+ROWS_PER_PROGRAM = 64
+#: Warps per program of the backward kernel.
+BWD_WARPS = 8
 #: Values per program of the group norm kernels.
 GROUP_CHUNK = 4096
 #: Warps per program of the group norm kernels.
@@ -42,16 +55,17 @@ GROUP_WARPS = 8
 
 @triton.jit
 def _layer_norm_modulate_kernel(
-    X, OUT, W, B, SHIFT, SCALE, BIDX, ADD,
+    X, OUT, W, B, SHIFT, SCALE, BIDX, ADD, MEAN, RSTD,
     stride_x, stride_out, stride_mod,
     num_channels, eps,
     HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, HAS_BIDX: tl.constexpr, HAS_ADD: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    STORE_STATS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One row: with ``HAS_ADD`` first ``x = round(x + add)``, stored back into ``X`` (the row is read whole before
     it is written); then ``y = (x - mean) / sqrt(var + eps)``, ``y * w + b`` (affine),
     ``y * (1 + scale) + shift`` with the modulation row of the token's batch element (row 0 when ``HAS_BIDX`` is
-    off)."""
+    off). With ``STORE_STATS`` also ``MEAN[row]`` and ``RSTD[row] = 1 / sqrt(var + eps)`` (float32, for the
+    backward)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     valid = cols < num_channels
@@ -64,7 +78,11 @@ def _layer_norm_modulate_kernel(
     mean = tl.sum(x, axis=0) / num_channels
     centred = tl.where(valid, x - mean, 0.0)
     var = tl.sum(centred * centred, axis=0) / num_channels
-    y = centred * tl.rsqrt(var + eps)
+    rstd = tl.rsqrt(var + eps)
+    if STORE_STATS:
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+    y = centred * rstd
     if HAS_AFFINE:
         w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=valid, other=0.0).to(tl.float32)
@@ -78,6 +96,102 @@ def _layer_norm_modulate_kernel(
         scale = tl.load(SCALE + m * stride_mod + cols, mask=valid, other=0.0).to(tl.float32)
         y = y * (1.0 + scale) + shift
     tl.store(OUT + row * stride_out + cols, y.to(OUT.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _flush_modulation_grads(SHIFT_PART, SCALE_PART, SHIFT_ANY, SCALE_ANY, slot, element, num_channels, cols, valid,
+                            acc_shift, acc_scale, ordered):
+    """Write the sums of one run of rows (one batch element within one tile). ``ordered`` (non-decreasing
+    ``batch_index``): a plain store into pair row ``slot = program + element``, a row no other (tile, element) pair
+    writes; otherwise float32 atomic adds into the element's row of the ``[B, C]`` buffers."""
+    part = slot * num_channels + cols
+    tl.store(SHIFT_PART + part, acc_shift, mask=valid & ordered)
+    tl.store(SCALE_PART + part, acc_scale, mask=valid & ordered)
+    elem = element * num_channels + cols
+    tl.atomic_add(SHIFT_ANY + elem, acc_shift, mask=valid & (ordered == 0), sem="relaxed")
+    tl.atomic_add(SCALE_ANY + elem, acc_scale, mask=valid & (ordered == 0), sem="relaxed")
+
+
+@triton.jit
+def _layer_norm_modulate_bwd_kernel(
+    X, DZ, DX, MEAN, RSTD, W, B, SCALE, BIDX, ORDERED,
+    W_PART, B_PART, SHIFT_PART, SCALE_PART, SHIFT_ANY, SCALE_ANY,
+    stride_x, stride_dz, stride_dx, stride_mod, num_rows, num_channels,
+    HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, HAS_BIDX: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_AFFINE: tl.constexpr, NEED_MOD: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward of :func:`_layer_norm_modulate_kernel` over the ``ROWS`` rows ``[program * ROWS, ...)``.
+
+    Per row, in float32: ``x_hat = (x - mean) * rstd``, ``y = x_hat * w + b`` (or ``x_hat``), ``dy = dz * (1 +
+    scale)``, ``dx_hat = dy * w`` (or ``dy``) and ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat *
+    x_hat))`` (``NEED_DX``, stored in DX's dtype). Summed over the tile: ``dy * x_hat`` and ``dy`` into row
+    ``program`` of ``W_PART``/``B_PART`` (``NEED_AFFINE``); ``dz`` and ``dz * y`` per run of rows of one batch
+    element, written by :func:`_flush_modulation_grads` when the element changes and at the end (``NEED_MOD``)."""
+    pid = tl.program_id(0)
+    first = pid * ROWS
+    last = tl.minimum(first + ROWS, num_rows)
+    cols = tl.arange(0, BLOCK_C)
+    valid = cols < num_channels
+    if HAS_AFFINE:
+        w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=valid, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_BIDX:
+        cur = tl.load(BIDX + first).to(tl.int64)  # the batch element of the current run of rows
+        ordered = tl.load(ORDERED) != 0
+    else:
+        cur = pid.to(tl.int64) * 0
+        ordered = pid >= 0
+    for i in range(0, last - first):
+        r = first.to(tl.int64) + i
+        rstd = tl.load(RSTD + r)
+        x = tl.load(X + r * stride_x + cols, mask=valid, other=0.0).to(tl.float32)
+        x_hat = tl.where(valid, (x - tl.load(MEAN + r)) * rstd, 0.0)
+        dz = tl.load(DZ + r * stride_dz + cols, mask=valid, other=0.0).to(tl.float32)
+        dy = dz
+        if HAS_MOD:
+            if HAS_BIDX:
+                m = tl.load(BIDX + r).to(tl.int64)
+                if NEED_MOD:
+                    if m != cur:  # a new batch element starts inside the tile: write the finished run
+                        _flush_modulation_grads(SHIFT_PART, SCALE_PART, SHIFT_ANY, SCALE_ANY, pid + cur, cur,
+                                                num_channels, cols, valid, acc_shift, acc_scale, ordered)
+                        acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+                        acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+                        cur = m
+            else:
+                m = 0
+            scale = tl.load(SCALE + m * stride_mod + cols, mask=valid, other=0.0).to(tl.float32)
+            dy = dz * (1.0 + scale)
+            if NEED_MOD:
+                if HAS_AFFINE:
+                    y = x_hat * w + b
+                else:
+                    y = x_hat
+                acc_shift += dz
+                acc_scale += dz * y
+        if HAS_AFFINE:
+            if NEED_AFFINE:
+                acc_w += dy * x_hat
+                acc_b += dy
+            dx_hat = dy * w
+        else:
+            dx_hat = dy
+        if NEED_DX:
+            mean_dxh = tl.sum(dx_hat, axis=0) / num_channels
+            mean_dxh_xh = tl.sum(dx_hat * x_hat, axis=0) / num_channels
+            dx = (dx_hat - mean_dxh - x_hat * mean_dxh_xh) * rstd
+            tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=valid)
+    if NEED_AFFINE:
+        tl.store(W_PART + pid.to(tl.int64) * num_channels + cols, acc_w, mask=valid)
+        tl.store(B_PART + pid.to(tl.int64) * num_channels + cols, acc_b, mask=valid)
+    if NEED_MOD:
+        _flush_modulation_grads(SHIFT_PART, SCALE_PART, SHIFT_ANY, SCALE_ANY, pid + cur, cur, num_channels, cols,
+                                valid, acc_shift, acc_scale, ordered)
 
 
 @triton.jit
@@ -151,30 +265,71 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | None = None,
                         bias: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                         scale: torch.Tensor | None = None, batch_index: torch.Tensor | None = None,
-                        add: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused ``LN(x) [* weight + bias] [* (1 + scale) + shift]`` on a CUDA tensor (no autograd).
+                        add: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused ``LN(x) [* weight + bias] [* (1 + scale) + shift]`` on a CUDA tensor, autograd-capable.
 
     Args:
-        x: ``[N, C]`` float16/bfloat16/float32 (rows contiguous).
+        x: ``[N, C]`` float16/bfloat16/float32 (rows contiguous, else copied).
         eps: the layer norm's epsilon.
         weight, bias: ``[C]`` affine parameters, both or neither.
         shift, scale: ``[B, C]`` modulation rows, both or neither; row ``batch_index[i]`` modulates token ``i``
-            (``batch_index [N]`` int, or None when ``B == 1``).
+            (``batch_index [N]`` int, or None when ``B == 1``). Indices are not range-checked. The backward wants
+            ``batch_index`` non-decreasing (rows of one batch element contiguous, as the sparse tensors sort them):
+            its ``dshift``/``dscale`` sums are then deterministic; any other order is detected on the device (no
+            synchronisation) and summed with float32 atomics instead (correct, not bitwise reproducible).
         add: ``[C]``: first add this vector to every row **of x in place** (``x += add``, rounded to x's dtype:
-            a residual stream's pending constant) and normalise the sum.
-        out: ``[N, C]`` tensor to write into (rows contiguous; default a new one).
+            a residual stream's pending constant) and normalise the sum. Inference only: refused while a gradient
+            is recorded for any input.
+        out: ``[N, C]`` tensor of dtype ``dtype`` to write into (rows contiguous; default a new one).
+        dtype: the result's dtype (float16/bfloat16/float32; default ``x.dtype``): e.g. bfloat16 from a float32
+            stream under autocast, rounded once.
 
-    Returns ``[N, C]`` in ``x.dtype`` (``out`` when given).
+    When a gradient is recorded (grad mode on and any of x, weight, bias, shift, scale requiring it) this runs
+    :class:`_NormModulateFunction` (the kernel also stores each row's mean and rstd; the backward kernel gives every
+    gradient), else the forward kernel alone. Returns ``[N, C]`` in ``dtype`` (``out`` when given).
     """
-    if x.dim() != 2 or not (x.is_cuda or _interpreting()):
-        raise ValueError(f"x must be a [N, C] CUDA tensor, got {tuple(x.shape)} on {x.device}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not (x.is_cuda or _interpreting()):
+        raise ValueError(f"x must be a [N, C] CUDA tensor, got {_describe(x)}")
     if x.dtype not in FUSED_DTYPES:
         raise TypeError(f"x must be one of {FUSED_DTYPES}, got {x.dtype}")
+    dtype = x.dtype if dtype is None else dtype
+    if dtype not in FUSED_DTYPES:
+        raise TypeError(f"dtype must be one of {FUSED_DTYPES}, got {dtype}")
     if (weight is None) != (bias is None):
         raise ValueError("weight and bias must be given together")
     if (shift is None) != (scale is None):
         raise ValueError("shift and scale must be given together")
     n, c = x.shape
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_param(name, t, x)
+            if t.numel() != c:
+                raise ValueError(f"{name} must have {c} values, got shape {tuple(t.shape)}")
+    has_mod = shift is not None
+    if has_mod:
+        for name, t in (("shift", shift), ("scale", scale)):
+            _check_param(name, t, x)
+            if t.dim() not in (1, 2) or t.shape[-1] != c:
+                raise ValueError(f"{name} must be [B, {c}], got shape {tuple(t.shape)}")
+        if shift.shape != scale.shape:
+            raise ValueError(f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} differ")
+        rows = shift.numel() // c
+        if batch_index is None and rows != 1:
+            raise ValueError(f"{rows} modulation rows need batch_index")
+        if batch_index is not None:
+            if not isinstance(batch_index, torch.Tensor) or batch_index.shape != (n,):
+                raise ValueError(f"batch_index must be [{n}], got {_describe(batch_index)}")
+            if batch_index.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"batch_index must be int32 or int64, got {batch_index.dtype}")
+            if batch_index.device != x.device:
+                raise ValueError(f"batch_index is on {batch_index.device}, x on {x.device}")
+            batch_index = batch_index.contiguous()
+    else:
+        batch_index = None  # nothing to pick
+    if out is not None and (out.shape != x.shape or out.dtype != dtype or out.stride(1) != 1):
+        raise ValueError(f"out must be a [N, C] {dtype} tensor with contiguous rows, got {tuple(out.shape)} "
+                         f"{out.dtype}")
     if add is not None:
         if x.stride(1) != 1:
             raise ValueError("add= updates x in place: x's rows must be contiguous")
@@ -182,20 +337,43 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | N
             raise ValueError(f"add must have {c} values, got shape {tuple(add.shape)}")
         add = add.reshape(c).contiguous()
     x = x if x.stride(1) == 1 else x.contiguous()
-    if out is None:
-        out = torch.empty_like(x)
-    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(1) != 1:
-        raise ValueError(f"out must be a [N, C] {x.dtype} tensor with contiguous rows, got {tuple(out.shape)} "
-                         f"{out.dtype}")
-    if n == 0:
-        return out
-    has_mod = shift is not None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, shift, scale)):
+        if add is not None:
+            raise ValueError("add= updates x in place and is for inference (no autograd)")
+        y = _NormModulateFunction.apply(x, weight, bias, shift, scale, batch_index, float(eps), dtype)
+        return y if out is None else out.copy_(y)
     if has_mod:
         shift, scale = shift.reshape(-1, c).contiguous(), scale.reshape(-1, c).contiguous()
-        if shift.shape != scale.shape:
-            raise ValueError(f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} differ")
-        if batch_index is None and shift.shape[0] != 1:
-            raise ValueError(f"{shift.shape[0]} modulation rows need batch_index")
+    return _forward(x, eps, weight, bias, shift, scale, batch_index, add, out, dtype, stats=False)[0]
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_param(name: str, t, x: torch.Tensor) -> None:
+    """``t`` is a floating tensor on ``x``'s device (else ValueError/TypeError naming it)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+
+
+def _forward(x, eps, weight, bias, shift, scale, batch_index, add, out, dtype, *, stats: bool):
+    """Launch the forward kernel on checked inputs (``shift``/``scale`` contiguous ``[B, C]``). Returns ``(out,
+    mean, rstd)``, the statistics float32 ``[N]`` with ``stats``, else None."""
+    n, c = x.shape
+    if out is None:
+        out = torch.empty(n, c, device=x.device, dtype=dtype)
+    mean = rstd = None
+    if stats:
+        mean = torch.empty(n, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+    if n == 0:
+        return out, mean, rstd
+    has_mod = shift is not None
     dummy = x  # never read: the constexpr flags switch the loads off
     _layer_norm_modulate_kernel[(n,)](
         x, out,
@@ -203,16 +381,127 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | N
         shift if has_mod else dummy, scale if has_mod else dummy,
         batch_index if batch_index is not None else dummy,
         add if add is not None else dummy,
+        mean if stats else dummy, rstd if stats else dummy,
         x.stride(0), out.stride(0), shift.stride(0) if has_mod else 0,
         c, float(eps),
         HAS_AFFINE=weight is not None, HAS_MOD=has_mod, HAS_BIDX=has_mod and batch_index is not None,
-        HAS_ADD=add is not None, BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS,
+        HAS_ADD=add is not None, STORE_STATS=stats, BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS,
     )
-    return out
+    return out, mean, rstd
+
+
+class _NormModulateFunction(torch.autograd.Function):
+    """Autograd form of :func:`layer_norm_modulate` (inputs checked there; no ``add``/``out``). Saves ``x``, the
+    float32 row statistics ``mean``/``rstd`` ``[N]`` and the small parameters: neither the output nor a float32
+    copy of ``x``. The backward is :func:`_backward`; inputs without ``requires_grad`` get None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype):
+        c = x.shape[1]
+        has_mod = shift is not None
+        shift2 = shift.reshape(-1, c).contiguous() if has_mod else None
+        scale2 = scale.reshape(-1, c).contiguous() if has_mod else None
+        out, mean, rstd = _forward(x, eps, weight, bias, shift2, scale2, batch_index, None, None, dtype, stats=True)
+        ctx.save_for_backward(x, mean, rstd, weight, bias, scale2, batch_index)
+        ctx.mod = (shift.shape, shift.dtype, scale.shape, scale.dtype) if has_mod else None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):
+        x, mean, rstd, weight, bias, scale, batch_index = ctx.saved_tensors
+        need_x, need_w, need_b, need_shift, need_scale = ctx.needs_input_grad[:5]
+        dx, dw, db, dshift, dscale = _backward(dz, x, mean, rstd, weight, bias, scale, batch_index, need_dx=need_x,
+                                               need_affine=need_w or need_b, need_mod=need_shift or need_scale)
+        if ctx.mod is not None and dshift is not None:
+            shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.mod
+            dshift = dshift.reshape(shift_shape).to(shift_dtype)
+            dscale = dscale.reshape(scale_shape).to(scale_dtype)
+        return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
+                dshift if need_shift else None, dscale if need_scale else None, None, None, None)
+
+
+def _backward(dz, x, mean, rstd, weight, bias, scale, batch_index, *, need_dx: bool, need_affine: bool,
+              need_mod: bool):
+    """Gradients of :func:`layer_norm_modulate` from ``dz = dL/dout [N, C]``: ``(dx, dweight, dbias, dshift,
+    dscale)``, ``dx`` in ``x.dtype`` and the others float32 (``[C]`` and ``[B, C]``), None where not asked for.
+
+    :func:`_layer_norm_modulate_bwd_kernel` runs one program per :data:`ROWS_PER_PROGRAM` rows. ``dweight`` and
+    ``dbias`` are its per-program partial sums ``[programs, C]`` summed afterwards. ``dshift``/``dscale``: a tile
+    of a non-decreasing ``batch_index`` holds the batch elements ``first(p) .. last(p)`` with ``last(p) <=
+    first(p + 1)``, so the slot ``p + m`` of the pair (tile p, element m) is distinct for distinct pairs and the
+    slots of one element form the run ``first_tile(m) + m .. last_tile(m) + m``: the kernel stores each pair's sum
+    in its slot of a zeroed ``[programs + B - 1, C]`` buffer and the runs are summed by :func:`_element_sums`
+    (deterministic, no host synchronisation). A ``batch_index`` out of order (checked on the device, also without
+    synchronisation) leaves that buffer zero and the kernel adds into ``[B, C]`` with float32 atomics instead."""
+    n, c = x.shape
+    dz = dz if dz.stride(1) == 1 else dz.contiguous()
+    has_affine, has_mod = weight is not None, scale is not None
+    has_bidx = has_mod and batch_index is not None
+    need_affine, need_mod = need_affine and has_affine, need_mod and has_mod
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x) if need_dx else None
+    programs = triton.cdiv(n, ROWS_PER_PROGRAM)
+    elements = scale.shape[0] if has_mod else 1
+    if not (need_dx or need_affine or need_mod):
+        return dx, None, None, None, None
+    if n == 0:
+        z = torch.zeros(c, **f32) if need_affine else None
+        m = torch.zeros(elements, c, **f32) if need_mod else None
+        return dx, z, z, m, m
+    wb_part = torch.empty(2, programs, c, **f32) if need_affine else None
+    slots = programs + elements - 1 if has_bidx else programs
+    mod_part = torch.zeros(2, slots, c, **f32) if need_mod else None
+    mod_any = torch.zeros(2, elements, c, **f32) if need_mod and has_bidx else None
+    if has_bidx:
+        ordered = (batch_index[1:] >= batch_index[:-1]).all().to(torch.int32).reshape(1)
+    dummy = rstd  # never touched: the constexpr flags switch those accesses off
+    _layer_norm_modulate_bwd_kernel[(programs,)](
+        x, dz, dx if need_dx else dummy, mean, rstd,
+        weight if has_affine else dummy, bias if has_affine else dummy, scale if has_mod else dummy,
+        batch_index if has_bidx else dummy, ordered if has_bidx else dummy,
+        wb_part[0] if need_affine else dummy, wb_part[1] if need_affine else dummy,
+        mod_part[0] if need_mod else dummy, mod_part[1] if need_mod else dummy,
+        mod_any[0] if need_mod and has_bidx else dummy, mod_any[1] if need_mod and has_bidx else dummy,
+        x.stride(0), dz.stride(0), dx.stride(0) if need_dx else 0, scale.stride(0) if has_mod else 0, n, c,
+        HAS_AFFINE=has_affine, HAS_MOD=has_mod, HAS_BIDX=has_bidx,
+        NEED_DX=need_dx, NEED_AFFINE=need_affine, NEED_MOD=need_mod,
+        ROWS=ROWS_PER_PROGRAM, BLOCK_C=triton.next_power_of_2(c), num_warps=BWD_WARPS,
+    )
+    dw = db = dshift = dscale = None
+    if need_affine:
+        dw, db = wb_part.sum(1).unbind(0)
+    if need_mod:
+        if has_bidx:
+            sums = _element_sums(mod_part, batch_index, elements) + mod_any
+        else:
+            sums = mod_part.sum(1, keepdim=True)
+        dshift, dscale = sums.unbind(0)
+    return dx, dw, db, dshift, dscale
+
+
+def _element_sums(part: torch.Tensor, batch_index: torch.Tensor, elements: int) -> torch.Tensor:
+    """``[2, B, C]`` float32 sums of the pair slots ``part [2, programs + B - 1, C]`` of each batch element
+    (:func:`_backward`): the slots ``first_tile(m) + m .. last_tile(m) + m`` of a non-empty element, none of an
+    empty one, as one float64 product ``[B, slots] @ [2, slots, C]`` with a 0/1 matrix (exact selection, parallel
+    and deterministic; a scan along the slots would be sequential per column). For a ``batch_index`` out of order
+    the bounds are meaningless but ``part`` is zero: zero sums."""
+    slots = part.shape[1]
+    element = torch.arange(elements + 1, device=part.device, dtype=batch_index.dtype)
+    bounds = torch.searchsorted(batch_index, element)  # rows of element m: bounds[m] .. bounds[m + 1] - 1
+    start, end = bounds[:-1, None], bounds[1:, None]
+    element = element[:-1, None].long()
+    slot = torch.arange(slots, device=part.device)[None]
+    pick = ((slot >= start // ROWS_PER_PROGRAM + element) & (slot <= (end - 1) // ROWS_PER_PROGRAM + element)
+            & (end > start))
+    return torch.matmul(pick.double(), part.double()).float()
 
 
 #: Switch for the fused path (benchmarks time the unfused ops by turning it off).
 ENABLED = True
+#: Under the Triton interpreter, let :func:`norm_modulate` run the kernels on CPU tensors too (the tests switch it
+#: on; off by default so that CPU model tests keep the PyTorch ops instead of interpreting every norm).
+INTERPRET_ON_CPU = False
 
 
 def _interpreting() -> bool:
@@ -222,40 +511,50 @@ def _interpreting() -> bool:
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    """Whether :func:`norm_modulate` takes the fused kernel for ``x``: :data:`ENABLED`, a CUDA tensor of a supported
-    dtype and no gradient being recorded."""
-    return ENABLED and x.is_cuda and x.dtype in FUSED_DTYPES and not torch.is_grad_enabled()
+    """Whether :func:`norm_modulate` takes the fused path for ``x``: :data:`ENABLED`, a ``[N, C]`` tensor of a
+    supported dtype on CUDA (or on the CPU under the interpreter with :data:`INTERPRET_ON_CPU`). Without a recorded
+    gradient that is the forward kernel alone, with one the autograd function (forward + backward kernels)."""
+    return (ENABLED and x.dim() == 2 and x.dtype in FUSED_DTYPES
+            and (x.is_cuda or (INTERPRET_ON_CPU and _interpreting())))
 
 
 def norm_modulate(norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor | None = None,
                   scale: torch.Tensor | None = None, batch_index: torch.Tensor | None = None, *,
-                  add: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  add: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """``norm(x) * (1 + scale) + shift`` (or ``norm(x)`` without modulation), ``x [N, C]``.
 
     ``norm`` is a ``LayerNorm`` over the last dimension (affine or not), computed in at least float32. ``shift`` and
-    ``scale`` are ``[1, C]`` (one batch element) or ``[B, C]`` with ``batch_index [N]``. The result has ``x``'s
-    dtype. Fused into one kernel where :func:`use_fused` allows; otherwise the PyTorch ops (autograd-capable).
+    ``scale`` are ``[1, C]`` (one batch element) or ``[B, C]`` with ``batch_index [N]`` (non-decreasing for the
+    deterministic backward: :func:`layer_norm_modulate`). The result has ``dtype`` (default ``x``'s dtype; e.g.
+    bfloat16 for a float32 stream under autocast). Fused where :func:`use_fused` allows: the forward kernel without
+    a recorded gradient, :class:`_NormModulateFunction` (fused backward too) with one; otherwise the PyTorch ops.
 
-    ``add [C]`` (no autograd): first ``x += add`` in place (rounded to x's dtype), then normalise: a residual
-    stream's pending constant folded into the norm that reads it. ``out``: where to write the result.
+    ``add [C]`` (no autograd: ValueError while grad mode is on): first ``x += add`` in place (rounded to x's dtype),
+    then normalise: a residual stream's pending constant folded into the norm that reads it. ``out``: where to write
+    the result.
     """
+    affine = norm.weight is not None
+    fused = (use_fused(x) and tuple(norm.normalized_shape) == (x.shape[-1],)
+             and (norm.bias is not None) == affine and (dtype is None or dtype in FUSED_DTYPES))
     if add is not None:
         if torch.is_grad_enabled():
             raise ValueError("add= updates x in place and is for inference (no autograd)")
-        if not use_fused(x) or x.dim() != 2:
+        if not fused:
             cdt = torch.promote_types(x.dtype, torch.float32)
             x.copy_(x.to(cdt) + add.to(cdt))  # one rounding, as the kernel
             add = None
-    if use_fused(x) and x.dim() == 2:
-        affine = norm.weight is not None
+    if fused:
         return layer_norm_modulate(x, norm.eps, weight=norm.weight if affine else None,
                                    bias=norm.bias if affine else None, shift=shift, scale=scale,
-                                   batch_index=batch_index, add=add, out=out)
+                                   batch_index=batch_index, add=add, out=out, dtype=dtype)
     y = norm(x)
     if shift is not None:
         if batch_index is not None:
             shift, scale = shift.index_select(0, batch_index), scale.index_select(0, batch_index)
         y = y * (1 + scale) + shift
+    if dtype is not None:
+        y = y.to(dtype)
     if out is not None:
         return out.copy_(y)
     return y

@@ -112,7 +112,7 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
     for p in model.parameters():  # non-degenerate weights (the DiT initialisation zeroes gates, output and biases)
         if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.02)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")  # as model.training.dit
     gen = torch.Generator().manual_seed(seed)
     coords = coords.to(dev)
     x0 = SparseTensor(coords, torch.randn(n, cfg.in_channels, generator=gen).to(dev), validate=False)
@@ -123,11 +123,13 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
     sigmas = FlowMatchEulerScheduler(shift=8.0).sigmas(15)
     xt = x0.replace(torch.randn(n, cfg.in_channels, generator=gen).to(dev))
 
+    def loss_fn():
+        with autocast():
+            return flow_loss(model, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
+
     def train_step():
         opt.zero_grad(set_to_none=True)
-        with autocast():
-            loss = flow_loss(model, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
-        loss.backward()
+        loss_fn().backward()
         opt.step()
 
     @torch.no_grad()
@@ -169,8 +171,10 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
     else:
         result.update(full_attention_step_ms=None, full_attention_sample_step_ms=None)
     if profile and dev.type == "cuda":
-        from model.reports.dit_profile import profile_step, sampling_variants
+        from model.reports.dit_profile import profile_step, sampling_variants, training_variants
 
+        result["training_variants"] = training_variants(model, loss_fn, opt, time_fn=_time, reps=reps,
+                                                        warmup=warmup)
         result["profile_train_step"] = profile_step(train_step)
         opt.state.clear()  # the sampling measurements below hold no optimizer state
         for p in model.parameters():
@@ -246,6 +250,17 @@ def markdown(r: dict) -> str:
 def _profile_markdown(r: dict) -> list[str]:
     """The sampling variants and the GPU time breakdowns (:mod:`model.reports.dit_profile`)."""
     lines = []
+    if r.get("training_variants"):
+        lines += ["", "## The training step, one memory saving after the other (same process, same inputs)", "",
+                  "| variant | ms | peak GB | GB held after the forward | loss rel. diff. | gradients rel. diff. |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for v in r["training_variants"]:
+            lines.append(f"| {v['name']} | {v['median_ms']:,.1f} | {_fmt(v['peak_gb'])} | "
+                         f"{_fmt(v['after_forward_gb'])} | {v['loss_rel_diff']:.2e} | {v['grad_rel_diff']:.2e} |")
+        lines += ["", "Forward + loss + backward + AdamW (fused) per row, bf16 autocast, checkpointing per block. Held "
+                      "after the forward: weights, AdamW state and the checkpointed block inputs. The differences are "
+                      "relative norms of the loss and of all gradients (one vector) against the first row, on the "
+                      "same weights before any timed step (`model.reports.dit_profile.training_variants`)."]
     if r.get("sampling_variants"):
         lines += ["", "## The guided sampling step, variant by variant (same process, same inputs)", "",
                   "| variant | ms | peak GB | rel. difference to the first |", "| --- | ---: | ---: | ---: |"]

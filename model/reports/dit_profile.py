@@ -12,6 +12,10 @@
   earlier reports), then the fused norms with the zeroed-condition shortcut, then bf16 weights with the plain
   blocks (``INFERENCE_PATH`` and the merged projection off), then bf16 weights on the inference blocks
   (:meth:`model.nets.dit.SparseDiTBlock.forward_inference`), two forwards or one batched forward.
+- :func:`training_variants`: the training step with its memory savings switched on one after the other
+  (:data:`TRAINING_VARIANTS`), each with its time, its peak memory, the memory held after the forward (weights,
+  optimizer state and the checkpointed block inputs) and the relative difference of its loss and of all its
+  gradients from the first variant's, on the same weights.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from contextlib import nullcontext
 
 import torch
 
-__all__ = ["KERNEL_KINDS", "RANGES", "kernel_kind", "profile_step", "sampling_variants"]
+__all__ = ["KERNEL_KINDS", "RANGES", "TRAINING_VARIANTS", "kernel_kind", "profile_step", "sampling_variants",
+           "training_variants"]
 
 #: ``record_function`` ranges of the DiT block (model.nets.dit).
 RANGES = ("dit.norm", "dit.self_attn", "dit.cross_attn", "dit.mlp", "dit.residual")
@@ -207,4 +212,70 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
                                 f"{'one batched forward' if batched else 'two forwards'}",
                         "median_ms": sorted(times)[len(times) // 2], "reps_ms": times, "peak_gb": peak,
                         "rel_diff": _rel(v, base)})
+    return out
+
+
+#: Training-step variants, each switching on one more saving: (name, half_stream, fused norms under autograd
+#: (:func:`model.nets.fused.norm_modulate`), the MLP's recomputed hidden layer
+#: (:class:`model.sparse.layers.FeedForward`)).
+TRAINING_VARIANTS = (
+    ("float32 stream, PyTorch norms, plain MLP (before)", False, False, False),
+    ("+ bf16 residual stream", True, False, False),
+    ("+ fused norms with their backward kernel", True, True, False),
+    ("+ MLP hidden layer recomputed in the backward pass", True, True, True),
+)
+
+
+def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: int) -> list[dict]:
+    """Time the training step ``loss_fn().backward(); optimizer.step()`` for each of :data:`TRAINING_VARIANTS`.
+
+    First, on the unchanged weights, each variant's loss and gradients (no optimizer step) against the first
+    variant's (relative norms over all parameters); then the timed steps, with the memory allocated after the
+    forward of one extra step. Records: ``name``, ``median_ms``, ``reps_ms``, ``peak_gb``, ``after_forward_gb``,
+    ``loss_rel_diff``, ``grad_rel_diff``. The switches are restored afterwards (all savings on)."""
+    import model.nets.fused as fused
+    import model.sparse.layers as layers
+
+    dev = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def switch(half, fused_norms, recompute):
+        model.config = model.config.replace(half_stream=half)
+        fused.ENABLED, layers.RECOMPUTE_HIDDEN = fused_norms, recompute
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+
+    out = []
+    try:
+        base = {}
+        for name, *flags in TRAINING_VARIANTS:
+            switch(*flags)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            grads = torch.cat([p.grad.reshape(-1).float() for p in params])
+            optimizer.zero_grad(set_to_none=True)
+            ref_loss, ref_grads = base.setdefault("loss", loss.detach()), base.setdefault("grads", grads)
+            out.append({"name": name, "loss_rel_diff": _rel(loss.detach(), ref_loss),
+                        "grad_rel_diff": _rel(grads, ref_grads)})
+            del grads
+        base.clear()
+        for record, (name, *flags) in zip(out, TRAINING_VARIANTS):
+            switch(*flags)
+            times, peak = time_fn(step, reps=reps, warmup=warmup, device=dev)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            after_forward = None
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+                after_forward = torch.cuda.memory_allocated(dev) / 1e9
+            loss.backward()
+            optimizer.step()
+            record.update(median_ms=sorted(times)[len(times) // 2], reps_ms=times, peak_gb=peak,
+                          after_forward_gb=after_forward)
+    finally:
+        switch(True, True, True)
     return out

@@ -457,8 +457,9 @@ def train(cfg: TrainConfig, *, resume=None) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = SparseDiT(dit_cfg).to(device)
+    # fused: one kernel over all parameters on CUDA, without the foreach path's temporary copies of the state
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     ema = EMA(model, cfg.ema_decay)
     start = 0
     stats = dataset.latent_stats() if cfg.normalize_latents else None

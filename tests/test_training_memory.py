@@ -1,0 +1,144 @@
+"""The training step's memory savings against the plain paths (CPU): the MLP that recomputes its hidden layer in the
+backward pass (float64 against the plain modules, bf16 autocast), the DiT's half-precision residual stream under
+autocast, and the report's training variants that switch them one after the other."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import model.sparse.layers as layers
+from model.flow import flow_loss
+from model.nets.dit import DiTConfig, SparseDiT
+from model.sparse import SparseTensor
+from model.sparse.layers import FeedForward
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _grads(mlp, x, g):
+    out = mlp(x)
+    return [out, *torch.autograd.grad(out, [x, *mlp.parameters()], g)]
+
+
+@pytest.mark.parametrize("n,chunk", [(23, 7), (1, 4), (16, 16)])
+def test_recomputed_mlp_matches_the_plain_modules_in_float64(monkeypatch, n, chunk):
+    monkeypatch.setattr(layers, "RECOMPUTE_CHUNK_ROWS", chunk)  # several chunks, a short last one
+    torch.manual_seed(n)
+    mlp = FeedForward(12, mlp_ratio=3.0).double()
+    x = torch.randn(n, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(n, 12, dtype=torch.float64)
+    got = _grads(mlp, x, g)
+    monkeypatch.setattr(layers, "RECOMPUTE_HIDDEN", False)
+    want = _grads(mlp, x, g)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert _rel(a, b) < 1e-12
+
+
+def test_recomputed_mlp_saves_only_its_input():
+    """What autograd keeps for the backward pass: the input and the parameters, no ``[N, 4C]`` hidden layer."""
+    mlp = FeedForward(8)
+    x = torch.randn(10, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        mlp(x)
+    assert (10, 32) not in saved and (10, 8) in saved
+    layers.RECOMPUTE_HIDDEN = False
+    try:
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            mlp(x)
+        assert (10, 32) in saved  # the plain modules keep the hidden layer (the test would see a regression)
+    finally:
+        layers.RECOMPUTE_HIDDEN = True
+
+
+def test_recomputed_mlp_under_bf16_autocast_and_frozen_weights():
+    torch.manual_seed(3)
+    mlp = FeedForward(16)
+    x = torch.randn(40, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x)
+        layers.RECOMPUTE_HIDDEN = False
+        try:
+            want = mlp(x)
+        finally:
+            layers.RECOMPUTE_HIDDEN = True
+    assert out.dtype == want.dtype == torch.bfloat16
+    assert _rel(out.float(), want.float()) < 2e-2
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in mlp.parameters())
+    for p in mlp.parameters():
+        p.requires_grad_(False)
+    x.grad = None
+    mlp(x).sum().backward()  # input gradient only
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _coords(n, extent, seed):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.randperm(extent**3, generator=g)[:n]
+    return torch.stack([torch.zeros_like(lin), lin // extent**2, (lin // extent) % extent, lin % extent], 1).int()
+
+
+def _tiny_dit():
+    torch.manual_seed(0)
+    dit = SparseDiT(DiTConfig.tiny(backend="reference", use_checkpoint=True))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0.0, 0.05)
+    coords = _coords(150, 12, 1)
+    x0 = SparseTensor(coords, torch.randn(coords.shape[0], dit.config.in_channels))
+    cond = torch.randn(1, 7, dit.config.cond_channels)
+    return dit, x0, cond
+
+
+def _loss(dit, x0, cond):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
+
+
+def test_half_stream_carries_the_blocks_in_the_autocast_dtype():
+    dit, x0, cond = _tiny_dit()
+    seen = []
+    hook = dit.blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(args[1].dtype))
+    losses, grads = {}, {}
+    for half in (False, True):
+        dit.config = dit.config.replace(half_stream=half)
+        dit.zero_grad(set_to_none=True)
+        loss = _loss(dit, x0, cond)
+        loss.backward()
+        losses[half] = loss.detach()
+        grads[half] = torch.cat([p.grad.reshape(-1) for p in dit.parameters() if p.grad is not None])
+    hook.remove()
+    # forward + checkpoint recomputation per setting
+    assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
+    assert _rel(losses[True], losses[False]) < 2e-2
+    assert _rel(grads[True], grads[False]) < 5e-2
+
+
+def test_training_variants_switch_and_restore():
+    from model.reports.dit_profile import TRAINING_VARIANTS, training_variants
+    import model.nets.fused as fused
+
+    dit, x0, cond = _tiny_dit()
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-4)
+    calls = []
+
+    def time_fn(fn, *, reps, warmup, device):
+        fn()
+        calls.append((dit.config.half_stream, layers.RECOMPUTE_HIDDEN))
+        return [1.0] * reps, None
+
+    rows = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=2, warmup=0)
+    assert [r["name"] for r in rows] == [v[0] for v in TRAINING_VARIANTS]
+    assert calls == [(v[1], v[3]) for v in TRAINING_VARIANTS]
+    assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
+    assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
+    assert dit.config.half_stream and layers.RECOMPUTE_HIDDEN and fused.ENABLED
