@@ -81,6 +81,45 @@ def test_recomputed_mlp_under_bf16_autocast_and_frozen_weights():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("with_h", [True, False])
+def test_gated_branches_match_addcmul_in_float64(monkeypatch, with_h):
+    """``h + gate * branch(x)`` through the functions that keep no branch output, against ``addcmul`` on the plain
+    modules: the output and every gradient (h, x, weights, biases, gate)."""
+    monkeypatch.setattr(layers, "RECOMPUTE_CHUNK_ROWS", 6)
+    torch.manual_seed(4)
+    n, c = 17, 10
+    d = dict(dtype=torch.float64)
+    mlp = FeedForward(c, mlp_ratio=2.0).double()
+    w = torch.randn(c, c, **d, requires_grad=True)
+    h = torch.randn(n, c, **d, requires_grad=with_h)
+    x = torch.randn(n, c, **d, requires_grad=True)
+    gate = torch.randn(1, c, **d, requires_grad=True)
+    g = torch.randn(n, c, **d)
+    for fast, plain, params in (
+            (lambda: layers.gated_linear_add(h, x, w, gate), lambda: torch.addcmul(h, gate, x @ w.t()), [w]),
+            (lambda: mlp.gated_residual(x, h, gate), lambda: torch.addcmul(h, gate, mlp.mlp(x)),
+             list(mlp.parameters()))):
+        inputs = [t for t in (h, x, gate, *params) if t.requires_grad]
+        got, want = fast(), plain()
+        assert _rel(got, want) < 1e-12
+        for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+            assert a.shape == b.shape and _rel(a, b) < 1e-12
+
+
+def test_gated_branches_keep_no_branch_output():
+    mlp = FeedForward(8)
+    w = torch.randn(8, 8, requires_grad=True)
+    h, x = torch.randn(10, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    gate = torch.randn(1, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out1 = layers.gated_linear_add(h, x, w, gate)
+        out2 = mlp.gated_residual(x, h, gate)
+    big = [t for t in saved if t.shape == (10, 8)]
+    assert all(t is x for t in big)  # the input only (the products and branch outputs are not kept)
+    assert out1.shape == out2.shape == (10, 8)
+
+
 def _coords(n, extent, seed):
     g = torch.Generator().manual_seed(seed)
     lin = torch.randperm(extent**3, generator=g)[:n]
@@ -125,6 +164,7 @@ def test_half_stream_carries_the_blocks_in_the_autocast_dtype():
 
 def test_training_variants_switch_and_restore():
     from model.reports.dit_profile import TRAINING_VARIANTS, training_variants
+    import model.nets.dit_block as dit_block
     import model.nets.fused as fused
 
     dit, x0, cond = _tiny_dit()
@@ -133,12 +173,12 @@ def test_training_variants_switch_and_restore():
 
     def time_fn(fn, *, reps, warmup, device):
         fn()
-        calls.append((dit.config.half_stream, layers.RECOMPUTE_HIDDEN))
+        calls.append((dit.config.half_stream, fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL))
         return [1.0] * reps, None
 
     rows = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=2, warmup=0)
     assert [r["name"] for r in rows] == [v[0] for v in TRAINING_VARIANTS]
-    assert calls == [(v[1], v[3]) for v in TRAINING_VARIANTS]
+    assert calls == [tuple(v[1:]) for v in TRAINING_VARIANTS]
     assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
     assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
-    assert dit.config.half_stream and layers.RECOMPUTE_HIDDEN and fused.ENABLED
+    assert dit.config.half_stream and layers.RECOMPUTE_HIDDEN and fused.ENABLED and dit_block.GATED_RESIDUAL

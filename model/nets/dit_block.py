@@ -17,13 +17,13 @@ from torch.profiler import record_function
 
 from model.nets.fused import norm_modulate
 from model.nets.ssa_layer import SpatialSparseAttention, dense_attention
-from model.sparse.layers import FeedForward, FP32LayerNorm, gelu_linear
+from model.sparse.layers import FeedForward, FP32LayerNorm, gated_linear_add, gelu_linear
 from model.sparse.tensor import SparseTensor
 
 if TYPE_CHECKING:
     from model.nets.dit import DiTConfig
 
-__all__ = ["BLOCK_NORM_EPS", "MLP_CHUNK_ROWS", "CrossAttention", "CrossPlan", "SparseDiTBlock"]
+__all__ = ["BLOCK_NORM_EPS", "GATED_RESIDUAL", "MLP_CHUNK_ROWS", "CrossAttention", "CrossPlan", "SparseDiTBlock"]
 
 #: Epsilon of the block layer norms (RELEASED_MODEL.md D).
 BLOCK_NORM_EPS = 1e-6
@@ -106,15 +106,19 @@ class SparseDiTBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(t_emb).chunk(6, dim=1)
         with record_function("dit.norm"):
             u = norm_modulate(self.norm1, h, shift_a, scale_a, bidx, dtype=dt)
+        gated = GATED_RESIDUAL and bidx is None and torch.is_grad_enabled()
         with record_function("dit.self_attn"):
-            o = self.self_attn(x.replace(u)).feats
+            o = self.self_attn.attend(x.replace(u)) if gated else self.self_attn(x.replace(u)).feats
         with record_function("dit.residual"):
-            h = _gated_add(h, gate_a, o, bidx)
+            h = (gated_linear_add(h, o, self.self_attn.proj_o.weight, gate_a) if gated
+                 else _gated_add(h, gate_a, o, bidx))
         with record_function("dit.cross_attn"):
             h = self._cross_attention(x, h, context, mask, cross, dt)
         with record_function("dit.norm"):
             u = norm_modulate(self.norm3, h, shift_m, scale_m, bidx, dtype=dt)
         with record_function("dit.mlp"):
+            if gated:
+                return self.mlp.gated_residual(u, h, gate_m)
             o = _token_chunks(self.mlp, u)
         with record_function("dit.residual"):
             return _gated_add(h, gate_m, o, bidx)
@@ -199,6 +203,12 @@ class SparseDiTBlock(nn.Module):
                                    None if mask is None else mask[:cross.batch], cache=cross.cache, kv=kv)
         return torch.cat([head + attended, null])
 
+
+#: Switch for the gated residual branches under autograd when every token shares one modulation row
+#: (:func:`model.sparse.layers.gated_linear_add`, :meth:`model.sparse.layers.FeedForward.gated_residual`): the
+#: output projection and the MLP add into the stream without keeping their ``[N, C]`` outputs for the backward pass
+#: (2 x 281 MB per block at 137k tokens in bf16). Off, or with one row per batch element: ``addcmul``.
+GATED_RESIDUAL = True
 
 #: Rows per chunk of the MLP when no gradient is recorded: the 4x-wide hidden layer of 137k tokens alone is 1.1 GB in
 #: bfloat16; chunks keep the sampling peak at a few hundred MB for it (the MLP is per token, so chunking is exact).

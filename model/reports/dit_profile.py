@@ -217,12 +217,14 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 
 #: Training-step variants, each switching on one more saving: (name, half_stream, fused norms under autograd
 #: (:func:`model.nets.fused.norm_modulate`), the MLP's recomputed hidden layer
-#: (:class:`model.sparse.layers.FeedForward`)).
+#: (:class:`model.sparse.layers.FeedForward`), the gated residual products
+#: (:data:`model.nets.dit_block.GATED_RESIDUAL`)).
 TRAINING_VARIANTS = (
-    ("float32 stream, PyTorch norms, plain MLP (before)", False, False, False),
-    ("+ bf16 residual stream", True, False, False),
-    ("+ fused norms with their backward kernel", True, True, False),
-    ("+ MLP hidden layer recomputed in the backward pass", True, True, True),
+    ("float32 stream, PyTorch norms, plain MLP (before)", False, False, False, False),
+    ("+ bf16 residual stream", True, False, False, False),
+    ("+ fused norms with their backward kernel", True, True, False, False),
+    ("+ MLP hidden layer recomputed in the backward pass", True, True, True, False),
+    ("+ gated residual products that keep no branch output", True, True, True, True),
 )
 
 
@@ -233,15 +235,16 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
     variant's (relative norms over all parameters); then the timed steps, with the memory allocated after the
     forward of one extra step. Records: ``name``, ``median_ms``, ``reps_ms``, ``peak_gb``, ``after_forward_gb``,
     ``loss_rel_diff``, ``grad_rel_diff``. The switches are restored afterwards (all savings on)."""
+    import model.nets.dit_block as dit_block
     import model.nets.fused as fused
     import model.sparse.layers as layers
 
     dev = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def switch(half, fused_norms, recompute):
+    def switch(half, fused_norms, recompute, gated):
         model.config = model.config.replace(half_stream=half)
-        fused.ENABLED, layers.RECOMPUTE_HIDDEN = fused_norms, recompute
+        fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL = fused_norms, recompute, gated
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -277,5 +280,5 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
             record.update(median_ms=sorted(times)[len(times) // 2], reps_ms=times, peak_gb=peak,
                           after_forward_gb=after_forward)
     finally:
-        switch(True, True, True)
+        switch(True, True, True, True)
     return out

@@ -35,6 +35,7 @@ __all__ = [
     "SparseSiLU",
     "SparseSubdivide",
     "check_pool_mode",
+    "gated_linear_add",
     "gelu_linear",
     "group_norm_per_batch",
     "pool_coords",
@@ -113,13 +114,27 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = self.mlp[0], self.mlp[2]
         if x.dim() == 2 and torch.is_grad_enabled() and RECOMPUTE_HIDDEN:
-            dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-                     else x.dtype)
-            return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, dtype)
+            return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, _compute_dtype_of(x),
+                                        None, None)
         if (not torch.is_grad_enabled() and x.is_cuda and x.dim() == 2 and x.dtype == first.weight.dtype
                 and not torch.is_autocast_enabled()):
             return second(gelu_linear(x, first.weight, first.bias))
         return self.mlp(x)
+
+
+    def gated_residual(self, x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``h + gate * self(x)`` for ``x, h [N, C]`` and one gate row (``[1, C]`` or ``[C]``); under autograd
+        through :class:`_RecomputedMLP`, which keeps neither the hidden layer nor the MLP's output."""
+        if x.dim() == 2 and torch.is_grad_enabled() and RECOMPUTE_HIDDEN:
+            first, second = self.mlp[0], self.mlp[2]
+            return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, _compute_dtype_of(x),
+                                        h, gate.reshape(-1))
+        return torch.addcmul(h, gate.reshape(-1), self(x))
+
+
+def _compute_dtype_of(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype under autocast, else ``x``'s."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 #: Switch for :class:`_RecomputedMLP` under autograd (off: the plain modules, which keep the hidden layer twice).
@@ -131,34 +146,39 @@ RECOMPUTE_CHUNK_ROWS = 16384
 
 
 class _RecomputedMLP(torch.autograd.Function):
-    """``Linear2(GELU_tanh(Linear1(x)))`` on ``x [N, C]`` that saves only ``x`` for the backward pass.
+    """``Linear2(GELU_tanh(Linear1(x)))`` on ``x [N, C]`` that saves only ``x`` for the backward pass; with a
+    residual stream ``h [N, C]`` and a gate ``[C]``: ``h + gate * MLP(x)`` (the DiT block's gated residual branch).
 
     Through the plain modules autograd keeps the 4x-wide hidden layer twice (the GELU's input and the second
     product's input): 2.2 GB per DiT block at 137k tokens in bf16, the largest activation of a training step. Here
     the backward recomputes the first product and the GELU chunk by chunk (:data:`RECOMPUTE_CHUNK_ROWS` rows): one
-    extra ``[N, C] x [C, 4C]`` product per backward for ~2 GB less at the peak. ``dtype``: the compute dtype (the
-    autocast dtype under autocast, else x's); the weights are cast to it, products accumulate in float32 and the
-    weight gradients are summed over chunks in float32 and returned in the parameters' dtypes.
+    extra ``[N, C] x [C, 4C]`` product per backward for ~2 GB less at the peak. The gated form keeps no copy of the
+    branch output either (:func:`_gated_grads`). ``dtype``: the compute dtype (the autocast dtype under autocast,
+    else x's); the weights are cast to it, products accumulate in float32 and the weight gradients are summed over
+    chunks in float32 and returned in the parameters' dtypes.
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, dtype):
-        ctx.save_for_backward(x, w1, b1, w2, b2)
+    def forward(ctx, x, w1, b1, w2, b2, dtype, h=None, gate=None):
+        ctx.save_for_backward(x, w1, b1, w2, b2, gate)
         ctx.dtype = dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             w1c, b1c, w2c, b2c = (t.to(dtype) for t in (w1, b1, w2, b2))
-            out = torch.empty(x.shape[0], w2.shape[0], device=x.device, dtype=dtype)
+            out_dtype = dtype if h is None else torch.promote_types(h.dtype, dtype)
+            out = torch.empty(x.shape[0], w2.shape[0], device=x.device, dtype=out_dtype)
             for rows in _row_chunks(x.shape[0]):
-                out[rows] = F.linear(gelu_linear(x[rows].to(dtype), w1c, b1c), w2c, b2c)
+                y = F.linear(gelu_linear(x[rows].to(dtype), w1c, b1c), w2c, b2c)
+                out[rows] = y if h is None else torch.addcmul(h[rows], gate.to(dtype), y)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w1, b1, w2, b2 = ctx.saved_tensors
+        x, w1, b1, w2, b2, gate = ctx.saved_tensors
         dtype = ctx.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             w1c, b1c, w2c = (t.to(dtype) for t in (w1, b1, w2))
-            grad = grad.to(dtype)
+            grad_in, dout = grad, grad.to(dtype)
+            grad = dout if gate is None else dout * gate.to(dtype)  # the gradient of the branch output
             dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
             acc = torch.promote_types(dtype, torch.float32)
             dw1 = torch.zeros(w1.shape, device=x.device, dtype=acc)
@@ -167,15 +187,63 @@ class _RecomputedMLP(torch.autograd.Function):
             for rows in _row_chunks(x.shape[0]):
                 u, g = x[rows].to(dtype), grad[rows]
                 pre = F.linear(u, w1c, b1c)
-                dw2.add_(g.t().mm(F.gelu(pre, approximate="tanh")))
+                # gated: dout^T act (the gate applied once to the sum, see _gated_grads)
+                dw2.add_((g if gate is None else dout[rows]).t().mm(F.gelu(pre, approximate="tanh")))
                 dpre = torch.ops.aten.gelu_backward(g.mm(w2c), pre, approximate="tanh")
                 del pre
                 dw1.add_(dpre.t().mm(u))
                 db1.add_(dpre.sum(0, dtype=acc))
                 if dx is not None:
                     dx[rows] = dpre.mm(w1c)
-            db2 = grad.sum(0, dtype=acc)
-        return (dx, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None)
+            db2 = dout.sum(0, dtype=acc)
+            dgate = None
+            if gate is not None:
+                dw2, db2, dgate = _gated_grads(dw2, db2, w2, b2, gate)
+        return (dx, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None,
+                grad_in if ctx.needs_input_grad[6] else None, dgate)
+
+
+def _gated_grads(m, s, w, b, gate):
+    """Parameter and gate gradients of ``h + gate * (x @ w^T + b)`` from ``m = dout^T x [C, Cin]`` and ``s =
+    dout.sum(0) [C]`` (float32): ``dw = gate[:, None] * m``, ``db = gate * s`` and ``dgate = rowsum(m * w) + b * s``
+    (``dgate_c = sum_n dout[n, c] * y[n, c]`` with ``y = x w^T + b``), so the branch output ``y`` never needs to be
+    kept for the backward pass. Returns ``(dw, db, dgate)``, dgate in gate's dtype."""
+    g = gate.reshape(-1).to(m.dtype)
+    dgate = (m * w.to(m.dtype)).sum(1)
+    if b is not None:
+        dgate = dgate + b.to(m.dtype) * s
+    return m * g[:, None], (None if s is None else s * g), dgate.to(gate.dtype).reshape(gate.shape)
+
+
+class _GatedLinearAdd(torch.autograd.Function):
+    """``h + gate * (x @ w^T)`` for ``h, x [N, C]``, ``w [C, C]`` (no bias) and one gate row ``[C]``, keeping
+    only ``x`` (and the parameters) for the backward pass: the plain ``addcmul(h, gate, linear(x))`` also keeps the
+    product ``[N, C]`` to form the gate's gradient (:func:`_gated_grads` forms it from ``dout^T x`` instead, which
+    the weight gradient needs anyway). ``dtype``: the compute dtype of the product."""
+
+    @staticmethod
+    def forward(ctx, h, x, w, gate, dtype):
+        ctx.save_for_backward(x, w, gate)
+        ctx.dtype = dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.addcmul(h, gate.to(dtype), F.linear(x.to(dtype), w.to(dtype)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, gate = ctx.saved_tensors
+        dtype = ctx.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dout = grad.to(dtype)
+            acc = torch.promote_types(dtype, torch.float32)
+            dx = (dout * gate.to(dtype)).mm(w.to(dtype)).to(x.dtype) if ctx.needs_input_grad[1] else None
+            dw, _, dgate = _gated_grads(dout.t().mm(x.to(dtype)).to(acc), None, w, None, gate)
+        return grad if ctx.needs_input_grad[0] else None, dx, dw.to(w.dtype), dgate, None
+
+
+def gated_linear_add(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``h + gate * (x @ weight^T)`` (``gate``: one row ``[1, C]`` or ``[C]``) for autograd without keeping the
+    product (:class:`_GatedLinearAdd`); the compute dtype is the autocast dtype under autocast, else x's."""
+    return _GatedLinearAdd.apply(h, x, weight, gate.reshape(-1), _compute_dtype_of(x))
 
 
 def _row_chunks(n: int):
