@@ -196,9 +196,11 @@ class FlowMatchEulerScheduler:
 
 
 #: Largest token count for which ``euler_sample(batched_guidance="auto")`` runs the two guidance passes as one
-#: batched forward. Measured on an H100 (reports/dit.md, released-size DiT, bf16): at 19,000 tokens one batched
-#: forward takes 131 ms against 185 ms for two forwards; at 137,124 tokens they are even (1,084 vs 1,076 ms) and the
-#: batched one needs 7.0 GB against 4.6 GB.
+#: batched forward. Measured on an H100 (reports/dit_runs/3c91e92_full_baseline.md, released-size DiT, bf16): at
+#: 19,000 tokens one batched forward took 131 ms against 185 ms for two forwards; at 137,124 tokens they were even
+#: (1,084 vs 1,076 ms) and the batched one needs 7.0 GB against 4.6 GB. With the inference blocks
+#: (reports/dit_runs/143e3d2_sampling.md): 98.5 against 103.8 ms at 19,000 tokens, 975.6 against 976.9 ms (7.1 against
+#: 4.7 GB) at 137,124.
 BATCHED_GUIDANCE_MAX_TOKENS = 65536
 
 

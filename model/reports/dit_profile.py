@@ -265,6 +265,9 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
             out.append({"name": name, "loss_rel_diff": _rel(loss.detach(), ref_loss),
                         "grad_rel_diff": _rel(grads, ref_grads)})
             del grads
+        # nothing of the comparison may stay alive into the timed steps (the gradient vector is 4 bytes per
+        # parameter: 2 GB for the released size)
+        del loss, ref_loss, ref_grads
         base.clear()
         for record, (name, *flags) in zip(out, TRAINING_VARIANTS):
             switch(*flags)
