@@ -428,6 +428,9 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     a = doc["attention_1024"]
     assert a["ssa_op_calls"] == 2 * 2  # steps x blocks: both guidance passes run as one batched forward (small stage)
     assert 0 < a["ssa_op_seconds"] <= a["self_attention_seconds"] <= a["stage_seconds"]
+    # the cascade samples through the inference blocks (the path the DiT report times), never the autograd blocks
+    assert a["inference_block_calls"] == 2 * 2 and a["autograd_block_calls"] == 0
+    assert "4 through the sampling path" in md
     assert "estimated_seconds_at_released_steps" in doc["stages"]["sparse_1024"]
     assert doc["mesh"] and "24 GB" in md and "12 GB" in md
     # the target column, and the profiled stage (CPU: no GPU kernels)

@@ -143,16 +143,19 @@ class AttentionTimer:
     :meth:`~model.nets.ssa_layer.SpatialSparseAttention.attend` (q/k/v/gate projection, compression and the SSA
     operation; the output projection is part of the block's residual product), with CUDA events on a GPU
     (``time.perf_counter`` on the CPU). Only calls made inside the DiT's forward count. ``totals()`` -> seconds and call
-    counts."""
+    counts. It also counts the block calls by path: :meth:`~model.nets.dit_block.SparseDiTBlock.forward_inference`
+    (the sampling path) against ``forward`` (the autograd path)."""
 
     def __init__(self, dit: torch.nn.Module, device: torch.device):
         self.dit, self.device = dit, device
         self.active = False
         self.kernel: list = []
         self.module: list = []
+        self.block_calls = {"forward_inference": 0, "forward": 0}
         self._handles: list = []
         self._patched: list = []
         self._attend_patched: list = []
+        self._blocks_patched: list = []
 
     def _mark(self):
         if self.device.type == "cuda":
@@ -189,6 +192,9 @@ class AttentionTimer:
             attention = block.self_attn
             attention.attend = self._timed(attention.attend, self.module)
             self._attend_patched.append(attention)
+            for path in self.block_calls:
+                setattr(block, path, self._counted(getattr(block, path), path))
+            self._blocks_patched.append(block)
         for owner in (ssa_kernels, reference):
             original = owner.spatial_sparse_attention
             owner.spatial_sparse_attention = self._timed(original, self.kernel)
@@ -208,6 +214,16 @@ class AttentionTimer:
 
         return timed
 
+    def _counted(self, original, path: str):
+        """``original`` wrapped: while the DiT runs, each call adds one to ``block_calls[path]``."""
+
+        def counted(*args, **kwargs):
+            if self.active:
+                self.block_calls[path] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
     def __exit__(self, *exc) -> None:
         if getattr(self, "_instance_patched", False):
             del self.dit.guided_velocity  # the class's method again
@@ -215,6 +231,10 @@ class AttentionTimer:
         for attention in self._attend_patched:
             del attention.attend  # the class's method again
         self._attend_patched = []
+        for block in self._blocks_patched:
+            for path in self.block_calls:
+                delattr(block, path)  # the class's methods again
+        self._blocks_patched = []
         for handle in self._handles:
             handle.remove()
         for owner, original in self._patched:
@@ -229,7 +249,9 @@ class AttentionTimer:
 
     def totals(self) -> dict:
         return {"ssa_op_seconds": self._seconds(self.kernel), "ssa_op_calls": len(self.kernel),
-                "self_attention_seconds": self._seconds(self.module), "self_attention_calls": len(self.module)}
+                "self_attention_seconds": self._seconds(self.module), "self_attention_calls": len(self.module),
+                "inference_block_calls": self.block_calls["forward_inference"],
+                "autograd_block_calls": self.block_calls["forward"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -486,6 +508,10 @@ def markdown(r: dict) -> str:
             f"{100 * (1 - a['self_attention_share']):.0f}% |",
             "",
         ]
+        if "inference_block_calls" in a:
+            lines += [f"DiT block calls of the stage: {a['inference_block_calls']:,} through the sampling path "
+                      f"(`SparseDiTBlock.forward_inference`: no autograd, no autocast, one timestep), "
+                      f"{a['autograd_block_calls']:,} through the autograd path (`forward`).", ""]
     pub = r["published_memory_gb"]
     verdict = "n/a (no GPU)" if peak is None else (
         f"{peak / 1e9:.2f} GB: {'under' if peak / 1e9 < r['target_peak_gb'] else 'OVER'} the target")
