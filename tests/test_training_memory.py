@@ -182,3 +182,53 @@ def test_training_variants_switch_and_restore():
     assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
     assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
     assert dit.config.half_stream and layers.RECOMPUTE_HIDDEN and fused.ENABLED and dit_block.GATED_RESIDUAL
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_training_savings_are_bf16_noise(monkeypatch, device):
+    """Under bf16 autocast: the loss and the gradients with every saving on (bf16 stream, fused norms with their
+    backward kernel, recomputed MLP, gated residual products) and the plain path with a float32 stream, both against
+    a float32 run (no autocast). The savings stay within 2x the plain bf16 path's error: the bf16 stream rounds once
+    more per residual add (as the released model's fp16 stream), the rest adds nothing. CPU: the dense reference SSA
+    and the fused norms through the Triton interpreter; GPU: the Triton SSA kernels."""
+    from model.reports.dit_profile import TRAINING_VARIANTS
+    import model.nets.dit_block as dit_block
+    import model.nets.fused as fused
+
+    if device == "cpu":
+        if not fused._interpreting():
+            pytest.skip("the CPU run of the fused norms needs the Triton interpreter")
+        monkeypatch.setattr(fused, "INTERPRET_ON_CPU", True)
+    n, extent = (200, 10) if device == "cpu" else (3000, 24)
+    torch.manual_seed(0)
+    dit = SparseDiT(DiTConfig.tiny(backend="reference" if device == "cpu" else "kernels", use_checkpoint=True))
+    dit = dit.to(device)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0.0, 0.05)
+    coords = _coords(n, extent, 2).to(device)
+    x0 = SparseTensor(coords, torch.randn(coords.shape[0], dit.config.in_channels, device=device))
+    cond = torch.randn(1, 21, dit.config.cond_channels, device=device)
+
+    def run(flags, autocast):
+        dit.config = dit.config.replace(half_stream=flags[0])
+        fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL = flags[1:]
+        dit.zero_grad(set_to_none=True)
+        try:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
+            loss.backward()
+        finally:
+            dit.config = dit.config.replace(half_stream=True)
+            fused.ENABLED = layers.RECOMPUTE_HIDDEN = dit_block.GATED_RESIDUAL = True
+        return loss.detach().double(), torch.cat([p.grad.reshape(-1).double() for p in dit.parameters()])
+
+    before, after = TRAINING_VARIANTS[0][1:], TRAINING_VARIANTS[-1][1:]
+    assert not any(before) and all(after)
+    truth = run(before, autocast=False)
+    plain, fast = run(before, autocast=True), run(after, autocast=True)
+    for i in range(2):
+        noise = _rel(plain[i], truth[i])
+        assert 0 < noise < 5e-2, noise
+        assert _rel(fast[i], truth[i]) <= 2.0 * noise + 1e-4
