@@ -232,3 +232,18 @@ def test_training_savings_are_bf16_noise(monkeypatch, device):
         noise = _rel(plain[i], truth[i])
         assert 0 < noise < 5e-2, noise
         assert _rel(fast[i], truth[i]) <= 2.0 * noise + 1e-4
+
+
+def test_position_embedding_is_cached_for_sampling_only():
+    """A sampling loop reuses the embedding of its coordinates; a training step must not keep the [N, C] table in the
+    tensor's cache through its backward pass."""
+    from model.sparse.layers import AbsolutePositionEmbedder
+
+    emb = AbsolutePositionEmbedder(24)
+    x = SparseTensor(_coords(30, 8, 5), torch.randn(30, 4))
+    first = emb(x)
+    assert not any(k[0] == "pos_emb" for k in x.cache if isinstance(k, tuple))
+    with torch.no_grad():
+        kept = emb(x)
+        assert emb(x) is kept  # cached
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)

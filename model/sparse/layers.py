@@ -472,9 +472,12 @@ def sincos_position_embedding(xyz: torch.Tensor, channels: int, factor: float = 
 
 
 class AbsolutePositionEmbedder(nn.Module):
-    """Sin-cos embedding of a :class:`SparseTensor`'s coordinates (no parameters; cached in ``x.cache``).
+    """Sin-cos embedding of a :class:`SparseTensor`'s coordinates (no parameters).
 
-    ``forward(x) -> [N, channels]`` in ``x.dtype`` (computed in at least float32).
+    ``forward(x) -> [N, channels]`` in ``x.dtype`` (computed in at least float32). Without autograd it is cached in
+    ``x.cache`` (a sampling loop embeds one coordinate set at every step); while a gradient is recorded it is not:
+    a training step embeds its coordinates once, and the cache would hold the ``[N, C]`` table through the whole
+    backward pass (562 MB at 137k tokens x 1024 channels in float32, at the step's memory peak).
     """
 
     def __init__(self, channels: int, factor: float = 1.0):
@@ -484,10 +487,13 @@ class AbsolutePositionEmbedder(nn.Module):
     def forward(self, x: SparseTensor) -> torch.Tensor:
         _check_sparse(x)
         key = ("pos_emb", self.channels, self.factor, x.dtype)
-        if key not in x.cache:
-            emb = sincos_position_embedding(x.coords[:, 1:], self.channels, self.factor, _compute_dtype(x.dtype))
-            x.cache[key] = emb.to(x.dtype)
-        return x.cache[key]
+        emb = x.cache.get(key)
+        if emb is None:
+            emb = sincos_position_embedding(x.coords[:, 1:], self.channels, self.factor,
+                                            _compute_dtype(x.dtype)).to(x.dtype)
+            if not torch.is_grad_enabled():
+                x.cache[key] = emb
+        return emb
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, factor={self.factor}"
