@@ -231,3 +231,54 @@ def test_gpu_bfloat16_stream_matches_float64(affine):
         params, bidx, dz = _case(5000, 1024, counts, affine, True, seed=14 + affine, dtype=dtype)
         params = {k: (v.detach().cuda().requires_grad_(True) if v is not None else None) for k, v in params.items()}
         _check(params, bidx.cuda(), dz.cuda(), tol=1e-2, dtype=out_dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("affine,mod,counts,with_bias", [(True, False, [70], True), (False, True, [30, 1, 50], False),
+                                                         (False, True, [81], True)])
+def test_norm_with_projection_keeps_no_normalised_rows(affine, mod, counts, with_bias):
+    """``project=(w, b)``: ``F.linear`` of the norm's output, whose backward recomputes the normalised rows. Output
+    and every gradient (x, the norm's and the projection's parameters, shift, scale) against float64, and what
+    autograd keeps: x, no ``[N, C]`` normalised rows, no ``[N, M]`` product."""
+    n, c, m = sum(counts), 48, 20
+    params, bidx, _ = _case(n, c, counts, affine, mod, seed=7)
+    g = torch.Generator().manual_seed(8)
+    pw = (torch.randn(m, c, generator=g) * 0.2).requires_grad_(True)
+    pb = torch.randn(m, generator=g).requires_grad_(True) if with_bias else None
+    dout = torch.randn(n, m, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        got = fused.layer_norm_modulate(params["x"], EPS, weight=params["weight"], bias=params["bias"],
+                                        shift=params["shift"], scale=params["scale"], batch_index=bidx,
+                                        project=(pw, pb))
+    assert saved.count((n, c)) == 1 and (n, m) not in saved  # x only
+    inputs = {**params, "pw": pw, "pb": pb}
+    names = [k for k, v in inputs.items() if v is not None]
+    ref_in = {k: inputs[k].detach().double().requires_grad_(True) for k in names}
+    want = F.linear(_reference(ref_in["x"], ref_in.get("weight"), ref_in.get("bias"), ref_in.get("shift"),
+                               ref_in.get("scale"), bidx), ref_in["pw"], ref_in.get("pb"))
+    assert got.shape == (n, m) and _rel(got, want) < 1e-5
+    grads = torch.autograd.grad(got, [inputs[k] for k in names], dout)
+    ref_grads = torch.autograd.grad(want, [ref_in[k] for k in names], dout.double())
+    for name, a, b in zip(names, grads, ref_grads):
+        assert a.dtype == inputs[name].dtype and _rel(a, b) < 1e-5, name
+    with torch.no_grad():  # the inference form: the kernel, then the product
+        assert _rel(fused.layer_norm_modulate(params["x"], EPS, weight=params["weight"], bias=params["bias"],
+                                              shift=params["shift"], scale=params["scale"], batch_index=bidx,
+                                              project=(pw, pb)), want) < 1e-5
+    with pytest.raises(ValueError, match="project weight"):
+        fused.layer_norm_modulate(params["x"], EPS, project=(torch.zeros(m, c + 1), None))
+    with pytest.raises(ValueError, match="neither add"):
+        fused.layer_norm_modulate(params["x"].detach(), EPS, project=(pw, pb), out=torch.empty(n, c))
+
+
+def test_norm_modulate_projection_falls_back_to_pytorch():
+    """The PyTorch path of ``norm_modulate(project=)`` (CPU without the interpreter flag) gives the same values."""
+    norm = torch.nn.LayerNorm(16, eps=EPS, elementwise_affine=False)
+    x = torch.randn(9, 16, requires_grad=True)
+    w = torch.randn(5, 16, requires_grad=True)
+    got = fused.norm_modulate(norm, x, project=(w, None))
+    want = F.linear(F.layer_norm(x, (16,), eps=EPS), w)
+    assert _rel(got, want) < 1e-6
+    got.sum().backward()
+    assert x.grad is not None and w.grad is not None

@@ -173,7 +173,8 @@ def test_training_variants_switch_and_restore():
 
     def time_fn(fn, *, reps, warmup, device):
         fn()
-        calls.append((dit.config.half_stream, fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL))
+        calls.append((dit.config.half_stream, fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL,
+                      dit_block.NORM_PROJECTION))
         return [1.0] * reps, None
 
     rows = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=2, warmup=0)
@@ -182,6 +183,7 @@ def test_training_variants_switch_and_restore():
     assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
     assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
     assert dit.config.half_stream and layers.RECOMPUTE_HIDDEN and fused.ENABLED and dit_block.GATED_RESIDUAL
+    assert dit_block.NORM_PROJECTION
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
@@ -213,7 +215,7 @@ def test_training_savings_are_bf16_noise(monkeypatch, device):
 
     def run(flags, autocast):
         dit.config = dit.config.replace(half_stream=flags[0])
-        fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL = flags[1:]
+        fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = flags[1:]
         dit.zero_grad(set_to_none=True)
         try:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
@@ -221,7 +223,7 @@ def test_training_savings_are_bf16_noise(monkeypatch, device):
             loss.backward()
         finally:
             dit.config = dit.config.replace(half_stream=True)
-            fused.ENABLED = layers.RECOMPUTE_HIDDEN = dit_block.GATED_RESIDUAL = True
+            fused.ENABLED = layers.RECOMPUTE_HIDDEN = dit_block.GATED_RESIDUAL = dit_block.NORM_PROJECTION = True
         return loss.detach().double(), torch.cat([p.grad.reshape(-1).double() for p in dit.parameters()])
 
     before, after = TRAINING_VARIANTS[0][1:], TRAINING_VARIANTS[-1][1:]
@@ -247,3 +249,25 @@ def test_position_embedding_is_cached_for_sampling_only():
         kept = emb(x)
         assert emb(x) is kept  # cached
     torch.testing.assert_close(first, kept, rtol=0, atol=0)
+
+
+def test_norms_folded_into_projections_give_the_same_gradients_in_float64(monkeypatch):
+    """The training path with the norms folded into the merged q/k/v/gate and query projections against the norms
+    and modules one after the other: the same loss and gradients (float64, every parameter)."""
+    import model.nets.dit_block as dit_block
+
+    dit, x0, cond = _tiny_dit()
+    dit = dit.double()
+    x0 = x0.replace(x0.feats.double())
+    cond = cond.double()
+    results = []
+    for folded in (False, True):
+        monkeypatch.setattr(dit_block, "NORM_PROJECTION", folded)
+        dit.zero_grad(set_to_none=True)
+        loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in dit.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert _rel(l1, l0) < 1e-12
+    for a, b in zip(g1, g0):
+        assert _rel(a, b) < 1e-10

@@ -23,7 +23,8 @@ from model.sparse.tensor import SparseTensor
 if TYPE_CHECKING:
     from model.nets.dit import DiTConfig
 
-__all__ = ["BLOCK_NORM_EPS", "GATED_RESIDUAL", "MLP_CHUNK_ROWS", "CrossAttention", "CrossPlan", "SparseDiTBlock"]
+__all__ = ["BLOCK_NORM_EPS", "GATED_RESIDUAL", "MLP_CHUNK_ROWS", "NORM_PROJECTION", "CrossAttention", "CrossPlan",
+           "SparseDiTBlock"]
 
 #: Epsilon of the block layer norms (RELEASED_MODEL.md D).
 BLOCK_NORM_EPS = 1e-6
@@ -55,13 +56,15 @@ class CrossAttention(nn.Module):
         are uniform and the attended value is the value bias): ``to_out(value bias)``."""
         return self.to_out(self.to_kv.bias[self.channels:])
 
-    def attend(self, h: torch.Tensor, offsets: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
-               cache: dict | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, h: torch.Tensor | None, offsets: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+               cache: dict | None = None, kv: torch.Tensor | None = None,
+               q: torch.Tensor | None = None) -> torch.Tensor:
         """The attended values before ``to_out``: ``[N, C]``. ``kv``: :meth:`project_context` of ``context`` when
-        already computed."""
-        n = h.shape[0]
+        already computed; ``q``: ``to_q(h)`` when already computed (``[N, C]``; h is then not read)."""
         d = self.channels // self.num_heads
-        q = self.to_q(h).view(n, self.num_heads, d)
+        q = self.to_q(h) if q is None else q
+        n = q.shape[0]
+        q = q.view(n, self.num_heads, d)
         kv = self.project_context(context) if kv is None else kv
         o = dense_attention(q, kv[:, :, 0], kv[:, :, 1], offsets, kv_mask=mask, cache=cache,
                             cache_key="dit_cross_attention")
@@ -104,11 +107,21 @@ class SparseDiTBlock(nn.Module):
         # kept for the backward pass: model.nets.fused)
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else None
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(t_emb).chunk(6, dim=1)
-        with record_function("dit.norm"):
-            u = norm_modulate(self.norm1, h, shift_a, scale_a, bidx, dtype=dt)
         gated = GATED_RESIDUAL and bidx is None and torch.is_grad_enabled()
-        with record_function("dit.self_attn"):
-            o = self.self_attn.attend(x.replace(u)) if gated else self.self_attn(x.replace(u)).feats
+        attn = self.self_attn
+        if torch.is_grad_enabled() and NORM_PROJECTION:
+            # the norm and the four projections in one function that keeps no normalised rows
+            with record_function("dit.self_attn"):
+                merged = norm_modulate(self.norm1, h, shift_a, scale_a, bidx, dtype=dt,
+                                       project=(attn.merged_weight(), None))
+                o = attn.attend(x, projected=attn.split_projection(merged, contiguous_q=True))
+                if not gated:
+                    o = attn.proj_o(o)
+        else:
+            with record_function("dit.norm"):
+                u = norm_modulate(self.norm1, h, shift_a, scale_a, bidx, dtype=dt)
+            with record_function("dit.self_attn"):
+                o = attn.attend(x.replace(u)) if gated else attn(x.replace(u)).feats
         with record_function("dit.residual"):
             h = (gated_linear_add(h, o, self.self_attn.proj_o.weight, gate_a) if gated
                  else _gated_add(h, gate_a, o, bidx))
@@ -192,9 +205,12 @@ class SparseDiTBlock(nn.Module):
         :meth:`CrossAttention.null_output` instead. ``dtype``: the norm's output dtype (None: h's)."""
         rows = h.shape[0] if cross is None else cross.rows
         kv = self._kept_kv(context, cross)
+        ca = self.cross_attn
+        if rows == h.shape[0] and torch.is_grad_enabled() and NORM_PROJECTION:
+            q = norm_modulate(self.norm2, h, dtype=dtype, project=(ca.to_q.weight, ca.to_q.bias))
+            return h + ca.to_out(ca.attend(None, x.offsets, context, mask, cache=x.cache, kv=kv, q=q))
         if rows == h.shape[0]:
-            return h + self.cross_attn(norm_modulate(self.norm2, h, dtype=dtype), x.offsets, context, mask,
-                                       cache=x.cache, kv=kv)
+            return h + ca(norm_modulate(self.norm2, h, dtype=dtype), x.offsets, context, mask, cache=x.cache, kv=kv)
         null = h[rows:] + self.cross_attn.null_output().to(h.dtype)
         if not rows:
             return null
@@ -209,6 +225,12 @@ class SparseDiTBlock(nn.Module):
 #: output projection and the MLP add into the stream without keeping their ``[N, C]`` outputs for the backward pass
 #: (2 x 281 MB per block at 137k tokens in bf16). Off, or with one row per batch element: ``addcmul``.
 GATED_RESIDUAL = True
+
+#: Switch for the training path's norms folded into the projections that follow them
+#: (:func:`model.nets.fused.norm_modulate` ``project=``): norm1 with the merged q/k/v/gate projection, norm2 with the
+#: cross-attention's query projection; the normalised rows (281 MB each at 137k tokens in bf16) are recomputed in
+#: the backward pass instead of kept. Off: the norms and the modules one after the other.
+NORM_PROJECTION = True
 
 #: Rows per chunk of the MLP when no gradient is recorded: the 4x-wide hidden layer of 137k tokens alone is 1.1 GB in
 #: bfloat16; chunks keep the sampling peak at a few hundred MB for it (the MLP is per token, so chunking is exact).

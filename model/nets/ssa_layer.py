@@ -349,35 +349,48 @@ class SpatialSparseAttention(nn.Module):
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``h [N, C]`` -> ``q [N, Hq, D]``, ``k, v [N, Hkv * D]``, ``gate [N, 3]`` (after the sigmoid).
 
-        Without autograd the four projections are one matrix product over the concatenated weights (padded to a
-        multiple of :data:`MERGED_ALIGN` rows): ``h`` is read once instead of four times, and the 3-wide gate no
-        longer runs as its own unaligned product; q is a column view of the one output (the kernels take strided
-        rows). k and v are copied into one compact ``[N, 2 * Hkv * D]`` buffer: the selection and window kernels
-        gather key rows from all over the sequence, and as views with the merged row stride (2,320 bytes for the
-        released width) they made the SSA op ~40% slower on an H100 (the DiT report of dd3f8eb: a guided step of
-        1,616 ms against 1,054 ms with the four separate products); the copy moves 2 x 128 bytes per token. With
-        autograd: the four modules, as the released model."""
+        Without autograd the four projections are one matrix product over the concatenated weights
+        (:meth:`merged_weight`): ``h`` is read once instead of four times, and the 3-wide gate no longer runs as its
+        own unaligned product (:meth:`split_projection` cuts the output). With autograd: the four modules, as the
+        released model (the DiT block's training path merges them itself, with its layer norm:
+        :func:`model.nets.fused.norm_modulate` ``project=``)."""
         n = h.shape[0]
         if torch.is_grad_enabled() or not MERGED_PROJECTION:
             return self.proj_q(h).view(n, self.num_heads, self.head_dim), self.proj_k(h), self.proj_v(h), self.gate(h)
-        c, kv = self.channels, self.num_kv_heads * self.head_dim
-        weights = [self.proj_q.weight, self.proj_k.weight, self.proj_v.weight, self.gate[0].weight]
-        rows = c + 2 * kv + 3
-        pad = -rows % MERGED_ALIGN
-        if pad:
-            weights.append(self.proj_q.weight.new_zeros(pad, c))
-        out = F.linear(h, torch.cat(weights))
-        q = out[:, :c].view(n, self.num_heads, self.head_dim)
-        kv_rows = out[:, c:c + 2 * kv].contiguous()
-        return q, kv_rows[:, :kv], kv_rows[:, kv:], torch.sigmoid(out[:, c + 2 * kv:rows])
+        return self.split_projection(F.linear(h, self.merged_weight()))
 
-    def attend(self, x: SparseTensor) -> torch.Tensor:
-        """The attention output before ``proj_o``: ``x [N, C]`` (layout order) -> ``[N, C]``."""
+    def merged_weight(self) -> torch.Tensor:
+        """``[rows, C]``: the weights of proj_q, proj_k, proj_v and the gate one below the other, zero rows padding
+        them to a multiple of :data:`MERGED_ALIGN` (differentiable: each part's gradient reaches its parameter)."""
+        weights = [self.proj_q.weight, self.proj_k.weight, self.proj_v.weight, self.gate[0].weight]
+        pad = -sum(w.shape[0] for w in weights) % MERGED_ALIGN
+        if pad:
+            weights.append(self.proj_q.weight.new_zeros(pad, self.channels))
+        return torch.cat(weights)
+
+    def split_projection(self, out: torch.Tensor, *, contiguous_q: bool = False):
+        """``q [N, Hq, D]``, ``k, v [N, Hkv * D]``, ``gate [N, 3]`` from the merged product ``out [N, rows]``
+        (:meth:`merged_weight`). q is a column view of ``out`` (the forward kernels take strided rows; with
+        ``contiguous_q`` a copy). k and v are copied into one compact ``[N, 2 * Hkv * D]`` buffer: the selection
+        and window kernels gather key rows from all over the sequence, and as views with the merged row stride
+        (2,320 bytes for the released width) they made the SSA op ~40% slower on an H100 (the DiT report of
+        dd3f8eb: a guided step of 1,616 ms against 1,054 ms with the four separate products,
+        reports/dit_history.md); the copy moves 2 x 128 bytes per token."""
+        n = out.shape[0]
+        c, kv = self.channels, self.num_kv_heads * self.head_dim
+        q = out[:, :c]
+        q = (q.contiguous() if contiguous_q else q).view(n, self.num_heads, self.head_dim)
+        kv_rows = out[:, c:c + 2 * kv].contiguous()
+        return q, kv_rows[:, :kv], kv_rows[:, kv:], torch.sigmoid(out[:, c + 2 * kv:c + 2 * kv + 3])
+
+    def attend(self, x: SparseTensor, projected: tuple | None = None) -> torch.Tensor:
+        """The attention output before ``proj_o``: ``x [N, C]`` (layout order) -> ``[N, C]``. ``projected``: the
+        ``(q, k, v, gate)`` of :meth:`project` already computed (then only x's coordinates are read)."""
         _check_sparse(x)
-        if x.num_channels != self.channels:
+        if projected is None and x.num_channels != self.channels:
             raise ValueError(f"x has {x.num_channels} channels but the attention expects {self.channels}")
         n = x.num_voxels
-        q, k, v, gate = self.project(x.feats)
+        q, k, v, gate = self.project(x.feats) if projected is None else projected
         if self.attention == "full":
             o = dense_attention(q, k.view(n, self.num_kv_heads, self.head_dim),
                                 v.view(n, self.num_kv_heads, self.head_dim), x.offsets, cache=x.cache,

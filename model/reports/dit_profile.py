@@ -218,13 +218,15 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 #: Training-step variants, each switching on one more saving: (name, half_stream, fused norms under autograd
 #: (:func:`model.nets.fused.norm_modulate`), the MLP's recomputed hidden layer
 #: (:class:`model.sparse.layers.FeedForward`), the gated residual products
-#: (:data:`model.nets.dit_block.GATED_RESIDUAL`)).
+#: (:data:`model.nets.dit_block.GATED_RESIDUAL`), the norms folded into the projections that follow them
+#: (:data:`model.nets.dit_block.NORM_PROJECTION`)).
 TRAINING_VARIANTS = (
-    ("float32 stream, PyTorch norms, plain MLP (before)", False, False, False, False),
-    ("+ bf16 residual stream", True, False, False, False),
-    ("+ fused norms with their backward kernel", True, True, False, False),
-    ("+ MLP hidden layer recomputed in the backward pass", True, True, True, False),
-    ("+ gated residual products that keep no branch output", True, True, True, True),
+    ("float32 stream, PyTorch norms, plain MLP (before)", False, False, False, False, False),
+    ("+ bf16 residual stream", True, False, False, False, False),
+    ("+ fused norms with their backward kernel", True, True, False, False, False),
+    ("+ MLP hidden layer recomputed in the backward pass", True, True, True, False, False),
+    ("+ gated residual products that keep no branch output", True, True, True, True, False),
+    ("+ norms folded into the projections after them (merged q/k/v/gate)", True, True, True, True, True),
 )
 
 
@@ -242,9 +244,10 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
     dev = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def switch(half, fused_norms, recompute, gated):
+    def switch(half, fused_norms, recompute, gated, norm_projection):
         model.config = model.config.replace(half_stream=half)
-        fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL = fused_norms, recompute, gated
+        fused.ENABLED, layers.RECOMPUTE_HIDDEN = fused_norms, recompute
+        dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = gated, norm_projection
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -283,5 +286,5 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
             record.update(median_ms=sorted(times)[len(times) // 2], reps_ms=times, peak_gb=peak,
                           after_forward_gb=after_forward)
     finally:
-        switch(True, True, True, True)
+        switch(True, True, True, True, True)
     return out
