@@ -12,6 +12,11 @@ heads of 32, 2 kv heads, v1.1 compression) on the ``shell-1024`` token set of th
   over all tokens) through ``scaled_dot_product_attention`` restricted to the FLASH_ATTENTION backend (PyTorch's
   FlashAttention-2 kernels). The full-attention step takes seconds at 137k tokens: it runs ``--full-reps`` times.
 
+With the profile (default; ``--no-profile`` skips it): the training step with its memory savings switched on one
+after the other (:func:`model.reports.dit_profile.training_variants`: time, peak, memory held after the forward,
+loss and gradient differences), the GPU time of a training step and of a forward by kind of kernel, and the
+sampling-step variants (``--no-sampling-profile`` skips the sampling part).
+
 Writes ``DIR/dit.json`` (``ssa_step_ms``, ``full_attention_step_ms``, ``ssa_sample_step_ms``,
 ``full_attention_sample_step_ms``, ``peak_mem_gb``, ``full_attention_peak_mem_gb``, ``tokens``, ``gpu``, ``date``,
 ``commit`` and versions (:func:`model.io.provenance`), the configuration, every repetition) and ``DIR/dit.md``.
