@@ -227,14 +227,16 @@ def markdown(r: dict) -> str:
         f"{'SMOKE RUN (tiny model on CPU), not a measurement' if r['smoke'] else 'released_1024 configuration'}.",
         "",
         f"Model: width {cfg['model_channels']}, {cfg['num_blocks']} blocks, {cfg['num_heads']} query heads of "
-        f"{cfg['model_channels'] // cfg['num_heads']}, {cfg['num_kv_heads']} kv heads, compression {cfg['compression_version']} "
+        f"{cfg['model_channels'] // cfg['num_heads']}, {cfg['num_kv_heads']} kv heads, compression "
+        f"{cfg['compression_version']} "
         f"on {cfg['compression_block']}^3 blocks, selection {cfg['selection_block']}^3 top-{cfg['topk']}, window "
         f"{cfg['window']}^3; {r['parameters']:,} parameters. Tokens: {r['tokens']:,} ({r['shape']}); condition: "
         f"{r['condition_tokens']} random tokens. {r['precision']}, activation checkpointing per block, AdamW.",
         "",
         f"| | SSA ({'Triton kernels' if cfg['backend'] == 'kernels' else 'dense reference'}) | full attention |",
         "| --- | ---: | ---: |",
-        f"| training step (fwd + bwd + AdamW), ms | {_fmt(r['ssa_step_ms'])} | {_fmt(r.get('full_attention_step_ms'))} |",
+        f"| training step (fwd + bwd + AdamW), ms | {_fmt(r['ssa_step_ms'])} | "
+        f"{_fmt(r.get('full_attention_step_ms'))} |",
         f"| peak memory of the training step, GB | {_fmt(r.get('peak_mem_gb'))} | "
         f"{_fmt(r.get('full_attention_peak_mem_gb'))} |",
         f"| guided sampling step (2 forwards + Euler; fp32 weights, bf16 autocast), ms | "
