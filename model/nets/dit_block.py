@@ -123,7 +123,7 @@ class SparseDiTBlock(nn.Module):
             with record_function("dit.self_attn"):
                 o = attn.attend(x.replace(u)) if gated else attn(x.replace(u)).feats
         with record_function("dit.residual"):
-            h = (gated_linear_add(h, o, self.self_attn.proj_o.weight, gate_a) if gated
+            h = (gated_linear_add(h, o, attn.proj_o.weight, gate_a) if gated
                  else _gated_add(h, gate_a, o, bidx))
         with record_function("dit.cross_attn"):
             h = self._cross_attention(x, h, context, mask, cross, dt)

@@ -428,28 +428,15 @@ class _NormModulateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype):
-        c = x.shape[1]
-        has_mod = shift is not None
-        shift2 = shift.reshape(-1, c).contiguous() if has_mod else None
-        scale2 = scale.reshape(-1, c).contiguous() if has_mod else None
-        out, mean, rstd = _forward(x, eps, weight, bias, shift2, scale2, batch_index, None, None, dtype, stats=True)
+        out, mean, rstd, _, scale2 = _norm_forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype)
         ctx.save_for_backward(x, mean, rstd, weight, bias, scale2, batch_index)
-        ctx.mod = (shift.shape, shift.dtype, scale.shape, scale.dtype) if has_mod else None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dz):
         x, mean, rstd, weight, bias, scale, batch_index = ctx.saved_tensors
-        need_x, need_w, need_b, need_shift, need_scale = ctx.needs_input_grad[:5]
-        dx, dw, db, dshift, dscale = _backward(dz, x, mean, rstd, weight, bias, scale, batch_index, need_dx=need_x,
-                                               need_affine=need_w or need_b, need_mod=need_shift or need_scale)
-        if ctx.mod is not None and dshift is not None:
-            shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.mod
-            dshift = dshift.reshape(shift_shape).to(shift_dtype)
-            dscale = dscale.reshape(scale_shape).to(scale_dtype)
-        return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-                dshift if need_shift else None, dscale if need_scale else None, None, None, None)
+        return (*_norm_grads(ctx, dz, x, mean, rstd, weight, bias, scale, batch_index), None, None, None)
 
 
 class _NormLinearFunction(torch.autograd.Function):
@@ -462,13 +449,8 @@ class _NormLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype, pw, pb):
-        c = x.shape[1]
-        has_mod = shift is not None
-        shift2 = shift.reshape(-1, c).contiguous() if has_mod else None
-        scale2 = scale.reshape(-1, c).contiguous() if has_mod else None
-        u, mean, rstd = _forward(x, eps, weight, bias, shift2, scale2, batch_index, None, None, dtype, stats=True)
+        u, mean, rstd, shift2, scale2 = _norm_forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype)
         ctx.save_for_backward(x, mean, rstd, weight, bias, shift2, scale2, batch_index, pw, pb)
-        ctx.mod = (shift.shape, shift.dtype, scale.shape, scale.dtype) if has_mod else None
         ctx.eps, ctx.dtype = eps, dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(u, pw.to(dtype), None if pb is None else pb.to(dtype))
@@ -478,26 +460,43 @@ class _NormLinearFunction(torch.autograd.Function):
     def backward(ctx, dout):
         x, mean, rstd, weight, bias, shift, scale, batch_index, pw, pb = ctx.saved_tensors
         dtype = ctx.dtype
-        need_x, need_w, need_b, need_shift, need_scale = ctx.needs_input_grad[:5]
         need_pw, need_pb = ctx.needs_input_grad[8:10]
         u = _forward(x, ctx.eps, weight, bias, shift, scale, batch_index, None, None, dtype, stats=False)[0]
         dout = dout.to(dtype)
-        acc = torch.promote_types(dtype, torch.float32)
         dpw = dout.t().mm(u).to(pw.dtype) if need_pw else None
-        dpb = dout.sum(0, dtype=acc).to(pb.dtype) if need_pb else None
+        dpb = dout.sum(0, dtype=torch.promote_types(dtype, torch.float32)).to(pb.dtype) if need_pb else None
         del u
-        dx = dw = db = dshift = dscale = None
-        if need_x or need_w or need_b or need_shift or need_scale:
-            du = dout.mm(pw.to(dtype))
-            dx, dw, db, dshift, dscale = _backward(du, x, mean, rstd, weight, bias, scale, batch_index,
-                                                   need_dx=need_x, need_affine=need_w or need_b,
-                                                   need_mod=need_shift or need_scale)
-            if ctx.mod is not None and dshift is not None:
-                shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.mod
-                dshift = dshift.reshape(shift_shape).to(shift_dtype)
-                dscale = dscale.reshape(scale_shape).to(scale_dtype)
-        return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-                dshift if need_shift else None, dscale if need_scale else None, None, None, None, dpw, dpb)
+        grads = (None,) * 5
+        if any(ctx.needs_input_grad[:5]):
+            grads = _norm_grads(ctx, dout.mm(pw.to(dtype)), x, mean, rstd, weight, bias, scale, batch_index)
+        return (*grads, None, None, None, dpw, dpb)
+
+
+def _norm_forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype):
+    """The forward kernel with the row statistics for the autograd functions; records the modulation rows' shapes
+    and dtypes on ``ctx`` for :func:`_norm_grads`. Returns ``(out, mean, rstd, shift2, scale2)``, the modulation
+    rows as contiguous ``[B, C]`` (None without modulation)."""
+    c = x.shape[1]
+    has_mod = shift is not None
+    shift2 = shift.reshape(-1, c).contiguous() if has_mod else None
+    scale2 = scale.reshape(-1, c).contiguous() if has_mod else None
+    out, mean, rstd = _forward(x, eps, weight, bias, shift2, scale2, batch_index, None, None, dtype, stats=True)
+    ctx.mod = (shift.shape, shift.dtype, scale.shape, scale.dtype) if has_mod else None
+    return out, mean, rstd, shift2, scale2
+
+
+def _norm_grads(ctx, dz, x, mean, rstd, weight, bias, scale, batch_index):
+    """``(dx, dweight, dbias, dshift, dscale)`` of the norm from ``dz`` (:func:`_backward`), each in its input's
+    shape and dtype, None for the inputs (the first five of the function) that need no gradient."""
+    need_x, need_w, need_b, need_shift, need_scale = ctx.needs_input_grad[:5]
+    dx, dw, db, dshift, dscale = _backward(dz, x, mean, rstd, weight, bias, scale, batch_index, need_dx=need_x,
+                                           need_affine=need_w or need_b, need_mod=need_shift or need_scale)
+    if ctx.mod is not None and dshift is not None:
+        shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.mod
+        dshift = dshift.reshape(shift_shape).to(shift_dtype)
+        dscale = dscale.reshape(scale_shape).to(scale_dtype)
+    return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
+            dshift if need_shift else None, dscale if need_scale else None)
 
 
 def _backward(dz, x, mean, rstd, weight, bias, scale, batch_index, *, need_dx: bool, need_affine: bool,

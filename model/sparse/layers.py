@@ -114,26 +114,25 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = self.mlp[0], self.mlp[2]
         if x.dim() == 2 and torch.is_grad_enabled() and RECOMPUTE_HIDDEN:
-            return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, _compute_dtype_of(x),
+            return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, _operand_dtype(x),
                                         None, None)
         if (not torch.is_grad_enabled() and x.is_cuda and x.dim() == 2 and x.dtype == first.weight.dtype
                 and not torch.is_autocast_enabled()):
             return second(gelu_linear(x, first.weight, first.bias))
         return self.mlp(x)
 
-
     def gated_residual(self, x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """``h + gate * self(x)`` for ``x, h [N, C]`` and one gate row (``[1, C]`` or ``[C]``); under autograd
         through :class:`_RecomputedMLP`, which keeps neither the hidden layer nor the MLP's output."""
         if x.dim() == 2 and torch.is_grad_enabled() and RECOMPUTE_HIDDEN:
             first, second = self.mlp[0], self.mlp[2]
-            return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, _compute_dtype_of(x),
+            return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, _operand_dtype(x),
                                         h, gate.reshape(-1))
         return torch.addcmul(h, gate.reshape(-1), self(x))
 
 
-def _compute_dtype_of(x: torch.Tensor) -> torch.dtype:
-    """The autocast dtype under autocast, else ``x``'s."""
+def _operand_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the matrix products' operands for ``x``: the autocast dtype under autocast, else ``x``'s."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
@@ -243,7 +242,7 @@ class _GatedLinearAdd(torch.autograd.Function):
 def gated_linear_add(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``h + gate * (x @ weight^T)`` (``gate``: one row ``[1, C]`` or ``[C]``) for autograd without keeping the
     product (:class:`_GatedLinearAdd`); the compute dtype is the autocast dtype under autocast, else x's."""
-    return _GatedLinearAdd.apply(h, x, weight, gate.reshape(-1), _compute_dtype_of(x))
+    return _GatedLinearAdd.apply(h, x, weight, gate.reshape(-1), _operand_dtype(x))
 
 
 def _row_chunks(n: int):
