@@ -144,26 +144,40 @@ def _sel_bwd_dq_kernel(
 
 @triton.jit
 def _sel_bwd_dkdv_kernel(
-    Q, K, V, DO, GATE, NEG, LSE2, DELTA, DK, DV,
-    sel_offsets, csr_offsets, csr_tokens,
-    S, H, qk_scale, scale,
+    Q, K, V, DO, GATE, NEG, LSE2, DELTA, DK, DV, PART,
+    sel_offsets, csr_offsets, csr_tokens, item_bucket, item_start,
+    S, NB, H, qk_scale, scale, max_queries, part_stride,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr, SIGNED: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """dK/dV of one key tile of selection block ``program_id(0)`` for kv head ``program_id(2)``; launched once
-    per ``SIGNED`` variant (``gate.fold_gate``), the one that does not apply does nothing.
+    """dK/dV of key tile ``program_id(1)`` of one work item ``program_id(0)``; launched once per ``SIGNED``
+    variant (``gate.fold_gate``), the one that does not apply does nothing.
 
-    ``csr_offsets [Hkv * S + 1]``, ``csr_tokens``: the query tokens that chose block b for kv head g are
-    ``csr_tokens[csr_offsets[g*S+b] : csr_offsets[g*S+b+1]]``. ``DK, DV [N, Hkv, D]`` float32.
+    A bucket is one (kv head g, selection block b), ``bucket = g * S + b``; the query tokens that chose block b for
+    kv head g are ``csr_tokens[csr_offsets[bucket] : csr_offsets[bucket + 1]]``. Without ``SPLIT`` work item i is
+    bucket i. With ``SPLIT`` a bucket's queries are cut into chunks of ``max_queries``: work item i is chunk
+    ``i - item_start[bucket]`` of bucket ``item_bucket[i]`` (``NB`` past the last item). Chunk 0 stores into
+    ``DK, DV [N, Hkv, D]`` float32 (added to when ``ACCUMULATE``); chunk c > 0 writes its unscaled partial sums
+    into slot ``i - bucket - 1`` of ``PART [2, slots, tiles, BLOCK_N, BLOCK_D]`` (``part_stride`` = the size of
+    one of the two halves), which :func:`_sel_dkdv_reduce_kernel` adds in chunk order.
     """
-    blk = tl.program_id(0)
-    g = tl.program_id(2)
+    item = tl.program_id(0)
+    tile = tl.program_id(1)
+    if SPLIT:
+        bucket = tl.load(item_bucket + item)
+        chunk = item - tl.load(item_start + bucket)
+    else:
+        bucket = item
+        chunk = 0
+    blk = bucket % S
+    g = bucket // S
     hkv = H // G
-    start = tl.load(sel_offsets + blk) + tl.program_id(1) * BLOCK_N
+    start = tl.load(sel_offsets + blk) + tile * BLOCK_N
     end = tl.load(sel_offsets + blk + 1)
-    if (start < end) & _signed_variant_runs(NEG, HAS_GATE, SIGNED):
+    if (bucket < NB) & (start < end) & _signed_variant_runs(NEG, HAS_GATE, SIGNED):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < end
         d = tl.arange(0, BLOCK_D)
@@ -172,8 +186,11 @@ def _sel_bwd_dkdv_kernel(
         k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, kv_mask)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        q_lo = tl.load(csr_offsets + g * S + blk)
-        q_hi = tl.load(csr_offsets + g * S + blk + 1)
+        q_lo = tl.load(csr_offsets + bucket)
+        q_hi = tl.load(csr_offsets + bucket + 1)
+        if SPLIT:
+            q_lo = q_lo + chunk * max_queries
+            q_hi = tl.minimum(q_hi, q_lo + max_queries)
         r = tl.arange(0, BLOCK_T * HG)
         for e0 in range(q_lo, q_hi, BLOCK_T):
             e = e0 + r // HG
@@ -184,7 +201,46 @@ def _sel_bwd_dkdv_kernel(
             dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
                                 qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
                                 GATE_IDX, SIGNED)
-        _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, hkv, d, kv_mask, D, ACCUMULATE)
+        if chunk == 0:
+            _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, hkv, d, kv_mask, D, ACCUMULATE)
+        else:
+            tiles = tl.num_programs(1)
+            part = ((item - bucket - 1).to(tl.int64) * tiles + tile) * (BLOCK_N * BLOCK_D)
+            rows = tl.arange(0, BLOCK_N)[:, None] * BLOCK_D + d[None, :]
+            tl.store(PART + part + rows, dk)
+            tl.store(PART + part_stride + part + rows, dv)
+
+
+@triton.jit
+def _sel_dkdv_reduce_kernel(
+    DK, DV, PART, sel_offsets, item_start,
+    S, H, scale, part_stride,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Adds the partial sums of chunks 1, 2, ... of bucket ``program_id(0)`` (key tile ``program_id(1)``), in
+    that order, into ``DK, DV`` (:func:`_sel_bwd_dkdv_kernel` with ``SPLIT``; chunk 0 stored there already).
+    The order is fixed, so the result does not depend on which program ran first."""
+    bucket = tl.program_id(0)
+    tile = tl.program_id(1)
+    first = tl.load(item_start + bucket)
+    chunks = tl.load(item_start + bucket + 1) - first
+    blk = bucket % S
+    g = bucket // S
+    start = tl.load(sel_offsets + blk) + tile * BLOCK_N
+    end = tl.load(sel_offsets + blk + 1)
+    if (chunks > 1) & (start < end):
+        tiles = tl.num_programs(1)
+        n = start + tl.arange(0, BLOCK_N)
+        d = tl.arange(0, BLOCK_D)
+        kv_mask = (n < end)[:, None] & (d < D)[None, :]
+        rows = tl.arange(0, BLOCK_N)[:, None] * BLOCK_D + d[None, :]
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for c in range(1, chunks):
+            part = ((first + c - bucket - 1).to(tl.int64) * tiles + tile) * (BLOCK_N * BLOCK_D)
+            dk += tl.load(PART + part + rows)
+            dv += tl.load(PART + part_stride + part + rows)
+        _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, H // G, d, kv_mask, D, True)
 
 
 def block_query_index(idx: torch.Tensor, num_blocks: int):
@@ -210,6 +266,31 @@ def block_query_index(idx: torch.Tensor, num_blocks: int):
     order = torch.sort(key.to(key_dtype), stable=True).indices
     tokens = torch.div(order, hkv * topk, rounding_mode="floor")
     return offsets[: nbuckets + 1], tokens.int()
+
+
+def split_buckets(csr_offsets: torch.Tensor, max_queries: int, max_entries: int):
+    """The work items of the selection dK/dV kernel when each bucket's queries are cut into chunks of at most
+    ``max_queries`` (a block chosen by many queries would otherwise be one long program that the others wait for).
+
+    ``csr_offsets [NB + 1]``: :func:`block_query_index`'s offsets; ``max_entries``: an upper bound on their last
+    value known on the host (``N * Hkv * topk``), so that nothing here waits for the device. Returns
+    ``(item_bucket [I] int32, item_start [NB + 1] int32, slots)``: bucket b has ``max(1, ceil(count / max_queries))``
+    chunks, work items ``item_start[b] .. item_start[b + 1] - 1``; ``item_bucket`` maps an item to its bucket (``NB``
+    for the items past the last, which do nothing); ``slots`` bounds the number of chunks other than the first
+    (each needs room for its partial sums). ``I = NB + slots`` is enough for any choice, since a bucket of c >= 1
+    queries has at most ``1 + (c - 1) / max_queries`` chunks.
+    """
+    if not isinstance(max_queries, int) or max_queries < 1:
+        raise ValueError(f"max_queries must be a positive int, got {max_queries!r}")
+    nb = csr_offsets.numel() - 1
+    counts = (csr_offsets[1:] - csr_offsets[:-1]).long()
+    chunks = torch.clamp(torch.div(counts + max_queries - 1, max_queries, rounding_mode="floor"), min=1)
+    item_start = torch.zeros(nb + 1, device=csr_offsets.device, dtype=torch.int64)
+    torch.cumsum(chunks, 0, out=item_start[1:])
+    slots = triton.cdiv(max_entries, max_queries)
+    items = torch.arange(nb + slots, device=csr_offsets.device, dtype=torch.int64)
+    item_bucket = torch.searchsorted(item_start[1:], items, right=True)
+    return item_bucket.int(), item_start.int(), slots
 
 
 def _config(group: int, rows: int, max_heads: int = 16):
@@ -286,16 +367,32 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
     csr_offsets, csr_tokens = block_query_index(idx, layout.num_sel_blocks) if index is None else index
     dkdv = config("selection.DKDV", head_dim=dim, dtype=q.dtype, device=q.device)
     hg, bt = _config(group, dkdv["rows"])
-    grid = (layout.num_sel_blocks, triton.cdiv(layout.max_sel_block_tokens, dkdv["block_n"]), hkv)
+    block_n, bd = dkdv["block_n"], block_d(dim)
+    tiles = triton.cdiv(layout.max_sel_block_tokens, block_n)
+    nb = hkv * layout.num_sel_blocks
+    split = dkdv["max_queries"] > 0
+    if split:
+        item_bucket, item_start, slots = split_buckets(csr_offsets, dkdv["max_queries"], csr_tokens.numel())
+        part = torch.empty(2, max(slots, 1), tiles, block_n, bd, **f32)
+    else:
+        item_bucket = item_start = part = csr_offsets  # not read
+    items = item_bucket.numel() if split else nb
     for signed in variants:
-        _sel_bwd_dkdv_kernel[grid](
-            q, k, v, do, gate_t, neg, lse2, delta, dk_acc, dv_acc,
-            layout.sel_offsets, csr_offsets, csr_tokens,
-            layout.num_sel_blocks, hq, scale * LOG2E, scale,
+        _sel_bwd_dkdv_kernel[(items, tiles)](
+            q, k, v, do, gate_t, neg, lse2, delta, dk_acc, dv_acc, part,
+            layout.sel_offsets, csr_offsets, csr_tokens, item_bucket, item_start,
+            layout.num_sel_blocks, nb, hq, scale * LOG2E, scale, max(dkdv["max_queries"], 1),
+            part[0].numel() if split else 0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
-            G=group, HG=hg, BLOCK_T=bt, BLOCK_N=dkdv["block_n"],
-            D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
-            GATE_IDX=gate_idx, ACCUMULATE=accumulate, SIGNED=signed,
+            G=group, HG=hg, BLOCK_T=bt, BLOCK_N=block_n,
+            D=dim, BLOCK_D=bd, PRECISION=prec, HAS_GATE=has_gate,
+            GATE_IDX=gate_idx, ACCUMULATE=accumulate, SIGNED=signed, SPLIT=split,
             **_launch(dkdv),
+        )
+    if split:  # after both variants: the one that ran wrote the partial sums
+        _sel_dkdv_reduce_kernel[(nb, tiles)](
+            dk_acc, dv_acc, part, layout.sel_offsets, item_start,
+            layout.num_sel_blocks, hq, scale, part[0].numel(),
+            G=group, BLOCK_N=block_n, D=dim, BLOCK_D=bd,
         )
     return dq_acc, dk_acc, dv_acc

@@ -12,7 +12,7 @@ import torch
 
 import reference
 import ssa_kernels
-from ssa_kernels.selection import block_query_index
+from ssa_kernels.selection import block_query_index, split_buckets
 from tests.helpers import random_coords, random_inputs, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -66,10 +66,18 @@ def test_whole_op_forward_and_six_gradients_float32(sizes, extent, mc, ms, hq, h
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
-def test_whole_op_gates_of_any_sign_and_zero():
+@pytest.mark.parametrize("max_queries", [0, 2], ids=["whole-buckets", "split-buckets"])
+def test_whole_op_gates_of_any_sign_and_zero(max_queries):
     """The backward kernels fold |gate| into the log-sum-exp and apply its sign apart (dQ rows, the SIGNED dK/dV
     variant): negative gates, exact zeros (log -> -inf) and gates above 1 must still give the reference's
-    gradients."""
+    gradients; also with the selection dK/dV work split into chunks of 2 queries (both variants launched, the
+    partial sums added after them)."""
+    ctx = ssa_kernels.launch.overriding("selection.DKDV", dict(max_queries=max_queries))
+    with ctx:
+        _gates_of_any_sign_and_zero()
+
+
+def _gates_of_any_sign_and_zero():
     coords, inp = _make((40, 20), 12, 4, 8, 8, 2, 32, seed=5)
     gate = torch.randn(coords.shape[0], 3, dtype=torch.float64) * 2
     gate[::7, 0] = 0.0
@@ -226,6 +234,58 @@ def test_selection_branch_given_the_reference_choice(hq, hkv, d):
     g = torch.autograd.grad(o, x, do.float())
     assert rel_err(o, o_ref) < F32_TOL
     assert all(rel_err(a, b) < F32_TOL for a, b in zip(g, g_ref))
+
+
+@pytest.mark.parametrize("max_queries", [1, 3, 7])
+def test_selection_dkdv_split_over_a_block_most_queries_chose(max_queries):
+    """A block chosen by most queries (a "hub", as a model's attention makes them) is cut into chunks of
+    ``max_queries`` queries whose partial dK/dV are added in chunk order: the float64 reference's gradients, and the
+    same bits on a second run."""
+    hq, hkv, d = 4, 2, 16
+    coords, (q, k, v, *_) = _make((40, 25), 16, 4, 8, hq, hkv, d, seed=max_queries)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    gen = torch.Generator().manual_seed(max_queries)
+    idx = torch.full((q.shape[0], hkv, 3), -1, dtype=torch.int32)
+    bounds = layout.batch_sel_offsets.tolist()
+    for t, b in enumerate(layout.token_batch.tolist()):
+        lo, hi = bounds[b], bounds[b + 1]
+        for g in range(hkv):
+            hub = lo + g % (hi - lo)  # every token of the batch element chooses it
+            rest = [blk for blk in (lo + torch.randperm(hi - lo, generator=gen)).tolist() if blk != hub]
+            picks = [hub] + rest[: int(torch.randint(0, 3, (), generator=gen))]
+            idx[t, g, : len(picks)] = torch.tensor(picks, dtype=torch.int32)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_ref = reference.selection_attention(*ref_in, idx, coords, selection_block=8)
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+    runs = []
+    with ssa_kernels.launch.overriding("selection.DKDV", dict(max_queries=max_queries)):
+        for _ in range(2):
+            x = [t.float().requires_grad_() for t in (q, k, v)]
+            runs.append(torch.autograd.grad(ssa_kernels.selection_attention(*x, idx, layout), x, do.float()))
+    assert all(rel_err(a, b) < F32_TOL for a, b in zip(runs[0], g_ref))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("max_queries", [1, 2, 5, 1000])
+def test_split_buckets_cover_every_query_once(max_queries):
+    gen = torch.Generator().manual_seed(max_queries)
+    counts = torch.randint(0, 12, (30,), generator=gen)
+    counts[4] = 0
+    counts[7] = 200
+    offsets = torch.zeros(31, dtype=torch.int32)
+    offsets[1:] = counts.cumsum(0)
+    bound = int(offsets[-1]) + 3  # any bound at least the number of entries
+    item_bucket, item_start, slots = split_buckets(offsets, max_queries, bound)
+    assert item_bucket.numel() == 30 + slots
+    chunks = (item_start[1:] - item_start[:-1]).tolist()
+    for b, c in enumerate(counts.tolist()):
+        assert chunks[b] == max(1, -(-c // max_queries))
+        assert (item_bucket[item_start[b]: item_start[b + 1]] == b).all()
+    assert (item_bucket[int(item_start[-1]):] == 30).all()  # spare items do nothing
+    assert int(item_start[-1]) - 30 <= slots  # chunks after the first fit the partial-sum slots
+    with pytest.raises(ValueError, match="max_queries"):
+        split_buckets(offsets, 0, bound)
 
 
 def test_window_branch_both_shifts():

@@ -1,0 +1,238 @@
+"""The SSA operation on the inputs a DiT gives it, against the benchmark's random inputs.
+
+``python -m bench.dit_inputs --out DIR`` (one CUDA GPU) runs one forward of the ``released_1024`` DiT (random
+weights of the released sizes, as ``model.reports.dit`` builds it; bf16 autocast) on a benchmark token set and keeps
+the arguments of the SSA calls of some blocks (q, k, v, the compressed keys and values, the gates, the layout). On
+each block's arguments and on the benchmark's ``scaled`` inputs of the same tokens (BENCHMARK.md) it records:
+
+- how the top-k choice spreads over the selection blocks: per (kv head, block) "bucket", how many queries chose
+  it (mean, largest, the largest over the mean), and the share of all choices that go to the most chosen 1% of the
+  buckets. The selection dK/dV kernel runs one program per bucket and key tile, so a bucket that most queries chose
+  is one long program;
+- the whole op's forward and forward + backward, and the selection dK/dV kernels alone (gated, as inside the op),
+  for each ``--max-queries`` setting of the ``selection.DKDV`` launch configuration (0: one program per bucket).
+
+Writes ``dit_inputs.json`` and ``dit_inputs.md`` (the commit, GPU and versions in both). Timing: medians of
+``triton.testing.do_bench``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+#: Blocks of the 24 whose SSA inputs are kept by default (first, middle, last).
+DEFAULT_BLOCKS = (0, 12, 23)
+#: ``selection.DKDV`` max_queries settings timed by default (0 = one program per bucket).
+DEFAULT_MAX_QUERIES = (0, 1024, 2048, 4096, 8192)
+#: Share of the buckets counted as "the most chosen" in the spread statistics.
+TOP_SHARE = 0.01
+#: Condition tokens of the released image encoder (DINOv2 at 518 px: 37 x 37 patches + 5 tokens).
+CONDITION_TOKENS = 1374
+
+
+def capture(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, seed: int = 0, timestep: float = 500.0) -> list[dict]:
+    """One forward of the released DiT; the SSA arguments of ``blocks`` as
+    ``{"block", "args": [q, k, v, k_cmp, v_cmp, gate], "layout", "topk", "shift"}`` (tensors detached)."""
+    import ssa_kernels
+    from model.nets.dit import DiTConfig, SparseDiT
+    from model.sparse.tensor import SparseTensor
+    from ssa_kernels.shapes import shape_coords
+
+    dev = torch.device("cuda")
+    torch.manual_seed(seed)
+    cfg = DiTConfig.released_1024(backend="kernels")
+    coords = shape_coords(shape, compression_block=cfg.compression_block, selection_block=cfg.selection_block)
+    model = SparseDiT(cfg).to(dev).eval()
+    for p in model.parameters():  # as model.reports.dit: the initialisation zeroes gates, output and biases
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    gen = torch.Generator().manual_seed(seed)
+    n = coords.shape[0]
+    x = SparseTensor(coords.to(dev), torch.randn(n, cfg.in_channels, generator=gen).to(dev), validate=False)
+    cond = torch.randn(1, CONDITION_TOKENS, cfg.cond_channels, generator=gen).to(dev)
+    kept: list[dict] = []
+    calls = [0]
+    original = ssa_kernels.spatial_sparse_attention
+
+    def keep(*args, **kw):
+        if calls[0] in blocks:
+            layout = args[6]
+            kept.append(dict(block=calls[0], args=[a.detach().clone() for a in args[:6]], layout=layout,
+                             topk=kw["topk"], shift=kw["shift"]))
+        calls[0] += 1
+        return original(*args, **kw)
+
+    ssa_kernels.spatial_sparse_attention = keep
+    try:
+        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            model(x, torch.full((1,), timestep, device=dev), cond)
+    finally:
+        ssa_kernels.spatial_sparse_attention = original
+    del model
+    torch.cuda.empty_cache()
+    return kept
+
+
+def benchmark_inputs(layout, like: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
+    """The benchmark's ``scaled`` random inputs (BENCHMARK.md) with the shapes and dtype of ``like``."""
+    from bench.inputs import compressed_kv_for_layout
+
+    q, k, v = like[:3]
+    gen = torch.Generator(device=q.device).manual_seed(seed)
+    qr, kr, vr = (torch.randn(t.shape, device=q.device, generator=gen, dtype=q.dtype) for t in (q, k, v))
+    kc, vc = compressed_kv_for_layout(kr.float(), vr.float(), layout)
+    gate = torch.rand(q.shape[0], 3, device=q.device, generator=gen, dtype=q.dtype)
+    return [qr, kr, vr, kc.to(q.dtype), vc.to(q.dtype), gate]
+
+
+def choice_spread(args, layout, topk: int) -> dict:
+    """How the top-k choice of these inputs spreads over the (kv head, selection block) buckets (module docstring)."""
+    from ssa_kernels import compression, scoring
+    from ssa_kernels.selection import block_query_index
+
+    q, k, v, kc, vc, gate = args
+    scale = q.shape[-1] ** -0.5
+    _, lse = compression.compression_forward(q, kc, vc, layout, scale)
+    idx = scoring.select_blocks_forward(q, kc, lse, layout, topk, scale)
+    offsets, _ = block_query_index(idx, layout.num_sel_blocks)
+    counts = (offsets[1:] - offsets[:-1]).double()
+    top = max(1, int(round(TOP_SHARE * counts.numel())))
+    sizes = (layout.sel_offsets[1:] - layout.sel_offsets[:-1]).long()
+    keys = torch.where(idx >= 0, sizes[idx.long().clamp_min(0)], 0).sum(-1).double()
+    mean = float(counts.mean())
+    return dict(buckets=counts.numel(), choices=int(counts.sum()), mean_queries=mean,
+                max_queries=int(counts.max()), max_over_mean=float(counts.max()) / mean if mean else 0.0,
+                top_share=float(counts.topk(top).values.sum() / counts.sum().clamp_min(1)),
+                selected_keys_per_query=float(keys.mean()))
+
+
+def time_op(args, layout, topk: int, shift: int, max_queries, rep: int = 100) -> list[dict]:
+    """Whole op forward / forward + backward and the gated selection dK/dV kernels per max_queries setting (ms)."""
+    from triton.testing import do_bench
+
+    import ssa_kernels
+    from ssa_kernels import compression, scoring, selection
+    from ssa_kernels.launch import overriding
+
+    q = args[0]
+    scale = q.shape[-1] ** -0.5
+    x = [t.clone().requires_grad_() for t in args]
+    do = torch.randn_like(q)
+    _, lse_cmp = compression.compression_forward(*args[:1], *args[3:5], layout, scale)
+    idx = scoring.select_blocks_forward(q, args[3], lse_cmp, layout, topk, scale)
+    o_sel, lse_sel = selection.selection_forward(q, args[1], args[2], idx, layout, scale)
+    delta = (do.float() * o_sel.float()).sum(-1)
+    index = selection.block_query_index(idx, layout.num_sel_blocks)
+
+    def fwd():
+        return ssa_kernels.spatial_sparse_attention(*x, layout, topk=topk, shift=shift)
+
+    def fwd_bwd():
+        torch.autograd.grad(fwd(), x, do)
+
+    def sel_dkdv():
+        selection.selection_backward(do, q, args[1], args[2], idx, lse_sel, delta, layout, scale, gate=args[5],
+                                     gate_idx=1, parts=("dkdv",), index=index)
+
+    rows = []
+    for mq in max_queries:
+        with overriding("selection.DKDV", dict(max_queries=mq)):
+            with torch.no_grad():
+                t_fwd = do_bench(fwd, warmup=25, rep=rep, return_mode="median")
+            t_fb = do_bench(fwd_bwd, warmup=25, rep=rep, return_mode="median")
+            t_sel = do_bench(sel_dkdv, warmup=25, rep=rep, return_mode="median")
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        rows.append(dict(max_queries=mq, fwd_ms=t_fwd, fwd_bwd_ms=t_fb, bwd_ms=t_fb - t_fwd, sel_dkdv_ms=t_sel,
+                         peak_fwd_bwd_gb=peak))
+    return rows
+
+
+def run(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, max_queries=DEFAULT_MAX_QUERIES, rep: int = 100,
+        seed: int = 0) -> dict:
+    from model.io import provenance
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench.dit_inputs needs a CUDA GPU")
+    prov = provenance(torch.device("cuda"))
+    kept = capture(shape, blocks, seed)
+    doc = dict(shape=shape, tokens=int(kept[0]["args"][0].shape[0]) if kept else 0, blocks=list(blocks),
+               max_queries=list(max_queries), **{k: prov[k] for k in ("gpu", "date", "commit", "torch", "triton",
+                                                                        "cuda", "python")}, cases=[])
+    for i, case in enumerate(kept):
+        sets = [(f"DiT block {case['block']}", case["args"])]
+        if i == 0:
+            sets.append(("benchmark scaled inputs", benchmark_inputs(case["layout"], case["args"], seed)))
+        for name, args in sets:
+            entry = dict(inputs=name, block=case["block"], shift=case["shift"],
+                         spread=choice_spread(args, case["layout"], case["topk"]),
+                         timings=time_op(args, case["layout"], case["topk"], case["shift"], max_queries, rep))
+            doc["cases"].append(entry)
+            print(json.dumps(entry), flush=True)
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# The SSA op on a DiT's own inputs ({doc['shape']}, {doc['tokens']:,} tokens)", "",
+             f"{doc['date']}, {doc['gpu']}, torch {doc['torch']}, triton {doc['triton']}, CUDA {doc['cuda']}, "
+             f"commit {doc['commit']}. `python -m bench.dit_inputs`: the released_1024 DiT with random weights, one "
+             "forward under bf16 autocast; the SSA arguments of some blocks kept and the op timed on them "
+             "(medians of `triton.testing.do_bench`).", "",
+             "| inputs | queries per bucket, mean | largest | largest / mean | share of the top 1% | "
+             "selected keys per query |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for c in doc["cases"]:
+        s = c["spread"]
+        lines.append(f"| {c['inputs']} | {s['mean_queries']:,.0f} | {s['max_queries']:,} | "
+                     f"{s['max_over_mean']:.1f} | {100 * s['top_share']:.1f}% | {s['selected_keys_per_query']:,.0f} |")
+    lines += ["", "| inputs | selection.DKDV max_queries | fwd ms | bwd ms | fwd+bwd ms | selection dK/dV alone, ms | "
+              "peak fwd+bwd GB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in doc["cases"]:
+        for t in c["timings"]:
+            lines.append(f"| {c['inputs']} | {t['max_queries'] or 'no split'} | {t['fwd_ms']:.2f} | "
+                         f"{t['bwd_ms']:.2f} | {t['fwd_bwd_ms']:.2f} | {t['sel_dkdv_ms']:.2f} | "
+                         f"{t['peak_fwd_bwd_gb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from ssa_kernels.shapes import SHAPES
+
+    p = argparse.ArgumentParser(prog="python -m bench.dit_inputs", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for dit_inputs.json and dit_inputs.md")
+    p.add_argument("--shape", default="shell-1024", choices=sorted(SHAPES), help="token set (default shell-1024)")
+    p.add_argument("--blocks", type=int, nargs="+", default=list(DEFAULT_BLOCKS),
+                   help="DiT blocks whose SSA inputs are kept (default 0 12 23)")
+    p.add_argument("--max-queries", type=int, nargs="+", default=list(DEFAULT_MAX_QUERIES),
+                   help="selection.DKDV max_queries settings to time (0: no split)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition budget in ms (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for b in args.blocks:
+        if not 0 <= b < 24:
+            p.error(f"--blocks: the released DiT has blocks 0..23, got {b}")
+    if any(m < 0 for m in args.max_queries):
+        p.error("--max-queries must be >= 0")
+    if not torch.cuda.is_available():
+        print("bench.dit_inputs needs a CUDA GPU; none here", file=sys.stderr)
+        return 2
+    doc = run(args.shape, tuple(args.blocks), tuple(args.max_queries), args.rep, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "dit_inputs.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    md = markdown(doc)
+    with open(os.path.join(args.out, "dit_inputs.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
