@@ -30,7 +30,9 @@ from .layout import (  # noqa: E402
     selection_block_index,
 )
 from .ssa import (  # noqa: E402
+    SelectionRecord,
     compression_attention,
+    reusing_selection,
     select_blocks,
     selection_attention,
     spatial_sparse_attention,
@@ -39,6 +41,7 @@ from .ssa import (  # noqa: E402
 
 __all__ = [
     "BlockLayout",
+    "SelectionRecord",
     "WindowPartition",
     "build_layout",
     "check_layout_order",
@@ -47,6 +50,7 @@ __all__ = [
     "layout_keys",
     "layout_order",
     "num_compression_blocks",
+    "reusing_selection",
     "select_blocks",
     "selection_attention",
     "selection_block_index",

@@ -11,6 +11,7 @@ captured in a CUDA graph once its :class:`~ssa_kernels.layout.BlockLayout` exist
 from __future__ import annotations
 
 import contextlib
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -103,20 +104,22 @@ def _layout_view(tensors, num_sel_blocks, max_sel_block_tokens):
 def _ssa_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     gate: torch.Tensor, layout_tensors: list[torch.Tensor], num_sel_blocks: int, max_sel_block_tokens: int,
-    topk: int, shift: int, scale: float,
+    topk: int, shift: int, scale: float, given_idx: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
-    """Returns ``(o, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx)``."""
+    """Returns ``(o, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx)``. A non-empty ``given_idx`` is the top-k
+    choice of an earlier call on the same inputs (:func:`reusing_selection`): the scoring is skipped."""
     lay = _layout_view(layout_tensors, num_sel_blocks, max_sel_block_tokens)
     o_cmp, lse_cmp = compression_forward(q, k_cmp, v_cmp, lay, scale)
-    idx = select_blocks_forward(q, k_cmp, lse_cmp, lay, topk, scale)
+    idx = select_blocks_forward(q, k_cmp, lse_cmp, lay, topk, scale) if given_idx.numel() == 0 else given_idx.clone()
     o_sel, lse_sel = selection_forward(q, k, v, idx, lay, scale)
     o_win, lse_win, o = window_forward(q, k, v, lay, shift, scale, mix=(o_cmp, o_sel, gate))
     return o, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx
 
 
 @_ssa_forward.register_fake
-def _(q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block_tokens, topk, shift, scale):
+def _(q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block_tokens, topk, shift, scale,
+      given_idx):
     n, hq, _ = q.shape
     lse = q.new_empty(n, hq, dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), lse,
@@ -238,7 +241,7 @@ def _(do, q, k, v, k_cmp, v_cmp, gate, *rest):
 
 
 def _ssa_setup_context(ctx, inputs, output):
-    q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block_tokens, topk, shift, scale = inputs
+    q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block_tokens, topk, shift, scale = inputs[:12]
     _, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx = output
     ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gate, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx,
                           *layout_tensors)
@@ -251,7 +254,7 @@ def _ssa_setup_context(ctx, inputs, output):
 def _ssa_autograd_backward(ctx, do, *unused):
     saved = ctx.saved_tensors
     grads = _ssa_backward(do, *saved[:13], list(saved[13:]), *ctx.args)
-    return (*grads, [None] * (len(saved) - 13), None, None, None, None, None)
+    return (*grads, [None] * (len(saved) - 13), None, None, None, None, None, None)
 
 
 _ssa_forward.register_autograd(_ssa_autograd_backward, setup_context=_ssa_setup_context)
@@ -286,8 +289,89 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gate, layout: BlockLayout, *
     gate = gate.contiguous()  # read as [N, 3] rows of 3
     if not 1 <= topk <= MAX_TOPK:
         raise ValueError(f"topk must be in [1, {MAX_TOPK}] for the kernels, got {topk}")
-    out = _ssa_forward(q, k, v, k_cmp, v_cmp, gate, *_layout_args(layout, shift), topk, shift, scale)
+    record = getattr(_SELECTION, "record", None)
+    given = record.replay() if record is not None else None
+    if given is not None and given.shape != (n, k.shape[1], topk):
+        raise RuntimeError(f"reusing_selection: the recorded choice has shape {tuple(given.shape)}, this call needs "
+                           f"{(n, k.shape[1], topk)}: the calls are not the recorded ones")
+    out = _ssa_forward(q, k, v, k_cmp, v_cmp, gate, *_layout_args(layout, shift), topk, shift, scale,
+                       given if given is not None else _no_choice(q.device))
+    if record is not None and given is None:
+        record.keep(out[7])
     return out[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reusing the top-k choice when activation checkpointing recomputes a forward pass
+# ----------------------------------------------------------------------------------------------------------------
+
+_SELECTION = threading.local()
+
+
+_NO_CHOICE: dict = {}
+
+
+def _no_choice(device) -> torch.Tensor:
+    """The custom op's "no top-k choice given": an empty int32 tensor (one per device)."""
+    if device not in _NO_CHOICE:
+        _NO_CHOICE[device] = torch.empty(0, 0, 0, dtype=torch.int32, device=device)
+    return _NO_CHOICE[device]
+
+
+class SelectionRecord:
+    """The top-k choices of the :func:`spatial_sparse_attention` calls made inside :meth:`recording`, handed back
+    in the same order inside :meth:`replaying` (the scoring kernel is then skipped).
+
+    For activation checkpointing: the recomputation of a checkpointed forward makes the same SSA calls on the same
+    inputs, so their choice is the one already made (the kernels are deterministic); keeping it costs
+    ``N x Hkv x topk`` int32 per call (8.8 MB per call at 137k tokens, Hkv 2, topk 8) and saves one scoring pass.
+    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False, context_fn=record.contexts)``.
+    """
+
+    def __init__(self):
+        self._kept: list[torch.Tensor] = []
+        self._next = 0
+        self._replaying = False
+
+    def keep(self, idx: torch.Tensor) -> None:
+        self._kept.append(idx)
+
+    def replay(self) -> torch.Tensor | None:
+        if not self._replaying:
+            return None
+        if self._next >= len(self._kept):
+            raise RuntimeError("reusing_selection: more SSA calls in the recomputation than were recorded")
+        idx = self._kept[self._next]
+        self._next += 1
+        return idx
+
+    @contextlib.contextmanager
+    def _active(self, replaying: bool):
+        previous = getattr(_SELECTION, "record", None)
+        _SELECTION.record = self
+        self._replaying, self._next = replaying, 0
+        try:
+            yield
+        finally:
+            _SELECTION.record = previous
+
+    def recording(self):
+        """Context: the calls inside keep their choice."""
+        return self._active(False)
+
+    def replaying(self):
+        """Context: the calls inside take the kept choices, in order."""
+        return self._active(True)
+
+    def contexts(self):
+        """``(forward context, recomputation context)`` for ``checkpoint(context_fn=...)``."""
+        return self.recording(), self.replaying()
+
+
+def reusing_selection():
+    """A fresh :class:`SelectionRecord`'s :meth:`~SelectionRecord.contexts`: pass as ``context_fn`` to
+    ``torch.utils.checkpoint.checkpoint`` (non-reentrant) so that the recomputed forward reuses the top-k choice."""
+    return SelectionRecord().contexts()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -381,3 +381,26 @@ def test_bad_input():
         ssa_kernels.spatial_sparse_attention(*[t.bfloat16() for t in f], layout, topk=2, shift=0)
     with pytest.raises(ValueError, match="window"):
         ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=0)
+
+
+def test_selection_record_replays_in_order_and_checks_the_calls():
+    """SelectionRecord hands the kept choices back in call order (the recomputation of a checkpointed function),
+    and says so when the recomputed calls are not the recorded ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    coords, inp = _make((30, 20), 12, 4, 8, 4, 2, 16, seed=11)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    x = [t.float().requires_grad_() for t in inp]
+
+    def two_calls(q, k, v, kc, vc, gate):
+        o = ssa_kernels.spatial_sparse_attention(q, k, v, kc, vc, gate, layout, topk=2, shift=0)
+        return ssa_kernels.spatial_sparse_attention(o, k, v, kc, vc, gate, layout, topk=3, shift=4)
+
+    plain = torch.autograd.grad(checkpoint(two_calls, *x, use_reentrant=False).sum(), x)
+    record = ssa_kernels.SelectionRecord()
+    reused = torch.autograd.grad(checkpoint(two_calls, *x, use_reentrant=False,
+                                            context_fn=record.contexts).sum(), x)
+    assert [tuple(i.shape) for i in record._kept] == [(50, 2, 2), (50, 2, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, reused))
+    with record.replaying(), pytest.raises(RuntimeError, match="not the recorded ones"):
+        ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=0)  # the first kept choice has topk 2

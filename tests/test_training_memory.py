@@ -162,28 +162,41 @@ def test_half_stream_carries_the_blocks_in_the_autocast_dtype():
     assert _rel(grads[True], grads[False]) < 5e-2
 
 
-def test_training_variants_switch_and_restore():
-    from model.reports.dit_profile import TRAINING_VARIANTS, training_variants
+def _switches(dit):
+    import model.nets.dit as dit_module
     import model.nets.dit_block as dit_block
     import model.nets.fused as fused
+    from ssa_kernels.launch import config
+
+    return dict(half_stream=dit.config.half_stream, fused_norms=fused.ENABLED, recompute_hidden=layers.RECOMPUTE_HIDDEN,
+                gated_residual=dit_block.GATED_RESIDUAL, norm_projection=dit_block.NORM_PROJECTION,
+                reuse_selection=dit_module.REUSE_SELECTION,
+                split_queries=config("selection.DKDV", head_dim=dit.config.model_channels // dit.config.num_heads)[
+                    "max_queries"])
+
+
+def test_training_variants_switch_and_restore():
+    from model.reports.dit_profile import TRAINING_VARIANTS, training_variants
+    from ssa_kernels.launch import BASE
 
     dit, x0, cond = _tiny_dit()
     opt = torch.optim.AdamW(dit.parameters(), lr=1e-4)
     calls = []
+    before = _switches(dit)
 
     def time_fn(fn, *, reps, warmup, device):
         fn()
-        calls.append((dit.config.half_stream, fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL,
-                      dit_block.NORM_PROJECTION))
+        calls.append(_switches(dit))
         return [1.0] * reps, None
 
     rows = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=2, warmup=0)
     assert [r["name"] for r in rows] == [v[0] for v in TRAINING_VARIANTS]
-    assert calls == [tuple(v[1:]) for v in TRAINING_VARIANTS]
+    table = BASE["selection.DKDV"]["max_queries"]
+    assert calls == [{**v[1], "split_queries": table if v[1]["split_queries"] is None else v[1]["split_queries"]}
+                     for v in TRAINING_VARIANTS]
     assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
     assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
-    assert dit.config.half_stream and layers.RECOMPUTE_HIDDEN and fused.ENABLED and dit_block.GATED_RESIDUAL
-    assert dit_block.NORM_PROJECTION
+    assert _switches(dit) == before and all(v for k, v in before.items() if k != "split_queries")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
@@ -194,8 +207,7 @@ def test_training_savings_are_bf16_noise(monkeypatch, device):
     a float32 run (no autocast). The savings stay within 2x the plain bf16 path's error: the bf16 stream rounds once
     more per residual add (as the released model's fp16 stream), the rest adds nothing. CPU: the dense reference SSA
     and the fused norms through the Triton interpreter; GPU: the Triton SSA kernels."""
-    from model.reports.dit_profile import TRAINING_VARIANTS
-    import model.nets.dit_block as dit_block
+    from model.reports.dit_profile import TRAINING_VARIANTS, training_switches
     import model.nets.fused as fused
 
     if device == "cpu":
@@ -214,20 +226,16 @@ def test_training_savings_are_bf16_noise(monkeypatch, device):
     cond = torch.randn(1, 21, dit.config.cond_channels, device=device)
 
     def run(flags, autocast):
-        dit.config = dit.config.replace(half_stream=flags[0])
-        fused.ENABLED, layers.RECOMPUTE_HIDDEN, dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = flags[1:]
         dit.zero_grad(set_to_none=True)
-        try:
+        with training_switches(dit, **flags):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
             loss.backward()
-        finally:
-            dit.config = dit.config.replace(half_stream=True)
-            fused.ENABLED = layers.RECOMPUTE_HIDDEN = dit_block.GATED_RESIDUAL = dit_block.NORM_PROJECTION = True
         return loss.detach().double(), torch.cat([p.grad.reshape(-1).double() for p in dit.parameters()])
 
-    before, after = TRAINING_VARIANTS[0][1:], TRAINING_VARIANTS[-1][1:]
-    assert not any(before) and all(after)
+    before, after = TRAINING_VARIANTS[0][1], TRAINING_VARIANTS[-1][1]
+    assert not any(v for k, v in before.items() if k != "split_queries")
+    assert all(v for k, v in after.items() if k != "split_queries")
     truth = run(before, autocast=False)
     plain, fast = run(before, autocast=True), run(after, autocast=True)
     for i in range(2):
@@ -271,3 +279,35 @@ def test_norms_folded_into_projections_give_the_same_gradients_in_float64(monkey
     assert _rel(l1, l0) < 1e-12
     for a, b in zip(g1, g0):
         assert _rel(a, b) < 1e-10
+
+
+def test_recomputed_forward_reuses_the_top_k_choice(monkeypatch):
+    """With checkpointing and the kernel backend (Triton interpreter here), the recomputed forward of each block takes
+    the top-k choice its first forward made: one scoring pass per block instead of two, and the same loss and
+    gradients bit for bit."""
+    import model.nets.dit as dit_module
+    import ssa_kernels.ssa as ssa
+
+    torch.manual_seed(0)
+    dit = SparseDiT(DiTConfig.tiny(backend="kernels", use_checkpoint=True))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0.0, 0.05)
+    coords = _coords(90, 8, 3)
+    x0 = SparseTensor(coords, torch.randn(coords.shape[0], dit.config.in_channels))
+    cond = torch.randn(1, 5, dit.config.cond_channels)
+    scoring = ssa.select_blocks_forward
+    calls = []
+    monkeypatch.setattr(ssa, "select_blocks_forward", lambda *a: calls.append(1) or scoring(*a))
+    out = {}
+    for reuse in (False, True):
+        monkeypatch.setattr(dit_module, "REUSE_SELECTION", reuse)
+        calls.clear()
+        dit.zero_grad(set_to_none=True)
+        loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
+        loss.backward()
+        out[reuse] = (len(calls), loss.detach(), [p.grad.clone() for p in dit.parameters()])
+    blocks = dit.config.num_blocks
+    assert out[False][0] == 2 * blocks and out[True][0] == blocks
+    assert torch.equal(out[False][1], out[True][1])
+    assert all(torch.equal(a, b) for a, b in zip(out[False][2], out[True][2]))

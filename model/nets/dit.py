@@ -344,6 +344,10 @@ class TimestepEmbedder(nn.Module):
 
 #: Switch for :meth:`SparseDiTBlock.forward_inference` (tests and reports compare it with the plain blocks).
 INFERENCE_PATH = True
+#: With activation checkpointing and the kernel backend, the recomputed forward of a block reuses the top-k choice of
+#: its first forward (:func:`ssa_kernels.reusing_selection`: one scoring pass less per block and training step, for
+#: ``N x Hkv x topk`` int32 kept per block until its backward).
+REUSE_SELECTION = True
 
 
 class SparseDiT(nn.Module):
@@ -493,7 +497,12 @@ class SparseDiT(nn.Module):
             return h if pending is None else h.add_(pending)
         for block in self.blocks:
             if self.config.use_checkpoint and torch.is_grad_enabled():
-                h = checkpoint(block, xs, h, t_emb, context, mask, cross, use_reentrant=False)
+                extra = {}
+                if REUSE_SELECTION and self.config.backend == "kernels" and self.config.attention == "ssa":
+                    from ssa_kernels import reusing_selection
+
+                    extra["context_fn"] = reusing_selection
+                h = checkpoint(block, xs, h, t_emb, context, mask, cross, use_reentrant=False, **extra)
             else:
                 h = block(xs, h, t_emb, context, mask, cross)
         return h

@@ -19,12 +19,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 from contextlib import nullcontext
 
 import torch
 
 __all__ = ["KERNEL_KINDS", "RANGES", "TRAINING_VARIANTS", "kernel_kind", "profile_step", "sampling_variants",
-           "training_variants"]
+           "training_switches", "training_variants"]
 
 #: ``record_function`` ranges of the DiT block (model.nets.dit).
 RANGES = ("dit.norm", "dit.self_attn", "dit.cross_attn", "dit.mlp", "dit.residual")
@@ -215,19 +216,60 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
     return out
 
 
-#: Training-step variants, each switching on one more saving: (name, half_stream, fused norms under autograd
-#: (:func:`model.nets.fused.norm_modulate`), the MLP's recomputed hidden layer
-#: (:class:`model.sparse.layers.FeedForward`), the gated residual products
-#: (:data:`model.nets.dit_block.GATED_RESIDUAL`), the norms folded into the projections that follow them
-#: (:data:`model.nets.dit_block.NORM_PROJECTION`)).
+#: Training-step variants, each switching on one more saving: (name, switches). The switches: ``half_stream``
+#: (:class:`model.nets.dit.DiTConfig`), ``fused_norms`` under autograd (:func:`model.nets.fused.norm_modulate`),
+#: ``recompute_hidden`` (the MLP's hidden layer, :class:`model.sparse.layers.FeedForward`), ``gated_residual``
+#: (:data:`model.nets.dit_block.GATED_RESIDUAL`), ``norm_projection`` (the norms folded into the projections that
+#: follow them, :data:`model.nets.dit_block.NORM_PROJECTION`), ``reuse_selection`` (the recomputed forward of a
+#: checkpointed block reuses the top-k choice, :data:`model.nets.dit.REUSE_SELECTION`) and ``split_queries``
+#: (the ``selection.DKDV`` launch setting ``max_queries``: 0 never splits a block's queries, None: the table's
+#: value).
+_ALL_ON = dict(half_stream=True, fused_norms=True, recompute_hidden=True, gated_residual=True, norm_projection=True,
+               reuse_selection=True, split_queries=None)
 TRAINING_VARIANTS = (
-    ("float32 stream, PyTorch norms, plain MLP (before)", False, False, False, False, False),
-    ("+ bf16 residual stream", True, False, False, False, False),
-    ("+ fused norms with their backward kernel", True, True, False, False, False),
-    ("+ MLP hidden layer recomputed in the backward pass", True, True, True, False, False),
-    ("+ gated residual products that keep no branch output", True, True, True, True, False),
-    ("+ norms folded into the projections after them (merged q/k/v/gate)", True, True, True, True, True),
+    ("float32 stream, PyTorch norms, plain MLP (before)",
+     dict(_ALL_ON, half_stream=False, fused_norms=False, recompute_hidden=False, gated_residual=False,
+          norm_projection=False, reuse_selection=False, split_queries=0)),
+    ("+ bf16 residual stream", dict(_ALL_ON, fused_norms=False, recompute_hidden=False, gated_residual=False,
+                                    norm_projection=False, reuse_selection=False, split_queries=0)),
+    ("+ fused norms with their backward kernel", dict(_ALL_ON, recompute_hidden=False, gated_residual=False,
+                                                      norm_projection=False, reuse_selection=False, split_queries=0)),
+    ("+ MLP hidden layer recomputed in the backward pass",
+     dict(_ALL_ON, gated_residual=False, norm_projection=False, reuse_selection=False, split_queries=0)),
+    ("+ gated residual products that keep no branch output",
+     dict(_ALL_ON, norm_projection=False, reuse_selection=False, split_queries=0)),
+    ("+ norms folded into the projections after them (merged q/k/v/gate)",
+     dict(_ALL_ON, reuse_selection=False, split_queries=0)),
+    ("+ the recomputed forward reuses the top-k choice", dict(_ALL_ON, split_queries=0)),
+    ("+ selection dK/dV with the launch table's max_queries (blocks many queries chose split)", dict(_ALL_ON)),
 )
+
+
+@contextlib.contextmanager
+def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_hidden: bool, gated_residual: bool,
+                      norm_projection: bool, reuse_selection: bool, split_queries: int | None):
+    """The switches of one training variant (:data:`TRAINING_VARIANTS`) set for the block inside; afterwards all
+    savings are on again and the launch table is the table's. Launch settings go through
+    :func:`ssa_kernels.launch.overriding`, never by editing the table."""
+    import model.nets.dit as dit
+    import model.nets.dit_block as dit_block
+    import model.nets.fused as fused
+    import model.sparse.layers as layers
+    from ssa_kernels.launch import overriding
+
+    def apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection, **_):
+        model.config = model.config.replace(half_stream=half_stream)
+        fused.ENABLED, layers.RECOMPUTE_HIDDEN = fused_norms, recompute_hidden
+        dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = gated_residual, norm_projection
+        dit.REUSE_SELECTION = reuse_selection
+
+    apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection)
+    try:
+        with (overriding("selection.DKDV", dict(max_queries=split_queries)) if split_queries is not None
+              else nullcontext()):
+            yield
+    finally:
+        apply(**_ALL_ON)
 
 
 def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: int) -> list[dict]:
@@ -237,17 +279,8 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
     variant's (relative norms over all parameters); then the timed steps, with the memory allocated after the
     forward of one extra step. Records: ``name``, ``median_ms``, ``reps_ms``, ``peak_gb``, ``after_forward_gb``,
     ``loss_rel_diff``, ``grad_rel_diff``. The switches are restored afterwards (all savings on)."""
-    import model.nets.dit_block as dit_block
-    import model.nets.fused as fused
-    import model.sparse.layers as layers
-
     dev = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-
-    def switch(half, fused_norms, recompute, gated, norm_projection):
-        model.config = model.config.replace(half_stream=half)
-        fused.ENABLED, layers.RECOMPUTE_HIDDEN = fused_norms, recompute
-        dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = gated, norm_projection
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -255,25 +288,24 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
         optimizer.step()
 
     out = []
-    try:
-        base = {}
-        for name, *flags in TRAINING_VARIANTS:
-            switch(*flags)
+    base = {}
+    for name, flags in TRAINING_VARIANTS:
+        with training_switches(model, **flags):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
             loss.backward()
             grads = torch.cat([p.grad.reshape(-1).float() for p in params])
             optimizer.zero_grad(set_to_none=True)
-            ref_loss, ref_grads = base.setdefault("loss", loss.detach()), base.setdefault("grads", grads)
-            out.append({"name": name, "loss_rel_diff": _rel(loss.detach(), ref_loss),
-                        "grad_rel_diff": _rel(grads, ref_grads)})
-            del grads
-        # nothing of the comparison may stay alive into the timed steps (the gradient vector is 4 bytes per
-        # parameter: 2 GB for the released size)
-        del loss, ref_loss, ref_grads
-        base.clear()
-        for record, (name, *flags) in zip(out, TRAINING_VARIANTS):
-            switch(*flags)
+        ref_loss, ref_grads = base.setdefault("loss", loss.detach()), base.setdefault("grads", grads)
+        out.append({"name": name, "loss_rel_diff": _rel(loss.detach(), ref_loss),
+                    "grad_rel_diff": _rel(grads, ref_grads)})
+        del grads
+    # nothing of the comparison may stay alive into the timed steps (the gradient vector is 4 bytes per
+    # parameter: 2 GB for the released size)
+    del loss, ref_loss, ref_grads
+    base.clear()
+    for record, (name, flags) in zip(out, TRAINING_VARIANTS):
+        with training_switches(model, **flags):
             times, peak = time_fn(step, reps=reps, warmup=warmup, device=dev)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
@@ -283,8 +315,6 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
                 after_forward = torch.cuda.memory_allocated(dev) / 1e9
             loss.backward()
             optimizer.step()
-            record.update(median_ms=sorted(times)[len(times) // 2], reps_ms=times, peak_gb=peak,
-                          after_forward_gb=after_forward)
-    finally:
-        switch(True, True, True, True, True)
+        record.update(median_ms=sorted(times)[len(times) // 2], reps_ms=times, peak_gb=peak,
+                      after_forward_gb=after_forward)
     return out
