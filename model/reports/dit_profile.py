@@ -224,6 +224,8 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 #: checkpointed block reuses the top-k choice, :data:`model.nets.dit.REUSE_SELECTION`) and ``split_queries``
 #: (the ``selection.DKDV`` launch setting ``max_queries``: 0 never splits a block's queries, None: the table's
 #: value).
+#: The ``max_queries`` of the last variant.
+SPLIT_QUERIES = 2048
 _ALL_ON = dict(half_stream=True, fused_norms=True, recompute_hidden=True, gated_residual=True, norm_projection=True,
                reuse_selection=True, split_queries=None)
 TRAINING_VARIANTS = (
@@ -241,7 +243,8 @@ TRAINING_VARIANTS = (
     ("+ norms folded into the projections after them (merged q/k/v/gate)",
      dict(_ALL_ON, reuse_selection=False, split_queries=0)),
     ("+ the recomputed forward reuses the top-k choice", dict(_ALL_ON, split_queries=0)),
-    ("+ selection dK/dV with the launch table's max_queries (blocks many queries chose split)", dict(_ALL_ON)),
+    ("+ selection dK/dV split into chunks of 2,048 queries (a block many queries chose is several programs)",
+     dict(_ALL_ON, split_queries=SPLIT_QUERIES)),
 )
 
 
