@@ -10,7 +10,11 @@ is loaded once for the whole group and shared by the tile's tokens.
 
 dK/dV are key-outer: a program owns a tile of one selection block's keys and loops over the queries that chose
 the block, through a block -> queries index (CSR), accumulating every head of the group in float32 registers.
-Each key is written by exactly one program: deterministic, no atomics.
+A model's queries do not spread evenly: some blocks are chosen by most of them, and such a block would be one
+program that runs long after the others. With the launch setting ``max_queries`` a block's queries are cut into
+chunks of at most that many (:func:`split_buckets`), one program each; the first chunk stores into dK/dV, the
+others write partial sums that a second kernel adds in chunk order. Either way each key's gradient is summed in a
+fixed order: deterministic, no atomics.
 """
 from __future__ import annotations
 
@@ -42,7 +46,10 @@ from .launch import config
 from .layout import BlockLayout
 
 # Launch configurations: ssa_kernels.launch ("selection.FWD", "selection.DQ": query rows (tokens x heads) per
-# program, keys per step; "selection.DKDV": query rows per step, keys per program).
+# program, keys per step; "selection.DKDV": query rows per step, keys per program, query tokens per program).
+
+#: Most memory the partial sums of a split selection dK/dV may take (bytes); beyond it the chunks grow.
+SPLIT_SCRATCH_BYTES = 128 * 2**20
 
 
 @triton.jit
@@ -372,7 +379,11 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
     nb = hkv * layout.num_sel_blocks
     split = dkdv["max_queries"] > 0
     if split:
-        item_bucket, item_start, slots = split_buckets(csr_offsets, dkdv["max_queries"], csr_tokens.numel())
+        # chunks other than a bucket's first keep [tiles, BLOCK_N, BLOCK_D] float32 partial sums of dK and of dV;
+        # longer chunks where the bound on their number would make that exceed SPLIT_SCRATCH_BYTES
+        slot_bytes = 2 * tiles * block_n * bd * 4
+        max_queries = max(dkdv["max_queries"], triton.cdiv(csr_tokens.numel() * slot_bytes, SPLIT_SCRATCH_BYTES))
+        item_bucket, item_start, slots = split_buckets(csr_offsets, max_queries, csr_tokens.numel())
         part = torch.empty(2, max(slots, 1), tiles, block_n, bd, **f32)
     else:
         item_bucket = item_start = part = csr_offsets  # not read
@@ -381,7 +392,7 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
         _sel_bwd_dkdv_kernel[(items, tiles)](
             q, k, v, do, gate_t, neg, lse2, delta, dk_acc, dv_acc, part,
             layout.sel_offsets, csr_offsets, csr_tokens, item_bucket, item_start,
-            layout.num_sel_blocks, nb, hq, scale * LOG2E, scale, max(dkdv["max_queries"], 1),
+            layout.num_sel_blocks, nb, hq, scale * LOG2E, scale, max_queries if split else 1,
             part[0].numel() if split else 0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
             G=group, HG=hg, BLOCK_T=bt, BLOCK_N=block_n,
