@@ -143,8 +143,10 @@ def case_coords(name: str, *, compression_block: int, selection_block: int, max_
 
 
 def headline_cases() -> list[Case]:
-    """shell-1024 with v1.1 and v1.0, shell-512 and shell-2048 with v1.1; scaled inputs; every component."""
-    pairs = (("shell-1024", "v1.1"), ("shell-1024", "v1.0"), ("shell-512", "v1.1"), ("shell-2048", "v1.1"))
+    """shell-1024 with v1.1, v1.0, d64 and d128, shell-512 and shell-2048 with v1.1; scaled inputs; every
+    component."""
+    pairs = (("shell-1024", "v1.1"), ("shell-1024", "v1.0"), ("shell-1024", "d64"), ("shell-1024", "d128"),
+             ("shell-512", "v1.1"), ("shell-2048", "v1.1"))
     return [Case(s, c, INPUTS_SCALED, SSA_COMPONENTS) for s, c in pairs]
 
 

@@ -43,7 +43,7 @@ PASS_FWD, PASS_BWD, PASS_BUILD = "fwd", "bwd", "build"
 #: The component name of the whole SSA op (the others are its branches).
 WHOLE_OP = "op"
 #: Section order of the configurations (the headline first).
-CONFIG_ORDER = ("v1.1", "v1.0", "d64")
+CONFIG_ORDER = ("v1.1", "v1.0", "d64", "d128")
 MEASURED_FWD, MEASURED_FWDBWD = "fwd", "fwdbwd"
 PLOT_DPI = 120
 PLOT_SIZE = (11, 4.5)

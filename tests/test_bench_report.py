@@ -160,13 +160,15 @@ def test_feed_benchmark_records_the_gpu_samples(benchmark):
 def test_headline_and_full_sets():
     head = build_items(False, ("fa2", "cudnn"))
     ids = {it.id for it in head["ssa_item"]}
-    for case in ("shell-1024-v1.1-scaled", "shell-1024-v1.0-scaled", "shell-512-v1.1-scaled",
-                 "shell-2048-v1.1-scaled"):
+    for case in ("shell-1024-v1.1-scaled", "shell-1024-v1.0-scaled", "shell-1024-d64-scaled",
+                 "shell-1024-d128-scaled", "shell-512-v1.1-scaled", "shell-2048-v1.1-scaled"):
         for comp in ("op", "compression", "selection", "window"):
             assert {f"{case}-{comp}-fwd", f"{case}-{comp}-fwdbwd"} <= ids
         assert f"{case}-scoring_topk-fwd" in ids and f"{case}-scoring_topk-fwdbwd" not in ids
     dense = {it.id for it in head["dense_item"]}
-    assert "shell-1024-h32kv2d32-fa2-fwdbwd" in dense and len(dense) == 3 * 2 * 2  # v1.0 shares v1.1's baseline
+    # 3 shapes x d32 heads, plus shell-1024's d64 and d128 heads; 2 baselines x fwd / fwdbwd; v1.0 shares v1.1's
+    assert "shell-1024-h32kv2d32-fa2-fwdbwd" in dense and "shell-1024-h8kv2d128-cudnn-fwd" in dense
+    assert len(dense) == 5 * 2 * 2
     assert all(not it.full_only for v in head.values() for it in v)
     full = build_items(True, ("fa2",))
     cases = {(it.case.shape, it.case.config, it.case.inputs) for it in full["ssa_item"]}
