@@ -450,22 +450,3 @@ def test_kernel_timeline_from_a_chrome_trace(tmp_path):
     plot_timeline(rows, str(png), "test")
     assert png.stat().st_size > 1000
 
-
-def test_dit_inputs_spread_counts_every_choice():
-    """bench.dit_inputs' spread statistics on a small random set: every top-k choice lands in one bucket."""
-    import ssa_kernels
-    from bench.dit_inputs import choice_spread
-    from tests.helpers import random_coords, random_inputs
-
-    gen = torch.Generator().manual_seed(0)
-    coords = random_coords((60, 30), 16, compression_block=4, selection_block=8, generator=gen)
-    args = [t.float() for t in random_inputs(coords, 4, 2, 16, compression_block=4, selection_block=8,
-                                              generator=gen)]
-    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
-    s = choice_spread(args, layout, topk=3)
-    _, lse = ssa_kernels.compression_attention(args[0], args[3], args[4], layout)
-    idx = ssa_kernels.select_blocks(args[0], args[3], lse, layout, topk=3)
-    assert s["choices"] == int((idx >= 0).sum())
-    assert s["buckets"] == 2 * layout.num_sel_blocks
-    assert s["max_queries"] >= s["mean_queries"] > 0 and s["max_over_mean"] >= 1.0
-    assert 0.0 < s["top_share"] <= 1.0

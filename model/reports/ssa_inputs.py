@@ -1,6 +1,6 @@
 """The SSA operation on the inputs a DiT gives it, against the benchmark's random inputs.
 
-``python -m bench.dit_inputs --out DIR`` (one CUDA GPU) runs one forward of the ``released_1024`` DiT (random
+``python -m model.reports.ssa_inputs --out DIR`` (one CUDA GPU) runs one forward of the ``released_1024`` DiT (random
 weights of the released sizes, as ``model.reports.dit`` builds it; bf16 autocast) on a benchmark token set and keeps
 the arguments of the SSA calls of some blocks (q, k, v, the compressed keys and values, the gates, the layout). On
 each block's arguments and on the benchmark's ``scaled`` inputs of the same tokens (BENCHMARK.md) it records:
@@ -12,7 +12,7 @@ each block's arguments and on the benchmark's ``scaled`` inputs of the same toke
 - the whole op's forward and forward + backward, and the selection dK/dV kernels alone (gated, as inside the op),
   for each ``--max-queries`` setting of the ``selection.DKDV`` launch configuration (0: one program per bucket).
 
-Writes ``dit_inputs.json`` and ``dit_inputs.md`` (the commit, GPU and versions in both). Timing: medians of
+Writes ``ssa_inputs.json`` and ``ssa_inputs.md`` (the commit, GPU and versions in both). Timing: medians of
 ``triton.testing.do_bench``.
 """
 from __future__ import annotations
@@ -78,13 +78,17 @@ def capture(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, seed: int = 0, tim
 
 
 def benchmark_inputs(layout, like: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
-    """The benchmark's ``scaled`` random inputs (BENCHMARK.md) with the shapes and dtype of ``like``."""
-    from bench.inputs import compressed_kv_for_layout
+    """The benchmark's ``scaled`` random inputs (BENCHMARK.md: standard-normal q, k, v, gates uniform in (0, 1),
+    ``k_cmp`` the mean of k over each compression block times the square root of its token count, ``v_cmp`` the
+    mean of v) with the shapes and dtype of ``like``."""
+    from model.nets.ssa_layer import block_mean
 
     q, k, v = like[:3]
     gen = torch.Generator(device=q.device).manual_seed(seed)
     qr, kr, vr = (torch.randn(t.shape, device=q.device, generator=gen, dtype=q.dtype) for t in (q, k, v))
-    kc, vc = compressed_kv_for_layout(kr.float(), vr.float(), layout)
+    counts = (layout.cmp_offsets[1:] - layout.cmp_offsets[:-1]).double().sqrt().view(-1, 1, 1)
+    kc = block_mean(kr.flatten(1).double(), layout, "mean").view(-1, *k.shape[1:]) * counts
+    vc = block_mean(vr.flatten(1).double(), layout, "mean").view(-1, *v.shape[1:])
     gate = torch.rand(q.shape[0], 3, device=q.device, generator=gen, dtype=q.dtype)
     return [qr, kr, vr, kc.to(q.dtype), vc.to(q.dtype), gate]
 
@@ -161,7 +165,7 @@ def run(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, max_queries=DEFAULT_MA
     from model.io import provenance
 
     if not torch.cuda.is_available():
-        raise RuntimeError("bench.dit_inputs needs a CUDA GPU")
+        raise RuntimeError("model.reports.ssa_inputs needs a CUDA GPU")
     prov = provenance(torch.device("cuda"))
     kept = capture(shape, blocks, seed)
     doc = dict(shape=shape, tokens=int(kept[0]["args"][0].shape[0]) if kept else 0, blocks=list(blocks),
@@ -183,8 +187,8 @@ def run(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, max_queries=DEFAULT_MA
 def markdown(doc: dict) -> str:
     lines = [f"# The SSA op on a DiT's own inputs ({doc['shape']}, {doc['tokens']:,} tokens)", "",
              f"{doc['date']}, {doc['gpu']}, torch {doc['torch']}, triton {doc['triton']}, CUDA {doc['cuda']}, "
-             f"commit {doc['commit']}. `python -m bench.dit_inputs`: the released_1024 DiT with random weights, one "
-             "forward under bf16 autocast; the SSA arguments of some blocks kept and the op timed on them "
+             f"commit {doc['commit']}. `python -m model.reports.ssa_inputs`: the released_1024 DiT with random "
+             "weights, one forward under bf16 autocast; the SSA arguments of some blocks kept and the op timed on them "
              "(medians of `triton.testing.do_bench`).", "",
              "| inputs | queries per bucket, mean | largest | largest / mean | share of the top 1% | "
              "selected keys per query |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -205,8 +209,8 @@ def markdown(doc: dict) -> str:
 def main(argv=None) -> int:
     from ssa_kernels.shapes import SHAPES
 
-    p = argparse.ArgumentParser(prog="python -m bench.dit_inputs", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for dit_inputs.json and dit_inputs.md")
+    p = argparse.ArgumentParser(prog="python -m model.reports.ssa_inputs", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for ssa_inputs.json and ssa_inputs.md")
     p.add_argument("--shape", default="shell-1024", choices=sorted(SHAPES), help="token set (default shell-1024)")
     p.add_argument("--blocks", type=int, nargs="+", default=list(DEFAULT_BLOCKS),
                    help="DiT blocks whose SSA inputs are kept (default 0 12 23)")
@@ -221,14 +225,14 @@ def main(argv=None) -> int:
     if any(m < 0 for m in args.max_queries):
         p.error("--max-queries must be >= 0")
     if not torch.cuda.is_available():
-        print("bench.dit_inputs needs a CUDA GPU; none here", file=sys.stderr)
+        print("model.reports.ssa_inputs needs a CUDA GPU; none here", file=sys.stderr)
         return 2
     doc = run(args.shape, tuple(args.blocks), tuple(args.max_queries), args.rep, args.seed)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "dit_inputs.json"), "w") as f:
+    with open(os.path.join(args.out, "ssa_inputs.json"), "w") as f:
         json.dump(doc, f, indent=1)
     md = markdown(doc)
-    with open(os.path.join(args.out, "dit_inputs.md"), "w") as f:
+    with open(os.path.join(args.out, "ssa_inputs.md"), "w") as f:
         f.write(md)
     print(md)
     return 0

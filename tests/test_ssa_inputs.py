@@ -1,0 +1,40 @@
+"""model.reports.ssa_inputs on the CPU: the spread statistics and the benchmark input set."""
+import torch
+
+
+def test_ssa_inputs_spread_counts_every_choice():
+    """model.reports.ssa_inputs' spread statistics on a small random set: every top-k choice lands in one bucket."""
+    import ssa_kernels
+    from model.reports.ssa_inputs import choice_spread
+    from tests.helpers import random_coords, random_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    coords = random_coords((60, 30), 16, compression_block=4, selection_block=8, generator=gen)
+    args = [t.float() for t in random_inputs(coords, 4, 2, 16, compression_block=4, selection_block=8,
+                                              generator=gen)]
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    s = choice_spread(args, layout, topk=3)
+    _, lse = ssa_kernels.compression_attention(args[0], args[3], args[4], layout)
+    idx = ssa_kernels.select_blocks(args[0], args[3], lse, layout, topk=3)
+    assert s["choices"] == int((idx >= 0).sum())
+    assert s["buckets"] == 2 * layout.num_sel_blocks
+    assert s["max_queries"] >= s["mean_queries"] > 0 and s["max_over_mean"] >= 1.0
+    assert 0.0 < s["top_share"] <= 1.0
+
+
+def test_ssa_inputs_benchmark_set_is_the_benchmarks():
+    """The report's stand-in for the benchmark's scaled compressed keys and values equals bench.inputs' own."""
+    import ssa_kernels
+    from bench.inputs import compressed_kv_for_layout
+    from model.reports.ssa_inputs import benchmark_inputs
+    from tests.helpers import random_coords
+
+    gen = torch.Generator().manual_seed(1)
+    coords = random_coords((50, 20), 12, compression_block=4, selection_block=8, generator=gen)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    like = [torch.zeros(70, 4, 16), torch.zeros(70, 2, 16), torch.zeros(70, 2, 16)]
+    q, k, v, kc, vc, gate = benchmark_inputs(layout, like, seed=3)
+    ref_kc, ref_vc = compressed_kv_for_layout(k.double(), v.double(), layout)
+    torch.testing.assert_close(kc.double(), ref_kc.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(vc.double(), ref_vc.double(), rtol=1e-6, atol=1e-6)
+    assert q.shape == (70, 4, 16) and gate.shape == (70, 3) and bool(((gate > 0) & (gate < 1)).all())
