@@ -26,7 +26,7 @@ SCRIPTS = [
     "model.cli.generate", "model.cli.prepare_dit_data", "model.cli.reconstruct", "model.cli.sample",
     "model.cli.train_dit", "model.cli.train_vae", "model.reports.dit", "model.reports.generate",
     "model.reports.multi_gpu", "model.reports.vae", "model.reports.dit_demo", "model.reports.extract",
-    "model.reports.refiner", "model.data.meshes", "bench.run_gpu",
+    "model.reports.refiner", "model.reports.ssa_inputs", "model.data.meshes", "bench.run_gpu",
 ]
 #: Options deliberately hidden from --help (the report's torchrun worker).
 INTERNAL = {("model.reports.multi_gpu", "--worker"), ("model.reports.multi_gpu", "--seconds"),
@@ -45,6 +45,7 @@ VOCABULARY = {
     "model.reports.generate": {"--out", "--device", "--seed", "--no-progress"},
     "model.reports.extract": {"--out", "--device"},
     "model.reports.refiner": {"--out", "--device", "--seed"},
+    "model.reports.ssa_inputs": {"--out", "--seed"},
     "model.reports.multi_gpu": {"--out", "--device", "--seed", "--time-limit"},
     "model.reports.vae": {"--out", "--device", "--seed", "--time-limit"},
     "model.reports.dit_demo": {"--out", "--device", "--seed", "--vae-time-limit", "--dit-time-limit",

@@ -206,34 +206,46 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from model.cli.args import add_out, add_seed, make_parser, non_negative_int, positive_int
     from ssa_kernels.shapes import SHAPES
 
-    p = argparse.ArgumentParser(prog="python -m model.reports.ssa_inputs", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for ssa_inputs.json and ssa_inputs.md")
-    p.add_argument("--shape", default="shell-1024", choices=sorted(SHAPES), help="token set (default shell-1024)")
-    p.add_argument("--blocks", type=int, nargs="+", default=list(DEFAULT_BLOCKS),
-                   help="DiT blocks whose SSA inputs are kept (default 0 12 23)")
-    p.add_argument("--max-queries", type=int, nargs="+", default=list(DEFAULT_MAX_QUERIES),
-                   help="selection.DKDV max_queries settings to time (0: no split)")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition budget in ms (default 100)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for b in args.blocks:
-        if not 0 <= b < 24:
-            p.error(f"--blocks: the released DiT has blocks 0..23, got {b}")
-    if any(m < 0 for m in args.max_queries):
-        p.error("--max-queries must be >= 0")
+    p = make_parser("model.reports.ssa_inputs", __doc__)
+    add_out(p, "folder for ssa_inputs.json and ssa_inputs.md")
+    p.add_argument("--shape", default="shell-1024", choices=sorted(SHAPES),
+                   help="benchmark token set (default %(default)s)")
+    p.add_argument("--blocks", type=non_negative_int, nargs="+", default=list(DEFAULT_BLOCKS), metavar="I",
+                   help=f"DiT blocks whose SSA inputs are kept (default {' '.join(map(str, DEFAULT_BLOCKS))})")
+    p.add_argument("--max-queries", type=non_negative_int, nargs="+", default=list(DEFAULT_MAX_QUERIES), metavar="Q",
+                   help="selection.DKDV max_queries settings to time, 0: no split (default "
+                        f"{' '.join(map(str, DEFAULT_MAX_QUERIES))})")
+    p.add_argument("--rep", type=positive_int, default=100, metavar="MS",
+                   help="do_bench time budget per measurement, ms (default %(default)s)")
+    add_seed(p)
+    return p
+
+
+def main(argv=None) -> int:
+    from model.cli.args import run as run_cli
+
+    return run_cli(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    from model.cli.args import UserError, output_folder
+    from model.io import atomic_write_json, atomic_write_text
+
+    output_folder("--out", args.out)
+    bad = [b for b in args.blocks if b >= 24]
+    if bad:
+        raise UserError(f"--blocks: the released DiT has blocks 0..23, got {bad}")
     if not torch.cuda.is_available():
-        print("model.reports.ssa_inputs needs a CUDA GPU; none here", file=sys.stderr)
-        return 2
+        raise UserError("model.reports.ssa_inputs needs a CUDA GPU; none here")
     doc = run(args.shape, tuple(args.blocks), tuple(args.max_queries), args.rep, args.seed)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ssa_inputs.json"), "w") as f:
-        json.dump(doc, f, indent=1)
+    atomic_write_json(os.path.join(args.out, "ssa_inputs.json"), doc)
     md = markdown(doc)
-    with open(os.path.join(args.out, "ssa_inputs.md"), "w") as f:
-        f.write(md)
+    atomic_write_text(os.path.join(args.out, "ssa_inputs.md"), md)
     print(md)
     return 0
 
