@@ -45,7 +45,7 @@ VOCABULARY = {
     "model.reports.generate": {"--out", "--device", "--seed", "--no-progress"},
     "model.reports.extract": {"--out", "--device"},
     "model.reports.refiner": {"--out", "--device", "--seed"},
-    "model.reports.ssa_inputs": {"--out", "--seed"},
+    "model.reports.ssa_inputs": {"--out", "--device", "--seed"},
     "model.reports.multi_gpu": {"--out", "--device", "--seed", "--time-limit"},
     "model.reports.vae": {"--out", "--device", "--seed", "--time-limit"},
     "model.reports.dit_demo": {"--out", "--device", "--seed", "--vae-time-limit", "--dit-time-limit",

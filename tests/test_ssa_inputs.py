@@ -38,3 +38,27 @@ def test_ssa_inputs_benchmark_set_is_the_benchmarks():
     torch.testing.assert_close(kc.double(), ref_kc.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(vc.double(), ref_vc.double(), rtol=1e-6, atol=1e-6)
     assert q.shape == (70, 4, 16) and gate.shape == (70, 3) and bool(((gate > 0) & (gate < 1)).all())
+
+
+def test_cpu_run_writes_the_spread_of_a_real_block(tmp_path):
+    """The CPU run: the released-size DiT's first block on shell-512 through the dense reference, the spread of its
+    top-k choice and of the benchmark inputs' (no timings)."""
+    import json
+
+    from model.reports.ssa_inputs import main
+
+    assert main(["--out", str(tmp_path), "--shape", "shell-512", "--blocks", "0", "--device", "cpu"]) == 0
+    doc = json.loads((tmp_path / "ssa_inputs.json").read_text())
+    assert not doc["timed"] and [c["inputs"] for c in doc["cases"]] == ["DiT block 0", "benchmark scaled inputs"]
+    for case in doc["cases"]:
+        s = case["spread"]
+        assert case["timings"] == [] and s["choices"] == doc["tokens"] * 2 * 8  # every query chose 8 blocks per head
+        assert s["max_queries"] > s["mean_queries"] > 0
+    assert "max_queries" not in (tmp_path / "ssa_inputs.md").read_text()
+
+
+def test_cpu_run_refuses_large_shapes(tmp_path, capsys):
+    from model.reports.ssa_inputs import main
+
+    assert main(["--out", str(tmp_path), "--shape", "shell-1024", "--device", "cpu"]) != 0
+    assert "--shape" in capsys.readouterr().err

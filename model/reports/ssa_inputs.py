@@ -34,17 +34,27 @@ TOP_SHARE = 0.01
 CONDITION_TOKENS = 1374
 
 
-def capture(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, seed: int = 0, timestep: float = 500.0) -> list[dict]:
+class _Captured(Exception):
+    """Ends the forward once every wanted block's SSA arguments are kept (CPU: the dense reference is slow)."""
+
+
+def capture(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, seed: int = 0, timestep: float = 500.0,
+            device: str = "cuda") -> list[dict]:
     """One forward of the released DiT; the SSA arguments of ``blocks`` as
-    ``{"block", "args": [q, k, v, k_cmp, v_cmp, gate], "layout", "topk", "shift"}`` (tensors detached)."""
+    ``{"block", "args": [q, k, v, k_cmp, v_cmp, gate], "layout", "topk", "shift"}`` (tensors detached).
+
+    On CUDA: the Triton kernels under bf16 autocast. On the CPU: the dense reference SSA in float32, and the forward
+    stops after the last wanted block."""
+    import reference
     import ssa_kernels
     from model.nets.dit import DiTConfig, SparseDiT
     from model.sparse.tensor import SparseTensor
     from ssa_kernels.shapes import shape_coords
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     torch.manual_seed(seed)
-    cfg = DiTConfig.released_1024(backend="kernels")
+    cfg = DiTConfig.released_1024(backend="kernels" if cuda else "reference")
     coords = shape_coords(shape, compression_block=cfg.compression_block, selection_block=cfg.selection_block)
     model = SparseDiT(cfg).to(dev).eval()
     for p in model.parameters():  # as model.reports.dit: the initialisation zeroes gates, output and biases
@@ -56,24 +66,32 @@ def capture(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, seed: int = 0, tim
     cond = torch.randn(1, CONDITION_TOKENS, cfg.cond_channels, generator=gen).to(dev)
     kept: list[dict] = []
     calls = [0]
-    original = ssa_kernels.spatial_sparse_attention
+    owner = ssa_kernels if cuda else reference
+    original = owner.spatial_sparse_attention
 
     def keep(*args, **kw):
         if calls[0] in blocks:
-            layout = args[6]
+            layout = args[6] if cuda else ssa_kernels.build_layout(
+                args[6], compression_block=kw["compression_block"], selection_block=kw["selection_block"],
+                window=kw["window"])
             kept.append(dict(block=calls[0], args=[a.detach().clone() for a in args[:6]], layout=layout,
                              topk=kw["topk"], shift=kw["shift"]))
         calls[0] += 1
+        if not cuda and calls[0] > max(blocks):
+            raise _Captured
         return original(*args, **kw)
 
-    ssa_kernels.spatial_sparse_attention = keep
+    owner.spatial_sparse_attention = keep
     try:
-        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
             model(x, torch.full((1,), timestep, device=dev), cond)
+    except _Captured:
+        pass
     finally:
-        ssa_kernels.spatial_sparse_attention = original
+        owner.spatial_sparse_attention = original
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return kept
 
 
@@ -99,9 +117,19 @@ def choice_spread(args, layout, topk: int) -> dict:
     from ssa_kernels.selection import block_query_index
 
     q, k, v, kc, vc, gate = args
-    scale = q.shape[-1] ** -0.5
-    _, lse = compression.compression_forward(q, kc, vc, layout, scale)
-    idx = scoring.select_blocks_forward(q, kc, lse, layout, topk, scale)
+    if q.is_cuda:
+        scale = q.shape[-1] ** -0.5
+        _, lse = compression.compression_forward(q, kc, vc, layout, scale)
+        idx = scoring.select_blocks_forward(q, kc, lse, layout, topk, scale)
+    else:  # the float64 reference (the interpreter would take hours at these sizes)
+        import reference
+
+        m = dict(compression_block=layout.compression_block)
+        q64, kc64 = q.double(), kc.double()
+        _, lse = reference.compression_attention(q64, kc64, vc.double(), layout.coords, **m)
+        scores = reference.block_scores(q64, kc64, lse, layout.coords, selection_block=layout.selection_block, **m)
+        # the reference numbers selection blocks by first appearance: in layout order, the layout's numbering
+        idx = reference.select_blocks(scores, topk).int()
     offsets, _ = block_query_index(idx, layout.num_sel_blocks)
     counts = (offsets[1:] - offsets[:-1]).double()
     top = max(1, int(round(TOP_SHARE * counts.numel())))
@@ -160,17 +188,28 @@ def time_op(args, layout, topk: int, shift: int, max_queries, rep: int = 100) ->
     return rows
 
 
-def run(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, max_queries=DEFAULT_MAX_QUERIES, rep: int = 100,
-        seed: int = 0) -> dict:
-    from model.io import provenance
+#: Most tokens the CPU run takes (its dense float64 reference scoring holds ``N x Hq x Nc`` values).
+CPU_MAX_TOKENS = 40_000
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("model.reports.ssa_inputs needs a CUDA GPU")
-    prov = provenance(torch.device("cuda"))
-    kept = capture(shape, blocks, seed)
+
+def run(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, max_queries=DEFAULT_MAX_QUERIES, rep: int = 100,
+        seed: int = 0, device: str = "cuda") -> dict:
+    """The measurements of the module docstring; on the CPU the spread statistics only (no timings)."""
+    from model.io import provenance
+    from ssa_kernels.shapes import SHAPES
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.reports.ssa_inputs on cuda needs a CUDA GPU")
+    if dev.type == "cpu" and SHAPES[shape].tokens > CPU_MAX_TOKENS:
+        raise ValueError(f"shape {shape!r} has {SHAPES[shape].tokens:,} tokens; the CPU run takes at most "
+                         f"{CPU_MAX_TOKENS:,} (shell-512)")
+    prov = provenance(dev)
+    kept = capture(shape, blocks, seed, device=device)
+    timed = dev.type == "cuda"
     doc = dict(shape=shape, tokens=int(kept[0]["args"][0].shape[0]) if kept else 0, blocks=list(blocks),
-               max_queries=list(max_queries), **{k: prov[k] for k in ("gpu", "date", "commit", "torch", "triton",
-                                                                        "cuda", "python")}, cases=[])
+               max_queries=list(max_queries) if timed else [], device=str(dev), timed=timed,
+               **{k: prov[k] for k in ("gpu", "date", "commit", "torch", "triton", "cuda", "python")}, cases=[])
     for i, case in enumerate(kept):
         sets = [(f"DiT block {case['block']}", case["args"])]
         if i == 0:
@@ -178,24 +217,31 @@ def run(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, max_queries=DEFAULT_MA
         for name, args in sets:
             entry = dict(inputs=name, block=case["block"], shift=case["shift"],
                          spread=choice_spread(args, case["layout"], case["topk"]),
-                         timings=time_op(args, case["layout"], case["topk"], case["shift"], max_queries, rep))
+                         timings=time_op(args, case["layout"], case["topk"], case["shift"], max_queries, rep)
+                         if timed else [])
             doc["cases"].append(entry)
             print(json.dumps(entry), flush=True)
     return doc
 
 
 def markdown(doc: dict) -> str:
+    where = (f"{doc['gpu']}, torch {doc['torch']}, triton {doc['triton']}, CUDA {doc['cuda']}" if doc["timed"] else
+             f"CPU, torch {doc['torch']}")
+    how = ("one forward under bf16 autocast; the SSA arguments of some blocks kept and the op timed on them (medians "
+           "of `triton.testing.do_bench`)" if doc["timed"] else
+           "one forward in float32 with the dense reference SSA, stopped after the last block kept; the top-k choice "
+           "by the float64 reference; no timings (CPU)")
     lines = [f"# The SSA op on a DiT's own inputs ({doc['shape']}, {doc['tokens']:,} tokens)", "",
-             f"{doc['date']}, {doc['gpu']}, torch {doc['torch']}, triton {doc['triton']}, CUDA {doc['cuda']}, "
-             f"commit {doc['commit']}. `python -m model.reports.ssa_inputs`: the released_1024 DiT with random "
-             "weights, one forward under bf16 autocast; the SSA arguments of some blocks kept and the op timed on them "
-             "(medians of `triton.testing.do_bench`).", "",
+             f"{doc['date']}, {where}, commit {doc['commit']}. `python -m model.reports.ssa_inputs`: the "
+             f"released_1024 DiT with random weights, {how}.", "",
              "| inputs | queries per bucket, mean | largest | largest / mean | share of the top 1% | "
              "selected keys per query |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for c in doc["cases"]:
         s = c["spread"]
         lines.append(f"| {c['inputs']} | {s['mean_queries']:,.0f} | {s['max_queries']:,} | "
                      f"{s['max_over_mean']:.1f} | {100 * s['top_share']:.1f}% | {s['selected_keys_per_query']:,.0f} |")
+    if not doc["timed"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "| inputs | selection.DKDV max_queries | fwd ms | bwd ms | fwd+bwd ms | selection dK/dV alone, ms | "
               "peak fwd+bwd GB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in doc["cases"]:
@@ -207,7 +253,7 @@ def markdown(doc: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from model.cli.args import add_out, add_seed, make_parser, non_negative_int, positive_int
+    from model.cli.args import add_device, add_out, add_seed, make_parser, non_negative_int, positive_int
     from ssa_kernels.shapes import SHAPES
 
     p = make_parser("model.reports.ssa_inputs", __doc__)
@@ -221,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{' '.join(map(str, DEFAULT_MAX_QUERIES))})")
     p.add_argument("--rep", type=positive_int, default=100, metavar="MS",
                    help="do_bench time budget per measurement, ms (default %(default)s)")
+    add_device(p)
     add_seed(p)
     return p
 
@@ -232,16 +279,20 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    from model.cli.args import UserError, output_folder
+    from model.cli.args import UserError, output_folder, resolve_device
     from model.io import atomic_write_json, atomic_write_text
 
     output_folder("--out", args.out)
+    device = resolve_device(args.device)
     bad = [b for b in args.blocks if b >= 24]
     if bad:
         raise UserError(f"--blocks: the released DiT has blocks 0..23, got {bad}")
-    if not torch.cuda.is_available():
-        raise UserError("model.reports.ssa_inputs needs a CUDA GPU; none here")
-    doc = run(args.shape, tuple(args.blocks), tuple(args.max_queries), args.rep, args.seed)
+    if device.type == "cpu":
+        print("no CUDA GPU: the choice statistics only, with the dense reference (no timings)", file=sys.stderr)
+    try:
+        doc = run(args.shape, tuple(args.blocks), tuple(args.max_queries), args.rep, args.seed, device=str(device))
+    except ValueError as exc:
+        raise UserError(f"--shape: {exc}") from None
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "ssa_inputs.json"), doc)
     md = markdown(doc)
