@@ -20,7 +20,7 @@ PREVIOUS = {
     "compression.DKDV": dict(rows=32, block_n=128, programs=2048, num_warps=4, num_stages=1),
     "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
     "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
-    "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=0),
+    "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192),
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DKDV": dict(max_heads=16, rows=256, num_warps=4, num_stages=2),
