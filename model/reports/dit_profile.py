@@ -24,6 +24,8 @@ from contextlib import nullcontext
 
 import torch
 
+from ssa_kernels.launch import config as _launch_config
+
 __all__ = ["KERNEL_KINDS", "RANGES", "TRAINING_VARIANTS", "kernel_kind", "profile_step", "sampling_variants",
            "training_switches", "training_variants"]
 
@@ -224,8 +226,8 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 #: checkpointed block reuses the top-k choice, :data:`model.nets.dit.REUSE_SELECTION`) and ``split_queries``
 #: (the ``selection.DKDV`` launch setting ``max_queries``: 0 never splits a block's queries, None: the table's
 #: value).
-#: The ``max_queries`` of the last variant.
-SPLIT_QUERIES = 2048
+#: The launch table's ``max_queries`` (the last variant's; the ones before it split nothing).
+_TABLE_SPLIT = _launch_config("selection.DKDV")["max_queries"]
 _ALL_ON = dict(half_stream=True, fused_norms=True, recompute_hidden=True, gated_residual=True, norm_projection=True,
                reuse_selection=True, split_queries=None)
 TRAINING_VARIANTS = (
@@ -243,8 +245,8 @@ TRAINING_VARIANTS = (
     ("+ norms folded into the projections after them (merged q/k/v/gate)",
      dict(_ALL_ON, reuse_selection=False, split_queries=0)),
     ("+ the recomputed forward reuses the top-k choice", dict(_ALL_ON, split_queries=0)),
-    ("+ selection dK/dV split into chunks of 2,048 queries (a block many queries chose is several programs)",
-     dict(_ALL_ON, split_queries=SPLIT_QUERIES)),
+    (f"+ selection dK/dV split into chunks of at most {_TABLE_SPLIT:,} queries (the launch table's max_queries)",
+     dict(_ALL_ON)),
 )
 
 
