@@ -211,20 +211,28 @@ def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggreg
         assert torch.equal(idx < 0, ref_idx < 0), aggregate
 
 
+def _choice(layout, hkv, topk, pick):
+    """A top-k choice ``idx [N, Hkv, topk]`` int32: ``pick(lo, hi, g)`` lists the blocks (ids in ``[lo, hi)``, the
+    token's batch element) one token chooses for kv head g; the slots after them stay -1."""
+    idx = torch.full((layout.num_tokens, hkv, topk), -1, dtype=torch.int32)
+    bounds = layout.batch_sel_offsets.tolist()
+    for t, b in enumerate(layout.token_batch.tolist()):
+        for g in range(hkv):
+            blocks = pick(bounds[b], bounds[b + 1], g)
+            idx[t, g, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    return idx
+
+
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 32), (4, 4, 16), (16, 1, 64)])
 def test_selection_branch_given_the_reference_choice(hq, hkv, d):
     coords, (q, k, v, kc, vc, gate) = _make((40, 25), 16, 4, 8, hq, hkv, d, seed=hq + d)
     layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
     gen = torch.Generator().manual_seed(d)
-    # for each (token, kv head): up to 4 distinct random blocks of the token's batch element, some slots empty
-    idx = torch.full((q.shape[0], hkv, 4), -1, dtype=torch.int32)
-    bounds = layout.batch_sel_offsets.tolist()
-    for t, b in enumerate(layout.token_batch.tolist()):
-        lo, hi = bounds[b], bounds[b + 1]
-        for g in range(hkv):
-            count = int(torch.randint(1, 5, (), generator=gen))
-            pick = lo + torch.randperm(hi - lo, generator=gen)[:count]
-            idx[t, g, : pick.numel()] = pick.int()
+
+    def pick(lo, hi, g):  # up to 4 distinct random blocks of the token's batch element, some slots empty
+        return (lo + torch.randperm(hi - lo, generator=gen)[:int(torch.randint(1, 5, (), generator=gen))]).tolist()
+
+    idx = _choice(layout, hkv, 4, pick)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     o_ref = reference.selection_attention(*ref_in, idx, coords, selection_block=8)
     do = torch.randn_like(o_ref)
@@ -245,15 +253,13 @@ def test_selection_dkdv_split_over_a_block_most_queries_chose(max_queries):
     coords, (q, k, v, *_) = _make((40, 25), 16, 4, 8, hq, hkv, d, seed=max_queries)
     layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
     gen = torch.Generator().manual_seed(max_queries)
-    idx = torch.full((q.shape[0], hkv, 3), -1, dtype=torch.int32)
-    bounds = layout.batch_sel_offsets.tolist()
-    for t, b in enumerate(layout.token_batch.tolist()):
-        lo, hi = bounds[b], bounds[b + 1]
-        for g in range(hkv):
-            hub = lo + g % (hi - lo)  # every token of the batch element chooses it
-            rest = [blk for blk in (lo + torch.randperm(hi - lo, generator=gen)).tolist() if blk != hub]
-            picks = [hub] + rest[: int(torch.randint(0, 3, (), generator=gen))]
-            idx[t, g, : len(picks)] = torch.tensor(picks, dtype=torch.int32)
+
+    def pick(lo, hi, g):
+        hub = lo + g % (hi - lo)  # every token of the batch element chooses it
+        rest = [blk for blk in (lo + torch.randperm(hi - lo, generator=gen)).tolist() if blk != hub]
+        return [hub] + rest[: int(torch.randint(0, 3, (), generator=gen))]
+
+    idx = _choice(layout, hkv, 3, pick)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     o_ref = reference.selection_attention(*ref_in, idx, coords, selection_block=8)
     do = torch.randn_like(o_ref)

@@ -126,15 +126,15 @@ def _coords(n, extent, seed):
     return torch.stack([torch.zeros_like(lin), lin // extent**2, (lin // extent) % extent, lin % extent], 1).int()
 
 
-def _tiny_dit():
+def _tiny_dit(backend="reference", tokens=150, extent=12, seed=1, cond_tokens=7):
     torch.manual_seed(0)
-    dit = SparseDiT(DiTConfig.tiny(backend="reference", use_checkpoint=True))
+    dit = SparseDiT(DiTConfig.tiny(backend=backend, use_checkpoint=True))
     with torch.no_grad():
         for p in dit.parameters():
             p.normal_(0.0, 0.05)
-    coords = _coords(150, 12, 1)
+    coords = _coords(tokens, extent, seed)
     x0 = SparseTensor(coords, torch.randn(coords.shape[0], dit.config.in_channels))
-    cond = torch.randn(1, 7, dit.config.cond_channels)
+    cond = torch.randn(1, cond_tokens, dit.config.cond_channels)
     return dit, x0, cond
 
 
@@ -288,14 +288,7 @@ def test_recomputed_forward_reuses_the_top_k_choice(monkeypatch):
     import model.nets.dit as dit_module
     import ssa_kernels.ssa as ssa
 
-    torch.manual_seed(0)
-    dit = SparseDiT(DiTConfig.tiny(backend="kernels", use_checkpoint=True))
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.normal_(0.0, 0.05)
-    coords = _coords(90, 8, 3)
-    x0 = SparseTensor(coords, torch.randn(coords.shape[0], dit.config.in_channels))
-    cond = torch.randn(1, 5, dit.config.cond_channels)
+    dit, x0, cond = _tiny_dit("kernels", tokens=90, extent=8, seed=3, cond_tokens=5)
     scoring = ssa.select_blocks_forward
     calls = []
     monkeypatch.setattr(ssa, "select_blocks_forward", lambda *a: calls.append(1) or scoring(*a))
