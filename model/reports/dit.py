@@ -37,7 +37,7 @@ import torch
 
 from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
 
-__all__ = ["main", "markdown", "run_report"]
+__all__ = ["fill_zero_parameters", "main", "markdown", "run_report"]
 
 #: Tokens of the smoke run (a piece of a 16^3 shell, in layout order).
 SMOKE_TOKENS = 192
@@ -83,6 +83,16 @@ def _flash_context(device):
         return nullcontext(), f"default sdpa backends ({type(exc).__name__})"
 
 
+def fill_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """Non-degenerate random weights for timing: the DiT initialisation zeroes the gates, the output layer and the
+    biases, so every all-zero parameter is drawn from ``N(0, std^2)`` instead. Returns ``model``."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                torch.nn.init.normal_(p, std=std)
+    return model
+
+
 def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup: int = 1, skip_full: bool = False,
                shape: str = "shell-1024", device=None, seed: int = 0, profile: bool = True,
                core_variants: bool = False, sampling_profile: bool = True) -> dict:
@@ -113,10 +123,7 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
         cond_tokens = 1374
         shape_name = shape
     n = coords.shape[0]
-    model = SparseDiT(cfg).to(dev)
-    for p in model.parameters():  # non-degenerate weights (the DiT initialisation zeroes gates, output and biases)
-        if p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.02)
+    model = fill_zero_parameters(SparseDiT(cfg).to(dev))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")  # as model.training.dit
     gen = torch.Generator().manual_seed(seed)
     coords = coords.to(dev)

@@ -48,6 +48,7 @@ def capture(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, seed: int = 0, tim
     import reference
     import ssa_kernels
     from model.nets.dit import DiTConfig, SparseDiT
+    from model.reports.dit import fill_zero_parameters
     from model.sparse.tensor import SparseTensor
     from ssa_kernels.shapes import shape_coords
 
@@ -56,10 +57,7 @@ def capture(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, seed: int = 0, tim
     torch.manual_seed(seed)
     cfg = DiTConfig.released_1024(backend="kernels" if cuda else "reference")
     coords = shape_coords(shape, compression_block=cfg.compression_block, selection_block=cfg.selection_block)
-    model = SparseDiT(cfg).to(dev).eval()
-    for p in model.parameters():  # as model.reports.dit: the initialisation zeroes gates, output and biases
-        if p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.02)
+    model = fill_zero_parameters(SparseDiT(cfg).to(dev).eval())
     gen = torch.Generator().manual_seed(seed)
     n = coords.shape[0]
     x = SparseTensor(coords.to(dev), torch.randn(n, cfg.in_channels, generator=gen).to(dev), validate=False)
@@ -150,13 +148,13 @@ def time_op(args, layout, topk: int, shift: int, max_queries, rep: int = 100) ->
     from ssa_kernels import compression, scoring, selection
     from ssa_kernels.launch import overriding
 
-    q = args[0]
+    q, k, v, kc, vc, gate = args
     scale = q.shape[-1] ** -0.5
     x = [t.clone().requires_grad_() for t in args]
     do = torch.randn_like(q)
-    _, lse_cmp = compression.compression_forward(*args[:1], *args[3:5], layout, scale)
-    idx = scoring.select_blocks_forward(q, args[3], lse_cmp, layout, topk, scale)
-    o_sel, lse_sel = selection.selection_forward(q, args[1], args[2], idx, layout, scale)
+    _, lse_cmp = compression.compression_forward(q, kc, vc, layout, scale)
+    idx = scoring.select_blocks_forward(q, kc, lse_cmp, layout, topk, scale)
+    o_sel, lse_sel = selection.selection_forward(q, k, v, idx, layout, scale)
     delta = (do.float() * o_sel.float()).sum(-1)
     index = selection.block_query_index(idx, layout.num_sel_blocks)
 
@@ -167,7 +165,7 @@ def time_op(args, layout, topk: int, shift: int, max_queries, rep: int = 100) ->
         torch.autograd.grad(fwd(), x, do)
 
     def sel_dkdv():
-        selection.selection_backward(do, q, args[1], args[2], idx, lse_sel, delta, layout, scale, gate=args[5],
+        selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale, gate=gate,
                                      gate_idx=1, parts=("dkdv",), index=index)
 
     rows = []
