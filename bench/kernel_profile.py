@@ -79,20 +79,14 @@ _SWEEP_TARGET = {
 
 
 def parse_sweeps(text):
-    """``"selection.FWD:block_n=32|64,num_warps=2|4;scoring.SCORE:keys=32|64"`` -> [(name, [config, ...])]."""
-    import itertools
+    """``"selection.FWD:block_n=32|64,num_warps=2|4;scoring.SCORE:keys=32|64"`` -> [(name, [config, ...])]
+    (:func:`ssa_kernels.launch.parse_sweep`), each kernel one this script can time."""
+    from ssa_kernels.launch import parse_sweep
 
-    out = []
-    for spec in filter(None, (text or "").split(";")):
-        name, _, params = spec.partition(":")
+    out = parse_sweep(text)
+    for name, _ in out:
         if name not in _SWEEP_TARGET:
             raise ValueError(f"unknown kernel configuration {name!r}; known: {sorted(_SWEEP_TARGET)}")
-        keys, values = [], []
-        for item in params.split(","):
-            key, _, vals = item.partition("=")
-            keys.append(key)
-            values.append([int(x) if x.lstrip("-").isdigit() else x for x in vals.split("|")])
-        out.append((name, [dict(zip(keys, combo)) for combo in itertools.product(*values)]))
     return out
 
 

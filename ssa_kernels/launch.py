@@ -27,7 +27,7 @@ import threading
 import torch
 
 __all__ = ["BASE", "ENTRIES", "Entry", "TABLE_PATH", "architecture", "config", "load_table", "overriding",
-           "write_entries"]
+           "parse_sweep", "write_entries"]
 
 #: Head dims up to this use the base configurations as tuned.
 TUNED_HEAD_DIM = 32
@@ -158,6 +158,29 @@ def config(kernel: str, *, head_dim: int | None = None, dtype: torch.dtype | Non
     for name, values in getattr(_LOCAL, "overrides", ()):
         if name == kernel:
             out.update(values)
+    return out
+
+
+def parse_sweep(text: str) -> list[tuple[str, list[dict]]]:
+    """A sweep of launch configurations written as ``"selection.FWD:rows=16|32,num_warps=1|2;selection.DQ:rows=32"``
+    -> ``[(kernel, [values, ...])]``: per kernel, every combination of the listed values (integers where they
+    parse as such). Raises ValueError for an unknown kernel or setting, or an item without ``=``."""
+    import itertools
+
+    out = []
+    for spec in filter(None, (text or "").split(";")):
+        kernel, _, params = spec.partition(":")
+        keys, values = [], []
+        for item in filter(None, params.split(",")):
+            key, eq, vals = item.partition("=")
+            if not eq or not vals:
+                raise ValueError(f"sweep item {item!r} of {kernel!r} must be written setting=value|value...")
+            keys.append(key)
+            values.append([int(x) if x.lstrip("-").isdigit() else x for x in vals.split("|")])
+        if not keys:
+            raise ValueError(f"sweep of {kernel!r} lists no setting (write {kernel}:setting=value|value)")
+        _check_values(kernel, dict.fromkeys(keys))
+        out.append((kernel, [dict(zip(keys, combo)) for combo in itertools.product(*values)]))
     return out
 
 

@@ -120,3 +120,20 @@ def test_every_kernel_asks_the_table_with_its_head_dim_and_dtype(monkeypatch):
     torch.autograd.grad(o, x, torch.randn_like(o))
     assert {a[0] for a in asked} == set(BASE)
     assert {(a[1], a[2]) for a in asked} == {(16, torch.float32)}
+
+
+def test_parse_sweep_expands_every_combination_and_checks_names():
+    """launch.parse_sweep: the sweep grammar of kernel_profile and ssa_inputs, checked against the table's settings."""
+    import pytest
+
+    from ssa_kernels.launch import parse_sweep
+
+    out = parse_sweep("selection.FWD:rows=16|64,num_warps=1|4;scoring.SCORE:aggregate=prefix|mask")
+    assert out[0] == ("selection.FWD", [dict(rows=16, num_warps=1), dict(rows=16, num_warps=4),
+                                        dict(rows=64, num_warps=1), dict(rows=64, num_warps=4)])
+    assert out[1] == ("scoring.SCORE", [dict(aggregate="prefix"), dict(aggregate="mask")])
+    assert parse_sweep("") == []
+    for bad, words in (("selection.FOO:rows=16", "unknown kernel"), ("selection.FWD:tiles=2", "tiles"),
+                       ("selection.FWD:rows", "setting=value"), ("selection.FWD", "lists no setting")):
+        with pytest.raises(ValueError, match=words):
+            parse_sweep(bad)

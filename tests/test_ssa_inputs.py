@@ -54,7 +54,38 @@ def test_cpu_run_writes_the_spread_of_a_real_block(tmp_path):
         s = case["spread"]
         assert case["timings"] == [] and s["choices"] == doc["tokens"] * 2 * 8  # every query chose 8 blocks per head
         assert s["max_queries"] > s["mean_queries"] > 0
-    assert "max_queries" not in (tmp_path / "ssa_inputs.md").read_text()
+    md = (tmp_path / "ssa_inputs.md").read_text()
+    assert "max_queries" not in md and "| inputs | 1 token | 2 tokens | 4 tokens | 8 tokens |" in md
+    dit, bench = (c["spread"]["blocks_per_token"] for c in doc["cases"])
+    assert dit["1"] == bench["1"] == 8.0  # one token: its own 8 distinct blocks
+    for per in (dit, bench):
+        assert per["1"] >= per["2"] >= per["4"] >= per["8"] >= 8 / 8
+    assert dit["4"] < bench["4"]  # a model's neighbouring queries share their choice more than random inputs do
+
+
+def test_tile_union_counts_distinct_blocks_per_token():
+    """tile_union: distinct non-negative blocks per tile of consecutive tokens, per token; the partial tile left out."""
+    from model.reports.ssa_inputs import tile_union
+
+    idx = torch.tensor([[[0, 1]], [[1, 2]], [[5, -1]], [[5, 6]], [[9, 9]]], dtype=torch.int32)  # [N 5, Hkv 1, topk 2]
+    assert tile_union(idx, 1) == (2 + 2 + 1 + 2 + 1) / 5
+    assert tile_union(idx, 2) == (3 + 2) / 2 / 2  # tiles {0,1,2} and {5,6}; token 4 left out
+    assert tile_union(idx, 4) == 5 / 4  # {0, 1, 2, 5, 6}
+    assert tile_union(idx, 8) == 0.0
+    other = torch.where(idx[:4, 0] >= 0, idx[:4, 0] + 100, -1)
+    two_heads = torch.stack([idx[:4, 0], other], 1)  # heads counted apart, then averaged
+    assert tile_union(two_heads, 2) == tile_union(idx[:4], 2)
+
+
+def test_sweep_option_is_checked(tmp_path, capsys):
+    """--sweep: a kernel the report cannot time alone, an unknown setting and a malformed item are user errors."""
+    from model.reports.ssa_inputs import main
+
+    for spec, words in (("compression.FWD:rows=64", "selection.FWD"), ("selection.FWD:tiles=3", "tiles"),
+                        ("selection.FWD:rows", "setting=value")):
+        assert main(["--out", str(tmp_path), "--shape", "shell-512", "--device", "cpu", "--sweep", spec]) != 0
+        err = capsys.readouterr().err
+        assert "--sweep" in err and words in err, err
 
 
 def test_cpu_run_refuses_large_shapes(tmp_path, capsys):

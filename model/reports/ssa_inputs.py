@@ -10,7 +10,13 @@ each block's arguments and on the benchmark's ``scaled`` inputs of the same toke
   buckets. The selection dK/dV kernel runs one program per bucket and key tile, so a bucket that most queries chose
   is one long program;
 - the whole op's forward and forward + backward, and the selection dK/dV kernels alone (gated, as inside the op),
-  for each ``--max-queries`` setting of the ``selection.DKDV`` launch configuration (0: one program per bucket).
+  for each ``--max-queries`` setting of the ``selection.DKDV`` launch configuration (0: one program per bucket);
+- how much of the top-k choice neighbouring tokens share: the distinct blocks that tiles of 1, 2, 4 and 8
+  consecutive tokens chose, per token. The query-outer selection kernels visit the union of a tile's choices, so
+  tiles of several tokens load each shared block once;
+- with ``--sweep`` (the grammar of :func:`ssa_kernels.launch.parse_sweep`), the selection kernels alone under
+  each listed launch configuration (``selection.FWD``, ``selection.DQ``, ``selection.DKDV``): a model's inputs
+  may favour other tiles than the benchmark's.
 
 Writes ``ssa_inputs.json`` and ``ssa_inputs.md`` (the commit, GPU and versions in both). Timing: medians of
 ``triton.testing.do_bench``.
@@ -30,6 +36,10 @@ DEFAULT_BLOCKS = (0, 12, 23)
 DEFAULT_MAX_QUERIES = (0, 1024, 2048, 4096, 8192)
 #: Share of the buckets counted as "the most chosen" in the spread statistics.
 TOP_SHARE = 0.01
+#: Tokens per tile of the choice-sharing statistics.
+TILE_TOKENS = (1, 2, 4, 8)
+#: Launch configurations ``--sweep`` can time (each selection kernel alone).
+SWEEPABLE = ("selection.FWD", "selection.DQ", "selection.DKDV")
 #: Condition tokens of the released image encoder (DINOv2 at 518 px: 37 x 37 patches + 5 tokens).
 CONDITION_TOKENS = 1374
 
@@ -137,7 +147,23 @@ def choice_spread(args, layout, topk: int) -> dict:
     return dict(buckets=counts.numel(), choices=int(counts.sum()), mean_queries=mean,
                 max_queries=int(counts.max()), max_over_mean=float(counts.max()) / mean if mean else 0.0,
                 top_share=float(counts.topk(top).values.sum() / counts.sum().clamp_min(1)),
-                selected_keys_per_query=float(keys.mean()))
+                selected_keys_per_query=float(keys.mean()),
+                blocks_per_token={str(t): tile_union(idx, t) for t in TILE_TOKENS})
+
+
+def tile_union(idx: torch.Tensor, tokens: int) -> float:
+    """Mean number of distinct blocks chosen by a tile of ``tokens`` consecutive tokens (one kv head), divided by
+    ``tokens``: the block visits per token of a query-outer selection kernel with such tiles. ``idx [N, Hkv,
+    topk]`` (-1 = none); the last, partial tile is left out."""
+    n, hkv, topk = idx.shape
+    m = n // tokens * tokens
+    if m == 0:
+        return 0.0
+    tiles = idx[:m].reshape(m // tokens, tokens, hkv, topk).transpose(1, 2).reshape(m // tokens, hkv, tokens * topk)
+    ordered = tiles.sort(-1).values
+    first = (ordered[..., :1] >= 0).sum(-1)
+    new = ((ordered[..., 1:] != ordered[..., :-1]) & (ordered[..., 1:] >= 0)).sum(-1)
+    return float((first + new).double().mean()) / tokens
 
 
 def time_op(args, layout, topk: int, shift: int, max_queries, rep: int = 100) -> list[dict]:
@@ -186,13 +212,52 @@ def time_op(args, layout, topk: int, shift: int, max_queries, rep: int = 100) ->
     return rows
 
 
+def sweep_kernels(args, layout, topk: int, sweeps, rep: int = 100) -> list[dict]:
+    """Each selection kernel alone (:data:`SWEEPABLE`) under every configuration of ``sweeps`` (``[(kernel,
+    [values, ...])]``, :func:`ssa_kernels.launch.parse_sweep`), ms; a configuration that fails is recorded as
+    NaN with its error."""
+    from triton.testing import do_bench
+
+    from ssa_kernels import compression, scoring, selection
+    from ssa_kernels.launch import overriding
+
+    q, k, v, kc, vc, gate = args
+    scale = q.shape[-1] ** -0.5
+    do = torch.randn_like(q)
+    _, lse_cmp = compression.compression_forward(q, kc, vc, layout, scale)
+    idx = scoring.select_blocks_forward(q, kc, lse_cmp, layout, topk, scale)
+    o_sel, lse_sel = selection.selection_forward(q, k, v, idx, layout, scale)
+    delta = (do.float() * o_sel.float()).sum(-1)
+    index = selection.block_query_index(idx, layout.num_sel_blocks)
+    run = {
+        "selection.FWD": lambda: selection.selection_forward(q, k, v, idx, layout, scale),
+        "selection.DQ": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale,
+                                                             gate=gate, gate_idx=1, parts=("dq",), index=index),
+        "selection.DKDV": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale,
+                                                               gate=gate, gate_idx=1, parts=("dkdv",), index=index),
+    }
+    rows = []
+    for kernel, combos in sweeps:
+        for combo in combos:
+            error = None
+            with overriding(kernel, combo):
+                try:
+                    ms = do_bench(run[kernel], warmup=25, rep=rep, return_mode="median")
+                except Exception as exc:  # a configuration that does not compile or fit is a result too
+                    ms, error = float("nan"), f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(dict(kernel=kernel, config=dict(combo), ms=ms, error=error))
+            print(f"sweep {kernel} {combo}: {ms:.3f} ms", flush=True)
+    return rows
+
+
 #: Most tokens the CPU run takes (its dense float64 reference scoring holds ``N x Hq x Nc`` values).
 CPU_MAX_TOKENS = 40_000
 
 
 def run(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, max_queries=DEFAULT_MAX_QUERIES, rep: int = 100,
-        seed: int = 0, device: str = "cuda") -> dict:
-    """The measurements of the module docstring; on the CPU the spread statistics only (no timings)."""
+        seed: int = 0, device: str = "cuda", sweeps=()) -> dict:
+    """The measurements of the module docstring; on the CPU the spread statistics only (no timings, no sweeps).
+    ``sweeps``: ``[(kernel, [values, ...])]`` of :data:`SWEEPABLE` kernels (:func:`sweep_kernels`)."""
     from model.io import provenance
     from ssa_kernels.shapes import SHAPES
 
@@ -216,7 +281,9 @@ def run(shape: str = "shell-1024", blocks=DEFAULT_BLOCKS, max_queries=DEFAULT_MA
             entry = dict(inputs=name, block=case["block"], shift=case["shift"],
                          spread=choice_spread(args, case["layout"], case["topk"]),
                          timings=time_op(args, case["layout"], case["topk"], case["shift"], max_queries, rep)
-                         if timed else [])
+                         if timed else [],
+                         sweeps=sweep_kernels(args, case["layout"], case["topk"], sweeps, rep)
+                         if timed and sweeps else [])
             doc["cases"].append(entry)
             print(json.dumps(entry), flush=True)
     return doc
@@ -238,6 +305,15 @@ def markdown(doc: dict) -> str:
         s = c["spread"]
         lines.append(f"| {c['inputs']} | {s['mean_queries']:,.0f} | {s['max_queries']:,} | "
                      f"{s['max_over_mean']:.1f} | {100 * s['top_share']:.1f}% | {s['selected_keys_per_query']:,.0f} |")
+    tiles = [t for t in TILE_TOKENS if all(str(t) in c["spread"].get("blocks_per_token", {}) for c in doc["cases"])]
+    if tiles and doc["cases"]:
+        lines += ["", "Blocks a query-outer selection kernel visits per token when a tile holds several consecutive "
+                  "tokens (the distinct blocks of the tile's choices over its tokens, one kv head):", "",
+                  "| inputs | " + " | ".join(f"{t} token{'s' if t > 1 else ''}" for t in tiles) + " |",
+                  "| --- |" + " ---: |" * len(tiles)]
+        for c in doc["cases"]:
+            per = c["spread"]["blocks_per_token"]
+            lines.append(f"| {c['inputs']} | " + " | ".join(f"{per[str(t)]:.2f}" for t in tiles) + " |")
     if not doc["timed"]:
         return "\n".join(lines) + "\n"
     lines += ["", "| inputs | selection.DKDV max_queries | fwd ms | bwd ms | fwd+bwd ms | selection dK/dV alone, ms | "
@@ -247,6 +323,26 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {c['inputs']} | {t['max_queries'] or 'no split'} | {t['fwd_ms']:.2f} | "
                          f"{t['bwd_ms']:.2f} | {t['fwd_bwd_ms']:.2f} | {t['sel_dkdv_ms']:.2f} | "
                          f"{t['peak_fwd_bwd_gb']:.2f} |")
+    swept = [c for c in doc["cases"] if c.get("sweeps")]
+    if swept:
+        lines += ["", "Selection kernels alone under each swept launch configuration (`--sweep`), ms "
+                  "(the fastest per kernel and inputs in bold):", "",
+                  "| kernel | configuration | " + " | ".join(c["inputs"] for c in swept) + " |",
+                  "| --- | --- |" + " ---: |" * len(swept)]
+        best = {}
+        for i, c in enumerate(swept):
+            for row in c["sweeps"]:
+                key = (i, row["kernel"])
+                if row["ms"] == row["ms"] and (key not in best or row["ms"] < best[key]):
+                    best[key] = row["ms"]
+        for j, row in enumerate(swept[0]["sweeps"]):
+            cfg = ", ".join(f"{k}={v}" for k, v in row["config"].items())
+            cells = []
+            for i, c in enumerate(swept):
+                ms = c["sweeps"][j]["ms"]
+                cell = "failed" if ms != ms else f"{ms:.2f}"
+                cells.append(f"**{cell}**" if ms == best.get((i, row["kernel"])) else cell)
+            lines.append(f"| {row['kernel']} | {cfg} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=non_negative_int, nargs="+", default=list(DEFAULT_MAX_QUERIES), metavar="Q",
                    help="selection.DKDV max_queries settings to time, 0: no split (default "
                         f"{' '.join(map(str, DEFAULT_MAX_QUERIES))})")
+    p.add_argument("--sweep", default="", metavar="SPEC",
+                   help="selection kernels to time alone under several launch configurations, e.g. "
+                        "'selection.FWD:rows=16|64,num_warps=1|4;selection.DQ:rows=16|64' (default: none)")
     p.add_argument("--rep", type=positive_int, default=100, metavar="MS",
                    help="do_bench time budget per measurement, ms (default %(default)s)")
     add_device(p)
@@ -285,10 +384,22 @@ def _main(args) -> int:
     bad = [b for b in args.blocks if b >= 24]
     if bad:
         raise UserError(f"--blocks: the released DiT has blocks 0..23, got {bad}")
-    if device.type == "cpu":
-        print("no CUDA GPU: the choice statistics only, with the dense reference (no timings)", file=sys.stderr)
+    from ssa_kernels.launch import parse_sweep
+
     try:
-        doc = run(args.shape, tuple(args.blocks), tuple(args.max_queries), args.rep, args.seed, device=str(device))
+        sweeps = parse_sweep(args.sweep)
+    except ValueError as exc:
+        raise UserError(f"--sweep: {exc}") from None
+    other = sorted({k for k, _ in sweeps} - set(SWEEPABLE))
+    if other:
+        raise UserError(f"--sweep: this report times {', '.join(SWEEPABLE)} alone, not {', '.join(other)} "
+                        "(python -m bench.kernel_profile sweeps every kernel on the benchmark's inputs)")
+    if device.type == "cpu":
+        print("no CUDA GPU: the choice statistics only, with the dense reference (no timings"
+              + (", no sweeps" if sweeps else "") + ")", file=sys.stderr)
+    try:
+        doc = run(args.shape, tuple(args.blocks), tuple(args.max_queries), args.rep, args.seed, device=str(device),
+                  sweeps=sweeps)
     except ValueError as exc:
         raise UserError(f"--shape: {exc}") from None
     os.makedirs(args.out, exist_ok=True)
