@@ -416,10 +416,25 @@ def test_chunked_group_norm_matches_float64(shape, groups, dtype):
     assert y.dtype == dtype and y.shape == x.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-3  # float32 arithmetic, one rounding to the output dtype
     assert _rel(y.double(), expected) < tol
+    # silu=True: the SiLU applied before the one rounding, the same statistics
+    y_silu = group_norm(x, groups, w, b, 1e-5, silu=True)
+    assert y_silu.dtype == dtype and y_silu.shape == x.shape
+    assert _rel(y_silu.double(), F.silu(expected)) < tol
     if shape == (1, 8, 20, 20, 20):
         assert x[0, : shape[1] // groups].numel() > 3 * GROUP_CHUNK  # the several-chunk case is really exercised
     with pytest.raises(ValueError, match="groups"):
         group_norm(x.to(dtype), 5, None, None, 1e-5)
+
+
+def test_group_norm32_silu_is_silu_of_the_norm():
+    """GroupNorm32(x, silu=True) on the CPU path: the released SiLU on the rounded norm output, exactly."""
+    gen = torch.Generator().manual_seed(8)
+    norm = GroupNorm32(2, 6, eps=1e-5).bfloat16()
+    x = torch.randn(1, 6, 4, 5, 3, generator=gen).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(norm(x, silu=True), F.silu(norm(x)))
+    y = norm(x.float().requires_grad_(), silu=True)  # autograd: the out-of-place SiLU
+    assert y.requires_grad
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

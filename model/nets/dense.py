@@ -362,7 +362,13 @@ class DenseDiTConfig:
 
 
 class MultiHeadRMSNorm(nn.Module):
-    """Per-head ``normalize(x) * gamma * sqrt(D)`` (float32) on ``[..., H, D]``; parameter ``gamma [H, D]``."""
+    """Per-head ``normalize(x) * gamma * sqrt(D)`` (float32) on ``[..., H, D]``; parameter ``gamma [H, D]``. On CUDA
+    without autograd (fp16/bf16/fp32) one Triton kernel computes it (:func:`model.nets.fused.head_rms_norm`: the
+    same float32 formula, one rounding) and returns a contiguous tensor; :attr:`fused` = False keeps the PyTorch
+    expression everywhere."""
+
+    #: Use :func:`model.nets.fused.head_rms_norm` on CUDA without autograd (class docstring).
+    fused: bool = True
 
     def __init__(self, num_heads: int, head_dim: int):
         super().__init__()
@@ -370,6 +376,11 @@ class MultiHeadRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from model.nets.fused import FUSED_DTYPES, head_rms_norm
+
+        if (self.fused and x.is_cuda and x.dtype in FUSED_DTYPES and x.stride(-1) == 1
+                and not torch.is_grad_enabled()):
+            return head_rms_norm(x, self.gamma, self.scale)
         cdt = torch.promote_types(x.dtype, torch.float32)
         return (F.normalize(x.to(cdt), dim=-1) * self.gamma.to(cdt) * self.scale).to(x.dtype)
 

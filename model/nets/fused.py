@@ -27,6 +27,15 @@ PyTorch's CUDA group norm reduces each (batch element, group) row in one thread 
 :data:`GROUP_CHUNK` values; one kernel computes every chunk's mean and centred sum of squares in one read (float32),
 the chunks are merged exactly (Chan's parallel formula, float64, on ``[rows, chunks]``), and a second kernel writes
 ``(x - mean) * rstd * weight + bias`` rounded once to the input dtype: two reads and one write of the volume.
+With ``silu=True`` that kernel also applies the SiLU that follows every group norm of the refiners, in float32
+before the one rounding: the separate in-place SiLU pass (one more read and write of the volume, 0.06 s of
+refine_512's and 0.14 s of refine_1024's kernels in the profile of reports/generate_history.md) is gone.
+
+:func:`head_rms_norm` is the dense DiT's per-head q/k normalisation (``F.normalize(x) * gamma * sqrt(D)`` in float32,
+:class:`model.nets.dense.MultiHeadRMSNorm`) on the strided q or k columns of the merged projection: one read of
+the bf16 rows and one write, where the PyTorch expression runs seven kernels (a float32 copy of the strided view,
+the norm, the clamp and division, two products, the cast back) that took about 9 of the 29 ms of a guided dense
+step (reports/generate_history.md).
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-__all__ = ["group_norm", "layer_norm_modulate", "norm_modulate", "use_fused"]
+__all__ = ["group_norm", "head_rms_norm", "layer_norm_modulate", "norm_modulate", "use_fused"]
 
 #: Warps per program of the row kernel (one row of up to a few thousand channels per program).
 NUM_WARPS = 4
@@ -210,9 +219,11 @@ def _group_chunk_stats_kernel(X, MEAN, M2, row_size, num_chunks, CHUNK: tl.const
 
 
 @triton.jit
-def _group_apply_kernel(X, OUT, SCALE, SHIFT, row_size, spatial, channels_per_group, CHUNK: tl.constexpr):
-    """Program ``(row, chunk)``: ``x * scale[c] + shift[c]`` (float32, one rounding) with ``c`` the channel of each
-    value: row ``r`` = (batch element, group) holds ``channels_per_group`` channels of ``spatial`` values each."""
+def _group_apply_kernel(X, OUT, SCALE, SHIFT, row_size, spatial, channels_per_group, CHUNK: tl.constexpr,
+                        SILU: tl.constexpr):
+    """Program ``(row, chunk)``: ``y = x * scale[c] + shift[c]``, then ``y * sigmoid(y)`` when ``SILU`` (float32, one
+    rounding) with ``c`` the channel of each value: row ``r`` = (batch element, group) holds ``channels_per_group``
+    channels of ``spatial`` values each."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     valid = offs < row_size
@@ -220,13 +231,65 @@ def _group_apply_kernel(X, OUT, SCALE, SHIFT, row_size, spatial, channels_per_gr
     c = row * channels_per_group + offs // spatial  # (batch, channel) index into the [B * C] coefficients
     scale = tl.load(SCALE + c, mask=valid, other=0.0)
     shift = tl.load(SHIFT + c, mask=valid, other=0.0)
-    tl.store(OUT + row * row_size + offs, (x * scale + shift).to(OUT.dtype.element_ty), mask=valid)
+    y = x * scale + shift
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(OUT + row * row_size + offs, y.to(OUT.dtype.element_ty), mask=valid)
+
+
+#: Rows (token, head) per program of the head RMS norm kernel.
+HEAD_NORM_ROWS = 64
+#: ``F.normalize``'s default ``eps``: a row's norm is clamped to at least this before the division.
+NORMALIZE_EPS = 1e-12
+
+
+@triton.jit
+def _head_rms_norm_kernel(X, GAMMA, OUT, rows, heads, stride_t, stride_h, scale, eps,
+                          D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """Rows ``r = token * heads + head`` of ``X`` (``[T, H, D]``, strides ``stride_t``, ``stride_h``, 1) into the
+    contiguous ``OUT [T, H, D]``: ``x / max(|x|, eps) * gamma[head] * scale`` in float32, one rounding."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, BLOCK_D)
+    ok = r < rows
+    h = r % heads
+    mask = ok[:, None] & (d < D)[None, :]
+    x = tl.load(X + ((r // heads) * stride_t + h * stride_h)[:, None] + d[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    norm = tl.sqrt(tl.sum(x * x, axis=1))
+    gamma = tl.load(GAMMA + h[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = x / tl.maximum(norm, eps)[:, None] * gamma * scale
+    tl.store(OUT + r[:, None] * D + d[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+
+
+def head_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, eps: float = NORMALIZE_EPS) -> torch.Tensor:
+    """``(F.normalize(x.float(), dim=-1) * gamma.float() * scale).to(x.dtype)`` for ``x [..., H, D]`` (any strides
+    with a contiguous last dim, e.g. the q columns of a merged q/k/v projection) and ``gamma [H, D]``, in one
+    Triton kernel (CUDA, or the CPU under the interpreter; no autograd). Returns a contiguous tensor of ``x``'s
+    shape and dtype."""
+    if x.dim() < 2 or tuple(gamma.shape) != tuple(x.shape[-2:]):
+        raise ValueError(f"x must be [..., H, D] and gamma [H, D], got {tuple(x.shape)} and {tuple(gamma.shape)}")
+    if x.dtype not in FUSED_DTYPES:
+        raise TypeError(f"x must be one of {FUSED_DTYPES}, got {x.dtype}")
+    if not (x.is_cuda or _interpreting()) or gamma.device != x.device:
+        raise ValueError(f"x and gamma must be on one CUDA device, got {x.device} and {gamma.device}")
+    heads, dim = x.shape[-2:]
+    flat = x.reshape(-1, heads, dim) if x.dim() != 3 else x  # a view wherever the leading dims merge
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty(flat.shape, device=x.device, dtype=x.dtype)
+    rows = flat.shape[0] * heads
+    if rows:
+        _head_rms_norm_kernel[(triton.cdiv(rows, HEAD_NORM_ROWS),)](
+            flat, gamma.contiguous(), out, rows, heads, flat.stride(0), flat.stride(1), float(scale), float(eps),
+            D=dim, BLOCK_D=triton.next_power_of_2(dim), ROWS=HEAD_NORM_ROWS, num_warps=NUM_WARPS)
+    return out.view(x.shape)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float) -> torch.Tensor:
+               eps: float, *, silu: bool = False) -> torch.Tensor:
     """``F.group_norm`` for a contiguous CUDA tensor ``x [B, C, *spatial]`` (no autograd), statistics in float32
-    chunks merged in float64, output in ``x.dtype`` (module docstring). ``weight``, ``bias``: ``[C]`` or None."""
+    chunks merged in float64, output in ``x.dtype`` (module docstring). ``weight``, ``bias``: ``[C]`` or None.
+    ``silu``: return ``F.silu`` of the normalised values instead, applied before the one rounding."""
     if x.dim() < 2 or not (x.is_cuda or _interpreting()):
         raise ValueError(f"x must be a [B, C, ...] CUDA tensor, got {tuple(x.shape)} on {x.device}")
     if x.dtype not in FUSED_DTYPES:
@@ -258,7 +321,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     scale = (rstd * w).float().reshape(-1)
     shift = (bb - mu * rstd * w).float().reshape(-1)
     _group_apply_kernel[(rows, chunks)](x, out, scale, shift, row_size, spatial, per, CHUNK=GROUP_CHUNK,
-                                        num_warps=GROUP_WARPS)
+                                        SILU=bool(silu), num_warps=GROUP_WARPS)
     return out
 
 

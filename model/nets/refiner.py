@@ -180,21 +180,25 @@ class GroupNorm32(nn.GroupNorm):
     - **everywhere else** (the CPU, autograd, float64): upcast to float32, ``F.group_norm``, cast back (the released
       ``GroupNorm32``).
 
-    :attr:`cuda_native` = False forces the float32 path everywhere (the previous behaviour, for comparisons)."""
+    :attr:`cuda_native` = False forces the float32 path everywhere (the previous behaviour, for comparisons).
+    ``forward(x, silu=True)`` returns ``SiLU(norm(x))``: on the CUDA path the kernel applies it before its one
+    rounding (no second pass over the volume); elsewhere :func:`_silu` runs on the rounded norm output, as the
+    released ``nn.SiLU`` after ``GroupNorm32`` does."""
 
     #: Use the chunked kernels on CUDA (class docstring).
     cuda_native: bool = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         from model.nets.fused import FUSED_DTYPES, group_norm
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.cuda_native and x.is_cuda and x.dtype in FUSED_DTYPES and not torch.is_grad_enabled():
-                y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+                y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
                 return y.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(x) else y
             cdt = torch.promote_types(x.dtype, torch.float32)
             y = F.group_norm(x.to(cdt), self.num_groups, self.weight.to(cdt), self.bias.to(cdt), self.eps).to(x.dtype)
-            return y.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(x) else y
+            y = y.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(x) else y
+            return _silu(y) if silu else y
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -258,8 +262,8 @@ class ResnetBlock3D(nn.Module):
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h if torch.is_grad_enabled() else h.add_(skip)
 
@@ -350,7 +354,7 @@ class UNet3D(nn.Module):
         h = self.mid_block(h)
         for block in self.up_blocks:
             h = block(h, skips)
-        return _silu(self.conv_norm_out(h))
+        return self.conv_norm_out(h, silu=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
