@@ -117,16 +117,16 @@ def write_entries(entries, path: str = TABLE_PATH) -> None:
     os.replace(tmp, path)
 
 
-_MEASURED = load_table()
-_LOCAL = threading.local()
-
-
 def _check_values(kernel: str, values: dict) -> None:
     if kernel not in BASE:
         raise ValueError(f"unknown kernel {kernel!r}; known: {sorted(BASE)}")
     unknown = sorted(set(values) - set(BASE[kernel]))
     if unknown:
         raise ValueError(f"{kernel} has no launch settings {unknown}; its settings: {sorted(BASE[kernel])}")
+
+
+_MEASURED = load_table()  # after _check_values, which it calls
+_LOCAL = threading.local()
 
 
 def architecture(device=None) -> str:

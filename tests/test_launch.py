@@ -137,3 +137,17 @@ def test_parse_sweep_expands_every_combination_and_checks_names():
                        ("selection.FWD:rows", "setting=value"), ("selection.FWD", "lists no setting")):
         with pytest.raises(ValueError, match=words):
             parse_sweep(bad)
+
+
+def test_shipped_table_loads_and_keeps_the_swept_kernels_launches(monkeypatch):
+    """ssa_kernels/launch_table.json (written on an H100 by kernel_profile --write-table) is loaded at import; its
+    sm90 entries for head dims 64 and 128 recorded the swept winners, which equal the base settings there."""
+    import torch
+
+    from ssa_kernels import launch
+
+    assert launch._MEASURED == launch.load_table(launch.TABLE_PATH) and launch._MEASURED
+    before = {(k, d): launch.config(k, head_dim=d, dtype=torch.bfloat16) for k in BASE for d in (64, 128)}
+    monkeypatch.setattr(launch, "architecture", lambda device=None: "sm90")
+    for (kernel, dim), values in before.items():
+        assert launch.config(kernel, head_dim=dim, dtype=torch.bfloat16) == values, (kernel, dim)
