@@ -116,9 +116,10 @@ class FeedForward(nn.Module):
         if x.dim() == 2 and torch.is_grad_enabled() and RECOMPUTE_HIDDEN:
             return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, _operand_dtype(x),
                                         None, None)
-        if (not torch.is_grad_enabled() and x.is_cuda and x.dim() == 2 and x.dtype == first.weight.dtype
-                and not torch.is_autocast_enabled()):
-            return second(gelu_linear(x, first.weight, first.bias))
+        if (not torch.is_grad_enabled() and x.is_cuda and x.dim() >= 2 and x.dtype == first.weight.dtype
+                and not torch.is_autocast_enabled()):  # [..., C] (the dense DiT's [B, N, C]) as [rows, C]
+            rows = x.reshape(-1, x.shape[-1])
+            return second(gelu_linear(rows, first.weight, first.bias)).view(*x.shape[:-1], second.out_features)
         return self.mlp(x)
 
     def gated_residual(self, x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
