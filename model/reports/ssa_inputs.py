@@ -214,8 +214,9 @@ def time_op(args, layout, topk: int, shift: int, max_queries, rep: int = 100) ->
 
 def sweep_kernels(args, layout, topk: int, sweeps, rep: int = 100) -> list[dict]:
     """Each selection kernel alone (:data:`SWEEPABLE`) under every configuration of ``sweeps`` (``[(kernel,
-    [values, ...])]``, :func:`ssa_kernels.launch.parse_sweep`), ms; a configuration that fails is recorded as
-    NaN with its error."""
+    [values, ...])]``, :func:`ssa_kernels.launch.parse_sweep`), ms, and the largest relative difference of its
+    outputs from those of the present settings (``rel_diff``: rounding only, for a configuration that computes the
+    same function); a configuration that fails is recorded as NaN with its error."""
     from triton.testing import do_bench
 
     from ssa_kernels import compression, scoring, selection
@@ -236,17 +237,24 @@ def sweep_kernels(args, layout, topk: int, sweeps, rep: int = 100) -> list[dict]
         "selection.DKDV": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale,
                                                                gate=gate, gate_idx=1, parts=("dkdv",), index=index),
     }
+    def outputs(kernel):
+        out = run[kernel]()
+        return [t.float() for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
+
     rows = []
     for kernel, combos in sweeps:
+        present = outputs(kernel)
         for combo in combos:
-            error = None
+            error, diff = None, float("nan")
             with overriding(kernel, combo):
                 try:
                     ms = do_bench(run[kernel], warmup=25, rep=rep, return_mode="median")
+                    diff = max(float((a - b).norm() / b.norm().clamp_min(1e-30))
+                               for a, b in zip(outputs(kernel), present))
                 except Exception as exc:  # a configuration that does not compile or fit is a result too
                     ms, error = float("nan"), f"{type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(dict(kernel=kernel, config=dict(combo), ms=ms, error=error))
-            print(f"sweep {kernel} {combo}: {ms:.3f} ms", flush=True)
+            rows.append(dict(kernel=kernel, config=dict(combo), ms=ms, rel_diff=diff, error=error))
+            print(f"sweep {kernel} {combo}: {ms:.3f} ms, outputs {diff:.1e} from the present settings'", flush=True)
     return rows
 
 
@@ -326,9 +334,10 @@ def markdown(doc: dict) -> str:
     swept = [c for c in doc["cases"] if c.get("sweeps")]
     if swept:
         lines += ["", "Selection kernels alone under each swept launch configuration (`--sweep`), ms "
-                  "(the fastest per kernel and inputs in bold):", "",
-                  "| kernel | configuration | " + " | ".join(c["inputs"] for c in swept) + " |",
-                  "| --- | --- |" + " ---: |" * len(swept)]
+                  "(the fastest per kernel and inputs in bold; largest relative difference of a configuration's "
+                  "outputs from the present settings' over all inputs in the last column):", "",
+                  "| kernel | configuration | " + " | ".join(c["inputs"] for c in swept) + " | outputs' rel. diff. |",
+                  "| --- | --- |" + " ---: |" * (len(swept) + 1)]
         best = {}
         for i, c in enumerate(swept):
             for row in c["sweeps"]:
@@ -342,7 +351,9 @@ def markdown(doc: dict) -> str:
                 ms = c["sweeps"][j]["ms"]
                 cell = "failed" if ms != ms else f"{ms:.2f}"
                 cells.append(f"**{cell}**" if ms == best.get((i, row["kernel"])) else cell)
-            lines.append(f"| {row['kernel']} | {cfg} | " + " | ".join(cells) + " |")
+            diffs = [c["sweeps"][j].get("rel_diff", float("nan")) for c in swept]
+            worst = max((x for x in diffs if x == x), default=float("nan"))
+            lines.append(f"| {row['kernel']} | {cfg} | " + " | ".join(cells) + f" | {worst:.1e} |")
     return "\n".join(lines) + "\n"
 
 
