@@ -51,6 +51,24 @@ CASES = [
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("batch,cin,cout,size,dtype,bias,relu,block_w", [CASES[i] for i in (0, 1, 2, 3, 4)])
+def test_multi_row_fma_kernel_matches_float64_conv3d(rows, batch, cin, cout, size, dtype, bias, relu, block_w):
+    """``rows`` 2 / 4 (each input row loaded once for the output rows it is a tap of): heights 3-6 that the row
+    tiles do not divide, the top and bottom borders, several x tiles, B = 2, 27 output channels."""
+    x, w, b = _inputs(batch, cin, cout, size, dtype, bias=bias, seed=rows)
+    with torch.no_grad():
+        got = conv3d_small(x, w, b, relu=relu, block_w=block_w, rows=rows)
+        one = conv3d_small(x, w, b, relu=relu, block_w=block_w, rows=1)
+    assert got.shape == (batch, cout, *size) and got.dtype == dtype
+    assert rel_err(got.cpu(), _reference(x, w, b, relu)) < TOL[dtype]
+    if dtype == torch.float32:  # the same products and sums in the same order as the one-row kernel
+        assert rel_err(got, one) < 1e-6
+    with pytest.raises(ValueError, match="rows"), torch.no_grad():
+        conv3d_small(x, w, b, rows=3)
+
+
+@needs_kernel
 @pytest.mark.parametrize("batch,cin,cout,size,dtype,bias,relu,block_w", CASES)
 def test_fma_kernel_matches_float64_conv3d(batch, cin, cout, size, dtype, bias, relu, block_w):
     x, w, b = _inputs(batch, cin, cout, size, dtype, bias=bias)
@@ -197,3 +215,18 @@ def test_cuda_bfloat16_8_to_8_at_64_cubed():
     with torch.no_grad():
         dot = conv3d_small(x, w, b, relu=True, use_dot=True)
     assert rel_err(dot.cpu(), want) < 1e-2
+
+
+@needs_kernel
+def test_refiner_report_conv_sweep_times_every_launch(monkeypatch):
+    """model.reports.refiner.sweep_conv (``--sweep-conv``) on a tiny shape: one time per launch of the sweep, the
+    multi-row launches included, and the default launch named among them."""
+    import model.reports.refiner as report
+
+    monkeypatch.setattr(report, "SWEEP_SHAPES", ((2, 3, 5),))
+    monkeypatch.setattr(report, "SWEEP_LAUNCHES", ((32, 1, 1), (32, 1, 2), (32, 1, 4)))
+    out = report.sweep_conv(torch.device(DEVICE), reps=1)
+    (row,) = out["rows"]
+    assert list(row["launches"]) == ["32 x 1", "32 x 1 x 2 rows", "32 x 1 x 4 rows"]
+    assert all(ms > 0 for ms in row["launches"].values()) and row["default"] == "32 x 1"
+    assert "32 x 1 x 4 rows" in "\n".join(report._sweep_markdown(out))

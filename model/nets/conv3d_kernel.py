@@ -73,6 +73,12 @@ DOT_BLOCK_K = 32
 MIN_DOT = 16
 #: Default of ``use_dot``: False runs the FMA (CUDA-core) kernel.
 USE_DOT = False
+#: Output rows per program of the FMA kernel (``rows`` of :func:`conv3d_small`): 1 runs :func:`_conv3_fma_kernel`;
+#: 2 or 4 run :func:`_conv3_fma_rows_kernel`, which loads each input row once for the output rows it is a tap of
+#: (untimed so far: ``python -m model.reports.refiner --sweep-conv`` times them against the one-row kernel).
+FMA_ROWS = 1
+#: Values ``rows`` takes.
+FMA_ROW_CHOICES = (1, 2, 4)
 
 
 @triton.jit
@@ -139,6 +145,99 @@ def _conv3_fma_kernel(
         acc = tl.maximum(acc, 0.0)
     out_ptr = OUT + (b * COUT * volume + z * plane + y * width) + co[:, None] * volume + xs[None, :]
     tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=(co < COUT)[:, None] & (xs < width)[None, :])
+
+
+@triton.jit
+def _fma_row(acc, w_chan, xl, xs, xr, dz: tl.constexpr, dy: tl.constexpr, COUT_P: tl.constexpr):
+    """``acc [COUT_P, BLOCK_W]`` plus the three ``dx`` taps ``(dz, dy, dx)`` of one input row, whose values at
+    ``x - 1``, ``x``, ``x + 1`` (float32, zero outside the volume) the caller loaded: ``xl``, ``xs``, ``xr``."""
+    for dx in tl.static_range(3):
+        wv = tl.load(w_chan + ((dz * 3 + dy) * 3 + dx) * COUT_P)
+        if dx == 0:
+            acc += wv[:, None] * xl[None, :]
+        elif dx == 1:
+            acc += wv[:, None] * xs[None, :]
+        else:
+            acc += wv[:, None] * xr[None, :]
+    return acc
+
+
+@triton.jit
+def _conv3_fma_rows_kernel(
+    X, W, BIAS, OUT,
+    depth, height, width, row_tiles,
+    CIN: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr, ROWS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """:func:`_conv3_fma_kernel` for ``ROWS`` (2 or 4) consecutive output rows ``y0 .. y0 + ROWS - 1`` of one plane
+    per program: each of the ``ROWS + 2`` input rows they read is loaded once per (input channel, ``dz``) and added
+    into every output row it is a tap of (``dy = j - r``), where the one-row kernel loads each input row three times.
+    Program ``(tile, x-tile)`` with ``tile = (b * D + z) * row_tiles + y0 / ROWS``; same layouts and arguments."""
+    tile = tl.program_id(0)
+    if INDEX_64:
+        tile = tile.to(tl.int64)
+        depth = tl.cast(depth, tl.int64)
+        height = tl.cast(height, tl.int64)
+        width = tl.cast(width, tl.int64)
+    y0 = (tile % row_tiles) * ROWS
+    bz = tile // row_tiles
+    b = bz // depth
+    z = bz % depth
+    plane = height * width
+    volume = depth * plane
+    xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    co = tl.arange(0, COUT_P)
+    ok_l = (xs - 1 >= 0) & (xs - 1 < width)
+    ok_c = xs < width
+    ok_r = xs + 1 < width
+    acc0 = tl.zeros((COUT_P, BLOCK_W), dtype=tl.float32)
+    acc1 = tl.zeros((COUT_P, BLOCK_W), dtype=tl.float32)
+    if ROWS == 4:
+        acc2 = tl.zeros((COUT_P, BLOCK_W), dtype=tl.float32)
+        acc3 = tl.zeros((COUT_P, BLOCK_W), dtype=tl.float32)
+    x_batch = X + b * (CIN * volume)
+    for ci in range(CIN):
+        x_chan = x_batch + ci * volume
+        w_chan = W + ci * (27 * COUT_P) + co
+        for dz in tl.static_range(3):
+            zi = z + (dz - 1)
+            z_ok = (zi >= 0) & (zi < depth)
+            for j in tl.static_range(ROWS + 2):  # input row y0 + j - 1
+                yi = y0 + (j - 1)
+                row_ok = z_ok & (yi >= 0) & (yi < height)
+                x_row = x_chan + zi * plane + yi * width
+                xl = tl.load(x_row + xs - 1, mask=row_ok & ok_l, other=0.0).to(tl.float32)
+                xc = tl.load(x_row + xs, mask=row_ok & ok_c, other=0.0).to(tl.float32)
+                xr = tl.load(x_row + xs + 1, mask=row_ok & ok_r, other=0.0).to(tl.float32)
+                # output row r takes this input row as its tap dy = j - r (0 <= dy <= 2)
+                if j <= 2:
+                    acc0 = _fma_row(acc0, w_chan, xl, xc, xr, dz, j, COUT_P)
+                if j >= 1:
+                    if j <= 3:
+                        acc1 = _fma_row(acc1, w_chan, xl, xc, xr, dz, j - 1, COUT_P)
+                if ROWS == 4:
+                    if j >= 2:
+                        if j <= 4:
+                            acc2 = _fma_row(acc2, w_chan, xl, xc, xr, dz, j - 2, COUT_P)
+                    if j >= 3:
+                        acc3 = _fma_row(acc3, w_chan, xl, xc, xr, dz, j - 3, COUT_P)
+    out_base = OUT + b * COUT * volume + z * plane + co[:, None] * volume + xs[None, :]
+    keep = (co < COUT)[:, None] & (xs < width)[None, :]
+    _store_row(out_base, acc0, BIAS, co, y0, height, width, keep, HAS_BIAS, RELU)
+    _store_row(out_base, acc1, BIAS, co, y0 + 1, height, width, keep, HAS_BIAS, RELU)
+    if ROWS == 4:
+        _store_row(out_base, acc2, BIAS, co, y0 + 2, height, width, keep, HAS_BIAS, RELU)
+        _store_row(out_base, acc3, BIAS, co, y0 + 3, height, width, keep, HAS_BIAS, RELU)
+
+
+@triton.jit
+def _store_row(out_base, acc, BIAS, co, y, height, width, keep, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+    """Bias, ReLU and the one rounding of output row ``y`` (nothing stored past the last row)."""
+    if HAS_BIAS:
+        acc += tl.load(BIAS + co)[:, None]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_base + y * width, acc.to(out_base.dtype.element_ty), mask=keep & (y < height))
 
 
 @triton.jit
@@ -279,7 +378,7 @@ def _fma_warps(block_w: int) -> int:
 
 def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False,
                  out: torch.Tensor | None = None, use_dot: bool | None = None, block_w: int | None = None,
-                 num_warps: int | None = None) -> torch.Tensor:
+                 num_warps: int | None = None, rows: int | None = None) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, padding=1)`` (then ReLU when ``relu``), for few channels (module docstring).
 
     Args:
@@ -293,6 +392,7 @@ def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         use_dot: the tensor-core variant (weights rounded to ``x.dtype``); None takes :data:`USE_DOT`.
         block_w: ``x`` tile per program (a power of two >= 16); None picks one by ``W`` (:func:`_block_w`).
         num_warps: warps per program; None: :func:`_fma_warps` (FMA kernel), :data:`DOT_WARPS` (tensor cores).
+        rows: output rows per program of the FMA kernel (1, 2 or 4); None takes :data:`FMA_ROWS`.
 
     Returns ``[B, Cout, D, H, W]`` contiguous in ``x.dtype``: float32 sums of the 27 x Cin products plus the bias,
     rounded once. Forward only: raises ValueError when autograd would record through it.
@@ -306,6 +406,9 @@ def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"block_w must be a power of two >= {MIN_DOT}, got {block_w}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
+    rows = FMA_ROWS if rows is None else rows
+    if rows not in FMA_ROW_CHOICES:
+        raise ValueError(f"rows must be one of {FMA_ROW_CHOICES}, got {rows!r}")
     if out is None:
         out = torch.empty(batch, cout, depth, height, width, device=x.device, dtype=x.dtype)
     if x.numel() == 0:
@@ -335,6 +438,14 @@ def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     w[:, :, :cout] = taps.to(device=x.device, dtype=torch.float32).view(TAPS, cin, cout).transpose(0, 1)
     b = _padded_bias(bias, cout_p, w)
     bw = block_w or _block_w(width)
+    if rows > 1:
+        row_tiles = triton.cdiv(height, rows)
+        _conv3_fma_rows_kernel[(batch * depth * row_tiles, triton.cdiv(width, bw))](
+            x, w, b, out, depth, height, width, row_tiles,
+            CIN=cin, COUT=cout, COUT_P=cout_p, ROWS=rows, HAS_BIAS=bias is not None, RELU=bool(relu),
+            INDEX_64=index_64, BLOCK_W=bw, num_warps=num_warps or _fma_warps(bw),
+        )
+        return out
     grid = (batch * depth * height, triton.cdiv(width, bw))
     _conv3_fma_kernel[grid](
         x, w, b, out, depth, height, width,

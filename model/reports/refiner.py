@@ -286,19 +286,24 @@ def _profile(master, inputs, v: dict, *, device) -> dict:
 
 #: (Cin, Cout, side) of the swept convolutions: the refiners' full-resolution shapes.
 SWEEP_SHAPES = ((8, 8, 192), (8, 27, 192), (8, 8, 256), (16, 8, 256))
-#: (block_w, num_warps) launches of the sweep.
-SWEEP_LAUNCHES = ((64, 1), (64, 2), (128, 1), (128, 2), (256, 1), (256, 2), (256, 4))
+#: (block_w, num_warps, rows) launches of the sweep (rows: output rows per program, ``conv3d_small(rows=...)``).
+SWEEP_LAUNCHES = ((64, 1, 1), (64, 2, 1), (128, 1, 1), (128, 2, 1), (256, 1, 1), (256, 2, 1), (256, 4, 1),
+                  (64, 1, 2), (64, 1, 4), (128, 1, 2), (128, 2, 4), (256, 2, 2), (256, 4, 4))
+
+
+def _launch_label(block_w: int, warps: int, rows: int) -> str:
+    return f"{block_w} x {warps}" + (f" x {rows} rows" if rows > 1 else "")
 
 
 def sweep_conv(device, *, reps: int = 5) -> dict:
     """Time :func:`model.nets.conv3d_kernel.conv3d_small` (bf16, FMA kernel) for every launch of
     :data:`SWEEP_LAUNCHES` on every shape of :data:`SWEEP_SHAPES`, beside cuDNN (``F.conv3d`` on the same NCDHW
     tensors, its layout transposes included); medians of ``reps`` calls (CUDA events). Returns
-    ``{"rows": [{cin, cout, side, cudnn_ms, launches: {"block_w x warps": ms}, default: label}]}``."""
+    ``{"rows": [{cin, cout, side, cudnn_ms, launches: {label: ms}, default: label}]}`` (labels
+    ``"block_w x warps"``, with ``" x R rows"`` for R output rows per program)."""
     import torch.nn.functional as F
-    import triton
 
-    from model.nets.conv3d_kernel import _block_w, _fma_warps, conv3d_small
+    from model.nets.conv3d_kernel import FMA_ROWS, _block_w, _fma_warps, conv3d_small
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -310,21 +315,21 @@ def sweep_conv(device, *, reps: int = 5) -> dict:
             row = {"cin": cin, "cout": cout, "side": side,
                    "cudnn_ms": _time_calls(lambda: F.conv3d(x, w, b, padding=1), reps=reps, warmup=1,
                                            device=device)["median_ms"], "launches": {}}
-            bw = _block_w(side, triton.next_power_of_2(cout))
-            row["default"] = f"{bw} x {_fma_warps(bw)}"
-            for block_w, warps in SWEEP_LAUNCHES:
-                label = f"{block_w} x {warps}"
-                row["launches"][label] = _time_calls(
-                    lambda: conv3d_small(x, w, b, block_w=block_w, num_warps=warps), reps=reps, warmup=1,
-                    device=device)["median_ms"]
+            bw = _block_w(side)
+            row["default"] = _launch_label(bw, _fma_warps(bw), FMA_ROWS)
+            for block_w, warps, rows_per_program in SWEEP_LAUNCHES:
+                row["launches"][_launch_label(block_w, warps, rows_per_program)] = _time_calls(
+                    lambda: conv3d_small(x, w, b, block_w=block_w, num_warps=warps, rows=rows_per_program),
+                    reps=reps, warmup=1, device=device)["median_ms"]
         rows.append(row)
     return {"rows": rows}
 
 
 def _sweep_markdown(sweep: dict) -> list[str]:
-    labels = [f"{bw} x {wp}" for bw, wp in SWEEP_LAUNCHES]
+    labels = [_launch_label(*launch) for launch in SWEEP_LAUNCHES]
     lines = ["", "## Few-channel convolution: launch sweep (bf16, one 3^3 convolution, ms)", "",
-             "`python -m model.reports.refiner --sweep-conv`: `conv3d_small` per tile width x warps (default launch "
+             "`python -m model.reports.refiner --sweep-conv`: `conv3d_small` per tile width x warps (x output rows "
+             "per program where more than one; default launch "
              "in bold) beside cuDNN on the same NCDHW tensors (its layout transposes included).", "",
              "| Cin -> Cout, side | cuDNN | " + " | ".join(labels) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in labels) + " |"]
