@@ -41,6 +41,10 @@ __all__ = ["fill_zero_parameters", "main", "markdown", "run_report"]
 
 #: Tokens of the smoke run (a piece of a 16^3 shell, in layout order).
 SMOKE_TOKENS = 192
+#: Kernels listed per profile in the markdown (the JSON keeps more, model.reports.dit_profile.PROFILE_TOP), and
+#: the characters shown of each name.
+MD_KERNELS = 12
+MD_NAME_CHARS = 90
 
 
 def _sync(device) -> None:
@@ -302,7 +306,8 @@ def _profile_markdown(r: dict) -> list[str]:
                   "| kind of kernel | ms | share |", "| --- | ---: | ---: |"]
         lines += [f"| {k} | {ms:,.1f} | {100 * ms / total:.0f}% |" for k, ms in prof["kinds"].items()]
         lines += ["", "| largest kernels | ms | calls |", "| --- | ---: | ---: |"]
-        lines += [f"| `{name}` | {ms:,.1f} | {calls} |" for name, ms, calls in prof["top_kernels"]]
+        lines += [f"| `{name[:MD_NAME_CHARS]}` | {ms:,.1f} | {calls} |"
+                  for name, ms, calls in prof["top_kernels"][:MD_KERNELS]]
     return lines
 
 

@@ -62,7 +62,12 @@ def _device_time_us(evt, total: bool) -> float:
     return 0.0
 
 
-def profile_step(fn, *, top: int = 12) -> dict:
+#: Kernels kept per profile in the JSON (the markdown lists the first 12) and characters kept of each name.
+PROFILE_TOP = 40
+PROFILE_NAME_CHARS = 240
+
+
+def profile_step(fn, *, top: int = PROFILE_TOP) -> dict:
     """Run ``fn()`` once under ``torch.profiler`` (CUDA activity) and break its GPU time down (module docstring).
 
     Returns ``{"total_ms", "ranges": {range: ms}, "kinds": {kind: ms}, "top_kernels": [[name, ms, calls], ...]}``.
@@ -90,7 +95,7 @@ def profile_step(fn, *, top: int = 12) -> dict:
     total = sum(ms for ms, _ in kernels.values())
     top_k = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     return {"total_ms": total, "ranges": ranges, "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [[name[:90], ms, calls] for name, (ms, calls) in top_k]}
+            "top_kernels": [[name[:PROFILE_NAME_CHARS], ms, calls] for name, (ms, calls) in top_k]}
 
 
 def _compiled_mlp_variant(model, record, fn, out: list) -> None:

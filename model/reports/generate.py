@@ -56,6 +56,10 @@ STAGE_TARGETS = {("dense",): 1.0, ("sparse_512",): 3.0, ("decode_512", "refine_5
                  ("sparse_1024",): 12.0, ("decode_1024", "refine_1024"): 3.0, ("extract", "simplify"): 3.0}
 #: Target of the whole cascade at the released step counts, seconds.
 TARGET_TOTAL_SECONDS = 25.0
+#: Kernels listed per profiled stage in the markdown (the JSON keeps more, model.pipeline.records.PROFILE_TOP),
+#: and the characters shown of each name.
+MD_KERNELS = 15
+MD_NAME_CHARS = 90
 #: Default sampling steps of the report per stage (the released ones are in model.pipeline.cascade.RELEASED_STEPS).
 REPORT_STEPS = {"dense": 4, "512": 4, "1024": 3}
 #: Subdivision of the stand-in for the 512 mesh: longest edge in voxels of the 512 stage's grid.
@@ -488,7 +492,8 @@ def markdown(r: dict) -> str:
             lines += [f"Stage {name} under torch.profiler: GPU kernels {prof['gpu_ms']:,.0f} ms of "
                       f"{1e3 * rec['seconds']:,.0f} ms wall (the profiler slows the host side).", "",
                       "| kernel | ms | calls |", "| --- | ---: | ---: |"]
-            lines += [f"| `{k}` | {ms:,.1f} | {calls} |" for k, ms, calls in prof["top_kernels"]]
+            lines += [f"| `{k[:MD_NAME_CHARS]}` | {ms:,.1f} | {calls} |"
+                      for k, ms, calls in prof["top_kernels"][:MD_KERNELS]]
             lines.append("")
     a = r["attention_1024"]
     if a.get("stage_seconds"):
