@@ -50,12 +50,17 @@ CASES = [
 ]
 
 
+#: (rows, case) pairs of the multi-row kernel: every height 3-6 against tiles of 2 and 4 rows, B = 2, 27 output
+#: channels, several x tiles, float16 (each case costs seconds in the interpreter: one of each, not all pairs).
+MULTI_ROW_CASES = [(2, CASES[0]), (4, CASES[0]), (2, CASES[3]), (4, CASES[2]), (2, CASES[4]), (4, CASES[6])]
+
+
 @needs_kernel
-@pytest.mark.parametrize("rows", [2, 4])
-@pytest.mark.parametrize("batch,cin,cout,size,dtype,bias,relu,block_w", [CASES[i] for i in (0, 1, 2, 3, 4)])
-def test_multi_row_fma_kernel_matches_float64_conv3d(rows, batch, cin, cout, size, dtype, bias, relu, block_w):
-    """``rows`` 2 / 4 (each input row loaded once for the output rows it is a tap of): heights 3-6 that the row
-    tiles do not divide, the top and bottom borders, several x tiles, B = 2, 27 output channels."""
+@pytest.mark.parametrize("rows,case", MULTI_ROW_CASES, ids=[f"{r}rows-{c.id}" for r, c in MULTI_ROW_CASES])
+def test_multi_row_fma_kernel_matches_float64_conv3d(rows, case):
+    """``rows`` 2 / 4 (each input row loaded once for the output rows it is a tap of): heights that the row tiles
+    do not divide, the top and bottom borders, several x tiles, B = 2, 27 output channels."""
+    batch, cin, cout, size, dtype, bias, relu, block_w = case.values
     x, w, b = _inputs(batch, cin, cout, size, dtype, bias=bias, seed=rows)
     with torch.no_grad():
         got = conv3d_small(x, w, b, relu=relu, block_w=block_w, rows=rows)
