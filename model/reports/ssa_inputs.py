@@ -166,23 +166,33 @@ def tile_union(idx: torch.Tensor, tokens: int) -> float:
     return float((first + new).double().mean()) / tokens
 
 
-def time_op(args, layout, topk: int, shift: int, max_queries, rep: int = 100) -> list[dict]:
-    """Whole op forward / forward + backward and the gated selection dK/dV kernels per max_queries setting (ms)."""
-    from triton.testing import do_bench
-
-    import ssa_kernels
+def _selection_state(args, layout, topk: int):
+    """What the selection kernels alone need beside ``args``: ``(scale, do, idx, lse, delta, index)``, the top-k
+    choice and the selection branch's forward through the kernels, a random output gradient, its ``delta`` and the
+    block -> queries index."""
     from ssa_kernels import compression, scoring, selection
-    from ssa_kernels.launch import overriding
 
-    q, k, v, kc, vc, gate = args
+    q, k, v, kc, vc, _ = args
     scale = q.shape[-1] ** -0.5
-    x = [t.clone().requires_grad_() for t in args]
     do = torch.randn_like(q)
     _, lse_cmp = compression.compression_forward(q, kc, vc, layout, scale)
     idx = scoring.select_blocks_forward(q, kc, lse_cmp, layout, topk, scale)
     o_sel, lse_sel = selection.selection_forward(q, k, v, idx, layout, scale)
     delta = (do.float() * o_sel.float()).sum(-1)
-    index = selection.block_query_index(idx, layout.num_sel_blocks)
+    return scale, do, idx, lse_sel, delta, selection.block_query_index(idx, layout.num_sel_blocks)
+
+
+def time_op(args, layout, topk: int, shift: int, max_queries, rep: int = 100) -> list[dict]:
+    """Whole op forward / forward + backward and the gated selection dK/dV kernels per max_queries setting (ms)."""
+    from triton.testing import do_bench
+
+    import ssa_kernels
+    from ssa_kernels import selection
+    from ssa_kernels.launch import overriding
+
+    q, k, v, kc, vc, gate = args
+    x = [t.clone().requires_grad_() for t in args]
+    scale, do, idx, lse_sel, delta, index = _selection_state(args, layout, topk)
 
     def fwd():
         return ssa_kernels.spatial_sparse_attention(*x, layout, topk=topk, shift=shift)
@@ -219,17 +229,11 @@ def sweep_kernels(args, layout, topk: int, sweeps, rep: int = 100) -> list[dict]
     same function); a configuration that fails is recorded as NaN with its error."""
     from triton.testing import do_bench
 
-    from ssa_kernels import compression, scoring, selection
+    from ssa_kernels import selection
     from ssa_kernels.launch import overriding
 
     q, k, v, kc, vc, gate = args
-    scale = q.shape[-1] ** -0.5
-    do = torch.randn_like(q)
-    _, lse_cmp = compression.compression_forward(q, kc, vc, layout, scale)
-    idx = scoring.select_blocks_forward(q, kc, lse_cmp, layout, topk, scale)
-    o_sel, lse_sel = selection.selection_forward(q, k, v, idx, layout, scale)
-    delta = (do.float() * o_sel.float()).sum(-1)
-    index = selection.block_query_index(idx, layout.num_sel_blocks)
+    scale, do, idx, lse_sel, delta, index = _selection_state(args, layout, topk)
     run = {
         "selection.FWD": lambda: selection.selection_forward(q, k, v, idx, layout, scale),
         "selection.DQ": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale,
