@@ -143,6 +143,21 @@ def _chose(choice, blk):
 
 
 @triton.jit
+def _choosers(c0, c1, c2, c3, blk, SHARED: tl.constexpr):
+    """Which of the program's tokens chose block ``blk``: four flags (with ``SHARED`` 2 the last two are
+    placeholders, never read)."""
+    a0 = _chose(c0, blk)
+    a1 = _chose(c1, blk)
+    if SHARED == 4:
+        a2 = _chose(c2, blk)
+        a3 = _chose(c3, blk)
+    else:
+        a2 = a0
+        a3 = a1
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def _union_slot(IDX, t0, slot, N, hkv, g, c0, c1, c2, TOPK: tl.constexpr, SHARED: tl.constexpr):
     """Slot ``slot`` of the (token, choice) list of the ``SHARED`` tokens from ``t0``: ``(blk, visit)``, the block
     and whether to visit it (each block of the union once: not when an earlier token of the program chose it
@@ -186,17 +201,14 @@ def _sel_fwd_shared_kernel(
         q3, c3, tok3, ok3 = _token_rows(Q, IDX, t0 + 3, N, head, g, hkv, d, stride_qt, stride_qh, d_ok, TOPK, K2, HG)
         m2, l2, acc2 = _softmax_start(HG, BLOCK_D)
         m3, l3, acc3 = _softmax_start(HG, BLOCK_D)
-    if SHARED == 2:  # placeholders, never read
+    else:  # placeholders, never read
         c2 = c1
+        c3 = c1
     rows_all = head >= 0  # [HG] all true: broadcasts the key mask over the rows
     for slot in range(0, SHARED * TOPK):
         blk, visit = _union_slot(IDX, t0, slot, N, hkv, g, c0, c1, c2, TOPK, SHARED)
         if visit:
-            a0 = _chose(c0, blk)
-            a1 = _chose(c1, blk)
-            if SHARED == 4:
-                a2 = _chose(c2, blk)
-                a3 = _chose(c3, blk)
+            a0, a1, a2, a3 = _choosers(c0, c1, c2, c3, blk, SHARED)
             start = tl.load(sel_offsets + blk)
             end = tl.load(sel_offsets + blk + 1)
             for ks in range(start, end, BLOCK_N):
@@ -305,21 +317,19 @@ def _sel_bwd_dq_shared_kernel(
         dq3 = tl.zeros([HG, BLOCK_D], tl.float32)
     else:  # placeholders, never read
         c2 = c1
+        c3 = c1
+    rows_all = head >= 0  # [HG] all true: broadcasts the key mask over the rows
     for slot in range(0, SHARED * TOPK):
         blk, visit = _union_slot(IDX, t0, slot, N, hkv, g, c0, c1, c2, TOPK, SHARED)
         if visit:
-            a0 = _chose(c0, blk)
-            a1 = _chose(c1, blk)
-            if SHARED == 4:
-                a2 = _chose(c2, blk)
-                a3 = _chose(c3, blk)
+            a0, a1, a2, a3 = _choosers(c0, c1, c2, c3, blk, SHARED)
             start = tl.load(sel_offsets + blk)
             end = tl.load(sel_offsets + blk + 1)
             for ks in range(start, end, BLOCK_N):
                 n = ks + tl.arange(0, BLOCK_N)
                 n_ok = n < end
                 k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
-                valid = (head >= 0)[:, None] & n_ok[None, :]
+                valid = rows_all[:, None] & n_ok[None, :]
                 if a0:
                     dq0 = _dq_step(dq0, q0, k, v, do0, lse0, dl0, valid, qk_scale, PRECISION, True)
                 if a1:

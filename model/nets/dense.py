@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.nets.dit import BLOCK_NORM_EPS, FINAL_NORM_EPS, Condition, TimestepEmbedder
-from model.nets.fused import norm_modulate
+from model.nets.fused import FUSED_DTYPES, head_rms_norm, norm_modulate
 from model.sparse.tensor import SparseTensor
 from model.sparse.layers import FeedForward, FP32LayerNorm, sincos_position_embedding
 
@@ -376,8 +376,6 @@ class MultiHeadRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from model.nets.fused import FUSED_DTYPES, head_rms_norm
-
         if (self.fused and x.is_cuda and x.dtype in FUSED_DTYPES and x.stride(-1) == 1
                 and not torch.is_grad_enabled()):
             return head_rms_norm(x, self.gamma, self.scale)
