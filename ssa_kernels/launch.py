@@ -13,7 +13,10 @@ the base values: :func:`config` applies the matching entries in order, then the 
   fastest one per kernel for the GPU, head dim and dtype it ran on.
 
 A sweep times variants inside :func:`overriding` blocks; nothing here is changed by timing, so a process that
-profiles and a process that runs compute with the same configurations.
+profiles and a process that runs compute with the same configurations. An override holds for the whole process while
+its block is open, not for one thread: autograd runs the backward kernels of CUDA tensors on its own device thread,
+so a thread-local override would reach the forward kernels of ``with overriding(...): loss.backward()`` and silently
+miss the backward ones.
 """
 from __future__ import annotations
 
@@ -128,7 +131,9 @@ def _check_values(kernel: str, values: dict) -> None:
 
 
 _MEASURED = load_table()  # after _check_values, which it calls
-_LOCAL = threading.local()
+#: The open :func:`overriding` blocks, outermost first: ``(kernel, values)`` pairs seen by every thread.
+_OVERRIDES: tuple = ()
+_OVERRIDES_LOCK = threading.Lock()
 
 
 def architecture(device=None) -> str:
@@ -157,7 +162,7 @@ def config(kernel: str, *, head_dim: int | None = None, dtype: torch.dtype | Non
     for entry in (*ENTRIES, *_MEASURED):
         if entry.kernel == kernel and entry.matches(arch, head_dim, dname):
             out.update(entry.values)
-    for name, values in getattr(_LOCAL, "overrides", ()):
+    for name, values in _OVERRIDES:
         if name == kernel:
             out.update(values)
     return out
@@ -188,11 +193,16 @@ def parse_sweep(text: str) -> list[tuple[str, list[dict]]]:
 
 @contextlib.contextmanager
 def overriding(kernel: str, values: dict):
-    """Inside the block (this thread), :func:`config` gives ``kernel`` these values over the table's."""
+    """Inside the block, :func:`config` gives ``kernel`` these values over the table's, in every thread of the
+    process (the module docstring says why). Blocks nest; the innermost wins. Closing a block removes its own
+    entry, so blocks opened by different threads may close in any order."""
+    global _OVERRIDES
     _check_values(kernel, values)
-    stack = getattr(_LOCAL, "overrides", ())
-    _LOCAL.overrides = (*stack, (kernel, dict(values)))
+    entry = (kernel, dict(values))
+    with _OVERRIDES_LOCK:
+        _OVERRIDES = (*_OVERRIDES, entry)
     try:
         yield
     finally:
-        _LOCAL.overrides = stack
+        with _OVERRIDES_LOCK:
+            _OVERRIDES = tuple(e for e in _OVERRIDES if e is not entry)

@@ -59,6 +59,32 @@ def test_overrides_apply_inside_the_block_only_and_nest():
             pass
 
 
+def test_overrides_reach_other_threads_and_close_in_any_order():
+    """Autograd runs a CUDA backward on its own thread: an override around ``loss.backward()`` must reach it."""
+    import threading
+
+    seen = {}
+
+    def read(key):
+        seen[key] = config("selection.DKDV", head_dim=32)["max_queries"]
+
+    with overriding("selection.DKDV", {"max_queries": 0}):
+        worker = threading.Thread(target=read, args=("inside",))
+        worker.start()
+        worker.join()
+    read("after")
+    assert seen == {"inside": 0, "after": PREVIOUS["selection.DKDV"]["max_queries"]}
+    # two blocks that close out of nesting order (two threads): each removes its own values only
+    outer = overriding("selection.FWD", {"block_n": 64})
+    inner = overriding("selection.FWD", {"block_n": 16})
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert config("selection.FWD")["block_n"] == 16
+    inner.__exit__(None, None, None)
+    assert config("selection.FWD") == PREVIOUS["selection.FWD"]
+
+
 def test_entries_match_architecture_head_dims_and_dtypes(monkeypatch):
     e = Entry("window.FWD", {"block_n": 64}, arch="sm90", min_head_dim=64, max_head_dim=64, dtypes=("bfloat16",))
     assert e.matches("sm90", 64, "bfloat16")
