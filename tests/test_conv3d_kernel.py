@@ -131,6 +131,10 @@ def test_launch_choice():
     """Tiles that pad the row least, the widest of those; two output x per thread (1 to 4 warps)."""
     assert [ck._block_w(w) for w in (256, 192, 37, 70, 7, 1000)] == [256, 64, 64, 32, ck.MIN_BLOCK_W, 256]
     assert [ck._fma_warps(b) for b in (16, 32, 64, 128, 256)] == [1, 1, 1, 2, 4]
+    # several output rows per program up to 8 output channels (measured faster), one row for wider outputs
+    assert ck._fma_launch(8, 192) == ck._fma_launch(1, 256) == ck.MULTI_ROW_LAUNCH
+    assert ck.MULTI_ROW_LAUNCH[2] in ck.FMA_ROW_CHOICES and ck.MULTI_ROW_LAUNCH[2] > 1
+    assert ck._fma_launch(27, 192) == (64, 1, 1) and ck._fma_launch(27, 256) == (256, 4, 1)
 
 
 @needs_kernel
@@ -229,9 +233,10 @@ def test_refiner_report_conv_sweep_times_every_launch(monkeypatch):
     import model.reports.refiner as report
 
     monkeypatch.setattr(report, "SWEEP_SHAPES", ((2, 3, 5),))
-    monkeypatch.setattr(report, "SWEEP_LAUNCHES", ((32, 1, 1), (32, 1, 2), (32, 1, 4)))
+    monkeypatch.setattr(report, "SWEEP_LAUNCHES", ((32, 1, 1), (32, 1, 2), ck.MULTI_ROW_LAUNCH))
     out = report.sweep_conv(torch.device(DEVICE), reps=1)
     (row,) = out["rows"]
-    assert list(row["launches"]) == ["32 x 1", "32 x 1 x 2 rows", "32 x 1 x 4 rows"]
-    assert all(ms > 0 for ms in row["launches"].values()) and row["default"] == "32 x 1"
-    assert "32 x 1 x 4 rows" in "\n".join(report._sweep_markdown(out))
+    default = report._launch_label(*ck.MULTI_ROW_LAUNCH)  # 3 output channels: the multi-row default
+    assert list(row["launches"]) == ["32 x 1", "32 x 1 x 2 rows", default]
+    assert all(ms > 0 for ms in row["launches"].values()) and row["default"] == default
+    assert f"**{row['launches'][default]:.2f}**" in "\n".join(report._sweep_markdown(out))

@@ -415,7 +415,7 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     from model.reports.generate import main
 
     rc = main(["--out", str(tmp_path), "--dry-run", "--steps-dense", "1", "--steps-512", "2", "--steps-1024", "2",
-               "--no-progress", "--profile", "decode_512", "--warmup"])
+               "--no-progress", "--profile", "decode_512", "--warmup", "--decode-chunks-1024", "3"])
     assert rc == 0
     doc = json.loads((tmp_path / "generate.json").read_text())
     md = (tmp_path / "generate.md").read_text()
@@ -424,6 +424,8 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     assert list(doc["stages"]) == ["condition", "dense", "sparse_512", "decode_512", "refine_512", "revoxelise",
                                    "sparse_1024", "decode_1024", "refine_1024", "extract"]
     assert doc["stages"]["dense"]["replaced_by_given_coords"]
+    # --decode-chunks-1024 replaces the tiny config's 2 chunks; the 512 decode keeps its 1
+    assert doc["stages"]["decode_1024"]["chunks"] == 3 and doc["stages"]["decode_512"]["chunks"] == 1
     assert doc["stages"]["sparse_1024"]["tokens"] == doc["stages"]["revoxelise"]["tokens"] > 0
     a = doc["attention_1024"]
     assert a["ssa_op_calls"] == 2 * 2  # steps x blocks: both guidance passes run as one batched forward (small stage)

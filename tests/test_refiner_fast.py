@@ -439,11 +439,15 @@ def test_group_norm32_silu_is_silu_of_the_norm():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_refiners_with_the_triton_kernels_match_the_pytorch_path(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refiners_with_the_triton_kernels_match_the_pytorch_path(dtype):
     """Both refiners at the released widths on a 32^3 patch: the Triton adaptive filter and few-channel
-    convolutions (on by default on CUDA) against cuDNN + the 27 addcmul passes (float32: rounding only; bf16: the
-    two paths round differently, bf16 noise through a UNet)."""
+    convolutions (on by default on CUDA) against cuDNN + the 27 addcmul passes. float32: the same function up to
+    rounding. bf16: the two paths round at different places, so each is compared with the float32 PyTorch path on
+    the same weights, and the Triton path may not be further from it than the PyTorch bf16 path (1.5x its error,
+    or 3%, whichever is larger)."""
+    import copy
+
     import model.nets.refiner as refiner
 
     gen = torch.Generator().manual_seed(3)
@@ -451,7 +455,8 @@ def test_refiners_with_the_triton_kernels_match_the_pytorch_path(dtype, tol):
                          (torch.randn(1, 1, 32, 32, 32, generator=gen), torch.randn(1, 32, 32, 32, 32, generator=gen))),
                         (SignRefiner(RefinerConfig.released_1024(patch_size=32, patch_stride=16, resolution=64)),
                          (torch.randn(1, 1, 32, 32, 32, generator=gen),))):
-        net = net.cuda().to(dtype).eval()
+        net32 = net.cuda().float().eval()
+        net = copy.deepcopy(net32).to(dtype)
         args = [t.cuda().to(dtype) for t in inputs]
         tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 = float32
@@ -461,10 +466,16 @@ def test_refiners_with_the_triton_kernels_match_the_pytorch_path(dtype, tol):
                 refiner.ADAPTIVE_KERNEL = refiner.CONV_KERNEL = False
                 try:
                     slow = net(*args)
+                    ref = net32(*[t.float() for t in args])
                 finally:
                     refiner.ADAPTIVE_KERNEL = refiner.CONV_KERNEL = True
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         assert fast.dtype == dtype and torch.isfinite(fast).all()
-        assert _rel(fast.float(), slow.float()) < tol, (type(net).__name__, _rel(fast.float(), slow.float()))
+        name = type(net).__name__
+        if dtype == torch.float32:
+            assert _rel(fast, slow) < 1e-4, (name, _rel(fast, slow))
+        else:
+            err_fast, err_slow = _rel(fast.float(), ref), _rel(slow.float(), ref)
+            assert err_fast < max(3e-2, 1.5 * err_slow), (name, err_fast, err_slow)
 

@@ -93,3 +93,29 @@ def test_cpu_run_refuses_large_shapes(tmp_path, capsys):
 
     assert main(["--out", str(tmp_path), "--shape", "shell-1024", "--device", "cpu"]) != 0
     assert "--shape" in capsys.readouterr().err
+
+
+def test_sweep_compares_only_the_outputs_a_kernel_writes(monkeypatch):
+    """A launch setting that computes the same function shows a rounding-level difference, not the garbage of the
+    accumulators the other backward part leaves uninitialised (every selection kernel alone, one setting each;
+    the timing is stubbed: this checks the comparison, not the speed)."""
+    import triton.testing
+
+    import ssa_kernels
+    from model.reports.ssa_inputs import sweep_kernels
+    from ssa_kernels.launch import parse_sweep
+    from tests.helpers import random_coords, random_inputs
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    gen = torch.Generator().manual_seed(1)
+    coords = random_coords((40, 24), 12, compression_block=4, selection_block=8, generator=gen)
+    args = [t.float() for t in random_inputs(coords, 16, 1, 16, compression_block=4, selection_block=8,
+                                              generator=gen)]
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    sweeps = parse_sweep("selection.FWD:shared_tokens=1|2;selection.DQ:shared_tokens=1|2;"
+                         "selection.DKDV:max_queries=0|8")
+    rows = sweep_kernels(args, layout, 3, sweeps, rep=1)
+    assert [r["kernel"] for r in rows] == ["selection.FWD"] * 2 + ["selection.DQ"] * 2 + ["selection.DKDV"] * 2
+    for r in rows:
+        assert r["error"] is None and r["ms"] == 1.0, r
+        assert r["rel_diff"] < 1e-5, r  # float32 rounding; the shared-token kernels and the split sum in other orders

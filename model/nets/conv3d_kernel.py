@@ -73,10 +73,14 @@ DOT_BLOCK_K = 32
 MIN_DOT = 16
 #: Default of ``use_dot``: False runs the FMA (CUDA-core) kernel.
 USE_DOT = False
-#: Output rows per program of the FMA kernel (``rows`` of :func:`conv3d_small`): 1 runs :func:`_conv3_fma_kernel`;
-#: 2 or 4 run :func:`_conv3_fma_rows_kernel`, which loads each input row once for the output rows it is a tap of
-#: (untimed so far: ``python -m model.reports.refiner --sweep-conv`` times them against the one-row kernel).
-FMA_ROWS = 1
+#: Default launch of the FMA kernel for at most :data:`MULTI_ROW_MAX_COUT` output channels: ``(block_w, num_warps,
+#: rows)``, rows > 1 running :func:`_conv3_fma_rows_kernel`, which loads each input row once for the output rows it
+#: is a tap of. Measured on an H100 in bf16 (``python -m model.reports.refiner --sweep-conv``, reports/refiner.md,
+#: cfa8e49): 8 -> 8 at 192^3 1.59 -> 1.13 ms, 8 -> 8 at 256^3 3.56 -> 2.49 ms, 16 -> 8 at 256^3 7.52 -> 5.16 ms
+#: against the one-row launch that was the default; with 27 output channels the multi-row tiles spill registers
+#: (8 -> 27 at 192^3: 3.84 ms one row, 4.48 with 2 rows, 201 with 4), so wider outputs keep one row per program.
+MULTI_ROW_LAUNCH = (64, 1, 4)
+MULTI_ROW_MAX_COUT = 8
 #: Values ``rows`` takes.
 FMA_ROW_CHOICES = (1, 2, 4)
 
@@ -376,6 +380,16 @@ def _fma_warps(block_w: int) -> int:
     return max(1, min(MAX_WARPS, block_w // (32 * X_PER_THREAD)))
 
 
+def _fma_launch(cout: int, width: int) -> tuple[int, int, int]:
+    """The default ``(block_w, num_warps, rows)`` of the FMA kernel for ``cout`` output channels and rows of
+    ``width`` voxels: :data:`MULTI_ROW_LAUNCH` up to :data:`MULTI_ROW_MAX_COUT` channels, else one row per
+    program with :func:`_block_w` and :func:`_fma_warps`."""
+    if cout <= MULTI_ROW_MAX_COUT:
+        return MULTI_ROW_LAUNCH
+    bw = _block_w(width)
+    return bw, _fma_warps(bw), 1
+
+
 def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False,
                  out: torch.Tensor | None = None, use_dot: bool | None = None, block_w: int | None = None,
                  num_warps: int | None = None, rows: int | None = None) -> torch.Tensor:
@@ -390,9 +404,11 @@ def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         relu: apply ReLU before the store (fused).
         out: optional contiguous ``[B, Cout, D, H, W]`` in ``x.dtype`` to write into (not overlapping ``x``).
         use_dot: the tensor-core variant (weights rounded to ``x.dtype``); None takes :data:`USE_DOT`.
-        block_w: ``x`` tile per program (a power of two >= 16); None picks one by ``W`` (:func:`_block_w`).
-        num_warps: warps per program; None: :func:`_fma_warps` (FMA kernel), :data:`DOT_WARPS` (tensor cores).
-        rows: output rows per program of the FMA kernel (1, 2 or 4); None takes :data:`FMA_ROWS`.
+        block_w: ``x`` tile per program (a power of two >= 16); None: the FMA kernel's default launch
+            (:func:`_fma_launch`), or :func:`_block_w` of ``W`` for the tensor-core variant.
+        num_warps: warps per program; None: the FMA kernel's default launch, :data:`DOT_WARPS` (tensor cores).
+        rows: output rows per program of the FMA kernel (1, 2 or 4); None: the default launch (:func:`_fma_launch`:
+            4 for at most :data:`MULTI_ROW_MAX_COUT` output channels, else 1).
 
     Returns ``[B, Cout, D, H, W]`` contiguous in ``x.dtype``: float32 sums of the 27 x Cin products plus the bias,
     rounded once. Forward only: raises ValueError when autograd would record through it.
@@ -406,8 +422,7 @@ def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"block_w must be a power of two >= {MIN_DOT}, got {block_w}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
-    rows = FMA_ROWS if rows is None else rows
-    if rows not in FMA_ROW_CHOICES:
+    if rows is not None and rows not in FMA_ROW_CHOICES:
         raise ValueError(f"rows must be one of {FMA_ROW_CHOICES}, got {rows!r}")
     if out is None:
         out = torch.empty(batch, cout, depth, height, width, device=x.device, dtype=x.dtype)
@@ -437,20 +452,25 @@ def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     w = torch.zeros(cin, TAPS, cout_p, device=x.device, dtype=torch.float32)
     w[:, :, :cout] = taps.to(device=x.device, dtype=torch.float32).view(TAPS, cin, cout).transpose(0, 1)
     b = _padded_bias(bias, cout_p, w)
-    bw = block_w or _block_w(width)
+    if block_w is None and num_warps is None and rows is None:
+        bw, num_warps, rows = _fma_launch(cout, width)
+    else:  # a launch given in part: the rest as for one row per program
+        bw = block_w or _block_w(width)
+        num_warps = num_warps or _fma_warps(bw)
+        rows = rows or 1
     if rows > 1:
         row_tiles = triton.cdiv(height, rows)
         _conv3_fma_rows_kernel[(batch * depth * row_tiles, triton.cdiv(width, bw))](
             x, w, b, out, depth, height, width, row_tiles,
             CIN=cin, COUT=cout, COUT_P=cout_p, ROWS=rows, HAS_BIAS=bias is not None, RELU=bool(relu),
-            INDEX_64=index_64, BLOCK_W=bw, num_warps=num_warps or _fma_warps(bw),
+            INDEX_64=index_64, BLOCK_W=bw, num_warps=num_warps,
         )
         return out
     grid = (batch * depth * height, triton.cdiv(width, bw))
     _conv3_fma_kernel[grid](
         x, w, b, out, depth, height, width,
         CIN=cin, COUT=cout, COUT_P=cout_p, HAS_BIAS=bias is not None, RELU=bool(relu), INDEX_64=index_64,
-        BLOCK_W=bw, num_warps=num_warps or _fma_warps(bw),
+        BLOCK_W=bw, num_warps=num_warps,
     )
     return out
 

@@ -287,10 +287,13 @@ def _estimate(rec: dict, released_steps: int) -> dict:
 
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True,
-               simplify_ratio: float | None = None, profile=(), warmup: bool = False) -> dict:
+               simplify_ratio: float | None = None, profile=(), warmup: bool = False,
+               decode_chunks: dict | None = None) -> dict:
     """Run the cascade as the module docstring says and return the result document. ``warmup``: run the whole
     cascade once first, one step per sampling stage, untimed (its wall time is recorded apart), so that the timed
-    run finds every kernel compiled and every library initialised, as a second image in the same process does."""
+    run finds every kernel compiled and every library initialised, as a second image in the same process does.
+    ``decode_chunks``: ``{"512": n, "1024": n}`` spatial chunks per axis of the VAE decodes, replacing the
+    cascade's (:class:`model.pipeline.cascade.CascadeConfig`)."""
     from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh
     from model.pipeline.geometry import mesh_to_latent_coords
     from model.data.render import render_views
@@ -305,7 +308,8 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the random-weights warnings: the report says so itself
         pipe = ImageToMesh.random("tiny" if dry_run else "released", seed=seed, device=dev, dtype=dtype,
-                                  offload=offload)
+                                  offload=offload,
+                                  config={f"decode_chunks_{k}": n for k, n in (decode_chunks or {}).items()})
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     build_seconds = time.perf_counter() - t0
@@ -551,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ("dense", "512", "1024"):
         p.add_argument(f"--steps-{stage}", type=positive_int, default=REPORT_STEPS[stage], metavar="N",
                        help=f"sampling steps of the {stage} stage (default %(default)s)")
+    from model.pipeline.cascade import DECODE_CHUNKS
+
+    for res in ("512", "1024"):
+        p.add_argument(f"--decode-chunks-{res}", type=positive_int, default=None, metavar="N",
+                       help=f"spatial chunks per axis of the {res} VAE decode: more chunks hold less memory and "
+                            f"synchronise with the host more often (default {DECODE_CHUNKS}, the cascade's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default bfloat16 on CUDA)")
     p.add_argument("--simplify-ratio", type=share_below_one, default=None, metavar="R",
                    help="simplify the output mesh by removing this share of its faces (released 0.95; default: "
@@ -597,7 +607,9 @@ def _main(args) -> int:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
                        progress=args.progress, simplify_ratio=args.simplify_ratio, profile=args.profile,
-                       warmup=args.warmup)
+                       warmup=args.warmup,
+                       decode_chunks={res: n for res, n in (("512", args.decode_chunks_512),
+                                                            ("1024", args.decode_chunks_1024)) if n is not None})
     except ValueError as exc:
         raise UserError(f"--mesh: {exc}" if args.mesh and str(args.mesh) in str(exc) else str(exc)) from None
     out = Path(args.out)

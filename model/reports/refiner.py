@@ -303,7 +303,7 @@ def sweep_conv(device, *, reps: int = 5) -> dict:
     ``"block_w x warps"``, with ``" x R rows"`` for R output rows per program)."""
     import torch.nn.functional as F
 
-    from model.nets.conv3d_kernel import FMA_ROWS, _block_w, _fma_warps, conv3d_small
+    from model.nets.conv3d_kernel import _fma_launch, conv3d_small
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -315,8 +315,7 @@ def sweep_conv(device, *, reps: int = 5) -> dict:
             row = {"cin": cin, "cout": cout, "side": side,
                    "cudnn_ms": _time_calls(lambda: F.conv3d(x, w, b, padding=1), reps=reps, warmup=1,
                                            device=device)["median_ms"], "launches": {}}
-            bw = _block_w(side)
-            row["default"] = _launch_label(bw, _fma_warps(bw), FMA_ROWS)
+            row["default"] = _launch_label(*_fma_launch(cout, side))
             for block_w, warps, rows_per_program in SWEEP_LAUNCHES:
                 row["launches"][_launch_label(block_w, warps, rows_per_program)] = _time_calls(
                     lambda: conv3d_small(x, w, b, block_w=block_w, num_warps=warps, rows=rows_per_program),

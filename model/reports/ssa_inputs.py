@@ -241,9 +241,14 @@ def sweep_kernels(args, layout, topk: int, sweeps, rep: int = 100) -> list[dict]
         "selection.DKDV": lambda: selection.selection_backward(do, q, k, v, idx, lse_sel, delta, layout, scale,
                                                                gate=gate, gate_idx=1, parts=("dkdv",), index=index),
     }
+    # the outputs each kernel writes: the backward returns (dq, dk, dv) accumulators, of which a run of one part
+    # leaves the other part's uninitialised
+    written = {"selection.FWD": slice(None), "selection.DQ": slice(0, 1), "selection.DKDV": slice(1, 3)}
+
     def outputs(kernel):
         out = run[kernel]()
-        return [t.float() for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
+        out = (out if isinstance(out, tuple) else (out,))[written[kernel]]
+        return [t.float() for t in out if t is not None]
 
     rows = []
     for kernel, combos in sweeps:
