@@ -280,6 +280,11 @@ def test_pipeline_api_given_coords_settings_and_errors(images):
         C.ImageToMesh(pipe.encoder, parts)
     with pytest.raises(ValueError, match="interior"):
         C.CascadeConfig(interior="fill")
+    for bad in (0, "four", 2.0, True):
+        with pytest.raises(ValueError, match="decode_chunks_512 must be a positive int or 'auto'"):
+            C.CascadeConfig(decode_chunks_512=bad)
+    assert C.CascadeConfig().decode_chunks_1024 == "auto"
+    assert C.CascadeConfig(decode_chunks_1024=3).decode_chunks_1024 == 3
     from model.pipeline.offload import Offloader
 
     with pytest.raises(ValueError, match="CUDA"):
@@ -409,6 +414,23 @@ def test_from_pretrained_builds_random_weights_and_names_the_valid_choices(image
         C.ImageToMesh.from_pretrained("random:tiny", config={"steps": 3})
     rc = main([str(images / "red.png"), "--weights", "random:huge", "--out", str(tmp_path), "--device", "cpu"])
     assert rc == 2 and "valid choices: random:tiny, random:released" in capsys.readouterr().err
+
+
+def test_auto_decode_chunks_follow_the_token_budget(monkeypatch, images):
+    """decode_chunks "auto": the cascade asks decode_chunk_count for the chunk count and records the one it used
+    (a budget of one token per chunk forces the most chunks offered)."""
+    import model.pipeline.pretrained as P
+
+    monkeypatch.setattr(P, "DECODE_CHUNK_CHOICES", (1, 2))
+    monkeypatch.setattr(P, "DECODE_CHUNK_TOKENS", 1)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        pipe = C.ImageToMesh.random("tiny", config={"decode_chunks_512": "auto", "decode_chunks_1024": "auto"})
+    result = pipe.generate(images / "red.png", resolution=1024, steps=1, progress=False)
+    table = result.stage_table()
+    assert table["decode_512"]["chunks"] == table["decode_1024"]["chunks"] == 2
+    monkeypatch.setattr(P, "DECODE_CHUNK_TOKENS", 10**9)
+    table = pipe.generate(images / "red.png", resolution=512, steps=1, progress=False).stage_table()
+    assert table["decode_512"]["chunks"] == 1
 
 
 def test_report_dry_run_on_cpu(tmp_path, capsys):

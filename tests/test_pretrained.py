@@ -512,6 +512,40 @@ def test_chunked_decoding_matches_one_pass():
         P.decode_chunked(SparseSDFVAE(VAEConfig.tiny()), z, 2)
 
 
+def test_decode_chunk_count_bounds_the_largest_chunk():
+    """The fewest chunks per axis whose every non-empty chunk (the chunks decode_chunked decodes) holds at most
+    max_tokens tokens with its padding, against a count chunk by chunk; clustered tokens, batch column, errors."""
+    import itertools
+    import math
+
+    gen = torch.Generator().manual_seed(0)
+    res, pad = 24, 2
+    xyz = torch.cat([torch.randint(0, 6, (300, 3), generator=gen),  # a dense cluster in one corner
+                     torch.randint(0, res, (200, 3), generator=gen)])
+    coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)
+
+    def largest(k):
+        side = math.ceil(res / k)
+        out = 0
+        for cell in itertools.product(range(k), repeat=3):
+            lo = torch.tensor(cell) * side
+            if ((xyz >= lo) & (xyz < lo + side)).all(1).any():
+                out = max(out, int(((xyz >= lo - pad) & (xyz < lo + side + pad)).all(1).sum()))
+        return out
+
+    sizes = {k: largest(k) for k in (1, 2, 4, 8)}
+    assert sizes[1] == 500 and sizes[1] > sizes[2] > sizes[4] > sizes[8]
+    for k in (1, 2, 4, 8):
+        assert P.decode_chunk_count(coords, res, max_tokens=sizes[k], padding=pad, choices=(1, 2, 4, 8)) == k
+        assert P.decode_chunk_count(xyz, res, max_tokens=sizes[k], padding=pad, choices=(1, 2, 4, 8)) == k
+    if sizes[8] > 1:  # nothing fits: the most chunks offered
+        assert P.decode_chunk_count(coords, res, max_tokens=sizes[8] - 1, padding=pad, choices=(1, 2, 4, 8)) == 8
+    with pytest.raises(ValueError, match="max_tokens"):
+        P.decode_chunk_count(coords, res, max_tokens=0)
+    with pytest.raises(ValueError, match="coords"):
+        P.decode_chunk_count(coords[:, :2], res)
+
+
 def test_reconstruct_with_released_weights_end_to_end(tiny_folder, tmp_path, capsys):
     pytest.importorskip("igl")
     pytest.importorskip("skimage")

@@ -116,8 +116,10 @@ RELEASED_GUIDANCE = 7.0
 LEVEL_512 = 0.4
 #: Iso level of the 1024 mesh on the sign-refined sparse SDF (the pipeline's mc_threshold).
 LEVEL_1024 = 0.2
-#: Spatial chunks per axis of the sparse VAE decoders.
-DECODE_CHUNKS = 4
+#: Spatial chunks per axis of the sparse VAE decoders: "auto" takes the fewest chunks whose largest holds at most
+#: :data:`model.pipeline.pretrained.DECODE_CHUNK_TOKENS` latent tokens (a memory budget; fewer chunks synchronise
+#: with the host less often), or a positive int.
+DECODE_CHUNKS = "auto"
 #: Output resolutions.
 RESOLUTIONS = (512, 1024)
 #: How the empty voxels of the 1024 field are filled (module docstring).
@@ -150,7 +152,8 @@ class CascadeConfig:
     median always gives a surface);
     ``token_band`` (voxels of the 1024-stage grid), ``mesh_margin``, ``sample_spacing``: the revoxelisation
     (:func:`model.pipeline.geometry.mesh_to_latent_coords`); ``decode_chunks_*``: spatial chunks per axis of the
-    sparse VAE decoders; ``interior``: one of :data:`INTERIOR_MODES`.
+    sparse VAE decoders, a positive int or ``"auto"`` (:data:`DECODE_CHUNKS`); ``interior``: one of
+    :data:`INTERIOR_MODES`.
     """
 
     steps_dense: int = RELEASED_STEPS["dense"]
@@ -166,13 +169,17 @@ class CascadeConfig:
     token_band: float = TOKEN_BAND
     mesh_margin: float = MESH_MARGIN
     sample_spacing: float = SAMPLE_SPACING
-    decode_chunks_512: int = DECODE_CHUNKS
-    decode_chunks_1024: int = DECODE_CHUNKS
+    decode_chunks_512: int | str = DECODE_CHUNKS
+    decode_chunks_1024: int | str = DECODE_CHUNKS
     interior: str = "refiner"
 
     def __post_init__(self):
-        for name in ("steps_dense", "steps_512", "steps_1024", "decode_chunks_512", "decode_chunks_1024"):
+        for name in ("steps_dense", "steps_512", "steps_1024"):
             positive_int(name, getattr(self, name))
+        for name in ("decode_chunks_512", "decode_chunks_1024"):
+            value = getattr(self, name)
+            if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name} must be a positive int or 'auto', got {value!r}")
         nonnegative_number("guidance", self.guidance)
         for name in ("shift_dense", "shift_512", "shift_1024", "token_band", "sample_spacing"):
             value = getattr(self, name)
@@ -581,11 +588,14 @@ class ImageToMesh:
         """Stage **decode_512** / **decode_1024**: the sparse VAE of the stage decodes every child of every token
         in spatial chunks (:func:`model.pipeline.pretrained.decode_chunked`); returns ``(sdf [M, 1], decoder
         features [M, C0] or None)``."""
-        from model.pipeline.pretrained import decode_chunked
+        from model.pipeline.pretrained import decode_chunk_count, decode_chunked
 
         vae = self.parts[f"sparse_vae_{name}"]
         chunks = getattr(self.config, f"decode_chunks_{name}")
         with run.recorder.stage(f"decode_{name}") as rec, self._on_device(vae):
+            if chunks == "auto":
+                side = z.resolution if z.resolution is not None else int(z.coords[:, 1:].max()) + 1
+                chunks = decode_chunk_count(z.coords, side)
             sdf, feats = decode_chunked(vae, z.replace(z.feats.to(self.dtype)), chunks, features=features,
                                         progress=run.progress, desc=f"decode {name}")
             rec.info.update(voxels=sdf.num_voxels, chunks=chunks)

@@ -69,6 +69,7 @@ __all__ = [
     "RELEASED_SDF_TAU",
     "ReleasedCheckpointError",
     "ReleasedModels",
+    "decode_chunk_count",
     "decode_chunked",
     "from_pretrained",
     "released_state_dict",
@@ -88,6 +89,15 @@ RELEASED_MC_LEVEL = 0.2
 RELEASED_SDF_TAU = 4.0
 #: Latent cells of padding around each chunk of the chunked decoder (RELEASED_MODEL.md C.5).
 CHUNK_PADDING = 4
+#: Most latent tokens (its own and its padding's) the largest spatial chunk may hold when :func:`decode_chunk_count`
+#: picks the chunk count. A decode's peak grows by about 1.3-1.4 MB per token of its largest chunk at the released
+#: widths (one H100, bf16, the shell mesh of ``model.reports.generate``: 512 stage 2.68 GB with 1,534 tokens in its
+#: largest chunk, 6.90 GB with 4,775; 1024 stage 5.97 GB with 4,140, 23.1 GB with 16,510), so chunks of at most
+#: 5,000 tokens keep a decode near 7 GB at any token count. Fewer chunks synchronise with the host less often (the
+#: 512 decode: 0.62 s with 4 chunks per axis, 0.27 s with 2).
+DECODE_CHUNK_TOKENS = 5_000
+#: Chunks per axis :func:`decode_chunk_count` chooses from.
+DECODE_CHUNK_CHOICES = (1, 2, 4, 8, 16)
 
 
 class ReleasedCheckpointError(ValueError):
@@ -373,6 +383,46 @@ def save_released(folder, modules: Mapping[str, nn.Module], *, dtype: torch.dtyp
 
 
 @torch.no_grad()
+def decode_chunk_count(coords: torch.Tensor, resolution: int, *, max_tokens: int | None = None,
+                       padding: int = CHUNK_PADDING, choices: Iterable[int] | None = None) -> int:
+    """The fewest chunks per axis (of ``choices``, default :data:`DECODE_CHUNK_CHOICES`) for which every chunk
+    :func:`decode_chunked` decodes holds at most ``max_tokens`` (default :data:`DECODE_CHUNK_TOKENS`) latent
+    tokens, its ``padding`` cells of context included; the most of ``choices`` if none does.
+
+    Args:
+        coords: ``[N, 4]`` (batch, x, y, z) or ``[N, 3]`` latent coordinates.
+        resolution: side of the latent grid (:func:`decode_chunked` cuts ``ceil(resolution / chunks)`` cells per
+            chunk).
+    One host synchronisation: the counts of all chunks come from one product of per-axis memberships.
+    """
+    max_tokens = DECODE_CHUNK_TOKENS if max_tokens is None else max_tokens
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    if coords.ndim != 2 or coords.shape[1] not in (3, 4):
+        raise ValueError(f"coords must be [N, 3] or [N, 4], got {tuple(coords.shape)}")
+    choices = sorted(DECODE_CHUNK_CHOICES if choices is None else choices)
+    xyz = coords[:, -3:].long()
+    worst = []
+    for k in choices:
+        side = math.ceil(resolution / k)
+        lo = torch.arange(k, device=xyz.device) * side  # [k] first cell of each chunk along an axis
+
+        def member(pad):  # [N, 3, k]: the token lies in the chunk's span along that axis, widened by pad
+            x = xyz[:, :, None]
+            return ((x >= lo - pad) & (x < lo + side + pad)).float()
+
+        own, near = member(0), member(padding)
+        # tokens per chunk: products of the three axes' memberships summed over the tokens
+        owned = torch.einsum("na,nb,nc->abc", own[:, 0], own[:, 1], own[:, 2])
+        held = torch.einsum("na,nb,nc->abc", near[:, 0], near[:, 1], near[:, 2])
+        worst.append(torch.where(owned > 0, held, torch.zeros_like(held)).max())
+    worst = torch.stack(worst).tolist() if worst else []
+    for k, tokens in zip(choices, worst):
+        if tokens <= max_tokens:
+            return k
+    return choices[-1]
+
+
 def decode_chunked(vae, z: SparseTensor, chunk_size: int = 1, *, padding: int = CHUNK_PADDING,
                    features: bool = True, progress: bool = False,
                    desc: str = "decode") -> tuple[SparseTensor, SparseTensor | None]:

@@ -560,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     for res in ("512", "1024"):
         p.add_argument(f"--decode-chunks-{res}", type=positive_int, default=None, metavar="N",
                        help=f"spatial chunks per axis of the {res} VAE decode: more chunks hold less memory and "
-                            f"synchronise with the host more often (default {DECODE_CHUNKS}, the cascade's)")
+                            f"synchronise with the host more often (default {DECODE_CHUNKS}, the cascade's: the "
+                            "fewest chunks of at most model.pipeline.pretrained.DECODE_CHUNK_TOKENS tokens)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default bfloat16 on CUDA)")
     p.add_argument("--simplify-ratio", type=share_below_one, default=None, metavar="R",
                    help="simplify the output mesh by removing this share of its faces (released 0.95; default: "
