@@ -538,6 +538,8 @@ def test_decode_chunk_count_bounds_the_largest_chunk():
     for k in (1, 2, 4, 8):
         assert P.decode_chunk_count(coords, res, max_tokens=sizes[k], padding=pad, choices=(1, 2, 4, 8)) == k
         assert P.decode_chunk_count(xyz, res, max_tokens=sizes[k], padding=pad, choices=(1, 2, 4, 8)) == k
+    assert int(xyz.max()) + 1 == res  # None: the grid side from the coordinates, as decode_chunked takes it
+    assert P.decode_chunk_count(coords, None, max_tokens=sizes[4], padding=pad, choices=(1, 2, 4, 8)) == 4
     if sizes[8] > 1:  # nothing fits: the most chunks offered
         assert P.decode_chunk_count(coords, res, max_tokens=sizes[8] - 1, padding=pad, choices=(1, 2, 4, 8)) == 8
     with pytest.raises(ValueError, match="max_tokens"):

@@ -116,9 +116,8 @@ RELEASED_GUIDANCE = 7.0
 LEVEL_512 = 0.4
 #: Iso level of the 1024 mesh on the sign-refined sparse SDF (the pipeline's mc_threshold).
 LEVEL_1024 = 0.2
-#: Spatial chunks per axis of the sparse VAE decoders: "auto" takes the fewest chunks whose largest holds at most
-#: :data:`model.pipeline.pretrained.DECODE_CHUNK_TOKENS` latent tokens (a memory budget; fewer chunks synchronise
-#: with the host less often), or a positive int.
+#: Spatial chunks per axis of the sparse VAE decoders, or "auto": the fewest whose largest holds at most
+#: :data:`model.pipeline.pretrained.DECODE_CHUNK_TOKENS` tokens (fewer chunks synchronise with the host less often).
 DECODE_CHUNKS = "auto"
 #: Output resolutions.
 RESOLUTIONS = (512, 1024)
@@ -594,8 +593,7 @@ class ImageToMesh:
         chunks = getattr(self.config, f"decode_chunks_{name}")
         with run.recorder.stage(f"decode_{name}") as rec, self._on_device(vae):
             if chunks == "auto":
-                side = z.resolution if z.resolution is not None else int(z.coords[:, 1:].max()) + 1
-                chunks = decode_chunk_count(z.coords, side)
+                chunks = decode_chunk_count(z.coords, z.resolution)
             sdf, feats = decode_chunked(vae, z.replace(z.feats.to(self.dtype)), chunks, features=features,
                                         progress=run.progress, desc=f"decode {name}")
             rec.info.update(voxels=sdf.num_voxels, chunks=chunks)

@@ -383,7 +383,7 @@ def save_released(folder, modules: Mapping[str, nn.Module], *, dtype: torch.dtyp
 
 
 @torch.no_grad()
-def decode_chunk_count(coords: torch.Tensor, resolution: int, *, max_tokens: int | None = None,
+def decode_chunk_count(coords: torch.Tensor, resolution: int | None, *, max_tokens: int | None = None,
                        padding: int = CHUNK_PADDING, choices: Iterable[int] | None = None) -> int:
     """The fewest chunks per axis (of ``choices``, default :data:`DECODE_CHUNK_CHOICES`) for which every chunk
     :func:`decode_chunked` decodes holds at most ``max_tokens`` (default :data:`DECODE_CHUNK_TOKENS`) latent
@@ -392,7 +392,7 @@ def decode_chunk_count(coords: torch.Tensor, resolution: int, *, max_tokens: int
     Args:
         coords: ``[N, 4]`` (batch, x, y, z) or ``[N, 3]`` latent coordinates.
         resolution: side of the latent grid (:func:`decode_chunked` cuts ``ceil(resolution / chunks)`` cells per
-            chunk).
+            chunk); None: the largest coordinate + 1, as :func:`decode_chunked` takes it.
     One host synchronisation: the counts of all chunks come from one product of per-axis memberships.
     """
     max_tokens = DECODE_CHUNK_TOKENS if max_tokens is None else max_tokens
@@ -402,6 +402,8 @@ def decode_chunk_count(coords: torch.Tensor, resolution: int, *, max_tokens: int
         raise ValueError(f"coords must be [N, 3] or [N, 4], got {tuple(coords.shape)}")
     choices = sorted(DECODE_CHUNK_CHOICES if choices is None else choices)
     xyz = coords[:, -3:].long()
+    if resolution is None:
+        resolution = int(xyz.max()) + 1 if xyz.numel() else 1
     worst = []
     for k in choices:
         side = math.ceil(resolution / k)
