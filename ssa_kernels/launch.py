@@ -37,17 +37,15 @@ TUNED_HEAD_DIM = 32
 
 #: Base configurations per kernel. rows: query rows (tokens x heads) per matrix product; block_n: keys per step;
 #: block_s: selection blocks per scoring chunk; programs: target number of dK/dV programs; max_queries: query tokens
-#: per selection dK/dV program (a block chosen by more is split, 0: never split); shared_tokens: query tokens per
-#: selection forward / dQ program that load each block of their choices' union once (1: the plain kernels, 2 or 4:
-#: the shared ones of ``ssa_kernels.selection``, used where a kv group has at least 16 heads); max_heads: heads of one
-#: kv group per program; tokens_per_program(_agg): query tokens per scoring program; aggregate: how scoring sums
+#: per selection dK/dV program (a block chosen by more is split, 0: never split); max_heads: heads of one kv group
+#: per program; tokens_per_program(_agg): query tokens per scoring program; aggregate: how scoring sums
 #: the compressed scores of a selection block ("prefix" or "mask"); the backward's streams and kernel order.
 BASE: dict[str, dict] = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3),
     "compression.DKDV": dict(rows=32, block_n=128, programs=2048, num_warps=4, num_stages=1),
-    "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2, shared_tokens=1),
-    "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2, shared_tokens=1),
+    "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
+    "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
     "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192),
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),

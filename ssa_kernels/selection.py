@@ -29,7 +29,6 @@ from ._common import (
     _dq_step,
     _dq_store,
     _grad_query_rows,
-    _grad_rows,
     _load_kv,
     _load_rows,
     _online_softmax_step,
@@ -51,14 +50,6 @@ from .layout import BlockLayout
 
 #: Most memory the partial sums of a split selection dK/dV may take (bytes); beyond it the chunks grow.
 SPLIT_SCRATCH_BYTES = 128 * 2**20
-#: Values of the ``selection.FWD`` / ``selection.DQ`` setting ``shared_tokens``: 1 runs :func:`_sel_fwd_kernel` /
-#: :func:`_sel_bwd_dq_kernel` (tiles of ``rows`` query rows over the union of their tokens' choices, rows that did
-#: not choose a block masked); 2 or 4 run :func:`_sel_fwd_shared_kernel` / :func:`_sel_bwd_dq_shared_kernel` (that
-#: many tokens per program, each block of their union loaded once and used only by the tokens that chose it).
-SHARED_TOKENS = (1, 2, 4)
-#: Fewest heads of one kv group a token needs for the shared kernel (its matrix products have one token's heads as
-#: rows, and ``tl.dot`` takes at least 16); with fewer the plain kernel runs.
-MIN_SHARED_HEADS = 16
 
 
 @triton.jit
@@ -123,118 +114,6 @@ def _sel_fwd_kernel(
 
 
 @triton.jit
-def _token_rows(Q, IDX, tok, N, head, g, hkv, d, stride_qt, stride_qh, d_ok,
-                TOPK: tl.constexpr, K2: tl.constexpr, HG: tl.constexpr):
-    """One token's query rows ``[HG, BLOCK_D]`` (its ``HG`` heads), its chosen blocks ``[K2]`` (-1 = none, and -1
-    for a token past ``N``) and its row tokens / row mask for the stores."""
-    ok = tok < N
-    tok_r = tl.zeros([HG], tl.int64) + tok.to(tl.int64)
-    ok_r = (tl.zeros([HG], tl.int32) + ok.to(tl.int32)) > 0
-    q = _load_rows(Q, tok_r, head, d, stride_qt, stride_qh, ok_r[:, None] & d_ok[None, :])
-    kk = tl.arange(0, K2)
-    choice = tl.load(IDX + (tok.to(tl.int64) * hkv + g) * TOPK + kk, mask=ok & (kk < TOPK), other=-1)
-    return q, choice, tok_r, ok_r
-
-
-@triton.jit
-def _chose(choice, blk):
-    """Whether a token's choice vector ``[K2]`` holds block ``blk`` (a non-negative id)."""
-    return tl.max((choice == blk).to(tl.int32), 0) > 0
-
-
-@triton.jit
-def _choosers(c0, c1, c2, c3, blk, SHARED: tl.constexpr):
-    """Which of the program's tokens chose block ``blk``: four flags (with ``SHARED`` 2 the last two are
-    placeholders, never read)."""
-    a0 = _chose(c0, blk)
-    a1 = _chose(c1, blk)
-    if SHARED == 4:
-        a2 = _chose(c2, blk)
-        a3 = _chose(c3, blk)
-    else:
-        a2 = a0
-        a3 = a1
-    return a0, a1, a2, a3
-
-
-@triton.jit
-def _union_slot(IDX, t0, slot, N, hkv, g, c0, c1, c2, TOPK: tl.constexpr, SHARED: tl.constexpr):
-    """Slot ``slot`` of the (token, choice) list of the ``SHARED`` tokens from ``t0``: ``(blk, visit)``, the block
-    and whether to visit it (each block of the union once: not when an earlier token of the program chose it
-    too). ``c0..c2``: the first three tokens' choice vectors (``c2`` unused when ``SHARED`` is 2)."""
-    ti = slot // TOPK
-    t = t0 + ti
-    blk = tl.load(IDX + (t.to(tl.int64) * hkv + g) * TOPK + slot % TOPK, mask=t < N, other=-1)
-    seen = ((ti > 0) & _chose(c0, blk)) | ((ti > 1) & _chose(c1, blk))
-    if SHARED == 4:
-        seen = seen | ((ti > 2) & _chose(c2, blk))
-    return blk, (blk >= 0) & (seen == 0)
-
-
-@triton.jit
-def _sel_fwd_shared_kernel(
-    Q, K, V, O, LSE, IDX, sel_offsets,
-    N, H, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
-    G: tl.constexpr, HG: tl.constexpr, SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
-    TOPK: tl.constexpr, K2: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The selection forward for ``SHARED`` (2 or 4) consecutive tokens x ``HG`` (>= 16) heads of one kv group per
-    program: every block of the union of their choices is loaded once, and each token whose choice holds it
-    takes one ``HG``-row step of its own running softmax on it (no masked rows, no products for tokens that did
-    not choose the block). Neighbouring queries of a model share most of their choice, so this reads each key
-    tile for several tokens at the cost of the plain kernel's products; see ``shared_tokens`` in
-    :mod:`ssa_kernels.launch`."""
-    pid_t = tl.program_id(0)
-    _, head, _, g = _row_tokens_heads(0, tl.program_id(1), N, G, HG, 1)
-    hkv = H // G
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    t0 = pid_t * SHARED
-    q0, c0, tok0, ok0 = _token_rows(Q, IDX, t0, N, head, g, hkv, d, stride_qt, stride_qh, d_ok, TOPK, K2, HG)
-    q1, c1, tok1, ok1 = _token_rows(Q, IDX, t0 + 1, N, head, g, hkv, d, stride_qt, stride_qh, d_ok, TOPK, K2, HG)
-    m0, l0, acc0 = _softmax_start(HG, BLOCK_D)
-    m1, l1, acc1 = _softmax_start(HG, BLOCK_D)
-    if SHARED == 4:
-        q2, c2, tok2, ok2 = _token_rows(Q, IDX, t0 + 2, N, head, g, hkv, d, stride_qt, stride_qh, d_ok, TOPK, K2, HG)
-        q3, c3, tok3, ok3 = _token_rows(Q, IDX, t0 + 3, N, head, g, hkv, d, stride_qt, stride_qh, d_ok, TOPK, K2, HG)
-        m2, l2, acc2 = _softmax_start(HG, BLOCK_D)
-        m3, l3, acc3 = _softmax_start(HG, BLOCK_D)
-    else:  # placeholders, never read
-        c2 = c1
-        c3 = c1
-    rows_all = head >= 0  # [HG] all true: broadcasts the key mask over the rows
-    for slot in range(0, SHARED * TOPK):
-        blk, visit = _union_slot(IDX, t0, slot, N, hkv, g, c0, c1, c2, TOPK, SHARED)
-        if visit:
-            a0, a1, a2, a3 = _choosers(c0, c1, c2, c3, blk, SHARED)
-            start = tl.load(sel_offsets + blk)
-            end = tl.load(sel_offsets + blk + 1)
-            for ks in range(start, end, BLOCK_N):
-                n = ks + tl.arange(0, BLOCK_N)
-                n_ok = n < end
-                k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
-                valid = rows_all[:, None] & n_ok[None, :]
-                if a0:
-                    m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, q0, k, v, valid, qk_scale, PRECISION)
-                if a1:
-                    m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, q1, k, v, valid, qk_scale, PRECISION)
-                if SHARED == 4:
-                    if a2:
-                        m2, l2, acc2 = _online_softmax_step(m2, l2, acc2, q2, k, v, valid, qk_scale, PRECISION)
-                    if a3:
-                        m3, l3, acc3 = _online_softmax_step(m3, l3, acc3, q3, k, v, valid, qk_scale, PRECISION)
-    _softmax_store(O, LSE, m0, l0, acc0, tok0, head, d, H, stride_ot, stride_oh, ok0, ok0[:, None] & d_ok[None, :])
-    _softmax_store(O, LSE, m1, l1, acc1, tok1, head, d, H, stride_ot, stride_oh, ok1, ok1[:, None] & d_ok[None, :])
-    if SHARED == 4:
-        _softmax_store(O, LSE, m2, l2, acc2, tok2, head, d, H, stride_ot, stride_oh, ok2,
-                       ok2[:, None] & d_ok[None, :])
-        _softmax_store(O, LSE, m3, l3, acc3, tok3, head, d, H, stride_ot, stride_oh, ok3,
-                       ok3[:, None] & d_ok[None, :])
-
-
-@triton.jit
 def _sel_bwd_dq_kernel(
     Q, K, V, DO, GATE, LSE2, DELTA, DQ, IDX, sel_offsets,
     N, H, qk_scale, scale,
@@ -268,86 +147,6 @@ def _sel_bwd_dq_kernel(
                 dq = _dq_step(dq, q, k, v, do, lse2, delta, row_sel[:, None] & n_ok[None, :], qk_scale, PRECISION,
                               True)
     _dq_store(DQ, GATE, dq, scale, tok64, head, d, H, row_ok, rd_mask, D, HAS_GATE, GATE_IDX, ACCUMULATE)
-
-
-@triton.jit
-def _token_grad_rows(Q, DO, LSE2, DELTA, IDX, tok, N, head, g, hkv, d, H, stride_qt, stride_qh, stride_dt, stride_dh,
-                     d_ok, TOPK: tl.constexpr, K2: tl.constexpr, HG: tl.constexpr):
-    """One token's ``(q, do [HG, BLOCK_D], lse2, delta [HG], choice [K2], row tokens, row mask)`` for a dQ step
-    (:func:`_token_rows` plus the backward's rows)."""
-    q, choice, tok_r, ok_r = _token_rows(Q, IDX, tok, N, head, g, hkv, d, stride_qt, stride_qh, d_ok, TOPK, K2, HG)
-    do = _load_rows(DO, tok_r, head, d, stride_dt, stride_dh, ok_r[:, None] & d_ok[None, :])
-    lse2, delta = _grad_rows(LSE2, DELTA, tok_r, head, H, ok_r)
-    return q, do, lse2, delta, choice, tok_r, ok_r
-
-
-@triton.jit
-def _sel_bwd_dq_shared_kernel(
-    Q, K, V, DO, GATE, LSE2, DELTA, DQ, IDX, sel_offsets,
-    N, H, qk_scale, scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
-    G: tl.constexpr, HG: tl.constexpr, SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
-    TOPK: tl.constexpr, K2: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
-):
-    """dQ of the selection branch for ``SHARED`` (2 or 4) consecutive tokens per program, as
-    :func:`_sel_fwd_shared_kernel` does the forward: each block of their union loaded once, one ``HG``-row step per
-    token that chose it. ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
-    pid_t = tl.program_id(0)
-    _, head, _, g = _row_tokens_heads(0, tl.program_id(1), N, G, HG, 1)
-    hkv = H // G
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    t0 = pid_t * SHARED
-    q0, do0, lse0, dl0, c0, tok0, ok0 = _token_grad_rows(Q, DO, LSE2, DELTA, IDX, t0, N, head, g, hkv, d, H,
-                                                         stride_qt, stride_qh, stride_dt, stride_dh, d_ok, TOPK, K2, HG)
-    q1, do1, lse1, dl1, c1, tok1, ok1 = _token_grad_rows(Q, DO, LSE2, DELTA, IDX, t0 + 1, N, head, g, hkv, d, H,
-                                                         stride_qt, stride_qh, stride_dt, stride_dh, d_ok, TOPK, K2, HG)
-    dq0 = tl.zeros([HG, BLOCK_D], tl.float32)
-    dq1 = tl.zeros([HG, BLOCK_D], tl.float32)
-    if SHARED == 4:
-        q2, do2, lse2_, dl2, c2, tok2, ok2 = _token_grad_rows(Q, DO, LSE2, DELTA, IDX, t0 + 2, N, head, g, hkv, d, H,
-                                                              stride_qt, stride_qh, stride_dt, stride_dh, d_ok, TOPK,
-                                                              K2, HG)
-        q3, do3, lse3, dl3, c3, tok3, ok3 = _token_grad_rows(Q, DO, LSE2, DELTA, IDX, t0 + 3, N, head, g, hkv, d, H,
-                                                             stride_qt, stride_qh, stride_dt, stride_dh, d_ok, TOPK,
-                                                             K2, HG)
-        dq2 = tl.zeros([HG, BLOCK_D], tl.float32)
-        dq3 = tl.zeros([HG, BLOCK_D], tl.float32)
-    else:  # placeholders, never read
-        c2 = c1
-        c3 = c1
-    rows_all = head >= 0  # [HG] all true: broadcasts the key mask over the rows
-    for slot in range(0, SHARED * TOPK):
-        blk, visit = _union_slot(IDX, t0, slot, N, hkv, g, c0, c1, c2, TOPK, SHARED)
-        if visit:
-            a0, a1, a2, a3 = _choosers(c0, c1, c2, c3, blk, SHARED)
-            start = tl.load(sel_offsets + blk)
-            end = tl.load(sel_offsets + blk + 1)
-            for ks in range(start, end, BLOCK_N):
-                n = ks + tl.arange(0, BLOCK_N)
-                n_ok = n < end
-                k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
-                valid = rows_all[:, None] & n_ok[None, :]
-                if a0:
-                    dq0 = _dq_step(dq0, q0, k, v, do0, lse0, dl0, valid, qk_scale, PRECISION, True)
-                if a1:
-                    dq1 = _dq_step(dq1, q1, k, v, do1, lse1, dl1, valid, qk_scale, PRECISION, True)
-                if SHARED == 4:
-                    if a2:
-                        dq2 = _dq_step(dq2, q2, k, v, do2, lse2_, dl2, valid, qk_scale, PRECISION, True)
-                    if a3:
-                        dq3 = _dq_step(dq3, q3, k, v, do3, lse3, dl3, valid, qk_scale, PRECISION, True)
-    dmask0 = ok0[:, None] & d_ok[None, :]
-    dmask1 = ok1[:, None] & d_ok[None, :]
-    _dq_store(DQ, GATE, dq0, scale, tok0, head, d, H, ok0, dmask0, D, HAS_GATE, GATE_IDX, ACCUMULATE)
-    _dq_store(DQ, GATE, dq1, scale, tok1, head, d, H, ok1, dmask1, D, HAS_GATE, GATE_IDX, ACCUMULATE)
-    if SHARED == 4:
-        _dq_store(DQ, GATE, dq2, scale, tok2, head, d, H, ok2, ok2[:, None] & d_ok[None, :], D, HAS_GATE, GATE_IDX,
-                  ACCUMULATE)
-        _dq_store(DQ, GATE, dq3, scale, tok3, head, d, H, ok3, ok3[:, None] & d_ok[None, :], D, HAS_GATE, GATE_IDX,
-                  ACCUMULATE)
 
 
 @triton.jit
@@ -510,15 +309,6 @@ def _launch(cfg):
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _shared_tokens(kernel: str, cfg: dict, group: int) -> int:
-    """The checked ``shared_tokens`` setting of ``kernel``'s configuration, 1 where a kv group has fewer than
-    :data:`MIN_SHARED_HEADS` heads (the shared kernels need that many rows per token)."""
-    shared = cfg["shared_tokens"]
-    if shared not in SHARED_TOKENS:
-        raise ValueError(f"{kernel} shared_tokens must be one of {SHARED_TOKENS}, got {shared!r}")
-    return shared if head_split(group, MIN_SHARED_HEADS) >= MIN_SHARED_HEADS else 1
-
-
 def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
     """``o [N, Hq, D]`` (dtype of q) and ``lse [N, Hq]`` float32 of the selection branch."""
     n, hq, dim = q.shape
@@ -526,22 +316,10 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
     group = hq // hkv
     topk = idx.shape[2]
     fwd = config("selection.FWD", head_dim=dim, dtype=q.dtype, device=q.device)
-    shared = _shared_tokens("selection.FWD", fwd, group)
     hg, bt = _config(group, fwd["rows"])
     o = torch.empty_like(q)
     lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
     if n == 0:
-        return o, lse
-    if shared > 1:
-        hg_shared = head_split(group, MIN_SHARED_HEADS)
-        _sel_fwd_shared_kernel[(triton.cdiv(n, shared), hkv * (group // hg_shared))](
-            q, k, v, o, lse, idx, layout.sel_offsets,
-            n, hq, scale * LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
-            G=group, HG=hg_shared, SHARED=shared, BLOCK_N=fwd["block_n"], TOPK=topk,
-            K2=triton.next_power_of_2(topk), D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
-            **_launch(fwd),
-        )
         return o, lse
     _sel_fwd_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
         q, k, v, o, lse, idx, layout.sel_offsets,
@@ -581,18 +359,7 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
     prec = dot_precision(q.dtype)
     dq_cfg = config("selection.DQ", head_dim=dim, dtype=q.dtype, device=q.device)
     hg, bt = _config(group, dq_cfg["rows"])
-    shared = _shared_tokens("selection.DQ", dq_cfg, group)
-    if "dq" in parts and shared > 1:
-        hg_shared = head_split(group, MIN_SHARED_HEADS)
-        _sel_bwd_dq_shared_kernel[(triton.cdiv(n, shared), hkv * (group // hg_shared))](
-            q, k, v, do, gate_t, lse2, delta, dq_acc, idx, layout.sel_offsets,
-            n, hq, scale * LOG2E, scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
-            G=group, HG=hg_shared, SHARED=shared, BLOCK_N=dq_cfg["block_n"], TOPK=topk,
-            K2=triton.next_power_of_2(topk), D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
-            GATE_IDX=gate_idx, ACCUMULATE=accumulate, **_launch(dq_cfg),
-        )
-    elif "dq" in parts:
+    if "dq" in parts:
         _sel_bwd_dq_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
             q, k, v, do, gate_t, lse2, delta, dq_acc, idx, layout.sel_offsets,
             n, hq, scale * LOG2E, scale,

@@ -7,7 +7,6 @@ inputs. Cases cover several batch elements of different sizes (one of them empty
 The interpreter runs every program of a kernel in Python, so its time grows with tokens x topk x heads: each case
 uses as few tokens as still give what it is about (several blocks per batch element, a real top-k choice, ...).
 """
-import contextlib
 
 import pytest
 import torch
@@ -244,80 +243,6 @@ def test_selection_branch_given_the_reference_choice(hq, hkv, d):
     g = torch.autograd.grad(o, x, do.float())
     assert rel_err(o, o_ref) < F32_TOL
     assert all(rel_err(a, b) < F32_TOL for a, b in zip(g, g_ref))
-
-
-@pytest.mark.parametrize("shared", [2, 4])
-@pytest.mark.parametrize("hq,hkv,d,sizes", [(16, 1, 32, (21, 0, 14)), (32, 2, 16, (23,)), (32, 1, 64, (9, 6))],
-                         ids=["G16-d32-multibatch", "G16-2kv-d16", "G32-d64"])
-def test_selection_shared_tokens_against_reference(shared, hq, hkv, d, sizes):
-    """``shared_tokens`` 2 / 4 for the selection forward and dQ (one program per 2 / 4 tokens, each block of their
-    union loaded once, used by the tokens that chose it): the float64 reference's output and gradients, on choices
-    that neighbouring tokens share in part (a batch element's blocks drawn from a few), with empty slots, token
-    counts that do not fill the last program, an empty batch element, and a kv group split over two programs
-    (G32). Also with only one of the two kernels shared."""
-    coords, (q, k, v, *_) = _make(sizes, 16, 4, 8, hq, hkv, d, seed=shared * hq + d)
-    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
-    gen = torch.Generator().manual_seed(shared + d)
-
-    def pick(lo, hi, g):  # 1-3 blocks out of the batch element's first 4: neighbours often share some
-        pool = min(4, hi - lo)
-        return (lo + torch.randperm(pool, generator=gen)[:int(torch.randint(1, 4, (), generator=gen))]).tolist()
-
-    idx = _choice(layout, hkv, 3, pick)
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    o_ref = reference.selection_attention(*ref_in, idx, coords, selection_block=8)
-    do = torch.randn_like(o_ref)
-    g_ref = torch.autograd.grad(o_ref, ref_in, do)
-    for kernels in (("selection.FWD", "selection.DQ"), ("selection.DQ",)):
-        x = [t.float().requires_grad_() for t in (q, k, v)]
-        with contextlib.ExitStack() as stack:
-            for kernel in kernels:
-                stack.enter_context(ssa_kernels.launch.overriding(kernel, dict(shared_tokens=shared)))
-            o = ssa_kernels.selection_attention(*x, idx, layout)
-            g = torch.autograd.grad(o, x, do.float())
-        assert rel_err(o, o_ref) < F32_TOL, kernels
-        assert all(rel_err(a, b) < F32_TOL for a, b in zip(g, g_ref)), kernels
-
-
-def test_whole_op_with_shared_selection_tokens_float32():
-    """The whole op (gated branches, the kernels' own top-k choice) with ``shared_tokens`` 4 for the selection
-    forward and dQ: the float64 reference's output and six gradients."""
-    seed = torch.randint(0, 2**31, ()).item()
-    coords, inp = _make((48, 19), 12, 8, 8, 32, 2, 32, seed)
-    with ssa_kernels.launch.overriding("selection.FWD", dict(shared_tokens=4)), \
-            ssa_kernels.launch.overriding("selection.DQ", dict(shared_tokens=4)):
-        o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=8, ms=8, topk=4, window=8, shift=4)
-    assert rel_err(o, o_ref) < F32_TOL, f"seed {seed}"
-    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
-        assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e} (seed {seed})"
-
-
-def test_selection_shared_tokens_is_checked_and_falls_back_below_16_heads():
-    """An unsupported ``shared_tokens`` is a ValueError naming it; with fewer than 16 heads per kv group the
-    setting is ignored (the plain kernel runs, same result)."""
-    from ssa_kernels import selection
-
-    coords, (q, k, v, *_) = _make((20,), 12, 4, 8, 4, 2, 16, seed=5)
-    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
-    idx = _choice(layout, 2, 2, lambda lo, hi, g: [lo + (g % (hi - lo))])
-    q, k, v = q.float(), k.float(), v.float()
-    plain = selection.selection_forward(q, k, v, idx, layout, 0.25)
-    with ssa_kernels.launch.overriding("selection.FWD", dict(shared_tokens=4)):
-        shared = selection.selection_forward(q, k, v, idx, layout, 0.25)
-    assert all(torch.equal(a, b) for a, b in zip(plain, shared))
-    with ssa_kernels.launch.overriding("selection.FWD", dict(shared_tokens=3)), pytest.raises(ValueError,
-                                                                                             match="shared_tokens"):
-        selection.selection_forward(q, k, v, idx, layout, 0.25)
-    o, lse = plain
-    do = torch.randn_like(q)
-    delta = (do * o).sum(-1)
-    args = (do, q, k, v, idx, lse, delta, layout, 0.25)
-    dq_plain = selection.selection_backward(*args, parts=("dq",))[0]
-    with ssa_kernels.launch.overriding("selection.DQ", dict(shared_tokens=2)):
-        assert torch.equal(selection.selection_backward(*args, parts=("dq",))[0], dq_plain)
-    with ssa_kernels.launch.overriding("selection.DQ", dict(shared_tokens=0)), pytest.raises(ValueError,
-                                                                                            match="shared_tokens"):
-        selection.selection_backward(*args, parts=("dq",))
 
 
 @pytest.mark.parametrize("max_queries", [1, 3, 7])

@@ -230,29 +230,3 @@ def test_gpu_split_selection_dkdv_against_reference_and_deterministic():
     torch.cuda.synchronize()
     for a, b in zip((o, *g), runs[0]):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("shared", [2, 4])
-def test_gpu_selection_shared_tokens_against_reference(shared):
-    """``shared_tokens`` 2 / 4 for the selection forward and dQ on shell-512 (v1.1 heads, bf16): the whole op's
-    output and six gradients against the float64 reference with the kernels' own choice, no unwritten (NaN)
-    element."""
-    coords = shape_coords("shell-512").cuda()
-    inp = _inputs(coords, 32, 2, 32, 8, 8, torch.bfloat16, seed=shared)
-    layout = ssa_kernels.build_layout(coords, compression_block=8, selection_block=8, window=8)
-    x = [t.clone().requires_grad_() for t in inp]
-    do = torch.randn_like(inp[0])
-    with ssa_kernels.launch.overriding("selection.FWD", dict(shared_tokens=shared)), \
-            ssa_kernels.launch.overriding("selection.DQ", dict(shared_tokens=shared)), poisoned_allocations():
-        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=4)
-        grads = torch.autograd.grad(o, x, do)
-        _, lse = ssa_kernels.compression_attention(*[t.detach() for t in (x[0], x[3], x[4])], layout)
-        idx = ssa_kernels.select_blocks(x[0].detach(), x[3].detach(), lse, layout, topk=8)
-    assert not any(torch.isnan(t).any() for t in (o, *grads))
-    ref_in = [t.double().requires_grad_() for t in inp]
-    o_ref = reference.spatial_sparse_attention(*ref_in, coords, block_idx=idx, compression_block=8,
-                                               selection_block=8, topk=8, window=8, shift=4)
-    g_ref = torch.autograd.grad(o_ref, ref_in, do.double())
-    assert rel_err(o, o_ref) < TOL[torch.bfloat16]
-    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), grads, g_ref):
-        assert rel_err(a, b) < TOL[torch.bfloat16], f"d{name}: {rel_err(a, b):.2e}"
