@@ -198,6 +198,11 @@ def test_mesh_to_latent_coords_picks_the_band_cells():
         G.mesh_to_latent_coords(sphere, resolution=1024, factor=7)
     with pytest.raises(TypeError, match="mesh"):
         G.mesh_to_latent_coords("sphere.obj")
+    for bad in (-1, len(sphere.vertices)):  # faces that name no vertex: an error, not a wrap-around or a crash
+        faces = np.array(sphere.faces)
+        faces[0, 1] = bad
+        with pytest.raises(ValueError, match="faces index vertices"):
+            G.mesh_to_latent_coords((sphere.vertices, faces), resolution=128, factor=8)
 
 
 def test_sign_fill_grid_and_pruning_give_the_released_field_without_a_dense_grid():

@@ -125,12 +125,18 @@ def mesh_to_latent_coords(mesh, *, resolution: int = 1024, factor: int = 8, band
     v, f = _mesh_arrays(mesh)
     if f.ndim != 2 or f.shape[1] != 3 or len(f) == 0 or v.ndim != 2 or v.shape[1] != 3:
         raise ValueError("mesh must have vertices [V, 3] and at least one triangle")
+    if f.min() < 0 or f.max() >= len(v):
+        raise ValueError(f"mesh faces index vertices outside [0, {len(v)})")
     if normalize:
         from model.data.sdf import normalize_mesh
 
         v = np.asarray(normalize_mesh(trimesh.Trimesh(v, f, process=False), margin)[0].vertices)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    tri = torch.as_tensor((v[f] + 0.5) * (resolution - 1), dtype=torch.float32, device=dev)  # [F, 3, 3] grid units
+    # [F, 3, 3] in grid units, gathered on the device: the vertices and faces travel instead of 9 floats per face,
+    # and the host does no per-face work (float64 as before, then rounded once: the same values)
+    vt = torch.as_tensor(v, dtype=torch.float64, device=dev)
+    tri = ((vt[torch.as_tensor(f, device=dev)] + 0.5) * (resolution - 1)).to(torch.float32)
+    del vt
     longest = torch.stack([(tri[:, 0] - tri[:, 1]).norm(dim=1), (tri[:, 1] - tri[:, 2]).norm(dim=1),
                            (tri[:, 2] - tri[:, 0]).norm(dim=1)], 1).amax(1)
     steps = torch.ceil(longest / spacing).clamp_min(1).long()
