@@ -542,6 +542,11 @@ def test_decode_chunk_count_bounds_the_largest_chunk():
     assert P.decode_chunk_count(coords, None, max_tokens=sizes[4], padding=pad, choices=(1, 2, 4, 8)) == 4
     if sizes[8] > 1:  # nothing fits: the most chunks offered
         assert P.decode_chunk_count(coords, res, max_tokens=sizes[8] - 1, padding=pad, choices=(1, 2, 4, 8)) == 8
+    with pytest.MonkeyPatch.context() as mp:  # counted a few tokens at a time: the same sums
+        mp.setattr(P, "_COUNT_TOKENS", 7)
+        assert P.decode_chunk_count(coords, res, max_tokens=sizes[2], padding=pad, choices=(1, 2, 4, 8)) == 2
+        assert P.decode_chunk_count(coords, res, max_tokens=sizes[2] - 1, padding=pad, choices=(1, 2, 4, 8)) == 4
+    assert P.decode_chunk_count(coords[:0], res) == min(P.DECODE_CHUNK_CHOICES)  # no tokens: one chunk
     with pytest.raises(ValueError, match="max_tokens"):
         P.decode_chunk_count(coords, res, max_tokens=0)
     with pytest.raises(ValueError, match="coords"):

@@ -98,6 +98,8 @@ CHUNK_PADDING = 4
 DECODE_CHUNK_TOKENS = 5_000
 #: Chunks per axis :func:`decode_chunk_count` chooses from.
 DECODE_CHUNK_CHOICES = (1, 2, 4, 8, 16)
+#: Tokens per pass of :func:`decode_chunk_count`'s counting (its products hold this many x chunks^2 floats).
+_COUNT_TOKENS = 65_536
 
 
 class ReleasedCheckpointError(ValueError):
@@ -393,7 +395,9 @@ def decode_chunk_count(coords: torch.Tensor, resolution: int | None, *, max_toke
         coords: ``[N, 4]`` (batch, x, y, z) or ``[N, 3]`` latent coordinates.
         resolution: side of the latent grid (:func:`decode_chunked` cuts ``ceil(resolution / chunks)`` cells per
             chunk); None: the largest coordinate + 1, as :func:`decode_chunked` takes it.
-    One host synchronisation: the counts of all chunks come from one product of per-axis memberships.
+
+    One host synchronisation per chunk count tried: each count's chunks are counted at once, as products of per-axis
+    memberships summed over the tokens (:data:`_COUNT_TOKENS` at a time, which bounds the memory).
     """
     max_tokens = DECODE_CHUNK_TOKENS if max_tokens is None else max_tokens
     if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -404,23 +408,19 @@ def decode_chunk_count(coords: torch.Tensor, resolution: int | None, *, max_toke
     xyz = coords[:, -3:].long()
     if resolution is None:
         resolution = int(xyz.max()) + 1 if xyz.numel() else 1
-    worst = []
     for k in choices:
         side = math.ceil(resolution / k)
         lo = torch.arange(k, device=xyz.device) * side  # [k] first cell of each chunk along an axis
-
-        def member(pad):  # [N, 3, k]: the token lies in the chunk's span along that axis, widened by pad
-            x = xyz[:, :, None]
-            return ((x >= lo - pad) & (x < lo + side + pad)).float()
-
-        own, near = member(0), member(padding)
-        # tokens per chunk: products of the three axes' memberships summed over the tokens
-        owned = torch.einsum("na,nb,nc->abc", own[:, 0], own[:, 1], own[:, 2])
-        held = torch.einsum("na,nb,nc->abc", near[:, 0], near[:, 1], near[:, 2])
-        worst.append(torch.where(owned > 0, held, torch.zeros_like(held)).max())
-    worst = torch.stack(worst).tolist() if worst else []
-    for k, tokens in zip(choices, worst):
-        if tokens <= max_tokens:
+        owned = torch.zeros(k, k, k, device=xyz.device)
+        held = torch.zeros_like(owned)
+        for start in range(0, xyz.shape[0], _COUNT_TOKENS):
+            x = xyz[start:start + _COUNT_TOKENS, :, None]
+            for count, pad in ((owned, 0), (held, padding)):
+                # [n, 3, k]: the token lies in the chunk's span along that axis, widened by pad; tokens per chunk
+                # are the products of the three axes' memberships summed over the tokens
+                m = ((x >= lo - pad) & (x < lo + side + pad)).float()
+                count += torch.einsum("na,nb,nc->abc", m[:, 0], m[:, 1], m[:, 2])
+        if float(torch.where(owned > 0, held, torch.zeros_like(held)).max()) <= max_tokens:
             return k
     return choices[-1]
 
