@@ -86,19 +86,20 @@ FMA_ROW_CHOICES = (1, 2, 4)
 
 
 @triton.jit
-def _program_row(depth, height, width, INDEX_64: tl.constexpr):
-    """The output row of program ``(row, tile)``: ``(b, z, y)`` from ``row = (b * D + z) * H + y``, with the
-    width, plane and volume sizes in the offsets' integer type (int64 when ``INDEX_64``)."""
+def _program_row(depth, height, width, per_plane, INDEX_64: tl.constexpr):
+    """The output rows of program ``(row, tile)``: ``(b, z, i)`` from ``row = (b * D + z) * per_plane + i`` (one
+    row per program: ``per_plane = H`` and ``i = y``; ``ROWS`` rows: ``per_plane`` row tiles, ``i`` the tile), with
+    the width, plane and volume sizes in the offsets' integer type (int64 when ``INDEX_64``)."""
     row = tl.program_id(0)
     if INDEX_64:
         row = row.to(tl.int64)
         depth = tl.cast(depth, tl.int64)
         height = tl.cast(height, tl.int64)
         width = tl.cast(width, tl.int64)
-    y = row % height
-    bz = row // height
+    i = row % per_plane
+    bz = row // per_plane
     plane = height * width
-    return bz // depth, bz % depth, y, width, plane, depth * plane
+    return bz // depth, bz % depth, i, width, plane, depth * plane
 
 
 @triton.jit
@@ -114,7 +115,7 @@ def _conv3_fma_kernel(
     ``(dz * 3 + dy) * 3 + dx``, output channels zero-padded to ``COUT_P``); ``BIAS [COUT_P]`` float32 (zero-padded;
     read only when ``HAS_BIAS``). Offsets are int32 unless ``INDEX_64``.
     """
-    b, z, y, width, plane, volume = _program_row(depth, height, width, INDEX_64)
+    b, z, y, width, plane, volume = _program_row(depth, height, width, height, INDEX_64)
     xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W] output x
     co = tl.arange(0, COUT_P)
     xl = xs - 1  # input x of the taps dx = 0 (left) and dx = 2 (right)
@@ -177,18 +178,8 @@ def _conv3_fma_rows_kernel(
     per program: each of the ``ROWS + 2`` input rows they read is loaded once per (input channel, ``dz``) and added
     into every output row it is a tap of (``dy = j - r``), where the one-row kernel loads each input row three times.
     Program ``(tile, x-tile)`` with ``tile = (b * D + z) * row_tiles + y0 / ROWS``; same layouts and arguments."""
-    tile = tl.program_id(0)
-    if INDEX_64:
-        tile = tile.to(tl.int64)
-        depth = tl.cast(depth, tl.int64)
-        height = tl.cast(height, tl.int64)
-        width = tl.cast(width, tl.int64)
-    y0 = (tile % row_tiles) * ROWS
-    bz = tile // row_tiles
-    b = bz // depth
-    z = bz % depth
-    plane = height * width
-    volume = depth * plane
+    b, z, tile, width, plane, volume = _program_row(depth, height, width, row_tiles, INDEX_64)
+    y0 = tile * ROWS
     xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     co = tl.arange(0, COUT_P)
     ok_l = (xs - 1 >= 0) & (xs - 1 < width)
@@ -260,7 +251,7 @@ def _conv3_dot_kernel(
     columns, which are never in the volume). ``W [K_PAD, N_PAD]`` in ``X``'s dtype, zero-padded; ``BIAS [N_PAD]``
     float32.
     """
-    b, z, y, width, plane, volume = _program_row(depth, height, width, INDEX_64)
+    b, z, y, width, plane, volume = _program_row(depth, height, width, height, INDEX_64)
     xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W] output x
     cols = tl.arange(0, N_PAD)
     centre = X + (b * CIN * volume + z * plane + y * width)  # input voxel (b, 0, z, y, 0)

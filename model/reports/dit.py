@@ -41,7 +41,7 @@ __all__ = ["fill_zero_parameters", "main", "markdown", "run_report"]
 
 #: Tokens of the smoke run (a piece of a 16^3 shell, in layout order).
 SMOKE_TOKENS = 192
-#: Kernels listed per profile in the markdown (the JSON keeps more, model.reports.dit_profile.PROFILE_TOP), and
+#: Kernels listed per profile in the markdown (the JSON keeps more, model.pipeline.records.PROFILE_TOP), and
 #: the characters shown of each name.
 MD_KERNELS = 12
 MD_NAME_CHARS = 90

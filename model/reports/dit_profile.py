@@ -24,6 +24,7 @@ from contextlib import nullcontext
 
 import torch
 
+from model.pipeline.records import PROFILE_NAME_CHARS, PROFILE_TOP  # the cascade's profiles keep as many
 from ssa_kernels.launch import config as _launch_config
 
 __all__ = ["KERNEL_KINDS", "RANGES", "TRAINING_VARIANTS", "kernel_kind", "profile_step", "sampling_variants",
@@ -60,11 +61,6 @@ def _device_time_us(evt, total: bool) -> float:
         if hasattr(evt, attr):
             return float(getattr(evt, attr))
     return 0.0
-
-
-#: Kernels kept per profile in the JSON (the markdown lists the first 12) and characters kept of each name.
-PROFILE_TOP = 40
-PROFILE_NAME_CHARS = 240
 
 
 def profile_step(fn, *, top: int = PROFILE_TOP) -> dict:
