@@ -214,9 +214,14 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
 #: Inference kernels of the refiners (Triton, CUDA, no autograd); reports switch them off to time the PyTorch path.
 #: ``ADAPTIVE_KERNEL``: :func:`model.nets.adaptive_kernel.adaptive_filter_kernel` for :func:`adaptive_filter`;
 #: ``CONV_KERNEL``: :func:`model.nets.conv3d_kernel.conv3d_small` for the 3^3 convolutions of few channels
-#: (:class:`Conv3x3`; the 1^3 shortcuts stay with cuDNN: as one matrix product they were slower, reports/refiner.md).
+#: (:class:`Conv3x3`; as one matrix product the 1^3 shortcuts were slower than cuDNN, reports/refiner.md, so they
+#: have their own kernel below).
 ADAPTIVE_KERNEL = True
 CONV_KERNEL = True
+#: ``SHORTCUT_KERNEL``: :func:`model.nets.conv1x1_kernel.conv1x1_residual` for the residual blocks' 1^3 shortcuts
+#: with at most ``conv1x1_kernel.MAX_COUT`` output channels, fused with the residual sum (cuDNN transposes the whole
+#: concatenated input around such a convolution, and the bias and the residual sum are two more passes).
+SHORTCUT_KERNEL = True
 #: A 3^3 convolution takes the Triton kernel when ``Cin * Cout`` is at most this (every full-resolution convolution
 #: of both refiners: 1 -> 8, 8 -> 8, 16 -> 8, 8 -> 27, 8 -> 1); wider ones stay with cuDNN's implicit GEMMs.
 SMALL_CONV_WORK = 16 * 27
@@ -264,7 +269,14 @@ class ResnetBlock3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.norm1(x, silu=True))
         h = self.conv2(self.norm2(h, silu=True))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        if self.conv_shortcut is None:
+            return x + h if torch.is_grad_enabled() else h.add_(x)
+        if SHORTCUT_KERNEL and x.is_cuda and not torch.is_grad_enabled():
+            from model.nets.conv1x1_kernel import conv1x1_residual, supports
+
+            if supports(x, self.conv_shortcut.weight, h):  # h + shortcut(x) in one pass, into h
+                return conv1x1_residual(x, self.conv_shortcut.weight, self.conv_shortcut.bias, h, out=h)
+        skip = self.conv_shortcut(x)
         return skip + h if torch.is_grad_enabled() else h.add_(skip)
 
 

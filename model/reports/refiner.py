@@ -45,7 +45,7 @@ TOP_KERNELS = 15
 #: Kernel kinds by name fragments (case-insensitive), first match wins.
 KERNEL_KINDS = (
     ("Triton adaptive filter", ("_adaptive_filter",)),
-    ("Triton convolution", ("_conv3_fma", "_conv3_dot")),
+    ("Triton convolution", ("_conv3_fma", "_conv3_dot", "_conv1x1")),
     ("layout transposes", ("nchwtonhwc", "nhwctonchw", "transpose")),
     ("group norm", ("rowwisemoments", "groupnorm", "group_norm", "computefusedparams", "_group_")),
     ("copy / cat / pad / fill", ("copy", "cat", "pad", "fill", "memset", "memcpy", "index")),
@@ -162,14 +162,15 @@ class _CudnnBenchmark:
 
 
 #: Kernel sets of the variants: (Triton adaptive filter, Triton small convolutions, their tensor-core variant).
-KERNEL_SETS = {"pytorch": (False, False, False), "adaptive": (True, False, False),
-               "adaptive+conv": (True, True, False), "adaptive+conv-dot": (True, True, True)}
+KERNEL_SETS = {"pytorch": (False, False, False, False), "adaptive": (True, False, False, False),
+               "adaptive+conv": (True, True, False, False), "adaptive+conv+shortcut": (True, True, False, True),
+               "adaptive+conv-dot": (True, True, True, False)}
 
 
 class _Paths:
     """The refiners' switches set while the block runs, restored afterwards: ``GroupNorm32.cuda_native`` and the
     kernel set (:data:`KERNEL_SETS`: ``refiner.ADAPTIVE_KERNEL``, ``refiner.CONV_KERNEL``,
-    ``conv3d_kernel.USE_DOT``)."""
+    ``conv3d_kernel.USE_DOT``, ``refiner.SHORTCUT_KERNEL``)."""
 
     def __init__(self, v: dict):
         self.native = v["group_norm"] == "native"
@@ -180,16 +181,17 @@ class _Paths:
         import model.nets.refiner as refiner
 
         self.before = (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
-                       conv3d_kernel.USE_DOT)
+                       conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL)
         refiner.GroupNorm32.cuda_native = self.native
-        refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, conv3d_kernel.USE_DOT = self.kernels
+        (refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, conv3d_kernel.USE_DOT,
+         refiner.SHORTCUT_KERNEL) = self.kernels
 
     def __exit__(self, *exc):
         import model.nets.conv3d_kernel as conv3d_kernel
         import model.nets.refiner as refiner
 
         (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
-         conv3d_kernel.USE_DOT) = self.before
+         conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL) = self.before
 
 
 def _plan() -> list[dict]:
@@ -198,7 +200,8 @@ def _plan() -> list[dict]:
     base = {"dtype": "bf16", "layout": "contiguous", "cudnn_benchmark": False, "group_norm": "native",
             "kernels": "pytorch"}
     return [base, {**base, "kernels": "adaptive"}, {**base, "kernels": "adaptive+conv"},
-            {**base, "kernels": "adaptive+conv-dot"}, {**base, "dtype": "fp16", "kernels": "adaptive+conv"}]
+            {**base, "kernels": "adaptive+conv+shortcut"}, {**base, "kernels": "adaptive+conv-dot"},
+            {**base, "dtype": "fp16", "kernels": "adaptive+conv+shortcut"}]
 
 
 def _label(v: dict) -> str:
@@ -206,6 +209,8 @@ def _label(v: dict) -> str:
     kernels = {"pytorch": "cuDNN convolutions + PyTorch adaptive filter",
                "adaptive": "cuDNN convolutions + Triton adaptive filter",
                "adaptive+conv": "Triton adaptive filter + Triton few-channel convolutions (FMA)",
+               "adaptive+conv+shortcut": "Triton adaptive filter + few-channel convolutions (FMA) + 1^3 shortcuts "
+                                         "fused with the residual sum",
                "adaptive+conv-dot": "Triton adaptive filter + Triton few-channel convolutions (tensor cores)"}
     return (f"{v['dtype']}, {kernels[v['kernels']]}, {v['layout']}, "
             f"cudnn.benchmark {'on' if v['cudnn_benchmark'] else 'off'}{gn}")
