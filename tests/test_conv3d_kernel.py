@@ -234,9 +234,13 @@ def test_refiner_report_conv_sweep_times_every_launch(monkeypatch):
 
     monkeypatch.setattr(report, "SWEEP_SHAPES", ((2, 3, 5),))
     monkeypatch.setattr(report, "SWEEP_LAUNCHES", ((32, 1, 1), (32, 1, 2), ck.MULTI_ROW_LAUNCH))
+    monkeypatch.setattr(report, "SHORTCUT_SHAPES", ((6, 3, 4),))
     out = report.sweep_conv(torch.device(DEVICE), reps=1)
     (row,) = out["rows"]
     default = report._launch_label(*ck.MULTI_ROW_LAUNCH)  # 3 output channels: the multi-row default
-    assert list(row["launches"]) == ["32 x 1", "32 x 1 x 2 rows", default]
+    assert list(row["launches"]) == ["32 x 1", "32 x 1 x 2 rows", default, report.DOT_LABEL]
     assert all(ms > 0 for ms in row["launches"].values()) and row["default"] == default
-    assert f"**{row['launches'][default]:.2f}**" in "\n".join(report._sweep_markdown(out))
+    (short,) = out["shortcuts"]
+    assert (short["cin"], short["cout"], short["side"]) == (6, 3, 4) and short["cudnn_ms"] > 0 < short["kernel_ms"]
+    md = "\n".join(report._sweep_markdown(out))
+    assert f"**{row['launches'][default]:.2f}**" in md and f"| 6 -> 3, 4^3 | {short['cudnn_ms']:.2f} |" in md

@@ -50,8 +50,9 @@ __all__ = ["KERNEL_DTYPES", "MAX_CHANNELS", "USE_DOT", "conv3d_small", "supports
 
 #: Input / output dtypes the kernel takes (accumulation is always float32).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Largest input and output channel counts; wider convolutions belong to ``torch.nn.functional.conv3d``.
-MAX_CHANNELS = 32
+#: Largest input and output channel counts the kernels take (the refiners route only some of them here:
+#: ``model.nets.refiner.SMALL_CONV_MAX_CIN``); wider convolutions belong to ``torch.nn.functional.conv3d``.
+MAX_CHANNELS = 64
 #: Kernel taps (3^3).
 TAPS = 27
 #: Bounds of the ``x`` tile per program (powers of two): the tile is the widest within them that pads ``W`` least

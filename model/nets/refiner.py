@@ -225,6 +225,9 @@ SHORTCUT_KERNEL = True
 #: A 3^3 convolution takes the Triton kernel when ``Cin * Cout`` is at most this (every full-resolution convolution
 #: of both refiners: 1 -> 8, 8 -> 8, 16 -> 8, 8 -> 27, 8 -> 1); wider ones stay with cuDNN's implicit GEMMs.
 SMALL_CONV_WORK = 16 * 27
+#: ... and at most this many input channels: the 40 -> 8 convolution of the last up block stays with cuDNN until
+#: ``python -m model.reports.refiner --sweep-conv`` measures a kernel launch faster for it.
+SMALL_CONV_MAX_CIN = 32
 
 
 class Conv3x3(nn.Conv3d):
@@ -240,7 +243,8 @@ class Conv3x3(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         if (CONV_KERNEL and x.is_cuda and not torch.is_grad_enabled()
-                and self.in_channels * self.out_channels <= SMALL_CONV_WORK and x.is_contiguous()):
+                and self.in_channels * self.out_channels <= SMALL_CONV_WORK
+                and self.in_channels <= SMALL_CONV_MAX_CIN and x.is_contiguous()):
             from model.nets.conv3d_kernel import supports
 
             if supports(x, self.weight):

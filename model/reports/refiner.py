@@ -289,11 +289,17 @@ def _profile(master, inputs, v: dict, *, device) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # launch sweep of the few-channel convolution
 
-#: (Cin, Cout, side) of the swept convolutions: the refiners' full-resolution shapes.
-SWEEP_SHAPES = ((8, 8, 192), (8, 27, 192), (8, 8, 256), (16, 8, 256))
+#: (Cin, Cout, side) of the swept convolutions: the refiners' full-resolution shapes (40 -> 8: the first residual
+#: block of the last up block, which reads the upsampled 32 channels and an 8-channel skip).
+SWEEP_SHAPES = ((8, 8, 192), (8, 27, 192), (8, 8, 256), (16, 8, 256), (40, 8, 256))
 #: (block_w, num_warps, rows) launches of the sweep (rows: output rows per program, ``conv3d_small(rows=...)``).
 SWEEP_LAUNCHES = ((64, 1, 1), (64, 2, 1), (128, 1, 1), (128, 2, 1), (256, 1, 1), (256, 2, 1), (256, 4, 1),
                   (64, 1, 2), (64, 1, 4), (128, 1, 2), (128, 2, 4), (256, 2, 2), (256, 4, 4))
+#: Label of the tensor-core variant (``conv3d_small(use_dot=True)``, its default tile) in the sweep.
+DOT_LABEL = "tensor cores"
+#: (Cin, Cout, side) of the 1^3 shortcuts the sweep times (:mod:`model.nets.conv1x1_kernel` against cuDNN + the
+#: residual sum): the full-resolution ones of the 256^3 sign-refiner patch and those one level down.
+SHORTCUT_SHAPES = ((40, 8, 256), (16, 8, 256), (160, 32, 128), (64, 32, 128), (40, 32, 128))
 
 
 def _launch_label(block_w: int, warps: int, rows: int) -> str:
@@ -301,40 +307,53 @@ def _launch_label(block_w: int, warps: int, rows: int) -> str:
 
 
 def sweep_conv(device, *, reps: int = 5) -> dict:
-    """Time :func:`model.nets.conv3d_kernel.conv3d_small` (bf16, FMA kernel) for every launch of
-    :data:`SWEEP_LAUNCHES` on every shape of :data:`SWEEP_SHAPES`, beside cuDNN (``F.conv3d`` on the same NCDHW
-    tensors, its layout transposes included); medians of ``reps`` calls (CUDA events). Returns
-    ``{"rows": [{cin, cout, side, cudnn_ms, launches: {label: ms}, default: label}]}`` (labels
-    ``"block_w x warps"``, with ``" x R rows"`` for R output rows per program)."""
+    """Time :func:`model.nets.conv3d_kernel.conv3d_small` (bf16) for every launch of :data:`SWEEP_LAUNCHES` of the
+    FMA kernel and for the tensor-core variant on every shape of :data:`SWEEP_SHAPES`, beside cuDNN (``F.conv3d``
+    on the same NCDHW tensors, its layout transposes included); then the 1^3 shortcuts of :data:`SHORTCUT_SHAPES`
+    as ``residual + F.conv3d(x, w, b)`` (cuDNN, in place as the refiners add) against
+    :func:`model.nets.conv1x1_kernel.conv1x1_residual`. Medians of ``reps`` calls (CUDA events). Returns
+    ``{"rows": [{cin, cout, side, cudnn_ms, launches: {label: ms}, default: label}], "shortcuts": [{cin, cout, side,
+    cudnn_ms, kernel_ms}]}`` (labels ``"block_w x warps"``, with ``" x R rows"`` for R output rows per program, and
+    :data:`DOT_LABEL`)."""
     import torch.nn.functional as F
 
+    from model.nets.conv1x1_kernel import conv1x1_residual
     from model.nets.conv3d_kernel import _fma_launch, conv3d_small
 
-    rows = []
+    def median(fn):
+        return _time_calls(fn, reps=reps, warmup=1, device=device)["median_ms"]
+
+    rows, shortcuts = [], []
     gen = torch.Generator().manual_seed(0)
-    for cin, cout, side in SWEEP_SHAPES:
-        x = torch.randn(1, cin, side, side, side, generator=gen).to(device, torch.bfloat16)
-        w = (torch.randn(cout, cin, 3, 3, 3, generator=gen) * 0.1).to(device, torch.bfloat16)
-        b = torch.randn(cout, generator=gen).to(device, torch.bfloat16)
-        with torch.no_grad():
-            row = {"cin": cin, "cout": cout, "side": side,
-                   "cudnn_ms": _time_calls(lambda: F.conv3d(x, w, b, padding=1), reps=reps, warmup=1,
-                                           device=device)["median_ms"], "launches": {}}
-            row["default"] = _launch_label(*_fma_launch(cout, side))
+    with torch.no_grad():
+        for cin, cout, side in SWEEP_SHAPES:
+            x = torch.randn(1, cin, side, side, side, generator=gen).to(device, torch.bfloat16)
+            w = (torch.randn(cout, cin, 3, 3, 3, generator=gen) * 0.1).to(device, torch.bfloat16)
+            b = torch.randn(cout, generator=gen).to(device, torch.bfloat16)
+            row = {"cin": cin, "cout": cout, "side": side, "cudnn_ms": median(lambda: F.conv3d(x, w, b, padding=1)),
+                   "launches": {}, "default": _launch_label(*_fma_launch(cout, side))}
             for block_w, warps, rows_per_program in SWEEP_LAUNCHES:
-                row["launches"][_launch_label(block_w, warps, rows_per_program)] = _time_calls(
-                    lambda: conv3d_small(x, w, b, block_w=block_w, num_warps=warps, rows=rows_per_program),
-                    reps=reps, warmup=1, device=device)["median_ms"]
-        rows.append(row)
-    return {"rows": rows}
+                row["launches"][_launch_label(block_w, warps, rows_per_program)] = median(
+                    lambda: conv3d_small(x, w, b, block_w=block_w, num_warps=warps, rows=rows_per_program))
+            row["launches"][DOT_LABEL] = median(lambda: conv3d_small(x, w, b, use_dot=True))
+            rows.append(row)
+        for cin, cout, side in SHORTCUT_SHAPES:
+            x = torch.randn(1, cin, side, side, side, generator=gen).to(device, torch.bfloat16)
+            w = (torch.randn(cout, cin, 1, 1, 1, generator=gen) * 0.1).to(device, torch.bfloat16)
+            b = torch.randn(cout, generator=gen).to(device, torch.bfloat16)
+            res = torch.randn(1, cout, side, side, side, generator=gen).to(device, torch.bfloat16)
+            shortcuts.append({"cin": cin, "cout": cout, "side": side,
+                              "cudnn_ms": median(lambda: res.add_(F.conv3d(x, w, b))),
+                              "kernel_ms": median(lambda: conv1x1_residual(x, w, b, res, out=res))})
+    return {"rows": rows, "shortcuts": shortcuts}
 
 
 def _sweep_markdown(sweep: dict) -> list[str]:
-    labels = [_launch_label(*launch) for launch in SWEEP_LAUNCHES]
+    labels = [_launch_label(*launch) for launch in SWEEP_LAUNCHES] + [DOT_LABEL]
     lines = ["", "## Few-channel convolution: launch sweep (bf16, one 3^3 convolution, ms)", "",
              "`python -m model.reports.refiner --sweep-conv`: `conv3d_small` per tile width x warps (x output rows "
-             "per program where more than one; default launch "
-             "in bold) beside cuDNN on the same NCDHW tensors (its layout transposes included).", "",
+             "per program where more than one; default launch in bold) and its tensor-core variant, beside cuDNN on "
+             "the same NCDHW tensors (its layout transposes included).", "",
              "| Cin -> Cout, side | cuDNN | " + " | ".join(labels) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in labels) + " |"]
     for row in sweep["rows"]:
@@ -345,6 +364,12 @@ def _sweep_markdown(sweep: dict) -> list[str]:
             cells.append(f"**{text}**" if label == row["default"] else text)
         lines.append(f"| {row['cin']} -> {row['cout']}, {row['side']}^3 | {row['cudnn_ms']:.2f} | "
                      + " | ".join(cells) + " |")
+    if sweep.get("shortcuts"):
+        lines += ["", "1^3 shortcuts plus the residual sum (bf16, ms): cuDNN's convolution then an in-place add, "
+                  "against `conv1x1_residual` (one pass, in place).", "",
+                  "| Cin -> Cout, side | cuDNN + add | conv1x1_residual |", "| --- | ---: | ---: |"]
+        lines += [f"| {r['cin']} -> {r['cout']}, {r['side']}^3 | {r['cudnn_ms']:.2f} | {r['kernel_ms']:.2f} |"
+                  for r in sweep["shortcuts"]]
     return lines
 
 
