@@ -466,3 +466,20 @@ def test_dataset_split_shares_parameters_and_cache(mesh_dir, tmp_path):
         assert p.params == ds.params and p.resolutions == ds.resolutions and p.cache_dir == ds.cache_dir
         i = p.names.index(p.names[0])
         assert p.cache_path(i, 16) == ds.cache_path(ds.names.index(p.names[0]), 16)
+
+
+def test_normalize_mesh_bounds_only_the_vertices_faces_name():
+    """The bounding box ignores vertices no face names (a far-away stray one here); the result is centred with
+    largest side ``margin``, and every vertex, named or not, moves by the same map."""
+    box = trimesh.creation.box(extents=(2.0, 1.0, 0.5))
+    box.apply_translation((3.0, -1.0, 2.0))
+    stray = np.array([[100.0, 100.0, 100.0]])
+    mesh = trimesh.Trimesh(np.vstack([box.vertices, stray]), box.faces, process=False)
+    norm, center, scale = S.normalize_mesh(mesh, 0.9)
+    np.testing.assert_allclose(center, [3.0, -1.0, 2.0])
+    assert scale == pytest.approx(0.45)
+    named = np.asarray(norm.vertices)[: len(box.vertices)]
+    np.testing.assert_allclose(named.max(0) - named.min(0), [0.9, 0.45, 0.225])
+    np.testing.assert_allclose(norm.vertices[-1], (stray[0] - center) * scale)
+    with pytest.raises(S.MeshError, match="outside"):  # a face naming no vertex
+        S.normalize_mesh(trimesh.Trimesh(box.vertices, np.array([[0, 1, len(box.vertices)]]), process=False))

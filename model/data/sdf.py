@@ -151,7 +151,13 @@ def normalize_mesh(mesh: trimesh.Trimesh, margin: float = DEFAULT_MARGIN) -> tup
     faces = np.asarray(mesh.faces, dtype=np.int64)
     if len(faces) == 0:
         raise MeshError("the mesh has no faces")
-    used = vertices[np.unique(faces)]
+    # the vertices some face names, as a mask (np.unique would sort every index: 0.33 s for 2.8M faces on a CI
+    # core, against 0.02 s; the cascade normalises its 512 mesh of millions of faces on every run)
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        raise MeshError(f"the mesh's faces name vertices outside [0, {len(vertices)})")
+    named = np.zeros(len(vertices), dtype=bool)
+    named[faces.reshape(-1)] = True
+    used = vertices[named]
     if not np.isfinite(used).all():
         raise MeshError("the mesh has non-finite vertex coordinates")
     lo, hi = used.min(0), used.max(0)
