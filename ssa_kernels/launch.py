@@ -39,7 +39,9 @@ TUNED_HEAD_DIM = 32
 #: block_s: selection blocks per scoring chunk; programs: target number of dK/dV programs; max_queries: query tokens
 #: per selection dK/dV program (a block chosen by more is split, 0: never split); max_heads: heads of one kv group
 #: per program; tokens_per_program(_agg): query tokens per scoring program; aggregate: how scoring sums
-#: the compressed scores of a selection block ("prefix" or "mask"); the backward's streams and kernel order.
+#: the compressed scores of a selection block ("prefix" or "mask"); the backward's streams and kernel order, and
+#: recompute_window_bytes: above this size of one [N, Hq, D] tensor of q's dtype the window branch's output is not
+#: kept for the backward but recomputed there (ssa_kernels.ssa).
 BASE: dict[str, dict] = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3),
@@ -53,7 +55,7 @@ BASE: dict[str, dict] = {
     "scoring.SCORE": dict(rows=16, tokens_per_program=4, tokens_per_program_agg=4, block_n=32, block_s=64,
                           max_heads=16, num_warps=1, num_stages=2, aggregate="prefix"),
     "ssa.BACKWARD": dict(streams=2, side="dkdv", side_priority=-1, dq_order="cmp-sel-win",
-                         dkdv_order="cmp-sel-win"),
+                         dkdv_order="cmp-sel-win", recompute_window_bytes=2**29),
 }
 
 

@@ -175,7 +175,10 @@ def _ssa_backward(
     """
     lay = _layout_view(layout_tensors, num_sel_blocks, max_sel_block_tokens)
     do = do.contiguous()
+    if o_win.numel() == 0 and q.numel():  # not kept by the forward (_ssa_setup_context): the same kernel again
+        o_win, _ = window_forward(q, k, v, lay, shift, scale)
     dgate, delta = gate_backward(do, o_cmp, o_sel, o_win, gate)
+    del o_win  # a recomputed one is freed before the gradients are allocated
     lses = dict(cmp=lse_cmp, sel=lse_sel, win=lse_win)
     # per branch: (lse2, negative-gate flag, kernel variants), delta, gate column
     grad_rows = {b: (fold_gate(lses[b], gate, i), delta[i], i) for i, b in enumerate(("cmp", "sel", "win"))}
@@ -240,9 +243,26 @@ def _(do, q, k, v, k_cmp, v_cmp, gate, *rest):
             torch.empty_like(v_cmp), torch.empty_like(gate))
 
 
+#: Setting of launch configuration ``ssa.BACKWARD``: the window branch's output is recomputed in the backward (one
+#: window forward, the cheapest branch: 0.90 ms of the op's 12.0 ms forward at shell-1024, 3.48 of 115 at shell-2048
+#: in reports/benchmark.md) instead of kept, when one ``[N, Hq, D]`` tensor of q's dtype is larger than this many
+#: bytes (the launch table's 512 MiB: shell-2048's 1.1 GB tensors, not shell-1024's 0.28 GB). The backward holds the
+#: op's output, its gradient, the three branch outputs (for the gate gradients) and dQ at its peak: recomputing one
+#: branch output takes one of those six q-sized tensors off the peak (1.1 GB at shell-2048), and off what the
+#: forward leaves allocated; below the size the backward keeps its speed.
+RECOMPUTE_WINDOW_SETTING = "recompute_window_bytes"
+
+
+def _keeps_window_output(q: torch.Tensor) -> bool:
+    limit = config("ssa.BACKWARD", head_dim=q.shape[-1], dtype=q.dtype, device=q.device)[RECOMPUTE_WINDOW_SETTING]
+    return q.numel() * q.element_size() <= limit
+
+
 def _ssa_setup_context(ctx, inputs, output):
     q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block_tokens, topk, shift, scale = inputs[:12]
     _, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx = output
+    if not _keeps_window_output(q):
+        o_win = o_win.new_empty(0)  # the backward recomputes it (RECOMPUTE_WINDOW_SETTING)
     ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gate, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx,
                           *layout_tensors)
     ctx.args = (num_sel_blocks, max_sel_block_tokens, shift, scale)

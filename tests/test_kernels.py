@@ -164,6 +164,28 @@ def test_whole_op_backward_in_another_kernel_order(monkeypatch):
             torch.autograd.grad(o.sum(), x, retain_graph=True)
 
 
+def test_whole_op_recomputes_the_window_output_above_the_size_setting():
+    """With ``recompute_window_bytes`` below q's size the forward keeps no window output and the backward recomputes
+    it with the same kernel: the gradients are bitwise those of the path that keeps it."""
+    from ssa_kernels.launch import overriding
+    from ssa_kernels.ssa import RECOMPUTE_WINDOW_SETTING
+
+    coords, inp = _make((40, 20), 12, 4, 8, 8, 2, 16, seed=5)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    do = torch.randn(inp[0].shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for limit in (2**40, 0):
+        x = [t.float().requires_grad_() for t in inp]
+        with overriding("ssa.BACKWARD", {RECOMPUTE_WINDOW_SETTING: limit}):
+            o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=4)
+            saved = [t for t in o.grad_fn.saved_tensors if t.dim() == 3 and t.shape == x[0].shape]
+            grads.append(torch.autograd.grad(o, x, do))
+        # q and the branch outputs: the window's only when kept
+        assert len(saved) == (4 if limit else 3), [tuple(t.shape) for t in saved]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("mc", [4, 8])
 def test_compression_branch(mc):
     coords, (q, k, v, kc, vc, gate) = _make((60, 0, 50), 16, mc, 8, 8, 2, 32, seed=mc)
