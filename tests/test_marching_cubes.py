@@ -254,3 +254,18 @@ def test_gpu_matches_cpu():
     a, b = dense_marching_cubes(field, 0.0), dense_marching_cubes(field.cuda(), 0.0)
     assert torch.equal(b[1].cpu(), a[1])
     torch.testing.assert_close(b[0].cpu(), a[0], rtol=0, atol=1e-5)
+
+
+def test_mesh_to_numpy_keeps_float64_vertices_and_the_unit_cube_map_is_the_host_one():
+    """float64 vertices stay float64 (the extraction maps them to the unit cube on the device), float32 ones stay
+    float32; the device map ``(v + 0.5) / R - 0.5`` in float64 gives the host's values bit for bit."""
+    from model.pipeline.marching_cubes import mesh_to_numpy
+
+    gen = torch.Generator().manual_seed(0)
+    v32 = torch.rand(50, 3, generator=gen) * 255
+    faces = torch.randint(0, 50, (30, 3), generator=gen)
+    v, f = mesh_to_numpy(v32, faces)
+    assert v.dtype == np.float32 and np.array_equal(v, v32.numpy()) and np.array_equal(f, faces.numpy())
+    v64, _ = mesh_to_numpy((v32.double() + 0.5) / 256 - 0.5, faces)
+    assert v64.dtype == np.float64
+    assert np.array_equal(v64, (v32.numpy().astype(np.float64) + 0.5) / 256 - 0.5)

@@ -290,8 +290,11 @@ def _torch_mesh(coords, values, resolution, level, fill, progress) -> trimesh.Tr
         resolution = int(resolution)
     verts, faces = sparse_marching_cubes(coords, values, resolution, level=float(level), fill=fill,
                                          progress=progress)
+    # to the unit cube in float64 where the vertices are (the same IEEE operations as on the host, so the same
+    # values): on the host this was 0.27 s of single-threaded passes for the 28M vertices of a 57M-face mesh
+    verts = (verts.double() + 0.5) / resolution - 0.5
     verts, faces = mesh_to_numpy(verts, faces)
-    return trimesh.Trimesh((verts.astype(np.float64) + 0.5) / resolution - 0.5, faces, process=False)
+    return trimesh.Trimesh(verts, faces, process=False)
 
 
 def _weld(verts: np.ndarray, faces: np.ndarray, padded: int):

@@ -235,8 +235,10 @@ def dense_field_to_mesh(field: torch.Tensor | np.ndarray, level: float, *, progr
     if len(shape) != 3 or len(set(shape)) != 1:
         raise ValueError(f"field must be a cube [R, R, R], got {shape}")
     if isinstance(field, torch.Tensor) and field.is_cuda:
-        verts, faces = mesh_to_numpy(*dense_marching_cubes(field, float(level), progress=progress))
-        return trimesh.Trimesh((verts.astype(np.float64) + 0.5) / shape[0] - 0.5, faces, process=False)
+        verts, faces = dense_marching_cubes(field, float(level), progress=progress)
+        # to the unit cube in float64 on the GPU: the host's float64 passes, same IEEE operations and values
+        verts, faces = mesh_to_numpy((verts.double() + 0.5) / shape[0] - 0.5, faces)
+        return trimesh.Trimesh(verts, faces, process=False)
     from skimage.measure import marching_cubes
 
     vol = field.detach().float().cpu().numpy() if isinstance(field, torch.Tensor) else np.asarray(field, np.float32)

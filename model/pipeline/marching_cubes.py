@@ -338,13 +338,13 @@ def _merge(pieces, dev) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mesh_to_numpy(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """``(vertices [V, 3] float32, faces [F, 3] int32 or int64)`` as numpy arrays. From the GPU the faces travel as
-    int32 (when ``V < 2^31``) through page-locked buffers: a 57M-face mesh is 1.7 GB as float32 + int64 and took
-    1.5 s through pageable memory."""
+    """``(vertices [V, 3] float32 (float64 when given float64), faces [F, 3] int32 or int64)`` as numpy arrays. From
+    the GPU the faces travel as int32 (when ``V < 2^31``) through page-locked buffers: a 57M-face mesh is 1.7 GB as
+    float32 + int64 and took 1.5 s through pageable memory."""
     if faces.is_cuda and vertices.shape[0] < 2**31:
         faces = faces.to(torch.int32)
     out = []
-    for t in (vertices.float(), faces):
+    for t in (vertices if vertices.dtype == torch.float64 else vertices.float(), faces):
         if t.is_cuda:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t)
