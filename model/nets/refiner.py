@@ -47,7 +47,9 @@ Inference paths (the same numbers as the plain ones, up to float rounding; ``tes
   ``cudnn_benchmark`` sets ``torch.backends.cudnn.benchmark`` for the call. ``python -m model.reports.refiner``
   times the variants on a GPU.
 - **element-wise traffic**: :func:`adaptive_filter` accumulates its 27 taps in place into one buffer; the residual
-  blocks apply SiLU and the shortcut in place when autograd is off.
+  blocks apply SiLU and the shortcut in place when autograd is off; with :data:`SHORTCUT_KERNEL` on CUDA a block's
+  1^3 shortcut of at most 32 output channels and the residual sum are one Triton pass
+  (:mod:`model.nets.conv1x1_kernel`) instead of cuDNN's layout transposes, its GEMM, the bias and the sum.
 """
 from __future__ import annotations
 
