@@ -47,8 +47,8 @@ Inference paths (the same numbers as the plain ones, up to float rounding; ``tes
   ``cudnn_benchmark`` sets ``torch.backends.cudnn.benchmark`` for the call. ``python -m model.reports.refiner``
   times the variants on a GPU.
 - **element-wise traffic**: :func:`adaptive_filter` accumulates its 27 taps in place into one buffer; the residual
-  blocks apply SiLU and the shortcut in place when autograd is off; with :data:`SHORTCUT_KERNEL` on CUDA a block's
-  1^3 shortcut of at most 32 output channels and the residual sum are one Triton pass
+  blocks apply SiLU and the shortcut in place when autograd is off; with :data:`SHORTCUT_KERNEL` (off until timed)
+  on CUDA a block's 1^3 shortcut of at most 32 output channels and the residual sum are one Triton pass
   (:mod:`model.nets.conv1x1_kernel`) instead of cuDNN's layout transposes, its GEMM, the bias and the sum.
 """
 from __future__ import annotations
@@ -222,8 +222,10 @@ ADAPTIVE_KERNEL = True
 CONV_KERNEL = True
 #: ``SHORTCUT_KERNEL``: :func:`model.nets.conv1x1_kernel.conv1x1_residual` for the residual blocks' 1^3 shortcuts
 #: with at most ``conv1x1_kernel.MAX_COUT`` output channels, fused with the residual sum (cuDNN transposes the whole
-#: concatenated input around such a convolution, and the bias and the residual sum are two more passes).
-SHORTCUT_KERNEL = True
+#: concatenated input around such a convolution, and the bias and the residual sum are two more passes). Off until
+#: ``python -m model.reports.refiner`` (its "+ 1^3 shortcuts" rows and the ``--sweep-conv`` shortcut table) has
+#: timed it on a GPU: the kernel is tested against float64 on the CPU only.
+SHORTCUT_KERNEL = False
 #: A 3^3 convolution takes the Triton kernel when ``Cin * Cout`` is at most this (every full-resolution convolution
 #: of both refiners: 1 -> 8, 8 -> 8, 16 -> 8, 8 -> 27, 8 -> 1); wider ones stay with cuDNN's implicit GEMMs.
 SMALL_CONV_WORK = 16 * 27

@@ -201,7 +201,7 @@ def _plan() -> list[dict]:
             "kernels": "pytorch"}
     return [base, {**base, "kernels": "adaptive"}, {**base, "kernels": "adaptive+conv"},
             {**base, "kernels": "adaptive+conv+shortcut"}, {**base, "kernels": "adaptive+conv-dot"},
-            {**base, "dtype": "fp16", "kernels": "adaptive+conv+shortcut"}]
+            {**base, "dtype": "fp16", "kernels": "adaptive+conv"}]
 
 
 def _label(v: dict) -> str:
