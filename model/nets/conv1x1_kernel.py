@@ -28,16 +28,15 @@ also takes CPU tensors, for the tests (tests/test_conv1x1_kernel.py).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+# the dtypes (accumulation always float32), the int32 offset bound and the interpreter test: as the 3^3 kernels'
+from model.nets.conv3d_kernel import INDEX_32_LIMIT, KERNEL_DTYPES, _interpreting
+
 __all__ = ["KERNEL_DTYPES", "MAX_COUT", "conv1x1_residual", "supports"]
 
-#: Input / output dtypes the kernel takes (accumulation is always float32).
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Most output channels: the accumulator holds ``COUT_P x BLOCK_P`` float32 values per program.
 MAX_COUT = 32
 #: Voxels per program and warps, by output channels (``COUT_P * BLOCK_P / (32 * warps)`` accumulators per thread:
@@ -47,8 +46,6 @@ NUM_WARPS = 8
 BLOCK_P_WIDE = 512
 #: Output channels from which :data:`BLOCK_P_WIDE` is used.
 WIDE_COUT = 16
-#: Offsets are int32 while every offset the kernel forms stays below this, int64 beyond it.
-INDEX_32_LIMIT = 2**31
 
 
 @triton.jit
@@ -84,10 +81,6 @@ def _conv1x1_residual_kernel(
     if HAS_RES:
         acc += tl.load(RES + rows, mask=keep, other=0.0).to(tl.float32)
     tl.store(OUT + rows, acc.to(OUT.dtype.element_ty), mask=keep)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _weight_2d(weight: torch.Tensor) -> torch.Tensor | None:
