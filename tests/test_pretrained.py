@@ -502,10 +502,13 @@ def test_chunked_decoding_matches_one_pass():
         z = vae.encode(x).mode()  # 8^3 latent grid
         full, ffull = P.decode_chunked(vae, z, 1)
         chunked, fchunked = P.decode_chunked(vae, z, 2, padding=3)  # the blocks read 2.625 cells around a voxel
+        thirds, _ = P.decode_chunked(vae, z, 3, padding=3)  # chunks of 3, 3 and 2 cells along each axis
         short, _ = P.decode_chunked(vae, z, 2, padding=2)
-    assert full.num_voxels == chunked.num_voxels == 8**3 * z.num_voxels  # every child, none twice
+    assert full.num_voxels == chunked.num_voxels == thirds.num_voxels == 8**3 * z.num_voxels  # every child, once
     assert torch.equal(full.coords, chunked.coords) and torch.equal(full.coords, short.coords)
+    assert torch.equal(full.coords, thirds.coords)
     torch.testing.assert_close(chunked.feats, full.feats)
+    torch.testing.assert_close(thirds.feats, full.feats)
     torch.testing.assert_close(fchunked.feats, ffull.feats)
     assert not torch.allclose(short.feats, full.feats)  # too little context shows at the chunk seams
     with pytest.raises(ValueError, match="prune='none'"):
@@ -533,8 +536,11 @@ def test_decode_chunk_count_bounds_the_largest_chunk():
                 out = max(out, int(((xyz >= lo - pad) & (xyz < lo + side + pad)).all(1).sum()))
         return out
 
-    sizes = {k: largest(k) for k in (1, 2, 4, 8)}
-    assert sizes[1] == 500 and sizes[1] > sizes[2] > sizes[4] > sizes[8]
+    sizes = {k: largest(k) for k in (1, 2, 3, 4, 8)}
+    assert sizes[1] == 500 and sizes[1] > sizes[2] > sizes[3] > sizes[4] > sizes[8]
+    # a count that does not divide the grid (24 / 3 = 8 cells a chunk here) is offered by default
+    assert 3 in P.DECODE_CHUNK_CHOICES
+    assert P.decode_chunk_count(coords, res, max_tokens=sizes[3], padding=pad) == 3
     for k in (1, 2, 4, 8):
         assert P.decode_chunk_count(coords, res, max_tokens=sizes[k], padding=pad, choices=(1, 2, 4, 8)) == k
         assert P.decode_chunk_count(xyz, res, max_tokens=sizes[k], padding=pad, choices=(1, 2, 4, 8)) == k

@@ -96,8 +96,11 @@ CHUNK_PADDING = 4
 #: 5,000 tokens keep a decode near 7 GB at any token count. Fewer chunks synchronise with the host less often (the
 #: 512 decode: 0.62 s with 4 chunks per axis, 0.27 s with 2).
 DECODE_CHUNK_TOKENS = 5_000
-#: Chunks per axis :func:`decode_chunk_count` chooses from.
-DECODE_CHUNK_CHOICES = (1, 2, 4, 8, 16)
+#: Chunks per axis :func:`decode_chunk_count` chooses from: counts between the powers of two too, so a mesh whose
+#: 4 chunks fit the token budget by a wide margin may get 3 (27 chunks to visit, not 64, and less padding decoded
+#: twice); any count cuts the grid into ``ceil(resolution / count)`` cells a chunk (tests/test_pretrained.py checks
+#: 3 against one pass).
+DECODE_CHUNK_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16)
 #: Tokens per pass of :func:`decode_chunk_count`'s counting (its products hold this many x chunks^2 floats).
 _COUNT_TOKENS = 65_536
 
