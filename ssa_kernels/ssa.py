@@ -247,9 +247,9 @@ def _(do, q, k, v, k_cmp, v_cmp, gate, *rest):
 #: window forward, the cheapest branch: 0.90 ms of the op's 12.0 ms forward at shell-1024, 3.48 of 115 at shell-2048
 #: in reports/benchmark.md) instead of kept, when one ``[N, Hq, D]`` tensor of q's dtype is larger than this many
 #: bytes (the launch table's 512 MiB: shell-2048's 1.1 GB tensors, not shell-1024's 0.28 GB). The backward holds the
-#: op's output, its gradient, the three branch outputs (for the gate gradients) and dQ at its peak: recomputing one
-#: branch output takes one of those six q-sized tensors off the peak (1.1 GB at shell-2048), and off what the
-#: forward leaves allocated; below the size the backward keeps its speed.
+#: op's output, the three branch outputs (for the gate gradients) and dQ at its peak: recomputing one branch output
+#: takes one of those five q-sized tensors off the peak (1.1 GB at shell-2048), and off what the forward leaves
+#: allocated; below the size the backward keeps its speed.
 RECOMPUTE_WINDOW_SETTING = "recompute_window_bytes"
 
 

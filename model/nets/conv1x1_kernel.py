@@ -32,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-# the dtypes (accumulation always float32), the int32 offset bound and the interpreter test: as the 3^3 kernels'
-from model.nets.conv3d_kernel import INDEX_32_LIMIT, KERNEL_DTYPES, _interpreting
+# the dtypes (accumulation always float32), the int32 offset bound, the interpreter test and the padded float32
+# bias: as the 3^3 kernels'
+from model.nets.conv3d_kernel import INDEX_32_LIMIT, KERNEL_DTYPES, _interpreting, _padded_bias
 
 __all__ = ["KERNEL_DTYPES", "MAX_COUT", "conv1x1_residual", "supports"]
 
@@ -92,26 +93,17 @@ def _weight_2d(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
-    """Whether :func:`conv1x1_residual` takes these arguments: ``x [B, Cin, D, H, W]`` contiguous in
+    """Whether :func:`conv1x1_residual` takes these arguments as they are: ``x [B, Cin, D, H, W]`` contiguous in
     :data:`KERNEL_DTYPES` on a CUDA device (any device under the interpreter), ``weight`` ``[Cout, Cin(, 1, 1, 1)]``
     floating with ``Cout <= MAX_COUT`` on ``x``'s device, ``residual`` (if given) contiguous ``[B, Cout, D, H, W]``
-    in ``x``'s dtype, and no gradient to record (the kernel has no backward)."""
-    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+    in ``x``'s dtype, and no gradient to record (the kernel has no backward): :func:`_check` raises nothing."""
+    if not (isinstance(x, torch.Tensor) and x.is_contiguous()):
         return False
-    w = _weight_2d(weight)
-    if x.dim() != 5 or w is None or x.shape[1] != w.shape[1] or not 1 <= w.shape[0] <= MAX_COUT:
+    try:
+        _check(x, weight, None, residual, None)
+    except (TypeError, ValueError):
         return False
-    if x.dtype not in KERNEL_DTYPES or not weight.is_floating_point() or not x.is_contiguous():
-        return False
-    if not (x.is_cuda or _interpreting()) or weight.device != x.device:
-        return False
-    if residual is not None:
-        want = (x.shape[0], w.shape[0], *x.shape[2:])
-        if (not isinstance(residual, torch.Tensor) or tuple(residual.shape) != want or residual.dtype != x.dtype
-                or residual.device != x.device or not residual.is_contiguous()):
-            return False
-    grads = (x, weight) if residual is None else (x, weight, residual)
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in grads))
+    return True
 
 
 def _check(x, weight, bias, residual, out) -> torch.Tensor:
@@ -193,10 +185,7 @@ def conv1x1_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     cout_p = triton.next_power_of_2(cout)
     w_t = torch.zeros(cin, cout_p, device=x.device, dtype=torch.float32)
     w_t[:, :cout] = w.detach().t()
-    b = w_t
-    if bias is not None:
-        b = torch.zeros(cout_p, device=x.device, dtype=torch.float32)
-        b[:cout] = bias.detach()
+    b = _padded_bias(bias, cout_p, w_t)
     block = BLOCK_P if cout_p < WIDE_COUT else BLOCK_P_WIDE
     index_64 = batch * max(cin, cout_p) * volume + block >= INDEX_32_LIMIT
     grid = (triton.cdiv(volume, block), batch)
