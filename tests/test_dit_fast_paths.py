@@ -192,6 +192,7 @@ def test_dense_dit_guided_velocity_is_one_forward_with_the_shortcut():
 def test_gpu_dense_stage_cuda_graph_replays_the_eager_step():
     """The cascade's dense velocity replayed from a CUDA graph equals the eager guided step on every step (new
     latents and timesteps each time)."""
+    import model.nets.dense as dense_mod
     from model.nets.dense import DenseTokenVelocity
 
     dit = _dense("cuda").to(torch.bfloat16)
@@ -206,6 +207,14 @@ def test_gpu_dense_stage_cuda_graph_replays_the_eager_step():
         x = SparseTensor(coords, torch.randn(r**3, ch, device="cuda", dtype=torch.bfloat16), resolution=r)
         t = torch.tensor([900.0 - 300 * step], device="cuda")
         torch.testing.assert_close(graphed.guided_velocity(x, t, cond, 7.0).feats,
+                                   eager.guided_velocity(x, t, cond, 7.0).feats)
+    # a second sampling run on the same inputs (a second image in one process) captures without warm-up steps
+    assert dense_mod._warm_key(x.feats.t().reshape(1, ch, r, r, r), cond) in dense_mod._WARM_INPUTS
+    again = DenseTokenVelocity(dit, cuda_graph=True)
+    for step in range(2):
+        x = SparseTensor(coords, torch.randn(r**3, ch, device="cuda", dtype=torch.bfloat16), resolution=r)
+        t = torch.tensor([800.0 - 300 * step], device="cuda")
+        torch.testing.assert_close(again.guided_velocity(x, t, cond, 7.0).feats,
                                    eager.guided_velocity(x, t, cond, 7.0).feats)
 
 
