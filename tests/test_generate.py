@@ -320,6 +320,31 @@ def test_offloading_lends_pinned_weights_and_changes_nothing(images):
         lent.generate(images / "red.png", faces=100, simplify_ratio=0.5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloader_prefetch_hands_its_copies_to_the_next_lend_and_drops_the_rest():
+    """Weights prefetched during one lend are the ones the next lend uses (same values); copies the next lend does
+    not take are dropped when it ends, and every weight is its pinned CPU tensor again."""
+    from model.pipeline.offload import Offloader
+
+    torch.manual_seed(0)
+    a, b, c = (torch.nn.Linear(64, 64) for _ in range(3))
+    expect = {m: m.weight.detach().clone() for m in (a, b, c)}
+    off = Offloader("cuda", [a, b, c])
+    x = torch.randn(8, 64, device="cuda")
+    with off.lend(a):
+        off.prefetch(b, c)
+        ptr = off._ahead[id(b.weight)][0].data_ptr()
+        a(x)
+    with off.lend(b):
+        assert b.weight.data_ptr() == ptr
+        torch.testing.assert_close(b.weight.cpu(), expect[b])
+    assert not off._ahead  # c's copy was not taken by the lend after the one it was made in
+    for m in (a, b, c):
+        assert m.weight.device.type == "cpu" and m.weight.is_pinned()
+        torch.testing.assert_close(m.weight.detach(), expect[m])
+
+
 def test_from_pretrained_reads_a_released_folder(images, tmp_path):
     """The cascade from a folder in the released layout (tiny sizes, random weights) with a given encoder."""
     from model.pipeline.pretrained import save_released

@@ -21,24 +21,21 @@
    refiner's inside/outside grid at 512^3 (:func:`model.nets.refiner.predict_sign`).
 6. **extract**: marching cubes at level 0.2 on the decoded sparse SDF whose empty voxels take the sign grid's value
    (the released field ``|SDF| * sign`` with the decoded values kept), brick by brick without a dense 1024^3 array
-   (:func:`model.pipeline.extract.sparse_sdf_to_mesh` with a fill grid). Voxels that cannot touch the level set (they
-   and their 26 neighbours, or their fill, lie on one side of it) are dropped first on the device
-   (:func:`model.pipeline.geometry.surface_voxels`); this changes no triangle.
+   (:func:`model.pipeline.extract.sparse_sdf_to_mesh` with a fill grid; on the CPU without the voxels that cannot
+   touch the level set, :func:`model.pipeline.geometry.surface_voxels`, which changes no triangle).
 7. **simplify** (optional): quadric decimation (``fast-simplification``) to a face budget (``faces=``) or by a
    share of the faces (``simplify_ratio=``; the released ``remesh`` post-processing removes 95%).
 
 Every sparse stage puts its tokens in the SSA layout order once (:func:`ssa_kernels.layout_order`), draws its noise in
 that order, and samples on one :class:`~model.sparse.tensor.SparseTensor` whose coordinate cache holds the block
-layout, so the layout is built once per stage and shared by all steps and both guidance passes. One CPU generator
-seeded with ``seed`` draws the noise of the three stages in turn (the released pipeline also draws all noise from the
-caller's generator). Each stage's wall time and peak GPU memory (``torch.cuda.max_memory_allocated`` since the
-stage began) are recorded (:class:`model.pipeline.records.StageRecord`, ``result.stages``); ``offload=True`` keeps
-the parts on the CPU and moves each stage's parts to the GPU only while it runs.
+layout (built once per stage, shared by all steps and both guidance passes). One CPU generator seeded with ``seed``
+draws the noise of the three stages in turn (as released, from the caller's generator). Each stage's wall time and
+peak GPU memory (``torch.cuda.max_memory_allocated`` since the stage began) are recorded (``result.stages``);
+``offload=True`` keeps the parts on the CPU and lends each stage's to the GPU while it runs (the next stage's travel
+meanwhile).
 
-Meshes are in the unit cube ``[-0.5, 0.5]^3`` of :mod:`model.pipeline.extract` (voxel ``i`` at ``(i + 0.5) / R -
-0.5``; the released code maps voxel ``i`` to ``i / R * 2 - 1``, twice as large and half a voxel apart). The 1024 mesh
-lies in the frame of the normalised 512 mesh, as released.
-
+Meshes are in the unit cube ``[-0.5, 0.5]^3`` (voxel ``i`` at ``(i + 0.5) / R - 0.5``; released: ``i / R * 2 - 1``,
+twice as large, half a voxel apart); the 1024 mesh in the frame of the normalised 512 mesh, as released.
 Assumptions where RELEASED_MODEL.md leaves a choice open (each one is a constant or option here):
 
 - The distance band that picks the 1024 tokens is measured to dense samples of the 512 mesh (spacing 0.5 voxel of
@@ -49,14 +46,13 @@ Assumptions where RELEASED_MODEL.md leaves a choice open (each one is a constant
   our per-brick component rule of :mod:`model.pipeline.extract` instead of the network. Surfaces made only of filled
   voxels (a sign flip of the refiner away from every decoded voxel, which the released dense field would turn into
   a floating surface) are not extracted.
-- ``faces=None`` and ``simplify_ratio=None`` (default) do not simplify, as released (its ``simplify_ratio`` 0.95 only
-  acts with ``remesh``, which is off by default).
-- The sparse VAEs decode in spatial chunks (4 per axis at both stages by default; the released 512 VAE decodes in
-  one pass): same values, less memory.
+- ``faces=None`` and ``simplify_ratio=None`` (default) do not simplify, as released (its ``simplify_ratio`` 0.95
+  acts only with ``remesh``, off by default).
+- The sparse VAEs decode in spatial chunks (as many per axis as keep each under a token budget; the released 512
+  VAE decodes in one pass): same values, less memory.
 
-Module map: input images are read and masked in :mod:`model.pipeline.images`, the mesh <-> voxel geometry between
-the stages is :mod:`model.pipeline.geometry`, random weights for tests and timing are built by
-:mod:`model.pipeline.random_weights`, the stage timings are :mod:`model.pipeline.records`; this module holds the
+Module map: images in :mod:`model.pipeline.images`, the mesh <-> voxel geometry in :mod:`model.pipeline.geometry`,
+random weights in :mod:`model.pipeline.random_weights`, stage timings in :mod:`model.pipeline.records`; here the
 cascade (its settings, its result, one method per stage).
 """
 from __future__ import annotations
@@ -457,12 +453,14 @@ class ImageToMesh:
     # running
 
     @contextlib.contextmanager
-    def _on_device(self, *modules: nn.Module):
-        """With ``offload``, the modules sit on the device only inside the block."""
+    def _on_device(self, *modules: nn.Module, then=()):
+        """With ``offload``, the modules sit on the device only inside the block, and the weights of ``then`` (the
+        next stage's part names, those this cascade has) start to copy over behind theirs."""
         if not self.offload:
             yield
             return
         with self._offloader.lend(*modules):  # pinned CPU weights, no copy back (model.pipeline.offload)
+            self._offloader.prefetch(*(self.parts[n] for n in then if n in self.parts))
             yield
 
     def _steps(self, steps) -> dict[str, int]:
@@ -527,7 +525,7 @@ class ImageToMesh:
         ``run.coords[name]``."""
         dit = self.parts[f"sparse_dit_{name}"]
         cfg = dit.config
-        with run.recorder.stage(f"sparse_{name}") as rec, self._on_device(dit):
+        with run.recorder.stage(f"sparse_{name}") as rec, self._on_device(dit, then=[f"sparse_vae_{name}"]):
             c = to_layout_order(coords.to(self.device), compression_block=cfg.compression_block,
                                 selection_block=cfg.selection_block)
             if int(c[:, 1:].max()) >= cfg.resolution:
@@ -549,7 +547,8 @@ class ImageToMesh:
         from model.nets.conditioning import preprocess_image
 
         rgba = load_rgba(image)
-        with run.recorder.stage("condition") as rec, self._on_device(self.encoder):
+        with run.recorder.stage("condition") as rec, self._on_device(
+                self.encoder, then=[] if "coords_512" in run.given else ["dense_vae", "dense_dit"]):
             pre = preprocess_image(rgba, size=self.encoder.image_size)
             tokens = self.encoder(pre.rgb.unsqueeze(0).to(self.device))
             rec.info["condition_tokens"] = int(tokens.shape[1])
@@ -561,7 +560,7 @@ class ImageToMesh:
         when there is none, unless ``coords_512`` were given (they replace the dense stage's voxels)."""
         dvae, ddit = self.parts["dense_vae"], self.parts["dense_dit"]
         cfg = self.config
-        with run.recorder.stage("dense") as rec, self._on_device(dvae, ddit):
+        with run.recorder.stage("dense") as rec, self._on_device(dvae, ddit, then=["sparse_dit_512"]):
             r, ch = ddit.config.resolution, ddit.config.in_channels
             axis = torch.arange(r, device=self.device)
             grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
@@ -591,7 +590,8 @@ class ImageToMesh:
 
         vae = self.parts[f"sparse_vae_{name}"]
         chunks = getattr(self.config, f"decode_chunks_{name}")
-        with run.recorder.stage(f"decode_{name}") as rec, self._on_device(vae):
+        nxt = ["refiner"] if name == "512" else ["refiner_1024"] if self.config.interior == "refiner" else []
+        with run.recorder.stage(f"decode_{name}") as rec, self._on_device(vae, then=nxt):
             if chunks == "auto":
                 chunks = decode_chunk_count(z.coords, z.resolution)
             sdf, feats = decode_chunked(vae, z.replace(z.feats.to(self.dtype)), chunks, features=features,
@@ -608,8 +608,8 @@ class ImageToMesh:
         z = self._sparse_stage("512", coords, run)
         sdf, feats = self._decode("512", z, run)
         del z
-        ref = self.parts["refiner"]
-        with run.recorder.stage("refine_512") as rec, self._on_device(ref):
+        ref, nxt = self.parts["refiner"], ["sparse_dit_1024"] * (resolution == 1024)
+        with run.recorder.stage("refine_512") as rec, self._on_device(ref, then=nxt):
             field_512 = refine_512(ref, sdf.coords[:, 1:], sdf.feats[:, 0], feats.feats, dtype=self.dtype,
                                    progress=run.progress)
             del sdf, feats  # freed before marching cubes

@@ -92,10 +92,11 @@ CHUNK_PADDING = 4
 #: Most latent tokens (its own and its padding's) the largest spatial chunk may hold when :func:`decode_chunk_count`
 #: picks the chunk count. A decode's peak grows by about 1.3-1.4 MB per token of its largest chunk at the released
 #: widths (one H100, bf16, the shell mesh of ``model.reports.generate``: 512 stage 2.68 GB with 1,534 tokens in its
-#: largest chunk, 6.90 GB with 4,775; 1024 stage 5.97 GB with 4,140, 23.1 GB with 16,510), so chunks of at most
-#: 5,000 tokens keep a decode near 7 GB at any token count. Fewer chunks synchronise with the host less often (the
-#: 512 decode: 0.62 s with 4 chunks per axis, 0.27 s with 2).
-DECODE_CHUNK_TOKENS = 5_000
+#: largest chunk, 6.90 GB with 4,775; 1024 stage 5.97 GB with 4,140, 9.71 GB with 7,271, 23.1 GB with 16,510), so
+#: chunks of at most 7,500 tokens keep a decode near 10 GB at any token count. Fewer chunks synchronise with the host
+#: less often (the 512 decode: 0.62 s with 4 chunks per axis, 0.27 s with 2; the 1024 decode: 1.24 s with 4, 1.01 s
+#: with 3).
+DECODE_CHUNK_TOKENS = 7_500
 #: Chunks per axis :func:`decode_chunk_count` chooses from: counts between the powers of two too, so a mesh whose
 #: 4 chunks fit the token budget by a wide margin may get 3 (27 chunks to visit, not 64, and less padding decoded
 #: twice); any count cuts the grid into ``ceil(resolution / count)`` cells a chunk (tests/test_pretrained.py checks
