@@ -47,8 +47,8 @@ Inference paths (the same numbers as the plain ones, up to float rounding; ``tes
   ``cudnn_benchmark`` sets ``torch.backends.cudnn.benchmark`` for the call. ``python -m model.reports.refiner``
   times the variants on a GPU.
 - **element-wise traffic**: :func:`adaptive_filter` accumulates its 27 taps in place into one buffer; the residual
-  blocks apply SiLU and the shortcut in place when autograd is off; with :data:`SHORTCUT_KERNEL` (off until timed)
-  on CUDA a block's 1^3 shortcut of at most 32 output channels and the residual sum are one Triton pass
+  blocks apply SiLU and the shortcut in place when autograd is off; with :data:`SHORTCUT_KERNEL` on CUDA a block's
+  1^3 shortcut of at most 8 output channels (full resolution) and the residual sum are one Triton pass
   (:mod:`model.nets.conv1x1_kernel`) instead of cuDNN's layout transposes, its GEMM, the bias and the sum.
 """
 from __future__ import annotations
@@ -221,11 +221,13 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
 ADAPTIVE_KERNEL = True
 CONV_KERNEL = True
 #: ``SHORTCUT_KERNEL``: :func:`model.nets.conv1x1_kernel.conv1x1_residual` for the residual blocks' 1^3 shortcuts
-#: with at most ``conv1x1_kernel.MAX_COUT`` output channels, fused with the residual sum (cuDNN transposes the whole
-#: concatenated input around such a convolution, and the bias and the residual sum are two more passes). Off until
-#: ``python -m model.reports.refiner`` (its "+ 1^3 shortcuts" rows and the ``--sweep-conv`` shortcut table) has
-#: timed it on a GPU: the kernel is tested against float64 on the CPU only.
-SHORTCUT_KERNEL = False
+#: with at most :data:`SHORTCUT_MAX_COUT` output channels, fused with the residual sum (cuDNN transposes the whole
+#: concatenated input around such a convolution, and the bias and the residual sum are two more passes). Measured
+#: (``python -m model.reports.refiner --sweep-conv``, one H100, reports/refiner.md): 40 -> 8 at 256^3 1.25 -> 1.15
+#: ms, 16 -> 8 0.98 -> 0.59 ms against cuDNN + add; the 32-output shortcuts one level down are slower in the kernel
+#: (160 -> 32 at 128^3 0.63 -> 2.06 ms), so they stay with cuDNN.
+SHORTCUT_KERNEL = True
+SHORTCUT_MAX_COUT = 8
 #: A 3^3 convolution takes the Triton kernel when ``Cin * Cout`` is at most this (every full-resolution convolution
 #: of both refiners: 1 -> 8, 8 -> 8, 16 -> 8, 8 -> 27, 8 -> 1); wider ones stay with cuDNN's implicit GEMMs.
 SMALL_CONV_WORK = 16 * 27
@@ -282,8 +284,9 @@ class ResnetBlock3D(nn.Module):
         if SHORTCUT_KERNEL and x.is_cuda and not torch.is_grad_enabled():
             from model.nets.conv1x1_kernel import conv1x1_residual, supports
 
-            if supports(x, self.conv_shortcut.weight, h):  # h + shortcut(x) in one pass, into h
-                return conv1x1_residual(x, self.conv_shortcut.weight, self.conv_shortcut.bias, h, out=h)
+            weight = self.conv_shortcut.weight
+            if weight.shape[0] <= SHORTCUT_MAX_COUT and supports(x, weight, h):  # h + shortcut(x) in one pass, into h
+                return conv1x1_residual(x, weight, self.conv_shortcut.bias, h, out=h)
         skip = self.conv_shortcut(x)
         return skip + h if torch.is_grad_enabled() else h.add_(skip)
 
