@@ -299,8 +299,9 @@ def test_pipeline_api_given_coords_settings_and_errors(images):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_offloading_lends_pinned_weights_and_changes_nothing(images):
-    """offload=True: the weights stay pinned on the CPU between stages, the whole cascade (1024 included) gives the
-    same mesh as with every part resident on the GPU, and simplify_ratio is accepted and checked."""
+    """offload=True (with the next stage's weights prefetched): the weights stay pinned on the CPU between stages,
+    the whole cascade (1024 included) gives the same mesh as with every part resident on the GPU, and simplify_ratio
+    is accepted and checked."""
     import warnings
 
     with warnings.catch_warnings():
@@ -308,6 +309,7 @@ def test_offloading_lends_pinned_weights_and_changes_nothing(images):
         lent = C.ImageToMesh.random("tiny", seed=1, device="cuda", offload=True)
         resident = C.ImageToMesh.random("tiny", seed=1, device="cuda", offload=False)
     kwargs = dict(steps=2, seed=3)
+    lent._offloader.prefetch_weights = True  # each stage's weights copied during the stage before it
     a = lent.generate(images / "red.png", **kwargs)
     b = resident.generate(images / "red.png", **kwargs)
     np.testing.assert_array_equal(a.mesh.vertices, b.mesh.vertices)
@@ -331,6 +333,7 @@ def test_offloader_prefetch_hands_its_copies_to_the_next_lend_and_drops_the_rest
     a, b, c = (torch.nn.Linear(64, 64) for _ in range(3))
     expect = {m: m.weight.detach().clone() for m in (a, b, c)}
     off = Offloader("cuda", [a, b, c])
+    off.prefetch_weights = True
     x = torch.randn(8, 64, device="cuda")
     with off.lend(a):
         off.prefetch(b, c)

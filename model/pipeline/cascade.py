@@ -31,8 +31,8 @@ that order, and samples on one :class:`~model.sparse.tensor.SparseTensor` whose 
 layout (built once per stage, shared by all steps and both guidance passes). One CPU generator seeded with ``seed``
 draws the noise of the three stages in turn (as released, from the caller's generator). Each stage's wall time and
 peak GPU memory (``torch.cuda.max_memory_allocated`` since the stage began) are recorded (``result.stages``);
-``offload=True`` keeps the parts on the CPU and lends each stage's to the GPU while it runs (the next stage's travel
-meanwhile).
+``offload=True`` keeps the parts on the CPU and lends each stage's to the GPU while it runs (the next stage's can
+travel meanwhile: ``Offloader.prefetch_weights``).
 
 Meshes are in the unit cube ``[-0.5, 0.5]^3`` (voxel ``i`` at ``(i + 0.5) / R - 0.5``; released: ``i / R * 2 - 1``,
 twice as large, half a voxel apart); the 1024 mesh in the frame of the normalised 512 mesh, as released.

@@ -5,8 +5,8 @@ memory: for the 1 GB of a released sparse DiT that is about a second per stage, 
 weights never change at inference). :class:`Offloader` pins each weight once (page-locked host memory, so the copy
 to the GPU runs at the bus's speed and without blocking the host), and a stage borrows the modules: each parameter
 and buffer gets a GPU copy for the block and its pinned CPU tensor back afterwards, with no copy on the way back.
-While a stage runs, the next stage's weights can already travel (:meth:`Offloader.prefetch`): their copy then
-overlaps the stage's kernels instead of delaying the next stage's first ones.
+While a stage runs, the next stage's weights can already travel (:meth:`Offloader.prefetch`, off until timed): their
+copy then overlaps the stage's kernels instead of delaying the next stage's first ones.
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ class Offloader:
 
     #: Give the allocator's cached blocks back to the driver when a lend ends (``torch.cuda.empty_cache``).
     release_cache = True
+    #: :meth:`prefetch` copies anything (else it returns at once). Off until the cascade has been timed with it on a
+    #: GPU (``reports/generate_history.md``); its GPU test sets it on an instance.
+    prefetch_weights = False
 
     def __init__(self, device: torch.device, modules):
         self.device = torch.device(device)
@@ -50,7 +53,10 @@ class Offloader:
     def prefetch(self, *modules: nn.Module) -> None:
         """Start copying the weights of ``modules`` to the device on a side stream, behind everything queued on the
         current stream so far (the weights of the stage now running); the next :meth:`lend` of them takes these
-        copies. Copies that the lend after the current one does not take are dropped when it ends."""
+        copies. Copies that the lend after the current one does not take are dropped when it ends. Does nothing
+        unless :attr:`prefetch_weights`."""
+        if not self.prefetch_weights:
+            return
         main = torch.cuda.current_stream(self.device)
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
