@@ -481,6 +481,9 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     assert doc["stages"]["dense"]["replaced_by_given_coords"]
     # --decode-chunks-1024 replaces the tiny config's 2 chunks; the 512 decode keeps its 1
     assert doc["stages"]["decode_1024"]["chunks"] == 3 and doc["stages"]["decode_512"]["chunks"] == 1
+    # the report names the command it ran, options included; no offloading (CPU), so nothing prefetched
+    assert doc["command"].startswith("python -m model.reports.generate --out ") and "--decode-chunks-1024 3" in md
+    assert doc["prefetch_weights"] is False
     assert doc["stages"]["sparse_1024"]["tokens"] == doc["stages"]["revoxelise"]["tokens"] > 0
     a = doc["attention_1024"]
     assert a["ssa_op_calls"] == 2 * 2  # steps x blocks: both guidance passes run as one batched forward (small stage)

@@ -288,12 +288,14 @@ def _estimate(rec: dict, released_steps: int) -> dict:
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True,
                simplify_ratio: float | None = None, profile=(), warmup: bool = False,
-               decode_chunks: dict | None = None) -> dict:
+               decode_chunks: dict | None = None, prefetch_weights: bool = False, command: str | None = None) -> dict:
     """Run the cascade as the module docstring says and return the result document. ``warmup``: run the whole
     cascade once first, one step per sampling stage, untimed (its wall time is recorded apart), so that the timed
     run finds every kernel compiled and every library initialised, as a second image in the same process does.
     ``decode_chunks``: ``{"512": n, "1024": n}`` spatial chunks per axis of the VAE decodes, replacing the
-    cascade's (:class:`model.pipeline.cascade.CascadeConfig`)."""
+    cascade's (:class:`model.pipeline.cascade.CascadeConfig`). ``prefetch_weights``: with offloading, each stage's
+    weights copy over during the stage before it (:attr:`model.pipeline.offload.Offloader.prefetch_weights`).
+    ``command``: the command line to record (the module's name when None)."""
     from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh
     from model.pipeline.geometry import mesh_to_latent_coords
     from model.data.render import render_views
@@ -310,6 +312,8 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         pipe = ImageToMesh.random("tiny" if dry_run else "released", seed=seed, device=dev, dtype=dtype,
                                   offload=offload,
                                   config={f"decode_chunks_{k}": n for k, n in (decode_chunks or {}).items()})
+    if pipe.offload:
+        pipe._offloader.prefetch_weights = bool(prefetch_weights)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     build_seconds = time.perf_counter() - t0
@@ -382,6 +386,8 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "sizes": "tiny" if dry_run else "released",
         "dtype": str(dtype).replace("torch.", ""),
         "offload": pipe.offload,
+        "prefetch_weights": bool(pipe.offload and prefetch_weights),
+        "command": command or "python -m model.reports.generate",
         "backend": pipe.backend,
         "parameters": parts,
         "weight_bytes": weight_bytes,
@@ -413,7 +419,9 @@ def _gb(nbytes) -> str:
 
 def _placement(r: dict) -> str:
     if r["offload"]:
-        return "parts offloaded to the CPU between their stages (each on the GPU only while its stage runs)"
+        return ("parts offloaded to the CPU between their stages (each on the GPU only while its stage runs"
+                + ("; the next stage's weights copied during the stage before it)" if r.get("prefetch_weights")
+                   else ")"))
     return "all parts resident on the GPU" if "CPU" not in r["gpu"] else "on the CPU"
 
 
@@ -455,7 +463,7 @@ def markdown(r: dict) -> str:
         "# Image to mesh: time and GPU memory per stage at 1024" + (" (DRY RUN)" if dry else ""),
         "",
         f"{label}{r['date']}, {r['gpu']}, torch {v['torch']}, triton {v.get('triton')}, transformers "
-        f"{v.get('transformers')}, {commit_label(r)}. `python -m model.reports.generate`.",
+        f"{v.get('transformers')}, {commit_label(r)}. `{r.get('command', 'python -m model.reports.generate')}`.",
         "",
         f"Random weights of the {r['sizes']} sizes ({sum(r['parameters'].values()) / 1e6:,.1f} M parameters, "
         f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']}, SSA backend `{r['backend']}`, "
@@ -573,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the cascade once untimed (one step per sampling stage) before the timed run")
     p.add_argument("--no-offload", action="store_true",
                    help="keep every part on the GPU (default: each part on the GPU for its own stage only)")
+    p.add_argument("--prefetch-weights", action="store_true",
+                   help="with offloading, copy each stage's weights to the GPU during the stage before it "
+                        "(default: off, each stage copies its own at its start)")
     add_seed(p)
     add_device(p, default=None, shown="cuda; cpu with --dry-run")
     p.add_argument("--dry-run", action="store_true", help="tiny random cascade on the CPU (tests), labelled DRY RUN")
@@ -581,12 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import shlex
+
     from model.cli.args import run
 
-    return run(build_parser(), _main, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "model.reports.generate", *argv])
+    return run(build_parser(), lambda args: _main(args, command), argv)
 
 
-def _main(args) -> int:
+def _main(args, command: str | None = None) -> int:
     from model.cli.args import UserError, output_folder, resolve_device
     from model.cli.generate import DTYPES
 
@@ -608,7 +623,8 @@ def _main(args) -> int:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
                        progress=args.progress, simplify_ratio=args.simplify_ratio, profile=args.profile,
-                       warmup=args.warmup,
+                       warmup=args.warmup, prefetch_weights=args.prefetch_weights,
+                       command=command,
                        decode_chunks={res: n for res, n in (("512", args.decode_chunks_512),
                                                             ("1024", args.decode_chunks_1024)) if n is not None})
     except ValueError as exc:
