@@ -265,6 +265,7 @@ def test_pipeline_api_given_coords_settings_and_errors(images):
     result = pipe.generate(images / "red.png", resolution=512, steps=1, seed=3, coords_512=coords)
     assert "dense" not in result.stages  # given voxels skip the dense stage
     assert result.coords["512"].shape == (64, 4) and result.settings["steps"] == {"dense": 1, "512": 1, "1024": 1}
+    assert result.settings["dtype"] == result.settings["refiner_dtype"] == "float32"  # CPU: one dtype throughout
     table = result.stage_table()
     assert table["sparse_512"]["tokens"] == 64 and len(table["sparse_512"]["step_seconds"]) == 1
     assert json.dumps(table)  # plain values
@@ -499,3 +500,16 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     assert "profile" not in doc["stages"]["sparse_512"]
     assert main(["--out", str(tmp_path), "--dry-run", "--profile", "bogus"]) == 2
     assert "--profile: unknown stages ['bogus']" in capsys.readouterr().err
+
+
+def test_refiners_run_in_float16_on_cuda_as_released():
+    """part_dtype: the refiners take float16 on CUDA when the pipeline runs in a 16-bit float (released use_fp16);
+    other parts, float32 pipelines and the CPU keep the pipeline's dtype."""
+    from model.pipeline.checks import REFINER_DTYPE, part_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert REFINER_DTYPE == torch.float16
+    for dt in (torch.bfloat16, torch.float16):
+        assert part_dtype("refiner", dt, cuda) == part_dtype("refiner_1024", dt, cuda) == torch.float16
+        assert part_dtype("sparse_dit_1024", dt, cuda) == part_dtype("refiner", dt, cpu) == dt
+    assert part_dtype("refiner", torch.float32, cuda) == torch.float32

@@ -74,7 +74,7 @@ from torch import nn
 from model.flow import RELEASED_SHIFT, euler_sample
 from model.nets.dense import OCCUPANCY_THRESHOLD, DenseShapeVAE, DenseTokenVelocity
 from model.nets.dit import Condition
-from model.pipeline.checks import default_device, default_dtype, nonnegative_number, positive_int
+from model.pipeline.checks import default_device, default_dtype, nonnegative_number, part_dtype, positive_int
 from model.pipeline.geometry import (
     MESH_MARGIN,
     OUTSIDE,
@@ -308,7 +308,7 @@ class ImageToMesh:
         home = torch.device("cpu") if self.offload else self.device
         self.encoder.to(home)
         for name, module in self.parts.items():
-            module.to(device=home, dtype=self.dtype)
+            module.to(device=home, dtype=part_dtype(name, self.dtype, self.device))
         if self.offload:
             from model.pipeline.offload import Offloader
 
@@ -610,7 +610,7 @@ class ImageToMesh:
         del z
         ref, nxt = self.parts["refiner"], ["sparse_dit_1024"] * (resolution == 1024)
         with run.recorder.stage("refine_512") as rec, self._on_device(ref, then=nxt):
-            field_512 = refine_512(ref, sdf.coords[:, 1:], sdf.feats[:, 0], feats.feats, dtype=self.dtype,
+            field_512 = refine_512(ref, sdf.coords[:, 1:], sdf.feats[:, 0], feats.feats,  # its weights' dtype
                                    progress=run.progress)
             del sdf, feats  # freed before marching cubes
             level = _level(self.config.level_512, field_512)
@@ -648,7 +648,7 @@ class ImageToMesh:
 
         sign_ref = self.parts["refiner_1024"]
         with run.recorder.stage("refine_1024") as rec, self._on_device(sign_ref):
-            fill = predict_sign(sign_ref, fine, values, side, dtype=self.dtype, progress=run.progress)
+            fill = predict_sign(sign_ref, fine, values, side, progress=run.progress)  # in its weights' dtype
             rec.info.update(grid=sign_ref.config.resolution, inside_share=float((fill < 0).float().mean()))
         return fill
 
@@ -784,8 +784,8 @@ class ImageToMesh:
         if (faces is not None and len(mesh.faces) > faces) or simplify_ratio:
             mesh = self._simplify(mesh, faces, simplify_ratio, run)
         settings = dict(resolution=resolution, steps=run.steps, guidance=run.guidance, seed=int(seed), faces=faces,
-                        simplify_ratio=simplify_ratio,
-                        dtype=str(self.dtype).replace("torch.", ""), device=str(self.device), offload=self.offload,
+                        simplify_ratio=simplify_ratio, dtype=str(self.dtype)[6:], device=str(self.device),
+                        refiner_dtype=str(part_dtype("refiner", self.dtype, self.device))[6:], offload=self.offload,
                         backend=self.backend, interior=self.config.interior, random_weights=self.random_weights,
                         given_coords=sorted(run.given))
         result = CascadeResult(mesh=mesh, mesh_512=mesh_512, coords=run.coords, stages=run.recorder.records,

@@ -385,6 +385,7 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "versions": _versions(prov),
         "sizes": "tiny" if dry_run else "released",
         "dtype": str(dtype).replace("torch.", ""),
+        "refiner_dtype": result.settings["refiner_dtype"],
         "offload": pipe.offload,
         "prefetch_weights": bool(pipe.offload and prefetch_weights),
         "command": command or "python -m model.reports.generate",
@@ -466,7 +467,8 @@ def markdown(r: dict) -> str:
         f"{v.get('transformers')}, {commit_label(r)}. `{r.get('command', 'python -m model.reports.generate')}`.",
         "",
         f"Random weights of the {r['sizes']} sizes ({sum(r['parameters'].values()) / 1e6:,.1f} M parameters, "
-        f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']}, SSA backend `{r['backend']}`, "
+        f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']} (the refiners {r.get('refiner_dtype', r['dtype'])}"
+        f"), SSA backend `{r['backend']}`, "
         f"{_placement(r)}; "
         f"built in {r['build_seconds']:.1f} s (not counted). "
         + (f"**Warm process**: a first run of the whole cascade with one step per sampling stage took "
