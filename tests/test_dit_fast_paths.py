@@ -162,6 +162,70 @@ def test_euler_sample_takes_the_guided_path():
     assert [c["batched"] for c in calls] == [True] * 3 + [False] * 3
 
 
+def test_euler_sample_cuda_graph_argument():
+    """cuda_graph: off the GPU no graph is made (the same samples); a bad value is a ValueError; "auto" follows
+    GUIDED_GRAPH_MAX_TOKENS."""
+    import model.flow as flow
+
+    dit = _model()
+    x = SparseTensor.from_list([_coords(120, 16, 2)], [torch.zeros(120, 4)])
+    cond = torch.randn(1, 21, 32)
+    ref = euler_sample(dit, x, cond, steps=2, guidance=5.0, seed=3).feats
+    for value in (True, "auto"):
+        torch.testing.assert_close(euler_sample(dit, x, cond, steps=2, guidance=5.0, seed=3, cuda_graph=value).feats,
+                                   ref, rtol=0, atol=0)
+    for bad in ("yes", 1.5, None):
+        with pytest.raises(ValueError, match="cuda_graph must be True, False or 'auto'"):
+            euler_sample(dit, x, cond, steps=1, cuda_graph=bad)
+    assert flow.GUIDED_GRAPH_MAX_TOKENS == 0  # off until the cascade is timed with it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batched", [True, False])
+def test_gpu_guided_step_graph_replays_the_eager_step(batched):
+    """GuidedStepGraph on the Triton kernels: the first call eager, the second captured, every call equal to the
+    eager guided step on new latents and timesteps; euler_sample with cuda_graph=True gives the eager samples."""
+    from model.flow import GuidedStepGraph
+
+    dit = _model("cuda", backend="kernels").to(torch.bfloat16)
+    x = SparseTensor.from_list([_coords(3000, 24, 4)], [torch.zeros(3000, 4, dtype=torch.bfloat16)]).to("cuda")
+    cond = Condition(torch.randn(1, 21, 32, device="cuda", dtype=torch.bfloat16))
+    step = GuidedStepGraph(dit, cond, 7.0, batched)
+    for i in range(4):
+        xt = x.replace(torch.randn(3000, 4, device="cuda", dtype=torch.bfloat16))
+        t = torch.tensor([900.0 - 200 * i], device="cuda")
+        got = step(xt, t)
+        with torch.no_grad():
+            want = dit.guided_velocity(xt, t, cond, 7.0, batched=batched).feats
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert step.graph is not None and not step.failed
+    a = euler_sample(dit, x, cond, steps=4, guidance=7.0, seed=1, cuda_graph=True, batched_guidance=batched)
+    b = euler_sample(dit, x, cond, steps=4, guidance=7.0, seed=1, cuda_graph=False, batched_guidance=batched)
+    torch.testing.assert_close(a.feats, b.feats, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_guided_step_graph_falls_back_when_the_capture_fails():
+    """A model that reads a value back to the host cannot be captured: the step warns and runs eagerly."""
+    from model.flow import GuidedStepGraph
+
+    class Syncing:
+        def guided_velocity(self, x, t, cond, guidance, batched=True):
+            scale = float(t.max()) / 1000.0  # a host read: not allowed while capturing
+            return x.replace(x.feats.float() * scale)
+
+    x = SparseTensor.from_list([_coords(100, 16, 1)], [torch.randn(100, 4)]).to("cuda")
+    step = GuidedStepGraph(Syncing(), None, 7.0, True)
+    step(x, torch.tensor([500.0], device="cuda"))
+    with pytest.warns(RuntimeWarning, match="capture of the guided step failed"):
+        got = step(x, torch.tensor([250.0], device="cuda"))
+    torch.testing.assert_close(got, x.feats.float() * 0.25)
+    assert step.failed and step.graph is None
+    torch.testing.assert_close(step(x, torch.tensor([750.0], device="cuda")), x.feats.float() * 0.75)
+
+
 def _dense(device="cpu"):
     from model.nets.dense import DenseDiT, DenseDiTConfig
 

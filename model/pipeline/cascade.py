@@ -480,8 +480,8 @@ class ImageToMesh:
         return {k: n for k in out}
 
     def _sample(self, model: nn.Module, x: SparseTensor, cond, *, steps: int, guidance: float, shift: float,
-                generator: torch.Generator, rec: StageRecord, desc: str, progress: bool) -> SparseTensor:
-        """Euler sampling on ``x``'s coordinates with noise from ``generator``; per-step times go to ``rec``."""
+                generator: torch.Generator, rec: StageRecord, desc: str, progress: bool, cuda_graph=False):
+        """:func:`model.flow.euler_sample` with noise from ``generator``; per-step times go to ``rec``."""
         noise = torch.randn(x.feats.shape, generator=generator)
         bar = None
         if progress:
@@ -502,7 +502,7 @@ class ImageToMesh:
 
         try:
             z = euler_sample(model, x, cond, steps=steps, guidance=guidance, shift=shift, noise=noise,
-                             callback=callback)
+                             callback=callback, cuda_graph=cuda_graph)
         finally:
             if bar is not None:
                 bar.close()
@@ -536,7 +536,7 @@ class ImageToMesh:
             cond = self._sparse_condition(dit, run.tokens, run.image.mask)
             z = self._sample(dit, x, cond, steps=run.steps[name], guidance=run.guidance,
                              shift=getattr(self.config, f"shift_{name}"), generator=run.generator, rec=rec,
-                             desc=f"sparse {name}", progress=run.progress)
+                             desc=f"sparse {name}", progress=run.progress, cuda_graph="auto")
             rec.info["tokens"] = int(c.shape[0])
         run.coords[name] = z.coords.cpu()
         return z

@@ -288,14 +288,34 @@ def _estimate(rec: dict, released_steps: int) -> dict:
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True,
                simplify_ratio: float | None = None, profile=(), warmup: bool = False,
-               decode_chunks: dict | None = None, prefetch_weights: bool = False, command: str | None = None) -> dict:
+               decode_chunks: dict | None = None, prefetch_weights: bool = False, sparse_cuda_graph: bool = False,
+               command: str | None = None) -> dict:
     """Run the cascade as the module docstring says and return the result document. ``warmup``: run the whole
     cascade once first, one step per sampling stage, untimed (its wall time is recorded apart), so that the timed
     run finds every kernel compiled and every library initialised, as a second image in the same process does.
     ``decode_chunks``: ``{"512": n, "1024": n}`` spatial chunks per axis of the VAE decodes, replacing the
     cascade's (:class:`model.pipeline.cascade.CascadeConfig`). ``prefetch_weights``: with offloading, each stage's
     weights copy over during the stage before it (:attr:`model.pipeline.offload.Offloader.prefetch_weights`).
+    ``sparse_cuda_graph``: the sparse stages of at most :data:`model.flow.BATCHED_GUIDANCE_MAX_TOKENS` tokens replay
+    their guided step from a CUDA graph (:class:`model.flow.GuidedStepGraph`; off by default until timed).
     ``command``: the command line to record (the module's name when None)."""
+    import model.flow as flow
+
+    before = flow.GUIDED_GRAPH_MAX_TOKENS
+    if sparse_cuda_graph:
+        flow.GUIDED_GRAPH_MAX_TOKENS = flow.BATCHED_GUIDANCE_MAX_TOKENS
+    try:
+        return _run_report(mesh_path=mesh_path, steps=steps, dry_run=dry_run, device=device, dtype=dtype,
+                           offload=offload, seed=seed, progress=progress, simplify_ratio=simplify_ratio,
+                           profile=profile, warmup=warmup, decode_chunks=decode_chunks,
+                           prefetch_weights=prefetch_weights, command=command,
+                           graph_tokens=flow.GUIDED_GRAPH_MAX_TOKENS)
+    finally:
+        flow.GUIDED_GRAPH_MAX_TOKENS = before
+
+
+def _run_report(*, mesh_path, steps, dry_run, device, dtype, offload, seed, progress, simplify_ratio, profile,
+                warmup, decode_chunks, prefetch_weights, command, graph_tokens) -> dict:
     from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh
     from model.pipeline.geometry import mesh_to_latent_coords
     from model.data.render import render_views
@@ -388,6 +408,7 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "refiner_dtype": result.settings["refiner_dtype"],
         "offload": pipe.offload,
         "prefetch_weights": bool(pipe.offload and prefetch_weights),
+        "guided_graph_max_tokens": graph_tokens,
         "command": command or "python -m model.reports.generate",
         "backend": pipe.backend,
         "parameters": parts,
@@ -470,7 +491,9 @@ def markdown(r: dict) -> str:
         f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']} (the refiners {r.get('refiner_dtype', r['dtype'])}"
         f"), SSA backend `{r['backend']}`, "
         f"{_placement(r)}; "
-        f"built in {r['build_seconds']:.1f} s (not counted). "
+        + (f"sparse stages of at most {r['guided_graph_max_tokens']:,} tokens replay their guided step from a CUDA "
+           "graph (`--sparse-cuda-graph`); " if r.get("guided_graph_max_tokens") else "")
+        + f"built in {r['build_seconds']:.1f} s (not counted). "
         + (f"**Warm process**: a first run of the whole cascade with one step per sampling stage took "
            f"{r['warmup_seconds']:.1f} s before the timed one (`--warmup`, not counted), so no stage below compiles "
            "a kernel or initialises a library, as for a second image in one process. "
@@ -583,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the cascade once untimed (one step per sampling stage) before the timed run")
     p.add_argument("--no-offload", action="store_true",
                    help="keep every part on the GPU (default: each part on the GPU for its own stage only)")
+    p.add_argument("--sparse-cuda-graph", action="store_true",
+                   help="replay the guided step of the sparse stages up to 65,536 tokens (the 512 stage) from a CUDA "
+                        "graph (default: off, every step launched from the host)")
     p.add_argument("--prefetch-weights", action="store_true",
                    help="with offloading, copy each stage's weights to the GPU during the stage before it "
                         "(default: off, each stage copies its own at its start)")
@@ -626,6 +652,7 @@ def _main(args, command: str | None = None) -> int:
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
                        progress=args.progress, simplify_ratio=args.simplify_ratio, profile=args.profile,
                        warmup=args.warmup, prefetch_weights=args.prefetch_weights,
+                       sparse_cuda_graph=args.sparse_cuda_graph,
                        command=command,
                        decode_chunks={res: n for res, n in (("512", args.decode_chunks_512),
                                                             ("1024", args.decode_chunks_1024)) if n is not None})
