@@ -240,7 +240,7 @@ class GuidedStepGraph:
     def __call__(self, xt: SparseTensor, t: torch.Tensor) -> torch.Tensor:
         """Float32 velocity features ``[N, C]`` of the latent ``xt`` at timesteps ``t [B]`` (both on the GPU)."""
         self.calls += 1
-        if self.calls == 1 or self.failed:
+        if self.calls == 1 or self.failed or not xt.feats.is_cuda:
             return self._eager(xt, t)
         if self.graph is None:
             import warnings
