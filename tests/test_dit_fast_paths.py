@@ -184,8 +184,14 @@ def test_euler_sample_cuda_graph_argument():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batched", [True, False])
 def test_gpu_guided_step_graph_replays_the_eager_step(batched):
-    """GuidedStepGraph on the Triton kernels: the first call eager, the second captured, every call equal to the
-    eager guided step on new latents and timesteps; euler_sample with cuda_graph=True gives the eager samples."""
+    """GuidedStepGraph on the Triton kernels: the first call eager, the second captured, every call the eager guided
+    step on new latents and timesteps; euler_sample with cuda_graph=True gives the eager samples. Compared by
+    relative norm: the compression pooling sums with atomics (index_add), so two eager runs may differ in the last
+    bits; a stale input or output would differ by order one."""
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
     from model.flow import GuidedStepGraph
 
     dit = _model("cuda", backend="kernels").to(torch.bfloat16)
@@ -198,11 +204,11 @@ def test_gpu_guided_step_graph_replays_the_eager_step(batched):
         got = step(xt, t)
         with torch.no_grad():
             want = dit.guided_velocity(xt, t, cond, 7.0, batched=batched).feats
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.shape == want.shape and rel(got, want) < 1e-2, (i, rel(got, want))
     assert step.graph is not None and not step.failed
     a = euler_sample(dit, x, cond, steps=4, guidance=7.0, seed=1, cuda_graph=True, batched_guidance=batched)
     b = euler_sample(dit, x, cond, steps=4, guidance=7.0, seed=1, cuda_graph=False, batched_guidance=batched)
-    torch.testing.assert_close(a.feats, b.feats, rtol=0, atol=0)
+    assert rel(a.feats, b.feats) < 1e-2
 
 
 @pytest.mark.gpu
