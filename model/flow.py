@@ -328,13 +328,13 @@ def euler_sample(
 
         it = tqdm(it, desc="sampling", leave=False)
     b = x.batch_size
-    graph = None
     if cuda_graph not in (True, False, "auto"):
         raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
     if cuda_graph == "auto":
         cuda_graph = x.num_voxels <= GUIDED_GRAPH_MAX_TOKENS
+    batched = x.num_voxels <= BATCHED_GUIDANCE_MAX_TOKENS if batched_guidance == "auto" else bool(batched_guidance)
+    graph = None
     if fused_guidance and cuda_graph and x.coords.is_cuda:
-        batched = x.num_voxels <= BATCHED_GUIDANCE_MAX_TOKENS if batched_guidance == "auto" else bool(batched_guidance)
         graph = GuidedStepGraph(model, cond, guidance, batched)
     for i in it:
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -346,8 +346,6 @@ def euler_sample(
         if graph is not None:
             v = graph(xt, t)
         elif fused_guidance:
-            batched = (x.num_voxels <= BATCHED_GUIDANCE_MAX_TOKENS if batched_guidance == "auto"
-                       else bool(batched_guidance))
             v = model.guided_velocity(xt, t, cond, guidance, batched=batched).feats
         else:
             v = model(xt, t, cond).feats.float()

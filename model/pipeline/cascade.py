@@ -783,11 +783,11 @@ class ImageToMesh:
         mesh = self._stage_1024(mesh_512, run) if resolution == 1024 else mesh_512
         if (faces is not None and len(mesh.faces) > faces) or simplify_ratio:
             mesh = self._simplify(mesh, faces, simplify_ratio, run)
-        settings = dict(resolution=resolution, steps=run.steps, guidance=run.guidance, seed=int(seed), faces=faces,
-                        simplify_ratio=simplify_ratio, dtype=str(self.dtype)[6:], device=str(self.device),
-                        refiner_dtype=str(part_dtype("refiner", self.dtype, self.device))[6:], offload=self.offload,
-                        backend=self.backend, interior=self.config.interior, random_weights=self.random_weights,
-                        given_coords=sorted(run.given))
+        settings = dict(resolution=resolution, steps=run.steps, guidance=run.guidance, simplify_ratio=simplify_ratio,
+                        dtype=str(self.dtype).removeprefix("torch."), seed=int(seed), faces=faces, offload=self.offload,
+                        refiner_dtype=str(part_dtype("refiner", self.dtype, self.device)).removeprefix("torch."),
+                        device=str(self.device), backend=self.backend, interior=self.config.interior,
+                        random_weights=self.random_weights, given_coords=sorted(run.given))
         result = CascadeResult(mesh=mesh, mesh_512=mesh_512, coords=run.coords, stages=run.recorder.records,
                                image=run.image, settings=settings)
         self.last_result = result

@@ -235,9 +235,7 @@ def dense_field_to_mesh(field: torch.Tensor | np.ndarray, level: float, *, progr
     if len(shape) != 3 or len(set(shape)) != 1:
         raise ValueError(f"field must be a cube [R, R, R], got {shape}")
     if isinstance(field, torch.Tensor) and field.is_cuda:
-        verts, faces = dense_marching_cubes(field, float(level), progress=progress)
-        # to the unit cube in float64 on the GPU: the host's float64 passes, same IEEE operations and values
-        verts, faces = mesh_to_numpy(verts.double().add_(0.5).div_(shape[0]).sub_(0.5), faces)
+        verts, faces = mesh_to_numpy(*dense_marching_cubes(field, float(level), progress=progress), side=shape[0])
         return trimesh.Trimesh(verts, faces, process=False)
     from skimage.measure import marching_cubes
 

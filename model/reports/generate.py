@@ -32,6 +32,7 @@ labelled DRY RUN everywhere), which the test suite runs to exercise this path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -285,6 +286,22 @@ def _estimate(rec: dict, released_steps: int) -> dict:
             "estimated_seconds_at_released_steps": rest + per_step * released_steps}
 
 
+@contextlib.contextmanager
+def _guided_graphs(on: bool):
+    """Inside the block the sparse stages of at most :data:`model.flow.BATCHED_GUIDANCE_MAX_TOKENS` tokens replay
+    their guided step from a CUDA graph when ``on`` (:data:`model.flow.GUIDED_GRAPH_MAX_TOKENS`); yields the limit
+    in force."""
+    import model.flow as flow
+
+    before = flow.GUIDED_GRAPH_MAX_TOKENS
+    if on:
+        flow.GUIDED_GRAPH_MAX_TOKENS = flow.BATCHED_GUIDANCE_MAX_TOKENS
+    try:
+        yield flow.GUIDED_GRAPH_MAX_TOKENS
+    finally:
+        flow.GUIDED_GRAPH_MAX_TOKENS = before
+
+
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True,
                simplify_ratio: float | None = None, profile=(), warmup: bool = False,
@@ -299,23 +316,6 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
     ``sparse_cuda_graph``: the sparse stages of at most :data:`model.flow.BATCHED_GUIDANCE_MAX_TOKENS` tokens replay
     their guided step from a CUDA graph (:class:`model.flow.GuidedStepGraph`; off by default until timed).
     ``command``: the command line to record (the module's name when None)."""
-    import model.flow as flow
-
-    before = flow.GUIDED_GRAPH_MAX_TOKENS
-    if sparse_cuda_graph:
-        flow.GUIDED_GRAPH_MAX_TOKENS = flow.BATCHED_GUIDANCE_MAX_TOKENS
-    try:
-        return _run_report(mesh_path=mesh_path, steps=steps, dry_run=dry_run, device=device, dtype=dtype,
-                           offload=offload, seed=seed, progress=progress, simplify_ratio=simplify_ratio,
-                           profile=profile, warmup=warmup, decode_chunks=decode_chunks,
-                           prefetch_weights=prefetch_weights, command=command,
-                           graph_tokens=flow.GUIDED_GRAPH_MAX_TOKENS)
-    finally:
-        flow.GUIDED_GRAPH_MAX_TOKENS = before
-
-
-def _run_report(*, mesh_path, steps, dry_run, device, dtype, offload, seed, progress, simplify_ratio, profile,
-                warmup, decode_chunks, prefetch_weights, command, graph_tokens) -> dict:
     from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh
     from model.pipeline.geometry import mesh_to_latent_coords
     from model.data.render import render_views
@@ -366,18 +366,19 @@ def _run_report(*, mesh_path, steps, dry_run, device, dtype, offload, seed, prog
              "tokens": int(coords_1024.shape[0]), "mesh_faces": int(len(standin.faces)),
              "input": "the report's mesh subdivided to 512-mesh edge lengths (stand-in for the 512 mesh)"}
     warmup_seconds = None
-    if warmup:
-        t0 = time.perf_counter()
-        pipe.generate(render, resolution=1024, steps={k: 1 for k in steps}, seed=seed, coords_512=coords_512,
-                      coords_1024=coords_1024, run_dense=True, progress=False, simplify_ratio=simplify_ratio)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        warmup_seconds = time.perf_counter() - t0
-    with AttentionTimer(p["sparse_dit_1024"], dev) as timer:
-        result = pipe.generate(render, resolution=1024, steps=steps, seed=seed, coords_512=coords_512,
-                               coords_1024=coords_1024, run_dense=True, progress=progress,
-                               simplify_ratio=simplify_ratio)
+    with _guided_graphs(sparse_cuda_graph) as graph_tokens:
+        if warmup:
+            t0 = time.perf_counter()
+            pipe.generate(render, resolution=1024, steps={k: 1 for k in steps}, seed=seed, coords_512=coords_512,
+                          coords_1024=coords_1024, run_dense=True, progress=False, simplify_ratio=simplify_ratio)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            warmup_seconds = time.perf_counter() - t0
+        with AttentionTimer(p["sparse_dit_1024"], dev) as timer:
+            result = pipe.generate(render, resolution=1024, steps=steps, seed=seed, coords_512=coords_512,
+                                   coords_1024=coords_1024, run_dense=True, progress=progress,
+                                   simplify_ratio=simplify_ratio)
     attention = timer.totals()
     stages = {}
     for name, rec in result.stage_table().items():
