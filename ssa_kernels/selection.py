@@ -8,6 +8,15 @@ Forward and dQ are query-outer: a program takes ``BLOCK_T`` tokens x ``HG`` head
 the union of its tokens' chosen blocks (rows of tokens that did not choose a block are masked), so every K/V tile
 is loaded once for the whole group and shared by the tile's tokens.
 
+The forward has a key-outer variant too (launch setting ``key_outer`` of ``selection.FWD``): a program takes one
+selection block and up to ``BLOCK_T`` of the query tokens that chose it (the block -> queries index below), so the
+block's keys are read once per ``BLOCK_T`` tokens instead of once per token, and every row of the matrix products
+is a row that chose the block (no masked work). Each (query, block) pair yields a partial softmax (its output
+normalised by its own sum, its running max and sum) at the pair's place in the index; a second kernel merges each
+query's ``topk`` partials in slot order (deterministic, no atomics). The partials take
+``tokens x Hkv x topk x G x D`` values of q's dtype; queries are taken in chunks so that they stay under the
+setting ``scratch_bytes``.
+
 dK/dV are key-outer: a program owns a tile of one selection block's keys and loops over the queries that chose
 the block, through a block -> queries index (CSR), accumulating every head of the group in float32 registers.
 A model's queries do not spread evenly: some blocks are chosen by most of them, and such a block would be one
@@ -111,6 +120,93 @@ def _sel_fwd_kernel(
                 m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_sel[:, None] & n_ok[None, :], qk_scale,
                                                  PRECISION)
     _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask)
+
+
+@triton.jit
+def _sel_fwd_ko_kernel(
+    Q, K, V, OP, MP, LP, sel_offsets, csr_offsets, csr_tokens, item_bucket, item_start,
+    S, NB, H, t0, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Key-outer forward, work item ``program_id(0)``: up to ``BLOCK_T`` queries of one bucket (kv head g,
+    selection block b; ``bucket = g * S + b``) x ``HG`` heads (head slice ``program_id(1)`` of the group) over all
+    keys of block b. Work item i is chunk ``i - item_start[bucket]`` of bucket ``item_bucket[i]`` (``NB`` past the
+    last item: nothing to do), the chunk's queries ``csr_tokens[e]`` (relative to token ``t0``) for ``e`` in
+    ``csr_offsets[bucket] + chunk * BLOCK_T ..``. Row ``e * G + h`` (h: head within the group) of the partials
+    ``OP [E * G, D]`` (q's dtype), ``MP, LP [E * G]`` float32 receives the pair's output normalised by its own sum,
+    its running max (log2 domain) and its sum."""
+    item = tl.program_id(0)
+    bucket = tl.load(item_bucket + item)
+    if bucket < NB:
+        chunk = item - tl.load(item_start + bucket)
+        blk = bucket % S
+        g = bucket // S
+        e_lo = tl.load(csr_offsets + bucket) + chunk * BLOCK_T
+        e_hi = tl.minimum(tl.load(csr_offsets + bucket + 1), e_lo + BLOCK_T)
+        if e_lo < e_hi:
+            r = tl.arange(0, BLOCK_T * HG)
+            e = e_lo + r // HG
+            row_ok = e < e_hi
+            hh = tl.program_id(1) * HG + r % HG  # head within the group
+            head = g * G + hh
+            tok64 = (tl.load(csr_tokens + e, mask=row_ok, other=0) + t0).to(tl.int64)
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            rd_mask = row_ok[:, None] & d_ok[None, :]
+            q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
+            m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
+            start = tl.load(sel_offsets + blk)
+            end = tl.load(sel_offsets + blk + 1)
+            for ks in range(start, end, BLOCK_N):
+                n = ks + tl.arange(0, BLOCK_N)
+                n_ok = n < end
+                k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
+                m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_ok[:, None] & n_ok[None, :], qk_scale,
+                                                 PRECISION)
+            prow = e.to(tl.int64) * G + hh
+            o = acc / tl.where(l > 0, l, 1.0)[:, None]
+            tl.store(OP + prow[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=rd_mask)
+            tl.store(MP + prow, m, mask=row_ok)
+            tl.store(LP + prow, l, mask=row_ok)
+
+
+@triton.jit
+def _sel_merge_kernel(
+    OP, MP, LP, POS, O, LSE,
+    n_chunk, H, t0,
+    stride_ot, stride_oh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, TOPK: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merges the key-outer partials of ``BLOCK_T`` tokens (chunk tokens ``program_id(0) * BLOCK_T ..``, i.e.
+    tokens ``t0 + ..``) x ``HG`` heads of one kv group: ``POS [n_chunk, Hkv, TOPK]`` int32 holds the index
+    position of each (token, kv head, slot) choice (-1 = none), whose partial is row ``POS * G + h``. The slots
+    are merged in order, as one online softmax over their (max, sum, output) triples; then ``o`` and ``lse`` are
+    stored as :func:`_sel_fwd_kernel` stores them."""
+    tok, head, row_ok, g = _row_tokens_heads(tl.program_id(0), tl.program_id(1), n_chunk, G, HG, BLOCK_T)
+    hkv = H // G
+    hh = head - g * G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
+    for slot in range(TOPK):
+        pos = tl.load(POS + (tok.to(tl.int64) * hkv + g) * TOPK + slot, mask=row_ok, other=-1)
+        ok = pos >= 0
+        prow = pos.to(tl.int64) * G + hh
+        m_i = tl.load(MP + prow, mask=ok, other=float("-inf"))
+        l_i = tl.load(LP + prow, mask=ok, other=0.0)
+        o_i = tl.load(OP + prow[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m, m_i)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = l_i * tl.exp2(m_i - m_safe)
+        l = l * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_i.to(tl.float32)
+        m = m_new
+    tok64 = (tok + t0).to(tl.int64)
+    _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -250,15 +346,17 @@ def _sel_dkdv_reduce_kernel(
         _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, H // G, d, kv_mask, D, True)
 
 
-def block_query_index(idx: torch.Tensor, num_blocks: int):
+def block_query_index(idx: torch.Tensor, num_blocks: int, *, positions: bool = False):
     """The block -> queries index (CSR) of a top-k choice ``idx [N, Hkv, topk]`` (-1 = none).
 
     Returns ``(offsets [Hkv * S + 1] int32, tokens [E] int32)``: the tokens that chose block b for kv head g are
     ``tokens[offsets[g*S+b] : offsets[g*S+b+1]]``, in increasing token order (entries past ``offsets[-1]`` are
-    unused). The bucket ids are sorted by a stable radix sort (``torch.sort(stable=True)``: linear time, no
-    comparisons) on the narrowest integer type that holds them, so 16-bit ids take two 8-bit passes; the offsets
-    are a count and a scan. Deterministic, no host synchronisation. (A counting sort in two Triton passes was
-    measured 2.1x slower on an H100: 1.15 against 0.54 ms at shell-1024, reports/kernels.md run 18.)
+    unused). With ``positions``, also ``pos [N, Hkv, topk]`` int32: where each choice sits in ``tokens`` (-1 for
+    the empty slots), the map back from the index to the choice. The bucket ids are sorted by a stable radix sort
+    (``torch.sort(stable=True)``: linear time, no comparisons) on the narrowest integer type that holds them, so
+    16-bit ids take two 8-bit passes; the offsets are a count and a scan. Deterministic, no host synchronisation.
+    (A counting sort in two Triton passes was measured 2.1x slower on an H100: 1.15 against 0.54 ms at shell-1024,
+    reports/kernels.md run 18.)
     """
     n, hkv, topk = idx.shape
     dev = idx.device
@@ -272,7 +370,12 @@ def block_query_index(idx: torch.Tensor, num_blocks: int):
     offsets[1:] = torch.cumsum(counts, 0)
     order = torch.sort(key.to(key_dtype), stable=True).indices
     tokens = torch.div(order, hkv * topk, rounding_mode="floor")
-    return offsets[: nbuckets + 1], tokens.int()
+    if not positions:
+        return offsets[: nbuckets + 1], tokens.int()
+    pos = torch.empty(order.numel(), device=dev, dtype=torch.int32)
+    pos[order] = torch.arange(order.numel(), device=dev, dtype=torch.int32)
+    pos = torch.where(key < nbuckets, pos, -1).view(n, hkv, topk)
+    return offsets[: nbuckets + 1], tokens.int(), pos
 
 
 def split_buckets(csr_offsets: torch.Tensor, max_queries: int, max_entries: int):
@@ -310,7 +413,8 @@ def _launch(cfg):
 
 
 def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
-    """``o [N, Hq, D]`` (dtype of q) and ``lse [N, Hq]`` float32 of the selection branch."""
+    """``o [N, Hq, D]`` (dtype of q) and ``lse [N, Hq]`` float32 of the selection branch (query-outer, or key-outer
+    with the launch setting ``key_outer``: module docstring)."""
     n, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -321,6 +425,9 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
     lse = torch.empty(n, hq, device=q.device, dtype=torch.float32)
     if n == 0:
         return o, lse
+    if fwd["key_outer"]:
+        _selection_forward_key_outer(q, k, v, idx, layout, scale, fwd, o, lse)
+        return o, lse
     _sel_fwd_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
         q, k, v, o, lse, idx, layout.sel_offsets,
         n, hq, scale * LOG2E,
@@ -329,6 +436,42 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
         D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), **_launch(fwd),
     )
     return o, lse
+
+
+def _selection_forward_key_outer(q, k, v, idx, layout: BlockLayout, scale: float, fwd: dict, o, lse):
+    """The key-outer forward into ``o`` and ``lse`` (module docstring): per chunk of queries, the block -> queries
+    index with each choice's position, the partials (:func:`_sel_fwd_ko_kernel`), their merge
+    (:func:`_sel_merge_kernel`). Chunks hold as many queries as keep the partial outputs within ``scratch_bytes``."""
+    n, hq, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    topk = idx.shape[2]
+    s_blocks = layout.num_sel_blocks
+    hg, bt = _config(group, fwd["ko_rows"])
+    mhg, mbt = _config(group, fwd["merge_rows"])
+    partial_bytes = hkv * topk * group * dim * q.element_size()  # per query token
+    chunk = max(1, fwd["scratch_bytes"] // partial_bytes)
+    bd, prec = block_d(dim), dot_precision(q.dtype)
+    for t0 in range(0, n, chunk):
+        nc = min(n, t0 + chunk) - t0
+        sub = idx[t0:t0 + nc]
+        offsets, tokens, pos = block_query_index(sub, s_blocks, positions=True)
+        item_bucket, item_start, _ = split_buckets(offsets, bt, sub.numel())
+        rows = sub.numel() * group
+        op = torch.empty(rows, dim, device=q.device, dtype=q.dtype)
+        mp = torch.empty(rows, device=q.device, dtype=torch.float32)
+        lp = torch.empty(rows, device=q.device, dtype=torch.float32)
+        _sel_fwd_ko_kernel[(item_bucket.numel(), group // hg)](
+            q, k, v, op, mp, lp, layout.sel_offsets, offsets, tokens, item_bucket, item_start,
+            s_blocks, hkv * s_blocks, hq, t0, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            G=group, HG=hg, BLOCK_T=bt, BLOCK_N=fwd["ko_block_n"], D=dim, BLOCK_D=bd, PRECISION=prec,
+            num_warps=fwd["ko_warps"], num_stages=fwd["ko_stages"],
+        )
+        _sel_merge_kernel[(triton.cdiv(nc, mbt), hkv * (group // mhg))](
+            op, mp, lp, pos, o, lse, nc, hq, t0, o.stride(0), o.stride(1),
+            G=group, HG=mhg, BLOCK_T=mbt, TOPK=topk, D=dim, BLOCK_D=bd, num_warps=fwd["merge_warps"],
+        )
 
 
 def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale: float, *, gate=None, gate_idx=1,

@@ -267,6 +267,42 @@ def test_selection_branch_given_the_reference_choice(hq, hkv, d):
     assert all(rel_err(a, b) < F32_TOL for a, b in zip(g, g_ref))
 
 
+@pytest.mark.parametrize("hq,hkv,d,scratch", [(8, 2, 32, 2**29), (16, 1, 64, 2**29), (4, 4, 16, 20_000)],
+                         ids=["G4-d32", "G16-d64", "G1-d16-in-4-chunks"])
+def test_selection_forward_key_outer_equals_reference(hq, hkv, d, scratch):
+    """The key-outer forward (one block x the queries that chose it, then each query's partials merged): the
+    float64 reference's output and log-sum-exp, with empty slots, a hub block most queries chose, and queries in
+    chunks (at G1-d16 a token's partials take 4 x 4 x 1 x 16 x 4 = 1,024 bytes, so ``scratch_bytes`` of 20,000
+    makes chunks of 19 tokens: 4 chunks of the 65)."""
+    coords, (q, k, v, *_) = _make((40, 25), 16, 4, 8, hq, hkv, d, seed=hq + d + scratch % 7)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    gen = torch.Generator().manual_seed(d)
+
+    def pick(lo, hi, g):  # a hub block, then up to 3 distinct random ones; some slots stay empty
+        hub = lo + g % (hi - lo)
+        rest = [blk for blk in (lo + torch.randperm(hi - lo, generator=gen)).tolist() if blk != hub]
+        return [hub] + rest[: int(torch.randint(0, 4, (), generator=gen))]
+
+    idx = _choice(layout, hkv, 4, pick)
+    o_ref, lse_ref = reference.selection_attention(q, k, v, idx, coords, selection_block=8, return_lse=True)
+    settings = dict(key_outer=1, scratch_bytes=scratch, ko_rows=32, merge_rows=16)
+    with ssa_kernels.launch.overriding("selection.FWD", settings):
+        o, lse = ssa_kernels.selection.selection_forward(q.float(), k.float(), v.float(), idx, layout, d**-0.5)
+    assert rel_err(o, o_ref) < F32_TOL
+    assert rel_err(lse, lse_ref) < F32_TOL
+
+
+def test_whole_op_with_the_key_outer_selection_forward():
+    """The whole op (several batch elements, one empty; fewer blocks than topk in one) with the key-outer selection
+    forward: output and the six gradients against the float64 reference, as with the query-outer one."""
+    coords, inp = _make((45, 0, 30), 16, 4, 8, 8, 2, 32, seed=11)
+    with ssa_kernels.launch.overriding("selection.FWD", dict(key_outer=1, ko_rows=32, merge_rows=16)):
+        o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8, shift=4)
+    assert rel_err(o, o_ref) < F32_TOL
+    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
+        assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
+
+
 @pytest.mark.parametrize("max_queries", [1, 3, 7])
 def test_selection_dkdv_split_over_a_block_most_queries_chose(max_queries):
     """A block chosen by most queries (a "hub", as a model's attention makes them) is cut into chunks of
@@ -352,6 +388,13 @@ def test_block_query_index_is_the_inverse_of_the_choice(n, s):
     idx = (torch.stack(rows) if rows else torch.zeros(0, topk, dtype=torch.long)).view(n, hkv, topk)
     idx[::7, :, -2:] = -1
     offsets, tokens = block_query_index(idx.int(), s)
+    again = block_query_index(idx.int(), s, positions=True)
+    assert torch.equal(again[0], offsets) and torch.equal(again[1], tokens)
+    pos = again[2]  # where each choice sits in the index: back to the token, -1 for the empty slots
+    assert pos.shape == idx.shape and torch.equal(pos < 0, idx < 0)
+    chosen = pos >= 0
+    assert torch.equal(tokens[pos[chosen].long()].long(), torch.nonzero(chosen)[:, 0])
+    assert pos[chosen].unique().numel() == int(chosen.sum())
     assert offsets.shape == (hkv * s + 1,) and offsets[0] == 0 and bool((offsets[1:] >= offsets[:-1]).all())
     assert offsets[-1] == int((idx >= 0).sum())
     for g in range(hkv):

@@ -18,7 +18,9 @@ PREVIOUS = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3),
     "compression.DKDV": dict(rows=32, block_n=128, programs=2048, num_warps=4, num_stages=1),
-    "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
+    "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2,  # added later: the key-outer forward's
+                          key_outer=0, ko_rows=128, ko_block_n=64, ko_warps=4, ko_stages=2,  # settings, off
+                          merge_rows=64, merge_warps=4, scratch_bytes=2**29),
     "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
     "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192),
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
