@@ -36,7 +36,6 @@ from .sparse.tensor import SparseTensor
 __all__ = [
     "TIMESTEP_MODES",
     "FlowMatchEulerScheduler",
-    "GuidedStepGraph",
     "drop_condition",
     "euler_sample",
     "flow_loss",
@@ -205,63 +204,6 @@ class FlowMatchEulerScheduler:
 BATCHED_GUIDANCE_MAX_TOKENS = 65536
 
 
-#: Largest token count for which ``euler_sample(cuda_graph="auto")`` replays the guided step from a CUDA graph
-#: (:class:`GuidedStepGraph`; where the host's launch time exceeds the GPU's work). 0: never, until the cascade has
-#: been timed with it on a GPU (``python -m model.reports.generate --sparse-cuda-graph`` sets 65,536 for its run).
-GUIDED_GRAPH_MAX_TOKENS = 0
-
-
-class GuidedStepGraph:
-    """The guided velocity of one sampling run, replayed from a CUDA graph after the first step.
-
-    At a few ten thousand tokens a sparse DiT forward costs more host time than GPU time: each of its ~1,500 kernel
-    launches (Triton's Python launcher, PyTorch's dispatch) takes tens of microseconds, so the GPU waits. The DiT
-    report's 19,000-token rows show it: one forward of 19,000 tokens took 107 ms, one batched forward of twice the
-    rows 121.5 ms (reports/dit.md). A graph records the launches once and replays them without the host.
-
-    Every step of a run has the same coordinates, condition, guidance scale and shapes; only the latent and the
-    timestep change, and they are copied into the graph's input buffers. The first call runs eagerly: it builds
-    the caches the forward keeps on the coordinates and the condition (block layout, guidance pair, the
-    condition's key/value projections) and compiles the kernels, so that the capture (second call) records kernels
-    only. If the capture fails (a model that reads a value back to the host in its forward), the run goes on
-    eagerly with a warning. ``model`` needs ``guided_velocity(x, t, cond, guidance, batched=...)`` (SparseDiT).
-    """
-
-    def __init__(self, model, cond, guidance: float, batched: bool):
-        self.model, self.cond, self.guidance, self.batched = model, cond, guidance, batched
-        self.calls = 0
-        self.graph = None
-        self.failed = False
-
-    def _eager(self, xt: SparseTensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model.guided_velocity(xt, t, self.cond, self.guidance, batched=self.batched).feats
-
-    @torch.no_grad()
-    def __call__(self, xt: SparseTensor, t: torch.Tensor) -> torch.Tensor:
-        """Float32 velocity features ``[N, C]`` of the latent ``xt`` at timesteps ``t [B]`` (both on the GPU)."""
-        self.calls += 1
-        if self.calls == 1 or self.failed or not xt.feats.is_cuda:
-            return self._eager(xt, t)
-        if self.graph is None:
-            import warnings
-
-            self.x_in, self.t_in = xt.feats.clone(), t.clone()
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self.out = self._eager(xt.replace(self.x_in), self.t_in)
-            except RuntimeError as exc:
-                self.failed = True
-                warnings.warn(f"CUDA graph capture of the guided step failed ({exc}); sampling goes on eagerly",
-                              RuntimeWarning, stacklevel=3)
-                return self._eager(xt, t)
-            self.graph = graph
-        self.x_in.copy_(xt.feats)
-        self.t_in.copy_(t)
-        self.graph.replay()
-        return self.out.clone()
-
-
 @torch.no_grad()
 def euler_sample(
     model: Callable,
@@ -278,7 +220,6 @@ def euler_sample(
     progress: bool = False,
     callback: Callable | None = None,
     batched_guidance: bool | str = "auto",
-    cuda_graph: bool | str = False,
 ) -> SparseTensor:
     """Sample latents on ``x``'s coordinates with the released Euler sampler and classifier-free guidance.
 
@@ -299,9 +240,6 @@ def euler_sample(
             and unconditioned copies (``True``) or two forwards (``False``), the unconditioned rows skipping the
             cross-attention either way; ``"auto"`` batches below :data:`BATCHED_GUIDANCE_MAX_TOKENS` tokens. Other
             models: two forwards.
-        cuda_graph: with ``guided_velocity`` on a CUDA ``x``, replay the guided step from a CUDA graph after the
-            first step (:class:`GuidedStepGraph`: the same values, without the host's launch time); ``"auto"`` up
-            to :data:`GUIDED_GRAPH_MAX_TOKENS` tokens.
 
     Returns the sampled ``x_0`` as a SparseTensor on ``x``'s coordinates (float32).
     """
@@ -328,14 +266,7 @@ def euler_sample(
 
         it = tqdm(it, desc="sampling", leave=False)
     b = x.batch_size
-    if cuda_graph not in (True, False, "auto"):
-        raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
-    if cuda_graph == "auto":
-        cuda_graph = x.num_voxels <= GUIDED_GRAPH_MAX_TOKENS
     batched = x.num_voxels <= BATCHED_GUIDANCE_MAX_TOKENS if batched_guidance == "auto" else bool(batched_guidance)
-    graph = None
-    if fused_guidance and cuda_graph and x.coords.is_cuda:
-        graph = GuidedStepGraph(model, cond, guidance, batched)
     for i in it:
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         t = torch.full((b,), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
@@ -343,9 +274,7 @@ def euler_sample(
             t = t.to(timestep_dtype).to(torch.float32)
         t = t.to(x.device)
         xt = x.replace(latent.to(x.dtype))
-        if graph is not None:
-            v = graph(xt, t)
-        elif fused_guidance:
+        if fused_guidance:
             v = model.guided_velocity(xt, t, cond, guidance, batched=batched).feats
         else:
             v = model(xt, t, cond).feats.float()

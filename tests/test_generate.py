@@ -300,9 +300,8 @@ def test_pipeline_api_given_coords_settings_and_errors(images):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_offloading_lends_pinned_weights_and_changes_nothing(images):
-    """offload=True (with the next stage's weights prefetched): the weights stay pinned on the CPU between stages,
-    the whole cascade (1024 included) gives the same mesh as with every part resident on the GPU, and simplify_ratio
-    is accepted and checked."""
+    """offload=True: the weights stay pinned on the CPU between stages, the whole cascade (1024 included) gives the
+    same mesh as with every part resident on the GPU, and simplify_ratio is accepted and checked."""
     import warnings
 
     with warnings.catch_warnings():
@@ -310,7 +309,6 @@ def test_offloading_lends_pinned_weights_and_changes_nothing(images):
         lent = C.ImageToMesh.random("tiny", seed=1, device="cuda", offload=True)
         resident = C.ImageToMesh.random("tiny", seed=1, device="cuda", offload=False)
     kwargs = dict(steps=2, seed=3)
-    lent._offloader.prefetch_weights = True  # each stage's weights copied during the stage before it
     a = lent.generate(images / "red.png", **kwargs)
     b = resident.generate(images / "red.png", **kwargs)
     np.testing.assert_array_equal(a.mesh.vertices, b.mesh.vertices)
@@ -321,32 +319,6 @@ def test_offloading_lends_pinned_weights_and_changes_nothing(images):
         lent.generate(images / "red.png", simplify_ratio=1.0)
     with pytest.raises(ValueError, match="not both"):
         lent.generate(images / "red.png", faces=100, simplify_ratio=0.5)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_offloader_prefetch_hands_its_copies_to_the_next_lend_and_drops_the_rest():
-    """Weights prefetched during one lend are the ones the next lend uses (same values); copies the next lend does
-    not take are dropped when it ends, and every weight is its pinned CPU tensor again."""
-    from model.pipeline.offload import Offloader
-
-    torch.manual_seed(0)
-    a, b, c = (torch.nn.Linear(64, 64) for _ in range(3))
-    expect = {m: m.weight.detach().clone() for m in (a, b, c)}
-    off = Offloader("cuda", [a, b, c])
-    off.prefetch_weights = True
-    x = torch.randn(8, 64, device="cuda")
-    with off.lend(a):
-        off.prefetch(b, c)
-        ptr = off._ahead[id(b.weight)][0].data_ptr()
-        a(x)
-    with off.lend(b):
-        assert b.weight.data_ptr() == ptr
-        torch.testing.assert_close(b.weight.cpu(), expect[b])
-    assert not off._ahead  # c's copy was not taken by the lend after the one it was made in
-    for m in (a, b, c):
-        assert m.weight.device.type == "cpu" and m.weight.is_pinned()
-        torch.testing.assert_close(m.weight.detach(), expect[m])
 
 
 def test_from_pretrained_reads_a_released_folder(images, tmp_path):
@@ -482,9 +454,8 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     assert doc["stages"]["dense"]["replaced_by_given_coords"]
     # --decode-chunks-1024 replaces the tiny config's 2 chunks; the 512 decode keeps its 1
     assert doc["stages"]["decode_1024"]["chunks"] == 3 and doc["stages"]["decode_512"]["chunks"] == 1
-    # the report names the command it ran, options included; no offloading (CPU), so nothing prefetched
+    # the report names the command it ran, options included
     assert doc["command"].startswith("python -m model.reports.generate --out ") and "--decode-chunks-1024 3" in md
-    assert doc["prefetch_weights"] is False
     assert doc["stages"]["sparse_1024"]["tokens"] == doc["stages"]["revoxelise"]["tokens"] > 0
     a = doc["attention_1024"]
     assert a["ssa_op_calls"] == 2 * 2  # steps x blocks: both guidance passes run as one batched forward (small stage)

@@ -31,8 +31,7 @@ that order, and samples on one :class:`~model.sparse.tensor.SparseTensor` whose 
 layout (built once per stage, shared by all steps and both guidance passes). One CPU generator seeded with ``seed``
 draws the noise of the three stages in turn (as released, from the caller's generator). Each stage's wall time and
 peak GPU memory (``torch.cuda.max_memory_allocated`` since the stage began) are recorded (``result.stages``);
-``offload=True`` keeps the parts on the CPU and lends each stage's to the GPU while it runs (the next stage's can
-travel meanwhile: ``Offloader.prefetch_weights``).
+``offload=True`` keeps the parts on the CPU and lends each stage's to the GPU while it runs.
 
 Meshes are in the unit cube ``[-0.5, 0.5]^3`` (voxel ``i`` at ``(i + 0.5) / R - 0.5``; released: ``i / R * 2 - 1``,
 twice as large, half a voxel apart); the 1024 mesh in the frame of the normalised 512 mesh, as released.
@@ -453,14 +452,12 @@ class ImageToMesh:
     # running
 
     @contextlib.contextmanager
-    def _on_device(self, *modules: nn.Module, then=()):
-        """With ``offload``, the modules sit on the device only inside the block, and the weights of ``then`` (the
-        next stage's part names, those this cascade has) start to copy over behind theirs."""
+    def _on_device(self, *modules: nn.Module):
+        """With ``offload``, the modules sit on the device only inside the block."""
         if not self.offload:
             yield
             return
         with self._offloader.lend(*modules):  # pinned CPU weights, no copy back (model.pipeline.offload)
-            self._offloader.prefetch(*(self.parts[n] for n in then if n in self.parts))
             yield
 
     def _steps(self, steps) -> dict[str, int]:
@@ -480,7 +477,7 @@ class ImageToMesh:
         return {k: n for k in out}
 
     def _sample(self, model: nn.Module, x: SparseTensor, cond, *, steps: int, guidance: float, shift: float,
-                generator: torch.Generator, rec: StageRecord, desc: str, progress: bool, cuda_graph=False):
+                generator: torch.Generator, rec: StageRecord, desc: str, progress: bool):
         """:func:`model.flow.euler_sample` with noise from ``generator``; per-step times go to ``rec``."""
         noise = torch.randn(x.feats.shape, generator=generator)
         bar = None
@@ -502,7 +499,7 @@ class ImageToMesh:
 
         try:
             z = euler_sample(model, x, cond, steps=steps, guidance=guidance, shift=shift, noise=noise,
-                             callback=callback, cuda_graph=cuda_graph)
+                             callback=callback)
         finally:
             if bar is not None:
                 bar.close()
@@ -525,7 +522,7 @@ class ImageToMesh:
         ``run.coords[name]``."""
         dit = self.parts[f"sparse_dit_{name}"]
         cfg = dit.config
-        with run.recorder.stage(f"sparse_{name}") as rec, self._on_device(dit, then=[f"sparse_vae_{name}"]):
+        with run.recorder.stage(f"sparse_{name}") as rec, self._on_device(dit):
             c = to_layout_order(coords.to(self.device), compression_block=cfg.compression_block,
                                 selection_block=cfg.selection_block)
             if int(c[:, 1:].max()) >= cfg.resolution:
@@ -536,7 +533,7 @@ class ImageToMesh:
             cond = self._sparse_condition(dit, run.tokens, run.image.mask)
             z = self._sample(dit, x, cond, steps=run.steps[name], guidance=run.guidance,
                              shift=getattr(self.config, f"shift_{name}"), generator=run.generator, rec=rec,
-                             desc=f"sparse {name}", progress=run.progress, cuda_graph="auto")
+                             desc=f"sparse {name}", progress=run.progress)
             rec.info["tokens"] = int(c.shape[0])
         run.coords[name] = z.coords.cpu()
         return z
@@ -547,8 +544,7 @@ class ImageToMesh:
         from model.nets.conditioning import preprocess_image
 
         rgba = load_rgba(image)
-        with run.recorder.stage("condition") as rec, self._on_device(
-                self.encoder, then=[] if "coords_512" in run.given else ["dense_vae", "dense_dit"]):
+        with run.recorder.stage("condition") as rec, self._on_device(self.encoder):
             pre = preprocess_image(rgba, size=self.encoder.image_size)
             tokens = self.encoder(pre.rgb.unsqueeze(0).to(self.device))
             rec.info["condition_tokens"] = int(tokens.shape[1])
@@ -560,7 +556,7 @@ class ImageToMesh:
         when there is none, unless ``coords_512`` were given (they replace the dense stage's voxels)."""
         dvae, ddit = self.parts["dense_vae"], self.parts["dense_dit"]
         cfg = self.config
-        with run.recorder.stage("dense") as rec, self._on_device(dvae, ddit, then=["sparse_dit_512"]):
+        with run.recorder.stage("dense") as rec, self._on_device(dvae, ddit):
             r, ch = ddit.config.resolution, ddit.config.in_channels
             axis = torch.arange(r, device=self.device)
             grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
@@ -590,8 +586,7 @@ class ImageToMesh:
 
         vae = self.parts[f"sparse_vae_{name}"]
         chunks = getattr(self.config, f"decode_chunks_{name}")
-        nxt = ["refiner"] if name == "512" else ["refiner_1024"] if self.config.interior == "refiner" else []
-        with run.recorder.stage(f"decode_{name}") as rec, self._on_device(vae, then=nxt):
+        with run.recorder.stage(f"decode_{name}") as rec, self._on_device(vae):
             if chunks == "auto":
                 chunks = decode_chunk_count(z.coords, z.resolution)
             sdf, feats = decode_chunked(vae, z.replace(z.feats.to(self.dtype)), chunks, features=features,
@@ -608,8 +603,8 @@ class ImageToMesh:
         z = self._sparse_stage("512", coords, run)
         sdf, feats = self._decode("512", z, run)
         del z
-        ref, nxt = self.parts["refiner"], ["sparse_dit_1024"] * (resolution == 1024)
-        with run.recorder.stage("refine_512") as rec, self._on_device(ref, then=nxt):
+        ref = self.parts["refiner"]
+        with run.recorder.stage("refine_512") as rec, self._on_device(ref):
             field_512 = refine_512(ref, sdf.coords[:, 1:], sdf.feats[:, 0], feats.feats,  # its weights' dtype
                                    progress=run.progress)
             del sdf, feats  # freed before marching cubes

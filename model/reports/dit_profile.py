@@ -179,17 +179,6 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
            step(guided16(False), nullcontext), plain_blocks=True)
     record("bf16 weights, fused norms, shortcut, two forwards", step(guided16(False), nullcontext))
     record("bf16 weights, fused norms, shortcut, one batched forward", step(guided16(True), nullcontext))
-
-    def graphed16(batched, x):
-        from model.flow import GuidedStepGraph
-
-        graph = GuidedStepGraph(model, cond16, guidance, batched)
-        graph(x, t)  # eager: the caches and the kernels' compilation
-        graph(x, t)  # captured (and replayed): the timed calls only replay
-        return lambda: graph(x, t)
-
-    record("bf16 weights, fused norms, shortcut, two forwards, replayed from a CUDA graph",
-           step(graphed16(False, xt_bf16), nullcontext))
     for backend in () if core else ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -216,18 +205,15 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
         xs = SparseTensor(small_coords.to(dev), torch.randn(n, xt.num_channels, generator=gen).to(dev, torch.bfloat16),
                           validate=False)
         base_small = {}
-        for batched, graphed in ((False, False), (True, False), (True, True)):
-            def small_step(b=batched, replay=graphed16(batched, xs) if graphed else None):
-                if replay is not None:
-                    return replay()
+        for batched in (False, True):
+            def small_step(b=batched):
                 with torch.no_grad():
                     return model.guided_velocity(xs, t, cond16, guidance, batched=b).feats
             times, peak = time_fn(small_step, reps=reps, warmup=warmup, device=dev)
             v = small_step()
             base = base_small.setdefault("v", v)
             out.append({"name": f"{n:,} tokens: bf16 weights, fused norms, shortcut, "
-                                f"{'one batched forward' if batched else 'two forwards'}"
-                                f"{', replayed from a CUDA graph' if graphed else ''}",
+                                f"{'one batched forward' if batched else 'two forwards'}",
                         "median_ms": sorted(times)[len(times) // 2], "reps_ms": times, "peak_gb": peak,
                         "rel_diff": _rel(v, base)})
     return out

@@ -32,7 +32,6 @@ labelled DRY RUN everywhere), which the test suite runs to exercise this path.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
@@ -286,36 +285,16 @@ def _estimate(rec: dict, released_steps: int) -> dict:
             "estimated_seconds_at_released_steps": rest + per_step * released_steps}
 
 
-@contextlib.contextmanager
-def _guided_graphs(on: bool):
-    """Inside the block the sparse stages of at most :data:`model.flow.BATCHED_GUIDANCE_MAX_TOKENS` tokens replay
-    their guided step from a CUDA graph when ``on`` (:data:`model.flow.GUIDED_GRAPH_MAX_TOKENS`); yields the limit
-    in force."""
-    import model.flow as flow
-
-    before = flow.GUIDED_GRAPH_MAX_TOKENS
-    if on:
-        flow.GUIDED_GRAPH_MAX_TOKENS = flow.BATCHED_GUIDANCE_MAX_TOKENS
-    try:
-        yield flow.GUIDED_GRAPH_MAX_TOKENS
-    finally:
-        flow.GUIDED_GRAPH_MAX_TOKENS = before
-
-
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True,
                simplify_ratio: float | None = None, profile=(), warmup: bool = False,
-               decode_chunks: dict | None = None, prefetch_weights: bool = False, sparse_cuda_graph: bool = False,
-               command: str | None = None) -> dict:
+               decode_chunks: dict | None = None, command: str | None = None) -> dict:
     """Run the cascade as the module docstring says and return the result document. ``warmup``: run the whole
     cascade once first, one step per sampling stage, untimed (its wall time is recorded apart), so that the timed
     run finds every kernel compiled and every library initialised, as a second image in the same process does.
     ``decode_chunks``: ``{"512": n, "1024": n}`` spatial chunks per axis of the VAE decodes, replacing the
-    cascade's (:class:`model.pipeline.cascade.CascadeConfig`). ``prefetch_weights``: with offloading, each stage's
-    weights copy over during the stage before it (:attr:`model.pipeline.offload.Offloader.prefetch_weights`).
-    ``sparse_cuda_graph``: the sparse stages of at most :data:`model.flow.BATCHED_GUIDANCE_MAX_TOKENS` tokens replay
-    their guided step from a CUDA graph (:class:`model.flow.GuidedStepGraph`; off by default until timed).
-    ``command``: the command line to record (the module's name when None)."""
+    cascade's (:class:`model.pipeline.cascade.CascadeConfig`). ``command``: the command line to record (the module's
+    name when None)."""
     from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh
     from model.pipeline.geometry import mesh_to_latent_coords
     from model.data.render import render_views
@@ -332,8 +311,6 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         pipe = ImageToMesh.random("tiny" if dry_run else "released", seed=seed, device=dev, dtype=dtype,
                                   offload=offload,
                                   config={f"decode_chunks_{k}": n for k, n in (decode_chunks or {}).items()})
-    if pipe.offload:
-        pipe._offloader.prefetch_weights = bool(prefetch_weights)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     build_seconds = time.perf_counter() - t0
@@ -366,19 +343,18 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
              "tokens": int(coords_1024.shape[0]), "mesh_faces": int(len(standin.faces)),
              "input": "the report's mesh subdivided to 512-mesh edge lengths (stand-in for the 512 mesh)"}
     warmup_seconds = None
-    with _guided_graphs(sparse_cuda_graph) as graph_tokens:
-        if warmup:
-            t0 = time.perf_counter()
-            pipe.generate(render, resolution=1024, steps={k: 1 for k in steps}, seed=seed, coords_512=coords_512,
-                          coords_1024=coords_1024, run_dense=True, progress=False, simplify_ratio=simplify_ratio)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-            warmup_seconds = time.perf_counter() - t0
-        with AttentionTimer(p["sparse_dit_1024"], dev) as timer:
-            result = pipe.generate(render, resolution=1024, steps=steps, seed=seed, coords_512=coords_512,
-                                   coords_1024=coords_1024, run_dense=True, progress=progress,
-                                   simplify_ratio=simplify_ratio)
+    if warmup:
+        t0 = time.perf_counter()
+        pipe.generate(render, resolution=1024, steps={k: 1 for k in steps}, seed=seed, coords_512=coords_512,
+                      coords_1024=coords_1024, run_dense=True, progress=False, simplify_ratio=simplify_ratio)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        warmup_seconds = time.perf_counter() - t0
+    with AttentionTimer(p["sparse_dit_1024"], dev) as timer:
+        result = pipe.generate(render, resolution=1024, steps=steps, seed=seed, coords_512=coords_512,
+                               coords_1024=coords_1024, run_dense=True, progress=progress,
+                               simplify_ratio=simplify_ratio)
     attention = timer.totals()
     stages = {}
     for name, rec in result.stage_table().items():
@@ -408,8 +384,6 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "dtype": str(dtype).replace("torch.", ""),
         "refiner_dtype": result.settings["refiner_dtype"],
         "offload": pipe.offload,
-        "prefetch_weights": bool(pipe.offload and prefetch_weights),
-        "guided_graph_max_tokens": graph_tokens,
         "command": command or "python -m model.reports.generate",
         "backend": pipe.backend,
         "parameters": parts,
@@ -442,9 +416,7 @@ def _gb(nbytes) -> str:
 
 def _placement(r: dict) -> str:
     if r["offload"]:
-        return ("parts offloaded to the CPU between their stages (each on the GPU only while its stage runs"
-                + ("; the next stage's weights copied during the stage before it)" if r.get("prefetch_weights")
-                   else ")"))
+        return "parts offloaded to the CPU between their stages (each on the GPU only while its stage runs)"
     return "all parts resident on the GPU" if "CPU" not in r["gpu"] else "on the CPU"
 
 
@@ -492,9 +464,7 @@ def markdown(r: dict) -> str:
         f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']} (the refiners {r.get('refiner_dtype', r['dtype'])}"
         f"), SSA backend `{r['backend']}`, "
         f"{_placement(r)}; "
-        + (f"sparse stages of at most {r['guided_graph_max_tokens']:,} tokens replay their guided step from a CUDA "
-           "graph (`--sparse-cuda-graph`); " if r.get("guided_graph_max_tokens") else "")
-        + f"built in {r['build_seconds']:.1f} s (not counted). "
+        f"built in {r['build_seconds']:.1f} s (not counted). "
         + (f"**Warm process**: a first run of the whole cascade with one step per sampling stage took "
            f"{r['warmup_seconds']:.1f} s before the timed one (`--warmup`, not counted), so no stage below compiles "
            "a kernel or initialises a library, as for a second image in one process. "
@@ -607,12 +577,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the cascade once untimed (one step per sampling stage) before the timed run")
     p.add_argument("--no-offload", action="store_true",
                    help="keep every part on the GPU (default: each part on the GPU for its own stage only)")
-    p.add_argument("--sparse-cuda-graph", action="store_true",
-                   help="replay the guided step of the sparse stages up to 65,536 tokens (the 512 stage) from a CUDA "
-                        "graph (default: off, every step launched from the host)")
-    p.add_argument("--prefetch-weights", action="store_true",
-                   help="with offloading, copy each stage's weights to the GPU during the stage before it "
-                        "(default: off, each stage copies its own at its start)")
     add_seed(p)
     add_device(p, default=None, shown="cuda; cpu with --dry-run")
     p.add_argument("--dry-run", action="store_true", help="tiny random cascade on the CPU (tests), labelled DRY RUN")
@@ -652,9 +616,7 @@ def _main(args, command: str | None = None) -> int:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
                        progress=args.progress, simplify_ratio=args.simplify_ratio, profile=args.profile,
-                       warmup=args.warmup, prefetch_weights=args.prefetch_weights,
-                       sparse_cuda_graph=args.sparse_cuda_graph,
-                       command=command,
+                       warmup=args.warmup, command=command,
                        decode_chunks={res: n for res, n in (("512", args.decode_chunks_512),
                                                             ("1024", args.decode_chunks_1024)) if n is not None})
     except ValueError as exc:
