@@ -41,16 +41,18 @@ TUNED_HEAD_DIM = 32
 #: per program; tokens_per_program(_agg): query tokens per scoring program; aggregate: how scoring sums
 #: the compressed scores of a selection block ("prefix" or "mask"); the backward's streams and kernel order, and
 #: recompute_window_bytes: above this size of one [N, Hq, D] tensor of q's dtype the window branch's output is not
-#: kept for the backward but recomputed there (ssa_kernels.ssa). selection.FWD's key_outer (0/1) picks the key-outer
-#: forward (ssa_kernels.selection), with ko_rows / ko_block_n / ko_warps / ko_stages for its partials kernel,
-#: merge_rows / merge_warps for the merge, and scratch_bytes bounding the partials of one chunk of queries.
+#: kept for the backward but recomputed there (ssa_kernels.ssa). selection.FWD's and selection.DQ's key_outer (0/1)
+#: picks the key-outer kernel (ssa_kernels.selection), with ko_rows / ko_block_n / ko_warps / ko_stages for its
+#: partials kernel, merge_rows / merge_warps for the merge, and scratch_bytes bounding the partials of one chunk of
+#: queries.
 BASE: dict[str, dict] = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3),
     "compression.DKDV": dict(rows=32, block_n=128, programs=2048, num_warps=4, num_stages=1),
     "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
                           ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29),
-    "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
+    "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
+                         ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29),
     "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192),
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),

@@ -15,7 +15,10 @@ is a row that chose the block (no masked work). Each (query, block) pair yields 
 normalised by its own sum, its running max and sum) at the pair's place in the index; a second kernel merges each
 query's ``topk`` partials in slot order (deterministic, no atomics). The partials take
 ``tokens x Hkv x topk x G x D`` values of q's dtype; queries are taken in chunks so that they stay under the
-setting ``scratch_bytes``.
+setting ``scratch_bytes``. dQ has the same key-outer variant (``key_outer`` of ``selection.DQ``): float32 partial
+dQ per (query, block) pair, summed per query in slot order. Both pay where a kv group has few query heads (head
+dims 64 and 128 of the benchmark: a query-outer tile of 16 rows holds 2-4 tokens there, masked on most blocks);
+at 16 heads per kv group the query-outer kernels stay faster (reports/kernels.md).
 
 dK/dV are key-outer: a program owns a tile of one selection block's keys and loops over the queries that chose
 the block, through a block -> queries index (CSR), accumulating every head of the group in float32 registers.
@@ -246,6 +249,77 @@ def _sel_bwd_dq_kernel(
 
 
 @triton.jit
+def _sel_bwd_dq_ko_kernel(
+    Q, K, V, DO, LSE2, DELTA, DP, sel_offsets, csr_offsets, csr_tokens, item_bucket, item_start,
+    S, NB, H, t0, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Key-outer dQ, work items as in :func:`_sel_fwd_ko_kernel`: the unscaled dQ of each (query, block) pair over
+    all keys of the block into row ``e * G + h`` of the float32 partials ``DP [E * G, D]`` (the gate's magnitude
+    is in ``LSE2``; its sign and the scale are applied when :func:`_sel_dq_merge_kernel` adds the partials)."""
+    item = tl.program_id(0)
+    bucket = tl.load(item_bucket + item)
+    if bucket < NB:
+        chunk = item - tl.load(item_start + bucket)
+        blk = bucket % S
+        g = bucket // S
+        e_lo = tl.load(csr_offsets + bucket) + chunk * BLOCK_T
+        e_hi = tl.minimum(tl.load(csr_offsets + bucket + 1), e_lo + BLOCK_T)
+        if e_lo < e_hi:
+            r = tl.arange(0, BLOCK_T * HG)
+            e = e_lo + r // HG
+            row_ok = e < e_hi
+            hh = tl.program_id(1) * HG + r % HG
+            head = g * G + hh
+            tok64 = (tl.load(csr_tokens + e, mask=row_ok, other=0) + t0).to(tl.int64)
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            rd_mask = row_ok[:, None] & d_ok[None, :]
+            q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh,
+                                                  stride_dt, stride_dh, row_ok, rd_mask)
+            dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+            start = tl.load(sel_offsets + blk)
+            end = tl.load(sel_offsets + blk + 1)
+            for ks in range(start, end, BLOCK_N):
+                n = ks + tl.arange(0, BLOCK_N)
+                n_ok = n < end
+                k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
+                dq = _dq_step(dq, q, k, v, do, lse2, delta, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION,
+                              True)
+            prow = e.to(tl.int64) * G + hh
+            tl.store(DP + prow[:, None] * D + d[None, :], dq, mask=rd_mask)
+
+
+@triton.jit
+def _sel_dq_merge_kernel(
+    DP, POS, DQ, GATE,
+    n_chunk, H, t0, scale,
+    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, TOPK: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
+    """Sums the key-outer dQ partials of ``BLOCK_T`` chunk tokens x ``HG`` heads in slot order (``POS`` as in
+    :func:`_sel_merge_kernel`) and stores them as :func:`_sel_bwd_dq_kernel` does (scale, gate sign, added to
+    ``DQ`` when ``ACCUMULATE``)."""
+    tok, head, row_ok, g = _row_tokens_heads(tl.program_id(0), tl.program_id(1), n_chunk, G, HG, BLOCK_T)
+    hkv = H // G
+    hh = head - g * G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
+    for slot in range(TOPK):
+        pos = tl.load(POS + (tok.to(tl.int64) * hkv + g) * TOPK + slot, mask=row_ok, other=-1)
+        ok = pos >= 0
+        prow = pos.to(tl.int64) * G + hh
+        dq += tl.load(DP + prow[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+    tok64 = (tok + t0).to(tl.int64)
+    _dq_store(DQ, GATE, dq, scale, tok64, head, d, H, row_ok, row_ok[:, None] & d_ok[None, :], D, HAS_GATE,
+              GATE_IDX, ACCUMULATE)
+
+
+@triton.jit
 def _sel_bwd_dkdv_kernel(
     Q, K, V, DO, GATE, NEG, LSE2, DELTA, DK, DV, PART,
     sel_offsets, csr_offsets, csr_tokens, item_bucket, item_start,
@@ -449,15 +523,10 @@ def _selection_forward_key_outer(q, k, v, idx, layout: BlockLayout, scale: float
     s_blocks = layout.num_sel_blocks
     hg, bt = _config(group, fwd["ko_rows"])
     mhg, mbt = _config(group, fwd["merge_rows"])
-    partial_bytes = hkv * topk * group * dim * q.element_size()  # per query token
-    chunk = max(1, fwd["scratch_bytes"] // partial_bytes)
     bd, prec = block_d(dim), dot_precision(q.dtype)
-    for t0 in range(0, n, chunk):
-        nc = min(n, t0 + chunk) - t0
-        sub = idx[t0:t0 + nc]
-        offsets, tokens, pos = block_query_index(sub, s_blocks, positions=True)
-        item_bucket, item_start, _ = split_buckets(offsets, bt, sub.numel())
-        rows = sub.numel() * group
+    for t0, nc, offsets, tokens, pos, item_bucket, item_start in _key_outer_chunks(
+            q, idx, layout, bt, hkv * topk * group * dim * q.element_size(), fwd["scratch_bytes"]):
+        rows = nc * hkv * topk * group
         op = torch.empty(rows, dim, device=q.device, dtype=q.dtype)
         mp = torch.empty(rows, device=q.device, dtype=torch.float32)
         lp = torch.empty(rows, device=q.device, dtype=torch.float32)
@@ -471,6 +540,50 @@ def _selection_forward_key_outer(q, k, v, idx, layout: BlockLayout, scale: float
         _sel_merge_kernel[(triton.cdiv(nc, mbt), hkv * (group // mhg))](
             op, mp, lp, pos, o, lse, nc, hq, t0, o.stride(0), o.stride(1),
             G=group, HG=mhg, BLOCK_T=mbt, TOPK=topk, D=dim, BLOCK_D=bd, num_warps=fwd["merge_warps"],
+        )
+
+
+def _key_outer_chunks(q, idx, layout: BlockLayout, group_rows: int, partial_bytes: int, scratch_bytes: int):
+    """The chunks of queries of a key-outer kernel: per chunk ``(t0, n, offsets, tokens, pos, item_bucket,
+    item_start)``, the chunk's block -> queries index with each choice's position and its work items of
+    ``group_rows`` queries; a chunk holds as many queries as keep ``partial_bytes`` per query within
+    ``scratch_bytes``."""
+    n = q.shape[0]
+    chunk = max(1, scratch_bytes // partial_bytes)
+    for t0 in range(0, n, chunk):
+        sub = idx[t0:t0 + chunk]
+        offsets, tokens, pos = block_query_index(sub, layout.num_sel_blocks, positions=True)
+        item_bucket, item_start, _ = split_buckets(offsets, group_rows, sub.numel())
+        yield t0, sub.shape[0], offsets, tokens, pos, item_bucket, item_start
+
+
+def _selection_dq_key_outer(do, q, k, v, idx, gate_t, lse2, delta, dq_acc, layout: BlockLayout, scale: float,
+                            cfg: dict, *, has_gate: bool, gate_idx: int, accumulate: bool):
+    """dQ of the selection branch, key-outer (launch setting ``key_outer`` of ``selection.DQ``): per chunk of
+    queries the unscaled float32 dQ of every (query, chosen block) pair (:func:`_sel_bwd_dq_ko_kernel`), then each
+    query's pairs summed in slot order into ``dq_acc`` (:func:`_sel_dq_merge_kernel`). Deterministic."""
+    n, hq, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    topk = idx.shape[2]
+    hg, bt = _config(group, cfg["ko_rows"])
+    mhg, mbt = _config(group, cfg["merge_rows"])
+    bd, prec = block_d(dim), dot_precision(q.dtype)
+    s_blocks = layout.num_sel_blocks
+    for t0, nc, offsets, tokens, pos, item_bucket, item_start in _key_outer_chunks(
+            q, idx, layout, bt, hkv * topk * group * dim * 4, cfg["scratch_bytes"]):
+        dp = torch.empty(nc * hkv * topk * group, dim, device=q.device, dtype=torch.float32)
+        _sel_bwd_dq_ko_kernel[(item_bucket.numel(), group // hg)](
+            q, k, v, do, lse2, delta, dp, layout.sel_offsets, offsets, tokens, item_bucket, item_start,
+            s_blocks, hkv * s_blocks, hq, t0, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
+            G=group, HG=hg, BLOCK_T=bt, BLOCK_N=cfg["ko_block_n"], D=dim, BLOCK_D=bd, PRECISION=prec,
+            num_warps=cfg["ko_warps"], num_stages=cfg["ko_stages"],
+        )
+        _sel_dq_merge_kernel[(triton.cdiv(nc, mbt), hkv * (group // mhg))](
+            dp, pos, dq_acc, gate_t, nc, hq, t0, scale,
+            G=group, HG=mhg, BLOCK_T=mbt, TOPK=topk, D=dim, BLOCK_D=bd, HAS_GATE=has_gate, GATE_IDX=gate_idx,
+            ACCUMULATE=accumulate, num_warps=cfg["merge_warps"],
         )
 
 
@@ -502,7 +615,10 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
     prec = dot_precision(q.dtype)
     dq_cfg = config("selection.DQ", head_dim=dim, dtype=q.dtype, device=q.device)
     hg, bt = _config(group, dq_cfg["rows"])
-    if "dq" in parts:
+    if "dq" in parts and dq_cfg["key_outer"]:
+        _selection_dq_key_outer(do, q, k, v, idx, gate_t, lse2, delta, dq_acc, layout, scale, dq_cfg,
+                                has_gate=has_gate, gate_idx=gate_idx, accumulate=accumulate)
+    elif "dq" in parts:
         _sel_bwd_dq_kernel[(triton.cdiv(n, bt), hkv * (group // hg))](
             q, k, v, do, gate_t, lse2, delta, dq_acc, idx, layout.sel_offsets,
             n, hq, scale * LOG2E, scale,

@@ -292,15 +292,50 @@ def test_selection_forward_key_outer_equals_reference(hq, hkv, d, scratch):
     assert rel_err(lse, lse_ref) < F32_TOL
 
 
-def test_whole_op_with_the_key_outer_selection_forward():
+def test_whole_op_with_the_key_outer_selection_forward_and_dq():
     """The whole op (several batch elements, one empty; fewer blocks than topk in one) with the key-outer selection
-    forward: output and the six gradients against the float64 reference, as with the query-outer one."""
+    forward and dQ (the dQ in chunks of 8 tokens: 2 x 3 x 4 x 32 x 4 bytes each): output and the six gradients
+    against the float64 reference, as with the query-outer kernels."""
     coords, inp = _make((45, 0, 30), 16, 4, 8, 8, 2, 32, seed=11)
-    with ssa_kernels.launch.overriding("selection.FWD", dict(key_outer=1, ko_rows=32, merge_rows=16)):
+    ko = dict(key_outer=1, ko_rows=32, merge_rows=16)
+    with ssa_kernels.launch.overriding("selection.FWD", ko), \
+            ssa_kernels.launch.overriding("selection.DQ", {**ko, "scratch_bytes": 8 * 2 * 3 * 4 * 32 * 4}):
         o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8, shift=4)
     assert rel_err(o, o_ref) < F32_TOL
     for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
         assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
+def test_key_outer_selection_dq_with_gates_of_any_sign_equals_the_query_outer_one():
+    """The key-outer selection dQ against the query-outer one on the same choice, with gates of both signs and
+    zero (the sign applied when the partials are summed, the magnitude folded into the log-sum-exp), written into
+    a fresh accumulator and added to a given one."""
+    hq, hkv, d = 8, 2, 32
+    coords, (q, k, v, *_) = _make((40, 25), 16, 4, 8, hq, hkv, d, seed=5)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    gen = torch.Generator().manual_seed(5)
+
+    def pick(lo, hi, g):
+        return (lo + torch.randperm(hi - lo, generator=gen)[:int(torch.randint(1, 5, (), generator=gen))]).tolist()
+
+    idx = _choice(layout, hkv, 4, pick)
+    q, k, v = q.float(), k.float(), v.float()
+    o, lse = ssa_kernels.selection.selection_forward(q, k, v, idx, layout, d**-0.5)
+    do = torch.randn_like(o)
+    delta = (do * o).sum(-1)
+    gate = torch.randn(q.shape[0], 3, generator=gen)
+    gate[::5, 1] = 0.0
+    run = lambda **kw: ssa_kernels.selection.selection_backward(  # noqa: E731
+        do, q, k, v, idx, lse, delta, layout, d**-0.5, gate=gate, gate_idx=1, parts=("dq",), **kw)[0]
+    want = run()
+    base = torch.randn_like(q)
+    want_added = run(dq_acc=base.clone(), dk_acc=None, dv_acc=None, accumulate=True)
+    with ssa_kernels.launch.overriding("selection.DQ", dict(key_outer=1, ko_rows=32, merge_rows=16)):
+        got = run()
+        got_added = run(dq_acc=base.clone(), dk_acc=None, dv_acc=None, accumulate=True)
+    assert rel_err(got, want) < F32_TOL
+    assert rel_err(got_added, want_added) < F32_TOL
 
 
 @pytest.mark.parametrize("max_queries", [1, 3, 7])

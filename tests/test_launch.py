@@ -21,7 +21,8 @@ PREVIOUS = {
     "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2,  # added later: the key-outer forward's
                           key_outer=0, ko_rows=128, ko_block_n=64, ko_warps=4, ko_stages=2,  # settings, off
                           merge_rows=64, merge_warps=4, scratch_bytes=2**29),
-    "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2),
+    "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
+                         ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29),
     "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192),
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
@@ -170,13 +171,19 @@ def test_parse_sweep_expands_every_combination_and_checks_names():
 
 def test_shipped_table_loads_and_keeps_the_swept_kernels_launches(monkeypatch):
     """ssa_kernels/launch_table.json (written on an H100 by kernel_profile --write-table) is loaded at import; its
-    sm90 entries for head dims 64 and 128 recorded the swept winners, which equal the base settings there."""
+    sm90 bf16 entries recorded the swept winners: the key-outer selection forward at head dims 64 and 128
+    (reports/kernels.md), every other setting as in the base table; elsewhere (another GPU, float32) the base."""
     import torch
 
     from ssa_kernels import launch
 
     assert launch._MEASURED == launch.load_table(launch.TABLE_PATH) and launch._MEASURED
-    before = {(k, d): launch.config(k, head_dim=d, dtype=torch.bfloat16) for k in BASE for d in (64, 128)}
+    dims = (32, 64, 128)
+    before = {(k, d): launch.config(k, head_dim=d, dtype=torch.bfloat16) for k in BASE for d in dims}
     monkeypatch.setattr(launch, "architecture", lambda device=None: "sm90")
+    swept = {("selection.FWD", 64): dict(key_outer=1, scratch_bytes=2**31),
+             ("selection.FWD", 128): dict(key_outer=1, ko_rows=64, ko_block_n=32)}
     for (kernel, dim), values in before.items():
-        assert launch.config(kernel, head_dim=dim, dtype=torch.bfloat16) == values, (kernel, dim)
+        want = {**values, **swept.get((kernel, dim), {})}
+        assert launch.config(kernel, head_dim=dim, dtype=torch.bfloat16) == want, (kernel, dim)
+        assert launch.config(kernel, head_dim=dim, dtype=torch.float32) == values, (kernel, dim)
