@@ -251,6 +251,36 @@ def test_sign_fill_grid_and_pruning_give_the_released_field_without_a_dense_grid
         sparse_sdf_to_mesh(coords, values, res, fill=np.ones((5, 5, 5)))
 
 
+@pytest.mark.parametrize("backend,brick", [("torch", 8), ("skimage", 4)])
+def test_sign_grid_near_the_decoded_voxels_gives_the_same_mesh(backend, brick):
+    """The cascade runs the sign refiner only for the patches that have the last word near a decoded voxel
+    (``predict_sign(near=)``: 1 pooled voxel for the GPU marching cubes, which read the grid at corners of cells
+    with a decoded corner; half a brick and one for the CPU path, which fills whole bricks): the mesh is the same,
+    vertex for vertex, as with every patch run, and some patches did not run."""
+    from model.nets.refiner import RefinerConfig, SignRefiner, predict_sign
+
+    res, level = 32, 0.2
+    g = np.arange(res) + 0.5
+    x, y, z = np.meshgrid(g, g, g, indexing="ij")
+    sdf = (np.sqrt((x - 6) ** 2 + (y - 7) ** 2 + (z - 6) ** 2) - 3.5) / 2.0  # a small sphere in one corner
+    band = np.abs(sdf) < 1.0
+    coords = torch.from_numpy(np.stack(np.nonzero(band), 1))
+    values = torch.from_numpy(np.tanh(sdf[band])).float()
+    torch.manual_seed(1)
+    refiner = SignRefiner(RefinerConfig.tiny()).eval()
+    near = 1 if backend == "torch" else brick // 2 + 1
+    stats = {}
+    with torch.no_grad():
+        full = predict_sign(refiner, coords, values, res)
+        part = predict_sign(refiner, coords, values, res, near=near, stats=stats)
+    assert stats["skipped"] > 0 and not torch.equal(full, part)
+    meshes = [sparse_sdf_to_mesh(coords, values, res, level=level, fill=fill, brick=brick, backend=backend)
+              for fill in (full, part if backend == "torch" else part.numpy())]
+    assert len(meshes[0].faces) > 0
+    np.testing.assert_array_equal(meshes[0].vertices, meshes[1].vertices)
+    np.testing.assert_array_equal(meshes[0].faces, meshes[1].faces)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the library, and the report
 

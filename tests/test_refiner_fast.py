@@ -152,13 +152,43 @@ def test_predict_sign_runs_empty_patches_once_with_the_same_result():
     calls = _count_calls(sign)
     stats = {}
     fast = predict_sign(sign, FINE_1024, values, 32, stats=stats, channels_last=False)
-    assert stats == {"patches": 27, "run": 3, "reused": 24, "empty": 25} and len(calls) == 3
+    assert stats == {"patches": 27, "run": 3, "reused": 24, "empty": 25, "skipped": 0} and len(calls) == 3
     every_stats = {}
     every = predict_sign(sign, FINE_1024, values, 32, stats=every_stats, reuse_empty=False, channels_last=False)
     assert every_stats["run"] == 27 and every_stats["reused"] == 0
     assert torch.equal(fast, every)
     assert torch.equal(fast, _direct_sign(sign, FINE_1024, values))
     assert set(fast.unique().tolist()) == {-1.0, 1.0}  # both signs occur: the comparison sees something
+
+
+@pytest.mark.parametrize("near", [0, 1, 3])
+def test_predict_sign_near_the_decoded_voxels_skips_patches_and_keeps_the_wanted_values(near):
+    """With ``near``, the patches that have the last word on no voxel within ``near`` of a decoded one (pooled) do
+    not run; every voxel within ``near`` keeps the bits of the full run, and a patch that has the last word on
+    such a voxel is never skipped."""
+    sign = _sign_refiner()
+    fine = torch.tensor([[2, 2, 3], [3, 2, 3], [5, 9, 4]])  # pooled: (1, 1, 1), (2, 4, 2), in the first patches
+    values = torch.tensor([-0.7, -0.2, 0.4])
+    full = predict_sign(sign, fine, values, 32, channels_last=False)
+    calls = _count_calls(sign)
+    stats = {}
+    got = predict_sign(sign, fine, values, 32, channels_last=False, stats=stats, near=near)
+    r = sign.config.resolution
+    pooled = torch.unique(fine // 2, dim=0)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1)  # [r, r, r, 3]
+    wanted = ((grid[:, :, :, None, :] - pooled).abs().amax(-1) <= near).any(-1)
+    assert torch.equal(got[wanted], full[wanted])
+    assert stats["skipped"] > 0 and stats["run"] + stats["reused"] + stats["skipped"] == 27
+    assert len(calls) == stats["run"]
+    # the patches that ran are exactly those with the last word on a wanted voxel
+    offs = patch_offsets(r, sign.config.patch_size, sign.config.patch_stride)
+    last = torch.zeros(r, dtype=torch.long)
+    for i, off in enumerate(offs):
+        last[off:off + sign.config.patch_size] = i
+    owners = {tuple(t) for t in torch.stack([last[grid[..., a][wanted]] for a in range(3)], 1).tolist()}
+    assert 27 - stats["skipped"] == len(owners)
+    with pytest.raises(ValueError, match="near"):
+        predict_sign(sign, fine, values, 32, near=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

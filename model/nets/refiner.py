@@ -652,17 +652,45 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
 
 
 @torch.no_grad()
+def _patches_near(points: torch.Tensor, offsets: list[int], size: int, resolution: int,
+                  margin: int) -> torch.Tensor:
+    """``[n, n, n]`` bool (``n = len(offsets)``): whether patch ``(i, j, k)`` has the last word (no later patch
+    overwrites it) on some grid voxel within ``margin`` voxels (per axis) of one of ``points [K, 3]``. Along an axis
+    the patch that has the last word on a voxel is the last one covering it, a non-decreasing function of the
+    coordinate, so the voxels around a point give a range of patch indices per axis."""
+    n = len(offsets)
+    last = torch.zeros(resolution, dtype=torch.long, device=points.device)
+    for i, off in enumerate(offsets):
+        last[off:off + size] = i
+    lo = last[(points - margin).clamp(0, resolution - 1)]  # [K, 3]
+    hi = last[(points + margin).clamp(0, resolution - 1)]
+    idx = torch.arange(n, device=points.device)
+    within = (lo[:, :, None] <= idx) & (idx <= hi[:, :, None])  # [K, 3, n]: patch index i on axis a is in range
+    near = torch.zeros(n, n, n, dtype=torch.bool, device=points.device)
+    for i in range(n):
+        for j in range(n):
+            both = within[:, 0, i] & within[:, 1, j]
+            near[i, j] = (both[:, None] & within[:, 2]).any(0)
+    return near
+
+
 def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, resolution: int = 1024, *,
                  dtype: torch.dtype | None = None, progress: bool = False, channels_last: bool | None = None,
-                 cudnn_benchmark: bool | None = None, reuse_empty: bool = True,
-                 stats: dict | None = None) -> torch.Tensor:
+                 cudnn_benchmark: bool | None = None, reuse_empty: bool = True, stats: dict | None = None,
+                 near: int | None = None) -> torch.Tensor:
     """The sign refiner's inside/outside grid on its own grid (half the field's side): decoded voxels ``coords
     [N, 3]`` on the ``resolution^3`` grid, ``sdf [N]`` -> ``[resolution / 2]^3`` float32 of ``+1`` (outside) / ``-1``
     (inside). The sparse SDF is pooled by 2 (``config.pool_mode``; the published decoder's duplicate rows at its
     chunk seams, which count twice there, do not exist in ours) and densified (empty = 1) patch by patch; later
     patches overwrite overlaps. Each value stands for the 2^3 field voxels under it (:func:`sign_refine_1024`).
     ``progress``: a tqdm bar over the patches; ``channels_last``, ``cudnn_benchmark``, ``reuse_empty`` and
-    ``stats``: as in :func:`refine_512` (a patch is empty when no pooled voxel falls in it)."""
+    ``stats``: as in :func:`refine_512` (a patch is empty when no pooled voxel falls in it).
+
+    ``near``: only the values within ``near`` voxels (per axis, on the refiner's grid) of a pooled decoded voxel
+    are wanted (the cascade's extraction reads the grid only at corners of cells that hold a decoded voxel, and its
+    CPU path whole bricks around them): patches that have the last word on none of those voxels are not run (their
+    share of the grid keeps ``+1``, ``stats["skipped"]`` counts them). The wanted values are the same bits as
+    without it. None runs every patch (the whole grid is right)."""
     cfg = refiner.config
     if resolution != 2 * cfg.resolution:
         raise ValueError(f"the sign refiner runs at {cfg.resolution}^3, so the field must be "
@@ -685,13 +713,22 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
     offs = patch_offsets(r, p, cfg.patch_stride)
     sign = torch.ones(r, r, r, device=dev)
     counter = _PatchCounter(len(offs) ** 3, stats)
+    counter.stats["skipped"] = 0
+    wanted = None
+    if near is not None:
+        if isinstance(near, bool) or not isinstance(near, int) or near < 0:
+            raise ValueError(f"near must be a non-negative int or None, got {near!r}")
+        wanted = _patches_near(pooled_coords, offs, p, r, near).tolist()
     empty_sign = None
     bar = _patch_bar(len(offs) ** 3, "refine 1024", progress)
     with _running_as(refiner, fmt, cudnn_benchmark):
-        for ox in offs:
-            for oy in offs:
-                for oz in offs:
+        for i, ox in enumerate(offs):
+            for j, oy in enumerate(offs):
+                for k, oz in enumerate(offs):
                     bar.update()
+                    if wanted is not None and not wanted[i][j][k]:
+                        counter.stats["skipped"] += 1
+                        continue
                     rel, rows = _patch_members(pooled_coords, (ox, oy, oz), p)
                     empty = rows.numel() == 0
                     reuse = reuse_empty and empty and empty_sign is not None

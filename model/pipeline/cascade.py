@@ -640,11 +640,15 @@ class ImageToMesh:
         if self.config.interior != "refiner":
             return OUTSIDE
         from model.nets.refiner import predict_sign
+        from model.pipeline.extract import DEFAULT_BRICK
 
-        sign_ref = self.parts["refiner_1024"]
+        sign_ref, stats = self.parts["refiner_1024"], {}
+        # _extract reads the grid around decoded voxels only (+-1 voxel on the GPU, its bricks on the CPU), so the
+        # patches with the last word on none of those values are not run: the same mesh
+        near = 1 if fine.is_cuda else DEFAULT_BRICK // 2 + 1
         with run.recorder.stage("refine_1024") as rec, self._on_device(sign_ref):
-            fill = predict_sign(sign_ref, fine, values, side, progress=run.progress)  # in its weights' dtype
-            rec.info.update(grid=sign_ref.config.resolution, inside_share=float((fill < 0).float().mean()))
+            fill = predict_sign(sign_ref, fine, values, side, progress=run.progress, near=near, stats=stats)
+            rec.info.update(grid=sign_ref.config.resolution, patches_skipped=stats["skipped"])
         return fill
 
     def _extract(self, fine: torch.Tensor, values: torch.Tensor, side: int, level: float, fill,
