@@ -171,7 +171,7 @@ def test_parse_sweep_expands_every_combination_and_checks_names():
 
 def test_shipped_table_loads_and_keeps_the_swept_kernels_launches(monkeypatch):
     """ssa_kernels/launch_table.json (written on an H100 by kernel_profile --write-table) is loaded at import; its
-    sm90 bf16 entries recorded the swept winners: the key-outer selection forward at head dims 64 and 128
+    sm90 bf16 entries recorded the swept winners: the key-outer selection forward and dQ at head dims 64 and 128
     (reports/kernels.md), every other setting as in the base table; elsewhere (another GPU, float32) the base."""
     import torch
 
@@ -181,8 +181,9 @@ def test_shipped_table_loads_and_keeps_the_swept_kernels_launches(monkeypatch):
     dims = (32, 64, 128)
     before = {(k, d): launch.config(k, head_dim=d, dtype=torch.bfloat16) for k in BASE for d in dims}
     monkeypatch.setattr(launch, "architecture", lambda device=None: "sm90")
-    swept = {("selection.FWD", 64): dict(key_outer=1, scratch_bytes=2**31),
-             ("selection.FWD", 128): dict(key_outer=1, ko_rows=64, ko_block_n=32)}
+    swept = {(kernel, 64): dict(key_outer=1, scratch_bytes=2**31) for kernel in ("selection.FWD", "selection.DQ")}
+    swept.update({(kernel, 128): dict(key_outer=1, ko_rows=64, ko_block_n=32)
+                  for kernel in ("selection.FWD", "selection.DQ")})
     for (kernel, dim), values in before.items():
         want = {**values, **swept.get((kernel, dim), {})}
         assert launch.config(kernel, head_dim=dim, dtype=torch.bfloat16) == want, (kernel, dim)
