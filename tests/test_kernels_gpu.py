@@ -153,6 +153,34 @@ def _backward_config(**cfg):
     return overriding("ssa.BACKWARD", cfg)
 
 
+def _assert_like_the_reference(outs, inp, coords, idx, do):
+    """``outs`` (the op's output and six gradients on shell-512, bf16, m 8, topk 8, window 8, shift 0) against the
+    float64 reference on the same top-k choice ``idx``: every value written, each within the bf16 tolerance."""
+    ref_in = [t.double().requires_grad_() for t in inp]
+    o_ref = reference.spatial_sparse_attention(*ref_in, coords, block_idx=idx, compression_block=8, selection_block=8,
+                                               topk=8, window=8, shift=0)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do.double())
+    for name, a, b in zip(("o", "q", "k", "v", "k_cmp", "v_cmp", "gate"), outs, (o_ref, *g_ref)):
+        assert not torch.isnan(a).any(), name
+        assert rel_err(a, b) < TOL[torch.bfloat16], f"{name}: {rel_err(a, b):.2e}"
+
+
+def _replayed(step):
+    """``(graph, outputs)``: ``step()`` run once on a side stream (warm-up), captured in a CUDA graph, replayed once;
+    the outputs are the graph's (the graph is returned so that its memory pool stays with them)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, out
+
+
 @pytest.mark.parametrize("cfg", [{}, dict(side="dq")], ids=["dkdv-side", "dq-side"])
 def test_gpu_cuda_graph_capture(cfg):
     coords = shape_coords("shell-512").cuda()
@@ -167,16 +195,7 @@ def test_gpu_cuda_graph_capture(cfg):
             return [o.detach(), *torch.autograd.grad(o, x, do)]
 
     eager = step()  # also warms up (compiles) every kernel
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    _, captured = _replayed(step)
     for a, b in zip(captured, eager):
         assert torch.equal(a, b)
 
@@ -206,16 +225,7 @@ def test_gpu_key_outer_selection_forward_and_dq_against_reference_deterministic_
         for a, b in zip(*runs):
             assert not torch.isnan(a).any()
             assert torch.equal(a, b)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
-        graph.replay()
-        torch.cuda.synchronize()
+        _, captured = _replayed(step)
     for a, b in zip(captured, runs[0]):
         assert torch.equal(a, b)
     base = step()
@@ -224,13 +234,7 @@ def test_gpu_key_outer_selection_forward_and_dq_against_reference_deterministic_
     with torch.no_grad():
         _, lse = ssa_kernels.compression_attention(inp[0], inp[3], inp[4], layout)
         idx = ssa_kernels.select_blocks(inp[0], inp[3], lse, layout, topk=8)
-    ref_in = [t.double().requires_grad_() for t in inp]
-    o_ref = reference.spatial_sparse_attention(*ref_in, coords, block_idx=idx, compression_block=8, selection_block=8,
-                                               topk=8, window=8, shift=0)
-    g_ref = torch.autograd.grad(o_ref, ref_in, do.double())
-    assert rel_err(runs[0][0], o_ref) < TOL[torch.bfloat16]
-    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), runs[0][1:], g_ref):
-        assert rel_err(a, b) < TOL[torch.bfloat16], f"d{name}: {rel_err(a, b):.2e}"
+    _assert_like_the_reference(runs[0], inp, coords, idx, do)
 
 
 def test_gpu_split_selection_dkdv_against_reference_and_deterministic():
@@ -258,27 +262,14 @@ def test_gpu_split_selection_dkdv_against_reference_and_deterministic():
     assert int(counts.max()) > 10 * 64 and int(counts.max()) > 5 * float(counts.float().mean())
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    ref_in = [t.double().requires_grad_() for t in inp]
-    o_ref = reference.spatial_sparse_attention(*ref_in, coords, block_idx=idx, compression_block=8, selection_block=8,
-                                               topk=8, window=8, shift=0)
-    g_ref = torch.autograd.grad(o_ref, ref_in, do.double())
-    assert rel_err(runs[0][0], o_ref) < TOL[torch.bfloat16]
-    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), runs[0][1:], g_ref):
-        assert not torch.isnan(a).any(), name
-        assert rel_err(a, b) < TOL[torch.bfloat16], f"d{name}: {rel_err(a, b):.2e}"
+    _assert_like_the_reference(runs[0], inp, coords, idx, do)
     x = [t.clone().requires_grad_() for t in inp]
+
+    def step():
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=0)
+        return [o, *torch.autograd.grad(o, x, do)]
+
     with overriding("selection.DKDV", dict(max_queries=64)):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=0)
-            torch.autograd.grad(o, x, do)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=0)
-            g = torch.autograd.grad(o, x, do)
-    graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip((o, *g), runs[0]):
+        _, captured = _replayed(step)
+    for a, b in zip(captured, runs[0]):
         assert torch.equal(a, b)
