@@ -571,7 +571,7 @@ def _selection_dq_key_outer(do, q, k, v, idx, gate_t, lse2, delta, dq_acc, layou
     bd, prec = block_d(dim), dot_precision(q.dtype)
     s_blocks = layout.num_sel_blocks
     for t0, nc, offsets, tokens, pos, item_bucket, item_start in _key_outer_chunks(
-            q, idx, layout, bt, hkv * topk * group * dim * 4, cfg["scratch_bytes"]):
+            q, idx, layout, bt, hkv * topk * group * dim * torch.float32.itemsize, cfg["scratch_bytes"]):
         dp = torch.empty(nc * hkv * topk * group, dim, device=q.device, dtype=torch.float32)
         _sel_bwd_dq_ko_kernel[(item_bucket.numel(), group // hg)](
             q, k, v, do, lse2, delta, dp, layout.sel_offsets, offsets, tokens, item_bucket, item_start,
