@@ -651,7 +651,6 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     return out
 
 
-@torch.no_grad()
 def _patches_near(points: torch.Tensor, offsets: list[int], size: int, resolution: int,
                   margin: int) -> torch.Tensor:
     """``[n, n, n]`` bool (``n = len(offsets)``): whether patch ``(i, j, k)`` has the last word (no later patch
@@ -674,6 +673,7 @@ def _patches_near(points: torch.Tensor, offsets: list[int], size: int, resolutio
     return near
 
 
+@torch.no_grad()
 def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, resolution: int = 1024, *,
                  dtype: torch.dtype | None = None, progress: bool = False, channels_last: bool | None = None,
                  cudnn_benchmark: bool | None = None, reuse_empty: bool = True, stats: dict | None = None,
