@@ -26,7 +26,8 @@ SCRIPTS = [
     "model.cli.generate", "model.cli.prepare_dit_data", "model.cli.reconstruct", "model.cli.sample",
     "model.cli.train_dit", "model.cli.train_vae", "model.reports.dit", "model.reports.generate",
     "model.reports.multi_gpu", "model.reports.vae", "model.reports.dit_demo", "model.reports.extract",
-    "model.reports.refiner", "model.reports.ssa_inputs", "model.data.meshes", "bench.run_gpu",
+    "model.reports.refiner", "model.reports.ssa_inputs", "model.reports.cross_attention", "model.data.meshes",
+    "bench.run_gpu",
 ]
 #: Options deliberately hidden from --help (the report's torchrun worker).
 INTERNAL = {("model.reports.multi_gpu", "--worker"), ("model.reports.multi_gpu", "--seconds"),
@@ -45,6 +46,7 @@ VOCABULARY = {
     "model.reports.generate": {"--out", "--device", "--seed", "--no-progress"},
     "model.reports.extract": {"--out", "--device"},
     "model.reports.refiner": {"--out", "--device", "--seed"},
+    "model.reports.cross_attention": {"--out", "--device", "--seed"},
     "model.reports.ssa_inputs": {"--out", "--device", "--seed"},
     "model.reports.multi_gpu": {"--out", "--device", "--seed", "--time-limit"},
     "model.reports.vae": {"--out", "--device", "--seed", "--time-limit"},

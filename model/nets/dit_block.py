@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from model.nets import cross_attention_kernel
 from model.nets.fused import norm_modulate
 from model.nets.ssa_layer import SpatialSparseAttention, dense_attention
 from model.sparse.layers import FeedForward, FP32LayerNorm, gated_linear_add, gelu_linear
@@ -28,6 +29,16 @@ __all__ = ["BLOCK_NORM_EPS", "GATED_RESIDUAL", "MLP_CHUNK_ROWS", "NORM_PROJECTIO
 
 #: Epsilon of the block layer norms (RELEASED_MODEL.md D).
 BLOCK_NORM_EPS = 1e-6
+
+
+def _kernel_fits(q: torch.Tensor, kv: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the cross-attention goes through :func:`model.nets.cross_attention_kernel.cross_attention`: switched
+    on (its ``ENABLED``), on CUDA, no autograd, one batch element, no key mask, a dtype and head dim it takes.
+    Otherwise SDPA (:func:`model.nets.ssa_layer.dense_attention`)."""
+    if not (cross_attention_kernel.ENABLED and q.is_cuda and mask is None and kv.shape[0] == 1
+            and offsets.numel() == 2):
+        return False
+    return cross_attention_kernel.supports(q, kv[0, :, 0], kv[0, :, 1])
 
 
 class CrossAttention(nn.Module):
@@ -66,6 +77,8 @@ class CrossAttention(nn.Module):
         n = q.shape[0]
         q = q.view(n, self.num_heads, d)
         kv = self.project_context(context) if kv is None else kv
+        if _kernel_fits(q, kv, offsets, mask):
+            return cross_attention_kernel.cross_attention(q, kv[0, :, 0], kv[0, :, 1]).view(n, self.channels)
         o = dense_attention(q, kv[:, :, 0], kv[:, :, 1], offsets, kv_mask=mask, cache=cache,
                             cache_key="dit_cross_attention")
         return o.reshape(n, self.channels)

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
+from model.nets import cross_attention_kernel
 
 __all__ = ["AttentionTimer", "choose_mesh", "main", "markdown", "run_report"]
 
@@ -386,6 +387,7 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "offload": pipe.offload,
         "command": command or "python -m model.reports.generate",
         "backend": pipe.backend,
+        "cross_attention": "kernel" if cross_attention_kernel.ENABLED else "sdpa",
         "parameters": parts,
         "weight_bytes": weight_bytes,
         "build_seconds": build_seconds,
@@ -463,7 +465,8 @@ def markdown(r: dict) -> str:
         f"Random weights of the {r['sizes']} sizes ({sum(r['parameters'].values()) / 1e6:,.1f} M parameters, "
         f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']} (the refiners {r.get('refiner_dtype', r['dtype'])}"
         f"), SSA backend `{r['backend']}`, "
-        f"{_placement(r)}; "
+        + (f"cross-attention through {_CROSS[r['cross_attention']]}, " if "cross_attention" in r else "")
+        + f"{_placement(r)}; "
         f"built in {r['build_seconds']:.1f} s (not counted). "
         + (f"**Warm process**: a first run of the whole cascade with one step per sampling stage took "
            f"{r['warmup_seconds']:.1f} s before the timed one (`--warmup`, not counted), so no stage below compiles "
@@ -545,6 +548,10 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: How the report's header names the cross-attention path (its JSON's ``cross_attention``).
+_CROSS = {"kernel": "the Triton kernel (`model.nets.cross_attention_kernel`)", "sdpa": "SDPA"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from model.cli.args import (add_device, add_no_progress, add_out, add_seed, make_parser, positive_int,
                                 share_below_one)
@@ -575,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "profiled stages run slower, so their times are not comparable)")
     p.add_argument("--warmup", action="store_true",
                    help="run the cascade once untimed (one step per sampling stage) before the timed run")
+    p.add_argument("--cross-attention", choices=("kernel", "sdpa"), default="kernel",
+                   help="the sparse DiTs' cross-attention at sampling: kernel (model.nets.cross_attention_kernel) or "
+                        "sdpa (PyTorch's scaled_dot_product_attention) (default %(default)s)")
     p.add_argument("--no-offload", action="store_true",
                    help="keep every part on the GPU (default: each part on the GPU for its own stage only)")
     add_seed(p)
@@ -612,6 +622,7 @@ def _main(args, command: str | None = None) -> int:
         raise UserError(f"--profile: unknown stages {unknown}; the stages are {', '.join(STAGES)}")
     device = args.device if args.device not in (None, "auto") else ("cpu" if args.dry_run else "cuda")
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
+    cross_attention_kernel.ENABLED = args.cross_attention == "kernel"
     try:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,

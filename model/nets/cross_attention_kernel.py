@@ -1,0 +1,204 @@
+"""Cross-attention of many queries to one short set of condition keys, as one Triton kernel (inference only).
+
+Where it runs: every block of the sparse DiTs attends from each of its tokens (27k at 512, 110k-137k at 1024) to the
+1,374 image tokens of the condition, with 16 heads of 64 channels (:class:`model.nets.dit_block.CrossAttention`).
+Through ``torch.nn.functional.scaled_dot_product_attention`` this ran at about 193 TFLOP/s on an H100 (96 ms of
+a 137k-token forward's 551 ms of kernels, reports/dit.md), with the FLASH and the cuDNN backends alike
+(reports/dit_runs/3c91e92_full_baseline.md). A short key set is the case the general kernels are not built for:
+their query tiles of 64 rows each re-read all 1,374 keys and values of their head from L2 (about 12 GB per block at
+137k tokens), and with 11 key tiles per query tile the prologue and epilogue weigh more than at long sequences.
+
+This kernel is the plain online-softmax loop (the fused-attention pattern of Triton's tutorial) with the choices
+this shape allows: program ``(tile, head)`` owns ``BLOCK_M`` query rows of one head (128 by default: half the key
+and value re-reads of a 64-row tile) and walks the keys in tiles of ``BLOCK_N``; the full tiles run without masks
+and only the last, partial tile is masked; the scale and ``log2(e)`` are one multiply before ``exp2``; ``q``, ``k``,
+``v`` are read in place through their strides (the projections' ``[N, H, D]`` and ``[L, H, D]`` views, no copies)
+and ``o`` is written ``[N, H, D]`` contiguous, ready for the output projection. Float32 accumulation; the
+probabilities are rounded to the values' dtype for the second product, as every flash kernel does (float32 inputs
+run both products in IEEE float32).
+
+Scope: one batch element (all queries attend to the same keys; the cascade generates one shape at a time), no key
+mask, no gradient (training keeps SDPA, which has the backward). :func:`supports` says whether a call fits;
+:meth:`model.nets.dit_block.CrossAttention.attend` routes to it only then, when :data:`ENABLED`. The launch
+(:data:`LAUNCH`) comes from ``python -m model.reports.cross_attention`` on an H100 (reports/cross_attention.md), which
+times it beside SDPA's backends on the cascade's shapes. Under the Triton interpreter (``TRITON_INTERPRET=1``) it
+also takes CPU tensors, for the tests (tests/test_cross_attention_kernel.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ENABLED", "KERNEL_DTYPES", "LAUNCH", "cross_attention", "supports"]
+
+#: Switch of the routing in :meth:`model.nets.dit_block.CrossAttention.attend` (False: SDPA everywhere).
+ENABLED = True
+#: Query / key dtypes the kernel takes (accumulation is always float32).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Head dims the kernel takes (one ``tl.dot`` dimension each: a power of two, at least 16).
+HEAD_DIMS = (16, 32, 64, 128)
+#: Default launch: query rows per program, keys per step, warps, pipeline stages.
+LAUNCH = dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
+#: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, K, V, k0, n_keys, stride_kn, stride_vn, qk_scale,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """The online-softmax update of ``acc [BLOCK_M, D]`` (unnormalised output), ``m_i`` (running maximum of the
+    scaled scores, base 2) and ``l_i`` (running sum) by the keys ``k0 .. k0 + BLOCK_N`` of ``K`` / ``V`` (pointers to
+    the head's first key; ``MASKED``: keys past ``n_keys`` are not loaded and weigh nothing)."""
+    keys = k0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    if MASKED:
+        k_ok = keys < n_keys
+        k = tl.load(K + keys[None, :] * stride_kn + d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_N]
+        v = tl.load(V + keys[:, None] * stride_vn + d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_N, D]
+    else:
+        k = tl.load(K + keys[None, :] * stride_kn + d[:, None])
+        v = tl.load(V + keys[:, None] * stride_vn + d[None, :])
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+    else:
+        s = tl.dot(q, k) * qk_scale
+    if MASKED:
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _cross_attention_kernel(
+    Q, K, V, O, n_rows, n_keys, qk_scale,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program ``(tile, h)``: ``O[tile * BLOCK_M .. + BLOCK_M, h]`` for ``Q [n_rows, H, D]``, ``K, V [n_keys, H, D]``
+    (innermost stride 1, other strides given), ``O [n_rows, H, D]`` contiguous; ``n_keys >= 1``."""
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INDEX_64:
+        rows = rows.to(tl.int64)
+    d = tl.arange(0, D)
+    row_ok = rows < n_rows
+    q = tl.load(Q + rows[:, None] * stride_qn + h * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    k_head = K + h * stride_kh
+    v_head = V + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    full_end = (n_keys // BLOCK_N) * BLOCK_N
+    for k0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_head, v_head, k0, n_keys, stride_kn, stride_vn, qk_scale,
+                                     D, BLOCK_N, False, IEEE)
+    if full_end < n_keys:
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_head, v_head, full_end, n_keys, stride_kn, stride_vn,
+                                     qk_scale, D, BLOCK_N, True, IEEE)
+    acc = acc / l_i[:, None]
+    heads = tl.num_programs(1)
+    o_ptr = O + rows[:, None] * (heads * D) + h * D + d[None, :]
+    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`cross_attention` takes ``q [N, H, D]``, ``k, v [L, H, D]``: one dtype of
+    :data:`KERNEL_DTYPES`, ``D`` in :data:`HEAD_DIMS`, ``L >= 1``, innermost stride 1, one CUDA device (any device
+    under the Triton interpreter), and no gradient to record (the kernel has no backward)."""
+    ts = (q, k, v)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in ts):
+        return False
+    n, h, d = q.shape
+    if k.shape != v.shape or k.shape[1:] != (h, d) or k.shape[0] < 1 or d not in HEAD_DIMS:
+        return False
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if any(t.stride(-1) != 1 for t in ts) or not all(t.device == q.device for t in ts):
+        return False
+    if not (q.is_cuda or _interpreting()):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` per head, every query over every key (no mask): ``o [N, H, D]`` contiguous.
+
+    Args:
+        q: ``[N, H, D]`` queries (any strides with the last one 1, e.g. a view of ``[N, H * D]``).
+        k, v: ``[L, H, D]`` keys and values (``L >= 1``), q's dtype and device, last stride 1.
+        scale: the logits' scale; None: ``1 / sqrt(D)``.
+        block_m, block_n, num_warps, num_stages: the launch (None: :data:`LAUNCH`); powers of two >= 16 for the
+            tiles.
+
+    Raises ``TypeError`` / ``ValueError`` naming the argument for inputs :func:`supports` rejects.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dims ([rows, heads, head_dim]), got shape {tuple(t.shape)}")
+    n, h, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1:] != (h, d):
+        raise ValueError(f"k must be [L, {h}, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.shape[0] < 1:
+        raise ValueError("k must hold at least one key (L >= 1)")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"q's head dim must be one of {HEAD_DIMS}, got {d}")
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"q must be one of {KERNEL_DTYPES}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride along its last dim, got strides {t.stride()}")
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError(f"q must be a CUDA tensor (CPU only under TRITON_INTERPRET=1), got device {q.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("cross_attention has no backward: call it under torch.no_grad() / torch.inference_mode(), "
+                         "or use torch.nn.functional.scaled_dot_product_attention to train")
+    launch = dict(LAUNCH)
+    for key, value in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
+                       ("num_stages", num_stages)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
+            launch[key] = value
+    for key in ("block_m", "block_n"):
+        if launch[key] < 16 or launch[key] & (launch[key] - 1):
+            raise ValueError(f"{key} must be a power of two >= 16, got {launch[key]}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = torch.empty(n, h, d, device=q.device, dtype=q.dtype)
+    if n == 0:
+        return out
+    index_64 = max(n * h * d, q.stride(0) * n, k.stride(0) * k.shape[0], v.stride(0) * v.shape[0]) >= 2**31
+    grid = (triton.cdiv(n, launch["block_m"]), h)
+    _cross_attention_kernel[grid](
+        q, k, v, out, n, k.shape[0], scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        D=d, BLOCK_M=launch["block_m"], BLOCK_N=launch["block_n"], INDEX_64=index_64, IEEE=q.dtype == torch.float32,
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+    )
+    return out

@@ -1,0 +1,218 @@
+"""Time the sparse DiTs' cross-attention (16 heads of 64 over 1,374 condition keys) through SDPA and the Triton kernel.
+
+``python -m model.reports.cross_attention --out reports`` (one CUDA GPU; under a minute on an H100) times one
+cross-attention call at the token counts of the cascade's sampling stages (27,314 rows: the 512 stage's conditioned
+half; 110,656: the 1024 stage; 137,124: the DiT report's shell-1024) with bf16 queries, keys and values in the
+DiT's layouts (views of the projections): PyTorch's ``scaled_dot_product_attention`` as the DiT calls it with its
+default backend choice, then restricted to each backend (FLASH, cuDNN, memory-efficient), then
+model.nets.cross_attention_kernel with its default launch and, with ``--sweep``, every launch of the sweep grid.
+Per variant: the median of ``--reps`` calls timed with CUDA events after ``--warmup`` calls, the throughput
+(4 x rows x keys x heads x head dim FLOP per call) and the relative error of the first rows' output against a
+float64 reference. Writes ``OUT/cross_attention.json`` and ``OUT/cross_attention.md`` with the GPU, the versions and
+the commit.
+
+Without CUDA (or with ``--device cpu``) it says so and runs a tiny smoke shape on the CPU instead (the kernel only
+under TRITON_INTERPRET=1), labelled SMOKE RUN, and exits 0.
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+import sys
+import time
+
+import torch
+
+from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
+
+__all__ = ["SHAPES", "SWEEP", "main", "markdown", "run_report"]
+
+#: (label, query rows) of the timed shapes.
+SHAPES = (("sparse_512 stage, conditioned rows", 27_314), ("sparse_1024 stage", 110_656),
+          ("DiT report, shell-1024", 137_124))
+#: The released sparse DiTs' cross-attention: heads, head dim, condition tokens.
+HEADS, HEAD_DIM, KEYS = 16, 64, 1374
+#: The smoke shape on the CPU: (label, rows), heads, head dim, keys.
+SMOKE_SHAPES, SMOKE_HEADS, SMOKE_DIM, SMOKE_KEYS = (("smoke", 300),), 2, 32, 50
+#: Launch grid of ``--sweep``: block_m x block_n x warps x stages.
+SWEEP = dict(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+#: Rows compared with the float64 reference.
+CHECK_ROWS = 2048
+#: SDPA backends timed one by one.
+BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+
+
+def _inputs(rows: int, heads: int, dim: int, keys: int, dtype, device, seed: int):
+    """``q [rows, H, D]`` (a view of ``[rows, H * D]``), ``k, v [keys, H, D]`` (views of ``[keys, 2, H, D]``)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, heads * dim, generator=gen).to(device=device, dtype=dtype).view(rows, heads, dim)
+    kv = torch.randn(keys, 2, heads, dim, generator=gen).to(device=device, dtype=dtype)
+    return q, kv[:, 0], kv[:, 1]
+
+
+def _sdpa(q, k, v):
+    """SDPA as :func:`model.nets.ssa_layer.dense_attention` calls it for one batch element: ``[N, H, D]``."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                          v.transpose(0, 1)[None])[0].transpose(0, 1)
+
+
+def _reference(q, k, v, rows: int) -> torch.Tensor:
+    q, k, v = q[:rows].double().cpu(), k.double().cpu(), v.double().cpu()
+    s = torch.einsum("nhd,lhd->hnl", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("hnl,lhd->nhd", s.softmax(-1), v)
+
+
+def _time(fn, *, reps: int, warmup: int, device) -> list[float]:
+    """Milliseconds of ``reps`` calls of ``fn`` (CUDA events on a GPU, wall clock on the CPU), after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _variants(device, sweep: bool) -> list[tuple[str, dict | None, object]]:
+    """(name, launch or None, callable(q, k, v)) of every timed variant."""
+    from model.nets import cross_attention_kernel as ck
+
+    out = [("SDPA (default backend)", None, _sdpa)]
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name in BACKENDS:
+            def run(q, k, v, b=getattr(SDPBackend, name)):
+                with sdpa_kernel(b):
+                    return _sdpa(q, k, v)
+            out.append((f"SDPA {name}", None, run))
+    if device.type == "cuda" or ck._interpreting():
+        out.append(("Triton kernel, default launch", dict(ck.LAUNCH), ck.cross_attention))
+        if sweep:
+            for values in itertools.product(*SWEEP.values()):
+                launch = dict(zip(SWEEP, values))
+                if launch == ck.LAUNCH:
+                    continue
+                out.append(("Triton kernel", launch, lambda q, k, v, kw=launch: ck.cross_attention(q, k, v, **kw)))
+    return out
+
+
+def run_report(*, device, reps: int = 20, warmup: int = 3, sweep: bool = False, seed: int = 0) -> dict:
+    smoke = device.type != "cuda"
+    shapes = SMOKE_SHAPES if smoke else SHAPES
+    heads, dim, keys = (SMOKE_HEADS, SMOKE_DIM, SMOKE_KEYS) if smoke else (HEADS, HEAD_DIM, KEYS)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    rows_out = []
+    for label, rows in shapes:
+        q, k, v = _inputs(rows, heads, dim, keys, dtype, device, seed)
+        ref = _reference(q, k, v, min(rows, CHECK_ROWS))
+        flop = 4.0 * rows * keys * heads * dim
+        for name, launch, fn in _variants(device, sweep):
+            entry = dict(shape=label, rows=rows, variant=name, launch=launch)
+            try:
+                with torch.no_grad():
+                    args = (q, k, v)
+                    out = fn(*args)
+                    times = _time(lambda f=fn, a=args: f(*a), reps=reps, warmup=warmup, device=device)
+            except Exception as exc:  # a backend or launch that does not take the shape
+                entry.update(error=f"{type(exc).__name__}: {str(exc)[:160]}")
+                rows_out.append(entry)
+                continue
+            got = out[:CHECK_ROWS].double().cpu()
+            ms = statistics.median(times)
+            entry.update(median_ms=ms, reps_ms=times, tflops=flop / ms / 1e9,
+                         rel_err=float((got - ref).norm() / ref.norm()))
+            rows_out.append(entry)
+            del out
+    return dict(provenance(device), smoke=smoke, heads=heads, head_dim=dim, keys=keys, dtype=str(dtype),
+                reps=reps, warmup=warmup, sweep=sweep, results=rows_out)
+
+
+def _launch(launch: dict | None) -> str:
+    if not launch:
+        return ""
+    return f"{launch['block_m']} x {launch['block_n']}, {launch['num_warps']} warps, {launch['num_stages']} stages"
+
+
+def markdown(r: dict) -> str:
+    lines = ["# Cross-attention of the sparse DiTs: SDPA against the Triton kernel", ""]
+    if r["smoke"]:
+        lines += ["**SMOKE RUN** on the CPU (no CUDA GPU): tiny shapes, not a measurement.", ""]
+    lines += [f"{r['date']}, {r.get('gpu') or 'CPU'}, torch {r['torch']}, triton {r['triton']}, "
+              f"{commit_label(r)}. `python -m model.reports.cross_attention{' --sweep' if r['sweep'] else ''}`.", "",
+              f"One call of {r['heads']} heads x {r['head_dim']} over {r['keys']:,} keys, {r['dtype']}, q/k/v in "
+              f"the DiT's layouts; median of {r['reps']} calls after {r['warmup']} (CUDA events). Rel. error: the "
+              f"first {CHECK_ROWS:,} rows against float64.", ""]
+    for label in dict.fromkeys(e["shape"] for e in r["results"]):
+        entries = [e for e in r["results"] if e["shape"] == label]
+        timed = [e for e in entries if "median_ms" in e]
+        best = min(timed, key=lambda e: e["median_ms"]) if timed else None
+        lines += [f"## {label}: {entries[0]['rows']:,} rows", "",
+                  "| variant | launch | ms | TFLOP/s | rel. error |", "| --- | --- | ---: | ---: | ---: |"]
+        for e in sorted(timed, key=lambda e: e["median_ms"])[:12] + [e for e in entries if "error" in e]:
+            if "error" in e:
+                lines.append(f"| {e['variant']} | {_launch(e['launch'])} | {e['error']} | | |")
+                continue
+            name = f"**{e['variant']}**" if e is best else e["variant"]
+            lines.append(f"| {name} | {_launch(e['launch'])} | {e['median_ms']:.3f} | {e['tflops']:.0f} | "
+                         f"{e['rel_err']:.2e} |")
+        hidden = len(timed) - min(len(timed), 12)
+        if hidden:
+            lines.append(f"\n({hidden} slower launches in the JSON.)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser():
+    from model.cli.args import add_device, add_out, add_seed, make_parser, positive_int
+
+    p = make_parser("model.reports.cross_attention", __doc__)
+    add_out(p, "folder for cross_attention.md and cross_attention.json", default="reports")
+    p.add_argument("--reps", type=positive_int, default=20, metavar="N",
+                   help="timed calls per variant, their median is reported (default %(default)s)")
+    p.add_argument("--warmup", type=positive_int, default=3, metavar="N",
+                   help="untimed calls per variant before the timed ones (default %(default)s)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the kernel at every launch of the sweep grid (default: off)")
+    add_device(p, default=None, shown="cuda when available, else a CPU smoke run")
+    add_seed(p)
+    return p
+
+
+def main(argv=None) -> int:
+    from model.cli.args import run
+
+    return run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    from model.cli.args import output_folder, resolve_device
+
+    out = output_folder("--out", args.out)
+    dev = resolve_device(args.device)
+    if dev.type != "cuda":
+        print("model.reports.cross_attention: no CUDA GPU here; a smoke run of tiny shapes on the CPU instead "
+              "(not a measurement)")
+    r = run_report(device=dev, reps=args.reps, warmup=args.warmup, sweep=args.sweep, seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "cross_attention.json", r)
+    text = markdown(r)
+    atomic_write_text(out / "cross_attention.md", text)
+    print(text)
+    print(f"wrote {out / 'cross_attention.md'} and {out / 'cross_attention.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
