@@ -1,21 +1,22 @@
 """Cross-attention of many queries to one short set of condition keys, as one Triton kernel (inference only).
 
 Where it runs: every block of the sparse DiTs attends from each of its tokens (27k at 512, 110k-137k at 1024) to the
-1,374 image tokens of the condition, with 16 heads of 64 channels (:class:`model.nets.dit_block.CrossAttention`).
-Through ``torch.nn.functional.scaled_dot_product_attention`` this ran at about 193 TFLOP/s on an H100 (96 ms of
-a 137k-token forward's 551 ms of kernels, reports/dit.md), with the FLASH and the cuDNN backends alike
-(reports/dit_runs/3c91e92_full_baseline.md). A short key set is the case the general kernels are not built for:
-their query tiles of 64 rows each re-read all 1,374 keys and values of their head from L2 (about 12 GB per block at
-137k tokens), and with 11 key tiles per query tile the prologue and epilogue weigh more than at long sequences.
+1,374 image tokens of the condition, with 16 heads of 64 channels (:class:`model.nets.dit_block.CrossAttention`),
+15 to 30 times per image. A short key set is the case general flash kernels are least built for: each query tile
+re-reads all keys and values of its head, and with 11 key tiles per query tile the prologue and epilogue weigh more
+than at long sequences. What it gives, measured on an H100 (bf16, 3cf6773): alone, against SDPA's default backend
+(``python -m model.reports.cross_attention``, reports/cross_attention.md), 0.418 against 0.472 ms at 27,314 rows and
+the same time (1.56 ms, 400 TFLOP/s) at 110,656 rows; inside the cascade (``python -m model.reports.generate``
+with ``--cross-attention kernel`` / ``sdpa``, one machine, reports/generate_history.md) the sampling steps went
+0.144 -> 0.140 s at 512 and 0.728 -> 0.714 s at 1024.
 
 This kernel is the plain online-softmax loop (the fused-attention pattern of Triton's tutorial) with the choices
-this shape allows: program ``(tile, head)`` owns ``BLOCK_M`` query rows of one head (128 by default: half the key
-and value re-reads of a 64-row tile) and walks the keys in tiles of ``BLOCK_N``; the full tiles run without masks
-and only the last, partial tile is masked; the scale and ``log2(e)`` are one multiply before ``exp2``; ``q``, ``k``,
-``v`` are read in place through their strides (the projections' ``[N, H, D]`` and ``[L, H, D]`` views, no copies)
-and ``o`` is written ``[N, H, D]`` contiguous, ready for the output projection. Float32 accumulation; the
-probabilities are rounded to the values' dtype for the second product, as every flash kernel does (float32 inputs
-run both products in IEEE float32).
+this shape allows: program ``(tile, head)`` owns ``BLOCK_M`` query rows of one head (128 by default) and walks the
+keys in tiles of ``BLOCK_N``; the full tiles run without masks and only the last, partial tile is masked; the
+scale and ``log2(e)`` are one multiply before ``exp2``; ``q``, ``k``, ``v`` are read in place through their
+strides (the projections' ``[N, H, D]`` and ``[L, H, D]`` views, no copies) and ``o`` is written ``[N, H, D]``
+contiguous, ready for the output projection. Float32 accumulation; the probabilities are rounded to the values'
+dtype for the second product, as every flash kernel does (float32 inputs run both products in IEEE float32).
 
 Scope: one batch element (all queries attend to the same keys; the cascade generates one shape at a time), no key
 mask, no gradient (training keeps SDPA, which has the backward). :func:`supports` says whether a call fits;
@@ -41,8 +42,10 @@ ENABLED = True
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Head dims the kernel takes (one ``tl.dot`` dimension each: a power of two, at least 16).
 HEAD_DIMS = (16, 32, 64, 128)
-#: Default launch: query rows per program, keys per step, warps, pipeline stages.
-LAUNCH = dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
+#: Default launch: query rows per program, keys per step, warps, pipeline stages. Swept on an H100 in bf16
+#: (``python -m model.reports.cross_attention --sweep``, reports/cross_attention.md, 3cf6773; 36 launches): fastest
+#: or within 1% of the fastest at 110,656 and 137,124 rows (1.565 / 1.961 ms), 1% behind the best at 27,314 rows.
+LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
 #: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
 LOG2E = 1.4426950408889634
 

@@ -161,16 +161,21 @@ class _CudnnBenchmark:
         torch.backends.cudnn.benchmark = self.before
 
 
-#: Kernel sets of the variants: (Triton adaptive filter, Triton small convolutions, their tensor-core variant).
-KERNEL_SETS = {"pytorch": (False, False, False, False), "adaptive": (True, False, False, False),
-               "adaptive+conv": (True, True, False, False), "adaptive+conv+shortcut": (True, True, False, True),
-               "adaptive+conv-dot": (True, True, True, False)}
+#: Kernel sets of the variants: (Triton adaptive filter, Triton small convolutions, their tensor-core variant for
+#: all of them, fused 1^3 shortcuts, output channels from which the tensor-core variant is the default:
+#: ``conv3d_kernel.DOT_MIN_COUT``; :data:`_NEVER` keeps every convolution on the FMA kernel).
+_NEVER = 1 << 30
+KERNEL_SETS = {"pytorch": (False, False, False, False, _NEVER), "adaptive": (True, False, False, False, _NEVER),
+               "adaptive+conv": (True, True, False, False, _NEVER),
+               "adaptive+conv+shortcut": (True, True, False, True, _NEVER),
+               "adaptive+conv-dot": (True, True, True, False, _NEVER),
+               "cascade": (True, True, False, True, 16)}
 
 
 class _Paths:
     """The refiners' switches set while the block runs, restored afterwards: ``GroupNorm32.cuda_native`` and the
     kernel set (:data:`KERNEL_SETS`: ``refiner.ADAPTIVE_KERNEL``, ``refiner.CONV_KERNEL``,
-    ``conv3d_kernel.USE_DOT``, ``refiner.SHORTCUT_KERNEL``)."""
+    ``conv3d_kernel.USE_DOT``, ``refiner.SHORTCUT_KERNEL``, ``conv3d_kernel.DOT_MIN_COUT``)."""
 
     def __init__(self, v: dict):
         self.native = v["group_norm"] == "native"
@@ -181,17 +186,17 @@ class _Paths:
         import model.nets.refiner as refiner
 
         self.before = (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
-                       conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL)
+                       conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL, conv3d_kernel.DOT_MIN_COUT)
         refiner.GroupNorm32.cuda_native = self.native
         (refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, conv3d_kernel.USE_DOT,
-         refiner.SHORTCUT_KERNEL) = self.kernels
+         refiner.SHORTCUT_KERNEL, conv3d_kernel.DOT_MIN_COUT) = self.kernels
 
     def __exit__(self, *exc):
         import model.nets.conv3d_kernel as conv3d_kernel
         import model.nets.refiner as refiner
 
         (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
-         conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL) = self.before
+         conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL, conv3d_kernel.DOT_MIN_COUT) = self.before
 
 
 def _plan() -> list[dict]:
@@ -201,7 +206,7 @@ def _plan() -> list[dict]:
             "kernels": "pytorch"}
     return [base, {**base, "kernels": "adaptive"}, {**base, "kernels": "adaptive+conv"},
             {**base, "kernels": "adaptive+conv+shortcut"}, {**base, "kernels": "adaptive+conv-dot"},
-            {**base, "dtype": "fp16", "kernels": "adaptive+conv"}]
+            {**base, "dtype": "fp16", "kernels": "adaptive+conv"}, {**base, "dtype": "fp16", "kernels": "cascade"}]
 
 
 def _label(v: dict) -> str:
@@ -211,7 +216,9 @@ def _label(v: dict) -> str:
                "adaptive+conv": "Triton adaptive filter + Triton few-channel convolutions (FMA)",
                "adaptive+conv+shortcut": "Triton adaptive filter + few-channel convolutions (FMA) + 1^3 shortcuts "
                                          "fused with the residual sum",
-               "adaptive+conv-dot": "Triton adaptive filter + Triton few-channel convolutions (tensor cores)"}
+               "adaptive+conv-dot": "Triton adaptive filter + Triton few-channel convolutions (tensor cores)",
+               "cascade": "Triton adaptive filter + few-channel convolutions (FMA up to 8 outputs, tensor cores for "
+                          "the 27-output filter convolutions) + fused 1^3 shortcuts (the cascade's kernels)"}
     return (f"{v['dtype']}, {kernels[v['kernels']]}, {v['layout']}, "
             f"cudnn.benchmark {'on' if v['cudnn_benchmark'] else 'off'}{gn}")
 
@@ -291,12 +298,19 @@ def _profile(master, inputs, v: dict, *, device) -> dict:
 
 #: (Cin, Cout, side) of the swept convolutions: the refiners' full-resolution shapes (40 -> 8: the first residual
 #: block of the last up block, which reads the upsampled 32 channels and an 8-channel skip).
-SWEEP_SHAPES = ((8, 8, 192), (8, 27, 192), (8, 8, 256), (16, 8, 256), (40, 8, 256))
+SWEEP_SHAPES = ((8, 8, 192), (8, 27, 192), (8, 8, 256), (16, 8, 256), (40, 8, 256), (8, 27, 256))
 #: (block_w, num_warps, rows) launches of the sweep (rows: output rows per program, ``conv3d_small(rows=...)``).
 SWEEP_LAUNCHES = ((64, 1, 1), (64, 2, 1), (128, 1, 1), (128, 2, 1), (256, 1, 1), (256, 2, 1), (256, 4, 1),
                   (64, 1, 2), (64, 1, 4), (128, 1, 2), (128, 2, 4), (256, 2, 2), (256, 4, 4))
 #: Label of the tensor-core variant (``conv3d_small(use_dot=True)``, its default tile) in the sweep.
 DOT_LABEL = "tensor cores"
+#: (block_w, num_warps) launches of the tensor-core variant the sweep times besides its default.
+DOT_LAUNCHES = ((64, 4), (128, 4), (256, 4), (128, 8), (256, 8))
+
+
+def _dot_label(block_w: int, warps: int) -> str:
+    return f"{DOT_LABEL} {block_w} x {warps}"
+
 #: (Cin, Cout, side) of the 1^3 shortcuts the sweep times (:mod:`model.nets.conv1x1_kernel` against cuDNN + the
 #: residual sum): the full-resolution ones of the 256^3 sign-refiner patch and those one level down.
 SHORTCUT_SHAPES = ((40, 8, 256), (16, 8, 256), (160, 32, 128), (64, 32, 128), (40, 32, 128))
@@ -318,7 +332,7 @@ def sweep_conv(device, *, reps: int = 5) -> dict:
     import torch.nn.functional as F
 
     from model.nets.conv1x1_kernel import conv1x1_residual
-    from model.nets.conv3d_kernel import _fma_launch, conv3d_small
+    from model.nets.conv3d_kernel import _default_dot, _fma_launch, conv3d_small
 
     def median(fn):
         return _time_calls(fn, reps=reps, warmup=1, device=device)["median_ms"]
@@ -331,11 +345,15 @@ def sweep_conv(device, *, reps: int = 5) -> dict:
             w = (torch.randn(cout, cin, 3, 3, 3, generator=gen) * 0.1).to(device, torch.bfloat16)
             b = torch.randn(cout, generator=gen).to(device, torch.bfloat16)
             row = {"cin": cin, "cout": cout, "side": side, "cudnn_ms": median(lambda: F.conv3d(x, w, b, padding=1)),
-                   "launches": {}, "default": _launch_label(*_fma_launch(cout, side))}
+                   "launches": {}, "default": (DOT_LABEL if _default_dot(cout, x) else
+                                               _launch_label(*_fma_launch(cout, side)))}
             for block_w, warps, rows_per_program in SWEEP_LAUNCHES:
                 row["launches"][_launch_label(block_w, warps, rows_per_program)] = median(
                     lambda: conv3d_small(x, w, b, block_w=block_w, num_warps=warps, rows=rows_per_program))
             row["launches"][DOT_LABEL] = median(lambda: conv3d_small(x, w, b, use_dot=True))
+            for block_w, warps in DOT_LAUNCHES:
+                row["launches"][_dot_label(block_w, warps)] = median(
+                    lambda: conv3d_small(x, w, b, use_dot=True, block_w=block_w, num_warps=warps))
             rows.append(row)
         for cin, cout, side in SHORTCUT_SHAPES:
             x = torch.randn(1, cin, side, side, side, generator=gen).to(device, torch.bfloat16)
@@ -349,7 +367,8 @@ def sweep_conv(device, *, reps: int = 5) -> dict:
 
 
 def _sweep_markdown(sweep: dict) -> list[str]:
-    labels = [_launch_label(*launch) for launch in SWEEP_LAUNCHES] + [DOT_LABEL]
+    labels = ([_launch_label(*launch) for launch in SWEEP_LAUNCHES] + [DOT_LABEL]
+              + [_dot_label(*launch) for launch in DOT_LAUNCHES])
     lines = ["", "## Few-channel convolution: launch sweep (bf16, one 3^3 convolution, ms)", "",
              "`python -m model.reports.refiner --sweep-conv`: `conv3d_small` per tile width x warps (x output rows "
              "per program where more than one; default launch in bold) and its tensor-core variant, beside cuDNN on "
@@ -359,7 +378,7 @@ def _sweep_markdown(sweep: dict) -> list[str]:
     for row in sweep["rows"]:
         cells = []
         for label in labels:
-            ms = row["launches"].get(label)
+            ms = row["launches"].get(label)  # launches a sweep of an earlier commit did not time: "-"
             text = "-" if ms is None else f"{ms:.2f}"
             cells.append(f"**{text}**" if label == row["default"] else text)
         lines.append(f"| {row['cin']} -> {row['cout']}, {row['side']}^3 | {row['cudnn_ms']:.2f} | "
@@ -494,8 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true",
                    help="time the tiny configuration (RefinerConfig.tiny) instead of the released sizes (default: "
                         "off; always on without CUDA)")
-    p.add_argument("--refiners", choices=("both", *REFINERS), default="both",
-                   help="which refiner to time: 512, 1024 (the sign refiner) or both (default %(default)s)")
+    p.add_argument("--refiners", choices=("both", *REFINERS, "none"), default="both",
+                   help="which refiner to time: 512, 1024 (the sign refiner), both, or none (with --sweep-conv: the "
+                        "sweep alone) (default %(default)s)")
     p.add_argument("--reps", type=positive_int, default=3, metavar="N",
                    help="timed calls per variant, their median is reported (default %(default)s)")
     p.add_argument("--warmup", type=positive_int, default=1, metavar="N",
@@ -525,7 +545,7 @@ def _main(args) -> int:
     if dev.type != "cuda":
         print("model.reports.refiner: no CUDA GPU here; timing the tiny configuration on the CPU instead "
               "(a smoke run, not a measurement)")
-    refiners = tuple(REFINERS) if args.refiners == "both" else (args.refiners,)
+    refiners = {"both": tuple(REFINERS), "none": ()}.get(args.refiners, (args.refiners,))
     r = run_report(tiny=args.tiny, device=dev, reps=args.reps, warmup=args.warmup, refiners=refiners,
                    seed=args.seed, profile=args.profile)
     if args.sweep_conv and dev.type == "cuda":
