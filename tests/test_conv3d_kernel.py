@@ -247,31 +247,3 @@ def test_refiner_report_conv_sweep_times_every_launch(monkeypatch):
     md = "\n".join(report._sweep_markdown(out))
     assert f"**{row['launches'][default]:.2f}**" in md and f"| 6 -> 3, 4^3 | {short['cudnn_ms']:.2f} |" in md
 
-
-def test_default_launch_takes_the_tensor_cores_for_wide_outputs_on_cuda(monkeypatch):
-    """``use_dot=None``: the tensor-core variant for at least DOT_MIN_COUT outputs on CUDA only (the interpreter
-    keeps the FMA kernel: its bfloat16 products are wrong), every convolution with USE_DOT."""
-    x = torch.zeros(1, 8, 2, 2, 2)
-    assert not ck._default_dot(27, x) and not ck._default_dot(8, x)
-    monkeypatch.setattr(ck, "USE_DOT", True)
-    assert ck._default_dot(8, x)
-    if torch.cuda.is_available():
-        monkeypatch.setattr(ck, "USE_DOT", False)
-        xc = x.cuda()
-        assert ck._default_dot(ck.DOT_MIN_COUT, xc) and not ck._default_dot(ck.DOT_MIN_COUT - 1, xc)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_default_launch_of_the_filter_convolution():
-    """The refiners' 8 -> 27 filter convolution at its default launch is the tensor-core variant (same output bit
-    for bit) and within fp16 rounding of float64."""
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(1, 8, 9, 10, 70, generator=gen).cuda().half()
-    w = torch.randn(27, 8, 3, 3, 3, generator=gen).cuda() * 0.1
-    with torch.no_grad():
-        got = conv3d_small(x, w)
-        dot = conv3d_small(x, w, use_dot=True)
-    assert torch.equal(got, dot)
-    want = F.conv3d(x.double().cpu(), w.double().cpu(), padding=1)
-    assert rel_err(got.cpu(), want) < 2e-3

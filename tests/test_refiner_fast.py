@@ -388,16 +388,16 @@ def test_timing_script_runs_on_the_cpu(tmp_path, capsys):
     assert set(doc["refiners"]) == {"512", "1024"}
     for entry in doc["refiners"].values():
         rows = entry["variants"]
-        assert len(rows) == 7 and not [r for r in rows if "error" in r]
+        assert len(rows) == 6 and not [r for r in rows if "error" in r]
         assert [(r["dtype"], r["kernels"]) for r in rows] == [
             ("bf16", "pytorch"), ("bf16", "adaptive"), ("bf16", "adaptive+conv"), ("bf16", "adaptive+conv+shortcut"),
-            ("bf16", "adaptive+conv-dot"), ("fp16", "adaptive+conv"), ("fp16", "cascade")]
+            ("bf16", "adaptive+conv-dot"), ("fp16", "adaptive+conv")]
         assert all(r["median_ms"] > 0 and r["finite"] and len(r["reps_ms"]) == 1 for r in rows)
         assert all(r["rel_diff"] < 0.1 for r in rows[1:])
         assert entry["fastest"] in {r["label"] for r in rows} and entry["patches_per_grid"] == 27
     md = (out / "refiner.md").read_text()
     table_rows = [line for line in md.splitlines() if line.startswith("| ") and "cudnn.benchmark" in line]
-    assert md.startswith("# Dense refiners") and "SMOKE RUN" in md and len(table_rows) == 14
+    assert md.startswith("# Dense refiners") and "SMOKE RUN" in md and len(table_rows) == 12
 
 
 def test_timing_script_help_and_profile_table():

@@ -72,15 +72,10 @@ INDEX_32_LIMIT = 2**31
 #: Tensor-core variant: (tap, channel) columns per ``tl.dot`` step and the smallest ``tl.dot`` dimension.
 DOT_BLOCK_K = 32
 MIN_DOT = 16
-#: ``use_dot=None`` runs the tensor-core variant for every convolution when True; when False (default) only for
-#: those with at least :data:`DOT_MIN_COUT` output channels on CUDA (:func:`_default_dot`), the FMA (CUDA-core)
-#: kernel for the others.
+#: Default of ``use_dot``: False runs the FMA (CUDA-core) kernel. The tensor-core variant does not pay for the
+#: refiners' 27-output filter convolutions either (``--sweep-conv``, H100, bf16, 6bda8a8: 8 -> 27 at 192^3 2.02
+#: against 2.15 ms at the FMA default launch, at 256^3 3.85 against 3.78 ms).
 USE_DOT = False
-#: Output channels from which the tensor-core variant is the default on CUDA: the adaptive blocks' 8 -> 27 filter
-#: convolutions. Measured on an H100 in bf16 (``python -m model.reports.refiner --sweep-conv``, reports/refiner.md,
-#: 35490ff): 8 -> 27 at 192^3 3.79 ms with the FMA kernel's best launch, 2.04 ms on the tensor cores; with 8 outputs
-#: the FMA kernel wins (8 -> 8 at 256^3: 2.44 against 3.89 ms).
-DOT_MIN_COUT = 16
 #: Default launch of the FMA kernel for at most :data:`MULTI_ROW_MAX_COUT` output channels: ``(block_w, num_warps,
 #: rows)``, rows > 1 running :func:`_conv3_fma_rows_kernel`, which loads each input row once for the output rows it
 #: is a tap of. Measured on an H100 in bf16 (``python -m model.reports.refiner --sweep-conv``, reports/refiner.md,
@@ -374,13 +369,6 @@ def _block_w(width: int) -> int:
     return best
 
 
-def _default_dot(cout: int, x: torch.Tensor) -> bool:
-    """Whether ``use_dot=None`` takes the tensor-core variant: :data:`USE_DOT`, or at least :data:`DOT_MIN_COUT`
-    output channels on CUDA (under the interpreter the FMA kernel stays the default: bfloat16 products are wrong
-    there)."""
-    return USE_DOT or (cout >= DOT_MIN_COUT and x.is_cuda)
-
-
 def _fma_warps(block_w: int) -> int:
     """Warps per program of the FMA kernel: :data:`X_PER_THREAD` output ``x`` per thread, 1 to :data:`MAX_WARPS`."""
     return max(1, min(MAX_WARPS, block_w // (32 * X_PER_THREAD)))
@@ -409,8 +397,7 @@ def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         bias: ``[Cout]`` any float dtype, or None.
         relu: apply ReLU before the store (fused).
         out: optional contiguous ``[B, Cout, D, H, W]`` in ``x.dtype`` to write into (not overlapping ``x``).
-        use_dot: the tensor-core variant (weights rounded to ``x.dtype``); None: :func:`_default_dot` (on CUDA for
-            at least :data:`DOT_MIN_COUT` output channels).
+        use_dot: the tensor-core variant (weights rounded to ``x.dtype``); None takes :data:`USE_DOT`.
         block_w: ``x`` tile per program (a power of two >= 16); None: the FMA kernel's default launch
             (:func:`_fma_launch`), or :func:`_block_w` of ``W`` for the tensor-core variant.
         num_warps: warps per program; None: the FMA kernel's default launch, :data:`DOT_WARPS` (tensor cores).
@@ -421,8 +408,8 @@ def conv3d_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     rounded once. Forward only: raises ValueError when autograd would record through it.
     """
     _check(x, weight, bias, out)
+    use_dot = USE_DOT if use_dot is None else bool(use_dot)
     cout, cin = weight.shape[:2]
-    use_dot = _default_dot(cout, x) if use_dot is None else bool(use_dot)
     batch, _, depth, height, width = x.shape
     x = x.contiguous()
     if block_w is not None and (block_w < MIN_DOT or block_w & (block_w - 1)):

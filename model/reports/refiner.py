@@ -161,21 +161,17 @@ class _CudnnBenchmark:
         torch.backends.cudnn.benchmark = self.before
 
 
-#: Kernel sets of the variants: (Triton adaptive filter, Triton small convolutions, their tensor-core variant for
-#: all of them, fused 1^3 shortcuts, output channels from which the tensor-core variant is the default:
-#: ``conv3d_kernel.DOT_MIN_COUT``; :data:`_NEVER` keeps every convolution on the FMA kernel).
-_NEVER = 1 << 30
-KERNEL_SETS = {"pytorch": (False, False, False, False, _NEVER), "adaptive": (True, False, False, False, _NEVER),
-               "adaptive+conv": (True, True, False, False, _NEVER),
-               "adaptive+conv+shortcut": (True, True, False, True, _NEVER),
-               "adaptive+conv-dot": (True, True, True, False, _NEVER),
-               "cascade": (True, True, False, True, 16)}
+#: Kernel sets of the variants: (Triton adaptive filter, Triton small convolutions, their tensor-core variant,
+#: fused 1^3 shortcuts).
+KERNEL_SETS = {"pytorch": (False, False, False, False), "adaptive": (True, False, False, False),
+               "adaptive+conv": (True, True, False, False), "adaptive+conv+shortcut": (True, True, False, True),
+               "adaptive+conv-dot": (True, True, True, False)}
 
 
 class _Paths:
     """The refiners' switches set while the block runs, restored afterwards: ``GroupNorm32.cuda_native`` and the
     kernel set (:data:`KERNEL_SETS`: ``refiner.ADAPTIVE_KERNEL``, ``refiner.CONV_KERNEL``,
-    ``conv3d_kernel.USE_DOT``, ``refiner.SHORTCUT_KERNEL``, ``conv3d_kernel.DOT_MIN_COUT``)."""
+    ``conv3d_kernel.USE_DOT``, ``refiner.SHORTCUT_KERNEL``)."""
 
     def __init__(self, v: dict):
         self.native = v["group_norm"] == "native"
@@ -186,17 +182,17 @@ class _Paths:
         import model.nets.refiner as refiner
 
         self.before = (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
-                       conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL, conv3d_kernel.DOT_MIN_COUT)
+                       conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL)
         refiner.GroupNorm32.cuda_native = self.native
         (refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, conv3d_kernel.USE_DOT,
-         refiner.SHORTCUT_KERNEL, conv3d_kernel.DOT_MIN_COUT) = self.kernels
+         refiner.SHORTCUT_KERNEL) = self.kernels
 
     def __exit__(self, *exc):
         import model.nets.conv3d_kernel as conv3d_kernel
         import model.nets.refiner as refiner
 
         (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
-         conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL, conv3d_kernel.DOT_MIN_COUT) = self.before
+         conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL) = self.before
 
 
 def _plan() -> list[dict]:
@@ -206,7 +202,7 @@ def _plan() -> list[dict]:
             "kernels": "pytorch"}
     return [base, {**base, "kernels": "adaptive"}, {**base, "kernels": "adaptive+conv"},
             {**base, "kernels": "adaptive+conv+shortcut"}, {**base, "kernels": "adaptive+conv-dot"},
-            {**base, "dtype": "fp16", "kernels": "adaptive+conv"}, {**base, "dtype": "fp16", "kernels": "cascade"}]
+            {**base, "dtype": "fp16", "kernels": "adaptive+conv"}]
 
 
 def _label(v: dict) -> str:
@@ -216,9 +212,7 @@ def _label(v: dict) -> str:
                "adaptive+conv": "Triton adaptive filter + Triton few-channel convolutions (FMA)",
                "adaptive+conv+shortcut": "Triton adaptive filter + few-channel convolutions (FMA) + 1^3 shortcuts "
                                          "fused with the residual sum",
-               "adaptive+conv-dot": "Triton adaptive filter + Triton few-channel convolutions (tensor cores)",
-               "cascade": "Triton adaptive filter + few-channel convolutions (FMA up to 8 outputs, tensor cores for "
-                          "the 27-output filter convolutions) + fused 1^3 shortcuts (the cascade's kernels)"}
+               "adaptive+conv-dot": "Triton adaptive filter + Triton few-channel convolutions (tensor cores)"}
     return (f"{v['dtype']}, {kernels[v['kernels']]}, {v['layout']}, "
             f"cudnn.benchmark {'on' if v['cudnn_benchmark'] else 'off'}{gn}")
 
@@ -332,7 +326,7 @@ def sweep_conv(device, *, reps: int = 5) -> dict:
     import torch.nn.functional as F
 
     from model.nets.conv1x1_kernel import conv1x1_residual
-    from model.nets.conv3d_kernel import _default_dot, _fma_launch, conv3d_small
+    from model.nets.conv3d_kernel import _fma_launch, conv3d_small
 
     def median(fn):
         return _time_calls(fn, reps=reps, warmup=1, device=device)["median_ms"]
@@ -345,8 +339,7 @@ def sweep_conv(device, *, reps: int = 5) -> dict:
             w = (torch.randn(cout, cin, 3, 3, 3, generator=gen) * 0.1).to(device, torch.bfloat16)
             b = torch.randn(cout, generator=gen).to(device, torch.bfloat16)
             row = {"cin": cin, "cout": cout, "side": side, "cudnn_ms": median(lambda: F.conv3d(x, w, b, padding=1)),
-                   "launches": {}, "default": (DOT_LABEL if _default_dot(cout, x) else
-                                               _launch_label(*_fma_launch(cout, side)))}
+                   "launches": {}, "default": _launch_label(*_fma_launch(cout, side))}
             for block_w, warps, rows_per_program in SWEEP_LAUNCHES:
                 row["launches"][_launch_label(block_w, warps, rows_per_program)] = median(
                     lambda: conv3d_small(x, w, b, block_w=block_w, num_warps=warps, rows=rows_per_program))
@@ -461,7 +454,9 @@ def markdown(r: dict) -> str:
          "(an upper bound: empty patches run once). Rel. difference: norm of the output's difference from the "
          "first row's over its norm (fp16 rows differ by bf16's rounding)."),
     ]
-    if first is None:
+    if first is None:  # --refiners none: the sweep alone
+        if r.get("conv_sweep"):
+            lines += _sweep_markdown(r["conv_sweep"])
         return "\n".join(lines) + "\n"
     for e in r["refiners"].values():
         p = e["patch_size"]
