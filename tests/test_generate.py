@@ -473,7 +473,8 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     from model.reports.generate import main
 
     rc = main(["--out", str(tmp_path), "--dry-run", "--steps-dense", "1", "--steps-512", "2", "--steps-1024", "2",
-               "--no-progress", "--profile", "decode_512", "--warmup", "--decode-chunks-1024", "3"])
+               "--no-progress", "--profile", "decode_512", "--warmup", "--decode-chunks-1024", "3",
+               "--glb", str(tmp_path / "out.glb")])
     assert rc == 0
     doc = json.loads((tmp_path / "generate.json").read_text())
     md = (tmp_path / "generate.md").read_text()
@@ -498,6 +499,10 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     # the target column, and the profiled stage (CPU: no GPU kernels)
     assert "<= 25" in md and "<= 3 (" in md
     assert doc["stages"]["decode_512"]["profile"]["gpu_ms"] == 0 and "Stage decode_512 under torch.profiler" in md
+    # --glb: the output mesh written after the timed run, its faces as reported
+    glb = doc["output_glb"]
+    assert glb["bytes"] == (tmp_path / "out.glb").stat().st_size > 0 and "written as GLB" in md
+    assert len(trimesh.load(tmp_path / "out.glb", force="mesh").faces) == doc["output_faces"] > 0
     assert "profile" not in doc["stages"]["sparse_512"]
     assert main(["--out", str(tmp_path), "--dry-run", "--profile", "bogus"]) == 2
     assert "--profile: unknown stages ['bogus']" in capsys.readouterr().err

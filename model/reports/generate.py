@@ -289,13 +289,14 @@ def _estimate(rec: dict, released_steps: int) -> dict:
 def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None, dtype: torch.dtype | None = None,
                offload: bool = True, seed: int = 0, progress: bool = True,
                simplify_ratio: float | None = None, profile=(), warmup: bool = False,
-               decode_chunks: dict | None = None, command: str | None = None) -> dict:
+               decode_chunks: dict | None = None, command: str | None = None, glb=None) -> dict:
     """Run the cascade as the module docstring says and return the result document. ``warmup``: run the whole
     cascade once first, one step per sampling stage, untimed (its wall time is recorded apart), so that the timed
     run finds every kernel compiled and every library initialised, as a second image in the same process does.
     ``decode_chunks``: ``{"512": n, "1024": n}`` spatial chunks per axis of the VAE decodes, replacing the
     cascade's (:class:`model.pipeline.cascade.CascadeConfig`). ``command``: the command line to record (the module's
-    name when None)."""
+    name when None). ``glb``: a path to write the output mesh to as GLB after the timed run (its seconds and bytes
+    are recorded, not counted in the total)."""
     from model.pipeline.cascade import RELEASED_STEPS, ImageToMesh
     from model.pipeline.geometry import mesh_to_latent_coords
     from model.data.render import render_views
@@ -405,7 +406,17 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "published_memory_gb": PUBLISHED_MEMORY_GB,
         "target_peak_gb": TARGET_PEAK_GB,
         "output_faces": int(len(result.mesh.faces)),
+        "output_glb": _write_glb(result.mesh, glb) if glb is not None else None,
     }
+
+
+def _write_glb(mesh, path) -> dict:
+    """Export ``mesh`` to ``path`` as GLB (atomically): ``{"path", "bytes", "seconds"}``."""
+    from model.io import atomic_write_bytes
+
+    t0 = time.perf_counter()
+    atomic_write_bytes(path, mesh.export(file_type="glb"))
+    return {"path": str(path), "bytes": Path(path).stat().st_size, "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -545,6 +556,10 @@ def markdown(r: dict) -> str:
            if r["stages"].get("extract", {}).get("backend") == "torch" else
            "Mesh extraction runs on the CPU (scikit-image) after the pruning on the GPU; its peak is the pruning's."),
     ]
+    glb = r.get("output_glb")
+    if glb:
+        lines += ["", f"Output mesh: {r['output_faces']:,} faces, written as GLB after the timed run "
+                      f"({glb['bytes'] / 1e9:.2f} GB in {glb['seconds']:.1f} s, not counted in the total)."]
     return "\n".join(lines) + "\n"
 
 
@@ -577,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simplify-ratio", type=share_below_one, default=None, metavar="R",
                    help="simplify the output mesh by removing this share of its faces (released 0.95; default: "
                         "none; random weights give a noise mesh of 100M+ faces, whose decimation takes minutes)")
+    p.add_argument("--glb", default=None, metavar="PATH",
+                   help="write the output mesh to PATH as GLB after the timed run (its time is recorded, not counted; "
+                        "random weights give a mesh of tens of millions of faces, about 1 GB) (default: not written)")
     p.add_argument("--profile", nargs="+", default=[], metavar="STAGE",
                    help="run these stages under torch.profiler and list their largest GPU kernels (default: none; "
                         "profiled stages run slower, so their times are not comparable)")
@@ -605,10 +623,11 @@ def main(argv=None) -> int:
 
 
 def _main(args, command: str | None = None) -> int:
-    from model.cli.args import UserError, output_folder, resolve_device
+    from model.cli.args import UserError, output_file, output_folder, resolve_device
     from model.cli.generate import DTYPES
 
     output_folder("--out", args.out)
+    glb = output_file("--glb", args.glb, (".glb",)) if args.glb is not None else None
     if args.device is not None:
         resolve_device(args.device)
     if not args.dry_run and not torch.cuda.is_available():
@@ -627,7 +646,7 @@ def _main(args, command: str | None = None) -> int:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
                        progress=args.progress, simplify_ratio=args.simplify_ratio, profile=args.profile,
-                       warmup=args.warmup, command=command,
+                       warmup=args.warmup, command=command, glb=glb,
                        decode_chunks={res: n for res, n in (("512", args.decode_chunks_512),
                                                             ("1024", args.decode_chunks_1024)) if n is not None})
     except ValueError as exc:
