@@ -26,7 +26,8 @@ SCRIPTS = [
     "model.cli.generate", "model.cli.prepare_dit_data", "model.cli.reconstruct", "model.cli.sample",
     "model.cli.train_dit", "model.cli.train_vae", "model.reports.dit", "model.reports.generate",
     "model.reports.multi_gpu", "model.reports.vae", "model.reports.dit_demo", "model.reports.extract",
-    "model.reports.refiner", "model.reports.ssa_inputs", "model.reports.cross_attention", "model.data.meshes",
+    "model.reports.refiner", "model.reports.ssa_inputs", "model.reports.cross_attention", "model.reports.mesh_transfer",
+    "model.data.meshes",
     "bench.run_gpu",
 ]
 #: Options deliberately hidden from --help (the report's torchrun worker).
@@ -47,6 +48,7 @@ VOCABULARY = {
     "model.reports.extract": {"--out", "--device"},
     "model.reports.refiner": {"--out", "--device", "--seed"},
     "model.reports.cross_attention": {"--out", "--device", "--seed"},
+    "model.reports.mesh_transfer": {"--out", "--seed"},
     "model.reports.ssa_inputs": {"--out", "--device", "--seed"},
     "model.reports.multi_gpu": {"--out", "--device", "--seed", "--time-limit"},
     "model.reports.vae": {"--out", "--device", "--seed", "--time-limit"},

@@ -269,3 +269,17 @@ def test_mesh_to_numpy_keeps_float64_vertices_and_the_unit_cube_map_is_the_host_
     v64, _ = mesh_to_numpy((v32.double() + 0.5) / 256 - 0.5, faces)
     assert v64.dtype == np.float64
     assert np.array_equal(v64, (v32.numpy().astype(np.float64) + 0.5) / 256 - 0.5)
+
+
+def test_mesh_transfer_report_without_a_gpu_and_its_table(tmp_path, capsys):
+    """``python -m model.reports.mesh_transfer`` says so and writes nothing without CUDA; its table lists every
+    variant with one column per repetition."""
+    from model.reports.mesh_transfer import main, markdown
+
+    if not torch.cuda.is_available():
+        assert main(["--out", str(tmp_path / "r")]) == 0
+        assert "no CUDA GPU" in capsys.readouterr().out and not (tmp_path / "r").exists()
+    doc = {"date": "d", "gpu": "G", "torch": "t", "trimesh": "m", "commit": "abc", "vertices": 5, "faces": 7,
+           "reps": 2, "rows": [{"variant": "a", "seconds": [0.5, 0.25]}, {"variant": "b", "seconds": [1.0, 2.0]}]}
+    md = markdown(doc)
+    assert "| a | 0.500 | 0.250 |" in md and "| b | 1.000 | 2.000 |" in md and "repetition 1" in md

@@ -1,11 +1,11 @@
 """Where a sparse DiT step spends its GPU time, and the sampling-step variants side by side (for ``model.reports.dit``).
 
 - :func:`profile_step`: ``torch.profiler`` over one call; GPU kernel time per kind of kernel (SSA kernels, matrix
-  products, attention (SDPA), layer norm, element-wise, index/copy, other) and the largest kernels. The
-  ``record_function`` ranges of :class:`model.nets.dit.SparseDiTBlock` (``dit.norm``, ``dit.self_attn``,
-  ``dit.cross_attn``, ``dit.mlp``, ``dit.residual``) are recorded too, but the profiler adds the kernels of ranges
-  nested inside one (the SSA op's own) to it again, so their totals are upper bounds (kept in the JSON only); they
-  cover the forward only.
+  products, attention (SDPA, or the cross-attention kernel ``_cross_attention_kernel``), layer norm, element-wise,
+  index/copy, other) and the largest kernels. The ``record_function`` ranges of
+  :class:`model.nets.dit.SparseDiTBlock` (``dit.norm``, ``dit.self_attn``, ``dit.cross_attn``, ``dit.mlp``,
+  ``dit.residual``) are recorded too, but the profiler adds the kernels of ranges nested inside one (the SSA op's
+  own) to it again, so their totals are upper bounds (kept in the JSON only); they cover the forward only.
 - :func:`sampling_variants`: one guided Euler step (condition + zeroed condition, guidance, update) timed in the
   same process for each way of running it, with its peak memory and its relative difference from the first
   (unoptimised) one: fp32 weights under bf16 autocast with the unfused ops and two plain forwards (the path of
@@ -36,7 +36,7 @@ RANGES = ("dit.norm", "dit.self_attn", "dit.cross_attn", "dit.mlp", "dit.residua
 KERNEL_KINDS = (
     ("SSA kernels", ("_cmp_", "_sel_", "_win_", "_score_topk", "_gate_bwd", "_fold_gate", "_row_dot")),
     ("layer norm (fused)", ("_layer_norm_modulate",)),
-    ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("attention (SDPA / cross-attention kernel)", ("flash", "fmha", "attention", "cudnn", "sdpa")),
     ("matrix products", ("gemm", "xmma", "cutlass", "nvjet", "gemv", "splitk", "cublas")),
     ("layer norm", ("layer_norm", "layernorm")),
     ("index / copy / sort", ("index", "gather", "scatter", "copy", "cat", "radix", "sort", "memcpy", "memset",
