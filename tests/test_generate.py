@@ -519,3 +519,23 @@ def test_refiners_run_in_float16_on_cuda_as_released():
         assert part_dtype("refiner", dt, cuda) == part_dtype("refiner_1024", dt, cuda) == torch.float16
         assert part_dtype("sparse_dit_1024", dt, cuda) == part_dtype("refiner", dt, cpu) == dt
     assert part_dtype("refiner", torch.float32, cuda) == torch.float32
+
+
+def test_stage_recorder_counts_the_stage_pinned_allocations(monkeypatch):
+    """A stage that grew PyTorch's pinned-memory pool records how many blocks and how long (CUDA faked here);
+    one that did not records nothing, and the CPU has no such counters."""
+    from model.pipeline.records import StageRecorder
+
+    assert StageRecorder(torch.device("cpu"))._pinned() is None
+    stats = {"num_host_alloc": 3, "host_alloc_time.total": 1_000_000.0}
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: dict(stats), raising=False)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 7)
+    recorder = StageRecorder(torch.device("cuda"))
+    monkeypatch.setattr(recorder, "_sync", lambda: None)
+    with recorder.stage("extract"):
+        stats.update({"num_host_alloc": 5, "host_alloc_time.total": 1_750_000.0})
+    with recorder.stage("simplify"):
+        pass
+    assert recorder.records["extract"].info == {"pinned_allocs": 2, "pinned_alloc_seconds": 0.75}
+    assert recorder.records["simplify"].info == {} and recorder.records["simplify"].peak_bytes == 7

@@ -1,7 +1,9 @@
 """Per-stage records of a cascade run: wall time and peak GPU memory of each stage (:class:`StageRecord`), taken by a
-:class:`StageRecorder` around each stage of :meth:`model.pipeline.cascade.ImageToMesh.generate`; optionally a
-``torch.profiler`` summary of chosen stages (``ImageToMesh.profile_stages``: the GPU kernels by time, the GPU's busy
-time against the wall time)."""
+:class:`StageRecorder` around each stage of :meth:`model.pipeline.cascade.ImageToMesh.generate`; on CUDA also the
+page-locked host memory the stage had to allocate (``pinned_allocs`` / ``pinned_alloc_seconds`` in ``info`` when
+there was any: a fresh 1.4 GB block takes about a second, one from PyTorch's pinned-memory cache nothing,
+reports/raw/mesh_transfer_d9627ea.txt); optionally a ``torch.profiler`` summary of chosen stages
+(``ImageToMesh.profile_stages``: the GPU kernels by time, the GPU's busy time against the wall time)."""
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +43,17 @@ class StageRecorder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _pinned(self) -> tuple[int, float] | None:
+        """(page-locked blocks allocated so far, seconds spent allocating them) of PyTorch's pinned-memory
+        allocator, or None off CUDA or where torch does not report them."""
+        if self.device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+            return None
+        try:
+            stats = torch.cuda.host_memory_stats()
+        except RuntimeError:
+            return None
+        return int(stats.get("num_host_alloc", 0)), float(stats.get("host_alloc_time.total", 0)) / 1e6
+
     @contextlib.contextmanager
     def stage(self, name: str):
         rec = StageRecord(name)
@@ -48,6 +61,7 @@ class StageRecorder:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         prof = _profiler() if name in self.profile else contextlib.nullcontext()
+        pinned0 = self._pinned()
         t0 = time.perf_counter()
         try:
             with prof:
@@ -60,6 +74,9 @@ class StageRecorder:
                 rec.info["profile"] = summarize_profile(prof)
             if self.device.type == "cuda":
                 rec.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            pinned1 = self._pinned()
+            if pinned0 is not None and pinned1 is not None and pinned1[0] > pinned0[0]:
+                rec.info.update(pinned_allocs=pinned1[0] - pinned0[0], pinned_alloc_seconds=pinned1[1] - pinned0[1])
             self.records[name] = rec
 
 

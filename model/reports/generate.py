@@ -446,6 +446,8 @@ def _notes(name: str, rec: dict) -> str:
         out.append(f"{rec['backend']} marching cubes")
     if rec.get("replaced_by_given_coords"):
         out.append("voxels replaced by the mesh's")
+    if rec.get("pinned_allocs"):
+        out.append(f"{rec['pinned_allocs']} page-locked host allocations, {rec['pinned_alloc_seconds']:.2f} s")
     return "; ".join(out)
 
 
