@@ -343,10 +343,11 @@ def mesh_to_numpy(vertices: torch.Tensor, faces: torch.Tensor, *,
     GPU through page-locked buffers (PyTorch's pinned-memory cache keeps them for the next call).
 
     The faces stay int64, the dtype ``trimesh.Trimesh`` stores: handed int32 faces it converts them on the host.
-    Measured on an H100 machine (16 cores) for 28M vertices and 57M faces (the cascade's noise mesh at 1024):
-    page-locked copies then ``trimesh.Trimesh(..., process=False)`` took 0.33 s with int32 faces (0.26-0.35 s of
-    it the Trimesh conversion) and 0.04 s with int64 faces; through pageable memory 1.1 s; a fresh 1.36 GB page-locked
-    allocation 0.8 s (0 s when the cache holds a block, as in a warm process).
+    Measured on an H100 machine (16 cores) for 28M vertices and 57M faces, the cascade's noise mesh at 1024
+    (``python -m model.reports.mesh_transfer``; reports/raw/mesh_transfer_d9627ea.txt): page-locked copies then
+    ``trimesh.Trimesh(..., process=False)`` 0.41 s with int32 faces (the constructor alone 0.38 s) and 0.039 s with
+    int64 faces; through pageable memory 1.6 s; a fresh page-locked allocation of 1.36 GB 1.1 s (none when PyTorch's
+    cache holds a block, as in a warm process).
 
     ``side``: voxel-unit vertices of a ``side^3`` grid are first mapped to the unit cube, ``(v + 0.5) / side - 0.5``
     in float64 where they are (float64 vertices out): on the GPU, the same IEEE operations as the host's passes
