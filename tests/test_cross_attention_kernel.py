@@ -183,3 +183,15 @@ def test_report_smoke_run(tmp_path, capsys):
         kernel = [e for e in r["results"] if e["variant"].startswith("Triton")]
         assert kernel and all(e["rel_err"] < 1e-5 for e in kernel)
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+@needs_kernel
+def test_cross_attention_int64_offsets(monkeypatch):
+    """Past the int32 offset limit (lowered here) the kernel forms its row and key offsets in int64: same result."""
+    q, k, v = _projected(37, 21, 2, 16, torch.float32, seed=9)
+    with torch.no_grad():
+        a = cross_attention(q, k, v, block_m=16, block_n=16, num_warps=1, num_stages=1)
+        monkeypatch.setattr(ck, "INDEX_32_LIMIT", 1)
+        b = cross_attention(q, k, v, block_m=16, block_n=16, num_warps=1, num_stages=1)
+    assert torch.equal(a, b)
+    assert rel_err(b.cpu(), _reference(q, k, v)) < 1e-5

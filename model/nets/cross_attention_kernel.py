@@ -46,17 +46,22 @@ HEAD_DIMS = (16, 32, 64, 128)
 #: (``python -m model.reports.cross_attention --sweep``, reports/cross_attention.md, 3cf6773; 36 launches): fastest
 #: or within 1% of the fastest at 110,656 and 137,124 rows (1.565 / 1.961 ms), 1% behind the best at 27,314 rows.
 LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+#: Offsets are int32 while every offset the kernel forms stays below this, int64 beyond it.
+INDEX_32_LIMIT = 2**31
 #: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, K, V, k0, n_keys, stride_kn, stride_vn, qk_scale,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                 INDEX_64: tl.constexpr):
     """The online-softmax update of ``acc [BLOCK_M, D]`` (unnormalised output), ``m_i`` (running maximum of the
     scaled scores, base 2) and ``l_i`` (running sum) by the keys ``k0 .. k0 + BLOCK_N`` of ``K`` / ``V`` (pointers to
     the head's first key; ``MASKED``: keys past ``n_keys`` are not loaded and weigh nothing)."""
     keys = k0 + tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        keys = keys.to(tl.int64)
     d = tl.arange(0, D)
     if MASKED:
         k_ok = keys < n_keys
@@ -106,10 +111,10 @@ def _cross_attention_kernel(
     full_end = (n_keys // BLOCK_N) * BLOCK_N
     for k0 in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_head, v_head, k0, n_keys, stride_kn, stride_vn, qk_scale,
-                                     D, BLOCK_N, False, IEEE)
+                                     D, BLOCK_N, False, IEEE, INDEX_64)
     if full_end < n_keys:
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_head, v_head, full_end, n_keys, stride_kn, stride_vn,
-                                     qk_scale, D, BLOCK_N, True, IEEE)
+                                     qk_scale, D, BLOCK_N, True, IEEE, INDEX_64)
     acc = acc / l_i[:, None]
     heads = tl.num_programs(1)
     o_ptr = O + rows[:, None] * (heads * D) + h * D + d[None, :]
@@ -196,7 +201,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     out = torch.empty(n, h, d, device=q.device, dtype=q.dtype)
     if n == 0:
         return out
-    index_64 = max(n * h * d, q.stride(0) * n, k.stride(0) * k.shape[0], v.stride(0) * v.shape[0]) >= 2**31
+    index_64 = max(n * h * d, q.stride(0) * n, k.stride(0) * k.shape[0], v.stride(0) * v.shape[0]) >= INDEX_32_LIMIT
     grid = (triton.cdiv(n, launch["block_m"]), h)
     _cross_attention_kernel[grid](
         q, k, v, out, n, k.shape[0], scale * LOG2E,
