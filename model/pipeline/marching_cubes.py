@@ -337,8 +337,50 @@ def _merge(pieces, dev) -> tuple[torch.Tensor, torch.Tensor]:
     return vertices, torch.cat(faces)
 
 
+#: Bytes of the reused staging buffer of ``mesh_to_numpy(staged=True)`` (page-locked on CUDA), in two halves that
+#: alternate: the device copies into one while the host empties the other.
+STAGING_BYTES = 64 << 20
+#: The staging buffer per device kind, made on first use and kept.
+_STAGING: dict = {}
+
+
+def _staged_copy(t: torch.Tensor) -> np.ndarray:
+    """``t`` (contiguous) as a new pageable host array, through the reused staging buffer in two alternating halves:
+    a non-blocking device copy into one half, an event, the host's copy (torch's, multi-threaded) out of the other.
+    Nothing page-locked is allocated per call, and the returned array holds no page-locked memory."""
+    out = torch.empty(t.shape, dtype=t.dtype)
+    src, dst = t.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
+    key = "cuda" if t.is_cuda else "cpu"
+    if _STAGING.get(key) is None or _STAGING[key].numel() != STAGING_BYTES:
+        _STAGING[key] = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=t.is_cuda)
+    half = max(1, STAGING_BYTES // 2)
+    slots = (_STAGING[key][:half], _STAGING[key][half:2 * half])
+    pending: list = [None, None]  # per slot: (start, end, event or None) of the bytes it holds for the host
+
+    def drain(i: int) -> None:
+        if pending[i] is not None:
+            start, end, event = pending[i]
+            if event is not None:
+                event.synchronize()
+            dst[start:end].copy_(slots[i][:end - start])
+            pending[i] = None
+
+    for k, start in enumerate(range(0, src.numel(), half)):
+        i, end = k % 2, min(src.numel(), start + half)
+        drain(i)
+        slots[i][:end - start].copy_(src[start:end], non_blocking=t.is_cuda)
+        event = None
+        if t.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(t.device))
+        pending[i] = (start, end, event)
+    for i in (0, 1):
+        drain(i)
+    return out.numpy()
+
+
 def mesh_to_numpy(vertices: torch.Tensor, faces: torch.Tensor, *,
-                  side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  side: int | None = None, staged: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(vertices [V, 3] float32 (float64 when given float64), faces [F, 3] int64)`` as numpy arrays; from the
     GPU through page-locked buffers (PyTorch's pinned-memory cache keeps them for the next call).
 
@@ -351,12 +393,19 @@ def mesh_to_numpy(vertices: torch.Tensor, faces: torch.Tensor, *,
 
     ``side``: voxel-unit vertices of a ``side^3`` grid are first mapped to the unit cube, ``(v + 0.5) / side - 0.5``
     in float64 where they are (float64 vertices out): on the GPU, the same IEEE operations as the host's passes
-    (0.27 s single-threaded for the 28M vertices of a 57M-face mesh), so the same values, with one float64 copy."""
+    (0.27 s single-threaded for the 28M vertices of a 57M-face mesh), so the same values, with one float64 copy.
+
+    ``staged``: copy through one reused staging buffer into pageable arrays instead (:func:`_staged_copy`; the same
+    values): a fixed cost that does not depend on PyTorch's page-locked cache, whose misses cost about a second for
+    this mesh. Off until ``python -m model.reports.mesh_transfer`` times it (not yet run on a GPU)."""
     if side is not None:
         vertices = vertices.double().add_(0.5).div_(side).sub_(0.5)
     faces = faces.long()
     out = []
     for t in (vertices if vertices.dtype == torch.float64 else vertices.float(), faces):
+        if t.is_cuda and staged:
+            out.append(_staged_copy(t.contiguous()))
+            continue
         if t.is_cuda:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t)

@@ -5,9 +5,10 @@
 faces) and times each way of bringing it to the host, ``--reps`` times each (the first repetition of a page-locked
 variant includes the page-locked allocation; later ones reuse PyTorch's pinned-memory cache): a fresh page-locked
 allocation of the mesh's bytes; the Trimesh constructor alone on host arrays with int32 faces (it converts them to
-int64); model.pipeline.marching_cubes.mesh_to_numpy alone and with Trimesh (int64 faces, page-locked); the same
-page-locked copies with int32 faces (what mesh_to_numpy sent before d9627ea); pageable copies (``.cpu()``). Writes
-``OUT/mesh_transfer.json`` and ``OUT/mesh_transfer.md`` with the GPU, the versions and the commit.
+int64); model.pipeline.marching_cubes.mesh_to_numpy alone and with Trimesh (int64 faces, page-locked), and with its
+staged copy (a reused page-locked buffer into pageable arrays); the same page-locked copies with int32 faces (what
+mesh_to_numpy sent before d9627ea); pageable copies (``.cpu()``). Writes ``OUT/mesh_transfer.json`` and
+``OUT/mesh_transfer.md`` with the GPU, the versions and the commit.
 
 Without CUDA it says so and writes nothing.
 """
@@ -63,6 +64,8 @@ def run_report(*, vertices: int, faces: int, reps: int, side: int = 1024, seed: 
          lambda: trimesh.Trimesh(np.empty((vertices, 3)), np.empty((faces, 3), np.int32), process=False)),
         ("mesh_to_numpy alone", lambda: mesh_to_numpy(v, f, side=side)),
         ("mesh_to_numpy + Trimesh", lambda: trimesh.Trimesh(*mesh_to_numpy(v, f, side=side), process=False)),
+        ("mesh_to_numpy(staged=True) + Trimesh (a reused 64 MB page-locked buffer, pageable arrays)",
+         lambda: trimesh.Trimesh(*mesh_to_numpy(v, f, side=side, staged=True), process=False)),
         ("page-locked copies with int32 faces + Trimesh",
          lambda: trimesh.Trimesh(pinned(unit(v)), pinned(f.int()), process=False)),
         ("pageable copies (.cpu()), int64 faces + Trimesh",
