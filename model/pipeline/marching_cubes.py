@@ -342,6 +342,8 @@ def _merge(pieces, dev) -> tuple[torch.Tensor, torch.Tensor]:
 STAGING_BYTES = 64 << 20
 #: The staging buffer per device kind, made on first use and kept.
 _STAGING: dict = {}
+#: Default of ``mesh_to_numpy(staged=None)`` (the cascade's extraction): off until timed on a GPU.
+STAGED_TRANSFER = False
 
 
 def _staged_copy(t: torch.Tensor) -> np.ndarray:
@@ -380,7 +382,7 @@ def _staged_copy(t: torch.Tensor) -> np.ndarray:
 
 
 def mesh_to_numpy(vertices: torch.Tensor, faces: torch.Tensor, *,
-                  side: int | None = None, staged: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  side: int | None = None, staged: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(vertices [V, 3] float32 (float64 when given float64), faces [F, 3] int64)`` as numpy arrays; from the
     GPU through page-locked buffers (PyTorch's pinned-memory cache keeps them for the next call).
 
@@ -397,10 +399,12 @@ def mesh_to_numpy(vertices: torch.Tensor, faces: torch.Tensor, *,
 
     ``staged``: copy through one reused staging buffer into pageable arrays instead (:func:`_staged_copy`; the same
     values): a fixed cost that does not depend on PyTorch's page-locked cache, whose misses cost about a second for
-    this mesh. Off until ``python -m model.reports.mesh_transfer`` times it (not yet run on a GPU)."""
+    this mesh. None takes :data:`STAGED_TRANSFER` (off until ``python -m model.reports.mesh_transfer`` and the
+    generate report's ``--staged-transfer`` time it; not yet run on a GPU)."""
     if side is not None:
         vertices = vertices.double().add_(0.5).div_(side).sub_(0.5)
     faces = faces.long()
+    staged = STAGED_TRANSFER if staged is None else bool(staged)
     out = []
     for t in (vertices if vertices.dtype == torch.float64 else vertices.float(), faces):
         if t.is_cuda and staged:

@@ -44,6 +44,7 @@ import torch
 
 from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
 from model.nets import cross_attention_kernel
+from model.pipeline import marching_cubes as torch_marching_cubes
 
 __all__ = ["AttentionTimer", "choose_mesh", "main", "markdown", "run_report"]
 
@@ -389,6 +390,7 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "command": command or "python -m model.reports.generate",
         "backend": pipe.backend,
         "cross_attention": "kernel" if cross_attention_kernel.ENABLED else "sdpa",
+        "staged_transfer": torch_marching_cubes.STAGED_TRANSFER,
         "parameters": parts,
         "weight_bytes": weight_bytes,
         "build_seconds": build_seconds,
@@ -605,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-attention", choices=("kernel", "sdpa"), default="kernel",
                    help="the sparse DiTs' cross-attention at sampling: kernel (model.nets.cross_attention_kernel) or "
                         "sdpa (PyTorch's scaled_dot_product_attention) (default %(default)s)")
+    p.add_argument("--staged-transfer", action="store_true",
+                   help="bring the extracted mesh to the host through one reused page-locked staging buffer "
+                        "(model.pipeline.marching_cubes.STAGED_TRANSFER) instead of fresh page-locked arrays "
+                        "(default: off)")
     p.add_argument("--no-offload", action="store_true",
                    help="keep every part on the GPU (default: each part on the GPU for its own stage only)")
     add_seed(p)
@@ -643,7 +649,9 @@ def _main(args, command: str | None = None) -> int:
         raise UserError(f"--profile: unknown stages {unknown}; the stages are {', '.join(STAGES)}")
     device = args.device if args.device not in (None, "auto") else ("cpu" if args.dry_run else "cuda")
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
+    switches = (cross_attention_kernel.ENABLED, torch_marching_cubes.STAGED_TRANSFER)
     cross_attention_kernel.ENABLED = args.cross_attention == "kernel"
+    torch_marching_cubes.STAGED_TRANSFER = args.staged_transfer
     try:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
@@ -653,6 +661,8 @@ def _main(args, command: str | None = None) -> int:
                                                             ("1024", args.decode_chunks_1024)) if n is not None})
     except ValueError as exc:
         raise UserError(f"--mesh: {exc}" if args.mesh and str(args.mesh) in str(exc) else str(exc)) from None
+    finally:  # the library's switches as they were (main may run inside another program or a test session)
+        cross_attention_kernel.ENABLED, torch_marching_cubes.STAGED_TRANSFER = switches
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "generate.json", r, default=str)
