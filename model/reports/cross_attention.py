@@ -17,13 +17,12 @@ under TRITON_INTERPRET=1), labelled SMOKE RUN, and exits 0.
 from __future__ import annotations
 
 import itertools
-import statistics
 import sys
-import time
 
 import torch
 
-from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
+from model.io import commit_label, provenance
+from model.reports.common import time_calls, write_report
 
 __all__ = ["SHAPES", "SWEEP", "main", "markdown", "run_report"]
 
@@ -64,26 +63,6 @@ def _reference(q, k, v, rows: int) -> torch.Tensor:
     return torch.einsum("hnl,lhd->nhd", s.softmax(-1), v)
 
 
-def _time(fn, *, reps: int, warmup: int, device) -> list[float]:
-    """Milliseconds of ``reps`` calls of ``fn`` (CUDA events on a GPU, wall clock on the CPU), after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def _variants(device, sweep: bool) -> list[tuple[str, dict | None, object]]:
     """(name, launch or None, callable(q, k, v)) of every timed variant."""
     from model.nets import cross_attention_kernel as ck
@@ -122,19 +101,16 @@ def run_report(*, device, reps: int = 20, warmup: int = 3, sweep: bool = False, 
             entry = dict(shape=label, rows=rows, variant=name, launch=launch)
             try:
                 with torch.no_grad():
-                    args = (q, k, v)
-                    out = fn(*args)
-                    times = _time(lambda f=fn, a=args: f(*a), reps=reps, warmup=warmup, device=device)
+                    timing = time_calls(lambda f=fn, a=(q, k, v): f(*a), reps=reps, warmup=warmup, device=device)
             except Exception as exc:  # a backend or launch that does not take the shape
                 entry.update(error=f"{type(exc).__name__}: {str(exc)[:160]}")
                 rows_out.append(entry)
                 continue
-            got = out[:CHECK_ROWS].double().cpu()
-            ms = statistics.median(times)
-            entry.update(median_ms=ms, reps_ms=times, tflops=flop / ms / 1e9,
+            got = timing.pop("output")[:CHECK_ROWS].double().cpu()
+            ms = timing["median_ms"]
+            entry.update(median_ms=ms, reps_ms=timing["reps_ms"], tflops=flop / ms / 1e9,
                          rel_err=float((got - ref).norm() / ref.norm()))
             rows_out.append(entry)
-            del out
     return dict(provenance(device), smoke=smoke, heads=heads, head_dim=dim, keys=keys, dtype=str(dtype),
                 reps=reps, warmup=warmup, sweep=sweep, results=rows_out)
 
@@ -205,11 +181,7 @@ def _main(args) -> int:
         print("model.reports.cross_attention: no CUDA GPU here; a smoke run of tiny shapes on the CPU instead "
               "(not a measurement)")
     r = run_report(device=dev, reps=args.reps, warmup=args.warmup, sweep=args.sweep, seed=args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "cross_attention.json", r)
-    text = markdown(r)
-    atomic_write_text(out / "cross_attention.md", text)
-    print(text)
+    write_report(out, "cross_attention", r, markdown(r))
     print(f"wrote {out / 'cross_attention.md'} and {out / 'cross_attention.json'}")
     return 0
 

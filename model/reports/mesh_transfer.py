@@ -18,7 +18,8 @@ import gc
 import sys
 import time
 
-from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
+from model.io import commit_label, provenance
+from model.reports.common import write_report
 
 __all__ = ["main", "markdown", "run_report"]
 
@@ -120,11 +121,7 @@ def _main(args) -> int:
         print("model.reports.mesh_transfer: no CUDA GPU here; nothing to time (nothing written)")
         return 0
     r = run_report(vertices=args.vertices, faces=args.faces, reps=args.reps, seed=args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "mesh_transfer.json", r)
-    text = markdown(r)
-    atomic_write_text(out / "mesh_transfer.md", text)
-    print(text)
+    write_report(out, "mesh_transfer", r, markdown(r))
     return 0
 
 

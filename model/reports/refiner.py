@@ -24,13 +24,12 @@ import argparse
 import copy
 import dataclasses
 import math
-import statistics
 import sys
-import time
 
 import torch
 
-from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
+from model.io import commit_label, provenance
+from model.reports.common import time_calls, write_report
 
 __all__ = ["KERNEL_KINDS", "REFINERS", "kernel_kind", "main", "markdown", "run_report"]
 
@@ -102,49 +101,6 @@ def _to_variant(t: torch.Tensor, device, dtype, memory_format) -> torch.Tensor:
     """``t`` on ``device`` in ``dtype``, laid out in ``memory_format`` (explicitly, also for one channel)."""
     out = torch.empty(t.shape, dtype=dtype, device=device, memory_format=memory_format)
     return out.copy_(t)
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_calls(fn, *, reps: int, warmup: int, device) -> dict:
-    """``fn()`` ``warmup`` times (the first one timed on the wall clock), then ``reps`` times with CUDA events (wall
-    clock on the CPU): times in ms, peaks in GB (None on the CPU) and the last output."""
-    cuda = device.type == "cuda"
-    gb = 1e-9
-    if cuda:
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    first_ms = None
-    for i in range(warmup):
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        if i == 0:
-            first_ms = (time.perf_counter() - t0) * 1e3
-        del out
-    first_peak = torch.cuda.max_memory_allocated(device) * gb if cuda else None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    times, out = [], None
-    for _ in range(reps):
-        out = None
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            times.append(float(start.elapsed_time(end)))
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) * gb if cuda else None
-    return {"reps_ms": times, "median_ms": statistics.median(times), "first_call_ms": first_ms,
-            "first_call_peak_gb": first_peak, "peak_gb": peak, "output": out}
 
 
 class _CudnnBenchmark:
@@ -249,7 +205,7 @@ def _time_variants(master, inputs, *, device, reps: int, warmup: int, patches: i
                     return model(*args)
 
             with _CudnnBenchmark(v["cudnn_benchmark"]), _Paths(v):
-                timing = _time_calls(forward, reps=reps, warmup=warmup, device=device)
+                timing = time_calls(forward, reps=reps, warmup=warmup, device=device)
             out = timing.pop("output")
             row.update(timing, finite=bool(torch.isfinite(out).all()), rel_diff=_rel_diff(out, ref),
                        grid_seconds=timing["median_ms"] * patches / 1e3)
@@ -329,7 +285,7 @@ def sweep_conv(device, *, reps: int = 5) -> dict:
     from model.nets.conv3d_kernel import _fma_launch, conv3d_small
 
     def median(fn):
-        return _time_calls(fn, reps=reps, warmup=1, device=device)["median_ms"]
+        return time_calls(fn, reps=reps, warmup=1, device=device)["median_ms"]
 
     rows, shortcuts = [], []
     gen = torch.Generator().manual_seed(0)
@@ -545,11 +501,7 @@ def _main(args) -> int:
                    seed=args.seed, profile=args.profile)
     if args.sweep_conv and dev.type == "cuda":
         r["conv_sweep"] = sweep_conv(dev)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "refiner.json", r)
-    text = markdown(r)
-    atomic_write_text(out / "refiner.md", text)
-    print(text)
+    write_report(out, "refiner", r, markdown(r))
     print(f"wrote {out / 'refiner.md'} and {out / 'refiner.json'}")
     return 0
 
