@@ -192,6 +192,81 @@ def test_neighbour_map_is_cached_per_coordinate_set():
     assert total_pairs % 2 == 0
 
 
+def _looked_up_rows(x, monkeypatch):
+    """``x``'s neighbour table from its coordinate hash alone (a fresh cache, derivation off)."""
+    from model.sparse import conv as conv_module
+
+    monkeypatch.setattr(conv_module, "DERIVE_NEIGHBOUR_ROWS", False)
+    rows = conv_module.neighbour_rows(SparseTensor(x.coords, x.feats, batch_size=x.batch_size, validate=False))
+    monkeypatch.undo()
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_derived_neighbour_rows_equal_the_lookup(seed, monkeypatch):
+    """Subdividing and subsetting a set whose table exists derive the new tables from it (no hash): the same int32
+    tables as a lookup, bit for bit, over several batch elements of different sizes, chained as the decoder does
+    (conv, subdivide, conv, prune, conv), with voxels at the grid's faces (neighbours outside it are absent)."""
+    from model.sparse.conv import NEIGHBOUR_ROWS_SOURCE_KEY, neighbour_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    x = random_sparse((40, 1, 90), 2, 6, seed=seed)
+    x = x.subset(torch.arange(x.num_voxels))  # a set made by subset before any table exists: a plain lookup
+    assert NEIGHBOUR_ROWS_SOURCE_KEY not in x.cache
+    table = neighbour_rows(x)
+    assert torch.equal(table, _looked_up_rows(x, monkeypatch))
+    for _ in range(2):
+        y = sparse_subdivide(x)
+        assert NEIGHBOUR_ROWS_SOURCE_KEY in y.cache
+        derived = neighbour_rows(y)
+        assert NEIGHBOUR_ROWS_SOURCE_KEY not in y.cache and neighbour_rows(y) is derived
+        assert derived.dtype == torch.int32 and derived.shape == (y.num_voxels, 27)
+        assert torch.equal(derived, _looked_up_rows(y, monkeypatch))
+        assert 0 < int((derived >= 0).sum()) < derived.numel()  # present and absent neighbours both occur
+        for rows in (torch.rand(y.num_voxels, generator=gen) < 0.4,  # a mask, then increasing row numbers
+                     torch.nonzero(torch.rand(y.num_voxels, generator=gen) < 0.7).squeeze(1)):
+            z = y.subset(rows)
+            assert torch.equal(neighbour_rows(z), _looked_up_rows(z, monkeypatch))
+        x = y.subset(torch.rand(y.num_voxels, generator=gen) < 0.3)
+        neighbour_rows(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_derived_neighbour_rows_equal_the_lookup_on_cuda(monkeypatch):
+    """The same on CUDA (its gathers read the absent neighbours' -1 as an index from the end), at a size where the
+    tables have millions of entries, through the Triton convolution's decoder chain."""
+    from model.sparse.conv import neighbour_rows
+
+    x = random_sparse((3000, 500), 4, 40, dtype=torch.float32).to("cuda")
+    neighbour_rows(x)
+    y = sparse_subdivide(x)
+    assert torch.equal(neighbour_rows(y), _looked_up_rows(y, monkeypatch))
+    z = y.subset(torch.rand(y.num_voxels, device="cuda") < 0.5)
+    assert torch.equal(neighbour_rows(z), _looked_up_rows(z, monkeypatch))
+    conv = SparseConv3d(4, 8, backend="triton").cuda()
+    with torch.no_grad():
+        fresh = SparseTensor(z.coords, z.feats, batch_size=z.batch_size, validate=False)
+        out = conv(z).feats
+        monkeypatch.setattr("model.sparse.conv.DERIVE_NEIGHBOUR_ROWS", False)
+        assert torch.equal(out, conv(fresh).feats)
+
+
+def test_derived_neighbour_rows_keep_the_convolution(monkeypatch):
+    """A convolution after subdivide + subset gives the same values on the derived table as on a looked-up one."""
+    torch.manual_seed(0)
+    x = random_sparse((25, 12), 3, 5)
+    conv = SparseConv3d(3, 4, backend="torch").double()
+    conv(x)
+    y = sparse_subdivide(x).subset(torch.rand(8 * x.num_voxels) < 0.5)
+    fresh = SparseTensor(y.coords, y.feats, batch_size=y.batch_size, validate=False)
+    from model.sparse import conv as conv_module
+
+    out = conv(y).feats
+    monkeypatch.setattr(conv_module, "DERIVE_NEIGHBOUR_ROWS", False)
+    assert torch.equal(out, conv(fresh).feats)
+
+
 def test_conv_backends():
     x = random_sparse((20,), 2, 4)
     conv = SparseConv3d(2, 2).double()

@@ -45,6 +45,7 @@ import torch
 from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
 from model.nets import cross_attention_kernel
 from model.pipeline import marching_cubes as torch_marching_cubes
+from model.sparse import conv as sparse_conv
 
 __all__ = ["AttentionTimer", "choose_mesh", "main", "markdown", "run_report"]
 
@@ -391,6 +392,7 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "backend": pipe.backend,
         "cross_attention": "kernel" if cross_attention_kernel.ENABLED else "sdpa",
         "staged_transfer": torch_marching_cubes.STAGED_TRANSFER,
+        "neighbour_tables": "derived" if sparse_conv.DERIVE_NEIGHBOUR_ROWS else "lookup",
         "parameters": parts,
         "weight_bytes": weight_bytes,
         "build_seconds": build_seconds,
@@ -481,6 +483,8 @@ def markdown(r: dict) -> str:
         f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']} (the refiners {r.get('refiner_dtype', r['dtype'])}"
         f"), SSA backend `{r['backend']}`, "
         + (f"cross-attention through {_CROSS[r['cross_attention']]}, " if "cross_attention" in r else "")
+        + ("every sparse convolution's neighbour table looked up in the coordinate hash (`--neighbour-tables lookup`), "
+           if r.get("neighbour_tables") == "lookup" else "")
         + f"{_placement(r)}; "
         f"built in {r['build_seconds']:.1f} s (not counted). "
         + (f"**Warm process**: a first run of the whole cascade with one step per sampling stage took "
@@ -611,6 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bring the extracted mesh to the host through one reused page-locked staging buffer "
                         "(model.pipeline.marching_cubes.STAGED_TRANSFER) instead of fresh page-locked arrays "
                         "(default: off)")
+    p.add_argument("--neighbour-tables", choices=("derived", "lookup"), default="derived",
+                   help="the sparse convolutions' neighbour tables after a subdivision or a subset: derived from the "
+                        "table before (model.sparse.conv.DERIVE_NEIGHBOUR_ROWS) or looked up in the coordinate hash "
+                        "(default %(default)s)")
     p.add_argument("--no-offload", action="store_true",
                    help="keep every part on the GPU (default: each part on the GPU for its own stage only)")
     add_seed(p)
@@ -649,9 +657,10 @@ def _main(args, command: str | None = None) -> int:
         raise UserError(f"--profile: unknown stages {unknown}; the stages are {', '.join(STAGES)}")
     device = args.device if args.device not in (None, "auto") else ("cpu" if args.dry_run else "cuda")
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
-    switches = (cross_attention_kernel.ENABLED, torch_marching_cubes.STAGED_TRANSFER)
+    switches = (cross_attention_kernel.ENABLED, torch_marching_cubes.STAGED_TRANSFER, sparse_conv.DERIVE_NEIGHBOUR_ROWS)
     cross_attention_kernel.ENABLED = args.cross_attention == "kernel"
     torch_marching_cubes.STAGED_TRANSFER = args.staged_transfer
+    sparse_conv.DERIVE_NEIGHBOUR_ROWS = args.neighbour_tables == "derived"
     try:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
                        dtype=DTYPES[args.dtype] if args.dtype else None, offload=not args.no_offload, seed=args.seed,
@@ -662,7 +671,8 @@ def _main(args, command: str | None = None) -> int:
     except ValueError as exc:
         raise UserError(f"--mesh: {exc}" if args.mesh and str(args.mesh) in str(exc) else str(exc)) from None
     finally:  # the library's switches as they were (main may run inside another program or a test session)
-        cross_attention_kernel.ENABLED, torch_marching_cubes.STAGED_TRANSFER = switches
+        (cross_attention_kernel.ENABLED, torch_marching_cubes.STAGED_TRANSFER,
+         sparse_conv.DERIVE_NEIGHBOUR_ROWS) = switches
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "generate.json", r, default=str)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .tensor import SparseTensor
+from .tensor import NEIGHBOUR_ROWS_KEY, NEIGHBOUR_ROWS_SOURCE_KEY, SparseTensor
 
 __all__ = [
     "BACKENDS",
@@ -68,8 +68,10 @@ _SPCONV_DTYPES = (torch.float16, torch.float32)
 #: Neighbours (of 27) a voxel of a thin surface band typically has: the initialisation keeps the activation scale
 #: for that many present taps.
 TYPICAL_NEIGHBOURS = 9
-#: Cache keys of the neighbour rows and the torch backend's neighbour map.
-_ROWS_CACHE_KEY = "conv3_neighbour_rows"
+#: Derive the neighbour table of a subset or a subdivision from the table it came from (:func:`neighbour_rows`);
+#: False looks every coordinate set up in its hash (reports switch it off to time the lookup).
+DERIVE_NEIGHBOUR_ROWS = True
+#: Cache key of the torch backend's neighbour map.
 _NMAP_CACHE_KEY = "conv3_neighbour_map"
 #: Cache key of spconv's indice dictionary.
 _SPCONV_CACHE_KEY = "spconv_indice_dict"
@@ -106,20 +108,31 @@ class NeighbourMap:
 
 def neighbour_rows(x: SparseTensor) -> torch.Tensor:
     """``[N, 27]`` int32: the input row of each tap's neighbour of every voxel of ``x`` (-1 where absent; the centre
-    tap is the row itself), found once per coordinate set with the coordinate hash and cached in ``x.cache``. Both
-    backends read it: the Triton kernel directly, the torch backend through :func:`neighbour_map`."""
-    if _ROWS_CACHE_KEY in x.cache:
-        return x.cache[_ROWS_CACHE_KEY]
-    coords = x.coords.long()
-    n = coords.shape[0]
+    tap is the row itself), found once per coordinate set and cached in ``x.cache``. Both backends read it: the
+    Triton kernel directly, the torch backend through :func:`neighbour_map`.
+
+    A coordinate set made by :meth:`SparseTensor.subset` or :func:`model.sparse.layers.sparse_subdivide` from one
+    whose table exists derives its table from that one with a few gathers (:data:`DERIVE_NEIGHBOUR_ROWS`; the same
+    table); any other set looks its voxels' 27 neighbours up in the coordinate hash (a sort, then a binary search
+    per neighbour, some thirty element-wise passes over ``[27 N]`` int64 values: about 0.65 of the 0.91 s of GPU
+    kernels of the cascade's profiled 1024 decode, reports/generate_history.md run 30)."""
+    if NEIGHBOUR_ROWS_KEY in x.cache:
+        return x.cache[NEIGHBOUR_ROWS_KEY]
+    source = x.cache.pop(NEIGHBOUR_ROWS_SOURCE_KEY, None)
+    n = x.coords.shape[0]
     if n >= 2**31:
         raise ValueError(f"{n} voxels do not fit the int32 neighbour rows")
+    if source is not None and DERIVE_NEIGHBOUR_ROWS:
+        rows = source()
+        x.cache[NEIGHBOUR_ROWS_KEY] = rows
+        return rows
+    coords = x.coords.long()
     rows = torch.full((n, KERNEL_VOLUME), -1, dtype=torch.int32, device=coords.device)
     if n:
         query = coords.unsqueeze(1).repeat(1, KERNEL_VOLUME, 1)  # [N, 27, 4]
         query[:, :, 1:] += kernel_offsets(coords.device).unsqueeze(0)
         rows = x.coord_index().lookup(query.reshape(-1, 4)).view(n, KERNEL_VOLUME).to(torch.int32)
-    x.cache[_ROWS_CACHE_KEY] = rows
+    x.cache[NEIGHBOUR_ROWS_KEY] = rows
     return rows
 
 

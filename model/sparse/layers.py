@@ -14,13 +14,15 @@ Every layer keeps batch elements apart: nothing computed for one batch element r
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tensor import SparseTensor
+from .conv import KERNEL_VOLUME, kernel_offsets
+from .tensor import NEIGHBOUR_ROWS_KEY, NEIGHBOUR_ROWS_SOURCE_KEY, SparseTensor
 
 __all__ = [
     "CHILD_OFFSETS",
@@ -35,6 +37,7 @@ __all__ = [
     "SparseSiLU",
     "SparseSubdivide",
     "check_pool_mode",
+    "subdivided_neighbour_rows",
     "gated_linear_add",
     "gelu_linear",
     "group_norm_per_batch",
@@ -415,13 +418,46 @@ def subdivide_map(x: SparseTensor) -> tuple[torch.Tensor, dict]:
     return x.cache["subdivide"]
 
 
+@functools.lru_cache(maxsize=None)
+def _child_taps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For child ``j`` and tap ``t`` (offset ``o``, :func:`model.sparse.conv.kernel_offsets`): the neighbour
+    ``2 parent + child_offset_j + o`` is child ``j'`` of the parent's neighbour at tap ``t'``. Returns
+    ``(t' [8 * 27] int64, j' [8, 27] int32)``."""
+    child = torch.tensor(CHILD_OFFSETS, dtype=torch.long)  # [8, 3]
+    step = child[:, None, :] + kernel_offsets()[None]  # [8, 27, 3], each in -1..2
+    parent = torch.div(step, 2, rounding_mode="floor")  # -1..1: the parent's neighbour offset
+    sub = step - 2 * parent  # 0..1: the child offset under that parent
+    parent_tap = (parent[..., 0] + 1) + 3 * (parent[..., 1] + 1) + 9 * (parent[..., 2] + 1)
+    child_index = (sub[..., 0] << 2) | (sub[..., 1] << 1) | sub[..., 2]
+    return parent_tap.reshape(-1).to(device), child_index.to(torch.int32).to(device)
+
+
+def subdivided_neighbour_rows(table: torch.Tensor) -> torch.Tensor:
+    """The neighbour table ``[8 N, 27]`` int32 of :func:`sparse_subdivide`'s output from its input's ``table
+    [N, 27]`` (:func:`model.sparse.conv.neighbour_rows`): every parent keeps all 8 children, so a child's neighbour
+    is child ``j'`` of one of the parent's neighbours (or of the parent itself), at row ``8 q + j'`` where ``q`` is
+    that neighbour's row, and absent where it is. The same table as a lookup in the children's coordinate hash,
+    from one gather and three element-wise passes."""
+    n = table.shape[0]
+    if NUM_CHILDREN * n >= 2**31:
+        raise ValueError(f"{NUM_CHILDREN * n} voxels do not fit the int32 neighbour rows")
+    parent_tap, child_index = _child_taps(table.device)
+    rows = table.index_select(1, parent_tap).view(n, NUM_CHILDREN, KERNEL_VOLUME)
+    # an absent neighbour (-1) gives 8 * -1 + j' in [-8, -1]: clamped back to -1
+    return rows.mul_(NUM_CHILDREN).add_(child_index).clamp_(min=-1).view(n * NUM_CHILDREN, KERNEL_VOLUME)
+
+
 def sparse_subdivide(x: SparseTensor) -> SparseTensor:
     """Each voxel -> its 8 children at ``coord * 2 + {0, 1}^3``, with the parent's features.
 
     ``x.feats [N, C] -> [8 N, C]``: row ``8 p + j`` is child ``j`` (:data:`CHILD_OFFSETS`) of parent row ``p``, so
-    batch order is kept. Resolution doubles.
+    batch order is kept. Resolution doubles. When ``x`` holds the convolution's neighbour table, the children's is
+    derived from it on first use (:func:`subdivided_neighbour_rows`).
     """
     coords, cache = subdivide_map(x)
+    table = x.cache.get(NEIGHBOUR_ROWS_KEY)
+    if table is not None and NEIGHBOUR_ROWS_KEY not in cache:
+        cache[NEIGHBOUR_ROWS_SOURCE_KEY] = functools.partial(subdivided_neighbour_rows, table)
     res = None if x.resolution is None else 2 * x.resolution
     return SparseTensor(coords, x.feats.repeat_interleave(NUM_CHILDREN, dim=0), batch_size=x.batch_size,
                         resolution=res, cache=cache, validate=False)

@@ -19,11 +19,13 @@ a voxel from its coordinates (convolution neighbours, membership tests of the pr
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
-__all__ = ["COORD_COLUMNS", "CoordIndex", "SparseTensor", "linear_keys"]
+__all__ = ["COORD_COLUMNS", "NEIGHBOUR_ROWS_KEY", "NEIGHBOUR_ROWS_SOURCE_KEY", "CoordIndex", "SparseTensor",
+           "linear_keys", "subset_neighbour_rows"]
 
 #: Columns of ``coords``: batch index, then x, y, z.
 COORD_COLUMNS = 4
@@ -33,6 +35,11 @@ SPATIAL_DIMS = 3
 _MAX_KEY = 2**62
 #: Cache key of the coordinate hash.
 _INDEX_CACHE_KEY = "coord_index"
+#: Cache key of the 3^3 convolution's neighbour table ``[N, 27]`` int32 (:func:`model.sparse.conv.neighbour_rows`),
+#: and of a function that derives it from an earlier coordinate set's table without a hash lookup (set by
+#: :meth:`SparseTensor.subset` and :func:`model.sparse.layers.sparse_subdivide` when that table exists).
+NEIGHBOUR_ROWS_KEY = "conv3_neighbour_rows"
+NEIGHBOUR_ROWS_SOURCE_KEY = "conv3_neighbour_rows_source"
 
 
 def _check_int_coords(coords, name: str = "coords") -> torch.Tensor:
@@ -98,6 +105,17 @@ class CoordIndex:
     def contains(self, query: torch.Tensor) -> torch.Tensor:
         """``[M]`` bool: whether each voxel of ``query [M, 4]`` is in the indexed set."""
         return self.lookup(query) >= 0
+
+
+def subset_neighbour_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The neighbour table ``[M, 27]`` int32 of the voxels ``rows [M]`` (increasing) of a coordinate set whose table
+    is ``table [N, 27]`` (-1 where a neighbour is absent): a neighbour of a kept voxel is in the subset exactly when
+    it is kept, at its new row. The same table as a lookup in the subset's coordinate hash, from two gathers."""
+    n = table.shape[0]
+    # new row of every old row; slot n stays -1, and an absent neighbour (-1) indexes it from the end
+    new_row = torch.full((n + 1,), -1, dtype=torch.int32, device=table.device)
+    new_row[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=table.device)
+    return new_row[table.index_select(0, rows)]
 
 
 class SparseTensor:
@@ -212,7 +230,9 @@ class SparseTensor:
     def subset(self, rows: torch.Tensor) -> "SparseTensor":
         """The voxels selected by ``rows``: a ``[N]`` bool mask or increasing int64 row numbers.
 
-        Row order is kept, so batch elements stay contiguous. The result is a new coordinate set (fresh cache).
+        Row order is kept, so batch elements stay contiguous. The result is a new coordinate set (fresh cache); when
+        this one holds the convolution's neighbour table, the subset's is derived from it on first use
+        (:func:`subset_neighbour_rows`) instead of looked up again.
         """
         if not isinstance(rows, torch.Tensor):
             raise TypeError(f"rows must be a torch.Tensor, got {type(rows).__name__}")
@@ -224,8 +244,12 @@ class SparseTensor:
             raise ValueError("rows must be a [N] bool mask or a 1-D integer tensor of increasing row numbers")
         elif rows.numel() > 1 and bool((rows[1:] <= rows[:-1]).any()):
             raise ValueError("integer rows must be strictly increasing (keeps batch order and uniqueness)")
+        cache = {}
+        table = self.cache.get(NEIGHBOUR_ROWS_KEY)
+        if table is not None:
+            cache[NEIGHBOUR_ROWS_SOURCE_KEY] = functools.partial(subset_neighbour_rows, table, rows)
         return SparseTensor(self.coords.index_select(0, rows), self.feats.index_select(0, rows),
-                            batch_size=self.batch_size, resolution=self.resolution, validate=False)
+                            batch_size=self.batch_size, resolution=self.resolution, cache=cache, validate=False)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SparseTensor":
         """Move to ``device`` (fresh cache) and/or cast ``feats`` to ``dtype`` (cache shared)."""
