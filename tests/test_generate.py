@@ -474,7 +474,7 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
 
     rc = main(["--out", str(tmp_path), "--dry-run", "--steps-dense", "1", "--steps-512", "2", "--steps-1024", "2",
                "--no-progress", "--profile", "decode_512", "--warmup", "--decode-chunks-1024", "3",
-               "--glb", str(tmp_path / "out.glb"), "--staged-transfer", "--neighbour-tables", "lookup"])
+               "--glb", str(tmp_path / "out.glb"), "--mesh-transfer", "pinned", "--neighbour-tables", "lookup"])
     assert rc == 0
     doc = json.loads((tmp_path / "generate.json").read_text())
     md = (tmp_path / "generate.md").read_text()
@@ -499,10 +499,11 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     # the target column, and the profiled stage (CPU: no GPU kernels)
     assert "<= 25" in md and "<= 3 (" in md
     assert doc["stages"]["decode_512"]["profile"]["gpu_ms"] == 0 and "Stage decode_512 under torch.profiler" in md
-    assert doc["staged_transfer"] is True  # recorded (the CPU extraction has no device transfer to stage)
+    assert doc["staged_transfer"] is False  # recorded (the CPU extraction has no device transfer to stage)
+    assert "--mesh-transfer pinned" in md
     from model.nets import cross_attention_kernel
     from model.pipeline import marching_cubes
-    assert marching_cubes.STAGED_TRANSFER is False and cross_attention_kernel.ENABLED is True  # restored
+    assert marching_cubes.STAGED_TRANSFER is True and cross_attention_kernel.ENABLED is True  # restored
     from model.sparse import conv as sparse_conv
     assert doc["neighbour_tables"] == "lookup" and "--neighbour-tables lookup" in md
     assert sparse_conv.DERIVE_NEIGHBOUR_ROWS is True  # restored

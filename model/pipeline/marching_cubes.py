@@ -342,8 +342,10 @@ def _merge(pieces, dev) -> tuple[torch.Tensor, torch.Tensor]:
 STAGING_BYTES = 64 << 20
 #: The staging buffer per device kind, made on first use and kept.
 _STAGING: dict = {}
-#: Default of ``mesh_to_numpy(staged=None)`` (the cascade's extraction): off until timed on a GPU.
-STAGED_TRANSFER = False
+#: Default of ``mesh_to_numpy(staged=None)`` (the cascade's extraction): on. In the cascade at 1024 (one H100,
+#: f7648bc, reports/generate_history.md) the extraction took 0.27 s staged against 1.32-1.56 s through fresh
+#: page-locked arrays, 1.12-1.36 s of which were page-locked allocations that PyTorch's cache did not serve.
+STAGED_TRANSFER = True
 
 
 def _staged_copy(t: torch.Tensor) -> np.ndarray:
@@ -384,7 +386,8 @@ def _staged_copy(t: torch.Tensor) -> np.ndarray:
 def mesh_to_numpy(vertices: torch.Tensor, faces: torch.Tensor, *,
                   side: int | None = None, staged: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(vertices [V, 3] float32 (float64 when given float64), faces [F, 3] int64)`` as numpy arrays; from the
-    GPU through page-locked buffers (PyTorch's pinned-memory cache keeps them for the next call).
+    GPU through one reused page-locked staging buffer (``staged``, the default) or through page-locked arrays of
+    the mesh's size (PyTorch's pinned-memory cache keeps them for the next call).
 
     The faces stay int64, the dtype ``trimesh.Trimesh`` stores: handed int32 faces it converts them on the host.
     Measured on an H100 machine (16 cores) for 28M vertices and 57M faces, the cascade's noise mesh at 1024
@@ -397,10 +400,10 @@ def mesh_to_numpy(vertices: torch.Tensor, faces: torch.Tensor, *,
     in float64 where they are (float64 vertices out): on the GPU, the same IEEE operations as the host's passes
     (0.27 s single-threaded for the 28M vertices of a 57M-face mesh), so the same values, with one float64 copy.
 
-    ``staged``: copy through one reused staging buffer into pageable arrays instead (:func:`_staged_copy`; the same
-    values): a fixed cost that does not depend on PyTorch's page-locked cache, whose misses cost about a second for
-    this mesh. None takes :data:`STAGED_TRANSFER` (off until ``python -m model.reports.mesh_transfer`` and the
-    generate report's ``--staged-transfer`` time it; not yet run on a GPU)."""
+    ``staged``: copy through one reused staging buffer into pageable arrays (:func:`_staged_copy`; the same
+    values): a fixed cost that does not depend on PyTorch's page-locked cache, whose misses cost over a second for
+    this mesh, and the arrays a caller keeps hold no page-locked memory. None takes :data:`STAGED_TRANSFER` (on;
+    the generate report's ``--mesh-transfer pinned`` times the page-locked path)."""
     if side is not None:
         vertices = vertices.double().add_(0.5).div_(side).sub_(0.5)
     faces = faces.long()

@@ -483,6 +483,8 @@ def markdown(r: dict) -> str:
         f"{r['weight_bytes'] / 1e9:.2f} GB of weights), {r['dtype']} (the refiners {r.get('refiner_dtype', r['dtype'])}"
         f"), SSA backend `{r['backend']}`, "
         + (f"cross-attention through {_CROSS[r['cross_attention']]}, " if "cross_attention" in r else "")
+        + ("the mesh brought to the host through page-locked arrays of its size (`--mesh-transfer pinned`), "
+           if r.get("staged_transfer") is False else "")
         + ("every sparse convolution's neighbour table looked up in the coordinate hash (`--neighbour-tables lookup`), "
            if r.get("neighbour_tables") == "lookup" else "")
         + f"{_placement(r)}; "
@@ -611,10 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-attention", choices=("kernel", "sdpa"), default="kernel",
                    help="the sparse DiTs' cross-attention at sampling: kernel (model.nets.cross_attention_kernel) or "
                         "sdpa (PyTorch's scaled_dot_product_attention) (default %(default)s)")
-    p.add_argument("--staged-transfer", action="store_true",
-                   help="bring the extracted mesh to the host through one reused page-locked staging buffer "
-                        "(model.pipeline.marching_cubes.STAGED_TRANSFER) instead of fresh page-locked arrays "
-                        "(default: off)")
+    p.add_argument("--mesh-transfer", choices=("staged", "pinned"), default="staged",
+                   help="how the extracted mesh reaches the host: staged (through one reused page-locked buffer, "
+                        "model.pipeline.marching_cubes.STAGED_TRANSFER) or pinned (page-locked arrays of the mesh's "
+                        "size from PyTorch's cache) (default %(default)s)")
     p.add_argument("--neighbour-tables", choices=("derived", "lookup"), default="derived",
                    help="the sparse convolutions' neighbour tables after a subdivision or a subset: derived from the "
                         "table before (model.sparse.conv.DERIVE_NEIGHBOUR_ROWS) or looked up in the coordinate hash "
@@ -659,7 +661,7 @@ def _main(args, command: str | None = None) -> int:
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     switches = (cross_attention_kernel.ENABLED, torch_marching_cubes.STAGED_TRANSFER, sparse_conv.DERIVE_NEIGHBOUR_ROWS)
     cross_attention_kernel.ENABLED = args.cross_attention == "kernel"
-    torch_marching_cubes.STAGED_TRANSFER = args.staged_transfer
+    torch_marching_cubes.STAGED_TRANSFER = args.mesh_transfer == "staged"
     sparse_conv.DERIVE_NEIGHBOUR_ROWS = args.neighbour_tables == "derived"
     try:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
