@@ -547,3 +547,20 @@ def test_stage_recorder_counts_the_stage_pinned_allocations(monkeypatch):
         pass
     assert recorder.records["extract"].info == {"pinned_allocs": 2, "pinned_alloc_seconds": 0.75}
     assert recorder.records["simplify"].info == {} and recorder.records["simplify"].peak_bytes == 7
+
+
+def test_nested_shells_scale_the_surface_and_reject_bad_counts(capsys):
+    """``--mesh shells:K``: K copies of the shell, each scaled about the centre (the surface grows about as
+    sum (1 - 0.2 i)^2); bad counts are clear errors naming --mesh."""
+    from model.reports.generate import choose_mesh, main, shell_mesh
+
+    one = shell_mesh()
+    two, desc = choose_mesh("shells:2")
+    assert len(two.faces) == 2 * len(one.faces) and "2 nested copies" in desc
+    assert two.area == pytest.approx(one.area * (1 + 0.8**2), rel=1e-6)
+    assert np.allclose(two.bounds, one.bounds)  # the copy sits inside the original's box
+    for bad in ("shells:0", "shells:5", "shells:x"):
+        with pytest.raises(ValueError, match="shells"):
+            choose_mesh(bad)
+    assert main(["--out", "unused", "--dry-run", "--mesh", "shells:9"]) == 2
+    assert "--mesh" in capsys.readouterr().err

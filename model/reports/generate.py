@@ -96,9 +96,32 @@ def shell_mesh():
     return trimesh.Trimesh((verts + 0.5) / r - 0.5, faces)
 
 
+#: Most nested copies of ``--mesh shells:K`` and the scale step between them.
+MAX_SHELLS = 4
+SHELL_SCALE_STEP = 0.2
+
+
+def nested_shells(copies: int):
+    """:func:`shell_mesh` and ``copies - 1`` copies of it scaled by ``1 - 0.2 i`` about the centre, as one mesh: about
+    ``sum (1 - 0.2 i)^2`` times the shell's surface and latent tokens (2.0x for 3 copies), to measure how memory grows
+    with the token count."""
+    import trimesh
+
+    if isinstance(copies, bool) or not isinstance(copies, int) or not 1 <= copies <= MAX_SHELLS:
+        raise ValueError(f"shells: the number of copies must be an int in 1..{MAX_SHELLS}, got {copies!r}")
+    base = shell_mesh()
+    parts = []
+    for i in range(copies):
+        part = base.copy()
+        part.apply_scale(1.0 - SHELL_SCALE_STEP * i)
+        parts.append(part)
+    return trimesh.util.concatenate(parts)
+
+
 def choose_mesh(path=None):
-    """``(trimesh.Trimesh, description)``: ``path`` (``"shell"``, the default: :func:`shell_mesh`), ``"cache"`` (the
-    first mesh under ``data_cache/meshes``, else the first mesh installed packages ship, else a torus)."""
+    """``(trimesh.Trimesh, description)``: ``path`` (``"shell"``, the default: :func:`shell_mesh`), ``"shells:K"``
+    (:func:`nested_shells`), ``"cache"`` (the first mesh under ``data_cache/meshes``, else the first mesh installed
+    packages ship, else a torus), or a mesh file."""
     import trimesh
 
     from model.data.meshes import available_meshes, find_meshes
@@ -107,6 +130,13 @@ def choose_mesh(path=None):
     if path is None or path == "shell":
         return shell_mesh(), (f"the benchmark's shell surface (marching cubes of ssa_kernels.shapes.shell_sdf at "
                               f"{SHELL_MESH_GRID}^3; default, --mesh shell)")
+    if isinstance(path, str) and path.startswith("shells:"):
+        count = path.split(":", 1)[1]
+        if not count.isdigit() or not 1 <= int(count) <= MAX_SHELLS:
+            raise ValueError(f"--mesh {path}: shells:K takes an int K in 1..{MAX_SHELLS}")
+        k = int(count)
+        return nested_shells(k), (f"{k} nested copies of the benchmark's shell surface, scaled by 1, 0.8, .. about "
+                                  f"the centre (--mesh {path})")
     if path != "cache":
         if not os.path.isfile(path):
             raise ValueError(f"--mesh: file {os.fspath(path)!r} does not exist")
@@ -586,8 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_out(p, "folder for generate.md and generate.json")
     p.add_argument("--mesh", default=None,
                    help="mesh whose latent voxels feed the sparse stages: a file, 'shell' (the benchmark's shell "
-                        "surface, 110,656 tokens at 1024) or 'cache' (the first mesh of data_cache/meshes) (default "
-                        "shell; cache with --dry-run)")
+                        "surface, 110,656 tokens at 1024), 'shells:K' (K nested scaled copies of it, more tokens) or "
+                        "'cache' (the first mesh of data_cache/meshes) (default shell; cache with --dry-run)")
     for stage in ("dense", "512", "1024"):
         p.add_argument(f"--steps-{stage}", type=positive_int, default=REPORT_STEPS[stage], metavar="N",
                        help=f"sampling steps of the {stage} stage (default %(default)s)")
