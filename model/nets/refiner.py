@@ -698,16 +698,17 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
     dev = coords.device
     dtype = dtype or next(refiner.parameters()).dtype
     fmt = _patch_format(channels_last, dev)
-    c = coords.long()
-    values = sdf.reshape(-1).float()
-    # pool the sparse SDF by 2 onto the refiner's grid (cfg.pool_mode: the released model's sum / (n + 1))
-    parent = c // 2
+    # pool the sparse SDF by 2 onto the refiner's grid (cfg.pool_mode: the released model's sum / (n + 1)); the
+    # parent keys are built column by column and nothing of the decoded voxels' size outlives the pooling (an int64
+    # copy of the coordinates, 24 bytes a voxel, had been held through every patch: 1.4 GB at 57M voxels)
     r = cfg.resolution
-    key = (parent[:, 0] * r + parent[:, 1]) * r + parent[:, 2]
+    key = torch.div(coords[:, 0], 2, rounding_mode="floor").long()
+    for axis in (1, 2):
+        key = key.mul_(r).add_(torch.div(coords[:, axis], 2, rounding_mode="floor"))
     uniq, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
-    del key, parent
-    pooled = pool_features(values.unsqueeze(1), inverse, counts, cfg.pool_mode).to(dtype)
-    del inverse
+    del key
+    pooled = pool_features(sdf.reshape(-1, 1).float(), inverse, counts, cfg.pool_mode).to(dtype)
+    del inverse, counts
     pooled_coords = torch.stack([uniq // (r * r), (uniq // r) % r, uniq % r], dim=1)
     p = cfg.patch_size
     offs = patch_offsets(r, p, cfg.patch_stride)

@@ -90,13 +90,14 @@ RELEASED_SDF_TAU = 4.0
 #: Latent cells of padding around each chunk of the chunked decoder (RELEASED_MODEL.md C.5).
 CHUNK_PADDING = 4
 #: Most latent tokens (its own and its padding's) the largest spatial chunk may hold when :func:`decode_chunk_count`
-#: picks the chunk count. A decode's peak grows by about 1.3-1.4 MB per token of its largest chunk at the released
-#: widths (one H100, bf16, the shell mesh of ``model.reports.generate``: 512 stage 2.68 GB with 1,534 tokens in its
-#: largest chunk, 6.90 GB with 4,775; 1024 stage 5.97 GB with 4,140, 9.71 GB with 7,271, 23.1 GB with 16,510), so
-#: chunks of at most 7,500 tokens keep a decode near 10 GB at any token count. Fewer chunks synchronise with the host
-#: less often (the 512 decode: 0.62 s with 4 chunks per axis, 0.27 s with 2; the 1024 decode: 1.24 s with 4, 1.01 s
-#: with 3).
-DECODE_CHUNK_TOKENS = 7_500
+#: picks the chunk count. While every coordinate set's neighbour table was looked up in a hash, a decode's peak grew
+#: by about 1.3-1.4 MB per token of its largest chunk (1024 stage 9.71 GB with 7,271 tokens), and 7,500 tokens a
+#: chunk kept it near 10 GB. Derived tables (:func:`model.sparse.conv.neighbour_rows`) cut the 1024 decode of the
+#: shell mesh (110,656 tokens, one H100, generate report, reports/generate_history.md runs 34-35) to 4.43 GB with 3
+#: chunks per axis and 4.57 GB with 2 (0.32 -> 0.26 s): the chunk's own working set is small beside the decoded
+#: voxels, so chunks of up to 20,000 tokens (2 per axis for that mesh) cost little memory and synchronise with the
+#: host less often.
+DECODE_CHUNK_TOKENS = 20_000
 #: Chunks per axis :func:`decode_chunk_count` chooses from: counts between the powers of two too, so a mesh whose
 #: 4 chunks fit the token budget by a wide margin may get 3 (27 chunks to visit, not 64, and less padding decoded
 #: twice); any count cuts the grid into ``ceil(resolution / count)`` cells a chunk (tests/test_pretrained.py checks
