@@ -232,6 +232,7 @@ def sparse_marching_cubes(coords: torch.Tensor, values: torch.Tensor, resolution
         del pres
         pieces.append(_block_triangles(val.view(-1, side, side, side), decoded, origin, level, resolution + 2,
                                        tables))
+    del dense_val, present, neighbours, cb, grid  # the merge's peak holds the mesh alone
     return _merge(pieces, dev)
 
 
@@ -322,19 +323,29 @@ def _block_triangles(val: torch.Tensor, cells: torch.Tensor, origin: torch.Tenso
     return keys, verts, ids.view(-1, 3)
 
 
-def _merge(pieces, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """One mesh from the chunks' ``(keys, vertices, faces)``: vertices shared by key across chunks."""
-    pieces = [p for p in pieces if p is not None]
-    if not pieces:
+def _merge(pieces: list, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mesh from the chunks' ``(keys, vertices, faces)``: vertices shared by key across chunks. Empties
+    ``pieces`` as it goes (the caller's list too): the vertices are scattered and the faces renumbered into the
+    output one chunk at a time, so besides the chunks' own arrays the merge holds one copy of the mesh, not three
+    (concatenated faces, renumbered faces, output: 2.7 GB more at 57M faces)."""
+    live = [p for p in pieces if p is not None]
+    pieces.clear()
+    if not live:
         return torch.zeros(0, 3, device=dev), torch.zeros(0, 3, dtype=torch.long, device=dev)
-    _, global_ids = torch.unique(torch.cat([p[0] for p in pieces]), return_inverse=True)
+    _, global_ids = torch.unique(torch.cat([p[0] for p in live]), return_inverse=True)
     vertices = torch.empty(int(global_ids.max()) + 1, 3, device=dev)
-    vertices[global_ids] = torch.cat([p[1] for p in pieces])
-    faces, base = [], 0
-    for keys, _, local in pieces:
-        faces.append(global_ids[base:base + keys.numel()][local])
+    faces = torch.empty(sum(p[2].shape[0] for p in live), 3, dtype=torch.long, device=dev)
+    base = row = 0
+    live.reverse()  # pop from the end, in chunk order
+    while live:
+        keys, verts, local = live.pop()
+        ids = global_ids[base:base + keys.numel()]
+        vertices[ids] = verts
+        faces[row:row + local.shape[0]] = ids[local]
         base += keys.numel()
-    return vertices, torch.cat(faces)
+        row += local.shape[0]
+        del keys, verts, local, ids
+    return vertices, faces
 
 
 #: Bytes of the reused staging buffer of ``mesh_to_numpy(staged=True)`` (page-locked on CUDA), in two halves that
