@@ -428,11 +428,15 @@ def test_timing_script_help_and_profile_table():
     assert "| `sm90_xmma_fprop` | 50.00 | 12 |" in md and "**bf16, channels_last_3d, cudnn.benchmark on**" in md
 
 
-@pytest.mark.parametrize("shape, groups", [((1, 8, 20, 20, 20), 4), ((2, 6, 3, 5, 7), 3), ((1, 4, 1, 1, 1), 2)])
+@pytest.mark.parametrize("shape, groups", [((1, 8, 20, 20, 20), 4), ((2, 6, 3, 5, 7), 3), ((1, 4, 1, 1, 1), 2),
+                                           ((2, 40, 9, 6, 5), 4), ((1, 160, 5, 4, 3), 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_chunked_group_norm_matches_float64(shape, groups, dtype):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_chunked_group_norm_matches_float64(shape, groups, dtype, layout):
     """model.nets.fused.group_norm (Triton; the interpreter here) against float64 group norm: several chunks per
-    row (20^3 x 2 channels = 16,000 values), rows shorter than a chunk, one value per channel, a large mean."""
+    row (20^3 x 2 channels = 16,000 values), rows shorter than a chunk, one value per channel, a large mean, the
+    UNet's concatenated widths (40 and 160 channels: groups of a width that is not a power of two), several batch
+    elements; in NCDHW and in channels-last (NDHWC, read and written in that layout)."""
     from model.nets.fused import GROUP_CHUNK, group_norm
 
     gen = torch.Generator().manual_seed(11)
@@ -441,9 +445,11 @@ def test_chunked_group_norm_matches_float64(shape, groups, dtype):
     b = torch.randn(shape[1], generator=gen, dtype=torch.float64)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x, w, b = x.to(dev, dtype), w.to(dev, dtype), b.to(dev, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     expected = F.group_norm(x.double(), groups, w.double(), b.double(), 1e-5)  # on the rounded inputs
     y = group_norm(x, groups, w, b, 1e-5)
-    assert y.dtype == dtype and y.shape == x.shape
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()  # the input's layout kept
     tol = 1e-5 if dtype == torch.float32 else 1e-3  # float32 arithmetic, one rounding to the output dtype
     assert _rel(y.double(), expected) < tol
     # silu=True: the SiLU applied before the one rounding, the same statistics
@@ -453,7 +459,7 @@ def test_chunked_group_norm_matches_float64(shape, groups, dtype):
     if shape == (1, 8, 20, 20, 20):
         assert x[0, : shape[1] // groups].numel() > 3 * GROUP_CHUNK  # the several-chunk case is really exercised
     with pytest.raises(ValueError, match="groups"):
-        group_norm(x.to(dtype), 5, None, None, 1e-5)
+        group_norm(x.to(dtype), 7, None, None, 1e-5)
 
 
 def test_group_norm32_silu_is_silu_of_the_norm():

@@ -237,6 +237,42 @@ def _group_apply_kernel(X, OUT, SCALE, SHIFT, row_size, spatial, channels_per_gr
     tl.store(OUT + row * row_size + offs, y.to(OUT.dtype.element_ty), mask=valid)
 
 
+@triton.jit
+def _group_chunk_stats_cl_kernel(X, MEAN, M2, voxels, num_chunks, C: tl.constexpr, G: tl.constexpr,
+                                 PER: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_PER: tl.constexpr):
+    """Channels-last twin of :func:`_group_chunk_stats_kernel`: ``X [B, voxels, C]`` (NDHWC); program ``(batch,
+    chunk)`` gives each of the ``G`` groups' mean and centred sum of squares over ``BLOCK_V`` voxels x its ``PER``
+    channels, in float32, into row ``batch * G + group`` of ``MEAN``/``M2 [B * G, num_chunks]``."""
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = v < voxels
+    k = tl.arange(0, BLOCK_PER)
+    mask = v_ok[:, None] & (k < PER)[None, :]
+    n = (tl.minimum(voxels - chunk * BLOCK_V, BLOCK_V) * PER).to(tl.float32)
+    base = X + (b * voxels + v)[:, None] * C + k[None, :]
+    for g in tl.static_range(G):
+        x = tl.load(base + g * PER, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
+        centred = tl.where(mask, x - mean, 0.0)
+        tl.store(MEAN + (b * G + g) * num_chunks + chunk, mean)
+        tl.store(M2 + (b * G + g) * num_chunks + chunk, tl.sum(tl.sum(centred * centred, axis=1), axis=0))
+
+
+@triton.jit
+def _group_apply_cl_kernel(X, OUT, SCALE, SHIFT, total, per_batch, C, CHUNK: tl.constexpr, SILU: tl.constexpr):
+    """Channels-last twin of :func:`_group_apply_kernel` over the flat ``X`` (``per_batch = voxels * C`` values a
+    batch element, the channel fastest)."""
+    offs = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < total
+    x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
+    c = (offs // per_batch) * C + offs % C  # (batch, channel) index into the [B * C] coefficients
+    y = x * tl.load(SCALE + c, mask=valid, other=0.0) + tl.load(SHIFT + c, mask=valid, other=0.0)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=valid)
+
+
 #: Rows (token, head) per program of the head RMS norm kernel.
 HEAD_NORM_ROWS = 64
 #: ``F.normalize``'s default ``eps``: a row's norm is clamped to at least this before the division.
@@ -287,9 +323,14 @@ def head_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, eps: float
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float, *, silu: bool = False) -> torch.Tensor:
-    """``F.group_norm`` for a contiguous CUDA tensor ``x [B, C, *spatial]`` (no autograd), statistics in float32
-    chunks merged in float64, output in ``x.dtype`` (module docstring). ``weight``, ``bias``: ``[C]`` or None.
-    ``silu``: return ``F.silu`` of the normalised values instead, applied before the one rounding."""
+    """``F.group_norm`` for a CUDA tensor ``x [B, C, *spatial]`` (no autograd), statistics in float32 chunks merged
+    in float64, output in ``x.dtype`` and ``x``'s layout (module docstring). ``weight``, ``bias``: ``[C]`` or None.
+    ``silu``: return ``F.silu`` of the normalised values instead, applied before the one rounding.
+
+    A 5-D channels-last (NDHWC) ``x`` is read and written in place of its layout by the channels-last kernels (each
+    chunk covers whole voxels and all their channels; every group's statistics from one read), instead of being
+    copied to NCDHW and back: the refiners' wider levels can then run channels-last without two transposes per norm.
+    Any other layout is made contiguous first."""
     if x.dim() < 2 or not (x.is_cuda or _interpreting()):
         raise ValueError(f"x must be a [B, C, ...] CUDA tensor, got {tuple(x.shape)} on {x.device}")
     if x.dtype not in FUSED_DTYPES:
@@ -297,20 +338,34 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     b, c = x.shape[:2]
     if c % num_groups:
         raise ValueError(f"{c} channels do not split into {num_groups} groups")
-    x = x.contiguous()
-    out = torch.empty_like(x)
+    channels_last = (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+                     and not x.is_contiguous())
+    if not channels_last:
+        x = x.contiguous()
+    out = torch.empty_like(x)  # keeps x's layout
     spatial = x[0, 0].numel() if x.numel() else 0
     rows, per = b * num_groups, c // num_groups
     row_size = per * spatial
     if x.numel() == 0:
         return out
-    chunks = triton.cdiv(row_size, GROUP_CHUNK)
+    if channels_last:
+        block_per = triton.next_power_of_2(per)
+        block_v = 1 << (max(1, GROUP_CHUNK // (block_per * num_groups)).bit_length() - 1)  # a power of two
+        chunks = triton.cdiv(spatial, block_v)
+        chunk_values = block_v * per
+    else:
+        chunks = triton.cdiv(row_size, GROUP_CHUNK)
+        chunk_values = GROUP_CHUNK
     mean = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
-    _group_chunk_stats_kernel[(rows, chunks)](x, mean, m2, row_size, chunks, CHUNK=GROUP_CHUNK,
-                                              num_warps=GROUP_WARPS)
-    counts = torch.full((chunks,), float(GROUP_CHUNK), device=x.device, dtype=torch.float64)
-    counts[-1] = row_size - (chunks - 1) * GROUP_CHUNK
+    if channels_last:
+        _group_chunk_stats_cl_kernel[(b, chunks)](x, mean, m2, spatial, chunks, C=c, G=num_groups, PER=per,
+                                                  BLOCK_V=block_v, BLOCK_PER=block_per, num_warps=GROUP_WARPS)
+    else:
+        _group_chunk_stats_kernel[(rows, chunks)](x, mean, m2, row_size, chunks, CHUNK=GROUP_CHUNK,
+                                                  num_warps=GROUP_WARPS)
+    counts = torch.full((chunks,), float(chunk_values), device=x.device, dtype=torch.float64)
+    counts[-1] = row_size - (chunks - 1) * chunk_values
     mean, m2 = mean.double(), m2.double()
     row_mean = (mean * counts).sum(1, keepdim=True) / row_size
     var = (m2.sum(1) + (counts * (mean - row_mean) ** 2).sum(1)) / row_size  # Chan's merge, biased as group norm
@@ -320,8 +375,13 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     bb = bias.double()[None] if bias is not None else torch.zeros(1, c, device=x.device, dtype=torch.float64)
     scale = (rstd * w).float().reshape(-1)
     shift = (bb - mu * rstd * w).float().reshape(-1)
-    _group_apply_kernel[(rows, chunks)](x, out, scale, shift, row_size, spatial, per, CHUNK=GROUP_CHUNK,
-                                        SILU=bool(silu), num_warps=GROUP_WARPS)
+    if channels_last:
+        _group_apply_cl_kernel[(triton.cdiv(x.numel(), GROUP_CHUNK),)](
+            x, out, scale, shift, x.numel(), c * spatial, c, CHUNK=GROUP_CHUNK, SILU=bool(silu),
+            num_warps=GROUP_WARPS)
+    else:
+        _group_apply_kernel[(rows, chunks)](x, out, scale, shift, row_size, spatial, per, CHUNK=GROUP_CHUNK,
+                                            SILU=bool(silu), num_warps=GROUP_WARPS)
     return out
 
 

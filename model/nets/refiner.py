@@ -177,8 +177,8 @@ class GroupNorm32(nn.GroupNorm):
       chunks merged in float64 and one rounding of ``(x - mean) * rstd * weight + bias`` to the input dtype. PyTorch's
       CUDA group norm reduces each (batch element, group) row in a single thread block, 4 blocks for a whole patch:
       17 ms a call on a 256^3 patch, 73-86% of a refiner's time on an H100 (reports/refiner.md); the chunked kernels
-      read the volume twice at full bandwidth. A channels-last input is made contiguous for it and returned
-      channels-last.
+      read the volume twice at full bandwidth. A channels-last input is read and written channels-last by the
+      kernels' channels-last twins (no copy to NCDHW and back).
     - **everywhere else** (the CPU, autograd, float64): upcast to float32, ``F.group_norm``, cast back (the released
       ``GroupNorm32``).
 
