@@ -388,16 +388,20 @@ def test_timing_script_runs_on_the_cpu(tmp_path, capsys):
     assert set(doc["refiners"]) == {"512", "1024"}
     for entry in doc["refiners"].values():
         rows = entry["variants"]
-        assert len(rows) == 6 and not [r for r in rows if "error" in r]
-        assert [(r["dtype"], r["kernels"]) for r in rows] == [
-            ("bf16", "pytorch"), ("bf16", "adaptive"), ("bf16", "adaptive+conv"), ("bf16", "adaptive+conv+shortcut"),
-            ("bf16", "adaptive+conv-dot"), ("fp16", "adaptive+conv")]
+        assert len(rows) == 10 and not [r for r in rows if "error" in r]
+        assert [(r["dtype"], r["kernels"], r["layout"]) for r in rows] == [
+            ("bf16", "pytorch", "contiguous"), ("bf16", "adaptive", "contiguous"),
+            ("bf16", "adaptive+conv", "contiguous"), ("bf16", "adaptive+conv+shortcut", "contiguous"),
+            ("bf16", "adaptive+conv-dot", "contiguous"), ("fp16", "adaptive+conv", "contiguous"),
+            ("fp16", "adaptive+conv+shortcut", "contiguous"), ("fp16", "adaptive+conv+shortcut+bias", "contiguous"),
+            ("fp16", "adaptive+conv+shortcut", "channels_last_3d"),
+            ("fp16", "adaptive+conv+shortcut+bias", "channels_last_3d")]
         assert all(r["median_ms"] > 0 and r["finite"] and len(r["reps_ms"]) == 1 for r in rows)
         assert all(r["rel_diff"] < 0.1 for r in rows[1:])
         assert entry["fastest"] in {r["label"] for r in rows} and entry["patches_per_grid"] == 27
     md = (out / "refiner.md").read_text()
     table_rows = [line for line in md.splitlines() if line.startswith("| ") and "cudnn.benchmark" in line]
-    assert md.startswith("# Dense refiners") and "SMOKE RUN" in md and len(table_rows) == 12
+    assert md.startswith("# Dense refiners") and "SMOKE RUN" in md and len(table_rows) == 20
 
 
 def test_timing_script_help_and_profile_table():
@@ -478,7 +482,8 @@ def test_group_norm32_silu_is_silu_of_the_norm():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_refiners_with_the_triton_kernels_match_the_pytorch_path(dtype):
     """Both refiners at the released widths on a 32^3 patch: the Triton adaptive filter, few-channel
-    convolutions and 1^3 shortcuts fused with the residual sum (all switched on here) against cuDNN + the 27
+    convolutions, 1^3 shortcuts fused with the residual sum and the bias kernel after cuDNN's convolutions (all
+    switched on here) against cuDNN + the 27
     addcmul passes. float32: the same function up to rounding. bf16: the two paths round at different places, so
     each is compared with the float32 PyTorch path on the same weights, and the Triton path may not be further
     from it than the PyTorch bf16 path (1.5x its error, or 3%, whichever is larger)."""
@@ -496,16 +501,16 @@ def test_refiners_with_the_triton_kernels_match_the_pytorch_path(dtype):
         args = [t.cuda().to(dtype) for t in inputs]
         tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 = float32
-        switches = refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, refiner.SHORTCUT_KERNEL
+        switches = refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, refiner.SHORTCUT_KERNEL, refiner.BIAS_KERNEL
         try:
             with torch.no_grad():
-                refiner.ADAPTIVE_KERNEL = refiner.CONV_KERNEL = refiner.SHORTCUT_KERNEL = True
+                refiner.ADAPTIVE_KERNEL = refiner.CONV_KERNEL = refiner.SHORTCUT_KERNEL = refiner.BIAS_KERNEL = True
                 fast = net(*args)
-                refiner.ADAPTIVE_KERNEL = refiner.CONV_KERNEL = refiner.SHORTCUT_KERNEL = False
+                refiner.ADAPTIVE_KERNEL = refiner.CONV_KERNEL = refiner.SHORTCUT_KERNEL = refiner.BIAS_KERNEL = False
                 slow = net(*args)
                 ref = net32(*[t.float() for t in args])
         finally:
-            refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, refiner.SHORTCUT_KERNEL = switches
+            refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, refiner.SHORTCUT_KERNEL, refiner.BIAS_KERNEL = switches
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         assert fast.dtype == dtype and torch.isfinite(fast).all()
         name = type(net).__name__
@@ -515,3 +520,33 @@ def test_refiners_with_the_triton_kernels_match_the_pytorch_path(dtype):
             err_fast, err_slow = _rel(fast.float(), ref), _rel(slow.float(), ref)
             assert err_fast < max(3e-2, 1.5 * err_slow), (name, err_fast, err_slow)
 
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bias_add_kernel_matches_pytorch(layout, dtype):
+    """model.nets.bias_add_kernel.bias_add_ (the interpreter here): ``out += bias[c] (+ residual)`` in place, in
+    float32 with one rounding, for NCDHW and channels-last tensors of two batch elements; bad input is refused."""
+    from model.nets.bias_add_kernel import bias_add_, supports
+
+    gen = torch.Generator().manual_seed(5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    out = torch.randn(2, 6, 5, 4, 3, generator=gen).to(dev, dtype).contiguous(memory_format=fmt)
+    res = torch.randn(2, 6, 5, 4, 3, generator=gen).to(dev, dtype).contiguous(memory_format=fmt)
+    bias = torch.randn(6, generator=gen).to(dev, dtype)
+    want = out.double() + bias.double().view(1, -1, 1, 1, 1)
+    want_res = want + res.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    a = out.clone(memory_format=torch.preserve_format)
+    assert bias_add_(a, bias) is a and a.stride() == out.stride()
+    assert _rel(a.double(), want) < tol
+    b = out.clone(memory_format=torch.preserve_format)
+    bias_add_(b, bias, res)
+    assert _rel(b.double(), want_res) < tol
+    assert supports(out, res) and not supports(out, res.contiguous() if layout == "channels_last" else
+                                                res.contiguous(memory_format=torch.channels_last_3d))
+    with pytest.raises(ValueError, match="bias"):
+        bias_add_(out.clone(), bias[:5])
+    with pytest.raises(ValueError, match="residual"):
+        bias_add_(out.clone(), bias, res[:, :5])

@@ -228,6 +228,11 @@ CONV_KERNEL = True
 #: (160 -> 32 at 128^3 0.63 -> 2.06 ms), so they stay with cuDNN.
 SHORTCUT_KERNEL = True
 SHORTCUT_MAX_COUT = 8
+#: ``BIAS_KERNEL``: the cuDNN convolutions (the wider levels, the resamplers) run without their bias, and
+#: :func:`model.nets.bias_add_kernel.bias_add_` adds it in one contiguous pass, with the residual block's sum where one
+#: follows (PyTorch adds a cuDNN convolution's bias with its generic broadcast kernel: 212 ms of refine_1024's kernels).
+#: Off until ``python -m model.reports.refiner`` times it on a GPU.
+BIAS_KERNEL = False
 #: A 3^3 convolution takes the Triton kernel when ``Cin * Cout`` is at most this (every full-resolution convolution
 #: of both refiners: 1 -> 8, 8 -> 8, 16 -> 8, 8 -> 27, 8 -> 1); wider ones stay with cuDNN's implicit GEMMs.
 SMALL_CONV_WORK = 16 * 27
@@ -247,7 +252,12 @@ class Conv3x3(nn.Conv3d):
     def __init__(self, cin: int, cout: int, bias: bool = True):
         super().__init__(cin, cout, 3, padding=1, bias=bias)
 
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``relu``: ReLU of the output; ``residual``: a tensor of the output's shape added to it (not with
+        ``relu``; in place of the output when autograd is off, and on the cuDNN path with :data:`BIAS_KERNEL` in
+        the bias's pass)."""
+        if relu and residual is not None:
+            raise ValueError("relu and residual are not taken together")
         if (CONV_KERNEL and x.is_cuda and not torch.is_grad_enabled()
                 and self.in_channels * self.out_channels <= SMALL_CONV_WORK
                 and self.in_channels <= SMALL_CONV_MAX_CIN and x.is_contiguous()):
@@ -256,9 +266,34 @@ class Conv3x3(nn.Conv3d):
             if supports(x, self.weight):
                 from model.nets.conv3d_kernel import conv3d_small
 
-                return conv3d_small(x, self.weight, self.bias, relu=relu)
-        y = super().forward(x)
+                y = conv3d_small(x, self.weight, self.bias, relu=relu)
+                return y if residual is None else y.add_(residual)
+        y = _conv_with_bias(self, x, residual)
         return F.relu(y, inplace=not torch.is_grad_enabled()) if relu else y
+
+
+def _conv_with_bias(conv: nn.Conv3d | nn.ConvTranspose3d, x: torch.Tensor,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x)`` (+ ``residual``) through PyTorch's convolution (cuDNN on CUDA). On CUDA without autograd and with
+    :data:`BIAS_KERNEL`, the convolution runs without its bias and :func:`model.nets.bias_add_kernel.bias_add_` adds
+    the bias and the residual in one pass; elsewhere PyTorch adds the bias and the residual is added after (in place
+    when autograd is off)."""
+    if BIAS_KERNEL and conv.bias is not None and x.is_cuda and not torch.is_grad_enabled():
+        from model.nets.bias_add_kernel import bias_add_, supports
+
+        if isinstance(conv, nn.ConvTranspose3d):
+            y = F.conv_transpose3d(x, conv.weight, None, conv.stride, conv.padding, conv.output_padding, conv.groups,
+                                   conv.dilation)
+        else:
+            y = conv._conv_forward(x, conv.weight, None)
+        if supports(y, residual):
+            return bias_add_(y, conv.bias, residual)
+        y.add_(conv.bias.view(1, -1, *([1] * (y.dim() - 2))))
+    else:
+        y = conv(x) if not isinstance(conv, Conv3x3) else nn.Conv3d.forward(conv, x)
+    if residual is None:
+        return y
+    return y + residual if torch.is_grad_enabled() else y.add_(residual)
 
 
 def _conv3(cin: int, cout: int, bias: bool = True) -> Conv3x3:
@@ -277,18 +312,20 @@ class ResnetBlock3D(nn.Module):
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.conv2(self.norm2(h, silu=True))
+        h = self.norm2(self.conv1(self.norm1(x, silu=True)), silu=True)
         if self.conv_shortcut is None:
-            return x + h if torch.is_grad_enabled() else h.add_(x)
+            return x + self.conv2(h) if torch.is_grad_enabled() else self.conv2(h, residual=x)
         if SHORTCUT_KERNEL and x.is_cuda and not torch.is_grad_enabled():
             from model.nets.conv1x1_kernel import conv1x1_residual, supports
 
+            h = self.conv2(h)
             weight = self.conv_shortcut.weight
             if weight.shape[0] <= SHORTCUT_MAX_COUT and supports(x, weight, h):  # h + shortcut(x) in one pass, into h
                 return conv1x1_residual(x, weight, self.conv_shortcut.bias, h, out=h)
-        skip = self.conv_shortcut(x)
-        return skip + h if torch.is_grad_enabled() else h.add_(skip)
+            return h.add_(_conv_with_bias(self.conv_shortcut, x))
+        if torch.is_grad_enabled():
+            return self.conv_shortcut(x) + self.conv2(h)
+        return self.conv2(h, residual=_conv_with_bias(self.conv_shortcut, x))
 
 
 class _Resample(nn.Module):
@@ -300,7 +337,7 @@ class _Resample(nn.Module):
         self.conv = cls(channels, channels, 2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return _conv_with_bias(self.conv, x)
 
 
 class DownBlock3D(nn.Module):

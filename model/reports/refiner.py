@@ -118,16 +118,18 @@ class _CudnnBenchmark:
 
 
 #: Kernel sets of the variants: (Triton adaptive filter, Triton small convolutions, their tensor-core variant,
-#: fused 1^3 shortcuts).
-KERNEL_SETS = {"pytorch": (False, False, False, False), "adaptive": (True, False, False, False),
-               "adaptive+conv": (True, True, False, False), "adaptive+conv+shortcut": (True, True, False, True),
-               "adaptive+conv-dot": (True, True, True, False)}
+#: fused 1^3 shortcuts, the bias kernel after cuDNN's convolutions).
+KERNEL_SETS = {"pytorch": (False, False, False, False, False), "adaptive": (True, False, False, False, False),
+               "adaptive+conv": (True, True, False, False, False),
+               "adaptive+conv+shortcut": (True, True, False, True, False),
+               "adaptive+conv-dot": (True, True, True, False, False),
+               "adaptive+conv+shortcut+bias": (True, True, False, True, True)}
 
 
 class _Paths:
     """The refiners' switches set while the block runs, restored afterwards: ``GroupNorm32.cuda_native`` and the
     kernel set (:data:`KERNEL_SETS`: ``refiner.ADAPTIVE_KERNEL``, ``refiner.CONV_KERNEL``,
-    ``conv3d_kernel.USE_DOT``, ``refiner.SHORTCUT_KERNEL``)."""
+    ``conv3d_kernel.USE_DOT``, ``refiner.SHORTCUT_KERNEL``, ``refiner.BIAS_KERNEL``)."""
 
     def __init__(self, v: dict):
         self.native = v["group_norm"] == "native"
@@ -138,17 +140,17 @@ class _Paths:
         import model.nets.refiner as refiner
 
         self.before = (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
-                       conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL)
+                       conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL, refiner.BIAS_KERNEL)
         refiner.GroupNorm32.cuda_native = self.native
         (refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL, conv3d_kernel.USE_DOT,
-         refiner.SHORTCUT_KERNEL) = self.kernels
+         refiner.SHORTCUT_KERNEL, refiner.BIAS_KERNEL) = self.kernels
 
     def __exit__(self, *exc):
         import model.nets.conv3d_kernel as conv3d_kernel
         import model.nets.refiner as refiner
 
         (refiner.GroupNorm32.cuda_native, refiner.ADAPTIVE_KERNEL, refiner.CONV_KERNEL,
-         conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL) = self.before
+         conv3d_kernel.USE_DOT, refiner.SHORTCUT_KERNEL, refiner.BIAS_KERNEL) = self.before
 
 
 def _plan() -> list[dict]:
@@ -156,9 +158,15 @@ def _plan() -> list[dict]:
     per adaptive filter) is the reference of the relative differences."""
     base = {"dtype": "bf16", "layout": "contiguous", "cudnn_benchmark": False, "group_norm": "native",
             "kernels": "pytorch"}
+    fp16 = {**base, "dtype": "fp16"}
     return [base, {**base, "kernels": "adaptive"}, {**base, "kernels": "adaptive+conv"},
             {**base, "kernels": "adaptive+conv+shortcut"}, {**base, "kernels": "adaptive+conv-dot"},
-            {**base, "dtype": "fp16", "kernels": "adaptive+conv"}]
+            {**fp16, "kernels": "adaptive+conv"},
+            # the cascade's refiners (fp16, every kernel on), then the bias kernel and channels-last with the
+            # group norm's channels-last kernels
+            {**fp16, "kernels": "adaptive+conv+shortcut"}, {**fp16, "kernels": "adaptive+conv+shortcut+bias"},
+            {**fp16, "layout": "channels_last_3d", "kernels": "adaptive+conv+shortcut"},
+            {**fp16, "layout": "channels_last_3d", "kernels": "adaptive+conv+shortcut+bias"}]
 
 
 def _label(v: dict) -> str:
@@ -168,7 +176,9 @@ def _label(v: dict) -> str:
                "adaptive+conv": "Triton adaptive filter + Triton few-channel convolutions (FMA)",
                "adaptive+conv+shortcut": "Triton adaptive filter + few-channel convolutions (FMA) + 1^3 shortcuts "
                                          "fused with the residual sum",
-               "adaptive+conv-dot": "Triton adaptive filter + Triton few-channel convolutions (tensor cores)"}
+               "adaptive+conv-dot": "Triton adaptive filter + Triton few-channel convolutions (tensor cores)",
+               "adaptive+conv+shortcut+bias": "Triton adaptive filter + few-channel convolutions (FMA) + fused 1^3 "
+                                              "shortcuts + the bias kernel after cuDNN"}
     return (f"{v['dtype']}, {kernels[v['kernels']]}, {v['layout']}, "
             f"cudnn.benchmark {'on' if v['cudnn_benchmark'] else 'off'}{gn}")
 
