@@ -261,6 +261,48 @@ def test_predict_sign_channels_last_equals_contiguous():
     assert torch.equal(fast, plain) or float(margin) < 1e-5  # the signs agree unless a logit sits at 0
 
 
+def test_wide_layout_equals_contiguous_and_restores_the_weights():
+    """``channels_last="wide"``: during the call the weights below full resolution are channels-last (the first
+    downsampler, the lower down blocks, the middle, the up blocks but the last) and those at full resolution are not;
+    afterwards every weight is as before; the signs equal the NCDHW run's (unless a logit sits at 0); a bad value is
+    a ValueError naming the argument."""
+    from model.nets.refiner import LAYOUTS, _wide_modules, set_layout
+
+    sign = _sign_refiner()
+    gen = torch.Generator().manual_seed(6)
+    fine = torch.unique(torch.randint(0, 32, (600, 3), generator=gen), dim=0)
+    values = torch.rand(len(fine), generator=gen) * 2 - 1
+    logits = []
+    sign.register_forward_hook(lambda m, args, out: logits.append(out.detach().clone()))
+    plain = predict_sign(sign, fine, values, 32, channels_last=False)
+    wide_params = {id(p) for m in _wide_modules(sign) for p in m.parameters() if p.dim() == 5}
+    assert wide_params and len(wide_params) < sum(1 for p in sign.parameters() if p.dim() == 5)
+    during = []
+
+    def record(m, args):  # (a wide weight?, channels-last?) of every weight whose layout is not ambiguous (1^3)
+        during.append([(id(p) in wide_params, _is_cl(p)) for p in sign.parameters()
+                       if p.dim() == 5 and not (p.is_contiguous() and p.is_contiguous(memory_format=CL))])
+
+    handle = sign.register_forward_pre_hook(record)
+    got = predict_sign(sign, fine, values, 32, channels_last="wide")
+    handle.remove()
+    assert during and all(wide == cl for wide, cl in during[0])
+    assert {True, False} <= {wide for wide, _ in during[0]}
+    assert all(p.is_contiguous() for p in sign.parameters())  # restored
+    for a, b in zip(logits[27:], logits[:27]):
+        assert _rel(a, b) < 1e-5
+    assert torch.equal(got, plain) or float(torch.stack(logits[:27]).abs().min()) < 1e-5
+    assert set(LAYOUTS) == {"contiguous", "channels_last", "wide"}
+    with pytest.raises(ValueError, match="channels_last"):
+        predict_sign(sign, fine, values, 32, channels_last="sideways")
+    with pytest.raises(ValueError, match="layout"):
+        set_layout(sign, "sideways")
+
+
+def _is_cl(p: torch.Tensor) -> bool:
+    return p.is_contiguous(memory_format=CL) and not p.is_contiguous()
+
+
 def test_modules_accept_channels_last():
     torch.manual_seed(4)
     block = ResnetBlock3D(8, 16, 4, 1e-5).to(memory_format=CL)
@@ -388,20 +430,21 @@ def test_timing_script_runs_on_the_cpu(tmp_path, capsys):
     assert set(doc["refiners"]) == {"512", "1024"}
     for entry in doc["refiners"].values():
         rows = entry["variants"]
-        assert len(rows) == 10 and not [r for r in rows if "error" in r]
+        assert len(rows) == 12 and not [r for r in rows if "error" in r]
         assert [(r["dtype"], r["kernels"], r["layout"]) for r in rows] == [
             ("bf16", "pytorch", "contiguous"), ("bf16", "adaptive", "contiguous"),
             ("bf16", "adaptive+conv", "contiguous"), ("bf16", "adaptive+conv+shortcut", "contiguous"),
             ("bf16", "adaptive+conv-dot", "contiguous"), ("fp16", "adaptive+conv", "contiguous"),
             ("fp16", "adaptive+conv+shortcut", "contiguous"), ("fp16", "adaptive+conv+shortcut+bias", "contiguous"),
             ("fp16", "adaptive+conv+shortcut", "channels_last_3d"),
-            ("fp16", "adaptive+conv+shortcut+bias", "channels_last_3d")]
+            ("fp16", "adaptive+conv+shortcut+bias", "channels_last_3d"),
+            ("fp16", "adaptive+conv+shortcut", "wide"), ("fp16", "adaptive+conv+shortcut+bias", "wide")]
         assert all(r["median_ms"] > 0 and r["finite"] and len(r["reps_ms"]) == 1 for r in rows)
         assert all(r["rel_diff"] < 0.1 for r in rows[1:])
         assert entry["fastest"] in {r["label"] for r in rows} and entry["patches_per_grid"] == 27
     md = (out / "refiner.md").read_text()
     table_rows = [line for line in md.splitlines() if line.startswith("| ") and "cudnn.benchmark" in line]
-    assert md.startswith("# Dense refiners") and "SMOKE RUN" in md and len(table_rows) == 20
+    assert md.startswith("# Dense refiners") and "SMOKE RUN" in md and len(table_rows) == 24
 
 
 def test_timing_script_help_and_profile_table():

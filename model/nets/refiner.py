@@ -43,7 +43,9 @@ Inference paths (the same numbers as the plain ones, up to float rounding; ``tes
 - **group norm**: on CUDA :class:`GroupNorm32` runs the chunked kernels of :func:`model.nets.fused.group_norm`
   (PyTorch's own reduces each of the 4 group rows of a patch in one thread block and took 73-86% of a patch).
 - **memory layout**: ``channels_last=True`` runs the patches in ``torch.channels_last_3d`` (NDHWC); off by default,
-  as it was 5-7% slower for both refiners on an H100 (the weights are converted for the call and back afterwards).
+  as it was 5-7% slower for both refiners on an H100 while every group norm copied to NCDHW and back (the weights
+  are converted for the call and back afterwards). ``channels_last="wide"`` runs only the UNet's levels below full
+  resolution in NDHWC (:func:`set_layout`); not yet timed.
   ``cudnn_benchmark`` sets ``torch.backends.cudnn.benchmark`` for the call. ``python -m model.reports.refiner``
   times the variants on a GPU.
 - **element-wise traffic**: :func:`adaptive_filter` accumulates its 27 taps in place into one buffer; the residual
@@ -64,6 +66,7 @@ from torch import nn
 from model.sparse.layers import check_pool_mode, pool_features
 
 __all__ = [
+    "LAYOUTS",
     "RefinerConfig",
     "SignRefiner",
     "UNet3D",
@@ -72,6 +75,7 @@ __all__ = [
     "patch_offsets",
     "predict_sign",
     "refine_512",
+    "set_layout",
     "sign_refine_1024",
 ]
 
@@ -556,41 +560,68 @@ def _densify(rel: torch.Tensor, values: torch.Tensor, size: int, fill: float,
     return out
 
 
-def _patch_format(channels_last: bool | None, device) -> torch.memory_format:
-    """The memory layout the patches run in: ``channels_last`` None means contiguous (NCDHW): channels-last was
-    5-7% slower on an H100 for both refiners (reports/refiner.md)."""
-    if channels_last is None:
-        channels_last = False
-    return torch.channels_last_3d if channels_last else torch.contiguous_format
+#: Layouts a refiner runs in (:func:`set_layout`): ``"contiguous"`` (NCDHW throughout), ``"channels_last"`` (NDHWC
+#: throughout) and ``"wide"``: NDHWC from the first downsampler to the last upsampler (the UNet's levels of 32 to
+#: 1,024 channels, where cuDNN runs every convolution in NDHWC and transposes NCDHW tensors around it), NCDHW at
+#: full resolution, where the few-channel Triton convolutions read NCDHW.
+LAYOUTS = ("contiguous", "channels_last", "wide")
 
 
-def _weights_format(module: nn.Module) -> torch.memory_format:
-    """The layout of ``module``'s 5-D weights (judged on the first one whose layout is not ambiguous)."""
-    for param in module.parameters():
-        if param.dim() == 5 and _is_channels_last(param):
-            return torch.channels_last_3d
-        if param.dim() == 5 and param.is_contiguous() and \
-                not param.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.contiguous_format
-    return torch.contiguous_format
+def _layout_of(channels_last) -> str:
+    """The :data:`LAYOUTS` entry of the ``channels_last`` argument: None / False, True or ``"wide"``."""
+    if channels_last is None or channels_last is False:
+        return "contiguous"
+    if channels_last is True:
+        return "channels_last"
+    if channels_last == "wide":
+        return "wide"
+    raise ValueError(f"channels_last must be None, False, True or 'wide', got {channels_last!r}")
+
+
+def _patch_format(channels_last) -> torch.memory_format:
+    """The memory layout the patches' inputs come in: channels-last only for ``channels_last=True`` (the default,
+    NCDHW: channels-last throughout was 5-7% slower on an H100 for both refiners, reports/refiner.md)."""
+    return torch.channels_last_3d if _layout_of(channels_last) == "channels_last" else torch.contiguous_format
+
+
+def _wide_modules(module: nn.Module) -> list[nn.Module]:
+    """The modules of ``module``'s UNet below full resolution (``"wide"`` layout): the first downsampler, the other
+    down blocks, the middle and every up block but the last."""
+    unet = module if isinstance(module, UNet3D) else module.unet3d1
+    mods = [unet.down_blocks[0].downsamplers] if unet.down_blocks[0].downsamplers is not None else []
+    return mods + [*unet.down_blocks[1:], unet.mid_block, *unet.up_blocks[:-1]]
+
+
+def set_layout(module: nn.Module, layout: str) -> nn.Module:
+    """Lay ``module``'s (a refiner's or a UNet3D's) 5-D weights out for ``layout`` (:data:`LAYOUTS`), in place;
+    cuDNN then picks the matching layout for each convolution's output. Returns ``module``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    module.to(memory_format=torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format)
+    if layout == "wide":
+        for part in _wide_modules(module):
+            part.to(memory_format=torch.channels_last_3d)
+    return module
 
 
 @contextlib.contextmanager
-def _running_as(module: nn.Module, memory_format: torch.memory_format, cudnn_benchmark: bool | None):
-    """``module``'s 5-D weights in ``memory_format`` and ``torch.backends.cudnn.benchmark`` = ``cudnn_benchmark``
-    (None: unchanged) while the block runs; both restored afterwards."""
-    before = _weights_format(module)
+def _running_as(module: nn.Module, layout: str, cudnn_benchmark: bool | None):
+    """``module``'s 5-D weights laid out for ``layout`` (:func:`set_layout`) and ``torch.backends.cudnn.benchmark``
+    = ``cudnn_benchmark`` (None: unchanged) while the block runs; both restored afterwards (each weight's layout as
+    it was)."""
+    before = [(p, torch.channels_last_3d if _is_channels_last(p) else torch.contiguous_format)
+              for p in module.parameters() if p.dim() == 5]
     benchmark = torch.backends.cudnn.benchmark
-    if before != memory_format:
-        module.to(memory_format=memory_format)
+    set_layout(module, layout)
     if cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
     try:
         yield
     finally:
         torch.backends.cudnn.benchmark = benchmark
-        if before != memory_format:
-            module.to(memory_format=before)
+        for param, fmt in before:
+            if not param.is_contiguous(memory_format=fmt):
+                param.data = param.data.contiguous(memory_format=fmt)
 
 
 class _PatchCounter:
@@ -647,7 +678,8 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     linearly over their overlaps. Empty voxels read SDF 1 and features 0. ``progress``: a tqdm bar over the
     patches.
 
-    ``channels_last``: run the patches in ``torch.channels_last_3d`` (None: off, it is slower); ``cudnn_benchmark``:
+    ``channels_last``: True runs the patches in ``torch.channels_last_3d``, ``"wide"`` the UNet's levels below full
+    resolution only (:func:`set_layout`; None / False: NCDHW throughout, the default); ``cudnn_benchmark``:
     the value of ``torch.backends.cudnn.benchmark`` during the call (None: unchanged); ``reuse_empty``: run the network
     once for all the patches without a decoded voxel (their inputs are identical) and reuse its output (False: run every
     patch); ``stats``: a dict filled with ``patches``, ``run``, ``reused`` and ``empty`` (patch counts)."""
@@ -656,7 +688,7 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     offs = patch_offsets(r, p, cfg.patch_stride)
     dev = coords.device
     dtype = dtype or next(refiner.parameters()).dtype
-    fmt = _patch_format(channels_last, dev)
+    fmt = _patch_format(channels_last)
     ramps = _ramp_weights(offs, p, cfg.overlap, dev, torch.float32)
     out = torch.zeros(r, r, r, device=dev)
     coords = coords.long()
@@ -664,7 +696,7 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     counter = _PatchCounter(len(offs) ** 3, stats)
     empty_pred = None
     bar = _patch_bar(len(offs) ** 3, "refine 512", progress)
-    with _running_as(refiner, fmt, cudnn_benchmark):
+    with _running_as(refiner, _layout_of(channels_last), cudnn_benchmark):
         for i, ox in enumerate(offs):
             for j, oy in enumerate(offs):
                 for k, oz in enumerate(offs):
@@ -734,7 +766,7 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
                          f"{2 * cfg.resolution}^3, got {resolution}")
     dev = coords.device
     dtype = dtype or next(refiner.parameters()).dtype
-    fmt = _patch_format(channels_last, dev)
+    fmt = _patch_format(channels_last)
     # pool the sparse SDF by 2 onto the refiner's grid (cfg.pool_mode: the released model's sum / (n + 1)); the
     # parent keys are built column by column and nothing of the decoded voxels' size outlives the pooling (an int64
     # copy of the coordinates, 24 bytes a voxel, had been held through every patch: 1.4 GB at 57M voxels)
@@ -759,7 +791,7 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
         wanted = _patches_near(pooled_coords, offs, p, r, near).tolist()
     empty_sign = None
     bar = _patch_bar(len(offs) ** 3, "refine 1024", progress)
-    with _running_as(refiner, fmt, cudnn_benchmark):
+    with _running_as(refiner, _layout_of(channels_last), cudnn_benchmark):
         for i, ox in enumerate(offs):
             for j, oy in enumerate(offs):
                 for k, oz in enumerate(offs):

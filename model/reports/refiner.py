@@ -37,8 +37,11 @@ __all__ = ["KERNEL_KINDS", "REFINERS", "kernel_kind", "main", "markdown", "run_r
 REFINERS = {"512": "512 refiner (Voxel_RefinerXL)", "1024": "sign refiner (Voxel_RefinerXL_sign)"}
 #: Half-precision dtypes of the variants.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: Memory layouts of the variants.
-LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+#: Layouts of the variants: the inputs' memory format and the refiner's layout (``model.nets.refiner.set_layout``;
+#: "wide": channels-last below full resolution only).
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d,
+           "wide": torch.contiguous_format}
+MODEL_LAYOUTS = {"contiguous": "contiguous", "channels_last_3d": "channels_last", "wide": "wide"}
 #: Kernels listed per profile.
 TOP_KERNELS = 15
 #: Kernel kinds by name fragments (case-insensitive), first match wins.
@@ -166,7 +169,9 @@ def _plan() -> list[dict]:
             # group norm's channels-last kernels
             {**fp16, "kernels": "adaptive+conv+shortcut"}, {**fp16, "kernels": "adaptive+conv+shortcut+bias"},
             {**fp16, "layout": "channels_last_3d", "kernels": "adaptive+conv+shortcut"},
-            {**fp16, "layout": "channels_last_3d", "kernels": "adaptive+conv+shortcut+bias"}]
+            {**fp16, "layout": "channels_last_3d", "kernels": "adaptive+conv+shortcut+bias"},
+            {**fp16, "layout": "wide", "kernels": "adaptive+conv+shortcut"},
+            {**fp16, "layout": "wide", "kernels": "adaptive+conv+shortcut+bias"}]
 
 
 def _label(v: dict) -> str:
@@ -191,7 +196,9 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor | None) -> float | None:
 
 
 def _variant_model(master, device, v: dict):
-    return copy.deepcopy(master).to(device=device, dtype=DTYPES[v["dtype"]], memory_format=LAYOUTS[v["layout"]])
+    from model.nets.refiner import set_layout
+
+    return set_layout(copy.deepcopy(master).to(device=device, dtype=DTYPES[v["dtype"]]), MODEL_LAYOUTS[v["layout"]])
 
 
 def _time_variants(master, inputs, *, device, reps: int, warmup: int, patches: int) -> list[dict]:
