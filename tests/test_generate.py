@@ -474,7 +474,8 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
 
     rc = main(["--out", str(tmp_path), "--dry-run", "--steps-dense", "1", "--steps-512", "2", "--steps-1024", "2",
                "--no-progress", "--profile", "decode_512", "--warmup", "--decode-chunks-1024", "3",
-               "--glb", str(tmp_path / "out.glb"), "--mesh-transfer", "pinned", "--neighbour-tables", "lookup"])
+               "--glb", str(tmp_path / "out.glb"), "--mesh-transfer", "pinned", "--neighbour-tables", "lookup",
+               "--refiner-layout", "wide", "--refiner-bias-kernel"])
     assert rc == 0
     doc = json.loads((tmp_path / "generate.json").read_text())
     md = (tmp_path / "generate.md").read_text()
@@ -507,6 +508,9 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     from model.sparse import conv as sparse_conv
     assert doc["neighbour_tables"] == "lookup" and "--neighbour-tables lookup" in md
     assert sparse_conv.DERIVE_NEIGHBOUR_ROWS is True  # restored
+    from model.nets import refiner as refiner_module
+    assert doc["refiner_layout"] == "wide" and doc["refiner_bias_kernel"] is True and "`wide`" in md
+    assert refiner_module.DEFAULT_LAYOUT == "contiguous" and refiner_module.BIAS_KERNEL is False  # restored
     # --glb: the output mesh written after the timed run, its faces as reported
     glb = doc["output_glb"]
     assert glb["bytes"] == (tmp_path / "out.glb").stat().st_size > 0 and "written as GLB" in md

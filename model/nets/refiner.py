@@ -565,11 +565,19 @@ def _densify(rel: torch.Tensor, values: torch.Tensor, size: int, fill: float,
 #: 1,024 channels, where cuDNN runs every convolution in NDHWC and transposes NCDHW tensors around it), NCDHW at
 #: full resolution, where the few-channel Triton convolutions read NCDHW.
 LAYOUTS = ("contiguous", "channels_last", "wide")
+#: The layout of :func:`refine_512` and :func:`predict_sign` when their ``channels_last`` is None (the cascade's
+#: calls); reports set it to time the others in the cascade.
+DEFAULT_LAYOUT = "contiguous"
 
 
 def _layout_of(channels_last) -> str:
-    """The :data:`LAYOUTS` entry of the ``channels_last`` argument: None / False, True or ``"wide"``."""
-    if channels_last is None or channels_last is False:
+    """The :data:`LAYOUTS` entry of the ``channels_last`` argument: None (:data:`DEFAULT_LAYOUT`), False, True or
+    ``"wide"``."""
+    if channels_last is None:
+        if DEFAULT_LAYOUT not in LAYOUTS:
+            raise ValueError(f"DEFAULT_LAYOUT must be one of {LAYOUTS}, got {DEFAULT_LAYOUT!r}")
+        return DEFAULT_LAYOUT
+    if channels_last is False:
         return "contiguous"
     if channels_last is True:
         return "channels_last"
@@ -679,7 +687,8 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     patches.
 
     ``channels_last``: True runs the patches in ``torch.channels_last_3d``, ``"wide"`` the UNet's levels below full
-    resolution only (:func:`set_layout`; None / False: NCDHW throughout, the default); ``cudnn_benchmark``:
+    resolution only (:func:`set_layout`), False NCDHW throughout; None (the default) takes :data:`DEFAULT_LAYOUT`
+    (NCDHW); ``cudnn_benchmark``:
     the value of ``torch.backends.cudnn.benchmark`` during the call (None: unchanged); ``reuse_empty``: run the network
     once for all the patches without a decoded voxel (their inputs are identical) and reuse its output (False: run every
     patch); ``stats``: a dict filled with ``patches``, ``run``, ``reused`` and ``empty`` (patch counts)."""
