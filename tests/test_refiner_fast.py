@@ -243,13 +243,20 @@ def test_refine_512_channels_last_equals_contiguous():
     assert {"GroupNorm32", "Conv3d", "ConvTranspose3d"} <= {kind for kind, _ in seen}
 
 
-def test_predict_sign_channels_last_equals_contiguous():
+def _sign_case(seed: int):
+    """A tiny sign refiner whose forward calls append their logits to the returned list, 600 random decoded voxels
+    of a 32^3 field and their values."""
     sign = _sign_refiner()
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed)
     fine = torch.unique(torch.randint(0, 32, (600, 3), generator=gen), dim=0)
     values = torch.rand(len(fine), generator=gen) * 2 - 1
     logits = []
     sign.register_forward_hook(lambda m, args, out: logits.append(out.detach().clone()))
+    return sign, fine, values, logits
+
+
+def test_predict_sign_channels_last_equals_contiguous():
+    sign, fine, values, logits = _sign_case(3)
     plain = predict_sign(sign, fine, values, 32, channels_last=False)
     _channels_last_convs(sign)
     seen = _layouts_seen(sign)
@@ -268,12 +275,7 @@ def test_wide_layout_equals_contiguous_and_restores_the_weights():
     a ValueError naming the argument."""
     from model.nets.refiner import LAYOUTS, _wide_modules, set_layout
 
-    sign = _sign_refiner()
-    gen = torch.Generator().manual_seed(6)
-    fine = torch.unique(torch.randint(0, 32, (600, 3), generator=gen), dim=0)
-    values = torch.rand(len(fine), generator=gen) * 2 - 1
-    logits = []
-    sign.register_forward_hook(lambda m, args, out: logits.append(out.detach().clone()))
+    sign, fine, values, logits = _sign_case(6)
     plain = predict_sign(sign, fine, values, 32, channels_last=False)
     wide_params = {id(p) for m in _wide_modules(sign) for p in m.parameters() if p.dim() == 5}
     assert wide_params and len(wide_params) < sum(1 for p in sign.parameters() if p.dim() == 5)
