@@ -509,8 +509,9 @@ def test_report_dry_run_on_cpu(tmp_path, capsys):
     assert doc["neighbour_tables"] == "lookup" and "--neighbour-tables lookup" in md
     assert sparse_conv.DERIVE_NEIGHBOUR_ROWS is True  # restored
     from model.nets import refiner as refiner_module
+    from model.nets import refiner_layout
     assert doc["refiner_layout"] == "wide" and doc["refiner_bias_kernel"] is True and "`wide`" in md
-    assert refiner_module.DEFAULT_LAYOUT == "contiguous" and refiner_module.BIAS_KERNEL is False  # restored
+    assert refiner_layout.DEFAULT_LAYOUT == "contiguous" and refiner_module.BIAS_KERNEL is False  # restored
     # --glb: the output mesh written after the timed run, its faces as reported
     glb = doc["output_glb"]
     assert glb["bytes"] == (tmp_path / "out.glb").stat().st_size > 0 and "written as GLB" in md

@@ -273,11 +273,11 @@ def test_wide_layout_equals_contiguous_and_restores_the_weights():
     downsampler, the lower down blocks, the middle, the up blocks but the last) and those at full resolution are not;
     afterwards every weight is as before; the signs equal the NCDHW run's (unless a logit sits at 0); a bad value is
     a ValueError naming the argument."""
-    from model.nets.refiner import LAYOUTS, _wide_modules, set_layout
+    from model.nets.refiner_layout import LAYOUTS, set_layout, wide_modules
 
     sign, fine, values, logits = _sign_case(6)
     plain = predict_sign(sign, fine, values, 32, channels_last=False)
-    wide_params = {id(p) for m in _wide_modules(sign) for p in m.parameters() if p.dim() == 5}
+    wide_params = {id(p) for m in wide_modules(sign) for p in m.parameters() if p.dim() == 5}
     assert wide_params and len(wide_params) < sum(1 for p in sign.parameters() if p.dim() == 5)
     during = []
 

@@ -45,7 +45,7 @@ Inference paths (the same numbers as the plain ones, up to float rounding; ``tes
 - **memory layout**: ``channels_last=True`` runs the patches in ``torch.channels_last_3d`` (NDHWC); off by default,
   as it was 5-7% slower for both refiners on an H100 while every group norm copied to NCDHW and back (the weights
   are converted for the call and back afterwards). ``channels_last="wide"`` runs only the UNet's levels below full
-  resolution in NDHWC (:func:`set_layout`); not yet timed.
+  resolution in NDHWC (:func:`model.nets.refiner_layout.set_layout`); not yet timed.
   ``cudnn_benchmark`` sets ``torch.backends.cudnn.benchmark`` for the call. ``python -m model.reports.refiner``
   times the variants on a GPU.
 - **element-wise traffic**: :func:`adaptive_filter` accumulates its 27 taps in place into one buffer; the residual
@@ -55,7 +55,6 @@ Inference paths (the same numbers as the plain ones, up to float rounding; ``tes
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -63,6 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.nets.refiner_layout import LAYOUTS, layout_of, patch_format, running_as, set_layout
+from model.nets.refiner_layout import is_channels_last as _is_channels_last
 from model.sparse.layers import check_pool_mode, pool_features
 
 __all__ = [
@@ -205,11 +206,6 @@ class GroupNorm32(nn.GroupNorm):
             y = F.group_norm(x.to(cdt), self.num_groups, self.weight.to(cdt), self.bias.to(cdt), self.eps).to(x.dtype)
             y = y.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(x) else y
             return _silu(y) if silu else y
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    """Whether the 5-D ``x`` is laid out channels-last (NDHWC) and not also contiguous (one channel: ambiguous)."""
-    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
 
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
@@ -560,78 +556,6 @@ def _densify(rel: torch.Tensor, values: torch.Tensor, size: int, fill: float,
     return out
 
 
-#: Layouts a refiner runs in (:func:`set_layout`): ``"contiguous"`` (NCDHW throughout), ``"channels_last"`` (NDHWC
-#: throughout) and ``"wide"``: NDHWC from the first downsampler to the last upsampler (the UNet's levels of 32 to
-#: 1,024 channels, where cuDNN runs every convolution in NDHWC and transposes NCDHW tensors around it), NCDHW at
-#: full resolution, where the few-channel Triton convolutions read NCDHW.
-LAYOUTS = ("contiguous", "channels_last", "wide")
-#: The layout of :func:`refine_512` and :func:`predict_sign` when their ``channels_last`` is None (the cascade's
-#: calls); reports set it to time the others in the cascade.
-DEFAULT_LAYOUT = "contiguous"
-
-
-def _layout_of(channels_last) -> str:
-    """The :data:`LAYOUTS` entry of the ``channels_last`` argument: None (:data:`DEFAULT_LAYOUT`), False, True or
-    ``"wide"``."""
-    if channels_last is None:
-        if DEFAULT_LAYOUT not in LAYOUTS:
-            raise ValueError(f"DEFAULT_LAYOUT must be one of {LAYOUTS}, got {DEFAULT_LAYOUT!r}")
-        return DEFAULT_LAYOUT
-    if channels_last is False:
-        return "contiguous"
-    if channels_last is True:
-        return "channels_last"
-    if channels_last == "wide":
-        return "wide"
-    raise ValueError(f"channels_last must be None, False, True or 'wide', got {channels_last!r}")
-
-
-def _patch_format(channels_last) -> torch.memory_format:
-    """The memory layout the patches' inputs come in: channels-last only for ``channels_last=True`` (the default,
-    NCDHW: channels-last throughout was 5-7% slower on an H100 for both refiners, reports/refiner.md)."""
-    return torch.channels_last_3d if _layout_of(channels_last) == "channels_last" else torch.contiguous_format
-
-
-def _wide_modules(module: nn.Module) -> list[nn.Module]:
-    """The modules of ``module``'s UNet below full resolution (``"wide"`` layout): the first downsampler, the other
-    down blocks, the middle and every up block but the last."""
-    unet = module if isinstance(module, UNet3D) else module.unet3d1
-    mods = [unet.down_blocks[0].downsamplers] if unet.down_blocks[0].downsamplers is not None else []
-    return mods + [*unet.down_blocks[1:], unet.mid_block, *unet.up_blocks[:-1]]
-
-
-def set_layout(module: nn.Module, layout: str) -> nn.Module:
-    """Lay ``module``'s (a refiner's or a UNet3D's) 5-D weights out for ``layout`` (:data:`LAYOUTS`), in place;
-    cuDNN then picks the matching layout for each convolution's output. Returns ``module``."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    module.to(memory_format=torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format)
-    if layout == "wide":
-        for part in _wide_modules(module):
-            part.to(memory_format=torch.channels_last_3d)
-    return module
-
-
-@contextlib.contextmanager
-def _running_as(module: nn.Module, layout: str, cudnn_benchmark: bool | None):
-    """``module``'s 5-D weights laid out for ``layout`` (:func:`set_layout`) and ``torch.backends.cudnn.benchmark``
-    = ``cudnn_benchmark`` (None: unchanged) while the block runs; both restored afterwards (each weight's layout as
-    it was)."""
-    before = [(p, torch.channels_last_3d if _is_channels_last(p) else torch.contiguous_format)
-              for p in module.parameters() if p.dim() == 5]
-    benchmark = torch.backends.cudnn.benchmark
-    set_layout(module, layout)
-    if cudnn_benchmark is not None:
-        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
-        for param, fmt in before:
-            if not param.is_contiguous(memory_format=fmt):
-                param.data = param.data.contiguous(memory_format=fmt)
-
-
 class _PatchCounter:
     """Counts the patches run and reused, and fills the caller's ``stats`` dict (``patches``, ``run``, ``reused``,
     ``empty``) as it goes."""
@@ -687,7 +611,8 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     patches.
 
     ``channels_last``: True runs the patches in ``torch.channels_last_3d``, ``"wide"`` the UNet's levels below full
-    resolution only (:func:`set_layout`), False NCDHW throughout; None (the default) takes :data:`DEFAULT_LAYOUT`
+    resolution only (:func:`set_layout`), False NCDHW throughout; None (the default) takes
+    :data:`model.nets.refiner_layout.DEFAULT_LAYOUT`
     (NCDHW); ``cudnn_benchmark``:
     the value of ``torch.backends.cudnn.benchmark`` during the call (None: unchanged); ``reuse_empty``: run the network
     once for all the patches without a decoded voxel (their inputs are identical) and reuse its output (False: run every
@@ -697,7 +622,7 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     offs = patch_offsets(r, p, cfg.patch_stride)
     dev = coords.device
     dtype = dtype or next(refiner.parameters()).dtype
-    fmt = _patch_format(channels_last)
+    fmt = patch_format(channels_last)
     ramps = _ramp_weights(offs, p, cfg.overlap, dev, torch.float32)
     out = torch.zeros(r, r, r, device=dev)
     coords = coords.long()
@@ -705,7 +630,7 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     counter = _PatchCounter(len(offs) ** 3, stats)
     empty_pred = None
     bar = _patch_bar(len(offs) ** 3, "refine 512", progress)
-    with _running_as(refiner, _layout_of(channels_last), cudnn_benchmark):
+    with running_as(refiner, layout_of(channels_last), cudnn_benchmark):
         for i, ox in enumerate(offs):
             for j, oy in enumerate(offs):
                 for k, oz in enumerate(offs):
@@ -775,7 +700,7 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
                          f"{2 * cfg.resolution}^3, got {resolution}")
     dev = coords.device
     dtype = dtype or next(refiner.parameters()).dtype
-    fmt = _patch_format(channels_last)
+    fmt = patch_format(channels_last)
     # pool the sparse SDF by 2 onto the refiner's grid (cfg.pool_mode: the released model's sum / (n + 1)); the
     # parent keys are built column by column and nothing of the decoded voxels' size outlives the pooling (an int64
     # copy of the coordinates, 24 bytes a voxel, had been held through every patch: 1.4 GB at 57M voxels)
@@ -800,7 +725,7 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
         wanted = _patches_near(pooled_coords, offs, p, r, near).tolist()
     empty_sign = None
     bar = _patch_bar(len(offs) ** 3, "refine 1024", progress)
-    with _running_as(refiner, _layout_of(channels_last), cudnn_benchmark):
+    with running_as(refiner, layout_of(channels_last), cudnn_benchmark):
         for i, ox in enumerate(offs):
             for j, oy in enumerate(offs):
                 for k, oz in enumerate(offs):

@@ -45,6 +45,7 @@ import torch
 from model.io import atomic_write_json, atomic_write_text, commit_label, provenance
 from model.nets import cross_attention_kernel
 from model.nets import refiner as refiner_module
+from model.nets import refiner_layout
 from model.pipeline import marching_cubes as torch_marching_cubes
 from model.sparse import conv as sparse_conv
 
@@ -424,7 +425,7 @@ def run_report(*, mesh_path=None, steps=None, dry_run: bool = False, device=None
         "cross_attention": "kernel" if cross_attention_kernel.ENABLED else "sdpa",
         "staged_transfer": torch_marching_cubes.STAGED_TRANSFER,
         "neighbour_tables": "derived" if sparse_conv.DERIVE_NEIGHBOUR_ROWS else "lookup",
-        "refiner_layout": refiner_module.DEFAULT_LAYOUT,
+        "refiner_layout": refiner_layout.DEFAULT_LAYOUT,
         "refiner_bias_kernel": refiner_module.BIAS_KERNEL,
         "parameters": parts,
         "weight_bytes": weight_bytes,
@@ -659,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "table before (model.sparse.conv.DERIVE_NEIGHBOUR_ROWS) or looked up in the coordinate hash "
                         "(default %(default)s)")
     p.add_argument("--refiner-layout", choices=("contiguous", "channels_last", "wide"), default="contiguous",
-                   help="memory layout of the refiners' patches (model.nets.refiner.DEFAULT_LAYOUT; wide: "
+                   help="memory layout of the refiners' patches (model.nets.refiner_layout.DEFAULT_LAYOUT; wide: "
                         "channels-last below full resolution) (default %(default)s)")
     p.add_argument("--refiner-bias-kernel", action="store_true",
                    help="add the bias of the refiners' cuDNN convolutions with the bias kernel "
@@ -703,11 +704,11 @@ def _main(args, command: str | None = None) -> int:
     device = args.device if args.device not in (None, "auto") else ("cpu" if args.dry_run else "cuda")
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     switches = (cross_attention_kernel.ENABLED, torch_marching_cubes.STAGED_TRANSFER,
-                sparse_conv.DERIVE_NEIGHBOUR_ROWS, refiner_module.DEFAULT_LAYOUT, refiner_module.BIAS_KERNEL)
+                sparse_conv.DERIVE_NEIGHBOUR_ROWS, refiner_layout.DEFAULT_LAYOUT, refiner_module.BIAS_KERNEL)
     cross_attention_kernel.ENABLED = args.cross_attention == "kernel"
     torch_marching_cubes.STAGED_TRANSFER = args.mesh_transfer == "staged"
     sparse_conv.DERIVE_NEIGHBOUR_ROWS = args.neighbour_tables == "derived"
-    refiner_module.DEFAULT_LAYOUT = args.refiner_layout
+    refiner_layout.DEFAULT_LAYOUT = args.refiner_layout
     refiner_module.BIAS_KERNEL = args.refiner_bias_kernel
     try:
         r = run_report(mesh_path=args.mesh, steps=steps, dry_run=args.dry_run, device=device,
@@ -720,7 +721,7 @@ def _main(args, command: str | None = None) -> int:
         raise UserError(f"--mesh: {exc}" if args.mesh and str(args.mesh) in str(exc) else str(exc)) from None
     finally:  # the library's switches as they were (main may run inside another program or a test session)
         (cross_attention_kernel.ENABLED, torch_marching_cubes.STAGED_TRANSFER, sparse_conv.DERIVE_NEIGHBOUR_ROWS,
-         refiner_module.DEFAULT_LAYOUT, refiner_module.BIAS_KERNEL) = switches
+         refiner_layout.DEFAULT_LAYOUT, refiner_module.BIAS_KERNEL) = switches
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "generate.json", r, default=str)

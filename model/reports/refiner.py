@@ -37,8 +37,8 @@ __all__ = ["KERNEL_KINDS", "REFINERS", "kernel_kind", "main", "markdown", "run_r
 REFINERS = {"512": "512 refiner (Voxel_RefinerXL)", "1024": "sign refiner (Voxel_RefinerXL_sign)"}
 #: Half-precision dtypes of the variants.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: Layouts of the variants: the inputs' memory format and the refiner's layout (``model.nets.refiner.set_layout``;
-#: "wide": channels-last below full resolution only).
+#: Layouts of the variants: the inputs' memory format and the refiner's layout
+#: (``model.nets.refiner_layout.set_layout``; "wide": channels-last below full resolution only).
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d,
            "wide": torch.contiguous_format}
 MODEL_LAYOUTS = {"contiguous": "contiguous", "channels_last_3d": "channels_last", "wide": "wide"}
@@ -196,7 +196,7 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor | None) -> float | None:
 
 
 def _variant_model(master, device, v: dict):
-    from model.nets.refiner import set_layout
+    from model.nets.refiner_layout import set_layout
 
     return set_layout(copy.deepcopy(master).to(device=device, dtype=DTYPES[v["dtype"]]), MODEL_LAYOUTS[v["layout"]])
 
