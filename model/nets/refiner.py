@@ -62,12 +62,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.nets.refiner_layout import LAYOUTS, layout_of, patch_format, running_as, set_layout
+from model.nets.refiner_layout import layout_of, patch_format, running_as
 from model.nets.refiner_layout import is_channels_last as _is_channels_last
 from model.sparse.layers import check_pool_mode, pool_features
 
 __all__ = [
-    "LAYOUTS",
     "RefinerConfig",
     "SignRefiner",
     "UNet3D",
@@ -76,7 +75,6 @@ __all__ = [
     "patch_offsets",
     "predict_sign",
     "refine_512",
-    "set_layout",
     "sign_refine_1024",
 ]
 
@@ -611,18 +609,18 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     patches.
 
     ``channels_last``: True runs the patches in ``torch.channels_last_3d``, ``"wide"`` the UNet's levels below full
-    resolution only (:func:`set_layout`), False NCDHW throughout; None (the default) takes
-    :data:`model.nets.refiner_layout.DEFAULT_LAYOUT`
-    (NCDHW); ``cudnn_benchmark``:
-    the value of ``torch.backends.cudnn.benchmark`` during the call (None: unchanged); ``reuse_empty``: run the network
-    once for all the patches without a decoded voxel (their inputs are identical) and reuse its output (False: run every
+    resolution only (:func:`model.nets.refiner_layout.set_layout`), False NCDHW throughout; None (the default) takes
+    :data:`model.nets.refiner_layout.DEFAULT_LAYOUT` (NCDHW); ``cudnn_benchmark``: the value of
+    ``torch.backends.cudnn.benchmark`` during the call (None: unchanged); ``reuse_empty``: run the network once for
+    all the patches without a decoded voxel (their inputs are identical) and reuse its output (False: run every
     patch); ``stats``: a dict filled with ``patches``, ``run``, ``reused`` and ``empty`` (patch counts)."""
     cfg = refiner.config
     p, r = cfg.patch_size, cfg.resolution
     offs = patch_offsets(r, p, cfg.patch_stride)
     dev = coords.device
     dtype = dtype or next(refiner.parameters()).dtype
-    fmt = patch_format(channels_last)
+    layout = layout_of(channels_last)
+    fmt = patch_format(layout)
     ramps = _ramp_weights(offs, p, cfg.overlap, dev, torch.float32)
     out = torch.zeros(r, r, r, device=dev)
     coords = coords.long()
@@ -630,7 +628,7 @@ def refine_512(refiner: VoxelRefiner, coords: torch.Tensor, sdf: torch.Tensor, f
     counter = _PatchCounter(len(offs) ** 3, stats)
     empty_pred = None
     bar = _patch_bar(len(offs) ** 3, "refine 512", progress)
-    with running_as(refiner, layout_of(channels_last), cudnn_benchmark):
+    with running_as(refiner, layout, cudnn_benchmark):
         for i, ox in enumerate(offs):
             for j, oy in enumerate(offs):
                 for k, oz in enumerate(offs):
@@ -700,7 +698,8 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
                          f"{2 * cfg.resolution}^3, got {resolution}")
     dev = coords.device
     dtype = dtype or next(refiner.parameters()).dtype
-    fmt = patch_format(channels_last)
+    layout = layout_of(channels_last)
+    fmt = patch_format(layout)
     # pool the sparse SDF by 2 onto the refiner's grid (cfg.pool_mode: the released model's sum / (n + 1)); the
     # parent keys are built column by column and nothing of the decoded voxels' size outlives the pooling (an int64
     # copy of the coordinates, 24 bytes a voxel, had been held through every patch: 1.4 GB at 57M voxels)
@@ -725,7 +724,7 @@ def predict_sign(refiner: SignRefiner, coords: torch.Tensor, sdf: torch.Tensor, 
         wanted = _patches_near(pooled_coords, offs, p, r, near).tolist()
     empty_sign = None
     bar = _patch_bar(len(offs) ** 3, "refine 1024", progress)
-    with running_as(refiner, layout_of(channels_last), cudnn_benchmark):
+    with running_as(refiner, layout, cudnn_benchmark):
         for i, ox in enumerate(offs):
             for j, oy in enumerate(offs):
                 for k, oz in enumerate(offs):

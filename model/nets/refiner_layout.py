@@ -47,10 +47,11 @@ def layout_of(channels_last) -> str:
     raise ValueError(f"channels_last must be None, False, True or 'wide', got {channels_last!r}")
 
 
-def patch_format(channels_last) -> torch.memory_format:
-    """The memory layout the patches' inputs come in: channels-last only for ``channels_last=True`` (the default,
-    NCDHW: channels-last throughout was 5-7% slower on an H100 for both refiners, reports/refiner.md)."""
-    return torch.channels_last_3d if layout_of(channels_last) == "channels_last" else torch.contiguous_format
+def patch_format(layout: str) -> torch.memory_format:
+    """The memory layout the patches' inputs come in for ``layout`` (:data:`LAYOUTS`): channels-last only for
+    ``"channels_last"`` (NCDHW by default: channels-last throughout was 5-7% slower on an H100 for both refiners,
+    reports/refiner.md)."""
+    return torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
 
 
 def wide_modules(module: nn.Module) -> list[nn.Module]:
