@@ -170,7 +170,7 @@ def _switches(dit):
 
     return dict(half_stream=dit.config.half_stream, fused_norms=fused.ENABLED, recompute_hidden=layers.RECOMPUTE_HIDDEN,
                 gated_residual=dit_block.GATED_RESIDUAL, norm_projection=dit_block.NORM_PROJECTION,
-                reuse_selection=dit_module.REUSE_SELECTION,
+                reuse_selection=dit_module.REUSE_SELECTION, lean_recompute=dit_module.LEAN_RECOMPUTE,
                 split_queries=config("selection.DKDV", head_dim=dit.config.model_channels // dit.config.num_heads)[
                     "max_queries"])
 
@@ -304,3 +304,52 @@ def test_recomputed_forward_reuses_the_top_k_choice(monkeypatch):
     assert out[False][0] == 2 * blocks and out[True][0] == blocks
     assert torch.equal(out[False][1], out[True][1])
     assert all(torch.equal(a, b) for a, b in zip(out[False][2], out[True][2]))
+
+
+def test_recomputed_forward_skips_the_mlp_output(monkeypatch):
+    """With checkpointing, the recomputed forward of each block records its last branch (the gated MLP) without
+    computing it: the MLP's forward products run once per block instead of twice, and the loss and gradients are
+    the same bit for bit (the skipped output was read by nothing)."""
+    import model.nets.dit as dit_module
+
+    dit, x0, cond = _tiny_dit()
+    first_product = layers.gelu_linear
+    calls = []
+    monkeypatch.setattr(layers, "gelu_linear", lambda *a: calls.append(1) or first_product(*a))
+    out = {}
+    for lean in (False, True):
+        monkeypatch.setattr(dit_module, "LEAN_RECOMPUTE", lean)
+        calls.clear()
+        dit.zero_grad(set_to_none=True)
+        loss = _loss(dit, x0, cond)
+        forward_calls = len(calls)
+        loss.backward()
+        out[lean] = (forward_calls, len(calls) - forward_calls, loss.detach(),
+                     [p.grad.clone() for p in dit.parameters()])
+    blocks = dit.config.num_blocks
+    assert out[False][0] == out[True][0] == blocks  # one chunk per block at these sizes
+    assert out[False][1] == blocks and out[True][1] == 0
+    assert torch.equal(out[False][2], out[True][2])
+    assert all(torch.equal(a, b) for a, b in zip(out[False][3], out[True][3]))
+
+
+def test_split_projection_gradient_matches_slicing():
+    """The merged q/k/v/gate product split under autograd (one concatenation in the backward pass) against plain
+    slices of it: the same parts and the same gradient of the product, padding columns included (zero)."""
+    from model.nets.ssa_layer import SpatialSparseAttention
+
+    torch.manual_seed(5)
+    attn = SpatialSparseAttention(64, 4, 2, compression_block=2, selection_block=2, topk=2, window=2).double()
+    rows = attn.merged_weight().shape[0]
+    assert rows > 64 + 2 * 32 + 3  # some padding columns
+    out = torch.randn(9, rows, dtype=torch.float64, requires_grad=True)
+    got = attn.split_projection(out, contiguous_q=True)
+    c, kv = 64, 32
+    want = (out[:, :c].reshape(9, 4, 16), out[:, c:c + kv], out[:, c + kv:c + 2 * kv],
+            torch.sigmoid(out[:, c + 2 * kv:c + 2 * kv + 3]))
+    weights = [torch.randn_like(w) for w in want]
+    g_got, = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, weights)), out)
+    g_want, = torch.autograd.grad(sum((a * w).sum() for a, w in zip(want, weights)), out)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].is_contiguous() and _rel(g_got, g_want) < 1e-15
+    assert torch.count_nonzero(g_got[:, c + 2 * kv + 3:]) == 0

@@ -33,6 +33,7 @@ residual stream in the input dtype or wider).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -45,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ssa_kernels.layout import layout_order
 
-from model.nets.dit_block import BLOCK_NORM_EPS, CrossAttention, CrossPlan, SparseDiTBlock
+from model.nets.dit_block import BLOCK_NORM_EPS, CrossAttention, CrossPlan, SparseDiTBlock, recomputing
 from model.sparse.layers import AbsolutePositionEmbedder, check_pool_mode, sincos_position_embedding
 from model.sparse.tensor import SparseTensor
 from model.nets.ssa_layer import ATTENTION_MODES, BACKENDS, COMPRESSION_VERSIONS
@@ -348,6 +349,18 @@ INFERENCE_PATH = True
 #: its first forward (:func:`ssa_kernels.reusing_selection`: one scoring pass less per block and training step, for
 #: ``N x Hkv x topk`` int32 kept per block until its backward).
 REUSE_SELECTION = True
+#: With activation checkpointing, the recomputed forward of a block records its MLP branch without computing it
+#: (:func:`model.nets.dit_block.recomputing`).
+LEAN_RECOMPUTE = True
+
+
+@contextlib.contextmanager
+def _entered_together(*managers):
+    """One context manager entering ``managers`` in order (and leaving them in reverse)."""
+    with contextlib.ExitStack() as stack:
+        for m in managers:
+            stack.enter_context(m)
+        yield
 
 
 class SparseDiT(nn.Module):
@@ -497,15 +510,25 @@ class SparseDiT(nn.Module):
             return h if pending is None else h.add_(pending)
         for block in self.blocks:
             if self.config.use_checkpoint and torch.is_grad_enabled():
-                extra = {}
-                if REUSE_SELECTION and self.config.backend == "kernels" and self.config.attention == "ssa":
-                    from ssa_kernels import reusing_selection
-
-                    extra["context_fn"] = reusing_selection
-                h = checkpoint(block, xs, h, t_emb, context, mask, cross, use_reentrant=False, **extra)
+                h = checkpoint(block, xs, h, t_emb, context, mask, cross, use_reentrant=False,
+                               context_fn=self._checkpoint_contexts)
             else:
                 h = block(xs, h, t_emb, context, mask, cross)
         return h
+
+    def _checkpoint_contexts(self):
+        """``(forward context, recomputation context)`` of one checkpointed block: with :data:`REUSE_SELECTION`
+        the recomputation reuses the forward's top-k choice (:func:`ssa_kernels.reusing_selection`); with
+        :data:`LEAN_RECOMPUTE` it skips the block's last branch, whose output nobody reads
+        (:func:`model.nets.dit_block.recomputing`)."""
+        forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
+        if REUSE_SELECTION and self.config.backend == "kernels" and self.config.attention == "ssa":
+            from ssa_kernels import reusing_selection
+
+            forward, recompute = reusing_selection()
+        if LEAN_RECOMPUTE:
+            recompute = _entered_together(recompute, recomputing())
+        return forward, recompute
 
     def _inference_path(self, h: torch.Tensor, t_emb: torch.Tensor) -> bool:
         """Whether the blocks run :meth:`SparseDiTBlock.forward_inference`: :data:`INFERENCE_PATH` on, no autograd,

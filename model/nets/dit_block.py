@@ -8,6 +8,8 @@ in the matrix products' epilogues (:meth:`model.nets.dit.SparseDiT._inference_pa
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from model.nets.dit import DiTConfig
 
 __all__ = ["BLOCK_NORM_EPS", "GATED_RESIDUAL", "MLP_CHUNK_ROWS", "NORM_PROJECTION", "CrossAttention", "CrossPlan",
-           "SparseDiTBlock"]
+           "SparseDiTBlock", "recomputing"]
 
 #: Epsilon of the block layer norms (RELEASED_MODEL.md D).
 BLOCK_NORM_EPS = 1e-6
@@ -144,7 +146,9 @@ class SparseDiTBlock(nn.Module):
             u = norm_modulate(self.norm3, h, shift_m, scale_m, bidx, dtype=dt)
         with record_function("dit.mlp"):
             if gated:
-                return self.mlp.gated_residual(u, h, gate_m)
+                # recomputed for the backward pass, the block's output is read by nothing: the MLP branch is
+                # recorded (what its backward keeps) but not computed
+                return self.mlp.gated_residual(u, h, gate_m, compute_output=not _is_recomputing())
             o = _token_chunks(self.mlp, u)
         with record_function("dit.residual"):
             return _gated_add(h, gate_m, o, bidx)
@@ -248,6 +252,29 @@ NORM_PROJECTION = True
 #: Rows per chunk of the MLP when no gradient is recorded: the 4x-wide hidden layer of 137k tokens alone is 1.1 GB in
 #: bfloat16; chunks keep the sampling peak at a few hundred MB for it (the MLP is per token, so chunking is exact).
 MLP_CHUNK_ROWS = 65536
+
+
+_RECOMPUTATION = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks the blocks called inside as recomputed for the backward pass (activation checkpointing: the recompute
+    context of ``torch.utils.checkpoint.checkpoint(context_fn=...)``, non-reentrant). Such a forward is run for what
+    its operations save for the backward pass; its result is discarded, so a block records its last branch (the
+    MLP) without computing it (:meth:`model.sparse.layers.FeedForward.gated_residual` ``compute_output``): two
+    ``[N, C] x [C, 4C]``-sized products less per block and training step. Thread-local: the recomputation runs on
+    the thread of the backward pass."""
+    before = getattr(_RECOMPUTATION, "active", False)
+    _RECOMPUTATION.active = True
+    try:
+        yield
+    finally:
+        _RECOMPUTATION.active = before
+
+
+def _is_recomputing() -> bool:
+    return getattr(_RECOMPUTATION, "active", False)
 
 
 def _token_chunks(fn, u: torch.Tensor) -> torch.Tensor:

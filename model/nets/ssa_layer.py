@@ -93,6 +93,28 @@ def block_layout(x: SparseTensor, *, compression_block: int, selection_block: in
     return layout
 
 
+class _SplitProjection(torch.autograd.Function):
+    """``out [N, rows]`` -> contiguous copies of its column ranges ``[0, a)``, ``[a, a + b)``, ``[a + b, a + b + g)``
+    (the merged q/k/v/gate product, :meth:`SpatialSparseAttention.split_projection`); the columns past them
+    (alignment padding) get a zero gradient. Through slices of ``out`` autograd would build each part's gradient as
+    a zero-filled ``[N, rows]`` tensor with the part copied in and then add the three: three fills, three copies and
+    two additions of the whole product per block. The backward here writes the product's gradient in one
+    concatenation."""
+
+    @staticmethod
+    def forward(ctx, out, a, b, g):
+        ctx.pad, ctx.dtype = out.shape[1] - a - b - g, out.dtype
+        return tuple(out[:, lo:hi].clone(memory_format=torch.contiguous_format)
+                     for lo, hi in ((0, a), (a, a + b), (a + b, a + b + g)))
+
+    @staticmethod
+    def backward(ctx, dq, dkv, dgate):  # an unused output's gradient arrives as zeros (materialised)
+        parts = [x.to(ctx.dtype) for x in (dq, dkv, dgate)]
+        if ctx.pad:
+            parts.append(dq.new_zeros(dq.shape[0], ctx.pad, dtype=ctx.dtype))
+        return torch.cat(parts, dim=1), None, None, None
+
+
 def block_mean(feats: torch.Tensor, layout: BlockLayout, mode: str = "mean") -> torch.Tensor:
     """Pooling of ``feats [N, C]`` over the tokens of each compression block: ``[Nc, C]`` in the input dtype.
 
@@ -378,6 +400,9 @@ class SpatialSparseAttention(nn.Module):
         reports/dit_history.md); the copy moves 2 x 128 bytes per token."""
         n = out.shape[0]
         c, kv = self.channels, self.num_kv_heads * self.head_dim
+        if contiguous_q and torch.is_grad_enabled() and out.requires_grad:
+            q, kv_rows, gate = _SplitProjection.apply(out, c, 2 * kv, 3)
+            return q.view(n, self.num_heads, self.head_dim), kv_rows[:, :kv], kv_rows[:, kv:], torch.sigmoid(gate)
         q = out[:, :c]
         q = (q.contiguous() if contiguous_q else q).view(n, self.num_heads, self.head_dim)
         kv_rows = out[:, c:c + 2 * kv].contiguous()

@@ -230,30 +230,35 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 #: The launch table's ``max_queries`` (the last variant's; the ones before it split nothing).
 _TABLE_SPLIT = _launch_config("selection.DKDV")["max_queries"]
 _ALL_ON = dict(half_stream=True, fused_norms=True, recompute_hidden=True, gated_residual=True, norm_projection=True,
-               reuse_selection=True, split_queries=None)
+               reuse_selection=True, split_queries=None, lean_recompute=True)
+#: The switches of the rows before the last one.
+_EARLIER = dict(_ALL_ON, lean_recompute=False)
 TRAINING_VARIANTS = (
     ("float32 stream, PyTorch norms, plain MLP (before)",
-     dict(_ALL_ON, half_stream=False, fused_norms=False, recompute_hidden=False, gated_residual=False,
+     dict(_EARLIER, half_stream=False, fused_norms=False, recompute_hidden=False, gated_residual=False,
           norm_projection=False, reuse_selection=False, split_queries=0)),
-    ("+ bf16 residual stream", dict(_ALL_ON, fused_norms=False, recompute_hidden=False, gated_residual=False,
+    ("+ bf16 residual stream", dict(_EARLIER, fused_norms=False, recompute_hidden=False, gated_residual=False,
                                     norm_projection=False, reuse_selection=False, split_queries=0)),
-    ("+ fused norms with their backward kernel", dict(_ALL_ON, recompute_hidden=False, gated_residual=False,
+    ("+ fused norms with their backward kernel", dict(_EARLIER, recompute_hidden=False, gated_residual=False,
                                                       norm_projection=False, reuse_selection=False, split_queries=0)),
     ("+ MLP hidden layer recomputed in the backward pass",
-     dict(_ALL_ON, gated_residual=False, norm_projection=False, reuse_selection=False, split_queries=0)),
+     dict(_EARLIER, gated_residual=False, norm_projection=False, reuse_selection=False, split_queries=0)),
     ("+ gated residual products that keep no branch output",
-     dict(_ALL_ON, norm_projection=False, reuse_selection=False, split_queries=0)),
+     dict(_EARLIER, norm_projection=False, reuse_selection=False, split_queries=0)),
     ("+ norms folded into the projections after them (merged q/k/v/gate)",
-     dict(_ALL_ON, reuse_selection=False, split_queries=0)),
-    ("+ the recomputed forward reuses the top-k choice", dict(_ALL_ON, split_queries=0)),
+     dict(_EARLIER, reuse_selection=False, split_queries=0)),
+    ("+ the recomputed forward reuses the top-k choice", dict(_EARLIER, split_queries=0)),
     (f"+ selection dK/dV split into chunks of at most {_TABLE_SPLIT:,} queries (the launch table's max_queries)",
+     dict(_EARLIER)),
+    ("+ the recomputed forward records the MLP branch without computing it (its output is read by nothing)",
      dict(_ALL_ON)),
 )
 
 
 @contextlib.contextmanager
 def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_hidden: bool, gated_residual: bool,
-                      norm_projection: bool, reuse_selection: bool, split_queries: int | None):
+                      norm_projection: bool, reuse_selection: bool, split_queries: int | None,
+                      lean_recompute: bool):
     """The switches of one training variant (:data:`TRAINING_VARIANTS`) set for the block inside; afterwards all
     savings are on again and the launch table is the table's. Launch settings go through
     :func:`ssa_kernels.launch.overriding`, never by editing the table."""
@@ -263,13 +268,15 @@ def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_
     import model.sparse.layers as layers
     from ssa_kernels.launch import overriding
 
-    def apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection, **_):
+    def apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
+              lean_recompute, **_):
         model.config = model.config.replace(half_stream=half_stream)
         fused.ENABLED, layers.RECOMPUTE_HIDDEN = fused_norms, recompute_hidden
         dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = gated_residual, norm_projection
-        dit.REUSE_SELECTION = reuse_selection
+        dit.REUSE_SELECTION, dit.LEAN_RECOMPUTE = reuse_selection, lean_recompute
 
-    apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection)
+    apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
+          lean_recompute)
     try:
         with (overriding("selection.DKDV", dict(max_queries=split_queries)) if split_queries is not None
               else nullcontext()):

@@ -125,13 +125,19 @@ class FeedForward(nn.Module):
             return second(gelu_linear(rows, first.weight, first.bias)).view(*x.shape[:-1], second.out_features)
         return self.mlp(x)
 
-    def gated_residual(self, x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def gated_residual(self, x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, *,
+                       compute_output: bool = True) -> torch.Tensor:
         """``h + gate * self(x)`` for ``x, h [N, C]`` and one gate row (``[1, C]`` or ``[C]``); under autograd
-        through :class:`_RecomputedMLP`, which keeps neither the hidden layer nor the MLP's output."""
+        through :class:`_RecomputedMLP`, which keeps neither the hidden layer nor the MLP's output.
+
+        ``compute_output=False`` (under autograd only): record the branch for the backward pass but return an
+        uninitialised tensor of the output's shape and dtype, skipping both products. For the recomputed forward
+        of activation checkpointing, where only what the backward pass keeps is used and this branch's output
+        is read by nothing (the last branch of a DiT block: :func:`model.nets.dit_block.recomputing`)."""
         if x.dim() == 2 and torch.is_grad_enabled() and RECOMPUTE_HIDDEN:
             first, second = self.mlp[0], self.mlp[2]
             return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, _operand_dtype(x),
-                                        h, gate.reshape(-1))
+                                        h, gate.reshape(-1), compute_output)
         return torch.addcmul(h, gate.reshape(-1), self(x))
 
 
@@ -162,13 +168,15 @@ class _RecomputedMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, dtype, h=None, gate=None):
+    def forward(ctx, x, w1, b1, w2, b2, dtype, h=None, gate=None, compute_output=True):
         ctx.save_for_backward(x, w1, b1, w2, b2, gate)
         ctx.dtype = dtype
+        out_dtype = dtype if h is None else torch.promote_types(h.dtype, dtype)
+        out = torch.empty(x.shape[0], w2.shape[0], device=x.device, dtype=out_dtype)
+        if not compute_output:  # FeedForward.gated_residual: what is saved above is all the caller uses
+            return out
         with torch.autocast(device_type=x.device.type, enabled=False):
             w1c, b1c, w2c, b2c = (t.to(dtype) for t in (w1, b1, w2, b2))
-            out_dtype = dtype if h is None else torch.promote_types(h.dtype, dtype)
-            out = torch.empty(x.shape[0], w2.shape[0], device=x.device, dtype=out_dtype)
             for rows in _row_chunks(x.shape[0]):
                 y = F.linear(gelu_linear(x[rows].to(dtype), w1c, b1c), w2c, b2c)
                 out[rows] = y if h is None else torch.addcmul(h[rows], gate.to(dtype), y)
@@ -179,20 +187,22 @@ class _RecomputedMLP(torch.autograd.Function):
         x, w1, b1, w2, b2, gate = ctx.saved_tensors
         dtype = ctx.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            w1c, b1c, w2c = (t.to(dtype) for t in (w1, b1, w2))
+            w1c, b1c = w1.to(dtype), b1.to(dtype)
             grad_in, dout = grad, grad.to(dtype)
-            grad = dout if gate is None else dout * gate.to(dtype)  # the gradient of the branch output
+            # the gradient reaching the GELU is (dout * gate) @ w2 = dout @ (gate[:, None] * w2): the gate scales
+            # the rows of the small weight, not a pass over the [N, C] gradient
+            w2g = (w2 if gate is None else w2 * gate.to(w2.dtype)[:, None]).to(dtype)
             dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
             acc = torch.promote_types(dtype, torch.float32)
             dw1 = torch.zeros(w1.shape, device=x.device, dtype=acc)
             dw2 = torch.zeros(w2.shape, device=x.device, dtype=acc)
             db1 = torch.zeros(b1.shape, device=x.device, dtype=acc)
             for rows in _row_chunks(x.shape[0]):
-                u, g = x[rows].to(dtype), grad[rows]
+                u, g = x[rows].to(dtype), dout[rows]
                 pre = F.linear(u, w1c, b1c)
                 # gated: dout^T act (the gate applied once to the sum, see _gated_grads)
-                dw2.add_((g if gate is None else dout[rows]).t().mm(F.gelu(pre, approximate="tanh")))
-                dpre = torch.ops.aten.gelu_backward(g.mm(w2c), pre, approximate="tanh")
+                dw2.add_(g.t().mm(F.gelu(pre, approximate="tanh")))
+                dpre = torch.ops.aten.gelu_backward(g.mm(w2g), pre, approximate="tanh")
                 del pre
                 dw1.add_(dpre.t().mm(u))
                 db1.add_(dpre.sum(0, dtype=acc))
@@ -203,7 +213,7 @@ class _RecomputedMLP(torch.autograd.Function):
             if gate is not None:
                 dw2, db2, dgate = _gated_grads(dw2, db2, w2, b2, gate)
         return (dx, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None,
-                grad_in if ctx.needs_input_grad[6] else None, dgate)
+                grad_in if ctx.needs_input_grad[6] else None, dgate, None)
 
 
 def _gated_grads(m, s, w, b, gate):
@@ -238,7 +248,9 @@ class _GatedLinearAdd(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             dout = grad.to(dtype)
             acc = torch.promote_types(dtype, torch.float32)
-            dx = (dout * gate.to(dtype)).mm(w.to(dtype)).to(x.dtype) if ctx.needs_input_grad[1] else None
+            # (dout * gate) @ w as dout @ (gate[:, None] * w): the gate scales the weight's rows, not the gradient
+            dx = (dout.mm((w * gate.to(w.dtype)[:, None]).to(dtype)).to(x.dtype) if ctx.needs_input_grad[1]
+                  else None)
             dw, _, dgate = _gated_grads(dout.t().mm(x.to(dtype)).to(acc), None, w, None, gate)
         return grad if ctx.needs_input_grad[0] else None, dx, dw.to(w.dtype), dgate, None
 
