@@ -166,11 +166,13 @@ def _switches(dit):
     import model.nets.dit as dit_module
     import model.nets.dit_block as dit_block
     import model.nets.fused as fused
+    import model.nets.ssa_layer as ssa_layer
     from ssa_kernels.launch import config
 
     return dict(half_stream=dit.config.half_stream, fused_norms=fused.ENABLED, recompute_hidden=layers.RECOMPUTE_HIDDEN,
                 gated_residual=dit_block.GATED_RESIDUAL, norm_projection=dit_block.NORM_PROJECTION,
                 reuse_selection=dit_module.REUSE_SELECTION, lean_recompute=dit_module.LEAN_RECOMPUTE,
+                one_concatenation=ssa_layer.SPLIT_FUNCTION,
                 split_queries=config("selection.DKDV", head_dim=dit.config.model_channels // dit.config.num_heads)[
                     "max_queries"])
 

@@ -93,6 +93,10 @@ def block_layout(x: SparseTensor, *, compression_block: int, selection_block: in
     return layout
 
 
+#: Switch for :class:`_SplitProjection` under autograd (off: slices of the merged product, as autograd splits them).
+SPLIT_FUNCTION = True
+
+
 class _SplitProjection(torch.autograd.Function):
     """``out [N, rows]`` -> contiguous copies of its column ranges ``[0, a)``, ``[a, a + b)``, ``[a + b, a + b + g)``
     (the merged q/k/v/gate product, :meth:`SpatialSparseAttention.split_projection`); the columns past them
@@ -400,7 +404,7 @@ class SpatialSparseAttention(nn.Module):
         reports/dit_history.md); the copy moves 2 x 128 bytes per token."""
         n = out.shape[0]
         c, kv = self.channels, self.num_kv_heads * self.head_dim
-        if contiguous_q and torch.is_grad_enabled() and out.requires_grad:
+        if SPLIT_FUNCTION and contiguous_q and torch.is_grad_enabled() and out.requires_grad:
             q, kv_rows, gate = _SplitProjection.apply(out, c, 2 * kv, 3)
             return q.view(n, self.num_heads, self.head_dim), kv_rows[:, :kv], kv_rows[:, kv:], torch.sigmoid(gate)
         q = out[:, :c]

@@ -230,9 +230,9 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 #: The launch table's ``max_queries`` (the last variant's; the ones before it split nothing).
 _TABLE_SPLIT = _launch_config("selection.DKDV")["max_queries"]
 _ALL_ON = dict(half_stream=True, fused_norms=True, recompute_hidden=True, gated_residual=True, norm_projection=True,
-               reuse_selection=True, split_queries=None, lean_recompute=True)
-#: The switches of the rows before the last one.
-_EARLIER = dict(_ALL_ON, lean_recompute=False)
+               reuse_selection=True, split_queries=None, one_concatenation=True, lean_recompute=True)
+#: The switches of the rows before the last two.
+_EARLIER = dict(_ALL_ON, one_concatenation=False, lean_recompute=False)
 TRAINING_VARIANTS = (
     ("float32 stream, PyTorch norms, plain MLP (before)",
      dict(_EARLIER, half_stream=False, fused_norms=False, recompute_hidden=False, gated_residual=False,
@@ -250,6 +250,8 @@ TRAINING_VARIANTS = (
     ("+ the recomputed forward reuses the top-k choice", dict(_EARLIER, split_queries=0)),
     (f"+ selection dK/dV split into chunks of at most {_TABLE_SPLIT:,} queries (the launch table's max_queries)",
      dict(_EARLIER)),
+    ("+ the gradient of the merged q/k/v/gate product in one concatenation",
+     dict(_ALL_ON, lean_recompute=False)),
     ("+ the recomputed forward records the MLP branch without computing it (its output is read by nothing)",
      dict(_ALL_ON)),
 )
@@ -258,25 +260,27 @@ TRAINING_VARIANTS = (
 @contextlib.contextmanager
 def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_hidden: bool, gated_residual: bool,
                       norm_projection: bool, reuse_selection: bool, split_queries: int | None,
-                      lean_recompute: bool):
+                      one_concatenation: bool, lean_recompute: bool):
     """The switches of one training variant (:data:`TRAINING_VARIANTS`) set for the block inside; afterwards all
     savings are on again and the launch table is the table's. Launch settings go through
     :func:`ssa_kernels.launch.overriding`, never by editing the table."""
     import model.nets.dit as dit
     import model.nets.dit_block as dit_block
     import model.nets.fused as fused
+    import model.nets.ssa_layer as ssa_layer
     import model.sparse.layers as layers
     from ssa_kernels.launch import overriding
 
     def apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
-              lean_recompute, **_):
+              one_concatenation, lean_recompute, **_):
         model.config = model.config.replace(half_stream=half_stream)
+        ssa_layer.SPLIT_FUNCTION = one_concatenation
         fused.ENABLED, layers.RECOMPUTE_HIDDEN = fused_norms, recompute_hidden
         dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = gated_residual, norm_projection
         dit.REUSE_SELECTION, dit.LEAN_RECOMPUTE = reuse_selection, lean_recompute
 
     apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
-          lean_recompute)
+          one_concatenation, lean_recompute)
     try:
         with (overriding("selection.DKDV", dict(max_queries=split_queries)) if split_queries is not None
               else nullcontext()):
