@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model.sparse.layers as layers
 from model.flow import flow_loss
@@ -172,7 +173,7 @@ def _switches(dit):
     return dict(half_stream=dit.config.half_stream, fused_norms=fused.ENABLED, recompute_hidden=layers.RECOMPUTE_HIDDEN,
                 gated_residual=dit_block.GATED_RESIDUAL, norm_projection=dit_block.NORM_PROJECTION,
                 reuse_selection=dit_module.REUSE_SELECTION, lean_recompute=dit_module.LEAN_RECOMPUTE,
-                one_concatenation=ssa_layer.SPLIT_FUNCTION,
+                one_concatenation=ssa_layer.SPLIT_FUNCTION, gelu_kernel=layers.FUSED_GELU_GRAD,
                 split_queries=config("selection.DKDV", head_dim=dit.config.model_channels // dit.config.num_heads)[
                     "max_queries"])
 
@@ -355,3 +356,82 @@ def test_split_projection_gradient_matches_slicing():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert got[0].is_contiguous() and _rel(g_got, g_want) < 1e-15
     assert torch.count_nonzero(g_got[:, c + 2 * kv + 3:]) == 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+def test_gelu_grad_kernel_matches_pytorch(monkeypatch, dtype, tol):
+    """The fused GELU step (Triton interpreter on the CPU): the activation, the pre-activation's gradient and its
+    column sums against PyTorch's gelu / gelu_backward in float64, on a shape that is no multiple of the tiles and
+    with values large enough to saturate the tanh."""
+    import model.sparse.gelu_grad_kernel as gk
+
+    if not gk._interpreting():
+        pytest.skip("needs the Triton interpreter")
+    monkeypatch.setattr(gk, "INTERPRET_ON_CPU", True)
+    torch.manual_seed(7)
+    pre = (torch.randn(70, 200) * 3).to(dtype)
+    pre[0, :4] = torch.tensor([-30.0, 30.0, 0.0, -4.0])
+    dact = torch.randn(70, 200).to(dtype)
+    x, g = pre.double(), dact.double()
+    want_act = F.gelu(x, approximate="tanh")
+    want_d = torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+    assert gk.supports(pre, dact)
+    sums = gk.gelu_grad_(pre, dact)
+    assert _rel(pre, want_act) < tol and _rel(dact, want_d) < tol
+    assert sums.dtype == torch.float32 and _rel(sums, want_d.sum(0)) < tol
+    assert torch.isfinite(pre).all() and torch.isfinite(dact).all()
+
+
+def test_gelu_grad_kernel_rejects_bad_input(monkeypatch):
+    import model.sparse.gelu_grad_kernel as gk
+
+    monkeypatch.setattr(gk, "INTERPRET_ON_CPU", True)
+    with pytest.raises(ValueError, match="pre and dact"):
+        gk.gelu_grad_(torch.zeros(4, 8), torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="pre and dact"):
+        gk.gelu_grad_(torch.zeros(4, 8, dtype=torch.float64), torch.zeros(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="pre and dact"):
+        gk.gelu_grad_(torch.zeros(8, 4).t(), torch.zeros(4, 8))
+
+
+def test_recomputed_mlp_with_the_gelu_kernel_matches_pytorch(monkeypatch):
+    """The recomputed MLP's backward with the fused GELU step (interpreter) against the PyTorch step, float32."""
+    import model.sparse.gelu_grad_kernel as gk
+
+    if not gk._interpreting():
+        pytest.skip("needs the Triton interpreter")
+    monkeypatch.setattr(layers, "RECOMPUTE_CHUNK_ROWS", 8)
+    torch.manual_seed(3)
+    mlp = FeedForward(12, mlp_ratio=2.0)
+    x = torch.randn(19, 12, requires_grad=True)
+    h = torch.randn(19, 12, requires_grad=True)
+    gate = torch.randn(1, 12, requires_grad=True)
+    g = torch.randn(19, 12)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(gk, "INTERPRET_ON_CPU", fused)
+        out = mlp.gated_residual(x, h, gate)
+        results.append(torch.autograd.grad(out, [x, h, gate, *mlp.parameters()], g))
+    for a, b in zip(*results):
+        assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gelu_grad_kernel_matches_pytorch_in_bf16_on_gpu():
+    """The fused GELU step in bf16 on the GPU: within bf16 rounding of a float64 computation, as PyTorch's own
+    bf16 kernels are."""
+    from model.sparse.gelu_grad_kernel import gelu_grad_
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    pre = (torch.randn(3001, 4096, device="cuda", generator=gen) * 2).bfloat16()
+    dact = torch.randn(3001, 4096, device="cuda", generator=gen).bfloat16()
+    x, g = pre.double(), dact.double()
+    want_act = F.gelu(x, approximate="tanh")
+    want_d = torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+    torch_d = torch.ops.aten.gelu_backward(dact, pre, approximate="tanh").double()
+    sums = gelu_grad_(pre, dact)
+    torch.cuda.synchronize()
+    noise = _rel(torch_d, want_d)
+    assert _rel(dact, want_d) <= 1.5 * noise + 1e-6 and _rel(pre, want_act) < 1e-2
+    assert _rel(sums, want_d.sum(0)) < 1e-3

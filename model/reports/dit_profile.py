@@ -230,9 +230,10 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 #: The launch table's ``max_queries`` (the last variant's; the ones before it split nothing).
 _TABLE_SPLIT = _launch_config("selection.DKDV")["max_queries"]
 _ALL_ON = dict(half_stream=True, fused_norms=True, recompute_hidden=True, gated_residual=True, norm_projection=True,
-               reuse_selection=True, split_queries=None, one_concatenation=True, lean_recompute=True)
-#: The switches of the rows before the last two.
-_EARLIER = dict(_ALL_ON, one_concatenation=False, lean_recompute=False)
+               reuse_selection=True, split_queries=None, one_concatenation=True, lean_recompute=True,
+               gelu_kernel=True)
+#: The switches of the rows before the last three.
+_EARLIER = dict(_ALL_ON, one_concatenation=False, lean_recompute=False, gelu_kernel=False)
 TRAINING_VARIANTS = (
     ("float32 stream, PyTorch norms, plain MLP (before)",
      dict(_EARLIER, half_stream=False, fused_norms=False, recompute_hidden=False, gated_residual=False,
@@ -251,8 +252,10 @@ TRAINING_VARIANTS = (
     (f"+ selection dK/dV split into chunks of at most {_TABLE_SPLIT:,} queries (the launch table's max_queries)",
      dict(_EARLIER)),
     ("+ the gradient of the merged q/k/v/gate product in one concatenation",
-     dict(_ALL_ON, lean_recompute=False)),
+     dict(_ALL_ON, lean_recompute=False, gelu_kernel=False)),
     ("+ the recomputed forward records the MLP branch without computing it (its output is read by nothing)",
+     dict(_ALL_ON, gelu_kernel=False)),
+    ("+ the GELU step of the MLP's backward pass in one kernel (activation, its gradient, the bias gradient)",
      dict(_ALL_ON)),
 )
 
@@ -260,7 +263,7 @@ TRAINING_VARIANTS = (
 @contextlib.contextmanager
 def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_hidden: bool, gated_residual: bool,
                       norm_projection: bool, reuse_selection: bool, split_queries: int | None,
-                      one_concatenation: bool, lean_recompute: bool):
+                      one_concatenation: bool, lean_recompute: bool, gelu_kernel: bool):
     """The switches of one training variant (:data:`TRAINING_VARIANTS`) set for the block inside; afterwards all
     savings are on again and the launch table is the table's. Launch settings go through
     :func:`ssa_kernels.launch.overriding`, never by editing the table."""
@@ -272,15 +275,15 @@ def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_
     from ssa_kernels.launch import overriding
 
     def apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
-              one_concatenation, lean_recompute, **_):
+              one_concatenation, lean_recompute, gelu_kernel, **_):
         model.config = model.config.replace(half_stream=half_stream)
-        ssa_layer.SPLIT_FUNCTION = one_concatenation
+        ssa_layer.SPLIT_FUNCTION, layers.FUSED_GELU_GRAD = one_concatenation, gelu_kernel
         fused.ENABLED, layers.RECOMPUTE_HIDDEN = fused_norms, recompute_hidden
         dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = gated_residual, norm_projection
         dit.REUSE_SELECTION, dit.LEAN_RECOMPUTE = reuse_selection, lean_recompute
 
     apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
-          one_concatenation, lean_recompute)
+          one_concatenation, lean_recompute, gelu_kernel)
     try:
         with (overriding("selection.DKDV", dict(max_queries=split_queries)) if split_queries is not None
               else nullcontext()):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gelu_grad_kernel
 from .conv import KERNEL_VOLUME, kernel_offsets
 from .tensor import NEIGHBOUR_ROWS_KEY, NEIGHBOUR_ROWS_SOURCE_KEY, SparseTensor
 
@@ -148,6 +149,9 @@ def _operand_dtype(x: torch.Tensor) -> torch.dtype:
 
 #: Switch for :class:`_RecomputedMLP` under autograd (off: the plain modules, which keep the hidden layer twice).
 RECOMPUTE_HIDDEN = True
+#: Switch for the GELU step of :class:`_RecomputedMLP`'s backward pass as one kernel
+#: (:mod:`model.sparse.gelu_grad_kernel`; off, or where it does not apply: PyTorch's three kernels).
+FUSED_GELU_GRAD = True
 #: Token rows per chunk of :class:`_RecomputedMLP`: the hidden layers of one chunk (pre-activation, activation and
 #: their gradients, ``4 x rows x 4C`` values) are the transient memory of the MLP's forward and backward; 16,384 rows
 #: at C = 1024 are ~0.5 GB in bf16, against ~2.2 GB that autograd keeps for 137k tokens through the plain modules.
@@ -200,12 +204,19 @@ class _RecomputedMLP(torch.autograd.Function):
             for rows in _row_chunks(x.shape[0]):
                 u, g = x[rows].to(dtype), dout[rows]
                 pre = F.linear(u, w1c, b1c)
+                dact = g.mm(w2g)
+                if FUSED_GELU_GRAD and gelu_grad_kernel.supports(pre, dact):
+                    db1.add_(gelu_grad_kernel.gelu_grad_(pre, dact))  # in place: pre -> act, dact -> dpre
+                    act, dpre = pre, dact
+                else:
+                    act = F.gelu(pre, approximate="tanh")
+                    dpre = torch.ops.aten.gelu_backward(dact, pre, approximate="tanh")
+                    db1.add_(dpre.sum(0, dtype=acc))
+                del pre, dact
                 # gated: dout^T act (the gate applied once to the sum, see _gated_grads)
-                dw2.add_(g.t().mm(F.gelu(pre, approximate="tanh")))
-                dpre = torch.ops.aten.gelu_backward(g.mm(w2g), pre, approximate="tanh")
-                del pre
+                dw2.add_(g.t().mm(act))
+                del act
                 dw1.add_(dpre.t().mm(u))
-                db1.add_(dpre.sum(0, dtype=acc))
                 if dx is not None:
                     dx[rows] = dpre.mm(w1c)
             db2 = dout.sum(0, dtype=acc)
