@@ -1,12 +1,12 @@
 """Cross-attention of many queries to one short set of condition keys, as one Triton kernel (inference only).
 
 Where it runs: every block of the sparse DiTs attends from each of its tokens (27k at 512, 110k-137k at 1024) to the
-1,374 image tokens of the condition, with 16 heads of 64 channels (:class:`model.nets.dit_block.CrossAttention`),
+1,374 image tokens of the condition, with 32 heads of 32 channels (:class:`model.nets.dit_block.CrossAttention`),
 15 to 30 times per image. A short key set is the case general flash kernels are least built for: each query tile
 re-reads all keys and values of its head, and with 11 key tiles per query tile the prologue and epilogue weigh more
 than at long sequences. What it gives, measured on an H100 (bf16, 3cf6773): alone, against SDPA's default backend
-(``python -m model.reports.cross_attention``, reports/cross_attention.md), 0.418 against 0.472 ms at 27,314 rows and
-the same time (1.56 ms, 400 TFLOP/s) at 110,656 rows; inside the cascade (``python -m model.reports.generate``
+(``python -m model.reports.cross_attention``; that run timed 16 heads of 64, not the DiTs' 32 of 32), 0.418 against
+0.472 ms at 27,314 rows and the same time (1.56 ms, 400 TFLOP/s) at 110,656 rows; inside the cascade (``python -m model.reports.generate``
 with ``--cross-attention kernel`` / ``sdpa``, one machine, reports/generate_history.md) the sampling steps went
 0.144 -> 0.140 s at 512 and 0.728 -> 0.714 s at 1024.
 

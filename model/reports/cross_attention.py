@@ -1,4 +1,4 @@
-"""Time the sparse DiTs' cross-attention (16 heads of 64 over 1,374 condition keys) through SDPA and the Triton kernel.
+"""Time the sparse DiTs' cross-attention (32 heads of 32 over 1,374 condition keys) through SDPA and the Triton kernel.
 
 ``python -m model.reports.cross_attention --out reports`` (one CUDA GPU; under a minute on an H100) times one
 cross-attention call at the token counts of the cascade's sampling stages (27,314 rows: the 512 stage's conditioned
@@ -29,8 +29,9 @@ __all__ = ["SHAPES", "SWEEP", "main", "markdown", "run_report"]
 #: (label, query rows) of the timed shapes.
 SHAPES = (("sparse_512 stage, conditioned rows", 27_314), ("sparse_1024 stage", 110_656),
           ("DiT report, shell-1024", 137_124))
-#: The released sparse DiTs' cross-attention: heads, head dim, condition tokens.
-HEADS, HEAD_DIM, KEYS = 16, 64, 1374
+#: The released sparse DiTs' cross-attention: heads, head dim, condition tokens (RELEASED_MODEL.md D, step 5: 32 heads
+#: of 32; the first report, at 3cf6773, timed 16 heads of 64, the dense DiT's heads, by mistake).
+HEADS, HEAD_DIM, KEYS = 32, 32, 1374
 #: The smoke shape on the CPU: (label, rows), heads, head dim, keys.
 SMOKE_SHAPES, SMOKE_HEADS, SMOKE_DIM, SMOKE_KEYS = (("smoke", 300),), 2, 32, 50
 #: Launch grid of ``--sweep``: block_m x block_n x warps x stages.
