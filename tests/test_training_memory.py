@@ -200,6 +200,8 @@ def test_training_variants_switch_and_restore():
     assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
     assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
     assert _switches(dit) == before and all(v for k, v in before.items() if k != "split_queries")
+    tail = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=1, warmup=0, last=2)
+    assert [r["name"] for r in tail] == [v[0] for v in TRAINING_VARIANTS[-2:]] and tail[0]["grad_rel_diff"] == 0
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[

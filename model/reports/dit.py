@@ -99,7 +99,7 @@ def fill_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> torch.nn.
 
 def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup: int = 1, skip_full: bool = False,
                shape: str = "shell-1024", device=None, seed: int = 0, profile: bool = True,
-               core_variants: bool = False, sampling_profile: bool = True) -> dict:
+               core_variants: bool = False, sampling_profile: bool = True, training_rows: int | None = None) -> dict:
     """Run the measurements (module docstring) and return the result document."""
     from model.nets.dit import DiTConfig, SparseDiT
     from model.flow import FlowMatchEulerScheduler, flow_loss
@@ -190,7 +190,7 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
         from model.reports.dit_profile import profile_step, sampling_variants, training_variants
 
         result["training_variants"] = training_variants(model, loss_fn, opt, time_fn=_time, reps=reps,
-                                                        warmup=warmup)
+                                                        warmup=warmup, last=training_rows)
         result["profile_train_step"] = profile_step(train_step)
     if profile and sampling_profile and dev.type == "cuda":
         opt.state.clear()  # the sampling measurements below hold no optimizer state
@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true", help="skip the profiles and the sampling variants")
     p.add_argument("--no-sampling-profile", dest="sampling_profile", action="store_false",
                    help="profile and time the variants of the training step only (not of the sampling step)")
+    p.add_argument("--training-rows", type=positive_int, default=None, metavar="N",
+                   help="time only the last N rows of the training-step variants (default: all); the first of them "
+                        "is then the reference of the differences")
     p.add_argument("--core-variants", action="store_true",
                    help="skip the sampling variants earlier reports found no faster: SDPA backends of the "
                         "cross-attention, torch.compile on the MLPs (default: all variants)")
@@ -354,7 +357,7 @@ def _main(args) -> int:
         r = run_report(smoke=args.smoke, reps=args.reps, full_reps=args.full_reps, warmup=args.warmup,
                        skip_full=args.skip_full, shape=args.shape, seed=args.seed,
                        device=None if args.device in (None, "auto") else args.device,
-                       profile=not args.no_profile, core_variants=args.core_variants,
+                       profile=not args.no_profile, core_variants=args.core_variants, training_rows=args.training_rows,
                        sampling_profile=args.sampling_profile)
     except RuntimeError as exc:
         if "needs a CUDA GPU" not in str(exc):

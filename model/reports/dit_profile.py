@@ -292,8 +292,10 @@ def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_
         apply(**_ALL_ON)
 
 
-def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: int) -> list[dict]:
-    """Time the training step ``loss_fn().backward(); optimizer.step()`` for each of :data:`TRAINING_VARIANTS`.
+def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: int,
+                      last: int | None = None) -> list[dict]:
+    """Time the training step ``loss_fn().backward(); optimizer.step()`` for each of :data:`TRAINING_VARIANTS` (with
+    ``last``: its last ``last`` rows only).
 
     First, on the unchanged weights, each variant's loss and gradients (no optimizer step) against the first
     variant's (relative norms over all parameters); then the timed steps, with the memory allocated after the
@@ -307,9 +309,10 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
         loss_fn().backward()
         optimizer.step()
 
+    variants = TRAINING_VARIANTS if last is None else TRAINING_VARIANTS[-last:]
     out = []
     base = {}
-    for name, flags in TRAINING_VARIANTS:
+    for name, flags in variants:
         with training_switches(model, **flags):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
@@ -324,7 +327,7 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
     # parameter: 2 GB for the released size)
     del loss, ref_loss, ref_grads
     base.clear()
-    for record, (name, flags) in zip(out, TRAINING_VARIANTS):
+    for record, (name, flags) in zip(out, variants):
         with training_switches(model, **flags):
             times, peak = time_fn(step, reps=reps, warmup=warmup, device=dev)
             optimizer.zero_grad(set_to_none=True)
