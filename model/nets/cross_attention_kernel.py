@@ -6,9 +6,9 @@ Where it runs: every block of the sparse DiTs attends from each of its tokens (2
 re-reads all keys and values of its head, and with 11 key tiles per query tile the prologue and epilogue weigh more
 than at long sequences. What it gives, measured on an H100 (bf16, 3cf6773): alone, against SDPA's default backend
 (``python -m model.reports.cross_attention``; that run timed 16 heads of 64, not the DiTs' 32 of 32), 0.418 against
-0.472 ms at 27,314 rows and the same time (1.56 ms, 400 TFLOP/s) at 110,656 rows; inside the cascade (``python -m model.reports.generate``
-with ``--cross-attention kernel`` / ``sdpa``, one machine, reports/generate_history.md) the sampling steps went
-0.144 -> 0.140 s at 512 and 0.728 -> 0.714 s at 1024.
+0.472 ms at 27,314 rows and the same time (1.56 ms, 400 TFLOP/s) at 110,656 rows; inside the cascade
+(``python -m model.reports.generate`` with ``--cross-attention kernel`` / ``sdpa``, one machine,
+reports/generate_history.md) the sampling steps went 0.144 -> 0.140 s at 512 and 0.728 -> 0.714 s at 1024.
 
 This kernel is the plain online-softmax loop (the fused-attention pattern of Triton's tutorial) with the choices
 this shape allows: program ``(tile, head)`` owns ``BLOCK_M`` query rows of one head (128 by default) and walks the
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ENABLED", "KERNEL_DTYPES", "LAUNCH", "cross_attention", "supports"]
+__all__ = ["ENABLED", "KERNEL_DTYPES", "LAUNCH", "LAUNCHES", "cross_attention", "launch_for", "supports"]
 
 #: Switch of the routing in :meth:`model.nets.dit_block.CrossAttention.attend` (False: SDPA everywhere).
 ENABLED = True
@@ -46,6 +46,8 @@ HEAD_DIMS = (16, 32, 64, 128)
 #: (``python -m model.reports.cross_attention --sweep``, reports/cross_attention.md, 3cf6773; 36 launches): fastest
 #: or within 1% of the fastest at 110,656 and 137,124 rows (1.565 / 1.961 ms), 1% behind the best at 27,314 rows.
 LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+#: Launches per head dim where they differ from :data:`LAUNCH` (:func:`launch_for`).
+LAUNCHES: dict[int, dict] = {}
 #: Offsets are int32 while every offset the kernel forms stays below this, int64 beyond it.
 INDEX_32_LIMIT = 2**31
 #: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
@@ -125,6 +127,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def launch_for(head_dim: int) -> dict:
+    """The default launch at ``head_dim`` (a fresh dict): :data:`LAUNCHES`' entry, else :data:`LAUNCH`."""
+    return dict(LAUNCHES.get(head_dim, LAUNCH))
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`cross_attention` takes ``q [N, H, D]``, ``k, v [L, H, D]``: one dtype of
     :data:`KERNEL_DTYPES`, ``D`` in :data:`HEAD_DIMS`, ``L >= 1``, innermost stride 1, one CUDA device (any device
@@ -153,8 +160,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         q: ``[N, H, D]`` queries (any strides with the last one 1, e.g. a view of ``[N, H * D]``).
         k, v: ``[L, H, D]`` keys and values (``L >= 1``), q's dtype and device, last stride 1.
         scale: the logits' scale; None: ``1 / sqrt(D)``.
-        block_m, block_n, num_warps, num_stages: the launch (None: :data:`LAUNCH`); powers of two >= 16 for the
-            tiles.
+        block_m, block_n, num_warps, num_stages: the launch (None: :func:`launch_for` the head dim); powers of two
+            >= 16 for the tiles.
 
     Raises ``TypeError`` / ``ValueError`` naming the argument for inputs :func:`supports` rejects.
     """
@@ -187,7 +194,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("cross_attention has no backward: call it under torch.no_grad() / torch.inference_mode(), "
                          "or use torch.nn.functional.scaled_dot_product_attention to train")
-    launch = dict(LAUNCH)
+    launch = launch_for(d)
     for key, value in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
                        ("num_stages", num_stages)):
         if value is not None:

@@ -64,7 +64,7 @@ def _reference(q, k, v, rows: int) -> torch.Tensor:
     return torch.einsum("hnl,lhd->nhd", s.softmax(-1), v)
 
 
-def _variants(device, sweep: bool) -> list[tuple[str, dict | None, object]]:
+def _variants(device, sweep: bool, head_dim: int) -> list[tuple[str, dict | None, object]]:
     """(name, launch or None, callable(q, k, v)) of every timed variant."""
     from model.nets import cross_attention_kernel as ck
 
@@ -78,11 +78,11 @@ def _variants(device, sweep: bool) -> list[tuple[str, dict | None, object]]:
                     return _sdpa(q, k, v)
             out.append((f"SDPA {name}", None, run))
     if device.type == "cuda" or ck._interpreting():
-        out.append(("Triton kernel, default launch", dict(ck.LAUNCH), ck.cross_attention))
+        out.append(("Triton kernel, default launch", ck.launch_for(head_dim), ck.cross_attention))
         if sweep:
             for values in itertools.product(*SWEEP.values()):
                 launch = dict(zip(SWEEP, values))
-                if launch == ck.LAUNCH:
+                if launch == ck.launch_for(head_dim):
                     continue
                 out.append(("Triton kernel", launch, lambda q, k, v, kw=launch: ck.cross_attention(q, k, v, **kw)))
     return out
@@ -98,7 +98,7 @@ def run_report(*, device, reps: int = 20, warmup: int = 3, sweep: bool = False, 
         q, k, v = _inputs(rows, heads, dim, keys, dtype, device, seed)
         ref = _reference(q, k, v, min(rows, CHECK_ROWS))
         flop = 4.0 * rows * keys * heads * dim
-        for name, launch, fn in _variants(device, sweep):
+        for name, launch, fn in _variants(device, sweep, dim):
             entry = dict(shape=label, rows=rows, variant=name, launch=launch)
             try:
                 with torch.no_grad():
