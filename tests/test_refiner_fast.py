@@ -511,6 +511,35 @@ def test_chunked_group_norm_matches_float64(shape, groups, dtype, layout):
         group_norm(x.to(dtype), 7, None, None, 1e-5)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_grid_keeps_its_chunks_on_the_first_axis(monkeypatch, layout):
+    """CUDA takes at most 65,535 programs along a grid's second and third axes: a 256^3 refiner patch of few
+    channels has more chunks per row than that (in channels-last: 131,072 at 32 channels), so the chunks must go on
+    the first axis. Shown here with small chunks (the launches are recorded, not run)."""
+    import model.nets.fused as fused
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    for name in ("_group_chunk_stats_kernel", "_group_chunk_stats_cl_kernel", "_group_apply_kernel",
+                 "_group_apply_cl_kernel"):
+        monkeypatch.setattr(fused, name, Recorder())
+    monkeypatch.setattr(fused, "GROUP_CHUNK", 4)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.zeros(2, 4, 70, 70, 70, device=dev)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if dev == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fused.group_norm(x, 4, None, None, 1e-5)
+    assert len(grids) == 2 and max(g[0] for g in grids) > 65535
+    assert all(d <= 65535 for g in grids for d in g[1:])
+
+
 def test_group_norm32_silu_is_silu_of_the_norm():
     """GroupNorm32(x, silu=True) on the CPU path: the released SiLU on the rounded norm output, exactly."""
     gen = torch.Generator().manual_seed(8)

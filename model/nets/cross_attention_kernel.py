@@ -46,8 +46,11 @@ HEAD_DIMS = (16, 32, 64, 128)
 #: (``python -m model.reports.cross_attention --sweep``, reports/cross_attention.md, 3cf6773; 36 launches): fastest
 #: or within 1% of the fastest at 110,656 and 137,124 rows (1.565 / 1.961 ms), 1% behind the best at 27,314 rows.
 LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
-#: Launches per head dim where they differ from :data:`LAUNCH` (:func:`launch_for`).
-LAUNCHES: dict[int, dict] = {}
+#: Launches per head dim where they differ from :data:`LAUNCH` (:func:`launch_for`). Head dim 32 (the released sparse
+#: DiTs, 32 heads): swept on an H100 (reports/cross_attention.md, 373aa8c; 36 launches), the launch with the least
+#: mean time over the three shapes relative to each shape's fastest: 0.661 / 2.400 / 2.999 ms at 27,314 / 110,656 /
+#: 137,124 rows against 0.689 / 2.683 / 3.153 with :data:`LAUNCH` (SDPA's default backend: 0.825 / 3.067 / 3.793).
+LAUNCHES: dict[int, dict] = {32: dict(block_m=64, block_n=64, num_warps=4, num_stages=4)}
 #: Offsets are int32 while every offset the kernel forms stays below this, int64 beyond it.
 INDEX_32_LIMIT = 2**31
 #: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.

@@ -205,9 +205,9 @@ def _layer_norm_modulate_bwd_kernel(
 
 @triton.jit
 def _group_chunk_stats_kernel(X, MEAN, M2, row_size, num_chunks, CHUNK: tl.constexpr):
-    """Program ``(row, chunk)``: mean and centred sum of squares of ``CHUNK`` values of one row, in float32."""
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    """Program ``(chunk, row)``: mean and centred sum of squares of ``CHUNK`` values of one row, in float32."""
+    chunk = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = offs < row_size
     x = tl.load(X + row * row_size + offs, mask=valid, other=0.0).to(tl.float32)
@@ -221,11 +221,11 @@ def _group_chunk_stats_kernel(X, MEAN, M2, row_size, num_chunks, CHUNK: tl.const
 @triton.jit
 def _group_apply_kernel(X, OUT, SCALE, SHIFT, row_size, spatial, channels_per_group, CHUNK: tl.constexpr,
                         SILU: tl.constexpr):
-    """Program ``(row, chunk)``: ``y = x * scale[c] + shift[c]``, then ``y * sigmoid(y)`` when ``SILU`` (float32, one
+    """Program ``(chunk, row)``: ``y = x * scale[c] + shift[c]``, then ``y * sigmoid(y)`` when ``SILU`` (float32, one
     rounding) with ``c`` the channel of each value: row ``r`` = (batch element, group) holds ``channels_per_group``
     channels of ``spatial`` values each."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    row = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     valid = offs < row_size
     x = tl.load(X + row * row_size + offs, mask=valid, other=0.0).to(tl.float32)
     c = row * channels_per_group + offs // spatial  # (batch, channel) index into the [B * C] coefficients
@@ -240,11 +240,11 @@ def _group_apply_kernel(X, OUT, SCALE, SHIFT, row_size, spatial, channels_per_gr
 @triton.jit
 def _group_chunk_stats_cl_kernel(X, MEAN, M2, voxels, num_chunks, C: tl.constexpr, G: tl.constexpr,
                                  PER: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_PER: tl.constexpr):
-    """Channels-last twin of :func:`_group_chunk_stats_kernel`: ``X [B, voxels, C]`` (NDHWC); program ``(batch,
-    chunk)`` gives each of the ``G`` groups' mean and centred sum of squares over ``BLOCK_V`` voxels x its ``PER``
+    """Channels-last twin of :func:`_group_chunk_stats_kernel`: ``X [B, voxels, C]`` (NDHWC); program ``(chunk,
+    batch)`` gives each of the ``G`` groups' mean and centred sum of squares over ``BLOCK_V`` voxels x its ``PER``
     channels, in float32, into row ``batch * G + group`` of ``MEAN``/``M2 [B * G, num_chunks]``."""
-    b = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = v < voxels
     k = tl.arange(0, BLOCK_PER)
@@ -359,10 +359,12 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     mean = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
     if channels_last:
-        _group_chunk_stats_cl_kernel[(b, chunks)](x, mean, m2, spatial, chunks, C=c, G=num_groups, PER=per,
+        # chunks on the first grid axis: the second and third take at most 65,535 programs, and a 256^3 patch of
+        # few channels has more chunks than that
+        _group_chunk_stats_cl_kernel[(chunks, b)](x, mean, m2, spatial, chunks, C=c, G=num_groups, PER=per,
                                                   BLOCK_V=block_v, BLOCK_PER=block_per, num_warps=GROUP_WARPS)
     else:
-        _group_chunk_stats_kernel[(rows, chunks)](x, mean, m2, row_size, chunks, CHUNK=GROUP_CHUNK,
+        _group_chunk_stats_kernel[(chunks, rows)](x, mean, m2, row_size, chunks, CHUNK=GROUP_CHUNK,
                                                   num_warps=GROUP_WARPS)
     counts = torch.full((chunks,), float(chunk_values), device=x.device, dtype=torch.float64)
     counts[-1] = row_size - (chunks - 1) * chunk_values
@@ -380,7 +382,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
             x, out, scale, shift, x.numel(), c * spatial, c, CHUNK=GROUP_CHUNK, SILU=bool(silu),
             num_warps=GROUP_WARPS)
     else:
-        _group_apply_kernel[(rows, chunks)](x, out, scale, shift, row_size, spatial, per, CHUNK=GROUP_CHUNK,
+        _group_apply_kernel[(chunks, rows)](x, out, scale, shift, row_size, spatial, per, CHUNK=GROUP_CHUNK,
                                             SILU=bool(silu), num_warps=GROUP_WARPS)
     return out
 
