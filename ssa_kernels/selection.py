@@ -8,6 +8,13 @@ Forward and dQ are query-outer: a program takes ``BLOCK_T`` tokens x ``HG`` head
 the union of its tokens' chosen blocks (rows of tokens that did not choose a block are masked), so every K/V tile
 is loaded once for the whole group and shared by the tile's tokens.
 
+A program of one token (``BLOCK_T`` 1: the 16 query heads of a kv group at head dim 32) can walk its chosen blocks'
+keys as one stream (launch setting ``merged`` of ``selection.FWD`` / ``selection.DQ``): positions ``0 .. total``
+over the blocks in choice order, each tile of ``BLOCK_N`` positions gathered across block boundaries. Block by
+block, every block ends in a part-filled tile (a block of 137 keys takes five 32-key tiles, the last 9 keys
+full); as one stream the token's 8 blocks take ``ceil(total / BLOCK_N)`` tiles, one part-filled in all. The
+softmax sees the same keys in the same order, so only the float rounding of the tile boundaries differs.
+
 The forward has a key-outer variant too (launch setting ``key_outer`` of ``selection.FWD``): a program takes one
 selection block and up to ``BLOCK_T`` of the query tokens that chose it (the block -> queries index below), so the
 block's keys are read once per ``BLOCK_T`` tokens instead of once per token, and every row of the matrix products
@@ -93,35 +100,67 @@ def _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK: tl.cons
 
 
 @triton.jit
+def _token_segments(IDX, sel_offsets, t, N, hkv, g, TOPK: tl.constexpr, K2: tl.constexpr):
+    """The keys of token ``t``'s chosen blocks (kv head ``g``) as one stream of ``total`` positions: block ``j``
+    holds positions ``[cum_start[j], cum_start[j] + length)``, its keys from ``starts[j]`` on (``[K2]`` each;
+    unused choices have length 0)."""
+    kk = tl.arange(0, K2)
+    blocks = tl.load(IDX + (t.to(tl.int64) * hkv + g) * TOPK + kk, mask=(kk < TOPK) & (t < N), other=-1)
+    chosen = blocks >= 0
+    starts = tl.load(sel_offsets + blocks, mask=chosen, other=0)
+    lengths = tl.load(sel_offsets + blocks + 1, mask=chosen, other=0) - starts
+    cum_end = tl.cumsum(lengths, 0)
+    return starts, cum_end - lengths, cum_end, tl.sum(lengths, 0)
+
+
+@triton.jit
+def _stream_keys(starts, cum_start, cum_end, total, p0, BLOCK_N: tl.constexpr):
+    """Key indices ``n [BLOCK_N]`` of stream positions ``p0 ..`` (:func:`_token_segments`) and which are in it."""
+    p = p0 + tl.arange(0, BLOCK_N)
+    inside = (p[:, None] >= cum_start[None, :]) & (p[:, None] < cum_end[None, :])
+    n = tl.sum(tl.where(inside, starts[None, :] + p[:, None] - cum_start[None, :], 0), 1)
+    return n, p < total
+
+
+@triton.jit
 def _sel_fwd_kernel(
     Q, K, V, O, LSE, IDX, sel_offsets,
     N, H, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     TOPK: tl.constexpr, K2: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
     hkv = H // G
     tok64 = tok.to(tl.int64)
-    sel_r, r_tok = _tile_choices(IDX, tok64, row_ok, g, hkv, TOPK, K2, BLOCK_T, HG)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     rd_mask = row_ok[:, None] & d_ok[None, :]
     q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
     m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
-    for slot in range(0, BLOCK_T * TOPK):
-        blk, visit, row_sel = _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK, BLOCK_T)
-        if visit:
-            start = tl.load(sel_offsets + blk)
-            end = tl.load(sel_offsets + blk + 1)
-            for ks in range(start, end, BLOCK_N):
-                n = ks + tl.arange(0, BLOCK_N)
-                n_ok = n < end
-                k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
-                m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_sel[:, None] & n_ok[None, :], qk_scale,
-                                                 PRECISION)
+    if MERGED:  # one token: its blocks' keys as one stream of full tiles (module docstring)
+        starts, cum_start, cum_end, total = _token_segments(IDX, sel_offsets, pid_t, N, hkv, g, TOPK, K2)
+        for p0 in range(0, total, BLOCK_N):
+            n, n_ok = _stream_keys(starts, cum_start, cum_end, total, p0, BLOCK_N)
+            k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
+            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_ok[:, None] & n_ok[None, :], qk_scale,
+                                             PRECISION)
+    else:
+        sel_r, r_tok = _tile_choices(IDX, tok64, row_ok, g, hkv, TOPK, K2, BLOCK_T, HG)
+        for slot in range(0, BLOCK_T * TOPK):
+            blk, visit, row_sel = _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK, BLOCK_T)
+            if visit:
+                start = tl.load(sel_offsets + blk)
+                end = tl.load(sel_offsets + blk + 1)
+                for ks in range(start, end, BLOCK_N):
+                    n = ks + tl.arange(0, BLOCK_N)
+                    n_ok = n < end
+                    k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh,
+                                    n_ok[:, None] & d_ok[None, :])
+                    m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_sel[:, None] & n_ok[None, :],
+                                                     qk_scale, PRECISION)
     _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask)
 
 
@@ -220,31 +259,40 @@ def _sel_bwd_dq_kernel(
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     TOPK: tl.constexpr, K2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr, MERGED: tl.constexpr,
 ):
     """dQ of the selection branch into ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
     pid_t = tl.program_id(0)
     tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
     hkv = H // G
     tok64 = tok.to(tl.int64)
-    sel_r, r_tok = _tile_choices(IDX, tok64, row_ok, g, hkv, TOPK, K2, BLOCK_T, HG)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     rd_mask = row_ok[:, None] & d_ok[None, :]
     q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh, stride_dt,
                                           stride_dh, row_ok, rd_mask)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
-    for slot in range(0, BLOCK_T * TOPK):
-        blk, visit, row_sel = _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK, BLOCK_T)
-        if visit:
-            start = tl.load(sel_offsets + blk)
-            end = tl.load(sel_offsets + blk + 1)
-            for ks in range(start, end, BLOCK_N):
-                n = ks + tl.arange(0, BLOCK_N)
-                n_ok = n < end
-                k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
-                dq = _dq_step(dq, q, k, v, do, lse2, delta, row_sel[:, None] & n_ok[None, :], qk_scale, PRECISION,
-                              True)
+    if MERGED:  # one token: its blocks' keys as one stream of full tiles (module docstring)
+        starts, cum_start, cum_end, total = _token_segments(IDX, sel_offsets, pid_t, N, hkv, g, TOPK, K2)
+        for p0 in range(0, total, BLOCK_N):
+            n, n_ok = _stream_keys(starts, cum_start, cum_end, total, p0, BLOCK_N)
+            k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
+            dq = _dq_step(dq, q, k, v, do, lse2, delta, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION,
+                          True)
+    else:
+        sel_r, r_tok = _tile_choices(IDX, tok64, row_ok, g, hkv, TOPK, K2, BLOCK_T, HG)
+        for slot in range(0, BLOCK_T * TOPK):
+            blk, visit, row_sel = _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK, BLOCK_T)
+            if visit:
+                start = tl.load(sel_offsets + blk)
+                end = tl.load(sel_offsets + blk + 1)
+                for ks in range(start, end, BLOCK_N):
+                    n = ks + tl.arange(0, BLOCK_N)
+                    n_ok = n < end
+                    k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh,
+                                    n_ok[:, None] & d_ok[None, :])
+                    dq = _dq_step(dq, q, k, v, do, lse2, delta, row_sel[:, None] & n_ok[None, :], qk_scale,
+                                  PRECISION, True)
     _dq_store(DQ, GATE, dq, scale, tok64, head, d, H, row_ok, rd_mask, D, HAS_GATE, GATE_IDX, ACCUMULATE)
 
 
@@ -507,7 +555,8 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
         n, hq, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
         G=group, HG=hg, BLOCK_T=bt, BLOCK_N=fwd["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
-        D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), **_launch(fwd),
+        D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), MERGED=bool(fwd["merged"]) and bt == 1,
+        **_launch(fwd),
     )
     return o, lse
 
@@ -625,8 +674,8 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
             G=group, HG=hg, BLOCK_T=bt, BLOCK_N=dq_cfg["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
             D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
-            GATE_IDX=gate_idx,
-            ACCUMULATE=accumulate, **_launch(dq_cfg),
+            GATE_IDX=gate_idx, ACCUMULATE=accumulate, MERGED=bool(dq_cfg["merged"]) and bt == 1,
+            **_launch(dq_cfg),
         )
     if "dkdv" not in parts:
         return dq_acc, dk_acc, dv_acc

@@ -306,6 +306,40 @@ def test_whole_op_with_the_key_outer_selection_forward_and_dq():
         assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(16, 1, 32), (32, 2, 16)], ids=["G16-d32", "G16-d16-2kv"])
+def test_whole_op_with_the_merged_selection_stream(hq, hkv, d):
+    """The query-outer selection forward and dQ walking each token's blocks as one stream of 16-key tiles (launch
+    setting ``merged``; one token per program at 16 heads per kv group): the whole op (several batch elements, one
+    empty; fewer blocks than topk in places) against the float64 reference, and the merged kernels really ran."""
+    import ssa_kernels.selection as selection
+
+    coords, inp = _make((45, 0, 30), 16, 4, 8, hq, hkv, d, seed=hq + d)
+    launched = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append(kwargs["MERGED"])
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    merged = dict(merged=1, block_n=16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(selection, "_sel_fwd_kernel", Spy(selection._sel_fwd_kernel))
+        mp.setattr(selection, "_sel_bwd_dq_kernel", Spy(selection._sel_bwd_dq_kernel))
+        with ssa_kernels.launch.overriding("selection.FWD", merged), \
+                ssa_kernels.launch.overriding("selection.DQ", merged):
+            o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8,
+                                                    shift=4)
+    assert launched and all(launched)
+    assert rel_err(o, o_ref) < F32_TOL
+    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
+        assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
 def test_key_outer_selection_dq_with_gates_of_any_sign_equals_the_query_outer_one():
     """The key-outer selection dQ against the query-outer one on the same choice, with gates of both signs and

@@ -237,6 +237,36 @@ def test_gpu_key_outer_selection_forward_and_dq_against_reference_deterministic_
     _assert_like_the_reference(runs[0], inp, coords, idx, do)
 
 
+def test_gpu_merged_selection_stream_against_reference_and_deterministic():
+    """The selection forward and dQ walking each token's blocks as one key stream (launch setting ``merged``) on
+    shell-512 v1.1 in bf16: the float64 reference's whole-op output and gradients, every element written, the same
+    bits twice, and the block-by-block kernels' output within bf16 rounding."""
+    from ssa_kernels.launch import overriding
+
+    coords = shape_coords("shell-512").cuda()
+    inp = _inputs(coords, 32, 2, 32, 8, 8, torch.bfloat16, seed=9)
+    layout = ssa_kernels.build_layout(coords, compression_block=8, selection_block=8, window=8)
+    do = torch.randn_like(inp[0])
+    x = [t.clone().requires_grad_() for t in inp]
+
+    def step():
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=0)
+        return [o.detach(), *torch.autograd.grad(o, x, do)]
+
+    with overriding("selection.FWD", dict(merged=1)), overriding("selection.DQ", dict(merged=1)):
+        with poisoned_allocations():
+            runs = [step(), step()]
+    for a, b in zip(*runs):
+        assert not torch.isnan(a).any()
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0], step()):
+        assert rel_err(a, b) < 1e-2
+    with torch.no_grad():
+        _, lse = ssa_kernels.compression_attention(inp[0], inp[3], inp[4], layout)
+        idx = ssa_kernels.select_blocks(inp[0], inp[3], lse, layout, topk=8)
+    _assert_like_the_reference(runs[0], inp, coords, idx, do)
+
+
 def test_gpu_split_selection_dkdv_against_reference_and_deterministic():
     """The selection dK/dV work split (max_queries 64; the partial-sum cap makes the chunks a few hundred queries
     here, so every bucket of shell-512 has several), with blocks that most queries choose: the float64 reference's
