@@ -132,7 +132,7 @@ class FeedForward(nn.Module):
         through :class:`_RecomputedMLP`, which keeps neither the hidden layer nor the MLP's output.
 
         ``compute_output=False`` (under autograd only): record the branch for the backward pass but return an
-        uninitialised tensor of the output's shape and dtype, skipping both products. For the recomputed forward
+        uninitialised placeholder of the output's shape and dtype (one element, expanded), skipping both products. For the recomputed forward
         of activation checkpointing, where only what the backward pass keeps is used and this branch's output
         is read by nothing (the last branch of a DiT block: :func:`model.nets.dit_block.recomputing`)."""
         if x.dim() == 2 and torch.is_grad_enabled() and RECOMPUTE_HIDDEN:
@@ -176,9 +176,9 @@ class _RecomputedMLP(torch.autograd.Function):
         ctx.save_for_backward(x, w1, b1, w2, b2, gate)
         ctx.dtype = dtype
         out_dtype = dtype if h is None else torch.promote_types(h.dtype, dtype)
-        out = torch.empty(x.shape[0], w2.shape[0], device=x.device, dtype=out_dtype)
         if not compute_output:  # FeedForward.gated_residual: what is saved above is all the caller uses
-            return out
+            return x.new_empty((), dtype=out_dtype).expand(x.shape[0], w2.shape[0])  # no [N, C] allocation
+        out = torch.empty(x.shape[0], w2.shape[0], device=x.device, dtype=out_dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             w1c, b1c, w2c, b2c = (t.to(dtype) for t in (w1, b1, w2, b2))
             for rows in _row_chunks(x.shape[0]):
