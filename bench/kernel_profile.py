@@ -434,6 +434,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("kernel_profile needs a CUDA GPU")
         return 1
+    os.makedirs(a.out, exist_ok=True)
     env = _env()
     print(env)
     if a.trace:

@@ -112,8 +112,31 @@ def test_cross_attention_rejects_bad_input():
     if not ck._interpreting():
         with pytest.raises(ValueError, match="CUDA"):
             cross_attention(q, k, k)
-    with pytest.raises(ValueError, match="no backward"):
-        cross_attention(q.requires_grad_(), k, k)
+
+
+
+def test_cross_attention_rejects_bad_backward_settings(monkeypatch):
+    """Under autograd: a switched-off backward, unknown or malformed backward launch settings are refused."""
+    if not ck._interpreting() and not torch.cuda.is_available():
+        pytest.skip("the device check comes first without CUDA or the interpreter")
+    q = torch.zeros(4, 2, 16, device=DEVICE, requires_grad=True)
+    k = torch.zeros(3, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="backward must be a dict"):
+        cross_attention(q, k, k, backward={"dx": {}})
+    with pytest.raises(ValueError, match=r"backward\['dq'\] must be a dict"):
+        cross_attention(q, k, k, backward={"dq": 3})
+    with pytest.raises(ValueError, match="unknown launch setting backward\\['dq'\\].chunk_rows"):
+        cross_attention(q, k, k, backward={"dq": {"chunk_rows": 64}})
+    with pytest.raises(ValueError, match=r"backward\['dkdv'\].block_n must be a power of two"):
+        cross_attention(q, k, k, backward={"dkdv": {"block_n": 48}})
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+        cross_attention(q, k, k, backward={"dkdv": {"chunk_rows": 0}})
+    monkeypatch.setattr(ck, "TRAINABLE", False)
+    with pytest.raises(ValueError, match="switched off"):
+        cross_attention(q, k, k)
+    assert not supports(q, k, k)
+    with torch.no_grad():
+        assert cross_attention(q, k, k).shape == (4, 2, 16)
 
 
 def test_supports():
@@ -123,7 +146,120 @@ def test_supports():
     assert not supports(q, k, k[:, :1])
     assert not supports(torch.zeros(4, 2, 24), torch.zeros(3, 2, 24), torch.zeros(3, 2, 24))
     assert not supports(q, k.half(), k.half())
-    assert not supports(q.requires_grad_(), k, k)
+    assert supports(q.to(DEVICE).requires_grad_(), k.to(DEVICE), k.to(DEVICE)) == on_device  # the backward kernels
+
+
+def _gradients(q, kv, do, scale=None, **kw):
+    """Output and gradients ``(o, dq, dkv)`` of :func:`cross_attention` on ``q`` and the ``[L, 2, H, D]`` key/value
+    projection ``kv`` (keys and values as its views) for the output gradient ``do``."""
+    q = q.detach().requires_grad_()
+    kv = kv.detach().requires_grad_()
+    o = cross_attention(q, kv[:, 0], kv[:, 1], scale=scale, **kw)
+    o.backward(do)
+    return o.detach(), q.grad, kv.grad
+
+
+def _reference_gradients(q, kv, do, scale=None):
+    """float64 ``(o, dq, dkv)`` of :func:`_reference` on the CPU."""
+    q = q.detach().double().cpu().requires_grad_()
+    kv = kv.detach().double().cpu().requires_grad_()
+    o = _reference(q, kv[:, 0], kv[:, 1], scale=scale)
+    o.backward(do.double().cpu())
+    return o.detach(), q.grad, kv.grad
+
+
+def _projected_kv(n, length, heads, d, dtype, seed, spread=2.0):
+    """``q [n, H, D]`` (a view of ``[n, H * D]``), the ``[L, 2, H, D]`` key/value projection and an output gradient
+    ``[n, H, D]``."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(n, heads * d, generator=gen) * spread).to(device=DEVICE, dtype=dtype).view(n, heads, d)
+    kv = torch.randn(length, 2, heads, d, generator=gen).to(device=DEVICE, dtype=dtype)
+    do = torch.randn(n, heads, d, generator=gen).to(device=DEVICE, dtype=dtype)
+    return q, kv, do
+
+
+def _small_backward(block_m=16, block_n=16, chunk_rows=32):
+    one = dict(num_warps=1, num_stages=1)
+    return dict(dq=dict(block_m=block_m, block_n=block_n, **one),
+                dkdv=dict(block_m=block_m, block_n=block_n, chunk_rows=chunk_rows, **one))
+
+
+# (rows, keys, heads, head dim, dtype, backward tiles, chunk rows): query chunks that split the rows (several partial
+# sums, the last chunk short) or hold all of them; rows and keys not multiples of the tiles; fewer keys than a tile;
+# one key; one row; head dims 16 to 128
+GRAD_CASES = [
+    pytest.param(77, 50, 2, 32, torch.float32, 16, 32, id="chunks-tail-f32"),
+    pytest.param(70, 50, 2, 32, torch.float16, 32, 64, id="two-chunks-f16"),
+    pytest.param(40, 5, 3, 16, torch.float32, 16, 4096, id="fewer-keys-than-a-tile-one-chunk-f32"),
+    pytest.param(33, 1, 2, 64, torch.float16, 16, 16, id="one-key-f16"),
+    pytest.param(1, 37, 1, 128, torch.float32, 16, 16, id="one-row-d128-f32"),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, length, heads, d, dtype, tile, chunk_rows", GRAD_CASES)
+def test_cross_attention_gradients_match_float64(n, length, heads, d, dtype, tile, chunk_rows):
+    """Output, dq and the key/value projection's gradient (through the k / v views) against float64 autograd."""
+    q, kv, do = _projected_kv(n, length, heads, d, dtype, seed=n + 3 * length)
+    got = _gradients(q, kv, do, block_m=16, block_n=16, num_warps=1, num_stages=1,
+                     backward=_small_backward(tile, tile, chunk_rows))
+    want = _reference_gradients(q, kv, do)
+    assert got[1].shape == q.shape and got[1].dtype == dtype and got[2].shape == kv.shape
+    if length == 1:  # one key: the softmax is constant, dq and dk vanish (the kernels' rounding is what is left)
+        assert got[1].abs().max() < 1e-5 and got[2][:, 0].abs().max() < 1e-5
+        got, want = (got[0], got[2][:, 1]), (want[0], want[2][:, 1])
+    for name, a, b in zip(("o", "dq", "dkv") if length > 1 else ("o", "dv"), got, want):
+        assert rel_err(a.cpu(), b) < TOL[dtype], name
+
+
+@needs_kernel
+def test_cross_attention_gradients_scale_large_logits_and_chunking():
+    """A given scale reaches all three gradients; logits 30x larger stay finite (the LSE is subtracted before
+    every exponential); the query chunking of the dK / dV partial sums changes nothing beyond summation order."""
+    q, kv, do = _projected_kv(50, 45, 2, 32, torch.float32, seed=11, spread=30.0)
+    want = _reference_gradients(q, kv, do, scale=0.3)
+    runs = [_gradients(q, kv, do, scale=0.3, block_m=16, block_n=16, num_warps=1, num_stages=1,
+                       backward=_small_backward(16, 16, chunk)) for chunk in (16, 4096)]
+    for got in runs:
+        assert all(torch.isfinite(t).all() for t in got)
+        for a, b in zip(got, want):
+            assert rel_err(a.cpu(), b) < 1e-5
+    assert rel_err(runs[0][2].cpu(), runs[1][2].cpu()) < 1e-6
+
+
+@needs_kernel
+def test_cross_attention_gradients_int64_offsets(monkeypatch):
+    """Past the int32 offset limit (lowered here) the backward kernels index in int64: same gradients."""
+    q, kv, do = _projected_kv(37, 21, 2, 16, torch.float32, seed=13)
+    a = _gradients(q, kv, do, backward=_small_backward())
+    monkeypatch.setattr(ck, "INDEX_32_LIMIT", 1)
+    b = _gradients(q, kv, do, backward=_small_backward())
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,dim", [(32, 32), (16, 64)])
+def test_gpu_cross_attention_gradients_against_sdpa_and_float64(dtype, heads, dim):
+    """At the DiTs' shape (1,374 keys, 32 heads of 32) and at 16 heads of 64 with the default launches: output and
+    gradients no farther from float64 than SDPA's, and bit-identical over two runs (no atomics)."""
+    import torch.nn.functional as F
+
+    q, kv, do = _projected_kv(20000, 1374, heads, dim, dtype, seed=17)
+    got = _gradients(q, kv, do)
+    again = _gradients(q, kv, do)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    qs, kvs = q.detach().requires_grad_(), kv.detach().requires_grad_()
+    os_ = F.scaled_dot_product_attention(qs.transpose(0, 1), kvs[:, 0].transpose(0, 1),
+                                         kvs[:, 1].transpose(0, 1)).transpose(0, 1)
+    os_.backward(do)
+    sdpa = (os_.detach(), qs.grad, kvs.grad)
+    want = _reference_gradients(q, kv, do)
+    for name, a, s_, b in zip(("o", "dq", "dkv"), got, sdpa, want):
+        err, err_sdpa = rel_err(a.cpu(), b), rel_err(s_.cpu(), b)
+        assert err < 1.5 * err_sdpa + 1e-3, (name, err, err_sdpa)
 
 
 @pytest.mark.gpu
@@ -166,6 +302,34 @@ def test_gpu_dit_cross_attention_routes_to_the_kernel(monkeypatch):
         slow = ca.attend(h, offsets, ctx, None)
     assert len(calls) == 1
     assert rel_err(fast.float(), slow.float()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_dit_cross_attention_trains_through_the_kernel(monkeypatch):
+    """Under autograd ``CrossAttention`` takes the kernels (``TRAINABLE``): its output and every parameter's and the
+    input's gradient agree with the SDPA path's within bf16 noise."""
+    from model.nets.dit_block import CrossAttention
+
+    torch.manual_seed(0)
+    ca = CrossAttention(256, 96, 8).cuda().to(torch.bfloat16)
+    h = torch.randn(3000, 256, device="cuda", dtype=torch.bfloat16)
+    ctx = torch.randn(1, 77, 96, device="cuda", dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 3000], device="cuda")
+    calls = []
+    real = ck._CrossAttention.apply
+    monkeypatch.setattr(ck._CrossAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    runs = []
+    for trainable in (True, False):
+        monkeypatch.setattr(ck, "TRAINABLE", trainable)
+        ca.zero_grad(set_to_none=True)
+        x = h.clone().requires_grad_()
+        out = ca(x, offsets, ctx, None)
+        out.float().square().mean().backward()
+        runs.append([out.detach(), x.grad] + [p.grad for p in ca.parameters()])
+    assert len(calls) == 1
+    for a, b in zip(*runs):
+        assert rel_err(a.float(), b.float()) < 3e-2
 
 
 def test_report_smoke_run(tmp_path, capsys):

@@ -164,6 +164,7 @@ def test_half_stream_carries_the_blocks_in_the_autocast_dtype():
 
 
 def _switches(dit):
+    import model.nets.cross_attention_kernel as cross_attention_kernel
     import model.nets.dit as dit_module
     import model.nets.dit_block as dit_block
     import model.nets.fused as fused
@@ -174,6 +175,7 @@ def _switches(dit):
                 gated_residual=dit_block.GATED_RESIDUAL, norm_projection=dit_block.NORM_PROJECTION,
                 reuse_selection=dit_module.REUSE_SELECTION, lean_recompute=dit_module.LEAN_RECOMPUTE,
                 one_concatenation=ssa_layer.SPLIT_FUNCTION, gelu_kernel=layers.FUSED_GELU_GRAD,
+                cross_kernel=cross_attention_kernel.TRAINABLE,
                 split_queries=config("selection.DKDV", head_dim=dit.config.model_channels // dit.config.num_heads)[
                     "max_queries"])
 

@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ENABLED", "KERNEL_DTYPES", "LAUNCH", "LAUNCHES", "cross_attention", "launch_for", "supports"]
+__all__ = ["BACKWARD_LAUNCH", "BACKWARD_LAUNCHES", "ENABLED", "KERNEL_DTYPES", "LAUNCH", "LAUNCHES", "TRAINABLE",
+           "backward_launch_for", "cross_attention", "launch_for", "supports"]
 
 #: Switch of the routing in :meth:`model.nets.dit_block.CrossAttention.attend` (False: SDPA everywhere).
 ENABLED = True
@@ -53,6 +54,16 @@ LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
 #: mean time over the three shapes relative to each shape's fastest: 0.661 / 2.400 / 2.999 ms at 27,314 / 110,656 /
 #: 137,124 rows against 0.689 / 2.683 / 3.153 with :data:`LAUNCH` (SDPA's default backend: 0.825 / 3.067 / 3.793).
 LAUNCHES: dict[int, dict] = {32: dict(block_m=64, block_n=64, num_warps=4, num_stages=4)}
+#: Switch of the backward pass: on, :func:`cross_attention` records a gradient (Triton backward kernels) and the
+#: DiT's training path routes to it; off, it refuses inputs that need one and the DiT keeps SDPA under autograd.
+TRAINABLE = True
+#: Default backward launch: ``dq`` (query rows per program, keys per step, warps, stages) and ``dkdv`` (``block_n``
+#: keys per program, ``block_m`` query rows per step, warps, stages, ``chunk_rows`` query rows per program: the
+#: programs' float32 partial sums of dK / dV are added after the kernel).
+BACKWARD_LAUNCH = dict(dq=dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+                       dkdv=dict(block_m=64, block_n=64, num_warps=4, num_stages=2, chunk_rows=16384))
+#: Backward launches per head dim where they differ from :data:`BACKWARD_LAUNCH` (:func:`backward_launch_for`).
+BACKWARD_LAUNCHES: dict[int, dict] = {}
 #: Offsets are int32 while every offset the kernel forms stays below this, int64 beyond it.
 INDEX_32_LIMIT = 2**31
 #: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
@@ -96,13 +107,24 @@ def _attend_tile(acc, m_i, l_i, q, K, V, k0, n_keys, stride_kn, stride_vn, qk_sc
 
 
 @triton.jit
+def _head_offset(h, n_rows, INDEX_64: tl.constexpr):
+    """``h * n_rows``: the first element of head ``h`` in an ``[H, n_rows]`` table (int64 when ``INDEX_64``)."""
+    if INDEX_64:
+        return h.to(tl.int64) * n_rows
+    return h * n_rows
+
+
+@triton.jit
 def _cross_attention_kernel(
-    Q, K, V, O, n_rows, n_keys, qk_scale,
+    Q, K, V, O, LSE, n_rows, n_keys, qk_scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     """Program ``(tile, h)``: ``O[tile * BLOCK_M .. + BLOCK_M, h]`` for ``Q [n_rows, H, D]``, ``K, V [n_keys, H, D]``
-    (innermost stride 1, other strides given), ``O [n_rows, H, D]`` contiguous; ``n_keys >= 1``."""
+    (innermost stride 1, other strides given), ``O [n_rows, H, D]`` contiguous; ``n_keys >= 1``. ``WRITE_LSE``: also
+    ``LSE [H, n_rows]`` float32, each row's ``log2`` of its softmax denominator over the base-2 logits (the backward
+    pass's probabilities are ``exp2(s * qk_scale - LSE)``)."""
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     if INDEX_64:
@@ -123,9 +145,158 @@ def _cross_attention_kernel(
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_head, v_head, full_end, n_keys, stride_kn, stride_vn,
                                      qk_scale, D, BLOCK_N, True, IEEE, INDEX_64)
     acc = acc / l_i[:, None]
+    if WRITE_LSE:
+        tl.store(LSE + _head_offset(h, n_rows, INDEX_64) + rows, m_i + tl.log2(l_i), mask=row_ok)
     heads = tl.num_programs(1)
     o_ptr = O + rows[:, None] * (heads * D) + h * D + d[None, :]
     tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, K, V, k0, n_keys, stride_kn, stride_vn, qk_scale,
+             D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+             INDEX_64: tl.constexpr):
+    """``dq [BLOCK_M, D]`` plus the keys ``k0 .. k0 + BLOCK_N``' share of ``dS K`` (natural-log logits' gradient
+    ``dS = P * (dO V^T - delta)``; the caller scales by the logits' scale once at the end)."""
+    keys = k0 + tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        keys = keys.to(tl.int64)
+    d = tl.arange(0, D)
+    if MASKED:
+        k_ok = keys < n_keys
+        kt = tl.load(K + keys[None, :] * stride_kn + d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_N]
+        vt = tl.load(V + keys[None, :] * stride_vn + d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_N]
+    else:
+        kt = tl.load(K + keys[None, :] * stride_kn + d[:, None])
+        vt = tl.load(V + keys[None, :] * stride_vn + d[:, None])
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        dp = tl.dot(do, vt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt) * qk_scale
+        dp = tl.dot(do, vt)
+    if MASKED:
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    p = tl.exp2(s - lse[:, None])
+    ds = p * (dp - delta[:, None])
+    if IEEE:
+        dq = tl.dot(ds, tl.trans(kt), dq, input_precision="ieee")
+    else:
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+    return dq
+
+
+@triton.jit
+def _cross_attention_dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA, n_rows, n_keys, qk_scale, sm_scale,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_don, stride_doh,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program ``(tile, h)``: ``DQ [n_rows, H, D]`` (contiguous) of its ``BLOCK_M`` rows, and their
+    ``DELTA [H, n_rows] = rowsum(dO * O)`` (float32) for :func:`_cross_attention_dkdv_kernel`; ``LSE [H, n_rows]``
+    from the forward kernel."""
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INDEX_64:
+        rows = rows.to(tl.int64)
+    d = tl.arange(0, D)
+    row_ok = rows < n_rows
+    q = tl.load(Q + rows[:, None] * stride_qn + h * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_don + h * stride_doh + d[None, :], mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + rows[:, None] * stride_on + h * stride_oh + d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    table = _head_offset(h, n_rows, INDEX_64) + rows
+    tl.store(DELTA + table, delta, mask=row_ok)
+    lse = tl.load(LSE + table, mask=row_ok, other=0.0)
+    k_head = K + h * stride_kh
+    v_head = V + h * stride_vh
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    full_end = (n_keys // BLOCK_N) * BLOCK_N
+    for k0 in range(0, full_end, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_head, v_head, k0, n_keys, stride_kn, stride_vn, qk_scale,
+                      D, BLOCK_N, False, IEEE, INDEX_64)
+    if full_end < n_keys:
+        dq = _dq_tile(dq, q, do, lse, delta, k_head, v_head, full_end, n_keys, stride_kn, stride_vn, qk_scale,
+                      D, BLOCK_N, True, IEEE, INDEX_64)
+    heads = tl.num_programs(1)
+    tl.store(DQ + rows[:, None] * (heads * D) + h * D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, m0, row_stop, stride_qn, stride_don, qk_scale,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+               INDEX_64: tl.constexpr):
+    """``dk, dv [BLOCK_N, D]`` plus the query rows ``m0 .. m0 + BLOCK_M``' share (``Q`` / ``DO`` point at the head's
+    first row, ``LSE`` / ``DELTA`` at the head's row of their tables; ``MASKED``: rows from ``row_stop`` on are
+    not loaded and weigh nothing: zero queries, output gradients, LSE and delta give zero shares)."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    if INDEX_64:
+        rows = rows.to(tl.int64)
+    d = tl.arange(0, D)
+    if MASKED:
+        ok = rows < row_stop
+        qt = tl.load(Q + rows[None, :] * stride_qn + d[:, None], mask=ok[None, :], other=0.0)  # [D, BLOCK_M]
+        do = tl.load(DO + rows[:, None] * stride_don + d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_M, D]
+        lse = tl.load(LSE + rows, mask=ok, other=0.0)
+        delta = tl.load(DELTA + rows, mask=ok, other=0.0)
+    else:
+        qt = tl.load(Q + rows[None, :] * stride_qn + d[:, None])
+        do = tl.load(DO + rows[:, None] * stride_don + d[None, :])
+        lse = tl.load(LSE + rows)
+        delta = tl.load(DELTA + rows)
+    if IEEE:
+        pt = tl.exp2(tl.dot(k, qt, input_precision="ieee") * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+        dv = tl.dot(pt, do, dv, input_precision="ieee")
+        dst = pt * (tl.dot(v, tl.trans(do), input_precision="ieee") - delta[None, :])
+        dk = tl.dot(dst, tl.trans(qt), dk, input_precision="ieee")
+    else:
+        pt = tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+    return dk, dv
+
+
+@triton.jit
+def _cross_attention_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, n_rows, n_keys, chunk_rows, qk_scale,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program ``(key tile, h, chunk)``: the shares of query rows ``chunk * chunk_rows .. + chunk_rows`` in the
+    gradients of keys ``tile * BLOCK_N .. + BLOCK_N`` of head ``h``, written to ``DK, DV [chunks, n_keys, H, D]``
+    (float32 partial sums; DK without the logits' scale)."""
+    h = tl.program_id(1)
+    chunk = tl.program_id(2)
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        keys = keys.to(tl.int64)
+    d = tl.arange(0, D)
+    k_ok = keys < n_keys
+    k = tl.load(K + keys[:, None] * stride_kn + h * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + keys[:, None] * stride_vn + h * stride_vh + d[None, :], mask=k_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    start = chunk * chunk_rows
+    stop = tl.minimum(start + chunk_rows, n_rows)
+    full_stop = start + ((stop - start) // BLOCK_M) * BLOCK_M
+    q_head = Q + h * stride_qh
+    do_head = DO + h * stride_doh
+    lse_head = LSE + _head_offset(h, n_rows, INDEX_64)
+    delta_head = DELTA + _head_offset(h, n_rows, INDEX_64)
+    for m0 in range(start, full_stop, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_head, do_head, lse_head, delta_head, m0, stop, stride_qn, stride_don,
+                            qk_scale, D, BLOCK_M, False, IEEE, INDEX_64)
+    if full_stop < stop:
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_head, do_head, lse_head, delta_head, full_stop, stop, stride_qn,
+                            stride_don, qk_scale, D, BLOCK_M, True, IEEE, INDEX_64)
+    heads = tl.num_programs(1)
+    if INDEX_64:
+        chunk = chunk.to(tl.int64)
+    out = ((chunk * n_keys + keys[:, None]) * heads + h) * D + d[None, :]
+    tl.store(DK + out, dk, mask=k_ok[:, None])
+    tl.store(DV + out, dv, mask=k_ok[:, None])
 
 
 def _interpreting() -> bool:
@@ -137,10 +308,20 @@ def launch_for(head_dim: int) -> dict:
     return dict(LAUNCHES.get(head_dim, LAUNCH))
 
 
+def backward_launch_for(head_dim: int) -> dict:
+    """The default backward launch at ``head_dim`` (fresh dicts ``{"dq": ..., "dkdv": ...}``)."""
+    launch = BACKWARD_LAUNCHES.get(head_dim, BACKWARD_LAUNCH)
+    return {name: dict(entry) for name, entry in launch.items()}
+
+
+def _records_gradient(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`cross_attention` takes ``q [N, H, D]``, ``k, v [L, H, D]``: one dtype of
     :data:`KERNEL_DTYPES`, ``D`` in :data:`HEAD_DIMS`, ``L >= 1``, innermost stride 1, one CUDA device (any device
-    under the Triton interpreter), and no gradient to record (the kernel has no backward)."""
+    under the Triton interpreter), and, when a gradient is to be recorded, :data:`TRAINABLE` on."""
     ts = (q, k, v)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in ts):
         return False
@@ -153,20 +334,121 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     if not (q.is_cuda or _interpreting()):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+    return TRAINABLE or not _records_gradient(*ts)
+
+
+def _checked_launch(defaults: dict, overrides: dict, where: str) -> dict:
+    """``defaults`` updated by the non-None ``overrides``: positive ints, the tiles powers of two >= 16."""
+    launch = dict(defaults)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in launch:
+            raise ValueError(f"unknown launch setting {where}{key} (known: {sorted(launch)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}{key} must be a positive int, got {value!r}")
+        launch[key] = value
+    for key in ("block_m", "block_n"):
+        if launch[key] < 16 or launch[key] & (launch[key] - 1):
+            raise ValueError(f"{where}{key} must be a power of two >= 16, got {launch[key]}")
+    return launch
+
+
+def _index_64(n: int, h: int, d: int, *ts: torch.Tensor) -> bool:
+    """Whether some offset the kernels form may reach :data:`INDEX_32_LIMIT` (``[N, H, D]`` outputs, the inputs'
+    rows)."""
+    return max([n * h * d] + [t.stride(0) * t.shape[0] for t in ts]) >= INDEX_32_LIMIT
+
+
+def _forward(q, k, v, scale: float, launch: dict, with_lse: bool):
+    """The forward kernel: ``o [N, H, D]`` contiguous and, ``with_lse``, ``lse [H, N]`` float32 (else None)."""
+    n, h, d = q.shape
+    out = torch.empty(n, h, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(h, n, device=q.device, dtype=torch.float32) if with_lse else None
+    if n == 0:
+        return out, lse
+    grid = (triton.cdiv(n, launch["block_m"]), h)
+    _cross_attention_kernel[grid](
+        q, k, v, out, out if lse is None else lse, n, k.shape[0], scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        D=d, BLOCK_M=launch["block_m"], BLOCK_N=launch["block_n"], INDEX_64=_index_64(n, h, d, q, k, v),
+        IEEE=q.dtype == torch.float32, WRITE_LSE=with_lse,
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+    )
+    return out, lse
+
+
+def _backward(q, k, v, o, do, lse, scale: float, launch: dict):
+    """``dq [N, H, D]`` (q's dtype, contiguous) and ``dk, dv [L, H, D]`` for the output gradient ``do [N, H, D]``:
+    :func:`_cross_attention_dq_kernel` (which also forms ``delta = rowsum(dO * O)``), then
+    :func:`_cross_attention_dkdv_kernel` over query chunks of ``chunk_rows`` rows, whose float32 partial sums are
+    added here (a fixed order: deterministic)."""
+    n, h, d = q.shape
+    length = k.shape[0]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq = torch.empty(n, h, d, device=q.device, dtype=q.dtype)
+    if n == 0:
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
+    index_64 = _index_64(n, h, d, q, k, v, o, do)
+    ieee = q.dtype == torch.float32
+    delta = torch.empty(h, n, device=q.device, dtype=torch.float32)
+    lq, lk = launch["dq"], launch["dkdv"]
+    _cross_attention_dq_kernel[(triton.cdiv(n, lq["block_m"]), h)](
+        q, k, v, o, do, dq, lse, delta, n, length, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        do.stride(0), do.stride(1),
+        D=d, BLOCK_M=lq["block_m"], BLOCK_N=lq["block_n"], INDEX_64=index_64, IEEE=ieee,
+        num_warps=lq["num_warps"], num_stages=lq["num_stages"],
+    )
+    chunk_rows = max(lk["block_m"], lk["chunk_rows"] // lk["block_m"] * lk["block_m"])
+    chunks = triton.cdiv(n, chunk_rows)
+    dk = torch.empty(chunks, length, h, d, device=q.device, dtype=torch.float32)
+    dv = torch.empty_like(dk)
+    index_64 = index_64 or chunks * length * h * d >= INDEX_32_LIMIT
+    _cross_attention_dkdv_kernel[(triton.cdiv(length, lk["block_n"]), h, chunks)](
+        q, k, v, do, dk, dv, lse, delta, n, length, chunk_rows, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        D=d, BLOCK_M=lk["block_m"], BLOCK_N=lk["block_n"], INDEX_64=index_64, IEEE=ieee,
+        num_warps=lk["num_warps"], num_stages=lk["num_stages"],
+    )
+    dk = dk[0] if chunks == 1 else dk.sum(0)
+    dv = dv[0] if chunks == 1 else dv.sum(0)
+    return dq, (dk * scale).to(k.dtype), dv.to(v.dtype)
+
+
+class _CrossAttention(torch.autograd.Function):
+    """:func:`cross_attention` under autograd: the forward kernel keeps the rows' LSE; the backward kernels give
+    ``dq``, ``dk``, ``dv``. Saves ``q``, ``k``, ``v``, the output and the LSE (``4 * H * N`` bytes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, launch, backward_launch):
+        out, lse = _forward(q, k, v, scale, launch, with_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.backward_launch = scale, backward_launch
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, do, lse, ctx.scale, ctx.backward_launch)
+        return dq, dk, dv, None, None, None
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None) -> torch.Tensor:
+                    num_stages: int | None = None, backward: dict | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` per head, every query over every key (no mask): ``o [N, H, D]`` contiguous.
+    Differentiable in ``q``, ``k`` and ``v`` (Triton backward kernels) while :data:`TRAINABLE` is on.
 
     Args:
         q: ``[N, H, D]`` queries (any strides with the last one 1, e.g. a view of ``[N, H * D]``).
         k, v: ``[L, H, D]`` keys and values (``L >= 1``), q's dtype and device, last stride 1.
         scale: the logits' scale; None: ``1 / sqrt(D)``.
-        block_m, block_n, num_warps, num_stages: the launch (None: :func:`launch_for` the head dim); powers of two
-            >= 16 for the tiles.
+        block_m, block_n, num_warps, num_stages: the forward launch (None: :func:`launch_for` the head dim); powers
+            of two >= 16 for the tiles.
+        backward: settings of the backward launch over :func:`backward_launch_for`, ``{"dq": {...}, "dkdv":
+            {...}}`` (keys as the defaults; ``dkdv`` also ``chunk_rows``, query rows per partial sum).
 
     Raises ``TypeError`` / ``ValueError`` naming the argument for inputs :func:`supports` rejects.
     """
@@ -196,29 +478,21 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
             raise ValueError(f"{name} must have a unit stride along its last dim, got strides {t.stride()}")
     if not (q.is_cuda or _interpreting()):
         raise ValueError(f"q must be a CUDA tensor (CPU only under TRITON_INTERPRET=1), got device {q.device}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise ValueError("cross_attention has no backward: call it under torch.no_grad() / torch.inference_mode(), "
-                         "or use torch.nn.functional.scaled_dot_product_attention to train")
-    launch = launch_for(d)
-    for key, value in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
-                       ("num_stages", num_stages)):
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive int, got {value!r}")
-            launch[key] = value
-    for key in ("block_m", "block_n"):
-        if launch[key] < 16 or launch[key] & (launch[key] - 1):
-            raise ValueError(f"{key} must be a power of two >= 16, got {launch[key]}")
+    grad = _records_gradient(q, k, v)
+    if grad and not TRAINABLE:
+        raise ValueError("cross_attention's backward is switched off (TRAINABLE): call it under torch.no_grad() / "
+                         "torch.inference_mode(), or use torch.nn.functional.scaled_dot_product_attention to train")
+    launch = _checked_launch(launch_for(d), dict(block_m=block_m, block_n=block_n, num_warps=num_warps,
+                                                 num_stages=num_stages), "")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out = torch.empty(n, h, d, device=q.device, dtype=q.dtype)
-    if n == 0:
-        return out
-    index_64 = max(n * h * d, q.stride(0) * n, k.stride(0) * k.shape[0], v.stride(0) * v.shape[0]) >= INDEX_32_LIMIT
-    grid = (triton.cdiv(n, launch["block_m"]), h)
-    _cross_attention_kernel[grid](
-        q, k, v, out, n, k.shape[0], scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        D=d, BLOCK_M=launch["block_m"], BLOCK_N=launch["block_n"], INDEX_64=index_64, IEEE=q.dtype == torch.float32,
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
-    )
-    return out
+    if not grad:
+        return _forward(q, k, v, scale, launch, with_lse=False)[0]
+    defaults = backward_launch_for(d)
+    backward = {} if backward is None else backward
+    if not isinstance(backward, dict) or not set(backward) <= set(defaults):
+        raise ValueError(f"backward must be a dict with keys among {sorted(defaults)}, got {backward!r}")
+    for name, settings in backward.items():
+        if not isinstance(settings, dict):
+            raise ValueError(f"backward[{name!r}] must be a dict of launch settings, got {settings!r}")
+        defaults[name] = _checked_launch(defaults[name], settings, f"backward[{name!r}].")
+    return _CrossAttention.apply(q, k, v, scale, launch, defaults)

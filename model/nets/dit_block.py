@@ -35,8 +35,8 @@ BLOCK_NORM_EPS = 1e-6
 
 def _kernel_fits(q: torch.Tensor, kv: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether the cross-attention goes through :func:`model.nets.cross_attention_kernel.cross_attention`: switched
-    on (its ``ENABLED``), on CUDA, no autograd, one batch element, no key mask, a dtype and head dim it takes.
-    Otherwise SDPA (:func:`model.nets.ssa_layer.dense_attention`)."""
+    on (its ``ENABLED``), on CUDA, one batch element, no key mask, a dtype and head dim it takes, and under
+    autograd its backward switched on (``TRAINABLE``). Otherwise SDPA (:func:`model.nets.ssa_layer.dense_attention`)."""
     if not (cross_attention_kernel.ENABLED and q.is_cuda and mask is None and kv.shape[0] == 1
             and offsets.numel() == 2):
         return False

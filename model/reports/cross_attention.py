@@ -11,6 +11,12 @@ Per variant: the median of ``--reps`` calls timed with CUDA events after ``--war
 float64 reference. Writes ``OUT/cross_attention.json`` and ``OUT/cross_attention.md`` with the GPU, the versions and
 the commit.
 
+``--training`` times the call under autograd instead: forward and backward (``torch.autograd.grad`` of q, k and v
+for a random output gradient) through each SDPA backend and through the kernel's forward (with the LSE) and its dQ
+and dK/dV kernels; ``--sweep-backward`` adds the backward launches of :data:`BACKWARD_SWEEP` at the largest shape,
+one kernel's launch varied at a time. Rel. error there: dq of the first rows against float64, and dk / dv against
+the default SDPA row's.
+
 Without CUDA (or with ``--device cpu``) it says so and runs a tiny smoke shape on the CPU instead (the kernel only
 under TRITON_INTERPRET=1), labelled SMOKE RUN, and exits 0.
 """
@@ -24,7 +30,7 @@ import torch
 from model.io import commit_label, provenance
 from model.reports.common import time_calls, write_report
 
-__all__ = ["SHAPES", "SWEEP", "main", "markdown", "run_report"]
+__all__ = ["BACKWARD_SWEEP", "SHAPES", "SWEEP", "main", "markdown", "run_report"]
 
 #: (label, query rows) of the timed shapes.
 SHAPES = (("sparse_512 stage, conditioned rows", 27_314), ("sparse_1024 stage", 110_656),
@@ -36,6 +42,10 @@ HEADS, HEAD_DIM, KEYS = 32, 32, 1374
 SMOKE_SHAPES, SMOKE_HEADS, SMOKE_DIM, SMOKE_KEYS = (("smoke", 300),), 2, 32, 50
 #: Launch grid of ``--sweep``: block_m x block_n x warps x stages.
 SWEEP = dict(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+#: Backward launch grid of ``--sweep-backward``, per kernel (the other kernel keeps its default launch).
+BACKWARD_SWEEP = dict(dq=dict(block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8), num_stages=(2, 3)),
+                      dkdv=dict(block_m=(32, 64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2,),
+                                chunk_rows=(4096, 16384, 65536)))
 #: Rows compared with the float64 reference.
 CHECK_ROWS = 2048
 #: SDPA backends timed one by one.
@@ -88,62 +98,140 @@ def _variants(device, sweep: bool, head_dim: int) -> list[tuple[str, dict | None
     return out
 
 
-def run_report(*, device, reps: int = 20, warmup: int = 3, sweep: bool = False, seed: int = 0) -> dict:
+def _training_variants(device, sweep: bool, head_dim: int) -> list[tuple[str, dict | None, object]]:
+    """(name, backward launch or None, callable(q, k, v)) of every variant timed under autograd."""
+    from model.nets import cross_attention_kernel as ck
+
+    out = [v for v in _variants(device, False, head_dim) if not v[0].startswith("Triton")]
+    if device.type == "cuda" or ck._interpreting():
+        out.append(("Triton kernels, default launches", ck.backward_launch_for(head_dim), ck.cross_attention))
+        if sweep:
+            default = ck.backward_launch_for(head_dim)
+            for kernel, grid in BACKWARD_SWEEP.items():
+                for values in itertools.product(*grid.values()):
+                    launch = dict(default, **{kernel: dict(default[kernel], **dict(zip(grid, values)))})
+                    if launch == default:
+                        continue
+                    out.append((f"Triton kernels, {kernel} swept", launch,
+                                lambda q, k, v, b=launch: ck.cross_attention(q, k, v, backward=b)))
+    return out
+
+
+def _reference_dq(q, k, v, do, rows: int) -> torch.Tensor:
+    """float64 dq of the first ``rows`` rows (each row's gradient depends on its own row and all keys only)."""
+    q = q[:rows].detach().double().cpu().requires_grad_()
+    o = _reference(q, k.detach(), v.detach(), rows)
+    o.backward(do[:rows].double().cpu())
+    return q.grad
+
+
+def _time_variant(entry: dict, fn, args, *, reps: int, warmup: int, device, grad: bool):
+    """Time ``fn(*args)`` into ``entry`` (``error`` when the variant does not take the shape); its output."""
+    try:
+        if grad:
+            timing = time_calls(lambda: fn(*args), reps=reps, warmup=warmup, device=device)
+        else:
+            with torch.no_grad():
+                timing = time_calls(lambda: fn(*args), reps=reps, warmup=warmup, device=device)
+    except Exception as exc:  # a backend or launch that does not take the shape
+        entry.update(error=f"{type(exc).__name__}: {str(exc)[:160]}")
+        return None
+    entry.update(median_ms=timing["median_ms"], reps_ms=timing["reps_ms"])
+    return timing["output"]
+
+
+def run_report(*, device, reps: int = 20, warmup: int = 3, sweep: bool = False, seed: int = 0,
+               training: bool = False, sweep_backward: bool = False) -> dict:
     smoke = device.type != "cuda"
     shapes = SMOKE_SHAPES if smoke else SHAPES
     heads, dim, keys = (SMOKE_HEADS, SMOKE_DIM, SMOKE_KEYS) if smoke else (HEADS, HEAD_DIM, KEYS)
     dtype = torch.float32 if smoke else torch.bfloat16
     rows_out = []
-    for label, rows in shapes:
+    for index, (label, rows) in enumerate(shapes):
         q, k, v = _inputs(rows, heads, dim, keys, dtype, device, seed)
-        ref = _reference(q, k, v, min(rows, CHECK_ROWS))
-        flop = 4.0 * rows * keys * heads * dim
-        for name, launch, fn in _variants(device, sweep, dim):
-            entry = dict(shape=label, rows=rows, variant=name, launch=launch)
-            try:
-                with torch.no_grad():
-                    timing = time_calls(lambda f=fn, a=(q, k, v): f(*a), reps=reps, warmup=warmup, device=device)
-            except Exception as exc:  # a backend or launch that does not take the shape
-                entry.update(error=f"{type(exc).__name__}: {str(exc)[:160]}")
+        check = min(rows, CHECK_ROWS)
+        if not training:
+            ref = _reference(q, k, v, check)
+            for name, launch, fn in _variants(device, sweep, dim):
+                entry = dict(shape=label, rows=rows, variant=name, launch=launch)
                 rows_out.append(entry)
-                continue
-            got = timing.pop("output")[:CHECK_ROWS].double().cpu()
-            ms = timing["median_ms"]
-            entry.update(median_ms=ms, reps_ms=timing["reps_ms"], tflops=flop / ms / 1e9,
-                         rel_err=float((got - ref).norm() / ref.norm()))
+                out = _time_variant(entry, fn, (q, k, v), reps=reps, warmup=warmup, device=device, grad=False)
+                if out is not None:
+                    got = out[:check].double().cpu()
+                    entry.update(tflops=4.0 * rows * keys * heads * dim / entry["median_ms"] / 1e9,
+                                 rel_err=float((got - ref).norm() / ref.norm()))
+            continue
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+        ref = _reference_dq(q, k, v, do, check)
+        base = None
+
+        def step(fn):
+            o = fn(q, k, v)
+            return torch.autograd.grad(o, (q, k, v), do)
+
+        variants = _training_variants(device, sweep_backward and index == len(shapes) - 1, dim)
+        for name, launch, fn in variants:
+            entry = dict(shape=label, rows=rows, variant=name, launch=launch, training=True)
             rows_out.append(entry)
+            out = _time_variant(entry, step, (fn,), reps=reps, warmup=warmup, device=device, grad=True)
+            if out is None:
+                continue
+            dq, dk, dv = (t.double().cpu() for t in out)
+            base = (dk, dv) if base is None else base
+            entry.update(tflops=14.0 * rows * keys * heads * dim / entry["median_ms"] / 1e9,
+                         rel_err=float((dq[:check] - ref).norm() / ref.norm()),
+                         dkv_rel_diff=float(((dk - base[0]).norm() ** 2 + (dv - base[1]).norm() ** 2).sqrt()
+                                            / (base[0].norm() ** 2 + base[1].norm() ** 2).sqrt()))
     return dict(provenance(device), smoke=smoke, heads=heads, head_dim=dim, keys=keys, dtype=str(dtype),
-                reps=reps, warmup=warmup, sweep=sweep, results=rows_out)
+                reps=reps, warmup=warmup, sweep=sweep, training=training, sweep_backward=sweep_backward,
+                results=rows_out)
 
 
 def _launch(launch: dict | None) -> str:
     if not launch:
         return ""
+    if "dq" in launch:
+        q, kv = launch["dq"], launch["dkdv"]
+        return (f"dq {_launch(q)}; dkdv {kv['block_n']} keys x {kv['block_m']} rows, {kv['num_warps']} warps, "
+                f"{kv['num_stages']} stages, {kv['chunk_rows']:,}-row chunks")
     return f"{launch['block_m']} x {launch['block_n']}, {launch['num_warps']} warps, {launch['num_stages']} stages"
 
 
 def markdown(r: dict) -> str:
-    lines = ["# Cross-attention of the sparse DiTs: SDPA against the Triton kernel", ""]
+    training = r.get("training", False)
+    what = "forward and backward" if training else "SDPA against the Triton kernel"
+    lines = [f"# Cross-attention of the sparse DiTs: {what}", ""]
     if r["smoke"]:
         lines += ["**SMOKE RUN** on the CPU (no CUDA GPU): tiny shapes, not a measurement.", ""]
+    flags = "".join(f" --{f.replace('_', '-')}" for f in ("sweep", "training", "sweep_backward") if r.get(f))
     lines += [f"{r['date']}, {r.get('gpu') or 'CPU'}, torch {r['torch']}, triton {r['triton']}, "
-              f"{commit_label(r)}. `python -m model.reports.cross_attention{' --sweep' if r['sweep'] else ''}`.", "",
-              f"One call of {r['heads']} heads x {r['head_dim']} over {r['keys']:,} keys, {r['dtype']}, q/k/v in "
-              f"the DiT's layouts; median of {r['reps']} calls after {r['warmup']} (CUDA events). Rel. error: the "
-              f"first {CHECK_ROWS:,} rows against float64.", ""]
+              f"{commit_label(r)}. `python -m model.reports.cross_attention{flags}`.", ""]
+    if training:
+        lines += [f"One call under autograd (forward, then `torch.autograd.grad` of q, k, v) of {r['heads']} heads x "
+                  f"{r['head_dim']} over {r['keys']:,} keys, {r['dtype']}, q/k/v in the DiT's layouts; median of "
+                  f"{r['reps']} calls after {r['warmup']} (CUDA events). TFLOP/s: 14 x rows x keys x heads x head "
+                  f"dim per call (the backward recomputes the scores). Rel. error: dq of the first {CHECK_ROWS:,} "
+                  "rows against float64; dk/dv diff: against the first row's dk and dv.", ""]
+    else:
+        lines += [f"One call of {r['heads']} heads x {r['head_dim']} over {r['keys']:,} keys, {r['dtype']}, q/k/v "
+                  f"in the DiT's layouts; median of {r['reps']} calls after {r['warmup']} (CUDA events). Rel. "
+                  f"error: the first {CHECK_ROWS:,} rows against float64.", ""]
+    head = "| variant | launch | ms | TFLOP/s | rel. error |" + (" dk/dv diff |" if training else "")
+    rule = "| --- | --- | ---: | ---: | ---: |" + (" ---: |" if training else "")
     for label in dict.fromkeys(e["shape"] for e in r["results"]):
         entries = [e for e in r["results"] if e["shape"] == label]
         timed = [e for e in entries if "median_ms" in e]
         best = min(timed, key=lambda e: e["median_ms"]) if timed else None
-        lines += [f"## {label}: {entries[0]['rows']:,} rows", "",
-                  "| variant | launch | ms | TFLOP/s | rel. error |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"## {label}: {entries[0]['rows']:,} rows", "", head, rule]
         for e in sorted(timed, key=lambda e: e["median_ms"])[:12] + [e for e in entries if "error" in e]:
             if "error" in e:
-                lines.append(f"| {e['variant']} | {_launch(e['launch'])} | {e['error']} | | |")
+                lines.append(f"| {e['variant']} | {_launch(e['launch'])} | {e['error']} | | |" + (" |" * training))
                 continue
             name = f"**{e['variant']}**" if e is best else e["variant"]
+            extra = f" {e['dkv_rel_diff']:.2e} |" if training else ""
             lines.append(f"| {name} | {_launch(e['launch'])} | {e['median_ms']:.3f} | {e['tflops']:.0f} | "
-                         f"{e['rel_err']:.2e} |")
+                         f"{e['rel_err']:.2e} |{extra}")
         hidden = len(timed) - min(len(timed), 12)
         if hidden:
             lines.append(f"\n({hidden} slower launches in the JSON.)")
@@ -162,6 +250,11 @@ def build_parser():
                    help="untimed calls per variant before the timed ones (default %(default)s)")
     p.add_argument("--sweep", action="store_true",
                    help="also time the kernel at every launch of the sweep grid (default: off)")
+    p.add_argument("--training", action="store_true",
+                   help="time forward + backward under autograd instead of the forward alone (default: off)")
+    p.add_argument("--sweep-backward", action="store_true",
+                   help="with --training: also every backward launch of BACKWARD_SWEEP at the largest shape "
+                        "(default: off)")
     add_device(p, default=None, shown="cuda when available, else a CPU smoke run")
     add_seed(p)
     return p
@@ -181,9 +274,13 @@ def _main(args) -> int:
     if dev.type != "cuda":
         print("model.reports.cross_attention: no CUDA GPU here; a smoke run of tiny shapes on the CPU instead "
               "(not a measurement)")
-    r = run_report(device=dev, reps=args.reps, warmup=args.warmup, sweep=args.sweep, seed=args.seed)
-    write_report(out, "cross_attention", r, markdown(r))
-    print(f"wrote {out / 'cross_attention.md'} and {out / 'cross_attention.json'}")
+    if args.sweep_backward and not args.training:
+        raise ValueError("--sweep-backward needs --training")
+    r = run_report(device=dev, reps=args.reps, warmup=args.warmup, sweep=args.sweep, seed=args.seed,
+                   training=args.training, sweep_backward=args.sweep_backward)
+    name = "cross_attention_training" if args.training else "cross_attention"
+    write_report(out, name, r, markdown(r))
+    print(f"wrote {out / (name + '.md')} and {out / (name + '.json')}")
     return 0
 
 
