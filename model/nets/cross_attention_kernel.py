@@ -1,4 +1,4 @@
-"""Cross-attention of many queries to one short set of condition keys, as one Triton kernel (inference only).
+"""Cross-attention of many queries to one short set of condition keys, as Triton kernels: forward and backward.
 
 Where it runs: every block of the sparse DiTs attends from each of its tokens (27k at 512, 110k-137k at 1024) to the
 1,374 image tokens of the condition, with 32 heads of 32 channels (:class:`model.nets.dit_block.CrossAttention`),
@@ -20,8 +20,17 @@ strides (the projections' ``[N, H, D]`` and ``[L, H, D]`` views, no copies) and 
 contiguous, ready for the output projection. Float32 accumulation; the probabilities are rounded to the values'
 dtype for the second product, as every flash kernel does (float32 inputs run both products in IEEE float32).
 
-Scope: one batch element (all queries attend to the same keys; the cascade generates one shape at a time), no key
-mask, no gradient (training keeps SDPA, which has the backward). :func:`supports` says whether a call fits;
+The backward pass (:class:`_CrossAttention`, under autograd while :data:`TRAINABLE`) follows the same shape: the
+forward also writes each row's base-2 LSE (``4 * H`` bytes a row); :func:`_cross_attention_dq_kernel` walks all
+keys per query tile, forms ``delta = rowsum(dO * O)`` on the way in and writes ``dq``;
+:func:`_cross_attention_dkdv_kernel` owns ``BLOCK_N`` keys of one head and one chunk of ``chunk_rows`` query rows
+(1,374 keys are only 22 tiles a head, too few programs to fill the GPU without splitting the rows), and the chunks'
+float32 partial sums are added afterwards in a fixed order, so the gradients are deterministic (no atomics). Why
+not SDPA's backward: at head dim 32 the DiT training step spent 244 ms in cuDNN's cross-attention backward (24
+calls, reports/dit.md at 373aa8c), well above what the exponentials bound it to.
+
+Scope: one batch element (all queries attend to the same keys; the cascade generates one shape at a time; batched
+training keeps SDPA), no key mask. :func:`supports` says whether a call fits;
 :meth:`model.nets.dit_block.CrossAttention.attend` routes to it only then, when :data:`ENABLED`. The launch
 (:data:`LAUNCH`) comes from ``python -m model.reports.cross_attention`` on an H100 (reports/cross_attention.md), which
 times it beside SDPA's backends on the cascade's shapes. Under the Triton interpreter (``TRITON_INTERPRET=1``) it
