@@ -71,8 +71,14 @@ TRAINABLE = True
 #: programs' float32 partial sums of dK / dV are added after the kernel).
 BACKWARD_LAUNCH = dict(dq=dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
                        dkdv=dict(block_m=64, block_n=64, num_warps=4, num_stages=2, chunk_rows=16384))
-#: Backward launches per head dim where they differ from :data:`BACKWARD_LAUNCH` (:func:`backward_launch_for`).
-BACKWARD_LAUNCHES: dict[int, dict] = {}
+#: Backward launches per head dim where they differ from :data:`BACKWARD_LAUNCH` (:func:`backward_launch_for`). Head
+#: dim 32: the fastest of each kernel's sweep at 137,124 rows on an H100, the other kernel at its default
+#: (``python -m model.reports.cross_attention --training --sweep-backward``, reports/cross_attention_training.md,
+#: 0072104; 55 launches): forward + backward 10.73 ms with these dK/dV tiles (13.03 with the defaults), 12.78 with
+#: this dQ launch; SDPA's default backend (cuDNN) 14.64 ms.
+BACKWARD_LAUNCHES: dict[int, dict] = {32: dict(dq=dict(block_m=128, block_n=32, num_warps=4, num_stages=3),
+                                               dkdv=dict(block_m=64, block_n=128, num_warps=4, num_stages=2,
+                                                         chunk_rows=16384))}
 #: Offsets are int32 while every offset the kernel forms stays below this, int64 beyond it.
 INDEX_32_LIMIT = 2**31
 #: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
