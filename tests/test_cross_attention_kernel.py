@@ -129,7 +129,7 @@ def test_cross_attention_rejects_bad_backward_settings(monkeypatch):
         cross_attention(q, k, k, backward={"dq": {"chunk_rows": 64}})
     with pytest.raises(ValueError, match=r"backward\['dkdv'\].block_n must be a power of two"):
         cross_attention(q, k, k, backward={"dkdv": {"block_n": 48}})
-    with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+    with pytest.raises(ValueError, match="chunk_rows must be an int >= 1"):
         cross_attention(q, k, k, backward={"dkdv": {"chunk_rows": 0}})
     monkeypatch.setattr(ck, "TRAINABLE", False)
     with pytest.raises(ValueError, match="switched off"):
@@ -236,6 +236,78 @@ def test_cross_attention_gradients_int64_offsets(monkeypatch):
     b = _gradients(q, kv, do, backward=_small_backward())
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@needs_kernel
+def test_exp2_fma_accuracy():
+    """The multiply-add exponential: within 8e-5 of ``2^x`` relative over [-125, 0] (integers, half-integers where
+    the rounding switches, and random points), and at most ``2^-125`` below (clamped)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def apply(X, Y, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        tl.store(Y + i, ck._exp2_fma(tl.load(X + i, mask=ok, other=0.0)), mask=ok)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.arange(-125.0, 0.5, 0.5), -torch.rand(4000, generator=gen) * 125,
+                   -torch.rand(1000, generator=gen), torch.tensor([-125.4, -130.0, -1e4])])
+    x = x.to(DEVICE)
+    y = torch.empty_like(x)
+    apply[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), BLOCK=256)
+    x, y = x.double().cpu(), y.double().cpu()
+    inside = x >= ck.EXP2_FMA_MIN
+    rel = ((y - torch.exp2(x)) / torch.exp2(x))[inside].abs().max()
+    assert rel < 8e-5, rel
+    assert (y[~inside] <= 2.0 ** -125 * (1 + 1e-4)).all() and (y[~inside] >= 0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_cross_attention_fma_exponentials_match_float64(every):
+    """``fma_exp_every`` in the forward, dQ and dK/dV kernels (fp16; 150 keys and 96 rows: groups of full tiles, a
+    full tile left over and a masked tail): output and gradients as close to float64 as with ``exp2`` alone; float32
+    inputs ignore the setting (bit-identical)."""
+    q, kv, do = _projected_kv(96, 150, 2, 32, torch.float16, seed=21)
+    want = _reference_gradients(q, kv, do)
+    one = dict(num_warps=1, num_stages=1)
+    runs = {}
+    for e in (0, every):
+        bw = dict(dq=dict(block_m=16, block_n=16, fma_exp_every=e, **one),
+                  dkdv=dict(block_m=16, block_n=16, chunk_rows=48, fma_exp_every=e, **one))
+        runs[e] = _gradients(q, kv, do, block_m=16, block_n=16, fma_exp_every=e, backward=bw, **one)
+    for name, a, b, base in zip(("o", "dq", "dkv"), runs[every], want, runs[0]):
+        assert rel_err(a.cpu(), b) < 1.2 * rel_err(base.cpu(), b) + 1e-4, name
+    q32, kv32, _ = _projected_kv(40, 50, 2, 16, torch.float32, seed=22)
+    with torch.no_grad():
+        plain = cross_attention(q32, kv32[:, 0], kv32[:, 1], block_m=16, block_n=16, **one)
+        fma = cross_attention(q32, kv32[:, 0], kv32[:, 1], block_m=16, block_n=16, fma_exp_every=1, **one)
+    assert torch.equal(plain, fma)
+    with pytest.raises(ValueError, match="fma_exp_every must be an int >= 0"):
+        cross_attention(q32, kv32[:, 0], kv32[:, 1], fma_exp_every=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("every", [1, 2])
+def test_gpu_cross_attention_fma_exponentials_against_sdpa(every):
+    """bf16 at the DiTs' shape with ``fma_exp_every`` in all three kernels: output and gradients no farther from
+    float64 than 1.5x SDPA's."""
+    import torch.nn.functional as F
+
+    q, kv, do = _projected_kv(6000, 1374, 32, 32, torch.bfloat16, seed=23)
+    bw = {name: dict(fma_exp_every=every) for name in ("dq", "dkdv")}
+    got = _gradients(q, kv, do, fma_exp_every=every, backward=bw)
+    qs, kvs = q.detach().requires_grad_(), kv.detach().requires_grad_()
+    os_ = F.scaled_dot_product_attention(qs.transpose(0, 1), kvs[:, 0].transpose(0, 1),
+                                         kvs[:, 1].transpose(0, 1)).transpose(0, 1)
+    os_.backward(do)
+    want = _reference_gradients(q, kv, do)
+    for name, a, s_, b in zip(("o", "dq", "dkv"), got, (os_.detach(), qs.grad, kvs.grad), want):
+        err, err_sdpa = rel_err(a.cpu(), b), rel_err(s_.cpu(), b)
+        assert err < 1.5 * err_sdpa + 1e-3, (name, err, err_sdpa)
 
 
 @pytest.mark.gpu

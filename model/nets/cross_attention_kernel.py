@@ -57,8 +57,9 @@ HEAD_DIMS = (16, 32, 64, 128)
 #: Default launch: query rows per program, keys per step, warps, pipeline stages. Swept on an H100 in bf16
 #: (``python -m model.reports.cross_attention --sweep``, reports/cross_attention.md, 3cf6773; 36 launches): fastest
 #: or within 1% of the fastest at 110,656 and 137,124 rows (1.565 / 1.961 ms), 1% behind the best at 27,314 rows.
-LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
-#: Launches per head dim where they differ from :data:`LAUNCH` (:func:`launch_for`). Head dim 32 (the released sparse
+LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=3, fma_exp_every=0)
+#: Launches per head dim where they differ from :data:`LAUNCH` (:func:`launch_for`; the settings an entry leaves out
+#: are :data:`LAUNCH`'s). Head dim 32 (the released sparse
 #: DiTs, 32 heads): swept on an H100 (reports/cross_attention.md, 373aa8c; 36 launches), the launch with the least
 #: mean time over the three shapes relative to each shape's fastest: 0.661 / 2.400 / 2.999 ms at 27,314 / 110,656 /
 #: 137,124 rows against 0.689 / 2.683 / 3.153 with :data:`LAUNCH` (SDPA's default backend: 0.825 / 3.067 / 3.793).
@@ -69,8 +70,9 @@ TRAINABLE = True
 #: Default backward launch: ``dq`` (query rows per program, keys per step, warps, stages) and ``dkdv`` (``block_n``
 #: keys per program, ``block_m`` query rows per step, warps, stages, ``chunk_rows`` query rows per program: the
 #: programs' float32 partial sums of dK / dV are added after the kernel).
-BACKWARD_LAUNCH = dict(dq=dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-                       dkdv=dict(block_m=64, block_n=64, num_warps=4, num_stages=2, chunk_rows=16384))
+BACKWARD_LAUNCH = dict(dq=dict(block_m=64, block_n=64, num_warps=4, num_stages=2, fma_exp_every=0),
+                       dkdv=dict(block_m=64, block_n=64, num_warps=4, num_stages=2, chunk_rows=16384,
+                                 fma_exp_every=0))
 #: Backward launches per head dim where they differ from :data:`BACKWARD_LAUNCH` (:func:`backward_launch_for`). Head
 #: dim 32: the fastest of each kernel's sweep at 137,124 rows on an H100, the other kernel at its default
 #: (``python -m model.reports.cross_attention --training --sweep-backward``, reports/cross_attention_training.md,
@@ -83,12 +85,47 @@ BACKWARD_LAUNCHES: dict[int, dict] = {32: dict(dq=dict(block_m=128, block_n=32, 
 INDEX_32_LIMIT = 2**31
 #: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
 LOG2E = 1.4426950408889634
+#: Coefficients (constant term first) of the cubic that :func:`_exp2_fma` evaluates for ``2^f``, ``|f| <= 1/2``:
+#: fitted for the least maximum relative error (7.5e-5 in float32, against bfloat16's rounding step of 3.9e-3).
+EXP2_CUBIC = (0.9999280571937561, 0.6932610273361206, 0.2426111400127411, 0.05517145246267319)
+#: ``1.5 * 2^23``: added to a float32 of magnitude below ``2^22``, it leaves that number rounded to an integer in
+#: the low mantissa bits (and subtracted again, the rounded value itself).
+ROUND_MAGIC = 12582912.0
+#: Arguments of :func:`_exp2_fma` are clamped to this (``2^-125``, the least exponent its bit arithmetic keeps
+#: normal); scores this far below the row's maximum weigh nothing in a float32 sum.
+EXP2_FMA_MIN = -125.0
+
+
+@triton.jit
+def _exp2_fma(x):
+    """``2^x`` for ``x <= 0`` on the FMA and integer units instead of the special-function unit (``tl.exp2``):
+    ``x = j + f`` with ``j`` the nearest integer (magic-number rounding) and ``|f| <= 1/2``; ``2^f`` by the cubic
+    :data:`EXP2_CUBIC` (relative error 7.5e-5); ``2^j`` added to the result's exponent bits. At head dim 32 a score
+    costs 64 multiply-adds in the matrix units but one exponential, and the special-function unit does 16 of those
+    per clock and SM, so the exponentials bound the kernels; computing some tiles' exponentials here moves that work
+    to units with 8x the throughput (the launch setting ``fma_exp_every``)."""
+    x = tl.maximum(x, EXP2_FMA_MIN)
+    r = x + ROUND_MAGIC
+    f = x - (r - ROUND_MAGIC)
+    p = EXP2_CUBIC[3] * f + EXP2_CUBIC[2]
+    p = p * f + EXP2_CUBIC[1]
+    p = p * f + EXP2_CUBIC[0]
+    bits = p.to(tl.int32, bitcast=True) + (r.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2(x, FMA: tl.constexpr):
+    """``2^x``: :func:`_exp2_fma` when ``FMA``, else ``tl.exp2`` (the special-function unit)."""
+    if FMA:
+        return _exp2_fma(x)
+    return tl.exp2(x)
 
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, K, V, k0, n_keys, stride_kn, stride_vn, qk_scale,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-                 INDEX_64: tl.constexpr):
+                 INDEX_64: tl.constexpr, FMA_EXP: tl.constexpr = False):
     """The online-softmax update of ``acc [BLOCK_M, D]`` (unnormalised output), ``m_i`` (running maximum of the
     scaled scores, base 2) and ``l_i`` (running sum) by the keys ``k0 .. k0 + BLOCK_N`` of ``K`` / ``V`` (pointers to
     the head's first key; ``MASKED``: keys past ``n_keys`` are not loaded and weigh nothing)."""
@@ -110,7 +147,7 @@ def _attend_tile(acc, m_i, l_i, q, K, V, k0, n_keys, stride_kn, stride_vn, qk_sc
     if MASKED:
         s = tl.where(k_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+    p = _exp2(s - m_new[:, None], FMA_EXP)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -134,12 +171,13 @@ def _cross_attention_kernel(
     Q, K, V, O, LSE, n_rows, n_keys, qk_scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FMA_EVERY: tl.constexpr,
 ):
     """Program ``(tile, h)``: ``O[tile * BLOCK_M .. + BLOCK_M, h]`` for ``Q [n_rows, H, D]``, ``K, V [n_keys, H, D]``
     (innermost stride 1, other strides given), ``O [n_rows, H, D]`` contiguous; ``n_keys >= 1``. ``WRITE_LSE``: also
     ``LSE [H, n_rows]`` float32, each row's ``log2`` of its softmax denominator over the base-2 logits (the backward
-    pass's probabilities are ``exp2(s * qk_scale - LSE)``)."""
+    pass's probabilities are ``exp2(s * qk_scale - LSE)``). ``FMA_EVERY`` (0: never): the last of every
+    ``FMA_EVERY`` full key tiles takes its exponentials from :func:`_exp2_fma`."""
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     if INDEX_64:
@@ -153,7 +191,15 @@ def _cross_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     full_end = (n_keys // BLOCK_N) * BLOCK_N
-    for k0 in range(0, full_end, BLOCK_N):
+    fma_end = 0
+    if FMA_EVERY > 0:
+        fma_end = (n_keys // (FMA_EVERY * BLOCK_N)) * (FMA_EVERY * BLOCK_N)
+        for k0 in range(0, fma_end, FMA_EVERY * BLOCK_N):
+            for j in tl.static_range(FMA_EVERY):
+                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_head, v_head, k0 + j * BLOCK_N, n_keys, stride_kn,
+                                             stride_vn, qk_scale, D, BLOCK_N, False, IEEE, INDEX_64,
+                                             j == FMA_EVERY - 1)
+    for k0 in range(fma_end, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_head, v_head, k0, n_keys, stride_kn, stride_vn, qk_scale,
                                      D, BLOCK_N, False, IEEE, INDEX_64)
     if full_end < n_keys:
@@ -170,7 +216,7 @@ def _cross_attention_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, K, V, k0, n_keys, stride_kn, stride_vn, qk_scale,
              D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-             INDEX_64: tl.constexpr):
+             INDEX_64: tl.constexpr, FMA_EXP: tl.constexpr = False):
     """``dq [BLOCK_M, D]`` plus the keys ``k0 .. k0 + BLOCK_N``' share of ``dS K`` (natural-log logits' gradient
     ``dS = P * (dO V^T - delta)``; the caller scales by the logits' scale once at the end)."""
     keys = k0 + tl.arange(0, BLOCK_N)
@@ -192,7 +238,7 @@ def _dq_tile(dq, q, do, lse, delta, K, V, k0, n_keys, stride_kn, stride_vn, qk_s
         dp = tl.dot(do, vt)
     if MASKED:
         s = tl.where(k_ok[None, :], s, float("-inf"))
-    p = tl.exp2(s - lse[:, None])
+    p = _exp2(s - lse[:, None], FMA_EXP)
     ds = p * (dp - delta[:, None])
     if IEEE:
         dq = tl.dot(ds, tl.trans(kt), dq, input_precision="ieee")
@@ -206,10 +252,11 @@ def _cross_attention_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, n_rows, n_keys, qk_scale, sm_scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_don, stride_doh,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
+    FMA_EVERY: tl.constexpr,
 ):
     """Program ``(tile, h)``: ``DQ [n_rows, H, D]`` (contiguous) of its ``BLOCK_M`` rows, and their
     ``DELTA [H, n_rows] = rowsum(dO * O)`` (float32) for :func:`_cross_attention_dkdv_kernel`; ``LSE [H, n_rows]``
-    from the forward kernel."""
+    from the forward kernel. ``FMA_EVERY`` as in :func:`_cross_attention_kernel`."""
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     if INDEX_64:
@@ -227,7 +274,14 @@ def _cross_attention_dq_kernel(
     v_head = V + h * stride_vh
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     full_end = (n_keys // BLOCK_N) * BLOCK_N
-    for k0 in range(0, full_end, BLOCK_N):
+    fma_end = 0
+    if FMA_EVERY > 0:
+        fma_end = (n_keys // (FMA_EVERY * BLOCK_N)) * (FMA_EVERY * BLOCK_N)
+        for k0 in range(0, fma_end, FMA_EVERY * BLOCK_N):
+            for j in tl.static_range(FMA_EVERY):
+                dq = _dq_tile(dq, q, do, lse, delta, k_head, v_head, k0 + j * BLOCK_N, n_keys, stride_kn, stride_vn,
+                              qk_scale, D, BLOCK_N, False, IEEE, INDEX_64, j == FMA_EVERY - 1)
+    for k0 in range(fma_end, full_end, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_head, v_head, k0, n_keys, stride_kn, stride_vn, qk_scale,
                       D, BLOCK_N, False, IEEE, INDEX_64)
     if full_end < n_keys:
@@ -241,7 +295,7 @@ def _cross_attention_dq_kernel(
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, m0, row_stop, stride_qn, stride_don, qk_scale,
                D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-               INDEX_64: tl.constexpr):
+               INDEX_64: tl.constexpr, FMA_EXP: tl.constexpr = False):
     """``dk, dv [BLOCK_N, D]`` plus the query rows ``m0 .. m0 + BLOCK_M``' share (``Q`` / ``DO`` point at the head's
     first row, ``LSE`` / ``DELTA`` at the head's row of their tables; ``MASKED``: rows from ``row_stop`` on are
     not loaded and weigh nothing: zero queries, output gradients, LSE and delta give zero shares)."""
@@ -266,7 +320,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, m0, row_stop, stride_qn, stride_
         dst = pt * (tl.dot(v, tl.trans(do), input_precision="ieee") - delta[None, :])
         dk = tl.dot(dst, tl.trans(qt), dk, input_precision="ieee")
     else:
-        pt = tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])
+        pt = _exp2(tl.dot(k, qt) * qk_scale - lse[None, :], FMA_EXP)
         dv = tl.dot(pt.to(do.dtype), do, dv)
         dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
@@ -278,10 +332,12 @@ def _cross_attention_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, n_rows, n_keys, chunk_rows, qk_scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
+    FMA_EVERY: tl.constexpr,
 ):
     """Program ``(key tile, h, chunk)``: the shares of query rows ``chunk * chunk_rows .. + chunk_rows`` in the
     gradients of keys ``tile * BLOCK_N .. + BLOCK_N`` of head ``h``, written to ``DK, DV [chunks, n_keys, H, D]``
-    (float32 partial sums; DK without the logits' scale)."""
+    (float32 partial sums; DK without the logits' scale). ``FMA_EVERY``: the last of every ``FMA_EVERY`` full query
+    tiles takes its exponentials from :func:`_exp2_fma` (0: never)."""
     h = tl.program_id(1)
     chunk = tl.program_id(2)
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -300,7 +356,15 @@ def _cross_attention_dkdv_kernel(
     do_head = DO + h * stride_doh
     lse_head = LSE + _head_offset(h, n_rows, INDEX_64)
     delta_head = DELTA + _head_offset(h, n_rows, INDEX_64)
-    for m0 in range(start, full_stop, BLOCK_M):
+    fma_stop = start
+    if FMA_EVERY > 0:
+        fma_stop = start + ((stop - start) // (FMA_EVERY * BLOCK_M)) * (FMA_EVERY * BLOCK_M)
+        for m0 in range(start, fma_stop, FMA_EVERY * BLOCK_M):
+            for j in tl.static_range(FMA_EVERY):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_head, do_head, lse_head, delta_head, m0 + j * BLOCK_M, stop,
+                                    stride_qn, stride_don, qk_scale, D, BLOCK_M, False, IEEE, INDEX_64,
+                                    j == FMA_EVERY - 1)
+    for m0 in range(fma_stop, full_stop, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, q_head, do_head, lse_head, delta_head, m0, stop, stride_qn, stride_don,
                             qk_scale, D, BLOCK_M, False, IEEE, INDEX_64)
     if full_stop < stop:
@@ -319,14 +383,15 @@ def _interpreting() -> bool:
 
 
 def launch_for(head_dim: int) -> dict:
-    """The default launch at ``head_dim`` (a fresh dict): :data:`LAUNCHES`' entry, else :data:`LAUNCH`."""
-    return dict(LAUNCHES.get(head_dim, LAUNCH))
+    """The default launch at ``head_dim`` (a fresh dict): :data:`LAUNCH` updated by :data:`LAUNCHES`' entry."""
+    return dict(LAUNCH, **LAUNCHES.get(head_dim, {}))
 
 
 def backward_launch_for(head_dim: int) -> dict:
-    """The default backward launch at ``head_dim`` (fresh dicts ``{"dq": ..., "dkdv": ...}``)."""
-    launch = BACKWARD_LAUNCHES.get(head_dim, BACKWARD_LAUNCH)
-    return {name: dict(entry) for name, entry in launch.items()}
+    """The default backward launch at ``head_dim`` (fresh dicts ``{"dq": ..., "dkdv": ...}``): each kernel's
+    :data:`BACKWARD_LAUNCH` settings updated by :data:`BACKWARD_LAUNCHES`' entry."""
+    entry = BACKWARD_LAUNCHES.get(head_dim, {})
+    return {name: dict(default, **entry.get(name, {})) for name, default in BACKWARD_LAUNCH.items()}
 
 
 def _records_gradient(*ts: torch.Tensor) -> bool:
@@ -353,15 +418,17 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _checked_launch(defaults: dict, overrides: dict, where: str) -> dict:
-    """``defaults`` updated by the non-None ``overrides``: positive ints, the tiles powers of two >= 16."""
+    """``defaults`` updated by the non-None ``overrides``: positive ints (``fma_exp_every`` may be 0), the tiles
+    powers of two >= 16."""
     launch = dict(defaults)
     for key, value in overrides.items():
         if value is None:
             continue
         if key not in launch:
             raise ValueError(f"unknown launch setting {where}{key} (known: {sorted(launch)})")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}{key} must be a positive int, got {value!r}")
+        least = 0 if key == "fma_exp_every" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{where}{key} must be an int >= {least}, got {value!r}")
         launch[key] = value
     for key in ("block_m", "block_n"):
         if launch[key] < 16 or launch[key] & (launch[key] - 1):
@@ -373,6 +440,12 @@ def _index_64(n: int, h: int, d: int, *ts: torch.Tensor) -> bool:
     """Whether some offset the kernels form may reach :data:`INDEX_32_LIMIT` (``[N, H, D]`` outputs, the inputs'
     rows)."""
     return max([n * h * d] + [t.stride(0) * t.shape[0] for t in ts]) >= INDEX_32_LIMIT
+
+
+def _fma_every(launch: dict, dtype: torch.dtype) -> int:
+    """The launch's ``fma_exp_every`` for half-precision inputs; 0 for float32 ones, whose probabilities are not
+    rounded to 8 mantissa bits and would see the cubic's 7.5e-5 (:data:`EXP2_CUBIC`)."""
+    return 0 if dtype == torch.float32 else launch["fma_exp_every"]
 
 
 def _forward(q, k, v, scale: float, launch: dict, with_lse: bool):
@@ -387,7 +460,7 @@ def _forward(q, k, v, scale: float, launch: dict, with_lse: bool):
         q, k, v, out, out if lse is None else lse, n, k.shape[0], scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         D=d, BLOCK_M=launch["block_m"], BLOCK_N=launch["block_n"], INDEX_64=_index_64(n, h, d, q, k, v),
-        IEEE=q.dtype == torch.float32, WRITE_LSE=with_lse,
+        IEEE=q.dtype == torch.float32, WRITE_LSE=with_lse, FMA_EVERY=_fma_every(launch, q.dtype),
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out, lse
@@ -414,6 +487,7 @@ def _backward(q, k, v, o, do, lse, scale: float, launch: dict):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         do.stride(0), do.stride(1),
         D=d, BLOCK_M=lq["block_m"], BLOCK_N=lq["block_n"], INDEX_64=index_64, IEEE=ieee,
+        FMA_EVERY=_fma_every(lq, q.dtype),
         num_warps=lq["num_warps"], num_stages=lq["num_stages"],
     )
     chunk_rows = max(lk["block_m"], lk["chunk_rows"] // lk["block_m"] * lk["block_m"])
@@ -425,6 +499,7 @@ def _backward(q, k, v, o, do, lse, scale: float, launch: dict):
         q, k, v, do, dk, dv, lse, delta, n, length, chunk_rows, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         D=d, BLOCK_M=lk["block_m"], BLOCK_N=lk["block_n"], INDEX_64=index_64, IEEE=ieee,
+        FMA_EVERY=_fma_every(lk, q.dtype),
         num_warps=lk["num_warps"], num_stages=lk["num_stages"],
     )
     dk = dk[0] if chunks == 1 else dk.sum(0)
@@ -452,7 +527,8 @@ class _CrossAttention(torch.autograd.Function):
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None, backward: dict | None = None) -> torch.Tensor:
+                    num_stages: int | None = None, fma_exp_every: int | None = None,
+                    backward: dict | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` per head, every query over every key (no mask): ``o [N, H, D]`` contiguous.
     Differentiable in ``q``, ``k`` and ``v`` (Triton backward kernels) while :data:`TRAINABLE` is on.
 
@@ -462,8 +538,12 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         scale: the logits' scale; None: ``1 / sqrt(D)``.
         block_m, block_n, num_warps, num_stages: the forward launch (None: :func:`launch_for` the head dim); powers
             of two >= 16 for the tiles.
+        fma_exp_every: ``k >= 1``: the last of every ``k`` full key tiles computes its exponentials with
+            multiply-adds (:func:`_exp2_fma`, relative error 7.5e-5) instead of the special-function unit; 0: none.
+            Half-precision inputs only (float32 ones always use ``exp2``).
         backward: settings of the backward launch over :func:`backward_launch_for`, ``{"dq": {...}, "dkdv":
-            {...}}`` (keys as the defaults; ``dkdv`` also ``chunk_rows``, query rows per partial sum).
+            {...}}`` (keys as the defaults; ``dkdv`` also ``chunk_rows``, query rows per partial sum; each kernel's
+            ``fma_exp_every`` counts its own loop's tiles: key tiles for dq, query tiles for dk/dv).
 
     Raises ``TypeError`` / ``ValueError`` naming the argument for inputs :func:`supports` rejects.
     """
@@ -498,7 +578,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         raise ValueError("cross_attention's backward is switched off (TRAINABLE): call it under torch.no_grad() / "
                          "torch.inference_mode(), or use torch.nn.functional.scaled_dot_product_attention to train")
     launch = _checked_launch(launch_for(d), dict(block_m=block_m, block_n=block_n, num_warps=num_warps,
-                                                 num_stages=num_stages), "")
+                                                 num_stages=num_stages, fma_exp_every=fma_exp_every), "")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not grad:
         return _forward(q, k, v, scale, launch, with_lse=False)[0]

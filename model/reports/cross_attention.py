@@ -30,7 +30,7 @@ import torch
 from model.io import commit_label, provenance
 from model.reports.common import time_calls, write_report
 
-__all__ = ["BACKWARD_SWEEP", "SHAPES", "SWEEP", "main", "markdown", "run_report"]
+__all__ = ["BACKWARD_SWEEP", "FMA_SWEEP", "SHAPES", "SWEEP", "main", "markdown", "run_report"]
 
 #: (label, query rows) of the timed shapes.
 SHAPES = (("sparse_512 stage, conditioned rows", 27_314), ("sparse_1024 stage", 110_656),
@@ -46,6 +46,9 @@ SWEEP = dict(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_sta
 BACKWARD_SWEEP = dict(dq=dict(block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8), num_stages=(2, 3)),
                       dkdv=dict(block_m=(32, 64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2,),
                                 chunk_rows=(4096, 16384, 65536)))
+#: ``fma_exp_every`` settings of ``--sweep-fma`` (model.nets.cross_attention_kernel: every k-th tile's exponentials
+#: on the FMA units), each on the default launches.
+FMA_SWEEP = (1, 2, 3, 4)
 #: Rows compared with the float64 reference.
 CHECK_ROWS = 2048
 #: SDPA backends timed one by one.
@@ -74,7 +77,7 @@ def _reference(q, k, v, rows: int) -> torch.Tensor:
     return torch.einsum("hnl,lhd->nhd", s.softmax(-1), v)
 
 
-def _variants(device, sweep: bool, head_dim: int) -> list[tuple[str, dict | None, object]]:
+def _variants(device, sweep: bool, head_dim: int, sweep_fma: bool = False) -> list[tuple[str, dict | None, object]]:
     """(name, launch or None, callable(q, k, v)) of every timed variant."""
     from model.nets import cross_attention_kernel as ck
 
@@ -95,10 +98,16 @@ def _variants(device, sweep: bool, head_dim: int) -> list[tuple[str, dict | None
                 if launch == ck.launch_for(head_dim):
                     continue
                 out.append(("Triton kernel", launch, lambda q, k, v, kw=launch: ck.cross_attention(q, k, v, **kw)))
+        if sweep_fma:
+            for every in FMA_SWEEP:
+                launch = dict(ck.launch_for(head_dim), fma_exp_every=every)
+                out.append((f"Triton kernel, fma_exp_every={every}", launch,
+                            lambda q, k, v, kw=launch: ck.cross_attention(q, k, v, **kw)))
     return out
 
 
-def _training_variants(device, sweep: bool, head_dim: int) -> list[tuple[str, dict | None, object]]:
+def _training_variants(device, sweep: bool, head_dim: int,
+                       sweep_fma: bool = False) -> list[tuple[str, dict | None, object]]:
     """(name, backward launch or None, callable(q, k, v)) of every variant timed under autograd."""
     from model.nets import cross_attention_kernel as ck
 
@@ -114,6 +123,16 @@ def _training_variants(device, sweep: bool, head_dim: int) -> list[tuple[str, di
                         continue
                     out.append((f"Triton kernels, {kernel} swept", launch,
                                 lambda q, k, v, b=launch: ck.cross_attention(q, k, v, backward=b)))
+        if sweep_fma:
+            default = ck.backward_launch_for(head_dim)
+            for every in FMA_SWEEP:
+                for kernels in (("dq",), ("dkdv",), ("forward", "dq", "dkdv")):
+                    launch = {name: dict(entry, fma_exp_every=every) if name in kernels else entry
+                              for name, entry in default.items()}
+                    forward = every if "forward" in kernels else None
+                    out.append((f"Triton kernels, fma_exp_every={every} in {' + '.join(kernels)}", launch,
+                                lambda q, k, v, b=launch, f=forward: ck.cross_attention(q, k, v, backward=b,
+                                                                                        fma_exp_every=f)))
     return out
 
 
@@ -141,7 +160,7 @@ def _time_variant(entry: dict, fn, args, *, reps: int, warmup: int, device, grad
 
 
 def run_report(*, device, reps: int = 20, warmup: int = 3, sweep: bool = False, seed: int = 0,
-               training: bool = False, sweep_backward: bool = False) -> dict:
+               training: bool = False, sweep_backward: bool = False, sweep_fma: bool = False) -> dict:
     smoke = device.type != "cuda"
     shapes = SMOKE_SHAPES if smoke else SHAPES
     heads, dim, keys = (SMOKE_HEADS, SMOKE_DIM, SMOKE_KEYS) if smoke else (HEADS, HEAD_DIM, KEYS)
@@ -152,7 +171,7 @@ def run_report(*, device, reps: int = 20, warmup: int = 3, sweep: bool = False, 
         check = min(rows, CHECK_ROWS)
         if not training:
             ref = _reference(q, k, v, check)
-            for name, launch, fn in _variants(device, sweep, dim):
+            for name, launch, fn in _variants(device, sweep, dim, sweep_fma):
                 entry = dict(shape=label, rows=rows, variant=name, launch=launch)
                 rows_out.append(entry)
                 out = _time_variant(entry, fn, (q, k, v), reps=reps, warmup=warmup, device=device, grad=False)
@@ -170,7 +189,8 @@ def run_report(*, device, reps: int = 20, warmup: int = 3, sweep: bool = False, 
             o = fn(q, k, v)
             return torch.autograd.grad(o, (q, k, v), do)
 
-        variants = _training_variants(device, sweep_backward and index == len(shapes) - 1, dim)
+        last = index == len(shapes) - 1
+        variants = _training_variants(device, sweep_backward and last, dim, sweep_fma and last)
         for name, launch, fn in variants:
             entry = dict(shape=label, rows=rows, variant=name, launch=launch, training=True)
             rows_out.append(entry)
@@ -185,7 +205,7 @@ def run_report(*, device, reps: int = 20, warmup: int = 3, sweep: bool = False, 
                                             / (base[0].norm() ** 2 + base[1].norm() ** 2).sqrt()))
     return dict(provenance(device), smoke=smoke, heads=heads, head_dim=dim, keys=keys, dtype=str(dtype),
                 reps=reps, warmup=warmup, sweep=sweep, training=training, sweep_backward=sweep_backward,
-                results=rows_out)
+                sweep_fma=sweep_fma, results=rows_out)
 
 
 def _launch(launch: dict | None) -> str:
@@ -194,8 +214,14 @@ def _launch(launch: dict | None) -> str:
     if "dq" in launch:
         q, kv = launch["dq"], launch["dkdv"]
         return (f"dq {_launch(q)}; dkdv {kv['block_n']} keys x {kv['block_m']} rows, {kv['num_warps']} warps, "
-                f"{kv['num_stages']} stages, {kv['chunk_rows']:,}-row chunks")
-    return f"{launch['block_m']} x {launch['block_n']}, {launch['num_warps']} warps, {launch['num_stages']} stages"
+                f"{kv['num_stages']} stages, {kv['chunk_rows']:,}-row chunks{_fma(kv)}")
+    return (f"{launch['block_m']} x {launch['block_n']}, {launch['num_warps']} warps, {launch['num_stages']} "
+            f"stages{_fma(launch)}")
+
+
+def _fma(launch: dict) -> str:
+    every = launch.get("fma_exp_every", 0)
+    return f", FMA exp every {every}" if every else ""
 
 
 def markdown(r: dict) -> str:
@@ -204,7 +230,8 @@ def markdown(r: dict) -> str:
     lines = [f"# Cross-attention of the sparse DiTs: {what}", ""]
     if r["smoke"]:
         lines += ["**SMOKE RUN** on the CPU (no CUDA GPU): tiny shapes, not a measurement.", ""]
-    flags = "".join(f" --{f.replace('_', '-')}" for f in ("sweep", "training", "sweep_backward") if r.get(f))
+    flags = "".join(f" --{f.replace('_', '-')}" for f in ("sweep", "training", "sweep_backward", "sweep_fma")
+                    if r.get(f))
     lines += [f"{r['date']}, {r.get('gpu') or 'CPU'}, torch {r['torch']}, triton {r['triton']}, "
               f"{commit_label(r)}. `python -m model.reports.cross_attention{flags}`.", ""]
     if training:
@@ -252,6 +279,10 @@ def build_parser():
                    help="also time the kernel at every launch of the sweep grid (default: off)")
     p.add_argument("--training", action="store_true",
                    help="time forward + backward under autograd instead of the forward alone (default: off)")
+    p.add_argument("--sweep-fma", action="store_true",
+                   help="also the default launches with every k-th tile's exponentials on the FMA units (k in "
+                        "FMA_SWEEP; forward, and with --training the backward kernels at the largest shape) "
+                        "(default: off)")
     p.add_argument("--sweep-backward", action="store_true",
                    help="with --training: also every backward launch of BACKWARD_SWEEP at the largest shape "
                         "(default: off)")
@@ -277,7 +308,7 @@ def _main(args) -> int:
     if args.sweep_backward and not args.training:
         raise ValueError("--sweep-backward needs --training")
     r = run_report(device=dev, reps=args.reps, warmup=args.warmup, sweep=args.sweep, seed=args.seed,
-                   training=args.training, sweep_backward=args.sweep_backward)
+                   training=args.training, sweep_backward=args.sweep_backward, sweep_fma=args.sweep_fma)
     name = "cross_attention_training" if args.training else "cross_attention"
     write_report(out, name, r, markdown(r))
     print(f"wrote {out / (name + '.md')} and {out / (name + '.json')}")
