@@ -238,6 +238,75 @@ def test_cross_attention_gradients_int64_offsets(monkeypatch):
         assert torch.equal(x, y)
 
 
+def _batch_reference(q, kv, do, bounds):
+    """float64 ``(o, dq, dkv)`` per batch element: rows ``bounds[b]:bounds[b+1]`` of ``q`` over ``kv[b]``."""
+    q64 = q.detach().double().cpu().requires_grad_()
+    kv64 = kv.detach().double().cpu().requires_grad_()
+    o = torch.cat([_reference(q64[a:z], kv64[b, :, 0], kv64[b, :, 1])
+                   for b, (a, z) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    o.backward(do.double().cpu())
+    return o.detach(), q64.grad, kv64.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("sizes, chunk_rows", [
+    pytest.param((0, 1, 37, 70), 32, id="empty-one-row-partial-tiles-chunked"),
+    pytest.param((20, 45, 16), 4096, id="one-chunk-per-element"),
+])
+def test_cross_attention_batch_elements_match_float64(sizes, chunk_rows):
+    """Several batch elements (``k, v [B, L, H, D]`` and CSR offsets): each element's rows attend to its own keys
+    only; output and gradients against float64 per element, with an empty element, a one-row element, elements of
+    partial tiles and several dK/dV chunks per element; offsets as a list or a tensor give the same."""
+    gen = torch.Generator().manual_seed(31)
+    n, batch, length, heads, d = sum(sizes), len(sizes), 23, 2, 32
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    q = torch.randn(n, heads * d, generator=gen).to(DEVICE, torch.float16).view(n, heads, d)
+    kv = torch.randn(batch, length, 2, heads, d, generator=gen).to(DEVICE, torch.float16)
+    do = torch.randn(n, heads, d, generator=gen).to(DEVICE, torch.float16)
+    one = dict(num_warps=1, num_stages=1)
+    bw = dict(dq=dict(block_m=16, block_n=16, **one), dkdv=dict(block_m=16, block_n=16, chunk_rows=chunk_rows, **one))
+    runs = []
+    for offsets in (bounds, torch.tensor(bounds, device=DEVICE)):
+        qg, kvg = q.detach().requires_grad_(), kv.detach().requires_grad_()
+        o = cross_attention(qg, kvg[:, :, 0], kvg[:, :, 1], offsets, block_m=16, block_n=16, backward=bw, **one)
+        o.backward(do)
+        runs.append((o.detach(), qg.grad, kvg.grad))
+    want = _batch_reference(q, kv, do, bounds)
+    for name, a, b in zip(("o", "dq", "dkv"), runs[0], want):
+        assert rel_err(a.cpu(), b) < TOL[torch.float16], name
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    with torch.no_grad():
+        plain = cross_attention(q, kv[:, :, 0], kv[:, :, 1], bounds, block_m=16, block_n=16, **one)
+    assert torch.equal(plain, runs[0][0])
+
+
+def test_cross_attention_rejects_bad_offsets():
+    if not ck._interpreting() and not torch.cuda.is_available():
+        pytest.skip("the device check comes first without CUDA or the interpreter")
+    q = torch.zeros(5, 2, 16, device=DEVICE)
+    k = torch.zeros(2, 3, 2, 16, device=DEVICE)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="give their rows' CSR offsets"):
+            cross_attention(q, k, k)
+        with pytest.raises(ValueError, match="must hold 3 entries"):
+            cross_attention(q, k, k, [0, 5])
+        with pytest.raises(ValueError, match="rise from 0 to q's 5 rows"):
+            cross_attention(q, k, k, [0, 2, 4])
+        with pytest.raises(ValueError, match="rise from 0"):
+            cross_attention(q, k, k, [0, 4, 3])
+        with pytest.raises(TypeError, match="offsets must be"):
+            cross_attention(q, k, k, torch.tensor([0.0, 2.0, 5.0]))
+        with pytest.raises(TypeError, match="offsets must be"):
+            cross_attention(q, k, k, [0, 2.5, 5])
+        with pytest.raises(ValueError, match="k must have 3 dims"):
+            cross_attention(q, k[None], k[None])
+        with pytest.raises(ValueError, match="must hold 2 entries"):
+            cross_attention(q, k[0], k[0], [0, 2, 5])
+        assert cross_attention(q, k[:1], k[:1], [0, 5]).shape == (5, 2, 16)
+
+
 @needs_kernel
 def test_exp2_fma_accuracy():
     """The multiply-add exponential: within 8e-5 of ``2^x`` relative over [-125, 0] (integers, half-integers where
@@ -400,6 +469,36 @@ def test_gpu_dit_cross_attention_trains_through_the_kernel(monkeypatch):
         out.float().square().mean().backward()
         runs.append([out.detach(), x.grad] + [p.grad for p in ca.parameters()])
     assert len(calls) == 1
+    for a, b in zip(*runs):
+        assert rel_err(a.float(), b.float()) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_dit_cross_attention_batch_elements(monkeypatch):
+    """Three batch elements of different sizes: ``CrossAttention`` takes the kernels (offsets from the host copy
+    kept in the cache) and agrees with SDPA's padded path, output and gradients, within bf16 noise."""
+    from model.nets.dit_block import CrossAttention
+
+    torch.manual_seed(1)
+    ca = CrossAttention(256, 96, 8).cuda().to(torch.bfloat16)
+    sizes = (1000, 37, 2500)
+    h = torch.randn(sum(sizes), 256, device="cuda", dtype=torch.bfloat16)
+    ctx = torch.randn(3, 77, 96, device="cuda", dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 1000, 1037, 3537], device="cuda")
+    calls = []
+    real = ck._CrossAttention.apply
+    monkeypatch.setattr(ck._CrossAttention, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(ck, "ENABLED", enabled)
+        ca.zero_grad(set_to_none=True)
+        x = h.clone().requires_grad_()
+        cache = {}
+        out = ca(x, offsets, ctx, None, cache=cache)
+        out.float().square().mean().backward()
+        runs.append([out.detach(), x.grad] + [p.grad for p in ca.parameters()])
+    assert calls == [(0, 1000, 1037, 3537)]
     for a, b in zip(*runs):
         assert rel_err(a.float(), b.float()) < 3e-2
 

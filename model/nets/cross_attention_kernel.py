@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 
 import torch
 import triton
@@ -167,26 +168,46 @@ def _head_offset(h, n_rows, INDEX_64: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(TILES, t, n_rows, rows_per_program, BLOCK: tl.constexpr, VARLEN: tl.constexpr,
+                  INDEX_64: tl.constexpr):
+    """Program ``t``'s batch element ``b``, its first ``BLOCK`` rows and the end of its rows: from the table
+    ``TILES [T, 3]`` (``b``, first row, end) when ``VARLEN``, else element 0 and rows ``t * rows_per_program`` on,
+    ending at ``n_rows`` or after ``rows_per_program`` rows."""
+    if VARLEN:
+        b = tl.load(TILES + 3 * t)
+        start = tl.load(TILES + 3 * t + 1)
+        stop = tl.load(TILES + 3 * t + 2)
+    else:
+        b = t * 0
+        start = t * rows_per_program
+        stop = tl.minimum(start + rows_per_program, n_rows)
+    if INDEX_64:
+        b = b.to(tl.int64)
+        start = start.to(tl.int64)
+    return b, start, stop
+
+
+@triton.jit
 def _cross_attention_kernel(
-    Q, K, V, O, LSE, n_rows, n_keys, qk_scale,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    Q, K, V, O, LSE, TILES, n_rows, n_keys, qk_scale,
+    stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
-    WRITE_LSE: tl.constexpr, FMA_EVERY: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FMA_EVERY: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Program ``(tile, h)``: ``O[tile * BLOCK_M .. + BLOCK_M, h]`` for ``Q [n_rows, H, D]``, ``K, V [n_keys, H, D]``
     (innermost stride 1, other strides given), ``O [n_rows, H, D]`` contiguous; ``n_keys >= 1``. ``WRITE_LSE``: also
     ``LSE [H, n_rows]`` float32, each row's ``log2`` of its softmax denominator over the base-2 logits (the backward
     pass's probabilities are ``exp2(s * qk_scale - LSE)``). ``FMA_EVERY`` (0: never): the last of every
-    ``FMA_EVERY`` full key tiles takes its exponentials from :func:`_exp2_fma`."""
+    ``FMA_EVERY`` full key tiles takes its exponentials from :func:`_exp2_fma`. ``VARLEN``: several batch elements,
+    ``K, V [B, n_keys, H, D]``, the program's element and rows from ``TILES`` (:func:`_program_rows`)."""
     h = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if INDEX_64:
-        rows = rows.to(tl.int64)
+    b, start, row_stop = _program_rows(TILES, tl.program_id(0), n_rows, BLOCK_M, BLOCK_M, VARLEN, INDEX_64)
+    rows = start + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    row_ok = rows < n_rows
+    row_ok = rows < row_stop
     q = tl.load(Q + rows[:, None] * stride_qn + h * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
-    k_head = K + h * stride_kh
-    v_head = V + h * stride_vh
+    k_head = K + b * stride_kb + h * stride_kh
+    v_head = V + b * stride_vb + h * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -249,20 +270,20 @@ def _dq_tile(dq, q, do, lse, delta, K, V, k0, n_keys, stride_kn, stride_vn, qk_s
 
 @triton.jit
 def _cross_attention_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, n_rows, n_keys, qk_scale, sm_scale,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_don, stride_doh,
+    Q, K, V, O, DO, DQ, LSE, DELTA, TILES, n_rows, n_keys, qk_scale, sm_scale,
+    stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_on, stride_oh,
+    stride_don, stride_doh,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
-    FMA_EVERY: tl.constexpr,
+    FMA_EVERY: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Program ``(tile, h)``: ``DQ [n_rows, H, D]`` (contiguous) of its ``BLOCK_M`` rows, and their
     ``DELTA [H, n_rows] = rowsum(dO * O)`` (float32) for :func:`_cross_attention_dkdv_kernel`; ``LSE [H, n_rows]``
-    from the forward kernel. ``FMA_EVERY`` as in :func:`_cross_attention_kernel`."""
+    from the forward kernel. ``FMA_EVERY``, ``VARLEN`` as in :func:`_cross_attention_kernel`."""
     h = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if INDEX_64:
-        rows = rows.to(tl.int64)
+    b, start, row_stop = _program_rows(TILES, tl.program_id(0), n_rows, BLOCK_M, BLOCK_M, VARLEN, INDEX_64)
+    rows = start + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    row_ok = rows < n_rows
+    row_ok = rows < row_stop
     q = tl.load(Q + rows[:, None] * stride_qn + h * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + rows[:, None] * stride_don + h * stride_doh + d[None, :], mask=row_ok[:, None], other=0.0)
     o = tl.load(O + rows[:, None] * stride_on + h * stride_oh + d[None, :], mask=row_ok[:, None], other=0.0)
@@ -270,8 +291,8 @@ def _cross_attention_dq_kernel(
     table = _head_offset(h, n_rows, INDEX_64) + rows
     tl.store(DELTA + table, delta, mask=row_ok)
     lse = tl.load(LSE + table, mask=row_ok, other=0.0)
-    k_head = K + h * stride_kh
-    v_head = V + h * stride_vh
+    k_head = K + b * stride_kb + h * stride_kh
+    v_head = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     full_end = (n_keys // BLOCK_N) * BLOCK_N
     fma_end = 0
@@ -329,28 +350,30 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, m0, row_stop, stride_qn, stride_
 
 @triton.jit
 def _cross_attention_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, n_rows, n_keys, chunk_rows, qk_scale,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    Q, K, V, DO, DK, DV, LSE, DELTA, CHUNKS, n_rows, n_keys, chunk_rows, qk_scale,
+    stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_don, stride_doh,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr, IEEE: tl.constexpr,
-    FMA_EVERY: tl.constexpr,
+    FMA_EVERY: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Program ``(key tile, h, chunk)``: the shares of query rows ``chunk * chunk_rows .. + chunk_rows`` in the
     gradients of keys ``tile * BLOCK_N .. + BLOCK_N`` of head ``h``, written to ``DK, DV [chunks, n_keys, H, D]``
     (float32 partial sums; DK without the logits' scale). ``FMA_EVERY``: the last of every ``FMA_EVERY`` full query
-    tiles takes its exponentials from :func:`_exp2_fma` (0: never)."""
+    tiles takes its exponentials from :func:`_exp2_fma` (0: never). ``VARLEN``: ``K, V [B, n_keys, H, D]`` and each
+    chunk's batch element and rows from ``CHUNKS [chunks, 3]`` (:func:`_program_rows`)."""
     h = tl.program_id(1)
     chunk = tl.program_id(2)
+    b, start, stop = _program_rows(CHUNKS, chunk, n_rows, chunk_rows, BLOCK_M, VARLEN, INDEX_64)
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if INDEX_64:
         keys = keys.to(tl.int64)
     d = tl.arange(0, D)
     k_ok = keys < n_keys
-    k = tl.load(K + keys[:, None] * stride_kn + h * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(V + keys[:, None] * stride_vn + h * stride_vh + d[None, :], mask=k_ok[:, None], other=0.0)
+    k = tl.load(K + b * stride_kb + keys[:, None] * stride_kn + h * stride_kh + d[None, :], mask=k_ok[:, None],
+                other=0.0)
+    v = tl.load(V + b * stride_vb + keys[:, None] * stride_vn + h * stride_vh + d[None, :], mask=k_ok[:, None],
+                other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    start = chunk * chunk_rows
-    stop = tl.minimum(start + chunk_rows, n_rows)
     full_stop = start + ((stop - start) // BLOCK_M) * BLOCK_M
     q_head = Q + h * stride_qh
     do_head = DO + h * stride_doh
@@ -399,22 +422,22 @@ def _records_gradient(*ts: torch.Tensor) -> bool:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`cross_attention` takes ``q [N, H, D]``, ``k, v [L, H, D]``: one dtype of
-    :data:`KERNEL_DTYPES`, ``D`` in :data:`HEAD_DIMS`, ``L >= 1``, innermost stride 1, one CUDA device (any device
-    under the Triton interpreter), and, when a gradient is to be recorded, :data:`TRAINABLE` on."""
-    ts = (q, k, v)
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in ts):
+    """Whether :func:`cross_attention` takes ``q [N, H, D]`` with ``k, v [L, H, D]`` (one batch element) or
+    ``[B, L, H, D]`` (with CSR row offsets): one dtype of :data:`KERNEL_DTYPES`, ``D`` in :data:`HEAD_DIMS`,
+    ``L >= 1``, innermost stride 1, one CUDA device (any device under the Triton interpreter), and, when a gradient is
+    to be recorded, :data:`TRAINABLE` on."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() != 3 or k.dim() not in (3, 4):
         return False
     n, h, d = q.shape
-    if k.shape != v.shape or k.shape[1:] != (h, d) or k.shape[0] < 1 or d not in HEAD_DIMS:
+    if k.shape != v.shape or k.shape[-2:] != (h, d) or k.shape[-3] < 1 or d not in HEAD_DIMS:
         return False
     if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if any(t.stride(-1) != 1 for t in ts) or not all(t.device == q.device for t in ts):
+    if any(t.stride(-1) != 1 for t in (q, k, v)) or not all(t.device == q.device for t in (k, v)):
         return False
     if not (q.is_cuda or _interpreting()):
         return False
-    return TRAINABLE or not _records_gradient(*ts)
+    return TRAINABLE or not _records_gradient(q, k, v)
 
 
 def _checked_launch(defaults: dict, overrides: dict, where: str) -> dict:
@@ -438,8 +461,9 @@ def _checked_launch(defaults: dict, overrides: dict, where: str) -> dict:
 
 def _index_64(n: int, h: int, d: int, *ts: torch.Tensor) -> bool:
     """Whether some offset the kernels form may reach :data:`INDEX_32_LIMIT` (``[N, H, D]`` outputs, the inputs'
-    rows)."""
-    return max([n * h * d] + [t.stride(0) * t.shape[0] for t in ts]) >= INDEX_32_LIMIT
+    extents)."""
+    return max([n * h * d] + [sum(st * (sz - 1) for st, sz in zip(t.stride(), t.shape)) + 1 for t in ts]) \
+        >= INDEX_32_LIMIT
 
 
 def _fma_every(launch: dict, dtype: torch.dtype) -> int:
@@ -448,31 +472,67 @@ def _fma_every(launch: dict, dtype: torch.dtype) -> int:
     return 0 if dtype == torch.float32 else launch["fma_exp_every"]
 
 
-def _forward(q, k, v, scale: float, launch: dict, with_lse: bool):
-    """The forward kernel: ``o [N, H, D]`` contiguous and, ``with_lse``, ``lse [H, N]`` float32 (else None)."""
+#: Row tables of :func:`_row_table` kept for reuse (the same offsets come back once per block and pass).
+_TABLES: OrderedDict = OrderedDict()
+#: How many row tables :data:`_TABLES` keeps.
+TABLES_KEPT = 16
+
+
+def _row_table(bounds: tuple, rows: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """``[T, 3]`` int32 (batch element, first row, end) of every run of at most ``rows`` consecutive rows of one
+    element, for CSR ``bounds`` (``B + 1`` ints; empty elements have none), on ``device``; and each element's first
+    run (``B + 1`` ints, the last ``T``). Cached (:data:`_TABLES`)."""
+    key = (bounds, rows, str(device))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    runs, firsts = [], [0]
+    for b, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        runs.extend((b, r, min(r + rows, stop)) for r in range(start, stop, rows))
+        firsts.append(len(runs))
+    table = torch.tensor(runs or [(0, 0, 0)], dtype=torch.int32).to(device)
+    _TABLES[key] = (table, firsts)
+    while len(_TABLES) > TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return table, firsts
+
+
+def _batched(t: torch.Tensor) -> torch.Tensor:
+    """Keys or values as ``[B, L, H, D]`` (a 3-D ``[L, H, D]`` as one element)."""
+    return t if t.dim() == 4 else t.unsqueeze(0)
+
+
+def _forward(q, k, v, scale: float, launch: dict, with_lse: bool, bounds: tuple | None):
+    """The forward kernel: ``o [N, H, D]`` contiguous and, ``with_lse``, ``lse [H, N]`` float32 (else None).
+    ``k, v [B, L, H, D]``; ``bounds``: CSR row offsets when ``B > 1`` (else None)."""
     n, h, d = q.shape
     out = torch.empty(n, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(h, n, device=q.device, dtype=torch.float32) if with_lse else None
     if n == 0:
         return out, lse
-    grid = (triton.cdiv(n, launch["block_m"]), h)
-    _cross_attention_kernel[grid](
-        q, k, v, out, out if lse is None else lse, n, k.shape[0], scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+    if bounds is None:
+        tiles, programs = out, triton.cdiv(n, launch["block_m"])
+    else:
+        tiles, firsts = _row_table(bounds, launch["block_m"], q.device)
+        programs = firsts[-1]
+    _cross_attention_kernel[(programs, h)](
+        q, k, v, out, out if lse is None else lse, tiles, n, k.shape[1], scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=d, BLOCK_M=launch["block_m"], BLOCK_N=launch["block_n"], INDEX_64=_index_64(n, h, d, q, k, v),
         IEEE=q.dtype == torch.float32, WRITE_LSE=with_lse, FMA_EVERY=_fma_every(launch, q.dtype),
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        VARLEN=bounds is not None, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out, lse
 
 
-def _backward(q, k, v, o, do, lse, scale: float, launch: dict):
-    """``dq [N, H, D]`` (q's dtype, contiguous) and ``dk, dv [L, H, D]`` for the output gradient ``do [N, H, D]``:
-    :func:`_cross_attention_dq_kernel` (which also forms ``delta = rowsum(dO * O)``), then
-    :func:`_cross_attention_dkdv_kernel` over query chunks of ``chunk_rows`` rows, whose float32 partial sums are
-    added here (a fixed order: deterministic)."""
+def _backward(q, k, v, o, do, lse, scale: float, launch: dict, bounds: tuple | None):
+    """``dq [N, H, D]`` (q's dtype, contiguous) and ``dk, dv [B, L, H, D]`` for the output gradient
+    ``do [N, H, D]``: :func:`_cross_attention_dq_kernel` (which also forms ``delta = rowsum(dO * O)``), then
+    :func:`_cross_attention_dkdv_kernel` over query chunks of at most ``chunk_rows`` rows of one batch element,
+    whose float32 partial sums are added here per element (a fixed order: deterministic)."""
     n, h, d = q.shape
-    length = k.shape[0]
+    batch, length = k.shape[:2]
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq = torch.empty(n, h, d, device=q.device, dtype=q.dtype)
@@ -482,59 +542,102 @@ def _backward(q, k, v, o, do, lse, scale: float, launch: dict):
     ieee = q.dtype == torch.float32
     delta = torch.empty(h, n, device=q.device, dtype=torch.float32)
     lq, lk = launch["dq"], launch["dkdv"]
-    _cross_attention_dq_kernel[(triton.cdiv(n, lq["block_m"]), h)](
-        q, k, v, o, do, dq, lse, delta, n, length, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        do.stride(0), do.stride(1),
+    if bounds is None:
+        tiles, programs = dq, triton.cdiv(n, lq["block_m"])
+    else:
+        tiles, firsts = _row_table(bounds, lq["block_m"], q.device)
+        programs = firsts[-1]
+    _cross_attention_dq_kernel[(programs, h)](
+        q, k, v, o, do, dq, lse, delta, tiles, n, length, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), do.stride(0), do.stride(1),
         D=d, BLOCK_M=lq["block_m"], BLOCK_N=lq["block_n"], INDEX_64=index_64, IEEE=ieee,
-        FMA_EVERY=_fma_every(lq, q.dtype),
+        FMA_EVERY=_fma_every(lq, q.dtype), VARLEN=bounds is not None,
         num_warps=lq["num_warps"], num_stages=lq["num_stages"],
     )
     chunk_rows = max(lk["block_m"], lk["chunk_rows"] // lk["block_m"] * lk["block_m"])
-    chunks = triton.cdiv(n, chunk_rows)
+    if bounds is None:
+        chunks_table, chunks = dq, triton.cdiv(n, chunk_rows)
+        firsts = [0, chunks]
+    else:
+        chunks_table, firsts = _row_table(bounds, chunk_rows, q.device)
+        chunks = firsts[-1]
     dk = torch.empty(chunks, length, h, d, device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
     index_64 = index_64 or chunks * length * h * d >= INDEX_32_LIMIT
     _cross_attention_dkdv_kernel[(triton.cdiv(length, lk["block_n"]), h, chunks)](
-        q, k, v, do, dk, dv, lse, delta, n, length, chunk_rows, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        q, k, v, do, dk, dv, lse, delta, chunks_table, n, length, chunk_rows, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1),
         D=d, BLOCK_M=lk["block_m"], BLOCK_N=lk["block_n"], INDEX_64=index_64, IEEE=ieee,
-        FMA_EVERY=_fma_every(lk, q.dtype),
+        FMA_EVERY=_fma_every(lk, q.dtype), VARLEN=bounds is not None,
         num_warps=lk["num_warps"], num_stages=lk["num_stages"],
     )
-    dk = dk[0] if chunks == 1 else dk.sum(0)
-    dv = dv[0] if chunks == 1 else dv.sum(0)
-    return dq, (dk * scale).to(k.dtype), dv.to(v.dtype)
+    if chunks == batch and all(firsts[b + 1] - firsts[b] == 1 for b in range(batch)):
+        sums_k, sums_v = dk, dv  # one chunk per element: nothing to add
+    else:
+        sums_k, sums_v = (torch.stack([t[a:z].sum(0) if z > a else t.new_zeros(t.shape[1:])
+                                       for a, z in zip(firsts[:-1], firsts[1:])]) for t in (dk, dv))
+    return dq, (sums_k * scale).to(k.dtype), sums_v.to(v.dtype)
 
 
 class _CrossAttention(torch.autograd.Function):
     """:func:`cross_attention` under autograd: the forward kernel keeps the rows' LSE; the backward kernels give
-    ``dq``, ``dk``, ``dv``. Saves ``q``, ``k``, ``v``, the output and the LSE (``4 * H * N`` bytes)."""
+    ``dq``, ``dk``, ``dv`` (shaped as the given ``k``, ``v``). Saves ``q``, ``k``, ``v``, the output and the LSE
+    (``4 * H * N`` bytes)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, launch, backward_launch):
-        out, lse = _forward(q, k, v, scale, launch, with_lse=True)
+    def forward(ctx, q, k, v, scale, launch, backward_launch, bounds):
+        out, lse = _forward(q, _batched(k), _batched(v), scale, launch, True, bounds)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.backward_launch = scale, backward_launch
+        ctx.scale, ctx.backward_launch, ctx.bounds = scale, backward_launch, bounds
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, do, lse, ctx.scale, ctx.backward_launch)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(q, _batched(k), _batched(v), out, do, lse, ctx.scale, ctx.backward_launch, ctx.bounds)
+        return dq, dk.view(k.shape), dv.view(v.shape), None, None, None, None
 
 
-def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None, fma_exp_every: int | None = None,
+def _bounds(offsets, n: int, batch: int) -> tuple | None:
+    """The CSR row offsets as a tuple of ints (None for one batch element), checked against ``n`` rows and
+    ``batch`` elements."""
+    if offsets is None:
+        if batch != 1:
+            raise ValueError(f"k holds {batch} batch elements: give their rows' CSR offsets ([{batch + 1}] ints)")
+        return None
+    if isinstance(offsets, torch.Tensor):
+        if offsets.dim() != 1 or offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
+            raise TypeError(f"offsets must be a 1-D integer tensor or a sequence of ints, got {offsets.dtype} "
+                            f"of shape {tuple(offsets.shape)}")
+        offsets = offsets.tolist()
+    elif not isinstance(offsets, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                             for x in offsets):
+        raise TypeError(f"offsets must be a 1-D integer tensor or a sequence of ints, got {offsets!r}")
+    bounds = tuple(int(x) for x in offsets)
+    if len(bounds) != batch + 1:
+        raise ValueError(f"offsets must hold {batch + 1} entries for k's {batch} batch elements, got {len(bounds)}")
+    if bounds[0] != 0 or bounds[-1] != n or any(a > b for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"offsets must rise from 0 to q's {n} rows, got {list(bounds)}")
+    return None if batch == 1 else bounds
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets=None, *,
+                    scale: float | None = None, block_m: int | None = None, block_n: int | None = None,
+                    num_warps: int | None = None, num_stages: int | None = None, fma_exp_every: int | None = None,
                     backward: dict | None = None) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` per head, every query over every key (no mask): ``o [N, H, D]`` contiguous.
-    Differentiable in ``q``, ``k`` and ``v`` (Triton backward kernels) while :data:`TRAINABLE` is on.
+    """``softmax(q k^T * scale) v`` per head, every query over every key of its batch element (no mask):
+    ``o [N, H, D]`` contiguous. Differentiable in ``q``, ``k`` and ``v`` (Triton backward kernels) while
+    :data:`TRAINABLE` is on.
 
     Args:
         q: ``[N, H, D]`` queries (any strides with the last one 1, e.g. a view of ``[N, H * D]``).
-        k, v: ``[L, H, D]`` keys and values (``L >= 1``), q's dtype and device, last stride 1.
+        k, v: ``[L, H, D]`` keys and values of one batch element, or ``[B, L, H, D]`` of ``B`` (``L >= 1``), q's
+            dtype and device, last stride 1.
+        offsets: with ``B > 1``: the CSR row offsets of q's batch elements (``B + 1`` ints from 0 to ``N``; a
+            host sequence, or a tensor, which costs a device sync); element ``b``'s rows attend to ``k[b]``,
+            ``v[b]`` only. None: one element.
         scale: the logits' scale; None: ``1 / sqrt(D)``.
         block_m, block_n, num_warps, num_stages: the forward launch (None: :func:`launch_for` the head dim); powers
             of two >= 16 for the tiles.
@@ -550,14 +653,18 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have 3 dims ([rows, heads, head_dim]), got shape {tuple(t.shape)}")
+    if q.dim() != 3:
+        raise ValueError(f"q must have 3 dims ([rows, heads, head_dim]), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name} must have 3 dims ([keys, heads, head_dim]) or 4 ([batch, keys, heads, "
+                             f"head_dim]), got shape {tuple(t.shape)}")
     n, h, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[1:] != (h, d):
-        raise ValueError(f"k must be [L, {h}, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if k.shape[0] < 1:
+    if k.shape[-2:] != (h, d):
+        raise ValueError(f"k must be [..., L, {h}, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.shape[-3] < 1:
         raise ValueError("k must hold at least one key (L >= 1)")
     if d not in HEAD_DIMS:
         raise ValueError(f"q's head dim must be one of {HEAD_DIMS}, got {d}")
@@ -573,6 +680,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
             raise ValueError(f"{name} must have a unit stride along its last dim, got strides {t.stride()}")
     if not (q.is_cuda or _interpreting()):
         raise ValueError(f"q must be a CUDA tensor (CPU only under TRITON_INTERPRET=1), got device {q.device}")
+    bounds = _bounds(offsets, n, k.shape[0] if k.dim() == 4 else 1)
     grad = _records_gradient(q, k, v)
     if grad and not TRAINABLE:
         raise ValueError("cross_attention's backward is switched off (TRAINABLE): call it under torch.no_grad() / "
@@ -581,7 +689,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                                                  num_stages=num_stages, fma_exp_every=fma_exp_every), "")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not grad:
-        return _forward(q, k, v, scale, launch, with_lse=False)[0]
+        return _forward(q, _batched(k), _batched(v), scale, launch, False, bounds)[0]
     defaults = backward_launch_for(d)
     backward = {} if backward is None else backward
     if not isinstance(backward, dict) or not set(backward) <= set(defaults):
@@ -590,4 +698,4 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         if not isinstance(settings, dict):
             raise ValueError(f"backward[{name!r}] must be a dict of launch settings, got {settings!r}")
         defaults[name] = _checked_launch(defaults[name], settings, f"backward[{name!r}].")
-    return _CrossAttention.apply(q, k, v, scale, launch, defaults)
+    return _CrossAttention.apply(q, k, v, scale, launch, defaults, bounds)

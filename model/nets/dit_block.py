@@ -33,14 +33,30 @@ __all__ = ["BLOCK_NORM_EPS", "GATED_RESIDUAL", "MLP_CHUNK_ROWS", "NORM_PROJECTIO
 BLOCK_NORM_EPS = 1e-6
 
 
-def _kernel_fits(q: torch.Tensor, kv: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def _kernel_fits(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether the cross-attention goes through :func:`model.nets.cross_attention_kernel.cross_attention`: switched
-    on (its ``ENABLED``), on CUDA, one batch element, no key mask, a dtype and head dim it takes, and under
-    autograd its backward switched on (``TRAINABLE``). Otherwise SDPA (:func:`model.nets.ssa_layer.dense_attention`)."""
-    if not (cross_attention_kernel.ENABLED and q.is_cuda and mask is None and kv.shape[0] == 1
-            and offsets.numel() == 2):
+    on (its ``ENABLED``), on CUDA, no key mask, a dtype and head dim it takes, and under autograd its backward
+    switched on (``TRAINABLE``); any number of batch elements. Otherwise SDPA
+    (:func:`model.nets.ssa_layer.dense_attention`, which pads several elements to the longest)."""
+    if not (cross_attention_kernel.ENABLED and q.is_cuda and mask is None):
         return False
-    return cross_attention_kernel.supports(q, kv[0, :, 0], kv[0, :, 1])
+    return cross_attention_kernel.supports(q, kv[:, :, 0], kv[:, :, 1])
+
+
+#: Key of the host copy of a SparseTensor's row offsets in its ``cache`` (the kernel's tile tables are built on the
+#: host; one copy per coordinate set instead of a device sync per block).
+_HOST_OFFSETS = "cross_attention_host_offsets"
+
+
+def _host_offsets(offsets: torch.Tensor, cache: dict | None) -> list[int] | None:
+    """CSR row offsets on the host for the kernel (None for one batch element), kept in ``cache``."""
+    if offsets.numel() == 2:
+        return None
+    if cache is None:
+        return offsets.tolist()
+    if _HOST_OFFSETS not in cache:
+        cache[_HOST_OFFSETS] = offsets.tolist()
+    return cache[_HOST_OFFSETS]
 
 
 class CrossAttention(nn.Module):
@@ -79,8 +95,9 @@ class CrossAttention(nn.Module):
         n = q.shape[0]
         q = q.view(n, self.num_heads, d)
         kv = self.project_context(context) if kv is None else kv
-        if _kernel_fits(q, kv, offsets, mask):
-            return cross_attention_kernel.cross_attention(q, kv[0, :, 0], kv[0, :, 1]).view(n, self.channels)
+        if _kernel_fits(q, kv, mask):
+            return cross_attention_kernel.cross_attention(q, kv[:, :, 0], kv[:, :, 1],
+                                                          _host_offsets(offsets, cache)).view(n, self.channels)
         o = dense_attention(q, kv[:, :, 0], kv[:, :, 1], offsets, kv_mask=mask, cache=cache,
                             cache_key="dit_cross_attention")
         return o.reshape(n, self.channels)
