@@ -29,8 +29,12 @@ float32 partial sums are added afterwards in a fixed order, so the gradients are
 not SDPA's backward: at head dim 32 the DiT training step spent 244 ms in cuDNN's cross-attention backward (24
 calls, reports/dit.md at 373aa8c), well above what the exponentials bound it to.
 
-Scope: one batch element (all queries attend to the same keys; the cascade generates one shape at a time; batched
-training keeps SDPA), no key mask. :func:`supports` says whether a call fits;
+Batch elements: with ``k, v [B, L, H, D]`` and the queries' CSR row offsets, each program's element and rows come
+from a small table built on the host (:func:`_row_table`, cached), so elements of different sizes need no padding
+(SDPA pads every element to the longest). The exponentials can be moved in part to the FMA units
+(:func:`_exp2_fma`, launch setting ``fma_exp_every``, off by default until timed).
+
+Scope: no key mask (condition tokens of one length). :func:`supports` says whether a call fits;
 :meth:`model.nets.dit_block.CrossAttention.attend` routes to it only then, when :data:`ENABLED`. The launch
 (:data:`LAUNCH`) comes from ``python -m model.reports.cross_attention`` on an H100 (reports/cross_attention.md), which
 times it beside SDPA's backends on the cascade's shapes. Under the Triton interpreter (``TRITON_INTERPRET=1``) it

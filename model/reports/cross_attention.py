@@ -14,7 +14,9 @@ the commit.
 ``--training`` times the call under autograd instead: forward and backward (``torch.autograd.grad`` of q, k and v
 for a random output gradient) through each SDPA backend and through the kernel's forward (with the LSE) and its dQ
 and dK/dV kernels; ``--sweep-backward`` adds the backward launches of :data:`BACKWARD_SWEEP` at the largest shape,
-one kernel's launch varied at a time. Rel. error there: dq of the first rows against float64, and dk / dv against
+one kernel's launch varied at a time; ``--sweep-fma`` adds the default launches with every k-th tile's
+exponentials on the FMA units (:data:`FMA_SWEEP`), in the forward alone, or with ``--training`` in dQ, in dK/dV and
+in all three kernels. Rel. error there: dq of the first rows against float64, and dk / dv against
 the default SDPA row's.
 
 Without CUDA (or with ``--device cpu``) it says so and runs a tiny smoke shape on the CPU instead (the kernel only
