@@ -45,7 +45,8 @@ TUNED_HEAD_DIM = 32
 #: picks the key-outer kernel (ssa_kernels.selection), with ko_rows / ko_block_n / ko_warps / ko_stages for its
 #: partials kernel, merge_rows / merge_warps for the merge, and scratch_bytes bounding the partials of one chunk of
 #: queries; their merged (0/1) makes a query-outer program of one token walk the keys of all its chosen blocks as
-#: one stream of full tiles instead of block by block (ssa_kernels.selection).
+#: one stream of full tiles instead of block by block (ssa_kernels.selection). selection.DKDV's tail (0/1) runs a
+#: block's last key tile as a half tile when at most block_n / 2 keys are left (block_n >= 32).
 BASE: dict[str, dict] = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3),
@@ -54,7 +55,7 @@ BASE: dict[str, dict] = {
                           ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0),
     "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
                          ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0),
-    "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192),
+    "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192, tail=0),
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DKDV": dict(max_heads=16, rows=256, num_warps=4, num_stages=2),

@@ -368,6 +368,43 @@ def _sel_dq_merge_kernel(
 
 
 @triton.jit
+def _sel_dkdv_tile(Q, K, V, DO, GATE, LSE2, DELTA, DK, DV, PART, csr_tokens, item, bucket, chunk, tile, start, end,
+                   q_lo, q_hi, g, hkv, H, qk_scale, scale, part_stride,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
+                   G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BN: tl.constexpr, SLOT_N: tl.constexpr,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATE_IDX: tl.constexpr,
+                   ACCUMULATE: tl.constexpr, SIGNED: tl.constexpr):
+    """The work of one program of :func:`_sel_bwd_dkdv_kernel` on ``BN`` keys from ``start`` (``SLOT_N``: the rows
+    of a partial-sum slot, the launch's ``BLOCK_N``; a half tile fills the first ``BN`` of them)."""
+    n = start + tl.arange(0, BN)
+    n_ok = n < end
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, kv_mask)
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    r = tl.arange(0, BLOCK_T * HG)
+    for e0 in range(q_lo, q_hi, BLOCK_T):
+        e = e0 + r // HG
+        row_ok = e < q_hi
+        tok64 = tl.load(csr_tokens + e, mask=row_ok, other=0).to(tl.int64)
+        rd_mask = row_ok[:, None] & d_ok[None, :]
+        valid_t = n_ok[:, None] & row_ok[None, :]
+        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
+                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
+                            GATE_IDX, SIGNED)
+    if chunk == 0:
+        _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, hkv, d, kv_mask, D, ACCUMULATE)
+    else:
+        tiles = tl.num_programs(1)
+        part = ((item - bucket - 1).to(tl.int64) * tiles + tile) * (SLOT_N * BLOCK_D)
+        rows = tl.arange(0, BN)[:, None] * BLOCK_D + d[None, :]
+        tl.store(PART + part + rows, dk)
+        tl.store(PART + part_stride + part + rows, dv)
+
+
+@triton.jit
 def _sel_bwd_dkdv_kernel(
     Q, K, V, DO, GATE, NEG, LSE2, DELTA, DK, DV, PART,
     sel_offsets, csr_offsets, csr_tokens, item_bucket, item_start,
@@ -376,7 +413,7 @@ def _sel_bwd_dkdv_kernel(
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr, SIGNED: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, TAIL: tl.constexpr,
 ):
     """dK/dV of key tile ``program_id(1)`` of one work item ``program_id(0)``; launched once per ``SIGNED``
     variant (``gate.fold_gate``), the one that does not apply does nothing.
@@ -387,7 +424,9 @@ def _sel_bwd_dkdv_kernel(
     ``i - item_start[bucket]`` of bucket ``item_bucket[i]`` (``NB`` past the last item). Chunk 0 stores into
     ``DK, DV [N, Hkv, D]`` float32 (added to when ``ACCUMULATE``); chunk c > 0 writes its unscaled partial sums
     into slot ``i - bucket - 1`` of ``PART [2, slots, tiles, BLOCK_N, BLOCK_D]`` (``part_stride`` = the size of
-    one of the two halves), which :func:`_sel_dkdv_reduce_kernel` adds in chunk order.
+    one of the two halves), which :func:`_sel_dkdv_reduce_kernel` adds in chunk order. ``TAIL``: a tile with at
+    most ``BLOCK_N / 2`` keys left (a block's last) runs as a half tile, every product and exponential on half the
+    keys (the reduction reads the other half of its slot only for keys it does not store).
     """
     item = tl.program_id(0)
     tile = tl.program_id(1)
@@ -403,37 +442,24 @@ def _sel_bwd_dkdv_kernel(
     start = tl.load(sel_offsets + blk) + tile * BLOCK_N
     end = tl.load(sel_offsets + blk + 1)
     if (bucket < NB) & (start < end) & _signed_variant_runs(NEG, HAS_GATE, SIGNED):
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, kv_mask)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         q_lo = tl.load(csr_offsets + bucket)
         q_hi = tl.load(csr_offsets + bucket + 1)
         if SPLIT:
             q_lo = q_lo + chunk * max_queries
             q_hi = tl.minimum(q_hi, q_lo + max_queries)
-        r = tl.arange(0, BLOCK_T * HG)
-        for e0 in range(q_lo, q_hi, BLOCK_T):
-            e = e0 + r // HG
-            row_ok = e < q_hi
-            tok64 = tl.load(csr_tokens + e, mask=row_ok, other=0).to(tl.int64)
-            rd_mask = row_ok[:, None] & d_ok[None, :]
-            valid_t = n_ok[:, None] & row_ok[None, :]
-            dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
-                                qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
-                                GATE_IDX, SIGNED)
-        if chunk == 0:
-            _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, hkv, d, kv_mask, D, ACCUMULATE)
+        args = (Q, K, V, DO, GATE, LSE2, DELTA, DK, DV, PART, csr_tokens, item, bucket, chunk, tile, start, end,
+                q_lo, q_hi, g, hkv, H, qk_scale, scale, part_stride,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh)
+        if TAIL:
+            if end - start <= BLOCK_N // 2:
+                _sel_dkdv_tile(*args, G, HG, BLOCK_T, BLOCK_N // 2, BLOCK_N, D, BLOCK_D, PRECISION, GATE_IDX,
+                               ACCUMULATE, SIGNED)
+            else:
+                _sel_dkdv_tile(*args, G, HG, BLOCK_T, BLOCK_N, BLOCK_N, D, BLOCK_D, PRECISION, GATE_IDX,
+                               ACCUMULATE, SIGNED)
         else:
-            tiles = tl.num_programs(1)
-            part = ((item - bucket - 1).to(tl.int64) * tiles + tile) * (BLOCK_N * BLOCK_D)
-            rows = tl.arange(0, BLOCK_N)[:, None] * BLOCK_D + d[None, :]
-            tl.store(PART + part + rows, dk)
-            tl.store(PART + part_stride + part + rows, dv)
+            _sel_dkdv_tile(*args, G, HG, BLOCK_T, BLOCK_N, BLOCK_N, D, BLOCK_D, PRECISION, GATE_IDX, ACCUMULATE,
+                           SIGNED)
 
 
 @triton.jit
@@ -706,7 +732,7 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
             G=group, HG=hg, BLOCK_T=bt, BLOCK_N=block_n,
             D=dim, BLOCK_D=bd, PRECISION=prec, HAS_GATE=has_gate,
             GATE_IDX=gate_idx, ACCUMULATE=accumulate, SIGNED=signed, SPLIT=split,
-            **_launch(dkdv),
+            TAIL=bool(dkdv["tail"]) and block_n >= 32, **_launch(dkdv),
         )
     if split:  # after both variants: the one that ran wrote the partial sums
         _sel_dkdv_reduce_kernel[(nb, tiles)](

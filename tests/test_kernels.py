@@ -401,6 +401,42 @@ def test_selection_dkdv_split_over_a_block_most_queries_chose(max_queries):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.parametrize("max_queries", [0, 2], ids=["whole-buckets", "split-buckets"])
+def test_selection_dkdv_half_tail_tiles(max_queries):
+    """Launch setting ``tail``: a block's last key tile with at most half a tile of keys left runs as a half tile
+    (32-key tiles, so 16-key halves), with whole buckets and with buckets split into chunks (the half tiles' partial
+    sums fill half a slot): the whole op against the float64 reference; blocks whose last tile is a half tile and
+    blocks whose last tile is not are both present, and the kernel ran with ``TAIL``."""
+    import ssa_kernels.selection as selection
+
+    hq, hkv, d = 4, 2, 16
+    coords, inp = _make((150,), 16, 4, 8, hq, hkv, d, seed=11)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    last = torch.diff(layout.sel_offsets.long()) % 32
+    assert ((last > 0) & (last <= 16)).any() and ((last == 0) | (last > 16)).any()
+    launched = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append(kwargs["TAIL"])
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(selection, "_sel_bwd_dkdv_kernel", Spy(selection._sel_bwd_dkdv_kernel))
+        with ssa_kernels.launch.overriding("selection.DKDV", dict(tail=1, block_n=32, max_queries=max_queries)):
+            o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8,
+                                                    shift=4)
+    assert launched and all(launched)
+    assert rel_err(o, o_ref) < F32_TOL
+    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
+        assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
+
+
 @pytest.mark.parametrize("max_queries", [1, 2, 5, 1000])
 def test_split_buckets_cover_every_query_once(max_queries):
     gen = torch.Generator().manual_seed(max_queries)
