@@ -32,7 +32,7 @@ calls, reports/dit.md at 373aa8c), well above what the exponentials bound it to.
 Batch elements: with ``k, v [B, L, H, D]`` and the queries' CSR row offsets, each program's element and rows come
 from a small table built on the host (:func:`_row_table`, cached), so elements of different sizes need no padding
 (SDPA pads every element to the longest). The exponentials can be moved in part to the FMA units
-(:func:`_exp2_fma`, launch setting ``fma_exp_every``, off by default until timed).
+(:func:`exp2_fma`, launch setting ``fma_exp_every``, off by default until timed).
 
 Scope: no key mask (condition tokens of one length). :func:`supports` says whether a call fits;
 :meth:`model.nets.dit_block.CrossAttention.attend` routes to it only then, when :data:`ENABLED`. The launch
@@ -49,6 +49,8 @@ from collections import OrderedDict
 import torch
 import triton
 import triton.language as tl
+
+from ssa_kernels._common import exp2_fma  # the FMA-unit exponential, shared with the SSA kernels
 
 __all__ = ["BACKWARD_LAUNCH", "BACKWARD_LAUNCHES", "ENABLED", "KERNEL_DTYPES", "LAUNCH", "LAUNCHES", "TRAINABLE",
            "backward_launch_for", "cross_attention", "launch_for", "supports"]
@@ -90,40 +92,11 @@ BACKWARD_LAUNCHES: dict[int, dict] = {32: dict(dq=dict(block_m=128, block_n=32, 
 INDEX_32_LIMIT = 2**31
 #: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
 LOG2E = 1.4426950408889634
-#: Coefficients (constant term first) of the cubic that :func:`_exp2_fma` evaluates for ``2^f``, ``|f| <= 1/2``:
-#: fitted for the least maximum relative error (7.5e-5 in float32, against bfloat16's rounding step of 3.9e-3).
-EXP2_CUBIC = (0.9999280571937561, 0.6932610273361206, 0.2426111400127411, 0.05517145246267319)
-#: ``1.5 * 2^23``: added to a float32 of magnitude below ``2^22``, it leaves that number rounded to an integer in
-#: the low mantissa bits (and subtracted again, the rounded value itself).
-ROUND_MAGIC = 12582912.0
-#: Arguments of :func:`_exp2_fma` are clamped to this (``2^-125``, the least exponent its bit arithmetic keeps
-#: normal); scores this far below the row's maximum weigh nothing in a float32 sum.
-EXP2_FMA_MIN = -125.0
-
-
-@triton.jit
-def _exp2_fma(x):
-    """``2^x`` for ``x <= 0`` on the FMA and integer units instead of the special-function unit (``tl.exp2``):
-    ``x = j + f`` with ``j`` the nearest integer (magic-number rounding) and ``|f| <= 1/2``; ``2^f`` by the cubic
-    :data:`EXP2_CUBIC` (relative error 7.5e-5); ``2^j`` added to the result's exponent bits. At head dim 32 a score
-    costs 64 multiply-adds in the matrix units but one exponential, and the special-function unit does 16 of those
-    per clock and SM, so the exponentials bound the kernels; computing some tiles' exponentials here moves that work
-    to units with 8x the throughput (the launch setting ``fma_exp_every``)."""
-    x = tl.maximum(x, EXP2_FMA_MIN)
-    r = x + ROUND_MAGIC
-    f = x - (r - ROUND_MAGIC)
-    p = EXP2_CUBIC[3] * f + EXP2_CUBIC[2]
-    p = p * f + EXP2_CUBIC[1]
-    p = p * f + EXP2_CUBIC[0]
-    bits = p.to(tl.int32, bitcast=True) + (r.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _exp2(x, FMA: tl.constexpr):
-    """``2^x``: :func:`_exp2_fma` when ``FMA``, else ``tl.exp2`` (the special-function unit)."""
+    """``2^x``: :func:`exp2_fma` when ``FMA``, else ``tl.exp2`` (the special-function unit)."""
     if FMA:
-        return _exp2_fma(x)
+        return exp2_fma(x)
     return tl.exp2(x)
 
 
@@ -202,7 +175,7 @@ def _cross_attention_kernel(
     (innermost stride 1, other strides given), ``O [n_rows, H, D]`` contiguous; ``n_keys >= 1``. ``WRITE_LSE``: also
     ``LSE [H, n_rows]`` float32, each row's ``log2`` of its softmax denominator over the base-2 logits (the backward
     pass's probabilities are ``exp2(s * qk_scale - LSE)``). ``FMA_EVERY`` (0: never): the last of every
-    ``FMA_EVERY`` full key tiles takes its exponentials from :func:`_exp2_fma`. ``VARLEN``: several batch elements,
+    ``FMA_EVERY`` full key tiles takes its exponentials from :func:`exp2_fma`. ``VARLEN``: several batch elements,
     ``K, V [B, n_keys, H, D]``, the program's element and rows from ``TILES`` (:func:`_program_rows`)."""
     h = tl.program_id(1)
     b, start, row_stop = _program_rows(TILES, tl.program_id(0), n_rows, BLOCK_M, BLOCK_M, VARLEN, INDEX_64)
@@ -362,7 +335,7 @@ def _cross_attention_dkdv_kernel(
     """Program ``(key tile, h, chunk)``: the shares of query rows ``chunk * chunk_rows .. + chunk_rows`` in the
     gradients of keys ``tile * BLOCK_N .. + BLOCK_N`` of head ``h``, written to ``DK, DV [chunks, n_keys, H, D]``
     (float32 partial sums; DK without the logits' scale). ``FMA_EVERY``: the last of every ``FMA_EVERY`` full query
-    tiles takes its exponentials from :func:`_exp2_fma` (0: never). ``VARLEN``: ``K, V [B, n_keys, H, D]`` and each
+    tiles takes its exponentials from :func:`exp2_fma` (0: never). ``VARLEN``: ``K, V [B, n_keys, H, D]`` and each
     chunk's batch element and rows from ``CHUNKS [chunks, 3]`` (:func:`_program_rows`)."""
     h = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -472,7 +445,7 @@ def _index_64(n: int, h: int, d: int, *ts: torch.Tensor) -> bool:
 
 def _fma_every(launch: dict, dtype: torch.dtype) -> int:
     """The launch's ``fma_exp_every`` for half-precision inputs; 0 for float32 ones, whose probabilities are not
-    rounded to 8 mantissa bits and would see the cubic's 7.5e-5 (:data:`EXP2_CUBIC`)."""
+    rounded to 8 mantissa bits and would see the cubic's 7.5e-5 (:data:`ssa_kernels._common.EXP2_CUBIC`)."""
     return 0 if dtype == torch.float32 else launch["fma_exp_every"]
 
 
@@ -646,7 +619,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets=N
         block_m, block_n, num_warps, num_stages: the forward launch (None: :func:`launch_for` the head dim); powers
             of two >= 16 for the tiles.
         fma_exp_every: ``k >= 1``: the last of every ``k`` full key tiles computes its exponentials with
-            multiply-adds (:func:`_exp2_fma`, relative error 7.5e-5) instead of the special-function unit; 0: none.
+            multiply-adds (:func:`exp2_fma`, relative error 7.5e-5) instead of the special-function unit; 0: none.
             Half-precision inputs only (float32 ones always use ``exp2``).
         backward: settings of the backward launch over :func:`backward_launch_for`, ``{"dq": {...}, "dkdv":
             {...}}`` (keys as the defaults; ``dkdv`` also ``chunk_rows``, query rows per partial sum; each kernel's
