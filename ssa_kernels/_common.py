@@ -51,6 +51,28 @@ def exp2_fma(x):
 
 
 @triton.jit
+def _exp2(x, FMA: tl.constexpr):
+    """``2^x``: :func:`exp2_fma` when ``FMA``, else ``tl.exp2`` (the special-function unit)."""
+    if FMA:
+        return exp2_fma(x)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _fma_turn(i, FMA_EVERY: tl.constexpr):
+    """Whether step ``i`` of a loop (0, 1, ...) takes its exponentials from :func:`exp2_fma`: the last of every
+    ``FMA_EVERY`` steps (``FMA_EVERY >= 1``; callers branch on ``FMA_EVERY > 0`` first, so that the kernel without
+    it compiles as before). Tested once per step, the same for every row of the program."""
+    return i % FMA_EVERY == FMA_EVERY - 1
+
+
+def fma_every(cfg: dict, dtype: torch.dtype) -> int:
+    """A launch configuration's ``fma_exp_every`` for half-precision inputs; 0 for float32 ones, whose
+    probabilities are not rounded to 8 mantissa bits and would see the cubic's 7.5e-5 (:data:`EXP2_CUBIC`)."""
+    return 0 if dtype == torch.float32 else cfg.get("fma_exp_every", 0)
+
+
+@triton.jit
 def _row_tokens_heads(pid_t, pid_h, N, G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr):
     """Rows of a query tile: ``BLOCK_T`` tokens x ``HG`` heads of one kv group, row r = token r // HG, head r % HG.
 
@@ -123,7 +145,7 @@ def check_kernel_dtype(t: torch.Tensor, name: str = "q") -> None:
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISION: tl.constexpr,
-               SIGNED: tl.constexpr):
+               SIGNED: tl.constexpr, FMA_EXP: tl.constexpr = False):
     """One key-outer backward step: add this query tile's contribution to the key tile's dK and dV.
 
     ``k, v [N, D]`` (the key tile), ``q, do [R, D]``, ``lse2, delta [R]`` from :func:`_grad_rows` (the
@@ -131,10 +153,10 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISI
     the signs to the columns of ``P^T`` (the kernel variant that runs when some gate is negative,
     :func:`ssa_kernels.gate.fold_gate`). Works on transposed scores (``S^T = K Q^T``) so that ``P^T`` and
     ``dS^T`` come out of the matrix unit in the layout the next products need; ``q`` and ``do`` go from memory
-    to the matrix unit untouched. ``dk`` is not yet scaled.
+    to the matrix unit untouched. ``dk`` is not yet scaled. ``FMA_EXP``: the exponentials from :func:`exp2_fma`.
     """
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-    p_t = tl.where(valid_t, tl.exp2(s_t - lse2[None, :]), 0.0)
+    p_t = tl.where(valid_t, _exp2(s_t - lse2[None, :], FMA_EXP), 0.0)
     if SIGNED:
         p_t = p_t * sgn[None, :]
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -145,14 +167,19 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISI
 
 
 @triton.jit
-def _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION: tl.constexpr):
+def _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION: tl.constexpr,
+                         FMA_EXP: tl.constexpr = False):
     """One forward step over a key tile ``k, v [N, D]`` for query rows ``q [R, D]``: the running max ``m [R]``
-    (log2 domain), normaliser ``l [R]`` and unnormalised output ``acc [R, D]`` (float32), masked by ``valid [R, N]``."""
+    (log2 domain), normaliser ``l [R]`` and unnormalised output ``acc [R, D]`` (float32), masked by ``valid [R, N]``.
+    ``FMA_EXP``: the scores' exponentials from :func:`exp2_fma` (masked to 0 where ``valid`` is not set)."""
     s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    if FMA_EXP:
+        p = tl.where(valid, exp2_fma(s - m_safe[:, None]), 0.0)
+    else:
+        p = tl.exp2(s - m_safe[:, None])
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l, acc
@@ -187,14 +214,16 @@ def _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, r
 
 
 @triton.jit
-def _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+             FMA_EXP: tl.constexpr = False):
     """One query-outer backward step: add a key tile's contribution to ``dq [R, D]`` (not yet scaled); without
-    ``MASKED`` every (row, key) pair is valid and ``valid`` is not read."""
+    ``MASKED`` every (row, key) pair is valid and ``valid`` is not read. ``FMA_EXP``: the exponentials from
+    :func:`exp2_fma`."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(valid, _exp2(s - lse2[:, None], FMA_EXP), 0.0)
     else:
-        p = tl.exp2(s - lse2[:, None])
+        p = _exp2(s - lse2[:, None], FMA_EXP)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -256,7 +285,7 @@ def _dkdv_store(DK, DV, dk, dv, scale, key64, g, hkv, d, kv_mask, D: tl.constexp
 @triton.jit
 def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H, qk_scale,
                stride_qt, stride_qh, stride_dt, stride_dh, G: tl.constexpr, HG: tl.constexpr,
-               PRECISION: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr):
+               PRECISION: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr, FMA_EXP: tl.constexpr = False):
     """:func:`_dkdv_step` for query tokens ``tok64`` (row r = token r // HG) and every head of kv group ``g``,
     ``HG`` heads per matrix product. ``GATE`` is read only by the ``SIGNED`` variant."""
     if SIGNED:
@@ -267,7 +296,7 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, r
         head = g * G + hs * HG + r % HG
         q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh,
                                               stride_dt, stride_dh, row_ok, rd_mask)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISION, SIGNED)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISION, SIGNED, FMA_EXP)
     return dk, dv
 
 

@@ -22,6 +22,7 @@ from ._common import (
     _dkdv_rows,
     _dq_step,
     _dq_store,
+    _fma_turn,
     _grad_query_rows,
     _load_kv,
     _load_rows,
@@ -32,6 +33,7 @@ from ._common import (
     _softmax_store,
     block_d,
     dot_precision,
+    fma_every,
     head_split,
     tokens_per_tile,
 )
@@ -51,8 +53,10 @@ def _cmp_fwd_kernel(
     N, H, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FMA_EVERY: tl.constexpr,
 ):
+    """Forward of the compression branch; ``FMA_EVERY`` (0: never): every ``FMA_EVERY``-th key tile of a program
+    takes its exponentials from :func:`ssa_kernels._common.exp2_fma`."""
     tok, head, row_ok, g = _row_tokens_heads(tl.program_id(0), tl.program_id(1), N, G, HG, BLOCK_T)
     tok64 = tok.to(tl.int64)
     k_lo, k_hi, lo, hi = _batch_ranges(token_batch, batch_cmp_offsets, tok, row_ok)
@@ -66,7 +70,13 @@ def _cmp_fwd_kernel(
         n_ok = n < hi
         k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
         valid = (n[None, :] >= k_lo[:, None]) & (n[None, :] < k_hi[:, None])
-        m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION)
+        if FMA_EVERY > 0:
+            if _fma_turn((start - lo) // BLOCK_N, FMA_EVERY):
+                m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, True)
+            else:
+                m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, False)
+        else:
+            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION)
     _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask)
 
 
@@ -78,9 +88,10 @@ def _cmp_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr, FMA_EVERY: tl.constexpr,
 ):
-    """dQ of the compression branch; ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
+    """dQ of the compression branch; ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``). ``FMA_EVERY``: as in
+    :func:`_cmp_fwd_kernel`, over the whole key tiles."""
     tok, head, row_ok, g = _row_tokens_heads(tl.program_id(0), tl.program_id(1), N, G, HG, BLOCK_T)
     tok64 = tok.to(tl.int64)
     k_lo, k_hi, lo, hi = _batch_ranges(token_batch, batch_cmp_offsets, tok, row_ok)
@@ -98,7 +109,13 @@ def _cmp_bwd_dq_kernel(
     for start in range(lo, full_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, d_ok[None, :])
-        dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False)
+        if FMA_EVERY > 0:
+            if _fma_turn((start - lo) // BLOCK_N, FMA_EVERY):
+                dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False, True)
+            else:
+                dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False, False)
+        else:
+            dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False)
     for start in range(full_end, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
@@ -117,9 +134,10 @@ def _cmp_bwd_dkdv_kernel(
     NUM_SPLITS,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr, FMA_EVERY: tl.constexpr,
 ):
-    """Partial dK/dV of one tile of compressed keys over one slice of its batch elements' queries.
+    """Partial dK/dV of one tile of compressed keys over one slice of its batch elements' queries (``FMA_EVERY``:
+    every ``FMA_EVERY``-th query tile's exponentials from :func:`ssa_kernels._common.exp2_fma`; 0: none).
 
     ``DKP, DVP [NUM_SPLITS, Nc, Hkv, D]`` float32; the caller sums over the first axis. Launched once per
     ``SIGNED`` variant (``gate.fold_gate``); the variant that does not apply loops over nothing and
@@ -151,9 +169,19 @@ def _cmp_bwd_dkdv_kernel(
         tb = tl.load(token_batch + tok, mask=row_ok, other=-1)
         valid_t = (kb[:, None] == tb[None, :]) & n_ok[:, None] & row_ok[None, :]
         rd_mask = row_ok[:, None] & d_ok[None, :]
-        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
-                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
-                            GATE_IDX, SIGNED)
+        if FMA_EVERY > 0:
+            if _fma_turn((t0 - t_start) // BLOCK_T, FMA_EVERY):
+                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t,
+                                    H, qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
+                                    GATE_IDX, SIGNED, True)
+            else:
+                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t,
+                                    H, qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
+                                    GATE_IDX, SIGNED, False)
+        else:
+            dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
+                                qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
+                                GATE_IDX, SIGNED)
     part = ((split * NC + n.to(tl.int64)) * HKV + g)[:, None] * D + d[None, :]
     tl.store(DKP + part, dk * scale, mask=kv_mask & run)
     tl.store(DVP + part, dv, mask=kv_mask & run)
@@ -185,7 +213,7 @@ def compression_forward(q, k_cmp, v_cmp, layout: BlockLayout, scale: float):
         n, hq, scale * LOG2E,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
         G=group, HG=hg, BLOCK_T=bt, BLOCK_N=fwd["block_n"], D=dim, BLOCK_D=block_d(dim),
-        PRECISION=dot_precision(q.dtype), **_launch(fwd),
+        PRECISION=dot_precision(q.dtype), FMA_EVERY=fma_every(fwd, q.dtype), **_launch(fwd),
     )
     return o, lse
 
@@ -227,7 +255,8 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
             q, k_cmp, v_cmp, do, gate_t, lse2, delta, dq_acc, layout.token_batch, layout.batch_cmp_offsets,
             n, hq, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1),
-            HG=hg, BLOCK_T=bt, BLOCK_N=dq_cfg["block_n"], ACCUMULATE=accumulate, **common, **_launch(dq_cfg),
+            HG=hg, BLOCK_T=bt, BLOCK_N=dq_cfg["block_n"], ACCUMULATE=accumulate, **common,
+            FMA_EVERY=fma_every(dq_cfg, q.dtype), **_launch(dq_cfg),
         )
     if "dkdv" not in parts:
         return dq_acc, None, None
@@ -243,6 +272,7 @@ def compression_backward(do, q, k_cmp, v_cmp, lse, delta, layout: BlockLayout, s
             layout.token_batch, layout.cmp_batch, layout.batch_offsets,
             n, nc, hq, hkv, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), do.stride(0), do.stride(1), splits,
-            HG=hg, BLOCK_T=bt, BLOCK_N=cfg["block_n"], SIGNED=signed, **common, **_launch(cfg),
+            HG=hg, BLOCK_T=bt, BLOCK_N=cfg["block_n"], SIGNED=signed, **common,
+            FMA_EVERY=fma_every(cfg, q.dtype), **_launch(cfg),
         )
     return dq_acc, dkp.sum(0), dvp.sum(0)

@@ -129,6 +129,41 @@ def test_whole_op_on_views_of_one_merged_projection():
     assert rel_err(o2, o_ref) < F32_TOL
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_whole_op_float16_with_fma_exponentials_in_the_compression_kernels(every):
+    """Launch setting ``fma_exp_every`` of the three compression kernels (every k-th tile's exponentials from the
+    FMA-unit cubic, ``exp2_fma``; 16-key tiles so that a program walks several): the whole op in float16 against
+    the float64 reference, with the kernels launched with the setting."""
+    import ssa_kernels.compression as compression
+
+    coords, inp = _make((48, 24), 14, 4, 8, 8, 2, 32, seed=11)
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs["FMA_EVERY"])
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    fma = dict(fma_exp_every=every)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"):
+            mp.setattr(compression, name, Spy(getattr(compression, name)))
+        with ssa_kernels.launch.overriding("compression.FWD", dict(fma, block_n=16)), \
+                ssa_kernels.launch.overriding("compression.DQ", dict(fma, block_n=16)), \
+                ssa_kernels.launch.overriding("compression.DKDV", dict(fma, rows=16)):
+            o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
+                                                    shift=0)
+    assert len(seen) >= 3 and set(seen) == {every}
+    assert rel_err(o, o_ref) < F16_TOL
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) < F16_TOL
+
+
 def test_whole_op_float16():
     coords, inp = _make((48, 24), 14, 4, 8, 8, 2, 32, seed=11)
     o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8, shift=0)
