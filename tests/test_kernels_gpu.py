@@ -267,6 +267,34 @@ def test_gpu_merged_selection_stream_against_reference_and_deterministic():
     _assert_like_the_reference(runs[0], inp, coords, idx, do)
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_gpu_compression_fma_exponentials(every):
+    """Launch setting ``fma_exp_every`` of the compression kernels (every k-th tile's exponentials from the FMA-unit
+    cubic) on shell-512 v1.1 in bf16: the float64 reference's whole-op output and gradients, every element
+    written, the same bits twice."""
+    from ssa_kernels.launch import overriding
+
+    coords = shape_coords("shell-512").cuda()
+    inp = _inputs(coords, 32, 2, 32, 8, 8, torch.bfloat16, seed=6)
+    layout = ssa_kernels.build_layout(coords, compression_block=8, selection_block=8, window=8)
+    do = torch.randn_like(inp[0])
+    fma = dict(fma_exp_every=every)
+    runs = []
+    with overriding("compression.FWD", fma), overriding("compression.DQ", fma), \
+            overriding("compression.DKDV", fma), poisoned_allocations():
+        for _ in range(2):
+            x = [t.clone().requires_grad_() for t in inp]
+            o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=0)
+            runs.append([o.detach(), *torch.autograd.grad(o, x, do)])
+        with torch.no_grad():
+            _, lse = ssa_kernels.compression_attention(inp[0], inp[3], inp[4], layout)
+            idx = ssa_kernels.select_blocks(inp[0], inp[3], lse, layout, topk=8)
+    for a, b in zip(*runs):
+        assert not torch.isnan(a).any()
+        assert torch.equal(a, b)
+    _assert_like_the_reference(runs[0], inp, coords, idx, do)
+
+
 @pytest.mark.parametrize("max_queries", [0, 64], ids=["whole-buckets", "split-buckets"])
 def test_gpu_selection_dkdv_half_tail_tiles(max_queries):
     """Launch setting ``tail`` (a block's last key tile with at most 32 keys left runs as a 32-key half tile) on
