@@ -48,7 +48,8 @@ TUNED_HEAD_DIM = 32
 #: one stream of full tiles instead of block by block (ssa_kernels.selection). selection.DKDV's tail (0/1) runs a
 #: block's last key tile as a half tile when at most block_n / 2 keys are left (block_n >= 32). The compression
 #: kernels' fma_exp_every (0: never) takes every k-th tile's exponentials from the FMA units instead of the
-#: special-function unit (ssa_kernels._common.exp2_fma; half-precision inputs only).
+#: special-function unit (ssa_kernels._common.exp2_fma; half-precision inputs only); scoring.SCORE's counts the
+#: matrix products of a program's tokens (tokens_per_program of them per key tile) instead.
 BASE: dict[str, dict] = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3, fma_exp_every=0),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3, fma_exp_every=0),
@@ -62,7 +63,7 @@ BASE: dict[str, dict] = {
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DKDV": dict(max_heads=16, rows=256, num_warps=4, num_stages=2),
     "scoring.SCORE": dict(rows=16, tokens_per_program=4, tokens_per_program_agg=4, block_n=32, block_s=64,
-                          max_heads=16, num_warps=1, num_stages=2, aggregate="prefix"),
+                          max_heads=16, num_warps=1, num_stages=2, aggregate="prefix", fma_exp_every=0),
     "ssa.BACKWARD": dict(streams=2, side="dkdv", side_priority=-1, dq_order="cmp-sel-win",
                          dkdv_order="cmp-sel-win", recompute_window_bytes=2**29),
 }

@@ -21,7 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, LOG2E_C, MAX_TOPK, _batch_ranges, block_d, dot_precision, head_split, tokens_per_tile
+from ._common import (
+    LOG2E,
+    LOG2E_C,
+    MAX_TOPK,
+    _batch_ranges,
+    _exp2,
+    block_d,
+    dot_precision,
+    fma_every,
+    head_split,
+    tokens_per_tile,
+)
 from .launch import config
 from .layout import BlockLayout
 
@@ -35,6 +46,8 @@ from .layout import BlockLayout
 # holds several compressed blocks: ``"prefix"`` (a running sum along the tile's keys and two gathers per
 # selection block, as the keys of a selection block are contiguous) or ``"mask"`` (a 0/1 membership mask,
 # ``[tokens, keys, blocks]`` summed over the keys).
+#: ``FMA_STEP`` of a launch without FMA exponentials: more products than any program runs.
+NO_FMA_STEP = 1 << 20
 #: Values of the ``aggregate`` setting.
 AGGREGATE_MODES = ("prefix", "mask")
 
@@ -43,9 +56,10 @@ AGGREGATE_MODES = ("prefix", "mask")
 def _tile_scores(Q, KC, LSE, k, sel_j, c_ok, tok0, N, H, qk_scale, g, stride_qt, stride_qh,
                  batch_sel_offsets, token_batch,
                  G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FMA_EXP: tl.constexpr):
     """Head-summed probabilities ``[BLOCK_T, BLOCK_N]`` of tokens ``tok0 ..`` against one tile of compressed keys
-    ``k [BLOCK_N, D]`` (whose selection blocks are ``sel_j``); zero outside each token's batch element."""
+    ``k [BLOCK_N, D]`` (whose selection blocks are ``sel_j``); zero outside each token's batch element.
+    ``FMA_EXP``: the exponentials from :func:`ssa_kernels._common.exp2_fma`."""
     r = tl.arange(0, BLOCK_T * HG)
     tok = tok0 + r // HG
     row_ok = tok < N
@@ -62,7 +76,7 @@ def _tile_scores(Q, KC, LSE, k, sel_j, c_ok, tok0, N, H, qk_scale, g, stride_qt,
                     mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
         lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * LOG2E_C
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(valid, _exp2(s - lse2[:, None], FMA_EXP), 0.0)
         if BLOCK_T == 1:
             psum += tl.sum(p, 0)[None, :]  # GQA head sum: a column sum
         else:
@@ -79,10 +93,12 @@ def _score_topk_kernel(
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, TOK_LOOP: tl.constexpr, TT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ONE_CMP_PER_SEL: tl.constexpr, PREFIX_AGG: tl.constexpr,
     TOPK: tl.constexpr, K2: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FMA_STEP: tl.constexpr,
 ):
     """A program scores ``TT = TOK_LOOP * BLOCK_T`` tokens: ``TOK_LOOP`` matrix products of ``BLOCK_T`` tokens x ``HG``
-    heads (``TOK_LOOP > 1`` only with ``BLOCK_T == 1``) share every tile of compressed keys."""
+    heads (``TOK_LOOP > 1`` only with ``BLOCK_T == 1``) share every tile of compressed keys. Product ``ti`` takes
+    its exponentials from :func:`ssa_kernels._common.exp2_fma` when ``ti % FMA_STEP == FMA_STEP - 1`` (the launch
+    setting ``fma_exp_every``; a ``FMA_STEP`` above ``TOK_LOOP`` never does)."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
     tt = tl.arange(0, TT)
@@ -106,7 +122,7 @@ def _score_topk_kernel(
             for ti in tl.static_range(TOK_LOOP):
                 psum = _tile_scores(Q, KC, LSE, k, sb, c_ok, pid_t * TT + ti * BLOCK_T, N, H, qk_scale, g,
                                     stride_qt, stride_qh, batch_sel_offsets, token_batch,
-                                    G, HG, BLOCK_T, BLOCK_S, D, BLOCK_D, PRECISION)
+                                    G, HG, BLOCK_T, BLOCK_S, D, BLOCK_D, PRECISION, ti % FMA_STEP == FMA_STEP - 1)
                 if TOK_LOOP == 1:
                     score += psum
                 else:
@@ -136,7 +152,8 @@ def _score_topk_kernel(
                 for ti in tl.static_range(TOK_LOOP):
                     psum = _tile_scores(Q, KC, LSE, k, sel_j, c_ok, pid_t * TT + ti * BLOCK_T, N, H, qk_scale, g,
                                         stride_qt, stride_qh, batch_sel_offsets, token_batch,
-                                        G, HG, BLOCK_T, BLOCK_N, D, BLOCK_D, PRECISION)
+                                        G, HG, BLOCK_T, BLOCK_N, D, BLOCK_D, PRECISION,
+                                        ti % FMA_STEP == FMA_STEP - 1)
                     if PREFIX_AGG:
                         run = tl.cumsum(psum, 1)
                         upto_b = tl.where((b > 0)[None, :], tl.gather(run, b_idx, 1), 0.0)
@@ -201,6 +218,6 @@ def select_blocks_forward(q, k_cmp, lse, layout: BlockLayout, topk: int, scale: 
         G=group, HG=hg, BLOCK_T=bt, TOK_LOOP=loop, TT=bt * loop, BLOCK_S=block_n if one else cfg["block_s"],
         BLOCK_N=block_n, ONE_CMP_PER_SEL=one, PREFIX_AGG=cfg["aggregate"] == "prefix", TOPK=topk,
         K2=triton.next_power_of_2(topk), D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        FMA_STEP=fma_every(cfg, q.dtype) or NO_FMA_STEP, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return idx

@@ -164,6 +164,37 @@ def test_whole_op_float16_with_fma_exponentials_in_the_compression_kernels(every
         assert rel_err(a, b) < F16_TOL
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_whole_op_float16_with_fma_exponentials_in_scoring(every):
+    """Launch setting ``fma_exp_every`` of the scoring kernel (16 heads per kv group: one token per matrix product,
+    4 tokens per program, every k-th product's exponentials from ``exp2_fma``): the whole op in float16 against the
+    float64 reference, the kernel launched with the setting."""
+    import ssa_kernels.scoring as scoring
+
+    coords, inp = _make((40, 25), 16, 4, 8, 16, 1, 32, seed=13)
+    steps = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                steps.append((kwargs["FMA_STEP"], kwargs["TOK_LOOP"]))
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "_score_topk_kernel", Spy(scoring._score_topk_kernel))
+        with ssa_kernels.launch.overriding("scoring.SCORE", dict(fma_exp_every=every, tokens_per_program=4)):
+            o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
+                                                    shift=0)
+    assert steps and all(step == (every, 4) for step in steps)
+    assert rel_err(o, o_ref) < F16_TOL
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) < F16_TOL
+
+
 def test_whole_op_float16():
     coords, inp = _make((48, 24), 14, 4, 8, 8, 2, 32, seed=11)
     o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8, shift=0)
