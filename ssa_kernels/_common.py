@@ -29,6 +29,10 @@ ROUND_MAGIC = 12582912.0
 #: Arguments of :func:`exp2_fma` are clamped to this (``2^-125``, the least exponent its bit arithmetic keeps
 #: normal); scores this far below the row's maximum weigh nothing in a float32 sum.
 EXP2_FMA_MIN = -125.0
+# the same, as constants a jitted function may read
+_EXP2_C0, _EXP2_C1, _EXP2_C2, _EXP2_C3 = (tl.constexpr(c) for c in EXP2_CUBIC)
+_ROUND_MAGIC_C = tl.constexpr(ROUND_MAGIC)
+_EXP2_FMA_MIN_C = tl.constexpr(EXP2_FMA_MIN)
 
 
 @triton.jit
@@ -40,12 +44,12 @@ def exp2_fma(x):
     per clock and SM, so the exponentials bound the kernels; computing some tiles' exponentials here moves that work
     to units with 8x the throughput (the launch setting ``fma_exp_every``). Below :data:`EXP2_FMA_MIN` (``-inf``
     included) it gives ``2^-125``, not 0: callers mask where a score may be absent."""
-    x = tl.maximum(x, EXP2_FMA_MIN)
-    r = x + ROUND_MAGIC
-    f = x - (r - ROUND_MAGIC)
-    p = EXP2_CUBIC[3] * f + EXP2_CUBIC[2]
-    p = p * f + EXP2_CUBIC[1]
-    p = p * f + EXP2_CUBIC[0]
+    x = tl.maximum(x, _EXP2_FMA_MIN_C)
+    r = x + _ROUND_MAGIC_C
+    f = x - (r - _ROUND_MAGIC_C)
+    p = _EXP2_C3 * f + _EXP2_C2
+    p = p * f + _EXP2_C1
+    p = p * f + _EXP2_C0
     bits = p.to(tl.int32, bitcast=True) + (r.to(tl.int32, bitcast=True) << 23)
     return bits.to(tl.float32, bitcast=True)
 

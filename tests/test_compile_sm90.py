@@ -1,0 +1,92 @@
+"""Every kernel launch of a small workload, compiled for an H100 on the CPU (tests/compile_sm90.py).
+
+The workload: the SSA op forward and backward in float16 with the default launches and with each launch setting
+that is off by default switched on (the merged selection stream, the half tail tiles of the selection dK/dV, the
+FMA-unit exponentials of the compression and scoring kernels), and the cross-attention kernels forward and
+backward with one and with several batch elements, with and without their FMA exponentials. Each distinct launch
+is compiled to a cubin for sm_90 in a subprocess without the interpreter; a launch that does not compile fails the
+test with the compiler's message. (float16 stands in for bfloat16, which the interpreter computes wrongly: the
+kernels take both through the same code.)
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ssa_kernels
+from tests.compile_sm90 import record
+from tests.helpers import random_coords, random_inputs
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="records the launches through the Triton interpreter")
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Launch settings that are off by default, each switched on for one pass of the SSA op.
+SSA_SWITCHES = (
+    {},
+    {"selection.FWD": dict(merged=1, block_n=16), "selection.DQ": dict(merged=1, block_n=16)},
+    {"selection.DKDV": dict(tail=1, block_n=32, max_queries=2)},
+    {"compression.FWD": dict(fma_exp_every=2), "compression.DQ": dict(fma_exp_every=2),
+     "compression.DKDV": dict(fma_exp_every=2), "scoring.SCORE": dict(fma_exp_every=2, tokens_per_program=4)},
+)
+
+
+def _ssa_pass(switches: dict, hq: int, hkv: int):
+    import contextlib
+
+    gen = torch.Generator().manual_seed(0)
+    coords = random_coords((30, 20), 12, compression_block=4, selection_block=8, generator=gen)
+    inp = random_inputs(coords, hq, hkv, 32, compression_block=4, selection_block=8, generator=gen,
+                        dtype=torch.float16)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    with contextlib.ExitStack() as stack:
+        for kernel, values in switches.items():
+            stack.enter_context(ssa_kernels.launch.overriding(kernel, values))
+        x = [t.clone().requires_grad_() for t in inp]
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=4)
+        torch.autograd.grad(o, x, torch.randn_like(o))
+
+
+def _cross_attention_pass(batch_sizes, every: int):
+    from model.nets.cross_attention_kernel import cross_attention
+
+    gen = torch.Generator().manual_seed(1)
+    n, heads, d, keys = sum(batch_sizes), 2, 32, 40
+    q = torch.randn(n, heads, d, generator=gen).half().requires_grad_()
+    kv = torch.randn(len(batch_sizes), keys, 2, heads, d, generator=gen).half().requires_grad_()
+    bounds = [0]
+    for size in batch_sizes:
+        bounds.append(bounds[-1] + size)
+    one = dict(num_warps=4, num_stages=2)
+    backward = dict(dq=dict(block_m=16, block_n=16, fma_exp_every=every, **one),
+                    dkdv=dict(block_m=16, block_n=16, chunk_rows=32, fma_exp_every=every, **one))
+    o = cross_attention(q, kv[:, :, 0], kv[:, :, 1], bounds if len(batch_sizes) > 1 else None, block_m=16,
+                        block_n=16, fma_exp_every=every, backward=backward, **one)
+    o.float().sum().backward()
+
+
+def test_every_launch_compiles_for_sm90(tmp_path):
+    with record() as launches:
+        for switches in SSA_SWITCHES:
+            _ssa_pass(switches, hq=16, hkv=1)
+        _ssa_pass({}, hq=8, hkv=2)
+        for sizes in ((50,), (20, 0, 45)):
+            for every in (0, 2):
+                _cross_attention_pass(sizes, every)
+    kernels = {e["name"] for e in launches}
+    for name in ("_sel_bwd_dkdv_kernel", "_cmp_fwd_kernel", "_score_topk_kernel", "_cross_attention_dkdv_kernel"):
+        assert name in kernels
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps(launches, default=str))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-m", "tests.compile_sm90", str(path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(launches)
+    failed = [r for r in results if "error" in r]
+    assert not failed, "\n\n".join(f"{r['name']} {r['constexprs']}:\n{r['error']}" for r in failed[:3])
