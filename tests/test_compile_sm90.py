@@ -3,7 +3,8 @@
 The workload: the SSA op forward and backward in float16 with the default launches and with each launch setting
 that is off by default switched on (the merged selection stream, the half tail tiles of the selection dK/dV, the
 FMA-unit exponentials of the compression and scoring kernels), and the cross-attention kernels forward and
-backward with one and with several batch elements, with and without their FMA exponentials. Each distinct launch
+backward with one and with several batch elements, with and without their FMA exponentials, and the DiT's fused
+layer norm (forward and backward) and GELU-step kernels. Each distinct launch
 is compiled to a cubin for sm_90 in a subprocess without the interpreter; a launch that does not compile fails the
 test with the compiler's message. (float16 stands in for bfloat16, which the interpreter computes wrongly: the
 kernels take both through the same code.)
@@ -69,8 +70,25 @@ def _cross_attention_pass(batch_sizes, every: int):
     o.float().sum().backward()
 
 
+def _dit_kernels_pass():
+    """The DiT training path's own kernels: the fused layer norm + modulation forward and backward, and the GELU
+    step of the MLP's backward."""
+    import model.nets.fused as fused
+    import model.sparse.gelu_grad_kernel as gk
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 64, generator=gen).requires_grad_()
+    shift, scale = torch.randn(1, 64, generator=gen).requires_grad_(), torch.randn(1, 64, generator=gen)
+    y = fused.layer_norm_modulate(x, 1e-6, shift=shift, scale=scale.requires_grad_(), dtype=torch.float16)
+    torch.autograd.grad(y, [x, shift, scale], torch.randn_like(y))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gk, "INTERPRET_ON_CPU", True)
+        gk.gelu_grad_(torch.randn(30, 128, generator=gen).half(), torch.randn(30, 128, generator=gen).half())
+
+
 def test_every_launch_compiles_for_sm90(tmp_path):
     with record() as launches:
+        _dit_kernels_pass()
         for switches in SSA_SWITCHES:
             _ssa_pass(switches, hq=16, hkv=1)
         _ssa_pass({}, hq=8, hkv=2)
@@ -78,7 +96,8 @@ def test_every_launch_compiles_for_sm90(tmp_path):
             for every in (0, 2):
                 _cross_attention_pass(sizes, every)
     kernels = {e["name"] for e in launches}
-    for name in ("_sel_bwd_dkdv_kernel", "_cmp_fwd_kernel", "_score_topk_kernel", "_cross_attention_dkdv_kernel"):
+    for name in ("_sel_bwd_dkdv_kernel", "_cmp_fwd_kernel", "_score_topk_kernel", "_cross_attention_dkdv_kernel",
+                 "_gelu_grad_kernel", "_layer_norm_modulate_bwd_kernel"):
         assert name in kernels
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches, default=str))
