@@ -368,12 +368,12 @@ def _sel_dq_merge_kernel(
 
 
 @triton.jit
-def _sel_dkdv_tile(Q, K, V, DO, GATE, LSE2, DELTA, DK, DV, PART, csr_tokens, item, bucket, chunk, tile, start, end,
-                   q_lo, q_hi, g, hkv, H, qk_scale, scale, part_stride,
+def _sel_dkdv_tile(Q, K, V, DO, GATE, LSE2, DELTA, DK, DV, PART, csr_offsets, csr_tokens, item, bucket, chunk, tile,
+                   start, end, max_queries, g, hkv, H, qk_scale, scale, part_stride,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh,
                    G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BN: tl.constexpr, SLOT_N: tl.constexpr,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATE_IDX: tl.constexpr,
-                   ACCUMULATE: tl.constexpr, SIGNED: tl.constexpr):
+                   ACCUMULATE: tl.constexpr, SIGNED: tl.constexpr, SPLIT: tl.constexpr):
     """The work of one program of :func:`_sel_bwd_dkdv_kernel` on ``BN`` keys from ``start`` (``SLOT_N``: the rows
     of a partial-sum slot, the launch's ``BLOCK_N``; a half tile fills the first ``BN`` of them)."""
     n = start + tl.arange(0, BN)
@@ -384,6 +384,11 @@ def _sel_dkdv_tile(Q, K, V, DO, GATE, LSE2, DELTA, DK, DV, PART, csr_tokens, ite
     k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, kv_mask)
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    q_lo = tl.load(csr_offsets + bucket)
+    q_hi = tl.load(csr_offsets + bucket + 1)
+    if SPLIT:
+        q_lo = q_lo + chunk * max_queries
+        q_hi = tl.minimum(q_hi, q_lo + max_queries)
     r = tl.arange(0, BLOCK_T * HG)
     for e0 in range(q_lo, q_hi, BLOCK_T):
         e = e0 + r // HG
@@ -442,24 +447,19 @@ def _sel_bwd_dkdv_kernel(
     start = tl.load(sel_offsets + blk) + tile * BLOCK_N
     end = tl.load(sel_offsets + blk + 1)
     if (bucket < NB) & (start < end) & _signed_variant_runs(NEG, HAS_GATE, SIGNED):
-        q_lo = tl.load(csr_offsets + bucket)
-        q_hi = tl.load(csr_offsets + bucket + 1)
-        if SPLIT:
-            q_lo = q_lo + chunk * max_queries
-            q_hi = tl.minimum(q_hi, q_lo + max_queries)
-        args = (Q, K, V, DO, GATE, LSE2, DELTA, DK, DV, PART, csr_tokens, item, bucket, chunk, tile, start, end,
-                q_lo, q_hi, g, hkv, H, qk_scale, scale, part_stride,
+        args = (Q, K, V, DO, GATE, LSE2, DELTA, DK, DV, PART, csr_offsets, csr_tokens, item, bucket, chunk, tile,
+                start, end, max_queries, g, hkv, H, qk_scale, scale, part_stride,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh)
         if TAIL:
             if end - start <= BLOCK_N // 2:
                 _sel_dkdv_tile(*args, G, HG, BLOCK_T, BLOCK_N // 2, BLOCK_N, D, BLOCK_D, PRECISION, GATE_IDX,
-                               ACCUMULATE, SIGNED)
+                               ACCUMULATE, SIGNED, SPLIT)
             else:
                 _sel_dkdv_tile(*args, G, HG, BLOCK_T, BLOCK_N, BLOCK_N, D, BLOCK_D, PRECISION, GATE_IDX,
-                               ACCUMULATE, SIGNED)
+                               ACCUMULATE, SIGNED, SPLIT)
         else:
             _sel_dkdv_tile(*args, G, HG, BLOCK_T, BLOCK_N, BLOCK_N, D, BLOCK_D, PRECISION, GATE_IDX, ACCUMULATE,
-                           SIGNED)
+                           SIGNED, SPLIT)
 
 
 @triton.jit
