@@ -40,6 +40,27 @@ def _make(sizes, extent, mc, ms, hq, hkv, d, seed, dtype=torch.float64):
     return coords, inp
 
 
+def _spy_launches(mp, module, names, *settings):
+    """Wraps the kernels ``names`` of ``module`` (through the monkeypatch ``mp``) so that every launch appends its
+    values of the keyword arguments ``settings`` to the returned list (the value itself when there is one)."""
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                values = tuple(kwargs[name] for name in settings)
+                seen.append(values[0] if len(values) == 1 else values)
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    for name in names:
+        mp.setattr(module, name, Spy(getattr(module, name)))
+    return seen
+
+
 def _against_reference(coords, inp, dtype, *, mc, ms, topk, window, shift):
     """``(o, grads, o_ref, grads_ref)``: the kernels' whole op in ``dtype`` and the float64 reference, both
     differentiated against the same random output gradient."""
@@ -137,22 +158,10 @@ def test_whole_op_float16_with_fma_exponentials_in_the_compression_kernels(every
     import ssa_kernels.compression as compression
 
     coords, inp = _make((48, 24), 14, 4, 8, 8, 2, 32, seed=11)
-    seen = []
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                seen.append(kwargs["FMA_EVERY"])
-                return self.kernel[grid](*args, **kwargs)
-            return run
-
     fma = dict(fma_exp_every=every)
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"):
-            mp.setattr(compression, name, Spy(getattr(compression, name)))
+        seen = _spy_launches(mp, compression, ("_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"),
+                             "FMA_EVERY")
         with ssa_kernels.launch.overriding("compression.FWD", dict(fma, block_n=16)), \
                 ssa_kernels.launch.overriding("compression.DQ", dict(fma, block_n=16)), \
                 ssa_kernels.launch.overriding("compression.DKDV", dict(fma, rows=16)):
@@ -172,20 +181,8 @@ def test_whole_op_float16_with_fma_exponentials_in_scoring(every):
     import ssa_kernels.scoring as scoring
 
     coords, inp = _make((40, 25), 16, 4, 8, 16, 1, 32, seed=13)
-    steps = []
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                steps.append((kwargs["FMA_STEP"], kwargs["TOK_LOOP"]))
-                return self.kernel[grid](*args, **kwargs)
-            return run
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scoring, "_score_topk_kernel", Spy(scoring._score_topk_kernel))
+        steps = _spy_launches(mp, scoring, ("_score_topk_kernel",), "FMA_STEP", "TOK_LOOP")
         with ssa_kernels.launch.overriding("scoring.SCORE", dict(fma_exp_every=every, tokens_per_program=4)):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
                                                     shift=0)
@@ -380,22 +377,9 @@ def test_whole_op_with_the_merged_selection_stream(hq, hkv, d):
     import ssa_kernels.selection as selection
 
     coords, inp = _make((45, 0, 30), 16, 4, 8, hq, hkv, d, seed=hq + d)
-    launched = []
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                launched.append(kwargs["MERGED"])
-                return self.kernel[grid](*args, **kwargs)
-            return run
-
     merged = dict(merged=1, block_n=16)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(selection, "_sel_fwd_kernel", Spy(selection._sel_fwd_kernel))
-        mp.setattr(selection, "_sel_bwd_dq_kernel", Spy(selection._sel_bwd_dq_kernel))
+        launched = _spy_launches(mp, selection, ("_sel_fwd_kernel", "_sel_bwd_dq_kernel"), "MERGED")
         with ssa_kernels.launch.overriding("selection.FWD", merged), \
                 ssa_kernels.launch.overriding("selection.DQ", merged):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8,
@@ -480,20 +464,8 @@ def test_selection_dkdv_half_tail_tiles(max_queries):
     layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
     last = torch.diff(layout.sel_offsets.long()) % 32
     assert ((last > 0) & (last <= 16)).any() and ((last == 0) | (last > 16)).any()
-    launched = []
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                launched.append(kwargs["TAIL"])
-                return self.kernel[grid](*args, **kwargs)
-            return run
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(selection, "_sel_bwd_dkdv_kernel", Spy(selection._sel_bwd_dkdv_kernel))
+        launched = _spy_launches(mp, selection, ("_sel_bwd_dkdv_kernel",), "TAIL")
         with ssa_kernels.launch.overriding("selection.DKDV", dict(tail=1, block_n=32, max_queries=max_queries)):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8,
                                                     shift=4)

@@ -32,7 +32,7 @@ calls, reports/dit.md at 373aa8c), well above what the exponentials bound it to.
 Batch elements: with ``k, v [B, L, H, D]`` and the queries' CSR row offsets, each program's element and rows come
 from a small table built on the host (:func:`_row_table`, cached), so elements of different sizes need no padding
 (SDPA pads every element to the longest). The exponentials can be moved in part to the FMA units
-(:func:`exp2_fma`, launch setting ``fma_exp_every``, off by default until timed).
+(:func:`~ssa_kernels._common.exp2_fma`, launch setting ``fma_exp_every``, off by default until timed).
 
 Scope: no key mask (condition tokens of one length). :func:`supports` says whether a call fits;
 :meth:`model.nets.dit_block.CrossAttention.attend` routes to it only then, when :data:`ENABLED`. The launch
@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ssa_kernels._common import exp2_fma  # the FMA-unit exponential, shared with the SSA kernels
+# the FMA-unit exponential (exp2_fma) and its launch setting, shared with the SSA kernels
+from ssa_kernels._common import _exp2, fma_every
 
 __all__ = ["BACKWARD_LAUNCH", "BACKWARD_LAUNCHES", "ENABLED", "KERNEL_DTYPES", "LAUNCH", "LAUNCHES", "TRAINABLE",
            "backward_launch_for", "cross_attention", "launch_for", "supports"]
@@ -92,14 +93,6 @@ BACKWARD_LAUNCHES: dict[int, dict] = {32: dict(dq=dict(block_m=128, block_n=32, 
 INDEX_32_LIMIT = 2**31
 #: ``log2(e)``: the scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
 LOG2E = 1.4426950408889634
-@triton.jit
-def _exp2(x, FMA: tl.constexpr):
-    """``2^x``: :func:`exp2_fma` when ``FMA``, else ``tl.exp2`` (the special-function unit)."""
-    if FMA:
-        return exp2_fma(x)
-    return tl.exp2(x)
-
-
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, K, V, k0, n_keys, stride_kn, stride_vn, qk_scale,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
@@ -175,8 +168,9 @@ def _cross_attention_kernel(
     (innermost stride 1, other strides given), ``O [n_rows, H, D]`` contiguous; ``n_keys >= 1``. ``WRITE_LSE``: also
     ``LSE [H, n_rows]`` float32, each row's ``log2`` of its softmax denominator over the base-2 logits (the backward
     pass's probabilities are ``exp2(s * qk_scale - LSE)``). ``FMA_EVERY`` (0: never): the last of every
-    ``FMA_EVERY`` full key tiles takes its exponentials from :func:`exp2_fma`. ``VARLEN``: several batch elements,
-    ``K, V [B, n_keys, H, D]``, the program's element and rows from ``TILES`` (:func:`_program_rows`)."""
+    ``FMA_EVERY`` full key tiles takes its exponentials from :func:`~ssa_kernels._common.exp2_fma`. ``VARLEN``:
+    several batch elements, ``K, V [B, n_keys, H, D]``, the program's element and rows from ``TILES``
+    (:func:`_program_rows`)."""
     h = tl.program_id(1)
     b, start, row_stop = _program_rows(TILES, tl.program_id(0), n_rows, BLOCK_M, BLOCK_M, VARLEN, INDEX_64)
     rows = start + tl.arange(0, BLOCK_M)
@@ -335,7 +329,8 @@ def _cross_attention_dkdv_kernel(
     """Program ``(key tile, h, chunk)``: the shares of query rows ``chunk * chunk_rows .. + chunk_rows`` in the
     gradients of keys ``tile * BLOCK_N .. + BLOCK_N`` of head ``h``, written to ``DK, DV [chunks, n_keys, H, D]``
     (float32 partial sums; DK without the logits' scale). ``FMA_EVERY``: the last of every ``FMA_EVERY`` full query
-    tiles takes its exponentials from :func:`exp2_fma` (0: never). ``VARLEN``: ``K, V [B, n_keys, H, D]`` and each
+    tiles takes its exponentials from :func:`~ssa_kernels._common.exp2_fma` (0: never). ``VARLEN``:
+    ``K, V [B, n_keys, H, D]`` and each
     chunk's batch element and rows from ``CHUNKS [chunks, 3]`` (:func:`_program_rows`)."""
     h = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -443,12 +438,6 @@ def _index_64(n: int, h: int, d: int, *ts: torch.Tensor) -> bool:
         >= INDEX_32_LIMIT
 
 
-def _fma_every(launch: dict, dtype: torch.dtype) -> int:
-    """The launch's ``fma_exp_every`` for half-precision inputs; 0 for float32 ones, whose probabilities are not
-    rounded to 8 mantissa bits and would see the cubic's 7.5e-5 (:data:`ssa_kernels._common.EXP2_CUBIC`)."""
-    return 0 if dtype == torch.float32 else launch["fma_exp_every"]
-
-
 #: Row tables of :func:`_row_table` kept for reuse (the same offsets come back once per block and pass).
 _TABLES: OrderedDict = OrderedDict()
 #: How many row tables :data:`_TABLES` keeps.
@@ -497,7 +486,7 @@ def _forward(q, k, v, scale: float, launch: dict, with_lse: bool, bounds: tuple 
         q, k, v, out, out if lse is None else lse, tiles, n, k.shape[1], scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=d, BLOCK_M=launch["block_m"], BLOCK_N=launch["block_n"], INDEX_64=_index_64(n, h, d, q, k, v),
-        IEEE=q.dtype == torch.float32, WRITE_LSE=with_lse, FMA_EVERY=_fma_every(launch, q.dtype),
+        IEEE=q.dtype == torch.float32, WRITE_LSE=with_lse, FMA_EVERY=fma_every(launch, q.dtype),
         VARLEN=bounds is not None, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out, lse
@@ -529,7 +518,7 @@ def _backward(q, k, v, o, do, lse, scale: float, launch: dict, bounds: tuple | N
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), do.stride(0), do.stride(1),
         D=d, BLOCK_M=lq["block_m"], BLOCK_N=lq["block_n"], INDEX_64=index_64, IEEE=ieee,
-        FMA_EVERY=_fma_every(lq, q.dtype), VARLEN=bounds is not None,
+        FMA_EVERY=fma_every(lq, q.dtype), VARLEN=bounds is not None,
         num_warps=lq["num_warps"], num_stages=lq["num_stages"],
     )
     chunk_rows = max(lk["block_m"], lk["chunk_rows"] // lk["block_m"] * lk["block_m"])
@@ -547,7 +536,7 @@ def _backward(q, k, v, o, do, lse, scale: float, launch: dict, bounds: tuple | N
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1),
         D=d, BLOCK_M=lk["block_m"], BLOCK_N=lk["block_n"], INDEX_64=index_64, IEEE=ieee,
-        FMA_EVERY=_fma_every(lk, q.dtype), VARLEN=bounds is not None,
+        FMA_EVERY=fma_every(lk, q.dtype), VARLEN=bounds is not None,
         num_warps=lk["num_warps"], num_stages=lk["num_stages"],
     )
     if chunks == batch and all(firsts[b + 1] - firsts[b] == 1 for b in range(batch)):
@@ -619,7 +608,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets=N
         block_m, block_n, num_warps, num_stages: the forward launch (None: :func:`launch_for` the head dim); powers
             of two >= 16 for the tiles.
         fma_exp_every: ``k >= 1``: the last of every ``k`` full key tiles computes its exponentials with
-            multiply-adds (:func:`exp2_fma`, relative error 7.5e-5) instead of the special-function unit; 0: none.
+            multiply-adds (:func:`~ssa_kernels._common.exp2_fma`, relative error 7.5e-5) instead of the
+            special-function unit; 0: none.
             Half-precision inputs only (float32 ones always use ``exp2``).
         backward: settings of the backward launch over :func:`backward_launch_for`, ``{"dq": {...}, "dkdv":
             {...}}`` (keys as the defaults; ``dkdv`` also ``chunk_rows``, query rows per partial sum; each kernel's
