@@ -296,3 +296,61 @@ def test_multi_gpu_report_smoke(tmp_path):
     # a second command for one model keeps the other model's records
     assert main(["--smoke", "--gpus", "2", "--models", "dit", "--out", str(tmp_path)]) == 0
     assert len(json.loads((tmp_path / "multi_gpu.json").read_text())) == 4
+
+
+#: torchrun's summary when a rank aborted in C++ and the launcher then stopped the other rank (as printed in CI).
+_ABORT_SUMMARY = """terminate called without an active exception
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 30780)  (SIGTERM)
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -6 (pid: 30781)  (SIGABRT)
+"""
+
+
+def test_crashed_by_signal_reads_the_root_cause():
+    from model.reports.multi_gpu import crashed_by_signal
+
+    assert crashed_by_signal(_ABORT_SUMMARY) == 6  # the abort, not the SIGTERM torchrun sent afterwards
+    assert crashed_by_signal("Root Cause (first observed failure):\n  exitcode  : 1 (pid: 7)\nValueError: x") is None
+    assert crashed_by_signal("  exitcode  : -15 (pid: 3)") == 15
+    assert crashed_by_signal("") is None
+
+
+def test_multi_gpu_report_runs_a_signal_crash_again_and_says_so(tmp_path, monkeypatch):
+    """A run whose worker died from a signal runs once more; a run that failed with a Python error does not."""
+    from model.reports import multi_gpu as M
+
+    calls: list[int] = []
+
+    def fake_dit(a, nproc, run, budget):
+        calls.append(nproc)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "log.txt").write_text("attempt\n")
+        if nproc == 2 and calls.count(2) == 1:
+            return 1, _ABORT_SUMMARY
+        rows = [dict(kind="train", step=s, loss=1.0 / s, tokens=100 * nproc, seconds_per_step=0.1) for s in (1, 2, 3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return 0, ""
+
+    monkeypatch.setattr(M, "_run_dit", fake_dit)
+    assert M.main(["--smoke", "--gpus", "2", "--models", "dit", "--out", str(tmp_path)]) == 0
+    assert calls == [1, 2, 2]
+    two = next(r for r in json.loads((tmp_path / "multi_gpu.json").read_text()) if r["gpus"] == 2)
+    assert "signal 6 (SIGABRT)" in two["retried"] and not two.get("error")
+    assert (tmp_path / "runs" / "dit_2gpu" / "log_attempt1.txt").exists()
+    assert "ran twice" in (tmp_path / "multi_gpu.md").read_text()
+
+    def python_error(a, nproc, run, budget):
+        calls.append(nproc)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "log.txt").write_text("ValueError\n")
+        return 1, "Root Cause (first observed failure):\n  exitcode  : 1 (pid: 9)\n"
+
+    calls.clear()
+    monkeypatch.setattr(M, "_run_dit", python_error)
+    assert M.main(["--smoke", "--gpus", "2", "--models", "dit", "--out", str(tmp_path)]) == 1
+    assert calls == [1, 2]

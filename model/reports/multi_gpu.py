@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -53,7 +54,7 @@ import torch
 
 from model.io import atomic_write, atomic_write_json, atomic_write_text, commit_label, provenance
 
-__all__ = ["NVLINK_MULTICAST_OFF", "main", "markdown", "summarize_run", "synthetic_meshes"]
+__all__ = ["NVLINK_MULTICAST_OFF", "crashed_by_signal", "main", "markdown", "summarize_run", "synthetic_meshes"]
 
 #: NVLink multicast (NVLS) off in every process the report starts.
 NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -61,6 +62,8 @@ MODELS = ("dit", "vae")
 REPO = Path(__file__).resolve().parent.parent
 #: Start-up allowance of one run (process start, imports, model building, CUDA context), seconds.
 STARTUP_S = 45.0
+#: Runs repeated when a worker died from a signal rather than from a Python error (see :func:`crashed_by_signal`).
+RETRIES_AFTER_SIGNAL = 1
 SMOKE_STEPS = 3
 #: Condition tokens of the released DiT (1 class + 4 registers + 37 x 37 patches of DINOv2 ViT-L/14 at 518 px).
 CONDITION_TOKENS = 1374
@@ -78,6 +81,23 @@ def _env() -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
+
+
+#: A worker that died from a signal, as torchrun's error summary prints it (``exitcode : -6``).
+_SIGNAL_EXIT = re.compile(r"exitcode\s*:\s*-(\d+)")
+
+
+def crashed_by_signal(log_tail: str) -> int | None:
+    """The signal number that killed a torchrun worker, read from the launcher's error summary in ``log_tail``
+    (the root cause's first: torchrun lists the rank that failed first), or None when no worker died from a signal
+    (a Python exception exits with code 1 and is not retried)."""
+    found = [int(m) for m in _SIGNAL_EXIT.findall(log_tail)]
+    root = log_tail.rfind("Root Cause")
+    if root >= 0:
+        found = [int(m) for m in _SIGNAL_EXIT.findall(log_tail[root:])] or found
+    # the SIGTERM torchrun sends the other ranks is a consequence, not a cause
+    causes = [n for n in found if n != signal.SIGTERM]
+    return causes[0] if causes else (found[0] if found else None)
 
 
 def _torchrun(nproc: int, module_args: list[str], *, log: Path, timeout: float) -> tuple[int, str]:
@@ -176,13 +196,21 @@ def _dit_inputs(smoke: bool, samples: int, seed: int, device):
 
 
 def _dit_worker(a) -> None:
+    """One rank of a DiT run. After the last step every rank meets at a barrier, destroys its process group and
+    leaves with ``os._exit(0)``: the interpreter's teardown of a finished gloo rank can abort it (std::terminate
+    from a C++ thread object destroyed while still joinable), which torchrun reports as a failed run."""
     from model.training.common import Distributed
 
     dist = Distributed(a.device)
     try:
         _dit_train(a, dist)  # returns having dropped the DDP model: it must go before its process group
+        dist.barrier()
     finally:
         dist.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.world_size > 1:
+        os._exit(0)
 
 
 def _dit_train(a, dist) -> None:
@@ -192,62 +220,61 @@ def _dit_train(a, dist) -> None:
     from model.training.common import MetricsLog, TimeLimit, partition_by_tokens
 
     dev = dist.device
-    if True:
-        if a.gpus % dist.world_size:
-            raise ValueError(f"--gpus {a.gpus} is not a multiple of the {dist.world_size} ranks")
-        parts_per_rank = a.gpus // dist.world_size  # micro-batches accumulated per rank and step
-        cfg, samples, shape = _dit_inputs(a.smoke, a.samples, a.seed, dev)
-        torch.manual_seed(a.seed)
-        model = SparseDiT(cfg).to(dev)
-        ddp = dist.wrap(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
-        out = Path(a.out)
-        log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main)
-        if dist.is_main:
-            (out / "config.json").write_text(json.dumps(dict(
-                dit=cfg.to_dict(), shape=shape, samples=len(samples), tokens=[s[0].shape[0] for s in samples],
-                parameters=sum(p.numel() for p in model.parameters()), world_size=dist.world_size,
-                micro_batches_per_rank=parts_per_rank, per_gpu_batch=a.per_gpu_batch, lr=a.lr,
-                environment={k: os.environ.get(k) for k in NVLINK_MULTICAST_OFF}), indent=1))
-        use_bf16 = dev.type == "cuda"
-        per_step = a.gpus * a.per_gpu_batch
-        limit = TimeLimit(a.seconds / 60.0 if a.seconds else None)
-        model.train()
-        for step in range(a.max_steps):
-            if dist.any(limit.expired() or (a.deadline and time.time() > a.deadline)):
-                break
-            t0 = time.perf_counter()
-            items = [(step * per_step + j) % len(samples) for j in range(per_step)]
-            tokens = [samples[i][0].shape[0] for i in items]
-            mine = partition_by_tokens(tokens, dist.world_size)[dist.rank]
-            micro = partition_by_tokens([tokens[p] for p in mine], parts_per_rank)
-            opt.zero_grad(set_to_none=True)
-            share_sum, fwd_s = torch.zeros((), dtype=torch.float64, device=dev), 0.0
-            for m, group in enumerate(micro):
-                pos = [mine[j] for j in group]
-                sync = nullcontext() if not dist.enabled or m == len(micro) - 1 else ddp.no_sync()
-                with sync:
-                    tf = time.perf_counter()
-                    x0 = SparseTensor.from_list([samples[items[p]][0] for p in pos],
-                                                [samples[items[p]][1] for p in pos], resolution=cfg.resolution)
-                    cond = torch.cat([samples[items[p]][2] for p in pos])
-                    gens = [item_generator(a.seed, step, p) for p in pos]
-                    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss, share = sharded_flow_loss(ddp, x0, cond, gens, total_tokens=sum(tokens),
-                                                        world_size=dist.world_size, cond_drop_prob=0.1)
-                    dist.synchronize()
-                    fwd_s += time.perf_counter() - tf
-                    loss.backward()
-                share_sum = share_sum + share.double()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            dist.synchronize()
-            step_s = time.perf_counter() - t0
-            loss_g = float(dist.sum(share_sum))
-            ranks = dist.rank_stats(dict(step_s=step_s, fwd_s=fwd_s, tokens=float(sum(tokens[p] for p in mine))))
-            log.log(dict(kind="train", step=step + 1, loss=loss_g, tokens=sum(tokens), batch=per_step,
-                         seconds_per_step=time.perf_counter() - t0, grad_norm=float(gnorm),
-                         world_size=dist.world_size, micro_batches_per_rank=parts_per_rank, **ranks))
+    if a.gpus % dist.world_size:
+        raise ValueError(f"--gpus {a.gpus} is not a multiple of the {dist.world_size} ranks")
+    parts_per_rank = a.gpus // dist.world_size  # micro-batches accumulated per rank and step
+    cfg, samples, shape = _dit_inputs(a.smoke, a.samples, a.seed, dev)
+    torch.manual_seed(a.seed)
+    model = SparseDiT(cfg).to(dev)
+    ddp = dist.wrap(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    out = Path(a.out)
+    log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main)
+    if dist.is_main:
+        (out / "config.json").write_text(json.dumps(dict(
+            dit=cfg.to_dict(), shape=shape, samples=len(samples), tokens=[s[0].shape[0] for s in samples],
+            parameters=sum(p.numel() for p in model.parameters()), world_size=dist.world_size,
+            micro_batches_per_rank=parts_per_rank, per_gpu_batch=a.per_gpu_batch, lr=a.lr,
+            environment={k: os.environ.get(k) for k in NVLINK_MULTICAST_OFF}), indent=1))
+    use_bf16 = dev.type == "cuda"
+    per_step = a.gpus * a.per_gpu_batch
+    limit = TimeLimit(a.seconds / 60.0 if a.seconds else None)
+    model.train()
+    for step in range(a.max_steps):
+        if dist.any(limit.expired() or (a.deadline and time.time() > a.deadline)):
+            break
+        t0 = time.perf_counter()
+        items = [(step * per_step + j) % len(samples) for j in range(per_step)]
+        tokens = [samples[i][0].shape[0] for i in items]
+        mine = partition_by_tokens(tokens, dist.world_size)[dist.rank]
+        micro = partition_by_tokens([tokens[p] for p in mine], parts_per_rank)
+        opt.zero_grad(set_to_none=True)
+        share_sum, fwd_s = torch.zeros((), dtype=torch.float64, device=dev), 0.0
+        for m, group in enumerate(micro):
+            pos = [mine[j] for j in group]
+            sync = nullcontext() if not dist.enabled or m == len(micro) - 1 else ddp.no_sync()
+            with sync:
+                tf = time.perf_counter()
+                x0 = SparseTensor.from_list([samples[items[p]][0] for p in pos],
+                                            [samples[items[p]][1] for p in pos], resolution=cfg.resolution)
+                cond = torch.cat([samples[items[p]][2] for p in pos])
+                gens = [item_generator(a.seed, step, p) for p in pos]
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, share = sharded_flow_loss(ddp, x0, cond, gens, total_tokens=sum(tokens),
+                                                    world_size=dist.world_size, cond_drop_prob=0.1)
+                dist.synchronize()
+                fwd_s += time.perf_counter() - tf
+                loss.backward()
+            share_sum = share_sum + share.double()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        dist.synchronize()
+        step_s = time.perf_counter() - t0
+        loss_g = float(dist.sum(share_sum))
+        ranks = dist.rank_stats(dict(step_s=step_s, fwd_s=fwd_s, tokens=float(sum(tokens[p] for p in mine))))
+        log.log(dict(kind="train", step=step + 1, loss=loss_g, tokens=sum(tokens), batch=per_step,
+                     seconds_per_step=time.perf_counter() - t0, grad_norm=float(gnorm),
+                     world_size=dist.world_size, micro_batches_per_rank=parts_per_rank, **ranks))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,6 +378,10 @@ def markdown(records: list[dict]) -> str:
             f"{_fmt(r.get('seconds_per_step'), '.3f')} | {_fmt(r.get('tokens_per_step'))} | {r.get('timed_steps')} | "
             f"{spread} | {fwd} | {_fmt(r.get('rank_tokens_spread_mean'), '.1%', '') if r['gpus'] > 1 else ''} | "
             f"{_fmt(r.get('loss_gap'), '.2e', '') if r['gpus'] > 1 else ''} |")
+    for r in records:
+        if r.get("retried"):
+            lines += ["", f"The {r['model']} run on {r['gpus']} GPU(s) ran twice: {r['retried']} "
+                          f"(its log: `runs/{r['run']}/log_attempt1.txt`)."]
     bars = [r for r in records if r["gpus"] == 2 and r.get("efficiency") is not None]
     if bars:
         lines += ["", "Bar (scaling efficiency >= 90% at N = 2): " + "; ".join(
@@ -463,15 +494,32 @@ def run_report(a, command: str = "") -> list[dict]:
             (run / "metrics.jsonl").unlink()
         print(f"[multi_gpu_report] {model} on {nproc} process(es), budget "
               f"{'-' if budget is None else f'{budget:.0f} s'}", flush=True)
-        if model == "dit":
-            rc, tail = _run_dit(a, nproc, run, budget)
-        else:
-            rc, tail = _run_vae(a, nproc, run, budget, vae_data[0], vae_data[1])
+        retried = None
+        for attempt in range(1 + RETRIES_AFTER_SIGNAL):
+            if model == "dit":
+                rc, tail = _run_dit(a, nproc, run, budget)
+            else:
+                rc, tail = _run_vae(a, nproc, run, budget, vae_data[0], vae_data[1])
+            sig = crashed_by_signal(tail) if rc not in (0, 124) else None
+            if sig is None or attempt == RETRIES_AFTER_SIGNAL:
+                break
+            # a worker killed by a signal (an abort in a C++ thread, say) says nothing about the code's scaling:
+            # run once more on the same data, and say so in the record and the report
+            retried = f"the first attempt's worker died from signal {sig} ({signal.Signals(sig).name})"
+            print(f"[multi_gpu_report] {model} on {nproc} process(es): {retried}; running it again\n{tail}",
+                  file=sys.stderr, flush=True)
+            (run / "log.txt").rename(run / "log_attempt1.txt")
+            if (run / "metrics.jsonl").exists():
+                (run / "metrics.jsonl").unlink()
+            if deadline is not None:
+                budget = max(30.0, (deadline - time.time()) / (len(plan) - k))
         b = _per_gpu_batch(a, model)
         rec: dict = dict(model=model, gpus=nproc, gpu=gpu, date=prov["date"], commit=prov["commit"],
                          torch=prov["torch"], triton=prov["triton"], cuda=prov["cuda"], smoke=a.smoke,
                          command=command, run=run.name, per_gpu_batch=b, global_batch=a.gpus * b,
                          tokens_per_s=None, efficiency=None)
+        if retried:
+            rec["retried"] = retried
         if rc != 0:
             rec["error"] = f"exit code {rc} (log: runs/{run.name}/log.txt)"
             print(tail, file=sys.stderr)
