@@ -190,6 +190,20 @@ def _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION: tl.cons
 
 
 @triton.jit
+def _online_softmax_turn(m, l, acc, q, k, v, valid, qk_scale, PRECISION: tl.constexpr, i, FMA_EVERY: tl.constexpr):
+    """:func:`_online_softmax_step` as step ``i`` (0, 1, ...) of a loop whose every ``FMA_EVERY``-th step takes its
+    exponentials from :func:`exp2_fma` (:func:`_fma_turn`; 0: never, and ``i`` is not read)."""
+    if FMA_EVERY > 0:
+        if _fma_turn(i, FMA_EVERY):
+            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, True)
+        else:
+            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, False)
+    else:
+        m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION)
+    return m, l, acc
+
+
+@triton.jit
 def _softmax_finish(m, l, acc):
     """``(o [R, D], lse [R])`` from the running state; lse in natural log, ``-inf`` for rows that saw no key."""
     l_safe = tl.where(l > 0, l, 1.0)
@@ -231,6 +245,21 @@ def _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION: tl.conste
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _dq_turn(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION: tl.constexpr, MASKED: tl.constexpr, i,
+             FMA_EVERY: tl.constexpr):
+    """:func:`_dq_step` as step ``i`` of a loop whose every ``FMA_EVERY``-th step takes its exponentials from
+    :func:`exp2_fma` (as :func:`_online_softmax_turn`)."""
+    if FMA_EVERY > 0:
+        if _fma_turn(i, FMA_EVERY):
+            dq = _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION, MASKED, True)
+        else:
+            dq = _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION, MASKED, False)
+    else:
+        dq = _dq_step(dq, q, k, v, do, lse2, delta, valid, qk_scale, PRECISION, MASKED)
+    return dq
 
 
 @triton.jit

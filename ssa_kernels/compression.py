@@ -22,11 +22,12 @@ from ._common import (
     _dkdv_rows,
     _dq_step,
     _dq_store,
+    _dq_turn,
     _fma_turn,
     _grad_query_rows,
     _load_kv,
     _load_rows,
-    _online_softmax_step,
+    _online_softmax_turn,
     _signed_variant_runs,
     _row_tokens_heads,
     _softmax_start,
@@ -70,13 +71,8 @@ def _cmp_fwd_kernel(
         n_ok = n < hi
         k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
         valid = (n[None, :] >= k_lo[:, None]) & (n[None, :] < k_hi[:, None])
-        if FMA_EVERY > 0:
-            if _fma_turn((start - lo) // BLOCK_N, FMA_EVERY):
-                m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, True)
-            else:
-                m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, False)
-        else:
-            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION)
+        m, l, acc = _online_softmax_turn(m, l, acc, q, k, v, valid, qk_scale, PRECISION, (start - lo) // BLOCK_N,
+                                         FMA_EVERY)
     _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask)
 
 
@@ -109,13 +105,8 @@ def _cmp_bwd_dq_kernel(
     for start in range(lo, full_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, d_ok[None, :])
-        if FMA_EVERY > 0:
-            if _fma_turn((start - lo) // BLOCK_N, FMA_EVERY):
-                dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False, True)
-            else:
-                dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False, False)
-        else:
-            dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False)
+        dq = _dq_turn(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False, (start - lo) // BLOCK_N,
+                      FMA_EVERY)
     for start in range(full_end, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi

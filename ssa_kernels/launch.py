@@ -47,17 +47,20 @@ TUNED_HEAD_DIM = 32
 #: queries; their merged (0/1) makes a query-outer program of one token walk the keys of all its chosen blocks as
 #: one stream of full tiles instead of block by block (ssa_kernels.selection). selection.DKDV's tail (0/1) runs a
 #: block's last key tile as a half tile when at most block_n / 2 keys are left (block_n >= 32). The compression
-#: kernels' fma_exp_every (0: never) takes every k-th tile's exponentials from the FMA units instead of the
-#: special-function unit (ssa_kernels._common.exp2_fma; half-precision inputs only); scoring.SCORE's counts the
-#: matrix products of a program's tokens (tokens_per_program of them per key tile) instead.
+#: kernels' and the query-outer selection forward's and dQ's fma_exp_every (0: never) takes every k-th key tile's
+#: exponentials from the FMA units instead of the special-function unit (ssa_kernels._common.exp2_fma;
+#: half-precision inputs only; the selection counts the tiles a program visits, over its blocks); scoring.SCORE's
+#: counts the matrix products of a program's tokens (tokens_per_program of them per key tile) instead.
 BASE: dict[str, dict] = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3, fma_exp_every=0),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3, fma_exp_every=0),
     "compression.DKDV": dict(rows=32, block_n=128, programs=2048, num_warps=4, num_stages=1, fma_exp_every=0),
     "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
-                          ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0),
+                          ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0,
+                          fma_exp_every=0),
     "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
-                         ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0),
+                         ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0,
+                         fma_exp_every=0),
     "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192, tail=0),
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),

@@ -47,16 +47,19 @@ from ._common import (
     _dkdv_store,
     _dq_step,
     _dq_store,
+    _dq_turn,
     _grad_query_rows,
     _load_kv,
     _load_rows,
     _online_softmax_step,
+    _online_softmax_turn,
     _signed_variant_runs,
     _row_tokens_heads,
     _softmax_start,
     _softmax_store,
     block_d,
     dot_precision,
+    fma_every,
     head_split,
     tokens_per_tile,
 )
@@ -129,8 +132,10 @@ def _sel_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     TOPK: tl.constexpr, K2: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr, FMA_EVERY: tl.constexpr,
 ):
+    """Query-outer forward; ``FMA_EVERY`` (0: never): every ``FMA_EVERY``-th key tile the program visits takes its
+    exponentials from :func:`ssa_kernels._common.exp2_fma`."""
     pid_t = tl.program_id(0)
     tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
     hkv = H // G
@@ -145,10 +150,11 @@ def _sel_fwd_kernel(
         for p0 in range(0, total, BLOCK_N):
             n, n_ok = _stream_keys(starts, cum_start, cum_end, total, p0, BLOCK_N)
             k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
-            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_ok[:, None] & n_ok[None, :], qk_scale,
-                                             PRECISION)
+            m, l, acc = _online_softmax_turn(m, l, acc, q, k, v, row_ok[:, None] & n_ok[None, :], qk_scale,
+                                             PRECISION, p0 // BLOCK_N, FMA_EVERY)
     else:
         sel_r, r_tok = _tile_choices(IDX, tok64, row_ok, g, hkv, TOPK, K2, BLOCK_T, HG)
+        step = 0  # key tiles visited so far (counted only with FMA_EVERY: no loop-carried value otherwise)
         for slot in range(0, BLOCK_T * TOPK):
             blk, visit, row_sel = _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK, BLOCK_T)
             if visit:
@@ -159,8 +165,10 @@ def _sel_fwd_kernel(
                     n_ok = n < end
                     k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh,
                                     n_ok[:, None] & d_ok[None, :])
-                    m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_sel[:, None] & n_ok[None, :],
-                                                     qk_scale, PRECISION)
+                    m, l, acc = _online_softmax_turn(m, l, acc, q, k, v, row_sel[:, None] & n_ok[None, :],
+                                                     qk_scale, PRECISION, step, FMA_EVERY)
+                    if FMA_EVERY > 0:
+                        step += 1
     _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask)
 
 
@@ -260,8 +268,10 @@ def _sel_bwd_dq_kernel(
     TOPK: tl.constexpr, K2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr, MERGED: tl.constexpr,
+    FMA_EVERY: tl.constexpr,
 ):
-    """dQ of the selection branch into ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``)."""
+    """dQ of the selection branch into ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``); ``FMA_EVERY`` as
+    in :func:`_sel_fwd_kernel`."""
     pid_t = tl.program_id(0)
     tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
     hkv = H // G
@@ -277,10 +287,11 @@ def _sel_bwd_dq_kernel(
         for p0 in range(0, total, BLOCK_N):
             n, n_ok = _stream_keys(starts, cum_start, cum_end, total, p0, BLOCK_N)
             k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
-            dq = _dq_step(dq, q, k, v, do, lse2, delta, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION,
-                          True)
+            dq = _dq_turn(dq, q, k, v, do, lse2, delta, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION,
+                          True, p0 // BLOCK_N, FMA_EVERY)
     else:
         sel_r, r_tok = _tile_choices(IDX, tok64, row_ok, g, hkv, TOPK, K2, BLOCK_T, HG)
+        step = 0
         for slot in range(0, BLOCK_T * TOPK):
             blk, visit, row_sel = _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK, BLOCK_T)
             if visit:
@@ -291,8 +302,10 @@ def _sel_bwd_dq_kernel(
                     n_ok = n < end
                     k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh,
                                     n_ok[:, None] & d_ok[None, :])
-                    dq = _dq_step(dq, q, k, v, do, lse2, delta, row_sel[:, None] & n_ok[None, :], qk_scale,
-                                  PRECISION, True)
+                    dq = _dq_turn(dq, q, k, v, do, lse2, delta, row_sel[:, None] & n_ok[None, :], qk_scale,
+                                  PRECISION, True, step, FMA_EVERY)
+                    if FMA_EVERY > 0:
+                        step += 1
     _dq_store(DQ, GATE, dq, scale, tok64, head, d, H, row_ok, rd_mask, D, HAS_GATE, GATE_IDX, ACCUMULATE)
 
 
@@ -582,7 +595,7 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
         G=group, HG=hg, BLOCK_T=bt, BLOCK_N=fwd["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
         D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), MERGED=bool(fwd["merged"]) and bt == 1,
-        **_launch(fwd),
+        FMA_EVERY=fma_every(fwd, q.dtype), **_launch(fwd),
     )
     return o, lse
 
@@ -701,7 +714,7 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
             G=group, HG=hg, BLOCK_T=bt, BLOCK_N=dq_cfg["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
             D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
             GATE_IDX=gate_idx, ACCUMULATE=accumulate, MERGED=bool(dq_cfg["merged"]) and bt == 1,
-            **_launch(dq_cfg),
+            FMA_EVERY=fma_every(dq_cfg, q.dtype), **_launch(dq_cfg),
         )
     if "dkdv" not in parts:
         return dq_acc, dk_acc, dv_acc

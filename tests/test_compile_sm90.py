@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SSA_SWITCHES = (
     {},
     {"selection.FWD": dict(merged=1, block_n=16), "selection.DQ": dict(merged=1, block_n=16)},
+    {"selection.FWD": dict(fma_exp_every=2), "selection.DQ": dict(fma_exp_every=2)},
+    {"selection.FWD": dict(merged=1, fma_exp_every=2), "selection.DQ": dict(merged=1, fma_exp_every=2)},
     {"selection.DKDV": dict(tail=1, block_n=32, max_queries=2)},
     {"compression.FWD": dict(fma_exp_every=2), "compression.DQ": dict(fma_exp_every=2),
      "compression.DKDV": dict(fma_exp_every=2), "scoring.SCORE": dict(fma_exp_every=2, tokens_per_program=4)},

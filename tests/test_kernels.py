@@ -173,6 +173,27 @@ def test_whole_op_float16_with_fma_exponentials_in_the_compression_kernels(every
         assert rel_err(a, b) < F16_TOL
 
 
+@pytest.mark.parametrize("every,merged,hq,hkv", [(1, 0, 8, 2), (2, 0, 8, 2), (3, 0, 16, 1), (2, 1, 16, 1)],
+                         ids=["every1-4tok", "every2-4tok", "every3-1tok", "every2-merged"])
+def test_whole_op_float16_with_fma_exponentials_in_the_selection_kernels(every, merged, hq, hkv):
+    """Launch setting ``fma_exp_every`` of the query-outer selection forward and dQ (every k-th key tile a program
+    visits, counted over its blocks, takes its exponentials from ``exp2_fma``; 16-key tiles; tiles of 4 tokens and
+    of one, block by block and as one merged stream): the whole op in float16 against the float64 reference."""
+    import ssa_kernels.selection as selection
+
+    coords, inp = _make((48, 24), 14, 4, 8, hq, hkv, 32, seed=17 + every)
+    cfg = dict(fma_exp_every=every, block_n=16, merged=merged)
+    with pytest.MonkeyPatch.context() as mp:
+        seen = _spy_launches(mp, selection, ("_sel_fwd_kernel", "_sel_bwd_dq_kernel"), "FMA_EVERY", "MERGED")
+        with ssa_kernels.launch.overriding("selection.FWD", cfg), ssa_kernels.launch.overriding("selection.DQ", cfg):
+            o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
+                                                    shift=4)
+    assert len(seen) == 2 and set(seen) == {(every, bool(merged))}
+    assert rel_err(o, o_ref) < F16_TOL
+    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
+        assert rel_err(a, b) < F16_TOL, f"d{name}: {rel_err(a, b):.2e}"
+
+
 @pytest.mark.parametrize("every", [1, 2])
 def test_whole_op_float16_with_fma_exponentials_in_scoring(every):
     """Launch setting ``fma_exp_every`` of the scoring kernel (16 heads per kv group: one token per matrix product,

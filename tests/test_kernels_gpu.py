@@ -269,9 +269,9 @@ def test_gpu_merged_selection_stream_against_reference_and_deterministic():
 
 @pytest.mark.parametrize("every", [1, 2])
 def test_gpu_compression_fma_exponentials(every):
-    """Launch setting ``fma_exp_every`` of the compression and scoring kernels (every k-th tile's or product's
-    exponentials from the FMA-unit cubic) on shell-512 v1.1 in bf16: the float64 reference's whole-op output and gradients, every element
-    written, the same bits twice."""
+    """Launch setting ``fma_exp_every`` of the compression, scoring and query-outer selection kernels (every k-th
+    tile's or product's exponentials from the FMA-unit cubic) on shell-512 v1.1 in bf16: the float64 reference's
+    whole-op output and gradients, every element written, the same bits twice."""
     from ssa_kernels.launch import overriding
 
     coords = shape_coords("shell-512").cuda()
@@ -281,7 +281,8 @@ def test_gpu_compression_fma_exponentials(every):
     fma = dict(fma_exp_every=every)
     runs = []
     with overriding("compression.FWD", fma), overriding("compression.DQ", fma), \
-            overriding("compression.DKDV", fma), overriding("scoring.SCORE", fma), poisoned_allocations():
+            overriding("compression.DKDV", fma), overriding("scoring.SCORE", fma), overriding("selection.FWD", fma), \
+            overriding("selection.DQ", fma), poisoned_allocations():
         for _ in range(2):
             x = [t.clone().requires_grad_() for t in inp]
             o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=8, shift=0)
