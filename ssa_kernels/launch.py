@@ -181,10 +181,11 @@ def config(kernel: str, *, head_dim: int | None = None, dtype: torch.dtype | Non
     return out
 
 
-def parse_sweep(text: str) -> list[tuple[str, list[dict]]]:
+def parse_sweep(text: str, check=None) -> list[tuple[str, list[dict]]]:
     """A sweep of launch configurations written as ``"selection.FWD:rows=16|32,num_warps=1|2;selection.DQ:rows=32"``
     -> ``[(kernel, [values, ...])]``: per kernel, every combination of the listed values (integers where they
-    parse as such). Raises ValueError for an unknown kernel or setting, or an item without ``=``."""
+    parse as such). Raises ValueError for an unknown kernel or setting (``check(kernel, {setting: None})``, this
+    table's kernels by default; other modules pass their own), or an item without ``=``."""
     import itertools
 
     out = []
@@ -199,7 +200,7 @@ def parse_sweep(text: str) -> list[tuple[str, list[dict]]]:
             values.append([int(x) if x.lstrip("-").isdigit() else x for x in vals.split("|")])
         if not keys:
             raise ValueError(f"sweep of {kernel!r} lists no setting (write {kernel}:setting=value|value)")
-        _check_values(kernel, dict.fromkeys(keys))
+        (check or _check_values)(kernel, dict.fromkeys(keys))
         out.append((kernel, [dict(zip(keys, combo)) for combo in itertools.product(*values)]))
     return out
 

@@ -439,3 +439,69 @@ def test_gelu_grad_kernel_matches_pytorch_in_bf16_on_gpu():
     noise = _rel(torch_d, want_d)
     assert _rel(dact, want_d) <= 1.5 * noise + 1e-6 and _rel(pre, want_act) < 1e-2
     assert _rel(sums, want_d.sum(0)) < 1e-3
+
+
+def test_training_variants_time_launch_rows_with_their_settings_and_restore_the_defaults():
+    """``--launch-variant`` rows of the DiT report: every combination is one row after the table's, timed with its
+    launch settings in force (SSA kernels and the cross-attention's), the defaults back afterwards; bad specs
+    raise ValueError naming the kernel or the setting."""
+    import model.nets.cross_attention_kernel as ck
+    from model.reports.dit_profile import TRAINING_VARIANTS, parse_launch_variants, training_variants
+    from ssa_kernels.launch import config
+
+    rows = parse_launch_variants(["selection.FWD:fma_exp_every=2|4;cross_attention.forward:fma_exp_every=3",
+                                  "cross_attention.dkdv:chunk_rows=64"])
+    assert [launch for _, launch in rows] == [
+        {"selection.FWD": {"fma_exp_every": 2}, "cross_attention.forward": {"fma_exp_every": 3}},
+        {"selection.FWD": {"fma_exp_every": 4}, "cross_attention.forward": {"fma_exp_every": 3}},
+        {"cross_attention.dkdv": {"chunk_rows": 64}}]
+    assert rows[0][0] == "+ launch: selection.FWD fma_exp_every=2; cross_attention.forward fma_exp_every=3"
+
+    def seen():
+        return (config("selection.FWD", head_dim=32)["fma_exp_every"], ck.launch_for(32)["fma_exp_every"],
+                ck.backward_launch_for(32)["dkdv"]["chunk_rows"])
+
+    default = seen()
+    dit, x0, cond = _tiny_dit()
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-4)
+    calls = []
+
+    def time_fn(fn, *, reps, warmup, device):
+        fn()
+        calls.append(seen())
+        return [1.0] * reps, None
+
+    out = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=1, warmup=0, last=1,
+                            launch_rows=rows)
+    assert [r["name"] for r in out] == [TRAINING_VARIANTS[-1][0]] + [name for name, _ in rows]
+    assert calls == [default, (2, 3, default[2]), (4, 3, default[2]), (default[0], default[1], 64)]
+    assert out[1]["launch"] == rows[0][1] and "launch" not in out[0]
+    assert seen() == default
+    for bad, match in (("selection.FWD:nope=1", "nope"), ("cross_attention.fwd:fma_exp_every=1", "cross_attention"),
+                       ("cross_attention.dq:bogus=2", "bogus"), ("selection.FWD:fma_exp_every", "setting=value"),
+                       ("", "expected KERNEL")):
+        with pytest.raises(ValueError, match=match):
+            parse_launch_variants([bad])
+
+
+def test_cross_attention_overriding_nests_reaches_other_threads_and_checks_names():
+    import threading
+
+    import model.nets.cross_attention_kernel as ck
+
+    base = ck.launch_for(32)
+    with ck.overriding("forward", dict(block_m=16)):
+        with ck.overriding("forward", dict(block_m=32, fma_exp_every=2)), ck.overriding("dq", dict(block_n=16)):
+            got = []
+            t = threading.Thread(target=lambda: got.append((ck.launch_for(32), ck.backward_launch_for(32))))
+            t.start()
+            t.join()
+            assert got[0][0] == dict(base, block_m=32, fma_exp_every=2) and got[0][1]["dq"]["block_n"] == 16
+        assert ck.launch_for(32) == dict(base, block_m=16)
+    assert ck.launch_for(32) == base and ck.backward_launch_for(32) == ck.backward_launch_for(32)
+    with pytest.raises(ValueError, match="part must be one of"):
+        with ck.overriding("backward", {}):
+            pass
+    with pytest.raises(ValueError, match="unknown dkdv launch settings"):
+        with ck.overriding("dkdv", dict(rows=3)):
+            pass

@@ -15,7 +15,10 @@ heads of 32, 2 kv heads, v1.1 compression) on the ``shell-1024`` token set of th
 With the profile (default; ``--no-profile`` skips it): the training step with its memory savings switched on one
 after the other (:func:`model.reports.dit_profile.training_variants`: time, peak, memory held after the forward,
 loss and gradient differences), the GPU time of a training step and of a forward by kind of kernel, and the
-sampling-step variants (``--no-sampling-profile`` skips the sampling part).
+sampling-step variants (``--no-sampling-profile`` skips the sampling part). ``--launch-variant SPEC`` (repeatable)
+adds training-step rows with launch settings over the defaults, timed in the same process as the rows before
+(:func:`model.reports.dit_profile.parse_launch_variants`: ``"selection.FWD:fma_exp_every=2|4;
+cross_attention.forward:fma_exp_every=2"``, one row per combination).
 
 Writes ``DIR/dit.json`` (``ssa_step_ms``, ``full_attention_step_ms``, ``ssa_sample_step_ms``,
 ``full_attention_sample_step_ms``, ``peak_mem_gb``, ``full_attention_peak_mem_gb``, ``tokens``, ``gpu``, ``date``,
@@ -99,9 +102,13 @@ def fill_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> torch.nn.
 
 def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup: int = 1, skip_full: bool = False,
                shape: str = "shell-1024", device=None, seed: int = 0, profile: bool = True,
-               core_variants: bool = False, sampling_profile: bool = True, training_rows: int | None = None) -> dict:
+               core_variants: bool = False, sampling_profile: bool = True, training_rows: int | None = None,
+               launch_variants=()) -> dict:
     """Run the measurements (module docstring) and return the result document."""
     from model.nets.dit import DiTConfig, SparseDiT
+    from model.reports.dit_profile import parse_launch_variants
+
+    launch_rows = parse_launch_variants(launch_variants)  # bad specs fail before any GPU work
     from model.flow import FlowMatchEulerScheduler, flow_loss
     from model.sparse.tensor import SparseTensor
 
@@ -190,7 +197,8 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
         from model.reports.dit_profile import profile_step, sampling_variants, training_variants
 
         result["training_variants"] = training_variants(model, loss_fn, opt, time_fn=_time, reps=reps,
-                                                        warmup=warmup, last=training_rows)
+                                                        warmup=warmup, last=training_rows,
+                                                        launch_rows=launch_rows)
         result["profile_train_step"] = profile_step(train_step)
     if profile and sampling_profile and dev.type == "cuda":
         opt.state.clear()  # the sampling measurements below hold no optimizer state
@@ -338,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--core-variants", action="store_true",
                    help="skip the sampling variants earlier reports found no faster: SDPA backends of the "
                         "cross-attention, torch.compile on the MLPs (default: all variants)")
+    p.add_argument("--launch-variant", action="append", default=[], metavar="SPEC",
+                   help="an extra training-step row (repeatable) with launch settings over the defaults, e.g. "
+                        "'selection.FWD:fma_exp_every=2|4;cross_attention.forward:fma_exp_every=2' (one row per "
+                        "combination; the cross-attention kernels are cross_attention.forward/.dq/.dkdv)")
     return p
 
 
@@ -353,12 +365,18 @@ def _main(args) -> int:
     output_folder("--out", args.out)
     if args.device is not None:
         resolve_device(args.device)
+    from model.reports.dit_profile import parse_launch_variants
+
+    try:
+        parse_launch_variants(args.launch_variant)
+    except ValueError as exc:
+        raise UserError(f"--launch-variant: {exc}") from None
     try:
         r = run_report(smoke=args.smoke, reps=args.reps, full_reps=args.full_reps, warmup=args.warmup,
                        skip_full=args.skip_full, shape=args.shape, seed=args.seed,
                        device=None if args.device in (None, "auto") else args.device,
                        profile=not args.no_profile, core_variants=args.core_variants, training_rows=args.training_rows,
-                       sampling_profile=args.sampling_profile)
+                       sampling_profile=args.sampling_profile, launch_variants=args.launch_variant)
     except RuntimeError as exc:
         if "needs a CUDA GPU" not in str(exc):
             raise

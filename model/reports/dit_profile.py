@@ -27,8 +27,8 @@ import torch
 from model.pipeline.records import PROFILE_NAME_CHARS, PROFILE_TOP  # the cascade's profiles keep as many
 from ssa_kernels.launch import config as _launch_config
 
-__all__ = ["KERNEL_KINDS", "RANGES", "TRAINING_VARIANTS", "kernel_kind", "profile_step", "sampling_variants",
-           "training_switches", "training_variants"]
+__all__ = ["KERNEL_KINDS", "RANGES", "TRAINING_VARIANTS", "kernel_kind", "parse_launch_variants", "profile_step",
+           "sampling_variants", "training_switches", "training_variants"]
 
 #: ``record_function`` ranges of the DiT block (model.nets.dit).
 RANGES = ("dit.norm", "dit.self_attn", "dit.cross_attn", "dit.mlp", "dit.residual")
@@ -265,13 +265,67 @@ TRAINING_VARIANTS = (
 )
 
 
+#: Prefix of the cross-attention kernels in a launch variant (:func:`parse_launch_variants`):
+#: ``cross_attention.forward``, ``.dq``, ``.dkdv`` (:func:`model.nets.cross_attention_kernel.overriding`).
+CROSS_PREFIX = "cross_attention."
+
+
+def parse_launch_variants(specs) -> list[tuple[str, dict]]:
+    """Extra training-step rows from launch settings (``--launch-variant`` of ``model.reports.dit``). Each spec is
+    written as :func:`ssa_kernels.launch.parse_sweep` takes it, the SSA kernels by their table names and the
+    cross-attention kernels as ``cross_attention.forward`` / ``.dq`` / ``.dkdv``, e.g.
+    ``"selection.FWD:fma_exp_every=2|4;cross_attention.forward:fma_exp_every=2"``; every combination of the listed
+    values is one row (all savings on, the settings over the defaults). Returns ``[(row name, {kernel: values})]``;
+    ValueError names a bad spec (unknown kernel or setting, an item without a value)."""
+    import itertools
+
+    import model.nets.cross_attention_kernel as ck
+    from ssa_kernels.launch import parse_sweep
+
+    def check_cross(kernel, values):
+        if kernel[len(CROSS_PREFIX):] not in ck.PARTS:
+            raise ValueError(f"unknown kernel {kernel!r}; the cross-attention's: "
+                             f"{', '.join(CROSS_PREFIX + part for part in ck.PARTS)}")
+        ck.check_launch_settings(kernel[len(CROSS_PREFIX):], values)
+
+    rows = []
+    for spec in specs or ():
+        items = [item for item in (spec.split(";") if isinstance(spec, str) else []) if item.strip()]
+        if not items:
+            raise ValueError(f"--launch-variant: expected KERNEL:setting=value[|value...][;...], got {spec!r}")
+        cross = ";".join(i for i in items if i.startswith(CROSS_PREFIX))
+        kernels = (parse_sweep(";".join(i for i in items if not i.startswith(CROSS_PREFIX)))
+                   + parse_sweep(cross, check=check_cross))
+        for combo in itertools.product(*(values for _, values in kernels)):
+            launch = {kernel: values for (kernel, _), values in zip(kernels, combo)}
+            name = "; ".join(f"{k} " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in launch.items())
+            rows.append((f"+ launch: {name}", launch))
+    return rows
+
+
+@contextlib.contextmanager
+def _launch_overrides(launch: dict | None):
+    import model.nets.cross_attention_kernel as ck
+    from ssa_kernels.launch import overriding
+
+    with contextlib.ExitStack() as stack:
+        for kernel, values in (launch or {}).items():
+            if kernel.startswith(CROSS_PREFIX):
+                stack.enter_context(ck.overriding(kernel[len(CROSS_PREFIX):], values))
+            else:
+                stack.enter_context(overriding(kernel, values))
+        yield
+
+
 @contextlib.contextmanager
 def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_hidden: bool, gated_residual: bool,
                       norm_projection: bool, reuse_selection: bool, split_queries: int | None,
-                      one_concatenation: bool, lean_recompute: bool, gelu_kernel: bool, cross_kernel: bool):
-    """The switches of one training variant (:data:`TRAINING_VARIANTS`) set for the block inside; afterwards all
-    savings are on again and the launch table is the table's. Launch settings go through
-    :func:`ssa_kernels.launch.overriding`, never by editing the table."""
+                      one_concatenation: bool, lean_recompute: bool, gelu_kernel: bool, cross_kernel: bool,
+                      launch: dict | None = None):
+    """The switches of one training variant (:data:`TRAINING_VARIANTS`) set for the block inside, and the launch
+    settings ``launch`` (``{kernel: values}``, :func:`parse_launch_variants`); afterwards all savings are on again
+    and the launch tables are the tables'. Launch settings go through :func:`ssa_kernels.launch.overriding` and
+    :func:`model.nets.cross_attention_kernel.overriding`, never by editing the tables."""
     import model.nets.cross_attention_kernel as cross_attention_kernel
     import model.nets.dit as dit
     import model.nets.dit_block as dit_block
@@ -293,16 +347,17 @@ def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_
           one_concatenation, lean_recompute, gelu_kernel, cross_kernel)
     try:
         with (overriding("selection.DKDV", dict(max_queries=split_queries)) if split_queries is not None
-              else nullcontext()):
+              else nullcontext()), _launch_overrides(launch):
             yield
     finally:
         apply(**_ALL_ON)
 
 
 def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: int,
-                      last: int | None = None) -> list[dict]:
+                      last: int | None = None, launch_rows=()) -> list[dict]:
     """Time the training step ``loss_fn().backward(); optimizer.step()`` for each of :data:`TRAINING_VARIANTS` (with
-    ``last``: its last ``last`` rows only).
+    ``last``: its last ``last`` rows only), then for each of ``launch_rows`` (:func:`parse_launch_variants`: all
+    savings on, launch settings over the defaults; the record gets ``launch``).
 
     First, on the unchanged weights, each variant's loss and gradients (no optimizer step) against the first
     variant's (relative norms over all parameters); then the timed steps, with the memory allocated after the
@@ -317,6 +372,7 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
         optimizer.step()
 
     variants = TRAINING_VARIANTS if last is None else TRAINING_VARIANTS[-last:]
+    variants = (*variants, *((name, dict(_ALL_ON, launch=launch)) for name, launch in launch_rows))
     out = []
     base = {}
     for name, flags in variants:
@@ -328,7 +384,8 @@ def training_variants(model, loss_fn, optimizer, *, time_fn, reps: int, warmup: 
             optimizer.zero_grad(set_to_none=True)
         ref_loss, ref_grads = base.setdefault("loss", loss.detach()), base.setdefault("grads", grads)
         out.append({"name": name, "loss_rel_diff": _rel(loss.detach(), ref_loss),
-                    "grad_rel_diff": _rel(grads, ref_grads)})
+                    "grad_rel_diff": _rel(grads, ref_grads), **({"launch": flags["launch"]} if "launch" in flags
+                                                                 else {})})
         del grads
     # nothing of the comparison may stay alive into the timed steps (the gradient vector is 4 bytes per
     # parameter: 2 GB for the released size)
