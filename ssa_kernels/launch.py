@@ -29,8 +29,8 @@ import threading
 
 import torch
 
-__all__ = ["BASE", "ENTRIES", "Entry", "TABLE_PATH", "architecture", "config", "load_table", "overriding",
-           "parse_sweep", "write_entries"]
+__all__ = ["BASE", "ENTRIES", "Entry", "OverrideStack", "TABLE_PATH", "architecture", "config", "load_table",
+           "overriding", "parse_sweep", "write_entries"]
 
 #: Head dims up to this use the base configurations as tuned.
 TUNED_HEAD_DIM = 32
@@ -144,9 +144,42 @@ def _check_values(kernel: str, values: dict) -> None:
 
 
 _MEASURED = load_table()  # after _check_values, which it calls
-#: The open :func:`overriding` blocks, outermost first: ``(kernel, values)`` pairs seen by every thread.
-_OVERRIDES: tuple = ()
-_OVERRIDES_LOCK = threading.Lock()
+
+
+class OverrideStack:
+    """Launch settings over the defaults while a block is open, seen by every thread of the process (autograd runs
+    the backward kernels of CUDA tensors on a thread of its own). Blocks nest; the innermost wins. Closing a block
+    removes its own entry, so blocks opened by different threads may close in any order. ``check(name, values)``
+    raises ValueError for an unknown kernel or setting. One stack serves :func:`config`, another the DiT's
+    cross-attention kernels (``model.nets.cross_attention_kernel.overriding``)."""
+
+    def __init__(self, check):
+        self._check = check
+        self._entries: tuple = ()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def overriding(self, name: str, values: dict):
+        self._check(name, values)
+        entry = (name, dict(values))
+        with self._lock:
+            self._entries = (*self._entries, entry)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._entries = tuple(e for e in self._entries if e is not entry)
+
+    def apply(self, name: str, launch: dict) -> dict:
+        """``launch`` updated in place by the open blocks' values for ``name`` (outermost first); returned."""
+        for key, values in self._entries:
+            if key == name:
+                launch.update(values)
+        return launch
+
+
+#: The open :func:`overriding` blocks.
+_OVERRIDES = OverrideStack(_check_values)
 
 
 def architecture(device=None) -> str:
@@ -175,10 +208,7 @@ def config(kernel: str, *, head_dim: int | None = None, dtype: torch.dtype | Non
     for entry in (*ENTRIES, *_MEASURED):
         if entry.kernel == kernel and entry.matches(arch, head_dim, dname):
             out.update(entry.values)
-    for name, values in _OVERRIDES:
-        if name == kernel:
-            out.update(values)
-    return out
+    return _OVERRIDES.apply(kernel, out)
 
 
 def parse_sweep(text: str, check=None) -> list[tuple[str, list[dict]]]:
@@ -210,13 +240,5 @@ def overriding(kernel: str, values: dict):
     """Inside the block, :func:`config` gives ``kernel`` these values over the table's, in every thread of the
     process (the module docstring says why). Blocks nest; the innermost wins. Closing a block removes its own
     entry, so blocks opened by different threads may close in any order."""
-    global _OVERRIDES
-    _check_values(kernel, values)
-    entry = (kernel, dict(values))
-    with _OVERRIDES_LOCK:
-        _OVERRIDES = (*_OVERRIDES, entry)
-    try:
+    with _OVERRIDES.overriding(kernel, values):
         yield
-    finally:
-        with _OVERRIDES_LOCK:
-            _OVERRIDES = tuple(e for e in _OVERRIDES if e is not entry)

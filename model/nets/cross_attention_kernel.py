@@ -42,10 +42,8 @@ also takes CPU tensors, for the tests (tests/test_cross_attention_kernel.py).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import threading
 from collections import OrderedDict
 
 import torch
@@ -54,6 +52,7 @@ import triton.language as tl
 
 # the FMA-unit exponential (exp2_fma) and its launch setting, shared with the SSA kernels
 from ssa_kernels._common import _exp2, fma_every
+from ssa_kernels.launch import OverrideStack
 
 __all__ = ["BACKWARD_LAUNCH", "BACKWARD_LAUNCHES", "ENABLED", "KERNEL_DTYPES", "LAUNCH", "LAUNCHES", "TRAINABLE",
            "PARTS", "backward_launch_for", "check_launch_settings", "cross_attention", "launch_for", "overriding",
@@ -382,8 +381,6 @@ def _interpreting() -> bool:
 
 #: The kernels whose launches :func:`overriding` sets: the forward and the two backward kernels.
 PARTS = ("forward", "dq", "dkdv")
-_OVERRIDES: tuple = ()
-_OVERRIDES_LOCK = threading.Lock()
 
 
 def check_launch_settings(part: str, values) -> None:
@@ -396,42 +393,29 @@ def check_launch_settings(part: str, values) -> None:
         raise ValueError(f"unknown {part} launch settings {unknown}; known: {sorted(known)}")
 
 
-@contextlib.contextmanager
+_OVERRIDES = OverrideStack(check_launch_settings)
+
+
 def overriding(part: str, values: dict):
-    """Inside the block, :func:`launch_for` (``part`` ``"forward"``) or :func:`backward_launch_for` (``"dq"``,
-    ``"dkdv"``) give these settings over the defaults, in every thread of the process (autograd runs the backward
-    on a thread of its own), never by editing :data:`LAUNCHES`. Blocks nest; the innermost wins. For timing
-    launch settings inside a model (``python -m model.reports.dit --launch-variant``)."""
-    global _OVERRIDES
-    check_launch_settings(part, values)
-    entry = (part, dict(values))
-    with _OVERRIDES_LOCK:
-        _OVERRIDES = (*_OVERRIDES, entry)
-    try:
-        yield
-    finally:
-        with _OVERRIDES_LOCK:
-            _OVERRIDES = tuple(e for e in _OVERRIDES if e is not entry)
-
-
-def _overridden(part: str, launch: dict) -> dict:
-    for name, values in _OVERRIDES:
-        if name == part:
-            launch.update(values)
-    return launch
+    """Inside the block (``with overriding("forward", dict(fma_exp_every=2)):``), :func:`launch_for` (``part``
+    ``"forward"``) or :func:`backward_launch_for` (``"dq"``, ``"dkdv"``) give these settings over the defaults, in
+    every thread of the process, never by editing :data:`LAUNCHES` (:class:`ssa_kernels.launch.OverrideStack`).
+    For timing launch settings inside a model (``python -m model.reports.dit --launch-variant``)."""
+    return _OVERRIDES.overriding(part, values)
 
 
 def launch_for(head_dim: int) -> dict:
     """The default launch at ``head_dim`` (a fresh dict): :data:`LAUNCH` updated by :data:`LAUNCHES`' entry (and
     by :func:`overriding`)."""
-    return _overridden("forward", dict(LAUNCH, **LAUNCHES.get(head_dim, {})))
+    return _OVERRIDES.apply("forward", dict(LAUNCH, **LAUNCHES.get(head_dim, {})))
 
 
 def backward_launch_for(head_dim: int) -> dict:
     """The default backward launch at ``head_dim`` (fresh dicts ``{"dq": ..., "dkdv": ...}``): each kernel's
     :data:`BACKWARD_LAUNCH` settings updated by :data:`BACKWARD_LAUNCHES`' entry (and by :func:`overriding`)."""
     entry = BACKWARD_LAUNCHES.get(head_dim, {})
-    return {name: _overridden(name, dict(default, **entry.get(name, {}))) for name, default in BACKWARD_LAUNCH.items()}
+    return {name: _OVERRIDES.apply(name, dict(default, **entry.get(name, {})))
+            for name, default in BACKWARD_LAUNCH.items()}
 
 
 def _records_gradient(*ts: torch.Tensor) -> bool:
