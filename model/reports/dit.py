@@ -193,6 +193,9 @@ def run_report(*, smoke: bool = False, reps: int = 3, full_reps: int = 2, warmup
             result["speedup_sample"] = result["full_attention_sample_step_ms"] / result["ssa_sample_step_ms"]
     else:
         result.update(full_attention_step_ms=None, full_attention_sample_step_ms=None)
+    if launch_rows and not (profile and dev.type == "cuda"):
+        print(f"[dit report] --launch-variant: {len(launch_rows)} row(s) not timed (the training-step variants run "
+              "on CUDA with the profile only)", file=sys.stderr, flush=True)
     if profile and dev.type == "cuda":
         from model.reports.dit_profile import profile_step, sampling_variants, training_variants
 
