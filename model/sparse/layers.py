@@ -152,6 +152,11 @@ RECOMPUTE_HIDDEN = True
 #: Switch for the GELU step of :class:`_RecomputedMLP`'s backward pass as one kernel
 #: (:mod:`model.sparse.gelu_grad_kernel`; off, or where it does not apply: PyTorch's three kernels).
 FUSED_GELU_GRAD = True
+#: Switch for :func:`gated_linear_add`'s forward as one matrix product: the gate scales the weight's rows and the
+#: residual stream is added in the product's epilogue (``addmm(h, x, (gate[:, None] * W)^T)``: one pass over the
+#: ``[N, C]`` tensors where the product and ``addcmul`` take three); off, or when the stream's dtype is not the
+#: product's: the product, then ``addcmul``.
+GATED_EPILOGUE = True
 #: Token rows per chunk of :class:`_RecomputedMLP`: the hidden layers of one chunk (pre-activation, activation and
 #: their gradients, ``4 x rows x 4C`` values) are the transient memory of the MLP's forward and backward; 16,384 rows
 #: at C = 1024 are ~0.5 GB in bf16, against ~2.2 GB that autograd keeps for 137k tokens through the plain modules.
@@ -182,8 +187,11 @@ class _RecomputedMLP(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             w1c, b1c, w2c, b2c = (t.to(dtype) for t in (w1, b1, w2, b2))
             for rows in _row_chunks(x.shape[0]):
-                y = F.linear(gelu_linear(x[rows].to(dtype), w1c, b1c), w2c, b2c)
-                out[rows] = y if h is None else torch.addcmul(h[rows], gate.to(dtype), y)
+                act = gelu_linear(x[rows].to(dtype), w1c, b1c)
+                if h is None:
+                    torch.addmm(b2c, act, w2c.t(), out=out[rows])
+                else:  # written into the chunk's rows of out (a contiguous view), not copied there afterwards
+                    torch.addcmul(h[rows], gate.to(dtype), F.linear(act, w2c, b2c), out=out[rows])
         return out
 
     @staticmethod
@@ -250,6 +258,8 @@ class _GatedLinearAdd(torch.autograd.Function):
         ctx.save_for_backward(x, w, gate)
         ctx.dtype = dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if GATED_EPILOGUE and h.dtype == dtype:
+                return torch.addmm(h, x.to(dtype), (w * gate.to(w.dtype)[:, None]).to(dtype).t())
             return torch.addcmul(h, gate.to(dtype), F.linear(x.to(dtype), w.to(dtype)))
 
     @staticmethod
