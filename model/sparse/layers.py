@@ -132,9 +132,10 @@ class FeedForward(nn.Module):
         through :class:`_RecomputedMLP`, which keeps neither the hidden layer nor the MLP's output.
 
         ``compute_output=False`` (under autograd only): record the branch for the backward pass but return an
-        uninitialised placeholder of the output's shape and dtype (one element, expanded), skipping both products. For the recomputed forward
-        of activation checkpointing, where only what the backward pass keeps is used and this branch's output
-        is read by nothing (the last branch of a DiT block: :func:`model.nets.dit_block.recomputing`)."""
+        uninitialised placeholder of the output's shape and dtype (one element, expanded), skipping both products.
+        For the recomputed forward of activation checkpointing, where only what the backward pass keeps is used and
+        this branch's output is read by nothing (the last branch of a DiT block:
+        :func:`model.nets.dit_block.recomputing`)."""
         if x.dim() == 2 and torch.is_grad_enabled() and RECOMPUTE_HIDDEN:
             first, second = self.mlp[0], self.mlp[2]
             return _RecomputedMLP.apply(x, first.weight, first.bias, second.weight, second.bias, _operand_dtype(x),
