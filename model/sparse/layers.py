@@ -226,7 +226,9 @@ class _RecomputedMLP(torch.autograd.Function):
                 dw2.add_(g.t().mm(act))
                 del act
                 dw1.add_(dpre.t().mm(u))
-                if dx is not None:
+                if dx is not None and dx.dtype == dpre.dtype:
+                    torch.mm(dpre, w1c, out=dx[rows])  # into the chunk's rows, not copied there afterwards
+                elif dx is not None:
                     dx[rows] = dpre.mm(w1c)
             db2 = dout.sum(0, dtype=acc)
             dgate = None
