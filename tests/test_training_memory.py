@@ -107,41 +107,6 @@ def test_gated_branches_match_addcmul_in_float64(monkeypatch, with_h):
             assert a.shape == b.shape and _rel(a, b) < 1e-12
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gated_linear_add_epilogue_is_as_close_to_float64_as_addcmul(monkeypatch, dtype):
-    """``GATED_EPILOGUE``: the self-attention's gated residual as one product in half precision (the gate scales the
-    weight's rows, the stream is added in the product) against the float64 result, no farther than the product +
-    ``addcmul`` path; with a float32 stream (dtypes differ) the switch falls back to that path, bit for bit; the
-    gradients are the same function either way."""
-    torch.manual_seed(7)
-    n, c = 300, 64
-    w = torch.randn(c, c) / c**0.5
-    gate = torch.randn(c) * 0.3
-    h32, x32 = torch.randn(n, c), torch.randn(n, c)
-    truth = torch.addcmul(h32.double(), gate.double(), x32.double() @ w.double().t())
-    h, x = h32.to(dtype), x32.to(dtype)
-    errors = {}
-    for on in (False, True):
-        monkeypatch.setattr(layers, "GATED_EPILOGUE", on)
-        out = layers.gated_linear_add(h, x, w, gate)
-        assert out.dtype == dtype
-        errors[on] = _rel(out.double(), truth)
-    assert errors[True] < 1.5 * errors[False] + 1e-4, errors
-    assert errors[True] < 1e-2
-    monkeypatch.setattr(layers, "GATED_EPILOGUE", True)
-    mixed = layers.gated_linear_add(h32, x, w, gate)  # float32 stream, half-precision product
-    monkeypatch.setattr(layers, "GATED_EPILOGUE", False)
-    assert torch.equal(mixed, layers.gated_linear_add(h32, x, w, gate))
-    grads = []
-    for on in (False, True):
-        monkeypatch.setattr(layers, "GATED_EPILOGUE", on)
-        hh, xx, ww, gg = (t.clone().requires_grad_() for t in (h, x, w, gate))
-        grads.append(torch.autograd.grad(layers.gated_linear_add(hh, xx, ww, gg), [hh, xx, ww, gg],
-                                         torch.ones(n, c, dtype=dtype)))
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
-
-
 def test_gated_branches_keep_no_branch_output():
     mlp = FeedForward(8)
     w = torch.randn(8, 8, requires_grad=True)
@@ -210,7 +175,7 @@ def _switches(dit):
                 gated_residual=dit_block.GATED_RESIDUAL, norm_projection=dit_block.NORM_PROJECTION,
                 reuse_selection=dit_module.REUSE_SELECTION, lean_recompute=dit_module.LEAN_RECOMPUTE,
                 one_concatenation=ssa_layer.SPLIT_FUNCTION, gelu_kernel=layers.FUSED_GELU_GRAD,
-                cross_kernel=cross_attention_kernel.TRAINABLE, gated_epilogue=layers.GATED_EPILOGUE,
+                cross_kernel=cross_attention_kernel.TRAINABLE,
                 split_queries=config("selection.DKDV", head_dim=dit.config.model_channels // dit.config.num_heads)[
                     "max_queries"])
 

@@ -229,16 +229,14 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 #: value); then ``one_concatenation`` (:data:`model.nets.ssa_layer.SPLIT_FUNCTION`), ``lean_recompute``
 #: (:data:`model.nets.dit.LEAN_RECOMPUTE`), ``gelu_kernel`` (:data:`model.sparse.layers.FUSED_GELU_GRAD`) and
 #: ``cross_kernel`` (:data:`model.nets.cross_attention_kernel.TRAINABLE`: the cross-attention under autograd through
-#: the Triton kernels, on CUDA with one batch element and no key mask) and ``gated_epilogue``
-#: (:data:`model.sparse.layers.GATED_EPILOGUE`).
+#: the Triton kernels, on CUDA with one batch element and no key mask).
 #: The launch table's ``max_queries`` (the last variant's; the ones before it split nothing).
 _TABLE_SPLIT = _launch_config("selection.DKDV")["max_queries"]
 _ALL_ON = dict(half_stream=True, fused_norms=True, recompute_hidden=True, gated_residual=True, norm_projection=True,
                reuse_selection=True, split_queries=None, one_concatenation=True, lean_recompute=True,
-               gelu_kernel=True, cross_kernel=True, gated_epilogue=True)
-#: The switches of the rows before the last five.
-_EARLIER = dict(_ALL_ON, one_concatenation=False, lean_recompute=False, gelu_kernel=False, cross_kernel=False,
-                gated_epilogue=False)
+               gelu_kernel=True, cross_kernel=True)
+#: The switches of the rows before the last four.
+_EARLIER = dict(_ALL_ON, one_concatenation=False, lean_recompute=False, gelu_kernel=False, cross_kernel=False)
 TRAINING_VARIANTS = (
     ("float32 stream, PyTorch norms, plain MLP (before)",
      dict(_EARLIER, half_stream=False, fused_norms=False, recompute_hidden=False, gated_residual=False,
@@ -257,15 +255,13 @@ TRAINING_VARIANTS = (
     (f"+ selection dK/dV split into chunks of at most {_TABLE_SPLIT:,} queries (the launch table's max_queries)",
      dict(_EARLIER)),
     ("+ the gradient of the merged q/k/v/gate product in one concatenation",
-     dict(_ALL_ON, lean_recompute=False, gelu_kernel=False, cross_kernel=False, gated_epilogue=False)),
+     dict(_ALL_ON, lean_recompute=False, gelu_kernel=False, cross_kernel=False)),
     ("+ the recomputed forward records the MLP branch without computing it (its output is read by nothing)",
-     dict(_ALL_ON, gelu_kernel=False, cross_kernel=False, gated_epilogue=False)),
+     dict(_ALL_ON, gelu_kernel=False, cross_kernel=False)),
     ("+ the GELU step of the MLP's backward pass in one kernel (activation, its gradient, the bias gradient)",
-     dict(_ALL_ON, cross_kernel=False, gated_epilogue=False)),
+     dict(_ALL_ON, cross_kernel=False)),
     ("+ the cross-attention under autograd through the Triton kernels (forward with the LSE, dQ and dK/dV kernels) "
-     "instead of SDPA", dict(_ALL_ON, gated_epilogue=False)),
-    ("+ the self-attention's gated residual as one product (the gate in the weight's rows, the stream added in its "
-     "epilogue) instead of a product and addcmul", dict(_ALL_ON)),
+     "instead of SDPA", dict(_ALL_ON)),
 )
 
 
@@ -325,7 +321,7 @@ def _launch_overrides(launch: dict | None):
 def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_hidden: bool, gated_residual: bool,
                       norm_projection: bool, reuse_selection: bool, split_queries: int | None,
                       one_concatenation: bool, lean_recompute: bool, gelu_kernel: bool, cross_kernel: bool,
-                      gated_epilogue: bool, launch: dict | None = None):
+                      launch: dict | None = None):
     """The switches of one training variant (:data:`TRAINING_VARIANTS`) set for the block inside, and the launch
     settings ``launch`` (``{kernel: values}``, :func:`parse_launch_variants`); afterwards all savings are on again
     and the launch tables are the tables'. Launch settings go through :func:`ssa_kernels.launch.overriding` and
@@ -339,9 +335,8 @@ def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_
     from ssa_kernels.launch import overriding
 
     def apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
-              one_concatenation, lean_recompute, gelu_kernel, cross_kernel, gated_epilogue, **_):
+              one_concatenation, lean_recompute, gelu_kernel, cross_kernel, **_):
         model.config = model.config.replace(half_stream=half_stream)
-        layers.GATED_EPILOGUE = gated_epilogue
         ssa_layer.SPLIT_FUNCTION, layers.FUSED_GELU_GRAD = one_concatenation, gelu_kernel
         fused.ENABLED, layers.RECOMPUTE_HIDDEN = fused_norms, recompute_hidden
         dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = gated_residual, norm_projection
@@ -349,7 +344,7 @@ def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_
         cross_attention_kernel.TRAINABLE = cross_kernel
 
     apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
-          one_concatenation, lean_recompute, gelu_kernel, cross_kernel, gated_epilogue)
+          one_concatenation, lean_recompute, gelu_kernel, cross_kernel)
     try:
         with (overriding("selection.DKDV", dict(max_queries=split_queries)) if split_queries is not None
               else nullcontext()), _launch_overrides(launch):

@@ -153,11 +153,6 @@ RECOMPUTE_HIDDEN = True
 #: Switch for the GELU step of :class:`_RecomputedMLP`'s backward pass as one kernel
 #: (:mod:`model.sparse.gelu_grad_kernel`; off, or where it does not apply: PyTorch's three kernels).
 FUSED_GELU_GRAD = True
-#: Switch for :func:`gated_linear_add`'s forward as one matrix product: the gate scales the weight's rows and the
-#: residual stream is added in the product's epilogue (``addmm(h, x, (gate[:, None] * W)^T)``: one pass over the
-#: ``[N, C]`` tensors where the product and ``addcmul`` take three); off, or when the stream's dtype is not the
-#: product's: the product, then ``addcmul``.
-GATED_EPILOGUE = True
 #: Token rows per chunk of :class:`_RecomputedMLP`: the hidden layers of one chunk (pre-activation, activation and
 #: their gradients, ``4 x rows x 4C`` values) are the transient memory of the MLP's forward and backward; 16,384 rows
 #: at C = 1024 are ~0.5 GB in bf16, against ~2.2 GB that autograd keeps for 137k tokens through the plain modules.
@@ -261,8 +256,6 @@ class _GatedLinearAdd(torch.autograd.Function):
         ctx.save_for_backward(x, w, gate)
         ctx.dtype = dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if GATED_EPILOGUE and h.dtype == dtype:
-                return torch.addmm(h, x.to(dtype), (w * gate.to(w.dtype)[:, None]).to(dtype).t())
             return torch.addcmul(h, gate.to(dtype), F.linear(x.to(dtype), w.to(dtype)))
 
     @staticmethod
