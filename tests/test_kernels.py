@@ -61,6 +61,15 @@ def _spy_launches(mp, module, names, *settings):
     return seen
 
 
+def _assert_like_reference(o, grads, o_ref, grads_ref, tol):
+    """The output and the six gradients (q, k, v, k_cmp, v_cmp, gate) within ``tol`` (relative norm) of the
+    reference's."""
+    assert len(grads) == len(grads_ref) == 6
+    assert rel_err(o, o_ref) < tol
+    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), grads, grads_ref):
+        assert rel_err(a, b) < tol, f"d{name}: {rel_err(a, b):.2e}"
+
+
 def _against_reference(coords, inp, dtype, *, mc, ms, topk, window, shift):
     """``(o, grads, o_ref, grads_ref)``: the kernels' whole op in ``dtype`` and the float64 reference, both
     differentiated against the same random output gradient."""
@@ -168,9 +177,7 @@ def test_whole_op_float16_with_fma_exponentials_in_the_compression_kernels(every
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
                                                     shift=0)
     assert len(seen) >= 3 and set(seen) == {every}
-    assert rel_err(o, o_ref) < F16_TOL
-    for a, b in zip(g, g_ref):
-        assert rel_err(a, b) < F16_TOL
+    _assert_like_reference(o, g, o_ref, g_ref, F16_TOL)
 
 
 @pytest.mark.parametrize("every,merged,hq,hkv", [(1, 0, 8, 2), (2, 0, 8, 2), (3, 0, 16, 1), (2, 1, 16, 1)],
@@ -189,9 +196,7 @@ def test_whole_op_float16_with_fma_exponentials_in_the_selection_kernels(every, 
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
                                                     shift=4)
     assert len(seen) == 2 and set(seen) == {(every, bool(merged))}
-    assert rel_err(o, o_ref) < F16_TOL
-    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
-        assert rel_err(a, b) < F16_TOL, f"d{name}: {rel_err(a, b):.2e}"
+    _assert_like_reference(o, g, o_ref, g_ref, F16_TOL)
 
 
 @pytest.mark.parametrize("every", [1, 2])
@@ -208,18 +213,14 @@ def test_whole_op_float16_with_fma_exponentials_in_scoring(every):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
                                                     shift=0)
     assert steps and all(step == (every, 4) for step in steps)
-    assert rel_err(o, o_ref) < F16_TOL
-    for a, b in zip(g, g_ref):
-        assert rel_err(a, b) < F16_TOL
+    _assert_like_reference(o, g, o_ref, g_ref, F16_TOL)
 
 
 def test_whole_op_float16():
     coords, inp = _make((48, 24), 14, 4, 8, 8, 2, 32, seed=11)
     o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8, shift=0)
     assert o.dtype == torch.float16
-    assert rel_err(o, o_ref) < F16_TOL
-    for a, b in zip(g, g_ref):
-        assert rel_err(a, b) < F16_TOL
+    _assert_like_reference(o, g, o_ref, g_ref, F16_TOL)
 
 
 def test_whole_op_backward_in_another_kernel_order(monkeypatch):
@@ -385,9 +386,7 @@ def test_whole_op_with_the_key_outer_selection_forward_and_dq():
     with ssa_kernels.launch.overriding("selection.FWD", ko), \
             ssa_kernels.launch.overriding("selection.DQ", {**ko, "scratch_bytes": 8 * 2 * 3 * 4 * 32 * 4}):
         o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8, shift=4)
-    assert rel_err(o, o_ref) < F32_TOL
-    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
-        assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
+    _assert_like_reference(o, g, o_ref, g_ref, F32_TOL)
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(16, 1, 32), (32, 2, 16)], ids=["G16-d32", "G16-d16-2kv"])
@@ -406,9 +405,7 @@ def test_whole_op_with_the_merged_selection_stream(hq, hkv, d):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8,
                                                     shift=4)
     assert launched and all(launched)
-    assert rel_err(o, o_ref) < F32_TOL
-    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
-        assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
+    _assert_like_reference(o, g, o_ref, g_ref, F32_TOL)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
@@ -491,9 +488,7 @@ def test_selection_dkdv_half_tail_tiles(max_queries):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8,
                                                     shift=4)
     assert launched and all(launched)
-    assert rel_err(o, o_ref) < F32_TOL
-    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gate"), g, g_ref):
-        assert rel_err(a, b) < F32_TOL, f"d{name}: {rel_err(a, b):.2e}"
+    _assert_like_reference(o, g, o_ref, g_ref, F32_TOL)
 
 
 @pytest.mark.parametrize("max_queries", [1, 2, 5, 1000])
