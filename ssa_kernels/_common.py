@@ -334,6 +334,28 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, r
 
 
 @triton.jit
+def _dkdv_rows_turn(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H, qk_scale,
+                    stride_qt, stride_qh, stride_dt, stride_dh, G: tl.constexpr, HG: tl.constexpr,
+                    PRECISION: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr, i,
+                    FMA_EVERY: tl.constexpr):
+    """:func:`_dkdv_rows` as step ``i`` of a loop whose every ``FMA_EVERY``-th step takes its exponentials from
+    :func:`exp2_fma` (as :func:`_online_softmax_turn`)."""
+    if FMA_EVERY > 0:
+        if _fma_turn(i, FMA_EVERY):
+            dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
+                                qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX,
+                                SIGNED, True)
+        else:
+            dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
+                                qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX,
+                                SIGNED, False)
+    else:
+        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
+                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX, SIGNED)
+    return dk, dv
+
+
+@triton.jit
 def _signed_variant_runs(NEG, HAS_GATE: tl.constexpr, SIGNED: tl.constexpr):
     """Whether this launch of a key-outer backward kernel does the work: without gates the unsigned variant;
     with gates the signed one exactly when ``NEG [1]`` (some gate is negative) is set, else the unsigned one."""

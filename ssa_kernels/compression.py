@@ -19,11 +19,10 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     _batch_ranges,
-    _dkdv_rows,
+    _dkdv_rows_turn,
     _dq_step,
     _dq_store,
     _dq_turn,
-    _fma_turn,
     _grad_query_rows,
     _load_kv,
     _load_rows,
@@ -160,19 +159,9 @@ def _cmp_bwd_dkdv_kernel(
         tb = tl.load(token_batch + tok, mask=row_ok, other=-1)
         valid_t = (kb[:, None] == tb[None, :]) & n_ok[:, None] & row_ok[None, :]
         rd_mask = row_ok[:, None] & d_ok[None, :]
-        if FMA_EVERY > 0:
-            if _fma_turn((t0 - t_start) // BLOCK_T, FMA_EVERY):
-                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t,
-                                    H, qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
-                                    GATE_IDX, SIGNED, True)
-            else:
-                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t,
-                                    H, qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
-                                    GATE_IDX, SIGNED, False)
-        else:
-            dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
-                                qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
-                                GATE_IDX, SIGNED)
+        dk, dv = _dkdv_rows_turn(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t,
+                                 H, qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX,
+                                 SIGNED, (t0 - t_start) // BLOCK_T, FMA_EVERY)
     part = ((split * NC + n.to(tl.int64)) * HKV + g)[:, None] * D + d[None, :]
     tl.store(DKP + part, dk * scale, mask=kv_mask & run)
     tl.store(DVP + part, dv, mask=kv_mask & run)
