@@ -175,7 +175,7 @@ def _switches(dit):
                 gated_residual=dit_block.GATED_RESIDUAL, norm_projection=dit_block.NORM_PROJECTION,
                 reuse_selection=dit_module.REUSE_SELECTION, lean_recompute=dit_module.LEAN_RECOMPUTE,
                 one_concatenation=ssa_layer.SPLIT_FUNCTION, gelu_kernel=layers.FUSED_GELU_GRAD,
-                cross_kernel=cross_attention_kernel.TRAINABLE,
+                cross_kernel=cross_attention_kernel.TRAINABLE, query_view=ssa_layer.QUERY_VIEW,
                 split_queries=config("selection.DKDV", head_dim=dit.config.model_channels // dit.config.num_heads)[
                     "max_queries"])
 
@@ -201,7 +201,8 @@ def test_training_variants_switch_and_restore():
                      for v in TRAINING_VARIANTS]
     assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
     assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
-    assert _switches(dit) == before and all(v for k, v in before.items() if k != "split_queries")
+    assert _switches(dit) == before
+    assert all(v for k, v in before.items() if k not in ("split_queries", "query_view")) and not before["query_view"]
     tail = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=1, warmup=0, last=2)
     assert [r["name"] for r in tail] == [v[0] for v in TRAINING_VARIANTS[-2:]] and tail[0]["grad_rel_diff"] == 0
 
@@ -340,15 +341,20 @@ def test_recomputed_forward_skips_the_mlp_output(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(out[False][3], out[True][3]))
 
 
-def test_split_projection_gradient_matches_slicing():
+@pytest.mark.parametrize("query_view", [False, True])
+def test_split_projection_gradient_matches_slicing(monkeypatch, query_view):
     """The merged q/k/v/gate product split under autograd (one concatenation in the backward pass) against plain
-    slices of it: the same parts and the same gradient of the product, padding columns included (zero)."""
+    slices of it: the same parts and the same gradient of the product, padding columns included (zero). With
+    ``QUERY_VIEW``, q is a view of the product (no copy) and the rows are padded to ``QUERY_VIEW_ALIGN``."""
+    import model.nets.ssa_layer as ssa_layer
     from model.nets.ssa_layer import SpatialSparseAttention
 
+    monkeypatch.setattr(ssa_layer, "QUERY_VIEW", query_view)
     torch.manual_seed(5)
     attn = SpatialSparseAttention(64, 4, 2, compression_block=2, selection_block=2, topk=2, window=2).double()
     rows = attn.merged_weight().shape[0]
     assert rows > 64 + 2 * 32 + 3  # some padding columns
+    assert rows % (ssa_layer.QUERY_VIEW_ALIGN if query_view else ssa_layer.MERGED_ALIGN) == 0
     out = torch.randn(9, rows, dtype=torch.float64, requires_grad=True)
     got = attn.split_projection(out, contiguous_q=True)
     c, kv = 64, 32
@@ -358,7 +364,8 @@ def test_split_projection_gradient_matches_slicing():
     g_got, = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, weights)), out)
     g_want, = torch.autograd.grad(sum((a * w).sum() for a, w in zip(want, weights)), out)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert got[0].is_contiguous() and _rel(g_got, g_want) < 1e-15
+    assert got[0].is_contiguous() != query_view and _rel(g_got, g_want) < 1e-15
+    assert (got[0].data_ptr() == out.data_ptr()) == query_view
     assert torch.count_nonzero(g_got[:, c + 2 * kv + 3:]) == 0
 
 
@@ -505,3 +512,26 @@ def test_cross_attention_overriding_nests_reaches_other_threads_and_checks_names
     with pytest.raises(ValueError, match="unknown dkdv launch settings"):
         with ck.overriding("dkdv", dict(rows=3)):
             pass
+
+
+def test_query_view_gives_the_training_step_of_the_copy(monkeypatch):
+    """``QUERY_VIEW`` (q handed to the SSA kernels as a strided view of the merged product, rows padded to
+    ``QUERY_VIEW_ALIGN``) against the contiguous copy: the same loss and gradients in float32 through the Triton
+    kernels (interpreter on the CPU), the SSA op's backward included."""
+    import model.nets.ssa_layer as ssa_layer
+
+    dit, x0, cond = _tiny_dit(backend="kernels", tokens=120, extent=10)
+    seen = []
+    split = ssa_layer._SplitProjection.apply
+    monkeypatch.setattr(ssa_layer._SplitProjection, "apply",
+                        lambda *a: seen.append(a[-1]) or split(*a))
+    out = {}
+    for view in (False, True):
+        monkeypatch.setattr(ssa_layer, "QUERY_VIEW", view)
+        dit.zero_grad(set_to_none=True)
+        loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
+        loss.backward()
+        out[view] = loss.detach(), torch.cat([p.grad.reshape(-1) for p in dit.parameters() if p.grad is not None])
+    assert set(seen) == {False, True}
+    assert _rel(out[True][0], out[False][0]) < 1e-6
+    assert _rel(out[True][1], out[False][1]) < 1e-5

@@ -61,6 +61,13 @@ ATTENTION_MODES = ("ssa", "full")
 COMPRESSION_VERSIONS = ("v1", "v2")
 #: Rows of the merged q/k/v/gate weight are padded to a multiple of this (aligned rows for the matrix units).
 MERGED_ALIGN = 8
+#: With :data:`QUERY_VIEW`: a multiple of 64 rows, so that each token's row of the merged product (bf16) starts on
+#: a 128-byte line, as the rows of a contiguous q do, and a head's 32 or 64 values never straddle two lines.
+QUERY_VIEW_ALIGN = 64
+#: The training path hands q to the SSA op as a column view of the merged product instead of a contiguous copy
+#: (:class:`_SplitProjection`; the kernels take q's row stride, and dQ is written contiguous either way): one
+#: ``[N, C]`` copy fewer per forward, the merged rows padded to :data:`QUERY_VIEW_ALIGN`.
+QUERY_VIEW = False
 #: Switch for the merged projection without autograd (:meth:`SpatialSparseAttention.project`; reports time both).
 MERGED_PROJECTION = True
 
@@ -99,24 +106,25 @@ SPLIT_FUNCTION = True
 
 class _SplitProjection(torch.autograd.Function):
     """``out [N, rows]`` -> contiguous copies of its column ranges ``[0, a)``, ``[a, a + b)``, ``[a + b, a + b + g)``
-    (the merged q/k/v/gate product, :meth:`SpatialSparseAttention.split_projection`); the columns past them
-    (alignment padding) get a zero gradient. Through slices of ``out`` autograd would build each part's gradient as
-    a zero-filled ``[N, rows]`` tensor with the part copied in and then add the three: three fills, three copies and
-    two additions of the whole product per block. The backward here writes the product's gradient in one
-    concatenation."""
+    (the merged q/k/v/gate product, :meth:`SpatialSparseAttention.split_projection`; with ``view_first`` the first
+    range is a view of ``out``, not a copy); the columns past them (alignment padding) get a zero gradient. Through
+    slices of ``out`` autograd would build each part's gradient as a zero-filled ``[N, rows]`` tensor with the part
+    copied in and then add the three: three fills, three copies and two additions of the whole product per block.
+    The backward here writes the product's gradient in one concatenation."""
 
     @staticmethod
-    def forward(ctx, out, a, b, g):
+    def forward(ctx, out, a, b, g, view_first=False):
         ctx.pad, ctx.dtype = out.shape[1] - a - b - g, out.dtype
-        return tuple(out[:, lo:hi].clone(memory_format=torch.contiguous_format)
-                     for lo, hi in ((0, a), (a, a + b), (a + b, a + b + g)))
+        first = out[:, :a] if view_first else out[:, :a].clone(memory_format=torch.contiguous_format)
+        return (first, *(out[:, lo:hi].clone(memory_format=torch.contiguous_format)
+                         for lo, hi in ((a, a + b), (a + b, a + b + g))))
 
     @staticmethod
     def backward(ctx, dq, dkv, dgate):  # an unused output's gradient arrives as zeros (materialised)
         parts = [x.to(ctx.dtype) for x in (dq, dkv, dgate)]
         if ctx.pad:
             parts.append(dq.new_zeros(dq.shape[0], ctx.pad, dtype=ctx.dtype))
-        return torch.cat(parts, dim=1), None, None, None
+        return torch.cat(parts, dim=1), None, None, None, None
 
 
 def block_mean(feats: torch.Tensor, layout: BlockLayout, mode: str = "mean") -> torch.Tensor:
@@ -387,9 +395,10 @@ class SpatialSparseAttention(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """``[rows, C]``: the weights of proj_q, proj_k, proj_v and the gate one below the other, zero rows padding
-        them to a multiple of :data:`MERGED_ALIGN` (differentiable: each part's gradient reaches its parameter)."""
+        them to a multiple of :data:`MERGED_ALIGN` (:data:`QUERY_VIEW_ALIGN` with :data:`QUERY_VIEW`; differentiable:
+        each part's gradient reaches its parameter)."""
         weights = [self.proj_q.weight, self.proj_k.weight, self.proj_v.weight, self.gate[0].weight]
-        pad = -sum(w.shape[0] for w in weights) % MERGED_ALIGN
+        pad = -sum(w.shape[0] for w in weights) % (QUERY_VIEW_ALIGN if QUERY_VIEW else MERGED_ALIGN)
         if pad:
             weights.append(self.proj_q.weight.new_zeros(pad, self.channels))
         return torch.cat(weights)
@@ -397,15 +406,16 @@ class SpatialSparseAttention(nn.Module):
     def split_projection(self, out: torch.Tensor, *, contiguous_q: bool = False):
         """``q [N, Hq, D]``, ``k, v [N, Hkv * D]``, ``gate [N, 3]`` from the merged product ``out [N, rows]``
         (:meth:`merged_weight`). q is a column view of ``out`` (the forward kernels take strided rows; with
-        ``contiguous_q`` a copy). k and v are copied into one compact ``[N, 2 * Hkv * D]`` buffer: the selection
-        and window kernels gather key rows from all over the sequence, and as views with the merged row stride
+        ``contiguous_q`` a copy, unless :data:`QUERY_VIEW` is on under autograd). k and v are copied into one compact
+        ``[N, 2 * Hkv * D]`` buffer: the selection and window kernels gather key rows from all over the sequence, and
+        as views with the merged row stride
         (2,320 bytes for the released width) they made the SSA op ~40% slower on an H100 (the DiT report of
         dd3f8eb: a guided step of 1,616 ms against 1,054 ms with the four separate products,
         reports/dit_history.md); the copy moves 2 x 128 bytes per token."""
         n = out.shape[0]
         c, kv = self.channels, self.num_kv_heads * self.head_dim
         if SPLIT_FUNCTION and contiguous_q and torch.is_grad_enabled() and out.requires_grad:
-            q, kv_rows, gate = _SplitProjection.apply(out, c, 2 * kv, 3)
+            q, kv_rows, gate = _SplitProjection.apply(out, c, 2 * kv, 3, QUERY_VIEW)
             return q.view(n, self.num_heads, self.head_dim), kv_rows[:, :kv], kv_rows[:, kv:], torch.sigmoid(gate)
         q = out[:, :c]
         q = (q.contiguous() if contiguous_q else q).view(n, self.num_heads, self.head_dim)
