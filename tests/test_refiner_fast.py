@@ -482,11 +482,11 @@ def test_timing_script_help_and_profile_table():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_chunked_group_norm_matches_float64(shape, groups, dtype, layout):
-    """model.nets.fused.group_norm (Triton; the interpreter here) against float64 group norm: several chunks per
-    row (20^3 x 2 channels = 16,000 values), rows shorter than a chunk, one value per channel, a large mean, the
+    """model.nets.group_norm_kernel.group_norm (Triton; the interpreter here) against float64 group norm: several chunks
+    per row (20^3 x 2 channels = 16,000 values), rows shorter than a chunk, one value per channel, a large mean, the
     UNet's concatenated widths (40 and 160 channels: groups of a width that is not a power of two), several batch
     elements; in NCDHW and in channels-last (NDHWC, read and written in that layout)."""
-    from model.nets.fused import GROUP_CHUNK, group_norm
+    from model.nets.group_norm_kernel import GROUP_CHUNK, group_norm
 
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(*shape, generator=gen, dtype=torch.float64) * 3 + 50
@@ -516,7 +516,7 @@ def test_group_norm_grid_keeps_its_chunks_on_the_first_axis(monkeypatch, layout)
     """CUDA takes at most 65,535 programs along a grid's second and third axes: a 256^3 refiner patch of few
     channels has more chunks per row than that (in channels-last: 131,072 at 32 channels), so the chunks must go on
     the first axis. Shown here with small chunks (the launches are recorded, not run)."""
-    import model.nets.fused as fused
+    import model.nets.group_norm_kernel as kernel
 
     grids = []
 
@@ -527,15 +527,15 @@ def test_group_norm_grid_keeps_its_chunks_on_the_first_axis(monkeypatch, layout)
 
     for name in ("_group_chunk_stats_kernel", "_group_chunk_stats_cl_kernel", "_group_apply_kernel",
                  "_group_apply_cl_kernel"):
-        monkeypatch.setattr(fused, name, Recorder())
-    monkeypatch.setattr(fused, "GROUP_CHUNK", 4)
+        monkeypatch.setattr(kernel, name, Recorder())
+    monkeypatch.setattr(kernel, "GROUP_CHUNK", 4)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.zeros(2, 4, 70, 70, 70, device=dev)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last_3d)
     if dev == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    fused.group_norm(x, 4, None, None, 1e-5)
+    kernel.group_norm(x, 4, None, None, 1e-5)
     assert len(grids) == 2 and max(g[0] for g in grids) > 65535
     assert all(d <= 65535 for g in grids for d in g[1:])
 

@@ -40,8 +40,9 @@ Inference paths (the same numbers as the plain ones, up to float rounding; ``tes
   refiner: pooled SDF 1), so every such patch has the same output; :func:`refine_512` and :func:`predict_sign` run
   the network on the first one and reuse its output for the others (bitwise the same result), and report
   ``patches`` / ``run`` / ``reused`` / ``empty`` in an optional ``stats`` dict.
-- **group norm**: on CUDA :class:`GroupNorm32` runs the chunked kernels of :func:`model.nets.fused.group_norm`
-  (PyTorch's own reduces each of the 4 group rows of a patch in one thread block and took 73-86% of a patch).
+- **group norm**: on CUDA :class:`GroupNorm32` runs the chunked kernels of
+  :func:`model.nets.group_norm_kernel.group_norm` (PyTorch's own reduces each of the 4 group rows of a patch in one
+  thread block and took 73-86% of a patch).
 - **memory layout**: ``channels_last=True`` runs the patches in ``torch.channels_last_3d`` (NDHWC); off by default,
   as it was 5-7% slower for both refiners on an H100 while every group norm copied to NCDHW and back (the weights
   are converted for the call and back afterwards). ``channels_last="wide"`` runs only the UNet's levels below full
@@ -176,11 +177,11 @@ class GroupNorm32(nn.GroupNorm):
     """``nn.GroupNorm`` with float32 statistics, returned in the input's dtype and memory layout. Two paths, equal up
     to float rounding:
 
-    - **CUDA without autograd** (fp16/bf16/fp32 input): :func:`model.nets.fused.group_norm`, statistics in float32
-      chunks merged in float64 and one rounding of ``(x - mean) * rstd * weight + bias`` to the input dtype. PyTorch's
-      CUDA group norm reduces each (batch element, group) row in a single thread block, 4 blocks for a whole patch:
-      17 ms a call on a 256^3 patch, 73-86% of a refiner's time on an H100 (reports/refiner.md); the chunked kernels
-      read the volume twice at full bandwidth. A channels-last input is read and written channels-last by the
+    - **CUDA without autograd** (fp16/bf16/fp32 input): :func:`model.nets.group_norm_kernel.group_norm`, statistics in
+      float32 chunks merged in float64 and one rounding of ``(x - mean) * rstd * weight + bias`` to the input dtype.
+      PyTorch's CUDA group norm reduces each (batch element, group) row in a single thread block, 4 blocks for a whole
+      patch: 17 ms a call on a 256^3 patch, 73-86% of a refiner's time on an H100 (reports/refiner.md); the chunked
+      kernels read the volume twice at full bandwidth. A channels-last input is read and written channels-last by the
       kernels' channels-last twins (no copy to NCDHW and back).
     - **everywhere else** (the CPU, autograd, float64): upcast to float32, ``F.group_norm``, cast back (the released
       ``GroupNorm32``).
@@ -194,7 +195,8 @@ class GroupNorm32(nn.GroupNorm):
     cuda_native: bool = True
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        from model.nets.fused import FUSED_DTYPES, group_norm
+        from model.nets.fused import FUSED_DTYPES
+        from model.nets.group_norm_kernel import group_norm
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.cuda_native and x.is_cuda and x.dtype in FUSED_DTYPES and not torch.is_grad_enabled():

@@ -1,9 +1,10 @@
 """Memory layouts of the refiners' patches (:mod:`model.nets.refiner`): NCDHW, channels-last (NDHWC) throughout,
 or channels-last below full resolution only; the weights laid out for a call and restored afterwards.
 
-cuDNN lays a convolution's output out as its input or its weights are (channels-last when either is), so the
-weights' layout decides the layout of every level; the refiners' group norm and adaptive filter keep their input's
-layout (:func:`model.nets.fused.group_norm`), and the few-channel Triton convolutions at full resolution read NCDHW.
+cuDNN lays a convolution's output out as its input or its weights are (channels-last when either is), so the weights'
+layout decides the layout of every level; the refiners' group norm and adaptive filter keep their input's layout
+(:func:`model.nets.group_norm_kernel.group_norm`), and the few-channel Triton convolutions at full resolution read
+NCDHW.
 """
 from __future__ import annotations
 
