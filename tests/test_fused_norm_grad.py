@@ -282,3 +282,54 @@ def test_norm_modulate_projection_falls_back_to_pytorch():
     assert _rel(got, want) < 1e-6
     got.sum().backward()
     assert x.grad is not None and w.grad is not None
+
+
+@interpreted
+@pytest.mark.parametrize("project", [False, True])
+@pytest.mark.parametrize("affine,mod,counts", [(True, False, [70]), (False, True, [30, 1, 50])])
+def test_pass_input_adds_the_other_gradient_in_the_kernel(monkeypatch, project, affine, mod, counts):
+    """``pass_input=True`` returns ``(out, x)``; the gradient reaching that x (a residual stream's) is added to the
+    norm's ``dx`` by the backward kernel (``HAS_SKIP``), not by autograd: every gradient of ``<out, dz> + <x, dskip>``
+    against float64, with and without the folded projection, with the kernel's launches recorded."""
+    n = sum(counts)
+    params, bidx, dz = _case(n, 48, counts, affine, mod, seed=n + 3 * project + affine)
+    g = torch.Generator().manual_seed(n)
+    pw, pb = torch.randn(24, 48, generator=g).requires_grad_(), torch.randn(24, generator=g).requires_grad_()
+    dz = dz[:, :24] if project else dz
+    dskip = torch.randn(n, 48, generator=g)
+    seen = []
+    kernel = fused._layer_norm_modulate_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["HAS_SKIP"])
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(fused, "_layer_norm_modulate_bwd_kernel", Spy())
+    names = [k for k, v in params.items() if v is not None]
+    inputs = [params[k] for k in names] + ([pw, pb] if project else [])
+    out, x_out = fused.layer_norm_modulate(params["x"], EPS, weight=params["weight"], bias=params["bias"],
+                                           shift=params["shift"], scale=params["scale"], batch_index=bidx,
+                                           project=(pw, pb) if project else None, pass_input=True)
+    assert torch.equal(x_out, params["x"])
+    got = torch.autograd.grad((out * dz).sum() + (x_out * dskip).sum(), inputs)
+    assert seen == [True]
+    ref = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in params.items()}
+    ref_p = [pw.detach().double().requires_grad_(), pb.detach().double().requires_grad_()]
+    want = _reference(ref["x"], ref["weight"], ref["bias"], ref["shift"], ref["scale"], bidx)
+    want = F.linear(want, *ref_p) if project else want
+    want_grads = torch.autograd.grad((want * dz.double()).sum() + (ref["x"] * dskip.double()).sum(),
+                                     [ref[k] for k in names] + (ref_p if project else []))
+    assert _rel(out, want) < 1e-5
+    for name, a, b in zip(names + ["pw", "pb"], got, want_grads):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+
+
+def test_norm_modulate_pass_input_on_the_pytorch_path():
+    """On the PyTorch path (float64 here) ``pass_input`` returns x itself beside the result."""
+    norm = torch.nn.LayerNorm(16, eps=EPS).double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    y, x_out = fused.norm_modulate(norm, x, pass_input=True)
+    assert x_out is x and torch.allclose(y, norm(x))

@@ -176,6 +176,7 @@ def _switches(dit):
                 reuse_selection=dit_module.REUSE_SELECTION, lean_recompute=dit_module.LEAN_RECOMPUTE,
                 one_concatenation=ssa_layer.SPLIT_FUNCTION, gelu_kernel=layers.FUSED_GELU_GRAD,
                 cross_kernel=cross_attention_kernel.TRAINABLE, query_view=ssa_layer.QUERY_VIEW,
+                residual_in_norms=dit_block.RESIDUAL_GRAD_IN_NORMS,
                 split_queries=config("selection.DKDV", head_dim=dit.config.model_channels // dit.config.num_heads)[
                     "max_queries"])
 
@@ -202,7 +203,8 @@ def test_training_variants_switch_and_restore():
     assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
     assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
     assert _switches(dit) == before
-    assert all(v for k, v in before.items() if k not in ("split_queries", "query_view")) and not before["query_view"]
+    off = ("query_view", "residual_in_norms")  # off by default until timed
+    assert all(v for k, v in before.items() if k not in ("split_queries", *off)) and not any(before[k] for k in off)
     tail = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=1, warmup=0, last=2)
     assert [r["name"] for r in tail] == [v[0] for v in TRAINING_VARIANTS[-2:]] and tail[0]["grad_rel_diff"] == 0
 
@@ -533,5 +535,42 @@ def test_query_view_gives_the_training_step_of_the_copy(monkeypatch):
         loss.backward()
         out[view] = loss.detach(), torch.cat([p.grad.reshape(-1) for p in dit.parameters() if p.grad is not None])
     assert set(seen) == {False, True}
+    assert _rel(out[True][0], out[False][0]) < 1e-6
+    assert _rel(out[True][1], out[False][1]) < 1e-5
+
+
+def test_residual_gradient_in_the_norms_gives_the_same_training_step(monkeypatch):
+    """``RESIDUAL_GRAD_IN_NORMS``: each block's three fused norms pass the residual stream through their autograd
+    function and add its gradient in the backward kernel (``HAS_SKIP`` launches, three per block); the loss and
+    every gradient of a float32 training step equal those with autograd's additions (fused norms through the
+    Triton interpreter, the reference SSA)."""
+    import model.nets.dit_block as dit_block
+    import model.nets.fused as fused
+
+    if not fused._interpreting():
+        pytest.skip("the CPU run of the fused norms needs the Triton interpreter")
+    monkeypatch.setattr(fused, "INTERPRET_ON_CPU", True)
+    dit, x0, cond = _tiny_dit(tokens=120, extent=10)
+    kernel, launches = fused._layer_norm_modulate_bwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(kw["HAS_SKIP"])
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(fused, "_layer_norm_modulate_bwd_kernel", Spy())
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(dit_block, "RESIDUAL_GRAD_IN_NORMS", on)
+        launches.clear()
+        dit.zero_grad(set_to_none=True)
+        loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
+        loss.backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in dit.parameters() if p.grad is not None])
+        out[on] = loss.detach(), grads, launches.count(True), len(launches)
+    blocks = dit.config.num_blocks
+    assert out[False][2] == 0 and out[True][2] == 3 * blocks and out[True][3] == out[False][3] == 3 * blocks
     assert _rel(out[True][0], out[False][0]) < 1e-6
     assert _rel(out[True][1], out[False][1]) < 1e-5

@@ -144,8 +144,8 @@ class SparseDiTBlock(nn.Module):
         if torch.is_grad_enabled() and NORM_PROJECTION:
             # the norm and the four projections in one function that keeps no normalised rows
             with record_function("dit.self_attn"):
-                merged = norm_modulate(self.norm1, h, shift_a, scale_a, bidx, dtype=dt,
-                                       project=(attn.merged_weight(), None))
+                merged, h = _norm_passing_stream(self.norm1, h, shift_a, scale_a, bidx, dtype=dt,
+                                                 project=(attn.merged_weight(), None))
                 o = attn.attend(x, projected=attn.split_projection(merged, contiguous_q=True))
                 if not gated:
                     o = attn.proj_o(o)
@@ -160,7 +160,7 @@ class SparseDiTBlock(nn.Module):
         with record_function("dit.cross_attn"):
             h = self._cross_attention(x, h, context, mask, cross, dt)
         with record_function("dit.norm"):
-            u = norm_modulate(self.norm3, h, shift_m, scale_m, bidx, dtype=dt)
+            u, h = _norm_passing_stream(self.norm3, h, shift_m, scale_m, bidx, dtype=dt)
         with record_function("dit.mlp"):
             if gated:
                 # recomputed for the backward pass, the block's output is read by nothing: the MLP branch is
@@ -241,7 +241,7 @@ class SparseDiTBlock(nn.Module):
         kv = self._kept_kv(context, cross)
         ca = self.cross_attn
         if rows == h.shape[0] and torch.is_grad_enabled() and NORM_PROJECTION:
-            q = norm_modulate(self.norm2, h, dtype=dtype, project=(ca.to_q.weight, ca.to_q.bias))
+            q, h = _norm_passing_stream(self.norm2, h, dtype=dtype, project=(ca.to_q.weight, ca.to_q.bias))
             return h + ca.to_out(ca.attend(None, x.offsets, context, mask, cache=x.cache, kv=kv, q=q))
         if rows == h.shape[0]:
             return h + ca(norm_modulate(self.norm2, h, dtype=dtype), x.offsets, context, mask, cache=x.cache, kv=kv)
@@ -266,9 +266,24 @@ GATED_RESIDUAL = True
 #: the backward pass instead of kept. Off: the norms and the modules one after the other.
 NORM_PROJECTION = True
 
+#: Switch for the residual stream's gradient added inside the norms' backward kernel under autograd
+#: (:func:`model.nets.fused.norm_modulate` ``pass_input``): each of a block's three norms reads the stream that the
+#: residual add after it reads too, and autograd would add the two ``[N, C]`` gradients of the stream in a pass of
+#: its own (three per block, 281 MB each at 137k tokens in bf16); the norm's backward kernel adds the residual's part
+#: to its ``dx`` before the one rounding instead. Off: autograd adds them.
+RESIDUAL_GRAD_IN_NORMS = False
+
 #: Rows per chunk of the MLP when no gradient is recorded: the 4x-wide hidden layer of 137k tokens alone is 1.1 GB in
 #: bfloat16; chunks keep the sampling peak at a few hundred MB for it (the MLP is per token, so chunking is exact).
 MLP_CHUNK_ROWS = 65536
+
+
+def _norm_passing_stream(norm, h: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm_modulate(norm, h, ...), h)``, h passed through the norm's autograd function when
+    :data:`RESIDUAL_GRAD_IN_NORMS` is on and a gradient is recorded (use the returned h afterwards)."""
+    if RESIDUAL_GRAD_IN_NORMS and torch.is_grad_enabled():
+        return norm_modulate(norm, h, *args, pass_input=True, **kwargs)
+    return norm_modulate(norm, h, *args, **kwargs), h
 
 
 _RECOMPUTATION = threading.local()

@@ -110,19 +110,20 @@ def _flush_modulation_grads(SHIFT_PART, SCALE_PART, SHIFT_ANY, SCALE_ANY, slot, 
 @triton.jit
 def _layer_norm_modulate_bwd_kernel(
     X, DZ, DX, MEAN, RSTD, W, B, SCALE, BIDX, ORDERED,
-    W_PART, B_PART, SHIFT_PART, SCALE_PART, SHIFT_ANY, SCALE_ANY,
-    stride_x, stride_dz, stride_dx, stride_mod, num_rows, num_channels,
+    W_PART, B_PART, SHIFT_PART, SCALE_PART, SHIFT_ANY, SCALE_ANY, DSKIP,
+    stride_x, stride_dz, stride_dx, stride_mod, stride_skip, num_rows, num_channels,
     HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, HAS_BIDX: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_AFFINE: tl.constexpr, NEED_MOD: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_AFFINE: tl.constexpr, NEED_MOD: tl.constexpr, HAS_SKIP: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Backward of :func:`_layer_norm_modulate_kernel` over the ``ROWS`` rows ``[program * ROWS, ...)``.
 
     Per row, in float32: ``x_hat = (x - mean) * rstd``, ``y = x_hat * w + b`` (or ``x_hat``), ``dy = dz * (1 +
     scale)``, ``dx_hat = dy * w`` (or ``dy``) and ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat *
-    x_hat))`` (``NEED_DX``, stored in DX's dtype). Summed over the tile: ``dy * x_hat`` and ``dy`` into row
-    ``program`` of ``W_PART``/``B_PART`` (``NEED_AFFINE``); ``dz`` and ``dz * y`` per run of rows of one batch
-    element, written by :func:`_flush_modulation_grads` when the element changes and at the end (``NEED_MOD``)."""
+    x_hat))`` (``NEED_DX``; plus the row of ``DSKIP`` with ``HAS_SKIP``, stored in DX's dtype). Summed over the
+    tile: ``dy * x_hat`` and ``dy`` into row ``program`` of ``W_PART``/``B_PART`` (``NEED_AFFINE``); ``dz`` and ``dz *
+    y`` per run of rows of one batch element, written by :func:`_flush_modulation_grads` when the element changes and
+    at the end (``NEED_MOD``)."""
     pid = tl.program_id(0)
     first = pid * ROWS
     last = tl.minimum(first + ROWS, num_rows)
@@ -180,6 +181,8 @@ def _layer_norm_modulate_bwd_kernel(
             mean_dxh = tl.sum(dx_hat, axis=0) / num_channels
             mean_dxh_xh = tl.sum(dx_hat * x_hat, axis=0) / num_channels
             dx = (dx_hat - mean_dxh - x_hat * mean_dxh_xh) * rstd
+            if HAS_SKIP:  # the gradient reaching x past the norm (the residual stream), added before the rounding
+                dx += tl.load(DSKIP + r * stride_skip + cols, mask=valid, other=0.0).to(tl.float32)
             tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=valid)
     if NEED_AFFINE:
         tl.store(W_PART + pid.to(tl.int64) * num_channels + cols, acc_w, mask=valid)
@@ -242,7 +245,7 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | N
                         scale: torch.Tensor | None = None, batch_index: torch.Tensor | None = None,
                         add: torch.Tensor | None = None, out: torch.Tensor | None = None,
                         dtype: torch.dtype | None = None,
-                        project: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+                        project: tuple[torch.Tensor, torch.Tensor | None] | None = None, pass_input: bool = False):
     """Fused ``LN(x) [* weight + bias] [* (1 + scale) + shift]`` on a CUDA tensor, autograd-capable.
 
     Args:
@@ -264,6 +267,10 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | N
             weights cast to it) instead; under autograd the normalised rows are not kept for the backward pass but
             recomputed by the forward kernel (:class:`_NormLinearFunction`): the ``[N, C]`` input of a projection
             that follows a norm is the largest thing autograd would keep for it. Not with ``add`` or ``out``.
+        pass_input: return ``(result, x)``, x through the same autograd function: under autograd the gradient that
+            reaches this second output (x's other uses: the residual stream that the norm reads) is added to the
+            norm's ``dx`` inside the backward kernel, where autograd would add the two ``[N, C]`` gradients with
+            one more pass over them. Use the returned x in place of x afterwards.
 
     When a gradient is recorded (grad mode on and any of x, weight, bias, shift, scale requiring it) this runs
     :class:`_NormModulateFunction` (the kernel also stores each row's mean and rstd; the backward kernel gives every
@@ -323,19 +330,25 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, *, weight: torch.Tensor | N
         pw, pb = _check_project(project, x)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, weight, bias, shift, scale, pw, pb)):
-            return _NormLinearFunction.apply(x, weight, bias, shift, scale, batch_index, float(eps), dtype, pw, pb)
+            return _NormLinearFunction.apply(x, weight, bias, shift, scale, batch_index, float(eps), dtype, pw, pb,
+                                             bool(pass_input))
         with torch.no_grad():
             u = layer_norm_modulate(x, eps, weight=weight, bias=bias, shift=shift, scale=scale,
                                     batch_index=batch_index, dtype=dtype)
-            return F.linear(u, pw.to(dtype), None if pb is None else pb.to(dtype))
+            y = F.linear(u, pw.to(dtype), None if pb is None else pb.to(dtype))
+        return (y, x) if pass_input else y
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, shift, scale)):
         if add is not None:
             raise ValueError("add= updates x in place and is for inference (no autograd)")
-        y = _NormModulateFunction.apply(x, weight, bias, shift, scale, batch_index, float(eps), dtype)
-        return y if out is None else out.copy_(y)
+        y = _NormModulateFunction.apply(x, weight, bias, shift, scale, batch_index, float(eps), dtype,
+                                        bool(pass_input))
+        y, x = y if pass_input else (y, x)
+        y = y if out is None else out.copy_(y)
+        return (y, x) if pass_input else y
     if has_mod:
         shift, scale = shift.reshape(-1, c).contiguous(), scale.reshape(-1, c).contiguous()
-    return _forward(x, eps, weight, bias, shift, scale, batch_index, add, out, dtype, stats=False)[0]
+    y = _forward(x, eps, weight, bias, shift, scale, batch_index, add, out, dtype, stats=False)[0]
+    return (y, x) if pass_input else y
 
 
 def _check_project(project, x: torch.Tensor):
@@ -399,19 +412,22 @@ def _forward(x, eps, weight, bias, shift, scale, batch_index, add, out, dtype, *
 class _NormModulateFunction(torch.autograd.Function):
     """Autograd form of :func:`layer_norm_modulate` (inputs checked there; no ``add``/``out``). Saves ``x``, the
     float32 row statistics ``mean``/``rstd`` ``[N]`` and the small parameters: neither the output nor a float32
-    copy of ``x``. The backward is :func:`_backward`; inputs without ``requires_grad`` get None."""
+    copy of ``x``. The backward is :func:`_backward`; inputs without ``requires_grad`` get None.
+    With ``pass_input`` it returns ``(out, x)``: the gradient reaching the second output (x's other uses, such as a
+    residual stream) is added to ``dx`` inside the backward kernel instead of by autograd's accumulation."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype):
+    def forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype, pass_input=False):
         out, mean, rstd, _, scale2 = _norm_forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype)
         ctx.save_for_backward(x, mean, rstd, weight, bias, scale2, batch_index)
-        return out
+        return (out, x) if pass_input else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dz):
+    def backward(ctx, dz, dskip=None):
         x, mean, rstd, weight, bias, scale, batch_index = ctx.saved_tensors
-        return (*_norm_grads(ctx, dz, x, mean, rstd, weight, bias, scale, batch_index), None, None, None)
+        return (*_norm_grads(ctx, dz, x, mean, rstd, weight, bias, scale, batch_index, dskip), None, None, None,
+                None)
 
 
 class _NormLinearFunction(torch.autograd.Function):
@@ -420,19 +436,20 @@ class _NormLinearFunction(torch.autograd.Function):
     weights, not the normalised rows ``u [N, C]``: the backward recomputes them with the forward kernel (one read
     of x and one write of u, ~0.3 ms at 137k x 1024 on an H100), forms ``dw = dout^T u``, ``db``, ``du = dout w``
     and runs :func:`_backward` on ``du``. In a DiT block this drops the norms' outputs (281 MB each at 137k tokens
-    in bf16) from what the block keeps for its backward pass."""
+    in bf16) from what the block keeps for its backward pass. ``pass_input``: as :class:`_NormModulateFunction`'s."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype, pw, pb):
+    def forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype, pw, pb, pass_input=False):
         u, mean, rstd, shift2, scale2 = _norm_forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype)
         ctx.save_for_backward(x, mean, rstd, weight, bias, shift2, scale2, batch_index, pw, pb)
         ctx.eps, ctx.dtype = eps, dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(u, pw.to(dtype), None if pb is None else pb.to(dtype))
+            out = F.linear(u, pw.to(dtype), None if pb is None else pb.to(dtype))
+        return (out, x) if pass_input else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dout):
+    def backward(ctx, dout, dskip=None):
         x, mean, rstd, weight, bias, shift, scale, batch_index, pw, pb = ctx.saved_tensors
         dtype = ctx.dtype
         need_pw, need_pb = ctx.needs_input_grad[8:10]
@@ -443,8 +460,8 @@ class _NormLinearFunction(torch.autograd.Function):
         del u
         grads = (None,) * 5
         if any(ctx.needs_input_grad[:5]):
-            grads = _norm_grads(ctx, dout.mm(pw.to(dtype)), x, mean, rstd, weight, bias, scale, batch_index)
-        return (*grads, None, None, None, dpw, dpb)
+            grads = _norm_grads(ctx, dout.mm(pw.to(dtype)), x, mean, rstd, weight, bias, scale, batch_index, dskip)
+        return (*grads, None, None, None, dpw, dpb, None)
 
 
 def _norm_forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype):
@@ -460,12 +477,14 @@ def _norm_forward(ctx, x, weight, bias, shift, scale, batch_index, eps, dtype):
     return out, mean, rstd, shift2, scale2
 
 
-def _norm_grads(ctx, dz, x, mean, rstd, weight, bias, scale, batch_index):
-    """``(dx, dweight, dbias, dshift, dscale)`` of the norm from ``dz`` (:func:`_backward`), each in its input's
-    shape and dtype, None for the inputs (the first five of the function) that need no gradient."""
+def _norm_grads(ctx, dz, x, mean, rstd, weight, bias, scale, batch_index, dskip=None):
+    """``(dx, dweight, dbias, dshift, dscale)`` of the norm from ``dz`` (:func:`_backward`; ``dskip`` added to
+    ``dx``), each in its input's shape and dtype, None for the inputs (the first five of the function) that need no
+    gradient."""
     need_x, need_w, need_b, need_shift, need_scale = ctx.needs_input_grad[:5]
     dx, dw, db, dshift, dscale = _backward(dz, x, mean, rstd, weight, bias, scale, batch_index, need_dx=need_x,
-                                           need_affine=need_w or need_b, need_mod=need_shift or need_scale)
+                                           need_affine=need_w or need_b, need_mod=need_shift or need_scale,
+                                           skip=dskip)
     if ctx.mod is not None and dshift is not None:
         shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.mod
         dshift = dshift.reshape(shift_shape).to(shift_dtype)
@@ -475,9 +494,10 @@ def _norm_grads(ctx, dz, x, mean, rstd, weight, bias, scale, batch_index):
 
 
 def _backward(dz, x, mean, rstd, weight, bias, scale, batch_index, *, need_dx: bool, need_affine: bool,
-              need_mod: bool):
+              need_mod: bool, skip: torch.Tensor | None = None):
     """Gradients of :func:`layer_norm_modulate` from ``dz = dL/dout [N, C]``: ``(dx, dweight, dbias, dshift,
     dscale)``, ``dx`` in ``x.dtype`` and the others float32 (``[C]`` and ``[B, C]``), None where not asked for.
+    ``skip [N, C]``: a gradient of x from elsewhere, added to ``dx`` in float32 before its one rounding.
 
     :func:`_layer_norm_modulate_bwd_kernel` runs one program per :data:`ROWS_PER_PROGRAM` rows. ``dweight`` and
     ``dbias`` are its per-program partial sums ``[programs, C]`` summed afterwards. ``dshift``/``dscale``: a tile
@@ -489,6 +509,9 @@ def _backward(dz, x, mean, rstd, weight, bias, scale, batch_index, *, need_dx: b
     synchronisation) leaves that buffer zero and the kernel adds into ``[B, C]`` with float32 atomics instead."""
     n, c = x.shape
     dz = dz if dz.stride(1) == 1 else dz.contiguous()
+    has_skip = need_dx and skip is not None
+    if has_skip and skip.stride(1) != 1:
+        skip = skip.contiguous()
     has_affine, has_mod = weight is not None, scale is not None
     has_bidx = has_mod and batch_index is not None
     need_affine, need_mod = need_affine and has_affine, need_mod and has_mod
@@ -516,9 +539,11 @@ def _backward(dz, x, mean, rstd, weight, bias, scale, batch_index, *, need_dx: b
         wb_part[0] if need_affine else dummy, wb_part[1] if need_affine else dummy,
         mod_part[0] if need_mod else dummy, mod_part[1] if need_mod else dummy,
         mod_any[0] if need_mod and has_bidx else dummy, mod_any[1] if need_mod and has_bidx else dummy,
-        x.stride(0), dz.stride(0), dx.stride(0) if need_dx else 0, scale.stride(0) if has_mod else 0, n, c,
+        skip if has_skip else dummy,
+        x.stride(0), dz.stride(0), dx.stride(0) if need_dx else 0, scale.stride(0) if has_mod else 0,
+        skip.stride(0) if has_skip else 0, n, c,
         HAS_AFFINE=has_affine, HAS_MOD=has_mod, HAS_BIDX=has_bidx,
-        NEED_DX=need_dx, NEED_AFFINE=need_affine, NEED_MOD=need_mod,
+        NEED_DX=need_dx, NEED_AFFINE=need_affine, NEED_MOD=need_mod, HAS_SKIP=has_skip,
         ROWS=ROWS_PER_PROGRAM, BLOCK_C=triton.next_power_of_2(c), num_warps=BWD_WARPS,
     )
     dw = db = dshift = dscale = None
@@ -575,7 +600,7 @@ def norm_modulate(norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor
                   scale: torch.Tensor | None = None, batch_index: torch.Tensor | None = None, *,
                   add: torch.Tensor | None = None, out: torch.Tensor | None = None,
                   dtype: torch.dtype | None = None,
-                  project: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+                  project: tuple[torch.Tensor, torch.Tensor | None] | None = None, pass_input: bool = False):
     """``norm(x) * (1 + scale) + shift`` (or ``norm(x)`` without modulation), ``x [N, C]``; with ``project=(w,
     b)`` that result through ``F.linear(., w, b)`` (under autograd on the fused path without keeping the
     normalised rows: :func:`layer_norm_modulate`).
@@ -588,7 +613,8 @@ def norm_modulate(norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor
 
     ``add [C]`` (no autograd: ValueError while grad mode is on): first ``x += add`` in place (rounded to x's dtype),
     then normalise: a residual stream's pending constant folded into the norm that reads it. ``out``: where to write
-    the result.
+    the result. ``pass_input``: return ``(result, x)`` (:func:`layer_norm_modulate`'s; on the PyTorch path x itself,
+    and autograd adds its gradients as usual).
     """
     affine = norm.weight is not None
     fused = (use_fused(x) and tuple(norm.normalized_shape) == (x.shape[-1],)
@@ -603,8 +629,15 @@ def norm_modulate(norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor
     if fused:
         return layer_norm_modulate(x, norm.eps, weight=norm.weight if affine else None,
                                    bias=norm.bias if affine else None, shift=shift, scale=scale,
-                                   batch_index=batch_index, add=add, out=out, dtype=dtype, project=project)
-    if project is not None and (add is not None or out is not None):
+                                   batch_index=batch_index, add=add, out=out, dtype=dtype, project=project,
+                                   pass_input=pass_input)
+    y = _plain_norm_modulate(norm, x, shift, scale, batch_index, out, dtype, project)
+    return (y, x) if pass_input else y
+
+
+def _plain_norm_modulate(norm, x, shift, scale, batch_index, out, dtype, project):
+    """:func:`norm_modulate` in PyTorch ops (``add`` already applied)."""
+    if project is not None and out is not None:
         raise ValueError("project= takes neither add= nor out=")
     y = norm(x)
     if shift is not None:
