@@ -73,8 +73,8 @@ def _cross_attention_pass(batch_sizes, every: int):
 
 
 def _dit_kernels_pass():
-    """The DiT training path's own kernels: the fused layer norm + modulation forward and backward, and the GELU
-    step of the MLP's backward."""
+    """The DiT training path's own kernels: the fused layer norm + modulation forward and backward (also adding the
+    residual stream's gradient), and the GELU step of the MLP's backward."""
     import model.nets.fused as fused
     import model.sparse.gelu_grad_kernel as gk
 
@@ -83,6 +83,8 @@ def _dit_kernels_pass():
     shift, scale = torch.randn(1, 64, generator=gen).requires_grad_(), torch.randn(1, 64, generator=gen)
     y = fused.layer_norm_modulate(x, 1e-6, shift=shift, scale=scale.requires_grad_(), dtype=torch.float16)
     torch.autograd.grad(y, [x, shift, scale], torch.randn_like(y))
+    y, x_out = fused.layer_norm_modulate(x, 1e-6, shift=shift, scale=scale, dtype=torch.float16, pass_input=True)
+    torch.autograd.grad([y, x_out], [x], [torch.randn_like(y), torch.randn_like(x_out)])  # HAS_SKIP
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gk, "INTERPRET_ON_CPU", True)
         gk.gelu_grad_(torch.randn(30, 128, generator=gen).half(), torch.randn(30, 128, generator=gen).half())
