@@ -284,19 +284,24 @@ def test_norm_modulate_projection_falls_back_to_pytorch():
     assert x.grad is not None and w.grad is not None
 
 
-@interpreted
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=interpreted), pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 @pytest.mark.parametrize("project", [False, True])
 @pytest.mark.parametrize("affine,mod,counts", [(True, False, [70]), (False, True, [30, 1, 50])])
-def test_pass_input_adds_the_other_gradient_in_the_kernel(monkeypatch, project, affine, mod, counts):
+def test_pass_input_adds_the_other_gradient_in_the_kernel(monkeypatch, device, project, affine, mod, counts):
     """``pass_input=True`` returns ``(out, x)``; the gradient reaching that x (a residual stream's) is added to the
     norm's ``dx`` by the backward kernel (``HAS_SKIP``), not by autograd: every gradient of ``<out, dz> + <x, dskip>``
-    against float64, with and without the folded projection, with the kernel's launches recorded."""
+    against float64 (float32 inputs), with and without the folded projection, with the kernel's launches
+    recorded."""
     n = sum(counts)
     params, bidx, dz = _case(n, 48, counts, affine, mod, seed=n + 3 * project + affine)
+    params = {k: (v.detach().to(device).requires_grad_(True) if v is not None else None) for k, v in params.items()}
+    bidx = None if bidx is None else bidx.to(device)
     g = torch.Generator().manual_seed(n)
-    pw, pb = torch.randn(24, 48, generator=g).requires_grad_(), torch.randn(24, generator=g).requires_grad_()
-    dz = dz[:, :24] if project else dz
-    dskip = torch.randn(n, 48, generator=g)
+    pw = torch.randn(24, 48, generator=g).to(device).requires_grad_()
+    pb = torch.randn(24, generator=g).to(device).requires_grad_()
+    dz = (dz[:, :24] if project else dz).to(device)
+    dskip = torch.randn(n, 48, generator=g).to(device)
     seen = []
     kernel = fused._layer_norm_modulate_bwd_kernel
 
