@@ -49,8 +49,11 @@ BACKWARD_SWEEP = dict(dq=dict(block_m=(64, 128), block_n=(32, 64), num_warps=(4,
                       dkdv=dict(block_m=(32, 64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2,),
                                 chunk_rows=(4096, 16384, 65536)))
 #: ``fma_exp_every`` settings of ``--sweep-fma`` (model.nets.cross_attention_kernel: every k-th tile's exponentials
-#: on the FMA units), each on the default launches.
-FMA_SWEEP = (1, 2, 3, 4)
+#: on the FMA units), each on the default launches. At head dim 32 a score costs one exponential (4 per clock and
+#: scheduler) and about 6 FP32 operations (32 per clock); the cubic adds about 7 FP32 operations where it replaces
+#: the exponential, so the two units even out near every 7th-8th tile (about -13% at best) and every 2nd tile
+#: overloads the FP32 side: the sweep brackets that point.
+FMA_SWEEP = (2, 4, 8, 16)
 #: Rows compared with the float64 reference.
 CHECK_ROWS = 2048
 #: SDPA backends timed one by one.
