@@ -53,3 +53,24 @@ def random_inputs(coords, hq, hkv, d, *, compression_block, selection_block, dty
 def rel_err(x, ref):
     x, ref = x.double(), ref.double()
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def spy_launches(mp, module, names, *settings):
+    """Wraps the Triton kernels ``names`` of ``module`` (through the monkeypatch ``mp``) so that every launch appends
+    its values of the keyword arguments ``settings`` to the returned list (the value itself when there is one)."""
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                values = tuple(kwargs[name] for name in settings)
+                seen.append(values[0] if len(values) == 1 else values)
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    for name in names:
+        mp.setattr(module, name, Spy(getattr(module, name)))
+    return seen

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model.nets.fused as fused
+from tests.helpers import spy_launches
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 interpreted = pytest.mark.skipif(not fused._interpreting(), reason="the CPU run of the kernels needs the interpreter")
@@ -302,17 +303,7 @@ def test_pass_input_adds_the_other_gradient_in_the_kernel(monkeypatch, device, p
     pb = torch.randn(24, generator=g).to(device).requires_grad_()
     dz = (dz[:, :24] if project else dz).to(device)
     dskip = torch.randn(n, 48, generator=g).to(device)
-    seen = []
-    kernel = fused._layer_norm_modulate_bwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append(kw["HAS_SKIP"])
-                return kernel[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(fused, "_layer_norm_modulate_bwd_kernel", Spy())
+    seen = spy_launches(monkeypatch, fused, ("_layer_norm_modulate_bwd_kernel",), "HAS_SKIP")
     names = [k for k, v in params.items() if v is not None]
     inputs = [params[k] for k in names] + ([pw, pb] if project else [])
     out, x_out = fused.layer_norm_modulate(params["x"], EPS, weight=params["weight"], bias=params["bias"],

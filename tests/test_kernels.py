@@ -14,7 +14,7 @@ import torch
 import reference
 import ssa_kernels
 from ssa_kernels.selection import block_query_index, split_buckets
-from tests.helpers import random_coords, random_inputs, rel_err
+from tests.helpers import random_coords, random_inputs, rel_err, spy_launches
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -38,27 +38,6 @@ def _make(sizes, extent, mc, ms, hq, hkv, d, seed, dtype=torch.float64):
     coords = random_coords(sizes, extent, compression_block=mc, selection_block=ms, generator=gen)
     inp = random_inputs(coords, hq, hkv, d, compression_block=mc, selection_block=ms, generator=gen, dtype=dtype)
     return coords, inp
-
-
-def _spy_launches(mp, module, names, *settings):
-    """Wraps the kernels ``names`` of ``module`` (through the monkeypatch ``mp``) so that every launch appends its
-    values of the keyword arguments ``settings`` to the returned list (the value itself when there is one)."""
-    seen = []
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                values = tuple(kwargs[name] for name in settings)
-                seen.append(values[0] if len(values) == 1 else values)
-                return self.kernel[grid](*args, **kwargs)
-            return run
-
-    for name in names:
-        mp.setattr(module, name, Spy(getattr(module, name)))
-    return seen
 
 
 def _assert_like_reference(o, grads, o_ref, grads_ref, tol):
@@ -169,7 +148,7 @@ def test_whole_op_float16_with_fma_exponentials_in_the_compression_kernels(every
     coords, inp = _make((48, 24), 14, 4, 8, 8, 2, 32, seed=11)
     fma = dict(fma_exp_every=every)
     with pytest.MonkeyPatch.context() as mp:
-        seen = _spy_launches(mp, compression, ("_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"),
+        seen = spy_launches(mp, compression, ("_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"),
                              "FMA_EVERY")
         with ssa_kernels.launch.overriding("compression.FWD", dict(fma, block_n=16)), \
                 ssa_kernels.launch.overriding("compression.DQ", dict(fma, block_n=16)), \
@@ -191,7 +170,7 @@ def test_whole_op_float16_with_fma_exponentials_in_the_selection_kernels(every, 
     coords, inp = _make((48, 24), 14, 4, 8, hq, hkv, 32, seed=17 + every)
     cfg = dict(fma_exp_every=every, block_n=16, merged=merged)
     with pytest.MonkeyPatch.context() as mp:
-        seen = _spy_launches(mp, selection, ("_sel_fwd_kernel", "_sel_bwd_dq_kernel"), "FMA_EVERY", "MERGED")
+        seen = spy_launches(mp, selection, ("_sel_fwd_kernel", "_sel_bwd_dq_kernel"), "FMA_EVERY", "MERGED")
         with ssa_kernels.launch.overriding("selection.FWD", cfg), ssa_kernels.launch.overriding("selection.DQ", cfg):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
                                                     shift=4)
@@ -208,7 +187,7 @@ def test_whole_op_float16_with_fma_exponentials_in_scoring(every):
 
     coords, inp = _make((40, 25), 16, 4, 8, 16, 1, 32, seed=13)
     with pytest.MonkeyPatch.context() as mp:
-        steps = _spy_launches(mp, scoring, ("_score_topk_kernel",), "FMA_STEP", "TOK_LOOP")
+        steps = spy_launches(mp, scoring, ("_score_topk_kernel",), "FMA_STEP", "TOK_LOOP")
         with ssa_kernels.launch.overriding("scoring.SCORE", dict(fma_exp_every=every, tokens_per_program=4)):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
                                                     shift=0)
@@ -399,7 +378,7 @@ def test_whole_op_with_the_merged_selection_stream(hq, hkv, d):
     coords, inp = _make((45, 0, 30), 16, 4, 8, hq, hkv, d, seed=hq + d)
     merged = dict(merged=1, block_n=16)
     with pytest.MonkeyPatch.context() as mp:
-        launched = _spy_launches(mp, selection, ("_sel_fwd_kernel", "_sel_bwd_dq_kernel"), "MERGED")
+        launched = spy_launches(mp, selection, ("_sel_fwd_kernel", "_sel_bwd_dq_kernel"), "MERGED")
         with ssa_kernels.launch.overriding("selection.FWD", merged), \
                 ssa_kernels.launch.overriding("selection.DQ", merged):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8,
@@ -483,7 +462,7 @@ def test_selection_dkdv_half_tail_tiles(max_queries):
     last = torch.diff(layout.sel_offsets.long()) % 32
     assert ((last > 0) & (last <= 16)).any() and ((last == 0) | (last > 16)).any()
     with pytest.MonkeyPatch.context() as mp:
-        launched = _spy_launches(mp, selection, ("_sel_bwd_dkdv_kernel",), "TAIL")
+        launched = spy_launches(mp, selection, ("_sel_bwd_dkdv_kernel",), "TAIL")
         with ssa_kernels.launch.overriding("selection.DKDV", dict(tail=1, block_n=32, max_queries=max_queries)):
             o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float32, mc=4, ms=8, topk=3, window=8,
                                                     shift=4)

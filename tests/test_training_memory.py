@@ -14,6 +14,7 @@ from model.flow import flow_loss
 from model.nets.dit import DiTConfig, SparseDiT
 from model.sparse import SparseTensor
 from model.sparse.layers import FeedForward
+from tests.helpers import spy_launches
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -137,6 +138,14 @@ def _tiny_dit(backend="reference", tokens=150, extent=12, seed=1, cond_tokens=7)
     x0 = SparseTensor(coords, torch.randn(coords.shape[0], dit.config.in_channels))
     cond = torch.randn(1, cond_tokens, dit.config.cond_channels)
     return dit, x0, cond
+
+
+def _step_grads(dit, x0, cond):
+    """Loss and flat gradient of one float32 training step (no autocast) from zeroed gradients."""
+    dit.zero_grad(set_to_none=True)
+    loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.reshape(-1) for p in dit.parameters() if p.grad is not None])
 
 
 def _loss(dit, x0, cond):
@@ -530,10 +539,7 @@ def test_query_view_gives_the_training_step_of_the_copy(monkeypatch):
     out = {}
     for view in (False, True):
         monkeypatch.setattr(ssa_layer, "QUERY_VIEW", view)
-        dit.zero_grad(set_to_none=True)
-        loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
-        loss.backward()
-        out[view] = loss.detach(), torch.cat([p.grad.reshape(-1) for p in dit.parameters() if p.grad is not None])
+        out[view] = _step_grads(dit, x0, cond)
     assert set(seen) == {False, True}
     assert _rel(out[True][0], out[False][0]) < 1e-6
     assert _rel(out[True][1], out[False][1]) < 1e-5
@@ -551,25 +557,12 @@ def test_residual_gradient_in_the_norms_gives_the_same_training_step(monkeypatch
         pytest.skip("the CPU run of the fused norms needs the Triton interpreter")
     monkeypatch.setattr(fused, "INTERPRET_ON_CPU", True)
     dit, x0, cond = _tiny_dit(tokens=120, extent=10)
-    kernel, launches = fused._layer_norm_modulate_bwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launches.append(kw["HAS_SKIP"])
-                return kernel[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(fused, "_layer_norm_modulate_bwd_kernel", Spy())
+    launches = spy_launches(monkeypatch, fused, ("_layer_norm_modulate_bwd_kernel",), "HAS_SKIP")
     out = {}
     for on in (False, True):
         monkeypatch.setattr(dit_block, "RESIDUAL_GRAD_IN_NORMS", on)
         launches.clear()
-        dit.zero_grad(set_to_none=True)
-        loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
-        loss.backward()
-        grads = torch.cat([p.grad.reshape(-1) for p in dit.parameters() if p.grad is not None])
-        out[on] = loss.detach(), grads, launches.count(True), len(launches)
+        out[on] = (*_step_grads(dit, x0, cond), launches.count(True), len(launches))
     blocks = dit.config.num_blocks
     assert out[False][2] == 0 and out[True][2] == 3 * blocks and out[True][3] == out[False][3] == 3 * blocks
     assert _rel(out[True][0], out[False][0]) < 1e-6
