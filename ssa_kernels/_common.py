@@ -172,34 +172,46 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISI
 
 @triton.jit
 def _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION: tl.constexpr,
-                         FMA_EXP: tl.constexpr = False):
+                         FMA_EXP: tl.constexpr = False, MASKED: tl.constexpr = True):
     """One forward step over a key tile ``k, v [N, D]`` for query rows ``q [R, D]``: the running max ``m [R]``
-    (log2 domain), normaliser ``l [R]`` and unnormalised output ``acc [R, D]`` (float32), masked by ``valid [R, N]``.
-    ``FMA_EXP``: the scores' exponentials from :func:`exp2_fma` (masked to 0 where ``valid`` is not set)."""
-    s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
+    (log2 domain), normaliser ``l [R]`` and unnormalised output ``acc [R, D]`` (float32), masked by ``valid [R, N]``;
+    without ``MASKED`` every (row, key) pair counts and ``valid`` is not read. ``FMA_EXP``: the scores'
+    exponentials from :func:`exp2_fma`.
+
+    The raw scores ``s`` are masked and maximised unscaled (``qk_scale > 0``: the scaled row maximum is the raw one
+    times the scale) and scaled inside the exponent, ``exp2(s * qk_scale - m)``: one fused multiply-add per score
+    where scaling first and masking the scaled scores cost a multiply, a select and a subtraction (the select keeps
+    the compiler from fusing the other two)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if MASKED:
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
+    x = s * qk_scale - m_safe[:, None]
     if FMA_EXP:
-        p = tl.where(valid, exp2_fma(s - m_safe[:, None]), 0.0)
+        p = exp2_fma(x)
+        if MASKED:
+            p = tl.where(valid, p, 0.0)
     else:
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(x)
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l, acc
 
 
 @triton.jit
-def _online_softmax_turn(m, l, acc, q, k, v, valid, qk_scale, PRECISION: tl.constexpr, i, FMA_EVERY: tl.constexpr):
+def _online_softmax_turn(m, l, acc, q, k, v, valid, qk_scale, PRECISION: tl.constexpr, i, FMA_EVERY: tl.constexpr,
+                         MASKED: tl.constexpr = True):
     """:func:`_online_softmax_step` as step ``i`` (0, 1, ...) of a loop whose every ``FMA_EVERY``-th step takes its
     exponentials from :func:`exp2_fma` (:func:`_fma_turn`; 0: never, and ``i`` is not read)."""
     if FMA_EVERY > 0:
         if _fma_turn(i, FMA_EVERY):
-            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, True)
+            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, True, MASKED)
         else:
-            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, False)
+            m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, False, MASKED)
     else:
-        m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION)
+        m, l, acc = _online_softmax_step(m, l, acc, q, k, v, valid, qk_scale, PRECISION, False, MASKED)
     return m, l, acc
 
 

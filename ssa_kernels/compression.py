@@ -47,6 +47,14 @@ from .layout import BlockLayout
 
 
 @triton.jit
+def _full_tiles_end(k_lo, k_hi, lo, hi, row_ok, BLOCK_N: tl.constexpr):
+    """Where a program's whole key tiles end: ``lo + whole tiles`` when every valid row's keys are all of ``[lo,
+    hi)`` (rows of one batch element), else ``lo`` (every tile masked)."""
+    one_batch = (tl.max(tl.where(row_ok, k_lo, -1)) == lo) & (tl.min(tl.where(row_ok, k_hi, 2147483647)) == hi)
+    return tl.where(one_batch, lo + (hi - lo) // BLOCK_N * BLOCK_N, lo)
+
+
+@triton.jit
 def _cmp_fwd_kernel(
     Q, KC, VC, O, LSE,
     token_batch, batch_cmp_offsets,
@@ -65,7 +73,15 @@ def _cmp_fwd_kernel(
     rd_mask = row_ok[:, None] & d_ok[None, :]
     q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
     m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
-    for start in range(lo, hi, BLOCK_N):
+    # whole key tiles of a tile of rows from one batch element need no per-score mask (padding rows are not
+    # stored), as in the dQ kernel; the part-filled last tile and tiles of rows from several elements keep it
+    full_end = _full_tiles_end(k_lo, k_hi, lo, hi, row_ok, BLOCK_N)
+    for start in range(lo, full_end, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, d_ok[None, :])
+        m, l, acc = _online_softmax_turn(m, l, acc, q, k, v, d_ok, qk_scale, PRECISION, (start - lo) // BLOCK_N,
+                                         FMA_EVERY, False)
+    for start in range(full_end, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
@@ -99,8 +115,7 @@ def _cmp_bwd_dq_kernel(
     # when every row is in one batch element, its whole key tiles need no per-score mask (padding rows are not
     # stored); the last, part-filled tile keeps it (a zero padding key has P = exp2(-lse2), which may overflow)
     # and so do tiles of rows from several batch elements
-    one_batch = (tl.max(tl.where(row_ok, k_lo, -1)) == lo) & (tl.min(tl.where(row_ok, k_hi, 2147483647)) == hi)
-    full_end = tl.where(one_batch, lo + (hi - lo) // BLOCK_N * BLOCK_N, lo)
+    full_end = _full_tiles_end(k_lo, k_hi, lo, hi, row_ok, BLOCK_N)
     for start in range(lo, full_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         k, v = _load_kv(KC, VC, n.to(tl.int64), g, d, stride_kt, stride_kh, d_ok[None, :])

@@ -103,6 +103,16 @@ def _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK: tl.cons
 
 
 @triton.jit
+def _whole_tiles_end(start, end, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where the whole key tiles of a block's keys ``[start, end)`` end for a query-outer program: with one token
+    per tile (every row chose the block) after the last whole tile, so that only the part-filled one is masked;
+    with several tokens at ``start`` (rows that did not choose the block are masked in every tile)."""
+    if BLOCK_T == 1:
+        return start + (end - start) // BLOCK_N * BLOCK_N
+    return start
+
+
+@triton.jit
 def _token_segments(IDX, sel_offsets, t, N, hkv, g, TOPK: tl.constexpr, K2: tl.constexpr):
     """The keys of token ``t``'s chosen blocks (kv head ``g``) as one stream of ``total`` positions: block ``j``
     holds positions ``[cum_start[j], cum_start[j] + length)``, its keys from ``starts[j]`` on (``[K2]`` each;
@@ -160,7 +170,15 @@ def _sel_fwd_kernel(
             if visit:
                 start = tl.load(sel_offsets + blk)
                 end = tl.load(sel_offsets + blk + 1)
-                for ks in range(start, end, BLOCK_N):
+                full_end = _whole_tiles_end(start, end, BLOCK_T, BLOCK_N)
+                for ks in range(start, full_end, BLOCK_N):  # every row chose the block: no per-score mask
+                    k, v = _load_kv(K, V, (ks + tl.arange(0, BLOCK_N)).to(tl.int64), g, d, stride_kt, stride_kh,
+                                    d_ok[None, :])
+                    m, l, acc = _online_softmax_turn(m, l, acc, q, k, v, d_ok, qk_scale, PRECISION, step, FMA_EVERY,
+                                                     False)
+                    if FMA_EVERY > 0:
+                        step += 1
+                for ks in range(full_end, end, BLOCK_N):
                     n = ks + tl.arange(0, BLOCK_N)
                     n_ok = n < end
                     k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh,
@@ -297,7 +315,14 @@ def _sel_bwd_dq_kernel(
             if visit:
                 start = tl.load(sel_offsets + blk)
                 end = tl.load(sel_offsets + blk + 1)
-                for ks in range(start, end, BLOCK_N):
+                full_end = _whole_tiles_end(start, end, BLOCK_T, BLOCK_N)
+                for ks in range(start, full_end, BLOCK_N):  # every row chose the block: no per-score mask
+                    k, v = _load_kv(K, V, (ks + tl.arange(0, BLOCK_N)).to(tl.int64), g, d, stride_kt, stride_kh,
+                                    d_ok[None, :])
+                    dq = _dq_turn(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False, step, FMA_EVERY)
+                    if FMA_EVERY > 0:
+                        step += 1
+                for ks in range(full_end, end, BLOCK_N):
                     n = ks + tl.arange(0, BLOCK_N)
                     n_ok = n < end
                     k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh,
