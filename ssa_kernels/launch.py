@@ -50,17 +50,19 @@ TUNED_HEAD_DIM = 32
 #: kernels' and the query-outer selection forward's and dQ's fma_exp_every (0: never) takes every k-th key tile's
 #: exponentials from the FMA units instead of the special-function unit (ssa_kernels._common.exp2_fma;
 #: half-precision inputs only; the selection counts the tiles a program visits, over its blocks); scoring.SCORE's
-#: counts the matrix products of a program's tokens (tokens_per_program of them per key tile) instead.
+#: counts the matrix products of a program's tokens (tokens_per_program of them per key tile) instead. Their
+#: whole_tiles (0/1, query-outer programs of one token) runs a block's whole key tiles without the per-score mask
+#: in a loop of their own, the part-filled last tile after it (fewer instructions per tile, one more loop per block).
 BASE: dict[str, dict] = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3, fma_exp_every=0),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3, fma_exp_every=0),
     "compression.DKDV": dict(rows=32, block_n=128, programs=2048, num_warps=4, num_stages=1, fma_exp_every=0),
     "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
                           ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0,
-                          fma_exp_every=0),
+                          fma_exp_every=0, whole_tiles=0),
     "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
                          ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0,
-                         fma_exp_every=0),
+                         fma_exp_every=0, whole_tiles=0),
     "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192, tail=0),
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),

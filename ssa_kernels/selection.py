@@ -103,11 +103,11 @@ def _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK: tl.cons
 
 
 @triton.jit
-def _whole_tiles_end(start, end, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Where the whole key tiles of a block's keys ``[start, end)`` end for a query-outer program: with one token
-    per tile (every row chose the block) after the last whole tile, so that only the part-filled one is masked;
-    with several tokens at ``start`` (rows that did not choose the block are masked in every tile)."""
-    if BLOCK_T == 1:
+def _whole_tiles_end(start, end, WHOLE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where the unmasked key tiles of a block's keys ``[start, end)`` end for a query-outer program: with
+    ``WHOLE`` (one token per tile: every row chose the block) after the last whole tile, so that only the
+    part-filled one is masked; else at ``start`` (every tile masked)."""
+    if WHOLE:
         return start + (end - start) // BLOCK_N * BLOCK_N
     return start
 
@@ -143,9 +143,11 @@ def _sel_fwd_kernel(
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     TOPK: tl.constexpr, K2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr, FMA_EVERY: tl.constexpr,
+    WHOLE_TILES: tl.constexpr,
 ):
     """Query-outer forward; ``FMA_EVERY`` (0: never): every ``FMA_EVERY``-th key tile the program visits takes its
-    exponentials from :func:`ssa_kernels._common.exp2_fma`."""
+    exponentials from :func:`ssa_kernels._common.exp2_fma`. ``WHOLE_TILES`` (one token per program only): a block's
+    whole key tiles without the per-score mask."""
     pid_t = tl.program_id(0)
     tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
     hkv = H // G
@@ -170,7 +172,7 @@ def _sel_fwd_kernel(
             if visit:
                 start = tl.load(sel_offsets + blk)
                 end = tl.load(sel_offsets + blk + 1)
-                full_end = _whole_tiles_end(start, end, BLOCK_T, BLOCK_N)
+                full_end = _whole_tiles_end(start, end, WHOLE_TILES, BLOCK_N)
                 for ks in range(start, full_end, BLOCK_N):  # every row chose the block: no per-score mask
                     k, v = _load_kv(K, V, (ks + tl.arange(0, BLOCK_N)).to(tl.int64), g, d, stride_kt, stride_kh,
                                     d_ok[None, :])
@@ -286,10 +288,10 @@ def _sel_bwd_dq_kernel(
     TOPK: tl.constexpr, K2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     HAS_GATE: tl.constexpr, GATE_IDX: tl.constexpr, ACCUMULATE: tl.constexpr, MERGED: tl.constexpr,
-    FMA_EVERY: tl.constexpr,
+    FMA_EVERY: tl.constexpr, WHOLE_TILES: tl.constexpr,
 ):
-    """dQ of the selection branch into ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``); ``FMA_EVERY`` as
-    in :func:`_sel_fwd_kernel`."""
+    """dQ of the selection branch into ``DQ [N, Hq, D]`` float32 (added to when ``ACCUMULATE``); ``FMA_EVERY`` and
+    ``WHOLE_TILES`` as in :func:`_sel_fwd_kernel`."""
     pid_t = tl.program_id(0)
     tok, head, row_ok, g = _row_tokens_heads(pid_t, tl.program_id(1), N, G, HG, BLOCK_T)
     hkv = H // G
@@ -315,7 +317,7 @@ def _sel_bwd_dq_kernel(
             if visit:
                 start = tl.load(sel_offsets + blk)
                 end = tl.load(sel_offsets + blk + 1)
-                full_end = _whole_tiles_end(start, end, BLOCK_T, BLOCK_N)
+                full_end = _whole_tiles_end(start, end, WHOLE_TILES, BLOCK_N)
                 for ks in range(start, full_end, BLOCK_N):  # every row chose the block: no per-score mask
                     k, v = _load_kv(K, V, (ks + tl.arange(0, BLOCK_N)).to(tl.int64), g, d, stride_kt, stride_kh,
                                     d_ok[None, :])
@@ -620,7 +622,7 @@ def selection_forward(q, k, v, idx, layout: BlockLayout, scale: float):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
         G=group, HG=hg, BLOCK_T=bt, BLOCK_N=fwd["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
         D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype), MERGED=bool(fwd["merged"]) and bt == 1,
-        FMA_EVERY=fma_every(fwd, q.dtype), **_launch(fwd),
+        FMA_EVERY=fma_every(fwd, q.dtype), WHOLE_TILES=bool(fwd["whole_tiles"]) and bt == 1, **_launch(fwd),
     )
     return o, lse
 
@@ -739,7 +741,8 @@ def selection_backward(do, q, k, v, idx, lse, delta, layout: BlockLayout, scale:
             G=group, HG=hg, BLOCK_T=bt, BLOCK_N=dq_cfg["block_n"], TOPK=topk, K2=triton.next_power_of_2(topk),
             D=dim, BLOCK_D=block_d(dim), PRECISION=prec, HAS_GATE=has_gate,
             GATE_IDX=gate_idx, ACCUMULATE=accumulate, MERGED=bool(dq_cfg["merged"]) and bt == 1,
-            FMA_EVERY=fma_every(dq_cfg, q.dtype), **_launch(dq_cfg),
+            FMA_EVERY=fma_every(dq_cfg, q.dtype), WHOLE_TILES=bool(dq_cfg["whole_tiles"]) and bt == 1,
+            **_launch(dq_cfg),
         )
     if "dkdv" not in parts:
         return dq_acc, dk_acc, dv_acc

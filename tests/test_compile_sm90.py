@@ -1,8 +1,9 @@
 """Every kernel launch of a small workload, compiled for an H100 on the CPU (tests/compile_sm90.py).
 
 The workload: the SSA op forward and backward in float16 with the default launches and with each launch setting
-that is off by default switched on (the merged selection stream, the half tail tiles of the selection dK/dV, the
-FMA-unit exponentials of the compression and scoring kernels), and the cross-attention kernels forward and
+that is off by default switched on (the merged selection stream, the unmasked whole tiles of the selection forward
+and dQ, the half tail tiles of the selection dK/dV, the FMA-unit exponentials of the compression and scoring
+kernels), and the cross-attention kernels forward and
 backward with one and with several batch elements, with and without their FMA exponentials, and the DiT's fused
 layer norm (forward and backward) and GELU-step kernels. Each distinct launch
 is compiled to a cubin for sm_90 in a subprocess without the interpreter; a launch that does not compile fails the
@@ -31,6 +32,7 @@ SSA_SWITCHES = (
     {},
     {"selection.FWD": dict(merged=1, block_n=16), "selection.DQ": dict(merged=1, block_n=16)},
     {"selection.FWD": dict(fma_exp_every=2), "selection.DQ": dict(fma_exp_every=2)},
+    {"selection.FWD": dict(whole_tiles=1), "selection.DQ": dict(whole_tiles=1, fma_exp_every=2)},
     {"selection.FWD": dict(merged=1, fma_exp_every=2), "selection.DQ": dict(merged=1, fma_exp_every=2)},
     {"selection.DKDV": dict(tail=1, block_n=32, max_queries=2)},
     {"compression.FWD": dict(fma_exp_every=2), "compression.DQ": dict(fma_exp_every=2),

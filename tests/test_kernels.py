@@ -159,6 +159,25 @@ def test_whole_op_float16_with_fma_exponentials_in_the_compression_kernels(every
     _assert_like_reference(o, g, o_ref, g_ref, F16_TOL)
 
 
+@pytest.mark.parametrize("every", [0, 2])
+def test_whole_op_with_unmasked_whole_selection_tiles(every):
+    """Launch setting ``whole_tiles`` of the query-outer selection forward and dQ (one-token programs: a block's
+    whole key tiles without the per-score mask, the part-filled last one masked; 16-key tiles so that blocks hold
+    several of each), alone and with FMA exponentials on every 2nd tile: the whole op in float16 against the
+    float64 reference, with the kernels launched with the setting."""
+    import ssa_kernels.selection as selection
+
+    coords, inp = _make((48, 24), 14, 4, 8, 16, 1, 32, seed=29 + every)
+    cfg = dict(whole_tiles=1, block_n=16, fma_exp_every=every)
+    with pytest.MonkeyPatch.context() as mp:
+        seen = spy_launches(mp, selection, ("_sel_fwd_kernel", "_sel_bwd_dq_kernel"), "WHOLE_TILES", "FMA_EVERY")
+        with ssa_kernels.launch.overriding("selection.FWD", cfg), ssa_kernels.launch.overriding("selection.DQ", cfg):
+            o, g, o_ref, g_ref = _against_reference(coords, inp, torch.float16, mc=4, ms=8, topk=3, window=8,
+                                                    shift=4)
+    assert len(seen) == 2 and set(seen) == {(True, every)}
+    _assert_like_reference(o, g, o_ref, g_ref, F16_TOL)
+
+
 @pytest.mark.parametrize("every,merged,hq,hkv", [(1, 0, 8, 2), (2, 0, 8, 2), (3, 0, 16, 1), (2, 1, 16, 1)],
                          ids=["every1-4tok", "every2-4tok", "every3-1tok", "every2-merged"])
 def test_whole_op_float16_with_fma_exponentials_in_the_selection_kernels(every, merged, hq, hkv):
