@@ -113,14 +113,16 @@ def _attend_tile(acc, m_i, l_i, q, K, V, k0, n_keys, stride_kn, stride_vn, qk_sc
     else:
         k = tl.load(K + keys[None, :] * stride_kn + d[:, None])
         v = tl.load(V + keys[:, None] * stride_vn + d[None, :])
+    # raw scores [BLOCK_M, BLOCK_N], maximised unscaled (qk_scale > 0) and scaled inside the exponent: one fused
+    # multiply-add per score instead of a multiply and a subtraction (ssa_kernels._common._online_softmax_step)
     if IEEE:
-        s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+        s = tl.dot(q, k, input_precision="ieee")
     else:
-        s = tl.dot(q, k) * qk_scale
+        s = tl.dot(q, k)
     if MASKED:
         s = tl.where(k_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = _exp2(s - m_new[:, None], FMA_EXP)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = _exp2(s * qk_scale - m_new[:, None], FMA_EXP)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
