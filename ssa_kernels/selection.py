@@ -435,10 +435,10 @@ def _sel_dkdv_tile(Q, K, V, DO, GATE, LSE2, DELTA, DK, DV, PART, csr_offsets, cs
         row_ok = e < q_hi
         tok64 = tl.load(csr_tokens + e, mask=row_ok, other=0).to(tl.int64)
         rd_mask = row_ok[:, None] & d_ok[None, :]
-        valid_t = n_ok[:, None] & row_ok[None, :]
-        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
+        # only padding is invalid here (keys past the block, rows past the list): no per-score mask (_dkdv_step)
+        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, d_ok, H,
                             qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
-                            GATE_IDX, SIGNED)
+                            GATE_IDX, SIGNED, False, False)
     if chunk == 0:
         _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, hkv, d, kv_mask, D, ACCUMULATE)
     else:
