@@ -14,7 +14,10 @@ closes that gap on the CPU:
   ``JITFunction`` objects) compiles each launch for ``sm_90`` down to a cubin with the ptxas bundled in Triton's
   wheel, and prints one JSON line per launch (shared memory, or the error).
 
-tests/test_compile_sm90.py drives both.
+tests/test_compile_sm90.py drives both. By hand (the counts of reports/kernels.md):
+
+    TRITON_INTERPRET=1 python -m tests.compile_sm90 --record ssa /tmp/ssa.json
+    TRITON_INTERPRET=0 python -m tests.compile_sm90 /tmp/ssa.json --bf16 --loops
 """
 from __future__ import annotations
 
@@ -105,6 +108,40 @@ def record():
         InterpretedFunction.run = real
 
 
+def ssa_workload(switches: dict | None = None, hq: int = 32, hkv: int = 2, head_dim: int = 32, topk: int = 3):
+    """One forward and backward of the SSA op in float16 on a small random two-element sequence (4^3 compression
+    and 8^3 selection blocks, window 8, shift 4), with the launch settings ``switches`` (``{kernel: values}``)."""
+    import ssa_kernels
+    from tests.helpers import random_coords, random_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    coords = random_coords((30, 20), 12, compression_block=4, selection_block=8, generator=gen)
+    inp = random_inputs(coords, hq, hkv, head_dim, compression_block=4, selection_block=8, generator=gen,
+                        dtype=torch.float16)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    with contextlib.ExitStack() as stack:
+        for kernel, values in (switches or {}).items():
+            stack.enter_context(ssa_kernels.launch.overriding(kernel, values))
+        x = [t.clone().requires_grad_() for t in inp]
+        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=topk, shift=4)
+        torch.autograd.grad(o, x, torch.randn_like(o))
+
+
+def cross_attention_workload(rows: int = 300, keys: int = 200, heads: int = 2, head_dim: int = 32):
+    """One forward and backward of the DiT's cross-attention kernels with their default launches (float16)."""
+    from model.nets.cross_attention_kernel import cross_attention
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(rows, heads, head_dim, generator=gen).half().requires_grad_()
+    kv = torch.randn(1, keys, 2, heads, head_dim, generator=gen).half().requires_grad_()
+    cross_attention(q, kv[:, :, 0], kv[:, :, 1], None).float().sum().backward()
+
+
+#: ``--record`` workloads: the SSA op at the DiT's and the benchmark's v1.1 shape (32 query heads of 32, 2 kv
+#: heads), and the cross-attention.
+WORKLOADS = {"ssa": ssa_workload, "cross_attention": cross_attention_workload}
+
+
 def compile_launch(entry: dict, *, bf16: bool = False, loops: bool = False) -> dict:
     """Compile one recorded launch for :data:`TARGET_ARCH`: ``{"shared": bytes}`` or ``{"error": text}``.
     ``bf16``: float16 pointers compiled as bfloat16 (the GPU's dtype; the interpreter records float16). ``loops``:
@@ -181,11 +218,21 @@ def sass_loops(cubin: bytes) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Compile recorded Triton launches for an H100 (sm_90) without a GPU "
                                             "(run with TRITON_INTERPRET=0).")
-    p.add_argument("launches", help="the JSON list that record() gave")
+    p.add_argument("launches", help="the JSON list that record() gave (with --record: where to write it)")
+    p.add_argument("--record", choices=sorted(WORKLOADS), metavar="WORKLOAD",
+                   help=f"record the launches of a workload ({', '.join(sorted(WORKLOADS))}) into LAUNCHES instead "
+                        "(run with TRITON_INTERPRET=1)")
     p.add_argument("--bf16", action="store_true", help="compile float16 pointers as bfloat16")
     p.add_argument("--loops", action="store_true",
                    help="also print the opcode counts of each kernel's loops that hold matrix instructions")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.record:
+        with record() as launches:
+            WORKLOADS[args.record]()
+        with open(args.launches, "w") as f:
+            json.dump(launches, f, default=str)
+        print(f"{len(launches)} launches -> {args.launches}")
+        return 0
     with open(args.launches) as f:
         launches = json.load(f)
     for entry in launches:

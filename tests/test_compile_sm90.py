@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ssa_kernels
-from tests.compile_sm90 import record
-from tests.helpers import random_coords, random_inputs
+from tests.compile_sm90 import record, ssa_workload
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="records the launches through the Triton interpreter")
@@ -38,22 +36,6 @@ SSA_SWITCHES = (
     {"compression.FWD": dict(fma_exp_every=2), "compression.DQ": dict(fma_exp_every=2),
      "compression.DKDV": dict(fma_exp_every=2), "scoring.SCORE": dict(fma_exp_every=2, tokens_per_program=4)},
 )
-
-
-def _ssa_pass(switches: dict, hq: int, hkv: int):
-    import contextlib
-
-    gen = torch.Generator().manual_seed(0)
-    coords = random_coords((30, 20), 12, compression_block=4, selection_block=8, generator=gen)
-    inp = random_inputs(coords, hq, hkv, 32, compression_block=4, selection_block=8, generator=gen,
-                        dtype=torch.float16)
-    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
-    with contextlib.ExitStack() as stack:
-        for kernel, values in switches.items():
-            stack.enter_context(ssa_kernels.launch.overriding(kernel, values))
-        x = [t.clone().requires_grad_() for t in inp]
-        o = ssa_kernels.spatial_sparse_attention(*x, layout, topk=3, shift=4)
-        torch.autograd.grad(o, x, torch.randn_like(o))
 
 
 def _cross_attention_pass(batch_sizes, every: int):
@@ -96,8 +78,8 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     with record() as launches:
         _dit_kernels_pass()
         for switches in SSA_SWITCHES:
-            _ssa_pass(switches, hq=16, hkv=1)
-        _ssa_pass({}, hq=8, hkv=2)
+            ssa_workload(switches, hq=16, hkv=1)
+        ssa_workload({}, hq=8, hkv=2)
         for sizes in ((50,), (20, 0, 45)):
             for every in (0, 2):
                 _cross_attention_pass(sizes, every)
