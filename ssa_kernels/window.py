@@ -76,6 +76,13 @@ def _window_keys(K, V, perm, ks, w_hi, g, d, d_ok, stride_kt, stride_kh, BLOCK_N
 
 
 @triton.jit
+def _whole_window_keys(K, V, perm, ks, g, d, d_ok, stride_kt, stride_kh, BLOCK_N: tl.constexpr):
+    """A whole key tile of a window (all ``BLOCK_N`` positions inside it): ``(k, v)``, loaded without masks."""
+    ktok = tl.load(perm + ks + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return _load_kv(K, V, ktok, g, d, stride_kt, stride_kh, d_ok[None, :])
+
+
+@triton.jit
 def _win_fwd_kernel(
     Q, K, V, O, LSE, perm, offsets, tiles, tile_window,
     OC, OS, GATE, OUT,
@@ -92,7 +99,13 @@ def _win_fwd_kernel(
     rd_mask = row_ok[:, None] & d_ok[None, :]
     q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
     m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
-    for ks in range(w_lo, w_hi, BLOCK_N):
+    # the rows of a tile are one window's (padding rows are zero and not stored): the whole key tiles need no
+    # per-score mask, the part-filled last one masks its padding keys
+    full_end = w_lo + (w_hi - w_lo) // BLOCK_N * BLOCK_N
+    for ks in range(w_lo, full_end, BLOCK_N):
+        k, v = _whole_window_keys(K, V, perm, ks, g, d, d_ok, stride_kt, stride_kh, BLOCK_N)
+        m, l, acc = _online_softmax_step(m, l, acc, q, k, v, d_ok, qk_scale, PRECISION, False, False)
+    for ks in range(full_end, w_hi, BLOCK_N):
         k, v, n_ok = _window_keys(K, V, perm, ks, w_hi, g, d, d_ok, stride_kt, stride_kh, BLOCK_N)
         m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION)
     o = _softmax_store(O, LSE, m, l, acc, tok64, head, d, H, stride_ot, stride_oh, row_ok, rd_mask)
@@ -124,7 +137,13 @@ def _win_bwd_dq_kernel(
     q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh, stride_dt,
                                           stride_dh, row_ok, rd_mask)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
-    for ks in range(w_lo, w_hi, BLOCK_N):
+    # as in the forward: whole key tiles unmasked; the part-filled last one keeps the mask (a zero padding key
+    # has P = exp2(-lse2), which may overflow, and dQ sums over the keys)
+    full_end = w_lo + (w_hi - w_lo) // BLOCK_N * BLOCK_N
+    for ks in range(w_lo, full_end, BLOCK_N):
+        k, v = _whole_window_keys(K, V, perm, ks, g, d, d_ok, stride_kt, stride_kh, BLOCK_N)
+        dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False)
+    for ks in range(full_end, w_hi, BLOCK_N):
         k, v, n_ok = _window_keys(K, V, perm, ks, w_hi, g, d, d_ok, stride_kt, stride_kh, BLOCK_N)
         dq = _dq_step(dq, q, k, v, do, lse2, delta, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION,
                       True)

@@ -558,6 +558,27 @@ def test_unmasked_dkdv_keeps_overflowing_padding_keys_apart(max_queries):
         assert max(errors) < 10 * F32_TOL, (branch, errors)
 
 
+def test_window_branch_whole_key_tiles():
+    """Dense windows (up to 64 tokens of a 10^3 grid) with 8-key tiles: the forward and dQ kernels walk several
+    whole key tiles per window without the per-score mask and end on a masked part-filled one; output and
+    gradients as the float64 reference's, both shifts."""
+    coords, (q, k, v, *_) = _make((150, 90), 10, 4, 8, 8, 2, 32, seed=9)
+    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    assert layout.window_partition(0).max_window_tokens > 3 * 8
+    small = dict(block_n=8)
+    for shift in (0, 4):
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        o_ref = reference.window_attention(*ref_in, coords, window=8, shift=shift)
+        do = torch.randn_like(o_ref)
+        g_ref = torch.autograd.grad(o_ref, ref_in, do)
+        x = [t.float().requires_grad_() for t in (q, k, v)]
+        with ssa_kernels.launch.overriding("window.FWD", small), ssa_kernels.launch.overriding("window.DQ", small):
+            o = ssa_kernels.window_attention(*x, layout, shift=shift)
+            g = torch.autograd.grad(o, x, do.float())
+        assert rel_err(o, o_ref) < F32_TOL, shift
+        assert all(rel_err(a, b) < F32_TOL for a, b in zip(g, g_ref)), shift
+
+
 def test_window_shift_with_no_effect_is_the_same_partition():
     # every voxel coordinate is a multiple of 8 plus 0..3: shifting by 4 never moves a voxel to another window
     gen = torch.Generator().manual_seed(5)
