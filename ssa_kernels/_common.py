@@ -360,21 +360,22 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, r
 def _dkdv_rows_turn(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H, qk_scale,
                     stride_qt, stride_qh, stride_dt, stride_dh, G: tl.constexpr, HG: tl.constexpr,
                     PRECISION: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr, i,
-                    FMA_EVERY: tl.constexpr):
+                    FMA_EVERY: tl.constexpr, MASKED: tl.constexpr = True):
     """:func:`_dkdv_rows` as step ``i`` of a loop whose every ``FMA_EVERY``-th step takes its exponentials from
-    :func:`exp2_fma` (as :func:`_online_softmax_turn`)."""
+    :func:`exp2_fma` (as :func:`_online_softmax_turn`); ``MASKED`` as in :func:`_dkdv_step`."""
     if FMA_EVERY > 0:
         if _fma_turn(i, FMA_EVERY):
             dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
                                 qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX,
-                                SIGNED, True)
+                                SIGNED, True, MASKED)
         else:
             dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
                                 qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX,
-                                SIGNED, False)
+                                SIGNED, False, MASKED)
     else:
         dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
-                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX, SIGNED)
+                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX, SIGNED,
+                            False, MASKED)
     return dk, dv
 
 

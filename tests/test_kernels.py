@@ -527,27 +527,35 @@ def test_window_branch_both_shifts():
 
 @pytest.mark.parametrize("max_queries", [8192, 3])
 def test_unmasked_dkdv_keeps_overflowing_padding_keys_apart(max_queries):
-    """The selection and window dK/dV kernels skip the per-score mask (padding keys and rows are loaded as zero,
-    ``_common._dkdv_step``). With every score near -140 the log-sum-exp is near -136 (base 2: -196), so a padding
-    key's ``exp2(-lse2)`` overflows float32 to inf in its rows of the tile: the gradients must still be finite and
-    equal the float64 reference's, block queries kept whole and cut into chunks of 3 (the partial sums)."""
-    coords, (q, k, v, *_) = _make((40, 25), 16, 4, 8, 8, 2, 32, seed=41)
+    """The compression, selection and window dK/dV kernels skip the per-score mask where only padding is invalid
+    (padding keys and rows are loaded as zero, ``_common._dkdv_step``). With every score near -140 the log-sum-exp
+    is near -136 (base 2: -196), so a padding key's ``exp2(-lse2)`` overflows float32 to inf in its rows of the
+    tile: the gradients must still be finite and equal the float64 reference's, with two batch elements (key tiles
+    of one and straddling both), block queries kept whole and cut into chunks of 3 (the partial sums)."""
+    coords, (q, k, v, k_cmp, v_cmp, _) = _make((40, 25), 16, 4, 8, 8, 2, 32, seed=41)
     gen = torch.Generator().manual_seed(41)
     q = 5.0 + 0.05 * torch.randn(q.shape, generator=gen, dtype=q.dtype)  # q.k * scale ~ -800 / sqrt(32)
     k = -5.0 + 0.05 * torch.randn(k.shape, generator=gen, dtype=k.dtype)
+    k_cmp = -5.0 + 0.05 * torch.randn(k_cmp.shape, generator=gen, dtype=k.dtype)
     layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
     idx = _choice(layout, 2, 4, lambda lo, hi, g: list(range(lo, min(hi, lo + 3))))
-    for branch in ("selection", "window"):
-        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-        if branch == "selection":
+    for branch in ("compression", "selection", "window"):
+        kv = (k_cmp, v_cmp) if branch == "compression" else (k, v)
+        ref_in = [t.clone().requires_grad_() for t in (q, *kv)]
+        if branch == "compression":
+            o_ref = reference.compression_attention(*ref_in, coords, compression_block=4)[0]
+        elif branch == "selection":
             o_ref = reference.selection_attention(*ref_in, idx, coords, selection_block=8)
         else:
             o_ref = reference.window_attention(*ref_in, coords, window=8, shift=4)
         do = torch.randn_like(o_ref)
         g_ref = torch.autograd.grad(o_ref, ref_in, do)
-        x = [t.float().requires_grad_() for t in (q, k, v)]
-        with ssa_kernels.launch.overriding("selection.DKDV", dict(max_queries=max_queries)):
-            if branch == "selection":
+        x = [t.float().requires_grad_() for t in (q, *kv)]
+        with ssa_kernels.launch.overriding("selection.DKDV", dict(max_queries=max_queries)), \
+                ssa_kernels.launch.overriding("compression.DKDV", dict(block_n=16)):
+            if branch == "compression":
+                o = ssa_kernels.compression_attention(*x, layout)[0]
+            elif branch == "selection":
                 o = ssa_kernels.selection_attention(*x, idx.int(), layout)
             else:
                 o = ssa_kernels.window_attention(*x, layout, shift=4)
