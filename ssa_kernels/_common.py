@@ -149,7 +149,7 @@ def check_kernel_dtype(t: torch.Tensor, name: str = "q") -> None:
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISION: tl.constexpr,
-               SIGNED: tl.constexpr, FMA_EXP: tl.constexpr = False, MASKED: tl.constexpr = True):
+               SIGNED: tl.constexpr, FMA_EXP: tl.constexpr = False):
     """One key-outer backward step: add this query tile's contribution to the key tile's dK and dV.
 
     ``k, v [N, D]`` (the key tile), ``q, do [R, D]``, ``lse2, delta [R]`` from :func:`_grad_rows` (the
@@ -158,18 +158,9 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISI
     :func:`ssa_kernels.gate.fold_gate`). Works on transposed scores (``S^T = K Q^T``) so that ``P^T`` and
     ``dS^T`` come out of the matrix unit in the layout the next products need; ``q`` and ``do`` go from memory
     to the matrix unit untouched. ``dk`` is not yet scaled. ``FMA_EXP``: the exponentials from :func:`exp2_fma`.
-
-    Without ``MASKED`` ``valid_t`` is not read: for a caller whose only invalid pairs are padding, loaded as zero
-    (keys past the key tile's end, query rows past the list's end, with ``lse2 = delta = 0``). A padding query
-    column then has ``P = 1`` and ``dP = 0``, so it adds nothing; a padding key's row of ``P^T`` may overflow
-    (``exp2(-lse2)``), but the products never mix key rows (``dV = P^T dO``, ``dK = dS^T Q`` row by row), so it stays
-    in that key's rows of ``dk``/``dv``, which the caller does not store.
     """
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-    if MASKED:
-        p_t = tl.where(valid_t, _exp2(s_t - lse2[None, :], FMA_EXP), 0.0)
-    else:
-        p_t = _exp2(s_t - lse2[None, :], FMA_EXP)
+    p_t = tl.where(valid_t, _exp2(s_t - lse2[None, :], FMA_EXP), 0.0)
     if SIGNED:
         p_t = p_t * sgn[None, :]
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -339,10 +330,9 @@ def _dkdv_store(DK, DV, dk, dv, scale, key64, g, hkv, d, kv_mask, D: tl.constexp
 @triton.jit
 def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H, qk_scale,
                stride_qt, stride_qh, stride_dt, stride_dh, G: tl.constexpr, HG: tl.constexpr,
-               PRECISION: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr, FMA_EXP: tl.constexpr = False,
-               MASKED: tl.constexpr = True):
+               PRECISION: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr, FMA_EXP: tl.constexpr = False):
     """:func:`_dkdv_step` for query tokens ``tok64`` (row r = token r // HG) and every head of kv group ``g``,
-    ``HG`` heads per matrix product. ``GATE`` is read only by the ``SIGNED`` variant; ``MASKED`` as there."""
+    ``HG`` heads per matrix product. ``GATE`` is read only by the ``SIGNED`` variant."""
     if SIGNED:
         sgn = _gate_sign(GATE, tok64, row_ok, GATE_IDX)
     else:
@@ -351,8 +341,7 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, r
         head = g * G + hs * HG + r % HG
         q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh,
                                               stride_dt, stride_dh, row_ok, rd_mask)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISION, SIGNED, FMA_EXP,
-                            MASKED)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, sgn, valid_t, qk_scale, PRECISION, SIGNED, FMA_EXP)
     return dk, dv
 
 
@@ -360,22 +349,21 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, r
 def _dkdv_rows_turn(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H, qk_scale,
                     stride_qt, stride_qh, stride_dt, stride_dh, G: tl.constexpr, HG: tl.constexpr,
                     PRECISION: tl.constexpr, GATE_IDX: tl.constexpr, SIGNED: tl.constexpr, i,
-                    FMA_EVERY: tl.constexpr, MASKED: tl.constexpr = True):
+                    FMA_EVERY: tl.constexpr):
     """:func:`_dkdv_rows` as step ``i`` of a loop whose every ``FMA_EVERY``-th step takes its exponentials from
-    :func:`exp2_fma` (as :func:`_online_softmax_turn`); ``MASKED`` as in :func:`_dkdv_step`."""
+    :func:`exp2_fma` (as :func:`_online_softmax_turn`)."""
     if FMA_EVERY > 0:
         if _fma_turn(i, FMA_EVERY):
             dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
                                 qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX,
-                                SIGNED, True, MASKED)
+                                SIGNED, True)
         else:
             dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
                                 qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX,
-                                SIGNED, False, MASKED)
+                                SIGNED, False)
     else:
         dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
-                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX, SIGNED,
-                            False, MASKED)
+                            qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION, GATE_IDX, SIGNED)
     return dk, dv
 
 

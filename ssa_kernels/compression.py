@@ -167,19 +167,7 @@ def _cmp_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     r = tl.arange(0, BLOCK_T * HG)
-    # keys of one batch element see every query of the slice: then only padding is invalid (zero-loaded keys past
-    # NC, rows past t_end) and no per-score mask is needed (_common._dkdv_step); a tile that straddles two batch
-    # elements masks the pairs of different ones
-    one_batch = tl.min(tl.where(n_ok, kb, 2147483647)) == tl.max(tl.where(n_ok, kb, -1))
-    t_masked = tl.where(one_batch, t_end, t_start)
-    for t0 in range(t_start, t_masked, BLOCK_T):
-        tok = t0 + r // HG
-        row_ok = tok < t_end
-        rd_mask = row_ok[:, None] & d_ok[None, :]
-        dk, dv = _dkdv_rows_turn(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok.to(tl.int64), g, r, d, row_ok, rd_mask,
-                                 d_ok, H, qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
-                                 GATE_IDX, SIGNED, (t0 - t_start) // BLOCK_T, FMA_EVERY, False)
-    for t0 in range(t_masked, t_end, BLOCK_T):
+    for t0 in range(t_start, t_end, BLOCK_T):
         tok = t0 + r // HG
         row_ok = tok < t_end
         tok64 = tok.to(tl.int64)

@@ -103,16 +103,6 @@ def _slot_block(IDX, sel_r, r_tok, row_ok, slot, pid_t, N, hkv, g, TOPK: tl.cons
 
 
 @triton.jit
-def _whole_tiles_end(start, end, WHOLE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Where the unmasked key tiles of a block's keys ``[start, end)`` end for a query-outer program: with
-    ``WHOLE`` (one token per tile: every row chose the block) after the last whole tile, so that only the
-    part-filled one is masked; else at ``start`` (every tile masked)."""
-    if WHOLE:
-        return start + (end - start) // BLOCK_N * BLOCK_N
-    return start
-
-
-@triton.jit
 def _token_segments(IDX, sel_offsets, t, N, hkv, g, TOPK: tl.constexpr, K2: tl.constexpr):
     """The keys of token ``t``'s chosen blocks (kv head ``g``) as one stream of ``total`` positions: block ``j``
     holds positions ``[cum_start[j], cum_start[j] + length)``, its keys from ``starts[j]`` on (``[K2]`` each;
@@ -172,14 +162,16 @@ def _sel_fwd_kernel(
             if visit:
                 start = tl.load(sel_offsets + blk)
                 end = tl.load(sel_offsets + blk + 1)
-                full_end = _whole_tiles_end(start, end, WHOLE_TILES, BLOCK_N)
-                for ks in range(start, full_end, BLOCK_N):  # every row chose the block: no per-score mask
-                    k, v = _load_kv(K, V, (ks + tl.arange(0, BLOCK_N)).to(tl.int64), g, d, stride_kt, stride_kh,
-                                    d_ok[None, :])
-                    m, l, acc = _online_softmax_turn(m, l, acc, q, k, v, d_ok, qk_scale, PRECISION, step, FMA_EVERY,
-                                                     False)
-                    if FMA_EVERY > 0:
-                        step += 1
+                full_end = start
+                if WHOLE_TILES:  # every row chose the block: its whole key tiles without the per-score mask
+                    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+                    for ks in range(start, full_end, BLOCK_N):
+                        k, v = _load_kv(K, V, (ks + tl.arange(0, BLOCK_N)).to(tl.int64), g, d, stride_kt,
+                                        stride_kh, d_ok[None, :])
+                        m, l, acc = _online_softmax_turn(m, l, acc, q, k, v, d_ok, qk_scale, PRECISION, step,
+                                                         FMA_EVERY, False)
+                        if FMA_EVERY > 0:
+                            step += 1
                 for ks in range(full_end, end, BLOCK_N):
                     n = ks + tl.arange(0, BLOCK_N)
                     n_ok = n < end
@@ -317,13 +309,16 @@ def _sel_bwd_dq_kernel(
             if visit:
                 start = tl.load(sel_offsets + blk)
                 end = tl.load(sel_offsets + blk + 1)
-                full_end = _whole_tiles_end(start, end, WHOLE_TILES, BLOCK_N)
-                for ks in range(start, full_end, BLOCK_N):  # every row chose the block: no per-score mask
-                    k, v = _load_kv(K, V, (ks + tl.arange(0, BLOCK_N)).to(tl.int64), g, d, stride_kt, stride_kh,
-                                    d_ok[None, :])
-                    dq = _dq_turn(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False, step, FMA_EVERY)
-                    if FMA_EVERY > 0:
-                        step += 1
+                full_end = start
+                if WHOLE_TILES:  # every row chose the block: its whole key tiles without the per-score mask
+                    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+                    for ks in range(start, full_end, BLOCK_N):
+                        k, v = _load_kv(K, V, (ks + tl.arange(0, BLOCK_N)).to(tl.int64), g, d, stride_kt,
+                                        stride_kh, d_ok[None, :])
+                        dq = _dq_turn(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False, step,
+                                      FMA_EVERY)
+                        if FMA_EVERY > 0:
+                            step += 1
                 for ks in range(full_end, end, BLOCK_N):
                     n = ks + tl.arange(0, BLOCK_N)
                     n_ok = n < end
@@ -435,10 +430,10 @@ def _sel_dkdv_tile(Q, K, V, DO, GATE, LSE2, DELTA, DK, DV, PART, csr_offsets, cs
         row_ok = e < q_hi
         tok64 = tl.load(csr_tokens + e, mask=row_ok, other=0).to(tl.int64)
         rd_mask = row_ok[:, None] & d_ok[None, :]
-        # only padding is invalid here (keys past the block, rows past the list): no per-score mask (_dkdv_step)
-        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, d_ok, H,
+        valid_t = n_ok[:, None] & row_ok[None, :]
+        dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
                             qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
-                            GATE_IDX, SIGNED, False, False)
+                            GATE_IDX, SIGNED)
     if chunk == 0:
         _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, hkv, d, kv_mask, D, ACCUMULATE)
     else:

@@ -100,7 +100,8 @@ def _win_fwd_kernel(
     q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
     m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
     # the rows of a tile are one window's (padding rows are zero and not stored): the whole key tiles need no
-    # per-score mask, the part-filled last one masks its padding keys
+    # per-score mask, the part-filled last one masks its padding keys (the same split in the dQ kernel measured
+    # slower, reports/kernels.md)
     full_end = w_lo + (w_hi - w_lo) // BLOCK_N * BLOCK_N
     for ks in range(w_lo, full_end, BLOCK_N):
         k, v = _whole_window_keys(K, V, perm, ks, g, d, d_ok, stride_kt, stride_kh, BLOCK_N)
@@ -137,13 +138,7 @@ def _win_bwd_dq_kernel(
     q, do, lse2, delta = _grad_query_rows(Q, DO, LSE2, DELTA, tok64, head, d, H, stride_qt, stride_qh, stride_dt,
                                           stride_dh, row_ok, rd_mask)
     dq = tl.zeros([BLOCK_T * HG, BLOCK_D], tl.float32)
-    # as in the forward: whole key tiles unmasked; the part-filled last one keeps the mask (a zero padding key
-    # has P = exp2(-lse2), which may overflow, and dQ sums over the keys)
-    full_end = w_lo + (w_hi - w_lo) // BLOCK_N * BLOCK_N
-    for ks in range(w_lo, full_end, BLOCK_N):
-        k, v = _whole_window_keys(K, V, perm, ks, g, d, d_ok, stride_kt, stride_kh, BLOCK_N)
-        dq = _dq_step(dq, q, k, v, do, lse2, delta, d_ok, qk_scale, PRECISION, False)
-    for ks in range(full_end, w_hi, BLOCK_N):
+    for ks in range(w_lo, w_hi, BLOCK_N):
         k, v, n_ok = _window_keys(K, V, perm, ks, w_hi, g, d, d_ok, stride_kt, stride_kh, BLOCK_N)
         dq = _dq_step(dq, q, k, v, do, lse2, delta, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION,
                       True)
@@ -185,10 +180,10 @@ def _win_bwd_dkdv_kernel(
             row_ok = pos < w_hi
             tok64 = tl.load(perm + pos, mask=row_ok, other=0).to(tl.int64)
             rd_mask = row_ok[:, None] & d_ok[None, :]
-            # only padding is invalid here (keys past the window, rows past it): no per-score mask (_dkdv_step)
-            dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, d_ok, H,
+            valid_t = n_ok[:, None] & row_ok[None, :]
+            dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, GATE, LSE2, DELTA, tok64, g, r, d, row_ok, rd_mask, valid_t, H,
                                 qk_scale, stride_qt, stride_qh, stride_dt, stride_dh, G, HG, PRECISION,
-                                GATE_IDX, SIGNED, False, False)
+                                GATE_IDX, SIGNED)
         _dkdv_store(DK, DV, dk, dv, scale, ktok, g, hkv, d, kv_mask, D, ACCUMULATE)
 
 

@@ -526,12 +526,12 @@ def test_window_branch_both_shifts():
 
 
 @pytest.mark.parametrize("max_queries", [8192, 3])
-def test_unmasked_dkdv_keeps_overflowing_padding_keys_apart(max_queries):
-    """The compression, selection and window dK/dV kernels skip the per-score mask where only padding is invalid
-    (padding keys and rows are loaded as zero, ``_common._dkdv_step``). With every score near -140 the log-sum-exp
-    is near -136 (base 2: -196), so a padding key's ``exp2(-lse2)`` overflows float32 to inf in its rows of the
-    tile: the gradients must still be finite and equal the float64 reference's, with two batch elements (key tiles
-    of one and straddling both), block queries kept whole and cut into chunks of 3 (the partial sums)."""
+def test_dkdv_with_scores_whose_padding_keys_overflow(max_queries):
+    """Every score near -140: the log-sum-exp is near -136 (base 2: -196), so a zero padding key's ``exp2(-lse2)``
+    would overflow float32 (the dK/dV kernels mask it; without the mask it stays in that key's unstored rows, but
+    that variant measured slower on an H100, reports/kernels.md). The compression, selection and window gradients
+    must be finite and equal the float64 reference's, with two batch elements (key tiles of one and straddling
+    both), block queries kept whole and cut into chunks of 3 (the partial sums)."""
     coords, (q, k, v, k_cmp, v_cmp, _) = _make((40, 25), 16, 4, 8, 8, 2, 32, seed=41)
     gen = torch.Generator().manual_seed(41)
     q = 5.0 + 0.05 * torch.randn(q.shape, generator=gen, dtype=q.dtype)  # q.k * scale ~ -800 / sqrt(32)
@@ -567,9 +567,9 @@ def test_unmasked_dkdv_keeps_overflowing_padding_keys_apart(max_queries):
 
 
 def test_window_branch_whole_key_tiles():
-    """Dense windows (up to 64 tokens of a 10^3 grid) with 8-key tiles: the forward and dQ kernels walk several
-    whole key tiles per window without the per-score mask and end on a masked part-filled one; output and
-    gradients as the float64 reference's, both shifts."""
+    """Dense windows (up to 64 tokens of a 10^3 grid) with 8-key tiles: the forward kernel walks several whole key
+    tiles per window without the per-score mask and ends on a masked part-filled one; output and gradients as the
+    float64 reference's, both shifts."""
     coords, (q, k, v, *_) = _make((150, 90), 10, 4, 8, 8, 2, 32, seed=9)
     layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
     assert layout.window_partition(0).max_window_tokens > 3 * 8
