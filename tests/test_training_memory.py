@@ -211,9 +211,7 @@ def test_training_variants_switch_and_restore():
                      for v in TRAINING_VARIANTS]
     assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
     assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
-    assert _switches(dit) == before
-    off = ("query_view", "residual_in_norms")  # off by default until timed
-    assert all(v for k, v in before.items() if k not in ("split_queries", *off)) and not any(before[k] for k in off)
+    assert _switches(dit) == before and all(v for k, v in before.items() if k != "split_queries")
     tail = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=1, warmup=0, last=2)
     assert [r["name"] for r in tail] == [v[0] for v in TRAINING_VARIANTS[-2:]] and tail[0]["grad_rel_diff"] == 0
 
@@ -500,6 +498,39 @@ def test_training_variants_time_launch_rows_with_their_settings_and_restore_the_
                        ("", "expected KERNEL")):
         with pytest.raises(ValueError, match=match):
             parse_launch_variants([bad])
+
+
+def test_a_failing_launch_row_is_recorded_not_fatal():
+    """A launch row whose step raises (on a GPU: a setting that needs more shared memory than the card has) gets
+    ``error`` and no timing; the rows around it run, and a switch row that raises still stops the report."""
+    from model.reports.dit_profile import TRAINING_VARIANTS, training_variants
+    from ssa_kernels.launch import config
+
+    dit, x0, cond = _tiny_dit()
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-4)
+
+    def loss_fn():
+        if config("selection.FWD", head_dim=32)["block_n"] == 8:
+            raise RuntimeError("out of resource: shared memory")
+        return _loss(dit, x0, cond)
+
+    def time_fn(fn, *, reps, warmup, device):
+        fn()
+        return [1.0] * reps, None
+
+    rows = [("+ launch: bad", {"selection.FWD": {"block_n": 8}}),
+            ("+ launch: good", {"selection.FWD": {"block_n": 16}})]
+    out = training_variants(dit, loss_fn, opt, time_fn=time_fn, reps=1, warmup=0, last=1, launch_rows=rows)
+    assert [r["name"] for r in out] == [TRAINING_VARIANTS[-1][0], "+ launch: bad", "+ launch: good"]
+    assert "shared memory" in out[1]["error"] and "median_ms" not in out[1]
+    assert "error" not in out[2] and out[2]["median_ms"] == 1.0
+    import json
+    from pathlib import Path
+
+    from model.reports.dit import markdown
+    report = json.loads((Path(__file__).parent.parent / "reports/dit_runs/85c3ada_savings.json").read_text())
+    lines = markdown(dict(report, training_variants=out)).splitlines()
+    assert any(line.startswith("| + launch: bad | failed: RuntimeError") for line in lines)
 
 
 def test_cross_attention_overriding_nests_reaches_other_threads_and_checks_names():

@@ -270,8 +270,9 @@ NORM_PROJECTION = True
 #: (:func:`model.nets.fused.norm_modulate` ``pass_input``): each of a block's three norms reads the stream that the
 #: residual add after it reads too, and autograd would add the two ``[N, C]`` gradients of the stream in a pass of
 #: its own (three per block, 281 MB each at 137k tokens in bf16); the norm's backward kernel adds the residual's part
-#: to its ``dx`` before the one rounding instead. Off: autograd adds them.
-RESIDUAL_GRAD_IN_NORMS = False
+#: to its ``dx`` before the one rounding instead (the training step 2,053 -> 2,042 ms on an H100,
+#: reports/dit_history.md). Off: autograd adds them.
+RESIDUAL_GRAD_IN_NORMS = True
 
 #: Rows per chunk of the MLP when no gradient is recorded: the 4x-wide hidden layer of 137k tokens alone is 1.1 GB in
 #: bfloat16; chunks keep the sampling peak at a few hundred MB for it (the MLP is per token, so chunking is exact).

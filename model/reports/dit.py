@@ -285,6 +285,9 @@ def _profile_markdown(r: dict) -> list[str]:
                   "| variant | ms | peak GB | GB held after the forward | loss rel. diff. | gradients rel. diff. |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for v in r["training_variants"]:
+            if "error" in v:
+                lines.append(f"| {v['name']} | failed: {v['error']} | | | | |")
+                continue
             lines.append(f"| {v['name']} | {v['median_ms']:,.1f} | {_fmt(v['peak_gb'])} | "
                          f"{_fmt(v['after_forward_gb'])} | {v['loss_rel_diff']:.2e} | {v['grad_rel_diff']:.2e} |")
         lines += ["", "Forward + loss + backward + AdamW (fused) per row, bf16 autocast, checkpointing per block. Held "
