@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from ssa_kernels.layout import layout_order
 
 from model.nets.dit_block import BLOCK_NORM_EPS, CrossAttention, CrossPlan, SparseDiTBlock, recomputing
+from model.nets.output_stash import OutputStash
 from model.sparse.layers import AbsolutePositionEmbedder, check_pool_mode, sincos_position_embedding
 from model.sparse.tensor import SparseTensor
 from model.nets.ssa_layer import ATTENTION_MODES, BACKENDS, COMPRESSION_VERSIONS
@@ -352,6 +353,11 @@ REUSE_SELECTION = True
 #: With activation checkpointing, the recomputed forward of a block records its MLP branch without computing it
 #: (:func:`model.nets.dit_block.recomputing`).
 LEAN_RECOMPUTE = True
+#: With activation checkpointing, the cross-attention kernel's output and LSE of a block's first forward are kept in
+#: pinned host memory and copied back for the recomputed forward instead of computed again
+#: (:class:`model.nets.output_stash.OutputStash`: 298 MB per block at 137k tokens in bf16 over PCIe, beside the
+#: kernels). Off: computed twice.
+STASH_CROSS_ATTENTION = False
 
 
 @contextlib.contextmanager
@@ -520,7 +526,8 @@ class SparseDiT(nn.Module):
         """``(forward context, recomputation context)`` of one checkpointed block: with :data:`REUSE_SELECTION`
         the recomputation reuses the forward's top-k choice (:func:`ssa_kernels.reusing_selection`); with
         :data:`LEAN_RECOMPUTE` it skips the block's last branch, whose output nobody reads
-        (:func:`model.nets.dit_block.recomputing`)."""
+        (:func:`model.nets.dit_block.recomputing`); with :data:`STASH_CROSS_ATTENTION` it takes the cross-attention
+        kernel's output from the first forward (:class:`model.nets.output_stash.OutputStash`)."""
         forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
         if REUSE_SELECTION and self.config.backend == "kernels" and self.config.attention == "ssa":
             from ssa_kernels import reusing_selection
@@ -528,6 +535,9 @@ class SparseDiT(nn.Module):
             forward, recompute = reusing_selection()
         if LEAN_RECOMPUTE:
             recompute = _entered_together(recompute, recomputing())
+        if STASH_CROSS_ATTENTION:
+            keep, take = OutputStash().contexts()
+            forward, recompute = _entered_together(forward, keep), _entered_together(recompute, take)
         return forward, recompute
 
     def _inference_path(self, h: torch.Tensor, t_emb: torch.Tensor) -> bool:
