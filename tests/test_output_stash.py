@@ -1,7 +1,8 @@
 """The outputs of a checkpointed forward kept for its recomputation (:mod:`model.nets.output_stash`): the stash on
 its own, the cross-attention kernel under ``checkpoint`` with it, and the DiT's training step with
 ``STASH_CROSS_ATTENTION`` (the same loss and gradients bit for bit, the forward kernel once per block instead of
-twice). CPU: kernels through the Triton interpreter, outputs kept as they are; GPU: kept in pinned host memory."""
+twice). CPU: kernels through the Triton interpreter, outputs kept as they are; GPU: kept in pinned host memory (the
+DiT's GPU step, not bitwise reproducible run to run, is compared against its own spread)."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,7 @@ import model.nets.cross_attention_kernel as ck
 from model.nets import output_stash
 from model.nets.output_stash import OutputStash
 from tests.helpers import spy_launches
-from tests.test_training_memory import _step_grads, _tiny_dit
+from tests.test_training_memory import _rel, _step_grads, _tiny_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -92,8 +93,8 @@ def test_checkpointed_cross_attention_takes_its_kept_output(monkeypatch, device)
 def test_dit_step_with_the_cross_attention_stash_is_the_same_step(monkeypatch, device):
     """``STASH_CROSS_ATTENTION``: every checkpointed block's recomputation takes its cross-attention output from the
     first forward (kept in pinned host memory on the GPU): the kernel's forward runs once per block instead of
-    twice, and the loss and every gradient of a float32 training step are those of computing it again, bit for
-    bit."""
+    twice, and the loss and every gradient of a float32 training step are those of computing it again: bit for bit
+    on the CPU, within the step's own run-to-run spread on the GPU."""
     import model.nets.dit as dit_module
     import model.nets.dit_block as dit_block
 
@@ -111,4 +112,9 @@ def test_dit_step_with_the_cross_attention_stash_is_the_same_step(monkeypatch, d
         out[stash] = (*_step_grads(dit, x0, cond), len(launches))
     blocks = dit.config.num_blocks
     assert out[False][2] == 2 * blocks and out[True][2] == blocks
-    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert torch.equal(out[True][0], out[False][0])
+    if device == "cpu":
+        assert torch.equal(out[True][1], out[False][1])
+    else:  # the GPU step is not bitwise reproducible run to run (atomic sums): against its own spread
+        spread = _rel(_step_grads(dit, x0, cond)[1], out[True][1])
+        assert _rel(out[True][1], out[False][1]) <= max(4 * spread, 1e-6), spread

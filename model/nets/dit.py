@@ -355,9 +355,10 @@ REUSE_SELECTION = True
 LEAN_RECOMPUTE = True
 #: With activation checkpointing, the cross-attention kernel's output and LSE of a block's first forward are kept in
 #: pinned host memory and copied back for the recomputed forward instead of computed again
-#: (:class:`model.nets.output_stash.OutputStash`: 298 MB per block at 137k tokens in bf16 over PCIe, beside the
-#: kernels). Off: computed twice.
-STASH_CROSS_ATTENTION = False
+#: (:class:`model.nets.output_stash.OutputStash`: 298 MB per block at 137k tokens in bf16, 5.6 ms each way at the
+#: 55 GB/s of an H100's host link, beside the kernels). Measured on an H100 in one process: the released-size
+#: training step 2,056 -> 1,986 ms at the same 17.9 GB peak (reports/dit_history.md). Off: computed twice.
+STASH_CROSS_ATTENTION = True
 
 
 @contextlib.contextmanager

@@ -234,15 +234,15 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 #: view of the merged product, :data:`model.nets.ssa_layer.QUERY_VIEW`) and ``residual_in_norms`` (the residual
 #: stream's gradient added in the norms' backward kernel, :data:`model.nets.dit_block.RESIDUAL_GRAD_IN_NORMS`);
 #: ``stash_cross`` (the cross-attention's output kept on the host for the recomputation,
-#: :data:`model.nets.dit.STASH_CROSS_ATTENTION`, off by default: ``_ALL_ON`` holds the defaults).
+#: :data:`model.nets.dit.STASH_CROSS_ATTENTION`).
 #: The launch table's ``max_queries`` (the last variant's; the ones before it split nothing).
 _TABLE_SPLIT = _launch_config("selection.DKDV")["max_queries"]
 _ALL_ON = dict(half_stream=True, fused_norms=True, recompute_hidden=True, gated_residual=True, norm_projection=True,
                reuse_selection=True, split_queries=None, one_concatenation=True, lean_recompute=True,
-               gelu_kernel=True, cross_kernel=True, query_view=True, residual_in_norms=True, stash_cross=False)
+               gelu_kernel=True, cross_kernel=True, query_view=True, residual_in_norms=True, stash_cross=True)
 #: The switches of the rows before ``one_concatenation``.
 _EARLIER = dict(_ALL_ON, one_concatenation=False, lean_recompute=False, gelu_kernel=False, cross_kernel=False,
-                query_view=False, residual_in_norms=False)
+                query_view=False, residual_in_norms=False, stash_cross=False)
 TRAINING_VARIANTS = (
     ("float32 stream, PyTorch norms, plain MLP (before)",
      dict(_EARLIER, half_stream=False, fused_norms=False, recompute_hidden=False, gated_residual=False,
@@ -265,15 +265,15 @@ TRAINING_VARIANTS = (
     ("+ the recomputed forward records the MLP branch without computing it (its output is read by nothing)",
      dict(_EARLIER, one_concatenation=True, lean_recompute=True)),
     ("+ the GELU step of the MLP's backward pass in one kernel (activation, its gradient, the bias gradient)",
-     dict(_ALL_ON, cross_kernel=False, query_view=False, residual_in_norms=False)),
+     dict(_ALL_ON, cross_kernel=False, query_view=False, residual_in_norms=False, stash_cross=False)),
     ("+ the cross-attention under autograd through the Triton kernels (forward with the LSE, dQ and dK/dV kernels) "
-     "instead of SDPA", dict(_ALL_ON, query_view=False, residual_in_norms=False)),
+     "instead of SDPA", dict(_ALL_ON, query_view=False, residual_in_norms=False, stash_cross=False)),
     ("+ q as a view of the merged q/k/v/gate product (rows padded to 128 bytes) instead of a contiguous copy",
-     dict(_ALL_ON, residual_in_norms=False)),
+     dict(_ALL_ON, residual_in_norms=False, stash_cross=False)),
     ("+ the residual stream's gradient added inside the norms' backward kernel (three [N, C] additions fewer per "
-     "block)", dict(_ALL_ON)),
+     "block)", dict(_ALL_ON, stash_cross=False)),
     ("+ the cross-attention's output and LSE kept in pinned host memory for the recomputed forward (not computed "
-     "twice)", dict(_ALL_ON, stash_cross=True)),
+     "twice)", dict(_ALL_ON)),
 )
 
 
