@@ -104,6 +104,15 @@ def _batch_ranges(token_batch, batch_offsets, tok, row_ok):
 
 
 @triton.jit
+def _full_tiles_end(k_lo, k_hi, lo, hi, row_ok, BLOCK_N: tl.constexpr):
+    """Where a program's whole key tiles end: ``lo + whole tiles`` when every valid row's keys are all of ``[lo,
+    hi)`` (rows of one batch element), else ``lo`` (every tile masked). ``k_lo, k_hi``: each row's range, as
+    :func:`_batch_ranges` gives it with ``lo, hi``."""
+    one_batch = (tl.max(tl.where(row_ok, k_lo, -1)) == lo) & (tl.min(tl.where(row_ok, k_hi, 2147483647)) == hi)
+    return tl.where(one_batch, lo + (hi - lo) // BLOCK_N * BLOCK_N, lo)
+
+
+@triton.jit
 def _load_rows(P, tok64, head, d, stride_t, stride_h, mask):
     """Rows ``[R, BLOCK_D]`` of a ``[N, H, D]`` tensor (q, dO): token ``tok64``, head ``head``, 0 where masked."""
     return tl.load(P + tok64[:, None] * stride_t + head[:, None] * stride_h + d[None, :], mask=mask, other=0.0)

@@ -23,6 +23,7 @@ from ._common import (
     _dq_step,
     _dq_store,
     _dq_turn,
+    _full_tiles_end,
     _grad_query_rows,
     _load_kv,
     _load_rows,
@@ -44,14 +45,6 @@ from .layout import BlockLayout
 
 # Launch configurations: ssa_kernels.launch ("compression.FWD", "compression.DQ", "compression.DKDV"; programs: the
 # target number of dK/dV programs, the queries split into that many slices over the key tiles).
-
-
-@triton.jit
-def _full_tiles_end(k_lo, k_hi, lo, hi, row_ok, BLOCK_N: tl.constexpr):
-    """Where a program's whole key tiles end: ``lo + whole tiles`` when every valid row's keys are all of ``[lo,
-    hi)`` (rows of one batch element), else ``lo`` (every tile masked)."""
-    one_batch = (tl.max(tl.where(row_ok, k_lo, -1)) == lo) & (tl.min(tl.where(row_ok, k_hi, 2147483647)) == hi)
-    return tl.where(one_batch, lo + (hi - lo) // BLOCK_N * BLOCK_N, lo)
 
 
 @triton.jit

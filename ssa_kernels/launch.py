@@ -52,7 +52,9 @@ TUNED_HEAD_DIM = 32
 #: half-precision inputs only; the selection counts the tiles a program visits, over its blocks); scoring.SCORE's
 #: counts the matrix products of a program's tokens (tokens_per_program of them per key tile) instead. Their
 #: whole_tiles (0/1, query-outer programs of one token) runs a block's whole key tiles without the per-score mask
-#: in a loop of their own, the part-filled last tile after it (fewer instructions per tile, one more loop per block).
+#: in a loop of their own, the part-filled last tile after it (fewer instructions per tile, one more loop per block);
+#: scoring.SCORE's whole_tiles (0/1) scores the chunks of selection blocks that lie wholly inside the batch element
+#: of all a program's tokens without the per-score batch mask (ssa_kernels.scoring._chunk_scores).
 BASE: dict[str, dict] = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3, fma_exp_every=0),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3, fma_exp_every=0),
@@ -68,7 +70,8 @@ BASE: dict[str, dict] = {
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DKDV": dict(max_heads=16, rows=256, num_warps=4, num_stages=2),
     "scoring.SCORE": dict(rows=16, tokens_per_program=4, tokens_per_program_agg=4, block_n=32, block_s=64,
-                          max_heads=16, num_warps=1, num_stages=2, aggregate="prefix", fma_exp_every=0),
+                          max_heads=16, num_warps=1, num_stages=2, aggregate="prefix", fma_exp_every=0,
+                          whole_tiles=0),
     "ssa.BACKWARD": dict(streams=2, side="dkdv", side_priority=-1, dq_order="cmp-sel-win",
                          dkdv_order="cmp-sel-win", recompute_window_bytes=2**29),
 }

@@ -108,17 +108,20 @@ def record():
         InterpretedFunction.run = real
 
 
-def ssa_workload(switches: dict | None = None, hq: int = 32, hkv: int = 2, head_dim: int = 32, topk: int = 3):
-    """One forward and backward of the SSA op in float16 on a small random two-element sequence (4^3 compression
-    and 8^3 selection blocks, window 8, shift 4), with the launch settings ``switches`` (``{kernel: values}``)."""
+def ssa_workload(switches: dict | None = None, hq: int = 32, hkv: int = 2, head_dim: int = 32, topk: int = 3,
+                 compression_block: int = 4):
+    """One forward and backward of the SSA op in float16 on a small random two-element sequence
+    (``compression_block``^3 compression and 8^3 selection blocks, window 8, shift 4), with the launch settings
+    ``switches`` (``{kernel: values}``)."""
     import ssa_kernels
     from tests.helpers import random_coords, random_inputs
 
     gen = torch.Generator().manual_seed(0)
-    coords = random_coords((30, 20), 12, compression_block=4, selection_block=8, generator=gen)
-    inp = random_inputs(coords, hq, hkv, head_dim, compression_block=4, selection_block=8, generator=gen,
+    mc = compression_block
+    coords = random_coords((30, 20), 12, compression_block=mc, selection_block=8, generator=gen)
+    inp = random_inputs(coords, hq, hkv, head_dim, compression_block=mc, selection_block=8, generator=gen,
                         dtype=torch.float16)
-    layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
+    layout = ssa_kernels.build_layout(coords, compression_block=mc, selection_block=8, window=8)
     with contextlib.ExitStack() as stack:
         for kernel, values in (switches or {}).items():
             stack.enter_context(ssa_kernels.launch.overriding(kernel, values))

@@ -290,8 +290,11 @@ def test_compression_branch(mc):
     ids=lambda v: "+".join(v) if isinstance(v, tuple) else None)
 def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggregates, monkeypatch):
     """Both ways of summing compressed keys into selection blocks (``aggregate``; with ``mc == ms`` there is
-    nothing to sum) on the same inputs. The first batch element (70 tokens) has more selection blocks than topk
-    (about 23 of 27: asserted), the last (7 tokens) fewer than topk 8 and 16."""
+    nothing to sum) on the same inputs, at the default chunks and at 16-block chunks of 16-key tiles, masked and
+    with ``whole_tiles`` (the chunks wholly inside the tokens' batch element unmasked: the very same choice as
+    masked). The first batch element (70 tokens) has more selection blocks than topk (about 23 of 27: asserted),
+    the last (7 tokens) fewer than topk 8 and 16."""
+    import ssa_kernels.scoring as scoring
     from ssa_kernels.launch import overriding
 
     coords, (q, k, v, kc, vc, gate) = _make((70, 20, 0, 7), 20, mc, 8, hq, hkv, 16, seed=hq * 7 + topk)
@@ -307,14 +310,21 @@ def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggreg
     gap = (srt[..., k_eff - 1] - srt[..., k_eff]).abs() / srt[..., 0].clamp_min(1e-30)
     clear = (gap > 1e-5) | torch.isinf(srt[..., k_eff])
     assert clear.float().mean() > 0.9
+    whole = spy_launches(monkeypatch, scoring, ("_score_topk_kernel",), "WHOLE_TILES")
+    small = dict(block_n=16, block_s=16)
     for aggregate in aggregates:
-        with overriding("scoring.SCORE", {"aggregate": aggregate}):
-            idx = ssa_kernels.select_blocks(q.float(), kc.float(), lse, layout, topk=topk)
-        assert idx.dtype == torch.int32 and idx.shape == ref_idx.shape
-        same = (idx.long().sort(-1).values == ref_idx.sort(-1).values).all(-1)
-        assert bool(same[clear].all()), aggregate
-        # -1 exactly where the batch element has fewer blocks than topk, and in order: best first
-        assert torch.equal(idx < 0, ref_idx < 0), aggregate
+        for settings in ({}, small, dict(small, whole_tiles=1)):
+            with overriding("scoring.SCORE", {"aggregate": aggregate, **settings}):
+                idx = ssa_kernels.select_blocks(q.float(), kc.float(), lse, layout, topk=topk)
+            assert idx.dtype == torch.int32 and idx.shape == ref_idx.shape
+            same = (idx.long().sort(-1).values == ref_idx.sort(-1).values).all(-1)
+            assert bool(same[clear].all()), (aggregate, settings)
+            # -1 exactly where the batch element has fewer blocks than topk, and in order: best first
+            assert torch.equal(idx < 0, ref_idx < 0), (aggregate, settings)
+            if settings == small:
+                masked = idx
+        assert torch.equal(idx, masked), aggregate  # whole_tiles: the same scores, so the same choice
+    assert whole == [False, False, True] * len(aggregates)
 
 
 def _choice(layout, hkv, topk, pick):

@@ -359,3 +359,23 @@ def test_gpu_split_selection_dkdv_against_reference_and_deterministic():
         _, captured = _replayed(step)
     for a, b in zip(captured, runs[0]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mc", [8, 4], ids=["v1.1", "v1.0-aggregated"])
+def test_gpu_scoring_whole_chunks_choose_as_the_masked_kernel(mc):
+    """Launch setting ``whole_tiles`` of the scoring kernel (chunks of selection blocks wholly inside the tokens'
+    batch element scored without the batch mask) on shell-512 and on two batch elements of different sizes in bf16:
+    the very choice of the default (masked) kernel, every slot written (NaN-poisoned buffers hold -7 otherwise)."""
+    from ssa_kernels.launch import overriding
+
+    for coords in (shape_coords("shell-512").cuda(), random_coords((3000, 700), 40, compression_block=mc,
+                                                                   selection_block=8).cuda()):
+        inp = _inputs(coords, 32, 2, 32, mc, 8, torch.bfloat16, seed=mc)
+        layout = ssa_kernels.build_layout(coords, compression_block=mc, selection_block=8, window=8)
+        with torch.no_grad():
+            _, lse = ssa_kernels.compression_attention(inp[0], inp[3], inp[4], layout)
+            picks = []
+            for whole in (0, 1):
+                with overriding("scoring.SCORE", dict(whole_tiles=whole)), poisoned_allocations():
+                    picks.append(ssa_kernels.select_blocks(inp[0], inp[3], lse, layout, topk=8))
+        assert (picks[0] >= -1).all() and torch.equal(picks[0], picks[1])
