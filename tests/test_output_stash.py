@@ -87,6 +87,13 @@ def test_checkpointed_cross_attention_takes_its_kept_output(monkeypatch, device)
     assert out[False][0] == 2 and out[True][0] == 1
     assert torch.equal(out[True][1], out[False][1])
     assert all(torch.equal(a, b) for a, b in zip(out[True][2], out[False][2]))
+    # a second backward pass through the same graph: the kept outputs were handed out, so it computes them again
+    launches.clear()
+    loss = checkpoint(fn, q, k, v, use_reentrant=False, context_fn=OutputStash().contexts)
+    first = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+    second = torch.autograd.grad(loss, (q, k, v))
+    assert len(launches) == 2 and all(torch.equal(a, b) for a, b in zip(first, second))  # forward, 2nd backward
+    assert all(torch.equal(a, b) for a, b in zip(first, out[False][2]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

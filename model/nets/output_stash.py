@@ -29,7 +29,6 @@ that have the memory.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import warnings
 
@@ -125,7 +124,8 @@ class OutputStash:
             self._kept.append(_Kept(tensors, self.offload))
 
     def take(self, *like: tuple) -> tuple[torch.Tensor, ...] | None:
-        """While replaying: the next call's kept outputs on their device (None while recording). ``like``: the
+        """While replaying: the next call's kept outputs on their device (None while recording, and when an earlier
+        recomputation took them: a second backward pass through the graph computes them again). ``like``: the
         ``(shape, dtype)`` of each output the caller would compute; a ``RuntimeError`` when they differ from the
         kept ones or when more calls take than kept."""
         if not self.replaying:
@@ -133,6 +133,9 @@ class OutputStash:
         if self._next >= len(self._kept):
             raise RuntimeError("OutputStash: more calls in the recomputation than were recorded")
         kept = self._kept[self._next]
+        if kept is None:  # taken by an earlier recomputation (backward with retain_graph=True, then again)
+            self._next += 1
+            return None
         want = [(tuple(shape), dtype) for shape, dtype in like]
         have = [(tuple(shape), dtype) for shape, dtype, _ in kept.shapes]
         if want != have:
@@ -142,27 +145,36 @@ class OutputStash:
         self._next += 1
         return kept.get()
 
-    @contextlib.contextmanager
-    def _active(self, replaying: bool):
-        previous = active()
-        _ACTIVE.stash = self
-        self.replaying, self._next = replaying, 0
-        if replaying:
-            for kept in self._kept:
-                kept.prefetch()
-        try:
-            yield
-        finally:
-            _ACTIVE.stash = previous
-
     def recording(self):
         """Context: the calls inside keep their outputs."""
-        return self._active(False)
+        return _Active(self, False)
 
     def replaying_context(self):
-        """Context: the calls inside take the kept outputs, in order (their copies back start on entry)."""
-        return self._active(True)
+        """Context: the calls inside take the kept outputs, in order (their copies back start on entry). It may be
+        entered again (a second backward pass through the graph recomputes once more)."""
+        return _Active(self, True)
 
     def contexts(self):
         """``(forward context, recomputation context)`` for ``checkpoint(context_fn=...)``."""
         return self.recording(), self.replaying_context()
+
+
+class _Active:
+    """The context of :meth:`OutputStash.recording` / :meth:`OutputStash.replaying_context`; re-enterable, as
+    ``checkpoint`` enters the recomputation context once per recomputation."""
+
+    def __init__(self, stash: OutputStash, replaying: bool):
+        self.stash, self.replaying, self._previous = stash, replaying, []
+
+    def __enter__(self):
+        self._previous.append(active())
+        _ACTIVE.stash = self.stash
+        self.stash.replaying, self.stash._next = self.replaying, 0
+        if self.replaying:
+            for kept in self.stash._kept:
+                if kept is not None:
+                    kept.prefetch()
+        return self.stash
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.stash = self._previous.pop()
