@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import output_stash
 from ._common import MAX_TOPK, check_kernel_dtype
 from .compression import compression_backward, compression_forward
 from .gate import fold_gate, gate_backward, row_dot
@@ -104,22 +105,27 @@ def _layout_view(tensors, num_sel_blocks, max_sel_block_tokens):
 def _ssa_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     gate: torch.Tensor, layout_tensors: list[torch.Tensor], num_sel_blocks: int, max_sel_block_tokens: int,
-    topk: int, shift: int, scale: float, given_idx: torch.Tensor,
+    topk: int, shift: int, scale: float, given_idx: torch.Tensor, given_sel: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """Returns ``(o, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx)``. A non-empty ``given_idx`` is the top-k
-    choice of an earlier call on the same inputs (:func:`reusing_selection`): the scoring is skipped."""
+    choice of an earlier call on the same inputs (:func:`reusing_selection`): the scoring is skipped; a non-empty
+    ``given_sel`` (``[o_sel, lse_sel]`` of such a call, :mod:`ssa_kernels.output_stash`) skips the selection kernel
+    (copied: an op's outputs may not alias its inputs)."""
     lay = _layout_view(layout_tensors, num_sel_blocks, max_sel_block_tokens)
     o_cmp, lse_cmp = compression_forward(q, k_cmp, v_cmp, lay, scale)
     idx = select_blocks_forward(q, k_cmp, lse_cmp, lay, topk, scale) if given_idx.numel() == 0 else given_idx.clone()
-    o_sel, lse_sel = selection_forward(q, k, v, idx, lay, scale)
+    if given_sel:
+        o_sel, lse_sel = given_sel[0].clone(), given_sel[1].clone()
+    else:
+        o_sel, lse_sel = selection_forward(q, k, v, idx, lay, scale)
     o_win, lse_win, o = window_forward(q, k, v, lay, shift, scale, mix=(o_cmp, o_sel, gate))
     return o, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx
 
 
 @_ssa_forward.register_fake
 def _(q, k, v, k_cmp, v_cmp, gate, layout_tensors, num_sel_blocks, max_sel_block_tokens, topk, shift, scale,
-      given_idx):
+      given_idx, given_sel):
     n, hq, _ = q.shape
     lse = q.new_empty(n, hq, dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), lse,
@@ -266,6 +272,7 @@ def _ssa_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gate, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, idx,
                           *layout_tensors)
     ctx.args = (num_sel_blocks, max_sel_block_tokens, shift, scale)
+    ctx.given_sel = len(inputs[13])  # its gradient: a list of as many Nones
     # only o carries a gradient: without this, autograd would allocate zero gradients for the seven other
     # outputs (three [N, Hq, D] tensors: 3x the memory of q at the peak of the backward)
     ctx.set_materialize_grads(False)
@@ -274,7 +281,7 @@ def _ssa_setup_context(ctx, inputs, output):
 def _ssa_autograd_backward(ctx, do, *unused):
     saved = ctx.saved_tensors
     grads = _ssa_backward(do, *saved[:13], list(saved[13:]), *ctx.args)
-    return (*grads, [None] * (len(saved) - 13), None, None, None, None, None, None)
+    return (*grads, [None] * (len(saved) - 13), None, None, None, None, None, None, [None] * ctx.given_sel)
 
 
 _ssa_forward.register_autograd(_ssa_autograd_backward, setup_context=_ssa_setup_context)
@@ -314,10 +321,14 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gate, layout: BlockLayout, *
     if given is not None and given.shape != (n, k.shape[1], topk):
         raise RuntimeError(f"reusing_selection: the recorded choice has shape {tuple(given.shape)}, this call needs "
                            f"{(n, k.shape[1], topk)}: the calls are not the recorded ones")
+    stash = output_stash.active("selection")
+    kept = None if stash is None else stash.take(((n, hq, dim), q.dtype), ((n, hq), torch.float32))
     out = _ssa_forward(q, k, v, k_cmp, v_cmp, gate, *_layout_args(layout, shift), topk, shift, scale,
-                       given if given is not None else _no_choice(q.device))
+                       given if given is not None else _no_choice(q.device), [] if kept is None else list(kept))
     if record is not None and given is None:
         record.keep(out[7])
+    if stash is not None:
+        stash.keep(out[2], out[5])  # the selection branch's output and LSE (a no-op while replaying)
     return out[0]
 
 

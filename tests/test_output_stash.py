@@ -1,4 +1,4 @@
-"""The outputs of a checkpointed forward kept for its recomputation (:mod:`model.nets.output_stash`): the stash on
+"""The outputs of a checkpointed forward kept for its recomputation (:mod:`ssa_kernels.output_stash`): the stash on
 its own, the cross-attention kernel under ``checkpoint`` with it, and the DiT's training step with
 ``STASH_CROSS_ATTENTION`` (the same loss and gradients bit for bit, the forward kernel once per block instead of
 twice). CPU: kernels through the Triton interpreter, outputs kept as they are; GPU: kept in pinned host memory (the
@@ -10,8 +10,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import model.nets.cross_attention_kernel as ck
-from model.nets import output_stash
-from model.nets.output_stash import OutputStash
+from ssa_kernels import output_stash
+from ssa_kernels.output_stash import OutputStash
 from tests.helpers import spy_launches
 from tests.test_training_memory import _rel, _step_grads, _tiny_dit
 
@@ -125,3 +125,42 @@ def test_dit_step_with_the_cross_attention_stash_is_the_same_step(monkeypatch, d
     else:  # the GPU step is not bitwise reproducible run to run (atomic sums): against its own spread
         spread = _rel(_step_grads(dit, x0, cond)[1], out[True][1])
         assert _rel(out[True][1], out[False][1]) <= max(4 * spread, 1e-6), spread
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dit_step_with_the_selection_stash_is_the_same_step(monkeypatch, device):
+    """``STASH_SELECTION`` (off by default): the SSA op's selection-branch output and LSE of each block's first
+    forward are taken by its recomputation, so the selection kernel runs once per block instead of twice; the loss
+    and every gradient are those of computing it again (bit for bit on the CPU, within the step's own spread on the
+    GPU). The top-k choice is reused as always (``REUSE_SELECTION``)."""
+    import model.nets.dit as dit_module
+    import ssa_kernels.ssa as ssa
+
+    _on_device(device)
+    dit, x0, cond = _tiny_dit(backend="kernels", tokens=90, extent=8, seed=5, cond_tokens=5)
+    dit, x0, cond = dit.to(device), x0.to(device), cond.to(device)
+    forward = ssa.selection_forward
+    calls = []
+    monkeypatch.setattr(ssa, "selection_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    out = {}
+    for stash in (False, True):
+        monkeypatch.setattr(dit_module, "STASH_SELECTION", stash)
+        calls.clear()
+        out[stash] = (*_step_grads(dit, x0, cond), len(calls))
+    blocks = dit.config.num_blocks
+    assert out[False][2] == 2 * blocks and out[True][2] == blocks
+    assert torch.equal(out[True][0], out[False][0])
+    if device == "cpu":
+        assert torch.equal(out[True][1], out[False][1])
+    else:
+        spread = _rel(_step_grads(dit, x0, cond)[1], out[True][1])
+        assert _rel(out[True][1], out[False][1]) <= max(4 * spread, 1e-6), spread
+
+
+def test_stash_kinds():
+    stash = OutputStash(["selection"])
+    with stash.recording():
+        assert output_stash.active("selection") is stash and output_stash.active("cross_attention") is None
+        assert output_stash.active() is stash
+    with pytest.raises(ValueError, match="kinds"):
+        OutputStash(["attention"])

@@ -186,6 +186,7 @@ def _switches(dit):
                 one_concatenation=ssa_layer.SPLIT_FUNCTION, gelu_kernel=layers.FUSED_GELU_GRAD,
                 cross_kernel=cross_attention_kernel.TRAINABLE, query_view=ssa_layer.QUERY_VIEW,
                 residual_in_norms=dit_block.RESIDUAL_GRAD_IN_NORMS, stash_cross=dit_module.STASH_CROSS_ATTENTION,
+                stash_selection=dit_module.STASH_SELECTION,
                 split_queries=config("selection.DKDV", head_dim=dit.config.model_channels // dit.config.num_heads)[
                     "max_queries"])
 
@@ -211,7 +212,10 @@ def test_training_variants_switch_and_restore():
                      for v in TRAINING_VARIANTS]
     assert rows[0]["loss_rel_diff"] == 0 and rows[0]["grad_rel_diff"] == 0
     assert all(math.isfinite(r["grad_rel_diff"]) and r["grad_rel_diff"] < 5e-2 for r in rows)
-    assert _switches(dit) == before and all(v for k, v in before.items() if k != "split_queries")
+    # every saving on again, those off by default (the report's _ALL_ON) off
+    assert _switches(dit) == before and all(v for k, v in before.items() if k not in ("split_queries",
+                                                                                      "stash_selection"))
+    assert not before["stash_selection"]
     tail = training_variants(dit, lambda: _loss(dit, x0, cond), opt, time_fn=time_fn, reps=1, warmup=0, last=2)
     assert [r["name"] for r in tail] == [v[0] for v in TRAINING_VARIANTS[-2:]] and tail[0]["grad_rel_diff"] == 0
 

@@ -52,9 +52,8 @@ import triton.language as tl
 
 # the FMA-unit exponential (exp2_fma) and its launch setting, shared with the SSA kernels
 from ssa_kernels._common import _exp2, fma_every
+from ssa_kernels import output_stash
 from ssa_kernels.launch import OverrideStack
-
-from model.nets import output_stash
 
 __all__ = ["BACKWARD_LAUNCH", "BACKWARD_LAUNCHES", "ENABLED", "KERNEL_DTYPES", "LAUNCH", "LAUNCHES", "TRAINABLE",
            "PARTS", "backward_launch_for", "check_launch_settings", "cross_attention", "launch_for", "overriding",
@@ -583,12 +582,12 @@ def _backward(q, k, v, o, do, lse, scale: float, launch: dict, bounds: tuple | N
 class _CrossAttention(torch.autograd.Function):
     """:func:`cross_attention` under autograd: the forward kernel keeps the rows' LSE; the backward kernels give
     ``dq``, ``dk``, ``dv`` (shaped as the given ``k``, ``v``). Saves ``q``, ``k``, ``v``, the output and the LSE
-    (``4 * H * N`` bytes). Inside a checkpointed block's :class:`~model.nets.output_stash.OutputStash` the output
+    (``4 * H * N`` bytes). Inside a checkpointed block's :class:`~ssa_kernels.output_stash.OutputStash` the output
     and the LSE of the first forward are kept, and the recomputation takes them instead of running the kernel."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, launch, backward_launch, bounds):
-        stash = output_stash.active()
+        stash = output_stash.active("cross_attention")
         n, h, d = q.shape
         kept = None if stash is None else stash.take(((n, h, d), q.dtype), ((h, n), torch.float32))
         out, lse = kept if kept is not None else _forward(q, _batched(k), _batched(v), scale, launch, True, bounds)

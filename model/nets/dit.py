@@ -45,9 +45,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ssa_kernels.layout import layout_order
+from ssa_kernels.output_stash import OutputStash
 
 from model.nets.dit_block import BLOCK_NORM_EPS, CrossAttention, CrossPlan, SparseDiTBlock, recomputing
-from model.nets.output_stash import OutputStash
 from model.sparse.layers import AbsolutePositionEmbedder, check_pool_mode, sincos_position_embedding
 from model.sparse.tensor import SparseTensor
 from model.nets.ssa_layer import ATTENTION_MODES, BACKENDS, COMPRESSION_VERSIONS
@@ -355,10 +355,15 @@ REUSE_SELECTION = True
 LEAN_RECOMPUTE = True
 #: With activation checkpointing, the cross-attention kernel's output and LSE of a block's first forward are kept in
 #: pinned host memory and copied back for the recomputed forward instead of computed again
-#: (:class:`model.nets.output_stash.OutputStash`: 298 MB per block at 137k tokens in bf16, 5.6 ms each way at the
+#: (:class:`ssa_kernels.output_stash.OutputStash`: 298 MB per block at 137k tokens in bf16, 5.6 ms each way at the
 #: 55 GB/s of an H100's host link, beside the kernels). Measured on an H100 in one process: the released-size
 #: training step 2,056 -> 1,986 ms at the same 17.9 GB peak (reports/dit_history.md). Off: computed twice.
 STASH_CROSS_ATTENTION = True
+#: With activation checkpointing and the kernel backend, the SSA op's selection-branch output and LSE are kept the
+#: same way (the same stash, copied back on entry too; the selection kernel, 5.3 ms per block, runs once instead of
+#: twice). Off until timed: the recomputation needs them a few milliseconds after it starts, about when their copy
+#: arrives (``ssa_kernels.output_stash``).
+STASH_SELECTION = False
 
 
 @contextlib.contextmanager
@@ -528,7 +533,8 @@ class SparseDiT(nn.Module):
         the recomputation reuses the forward's top-k choice (:func:`ssa_kernels.reusing_selection`); with
         :data:`LEAN_RECOMPUTE` it skips the block's last branch, whose output nobody reads
         (:func:`model.nets.dit_block.recomputing`); with :data:`STASH_CROSS_ATTENTION` it takes the cross-attention
-        kernel's output from the first forward (:class:`model.nets.output_stash.OutputStash`)."""
+        kernel's output from the first forward (:class:`ssa_kernels.output_stash.OutputStash`), and with
+        :data:`STASH_SELECTION` the SSA op's selection-branch output."""
         forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
         if REUSE_SELECTION and self.config.backend == "kernels" and self.config.attention == "ssa":
             from ssa_kernels import reusing_selection
@@ -536,8 +542,10 @@ class SparseDiT(nn.Module):
             forward, recompute = reusing_selection()
         if LEAN_RECOMPUTE:
             recompute = _entered_together(recompute, recomputing())
-        if STASH_CROSS_ATTENTION:
-            keep, take = OutputStash().contexts()
+        kinds = [kind for kind, on in (("selection", STASH_SELECTION and self.config.backend == "kernels"),
+                                       ("cross_attention", STASH_CROSS_ATTENTION)) if on]
+        if kinds:
+            keep, take = OutputStash(kinds).contexts()
             forward, recompute = _entered_together(forward, keep), _entered_together(recompute, take)
         return forward, recompute
 

@@ -234,12 +234,14 @@ def sampling_variants(model, xt, t, cond_tokens, *, guidance: float, sigma_step:
 #: view of the merged product, :data:`model.nets.ssa_layer.QUERY_VIEW`) and ``residual_in_norms`` (the residual
 #: stream's gradient added in the norms' backward kernel, :data:`model.nets.dit_block.RESIDUAL_GRAD_IN_NORMS`);
 #: ``stash_cross`` (the cross-attention's output kept on the host for the recomputation,
-#: :data:`model.nets.dit.STASH_CROSS_ATTENTION`).
+#: :data:`model.nets.dit.STASH_CROSS_ATTENTION`); ``stash_selection`` (the SSA op's selection-branch output kept the
+#: same way, :data:`model.nets.dit.STASH_SELECTION`, off by default: ``_ALL_ON`` holds the defaults).
 #: The launch table's ``max_queries`` (the last variant's; the ones before it split nothing).
 _TABLE_SPLIT = _launch_config("selection.DKDV")["max_queries"]
 _ALL_ON = dict(half_stream=True, fused_norms=True, recompute_hidden=True, gated_residual=True, norm_projection=True,
                reuse_selection=True, split_queries=None, one_concatenation=True, lean_recompute=True,
-               gelu_kernel=True, cross_kernel=True, query_view=True, residual_in_norms=True, stash_cross=True)
+               gelu_kernel=True, cross_kernel=True, query_view=True, residual_in_norms=True, stash_cross=True,
+               stash_selection=False)
 #: The switches of the rows before ``one_concatenation``.
 _EARLIER = dict(_ALL_ON, one_concatenation=False, lean_recompute=False, gelu_kernel=False, cross_kernel=False,
                 query_view=False, residual_in_norms=False, stash_cross=False)
@@ -274,6 +276,8 @@ TRAINING_VARIANTS = (
      "block)", dict(_ALL_ON, stash_cross=False)),
     ("+ the cross-attention's output and LSE kept in pinned host memory for the recomputed forward (not computed "
      "twice)", dict(_ALL_ON)),
+    ("+ the selection branch's output and LSE kept in pinned host memory too (the selection kernel once per block)",
+     dict(_ALL_ON, stash_selection=True)),
 )
 
 
@@ -333,8 +337,8 @@ def _launch_overrides(launch: dict | None):
 def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_hidden: bool, gated_residual: bool,
                       norm_projection: bool, reuse_selection: bool, split_queries: int | None,
                       one_concatenation: bool, lean_recompute: bool, gelu_kernel: bool, cross_kernel: bool,
-                      query_view: bool, residual_in_norms: bool, stash_cross: bool = False,
-                      launch: dict | None = None):
+                      query_view: bool, residual_in_norms: bool, stash_cross: bool = True,
+                      stash_selection: bool = False, launch: dict | None = None):
     """The switches of one training variant (:data:`TRAINING_VARIANTS`) set for the block inside, and the launch
     settings ``launch`` (``{kernel: values}``, :func:`parse_launch_variants`); afterwards all savings are on again
     and the launch tables are the tables'. Launch settings go through :func:`ssa_kernels.launch.overriding` and
@@ -349,7 +353,7 @@ def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_
 
     def apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
               one_concatenation, lean_recompute, gelu_kernel, cross_kernel, query_view, residual_in_norms,
-              stash_cross, **_):
+              stash_cross, stash_selection, **_):
         model.config = model.config.replace(half_stream=half_stream)
         ssa_layer.SPLIT_FUNCTION, layers.FUSED_GELU_GRAD = one_concatenation, gelu_kernel
         ssa_layer.QUERY_VIEW = query_view
@@ -357,11 +361,12 @@ def training_switches(model, *, half_stream: bool, fused_norms: bool, recompute_
         dit_block.GATED_RESIDUAL, dit_block.NORM_PROJECTION = gated_residual, norm_projection
         dit_block.RESIDUAL_GRAD_IN_NORMS = residual_in_norms
         dit.REUSE_SELECTION, dit.LEAN_RECOMPUTE = reuse_selection, lean_recompute
-        dit.STASH_CROSS_ATTENTION = stash_cross
+        dit.STASH_CROSS_ATTENTION, dit.STASH_SELECTION = stash_cross, stash_selection
         cross_attention_kernel.TRAINABLE = cross_kernel
 
     apply(half_stream, fused_norms, recompute_hidden, gated_residual, norm_projection, reuse_selection,
-          one_concatenation, lean_recompute, gelu_kernel, cross_kernel, query_view, residual_in_norms, stash_cross)
+          one_concatenation, lean_recompute, gelu_kernel, cross_kernel, query_view, residual_in_norms, stash_cross,
+          stash_selection)
     try:
         with (overriding("selection.DKDV", dict(max_queries=split_queries)) if split_queries is not None
               else nullcontext()), _launch_overrides(launch):

@@ -10,15 +10,19 @@ the cross-attention is reached), on a copy stream of their own beside the kernel
 over its host link, 5.6 ms per block) the released-size DiT's training step went 2,056 -> 1,986 ms at the same
 17.9 GB peak (reports/dit_history.md).
 
-What not to stash this way: outputs needed early in the recomputation. The selection branch's output (the same
-298 MB) is needed a few milliseconds into a block's recomputation (estimated, not timed), before its copy could
-arrive, and copying it earlier (during the next block's backward pass) would add it to the step's peak.
+What pays this way is an output needed late enough in the recomputation for its copy to arrive first. The SSA
+op's selection branch (``kind`` ``"selection"``: its output and LSE, the same 298 MB, 5.3 ms of kernel per block) is
+needed a few milliseconds into a block's recomputation, about when its copy arrives (estimated, not timed); it is
+kept only when asked for (the DiT's ``STASH_SELECTION``, off until timed). Copying earlier (during the next block's
+backward pass) would add the outputs to the step's peak.
 
-``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False, context_fn=OutputStash().contexts)``: calls that
-consult :func:`active` keep their outputs while the first forward runs (:meth:`OutputStash.keep`) and take them back,
-in the same order, while the recomputation runs (:meth:`OutputStash.take`); the copies back to the GPU all start when
-the recomputation starts. The results are those of computing again (the kernels are deterministic);
-calls whose shapes differ from the kept ones raise a ``RuntimeError``.
+``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False, context_fn=OutputStash(kinds).contexts)``: the
+calls of the kinds named (``"cross_attention"``: :mod:`model.nets.cross_attention_kernel`; ``"selection"``:
+:func:`ssa_kernels.spatial_sparse_attention`) consult :func:`active`, keep their outputs while the first forward
+runs (:meth:`OutputStash.keep`) and take them back, in the same order, while the recomputation runs
+(:meth:`OutputStash.take`); the copies back to the GPU all start when the recomputation starts. The results are
+those of computing again (the kernels are deterministic); calls whose shapes differ from the kept ones raise a
+``RuntimeError``.
 
 Why not ``torch.autograd.graph.save_on_cpu``: it moves every saved tensor of the block (gigabytes per block) and
 copies them back synchronously when the backward pass unpacks each one; here only the chosen outputs move, and the
@@ -34,16 +38,22 @@ import warnings
 
 import torch
 
-__all__ = ["OutputStash", "active"]
+__all__ = ["KINDS", "OutputStash", "active"]
 
 _ACTIVE = threading.local()
 #: The copy stream per CUDA device (index), made on first use.
 _COPY_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-def active() -> "OutputStash | None":
-    """The stash whose recording or replaying context the current thread is in (None: none)."""
-    return getattr(_ACTIVE, "stash", None)
+#: The kinds of calls that consult a stash.
+KINDS = ("cross_attention", "selection")
+
+
+def active(kind: str | None = None) -> "OutputStash | None":
+    """The stash whose recording or replaying context the current thread is in (None: none), or with ``kind``
+    only one that keeps that kind of call."""
+    stash = getattr(_ACTIVE, "stash", None)
+    return stash if stash is None or kind is None or kind in stash.kinds else None
 
 
 def _warn_once(message: str) -> None:
@@ -109,10 +119,16 @@ class _Kept:
 
 
 class OutputStash:
-    """The kept outputs of one checkpointed forward (module docstring). ``offload``: keep CUDA outputs in pinned
-    host memory (default); False keeps them where they are."""
+    """The kept outputs of one checkpointed forward (module docstring): of the calls of ``kinds`` (names of
+    :data:`KINDS`). ``offload``: keep CUDA outputs in pinned host memory (default); False keeps them where they
+    are."""
 
-    def __init__(self, offload: bool = True):
+    def __init__(self, kinds=("cross_attention",), offload: bool = True):
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(f"kinds: unknown {unknown}; known: {KINDS}")
+        self.kinds = frozenset(kinds)
         self.offload = bool(offload)
         self._kept: list[_Kept] = []
         self._next = 0
