@@ -97,13 +97,17 @@ def test_checkpointed_cross_attention_takes_its_kept_output(monkeypatch, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dit_step_with_the_cross_attention_stash_is_the_same_step(monkeypatch, device):
-    """``STASH_CROSS_ATTENTION``: every checkpointed block's recomputation takes its cross-attention output from the
-    first forward (kept in pinned host memory on the GPU): the kernel's forward runs once per block instead of
-    twice, and the loss and every gradient of a float32 training step are those of computing it again: bit for bit
-    on the CPU, within the step's own run-to-run spread on the GPU."""
+@pytest.mark.parametrize("switch", ["STASH_CROSS_ATTENTION", "STASH_SELECTION"])
+def test_dit_step_with_a_stash_is_the_same_step(monkeypatch, device, switch):
+    """``STASH_CROSS_ATTENTION`` (on by default) and ``STASH_SELECTION`` (off): every checkpointed block's
+    recomputation takes the cross-attention kernel's output, or the SSA op's selection-branch output and LSE, from
+    the first forward (in pinned host memory on the GPU): that kernel runs once per block instead of twice, and the
+    loss and every gradient of a float32 training step are those of computing it again: bit for bit on the CPU,
+    within the step's own run-to-run spread on the GPU (atomic sums make it not bitwise reproducible there). The
+    top-k choice is reused as always (``REUSE_SELECTION``)."""
     import model.nets.dit as dit_module
     import model.nets.dit_block as dit_block
+    import ssa_kernels.ssa as ssa
 
     _on_device(device)
     if device == "cpu":  # the routing takes CUDA tensors only; the interpreter runs the kernels on the CPU ones
@@ -111,40 +115,14 @@ def test_dit_step_with_the_cross_attention_stash_is_the_same_step(monkeypatch, d
             q, kv[:, :, 0], kv[:, :, 1]))
     dit, x0, cond = _tiny_dit(backend="kernels", tokens=90, extent=8, seed=3, cond_tokens=5)
     dit, x0, cond = dit.to(device), x0.to(device), cond.to(device)
-    launches = spy_launches(monkeypatch, ck, ("_cross_attention_kernel",), "BLOCK_M")
+    if switch == "STASH_CROSS_ATTENTION":
+        calls = spy_launches(monkeypatch, ck, ("_cross_attention_kernel",), "BLOCK_M")
+    else:
+        forward, calls = ssa.selection_forward, []
+        monkeypatch.setattr(ssa, "selection_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     out = {}
     for stash in (False, True):
-        monkeypatch.setattr(dit_module, "STASH_CROSS_ATTENTION", stash)
-        launches.clear()
-        out[stash] = (*_step_grads(dit, x0, cond), len(launches))
-    blocks = dit.config.num_blocks
-    assert out[False][2] == 2 * blocks and out[True][2] == blocks
-    assert torch.equal(out[True][0], out[False][0])
-    if device == "cpu":
-        assert torch.equal(out[True][1], out[False][1])
-    else:  # the GPU step is not bitwise reproducible run to run (atomic sums): against its own spread
-        spread = _rel(_step_grads(dit, x0, cond)[1], out[True][1])
-        assert _rel(out[True][1], out[False][1]) <= max(4 * spread, 1e-6), spread
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_dit_step_with_the_selection_stash_is_the_same_step(monkeypatch, device):
-    """``STASH_SELECTION`` (off by default): the SSA op's selection-branch output and LSE of each block's first
-    forward are taken by its recomputation, so the selection kernel runs once per block instead of twice; the loss
-    and every gradient are those of computing it again (bit for bit on the CPU, within the step's own spread on the
-    GPU). The top-k choice is reused as always (``REUSE_SELECTION``)."""
-    import model.nets.dit as dit_module
-    import ssa_kernels.ssa as ssa
-
-    _on_device(device)
-    dit, x0, cond = _tiny_dit(backend="kernels", tokens=90, extent=8, seed=5, cond_tokens=5)
-    dit, x0, cond = dit.to(device), x0.to(device), cond.to(device)
-    forward = ssa.selection_forward
-    calls = []
-    monkeypatch.setattr(ssa, "selection_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    out = {}
-    for stash in (False, True):
-        monkeypatch.setattr(dit_module, "STASH_SELECTION", stash)
+        monkeypatch.setattr(dit_module, switch, stash)
         calls.clear()
         out[stash] = (*_step_grads(dit, x0, cond), len(calls))
     blocks = dit.config.num_blocks
