@@ -1,6 +1,7 @@
 """Time every kernel of the SSA op on the headline shapes in one call: a developer tool for kernel work.
 
     python -m bench.kernel_profile [--cases shell-1024:v1.1,shell-1024:v1.0] [--out DIR] [--large] [--trace]
+        [--launch "selection.FWD:key_outer=1,ko_rows=64"]
 
 Prints, per case, each branch's forward and backward kernels, the whole op, FlashAttention-2 (PyTorch's SDPA
 FLASH backend) on the same tokens, peak memory, and useful TFLOP/s; writes the figures as JSON to ``--out``.
@@ -10,6 +11,7 @@ compare kernel variants quickly and to record before/after figures of a kernel c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -430,12 +432,42 @@ def main(argv=None):
     p.add_argument("--trace", action="store_true", help="only a torch.profiler table of one fwd+bwd per case")
     p.add_argument("--regs", action="store_true", help="also list registers and spills of the compiled kernels")
     p.add_argument("--baseline", default="", help="folder of another ssa_kernels copy: also time its whole op")
+    p.add_argument("--launch", default="", metavar="SPEC",
+                   help='launch settings held for the whole run, one value each, written as a sweep: '
+                        '"selection.FWD:key_outer=1,ko_rows=64;selection.DQ:key_outer=1" (e.g. to --trace them)')
     a = p.parse_args(argv)
+    try:
+        held_launch = launch_overrides(a.launch)
+    except ValueError as e:
+        p.error(f"--launch: {e}")
     if not torch.cuda.is_available():
         print("kernel_profile needs a CUDA GPU")
         return 1
     os.makedirs(a.out, exist_ok=True)
+    from ssa_kernels.launch import overriding
+
+    with contextlib.ExitStack() as held:
+        for kernel, values in held_launch:
+            held.enter_context(overriding(kernel, values))
+        return _run(a)
+
+
+def launch_overrides(text):
+    """``--launch``'s ``[(kernel, values)]``: a sweep of one configuration per kernel (ValueError otherwise)."""
+    from ssa_kernels.launch import parse_sweep
+
+    out = []
+    for kernel, variants in parse_sweep(text):
+        if len(variants) != 1:
+            raise ValueError(f"--launch gives {kernel} {len(variants)} configurations; give one value per setting")
+        out.append((kernel, variants[0]))
+    return out
+
+
+def _run(a):
     env = _env()
+    if a.launch:
+        env["launch"] = a.launch
     print(env)
     if a.trace:
         for case in a.cases.split(","):

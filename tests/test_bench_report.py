@@ -427,6 +427,21 @@ def test_kernel_profile_times_a_baseline_copy_of_the_kernels(tmp_path):
         load_baseline(str(tmp_path))
 
 
+def test_kernel_profile_launch_holds_one_configuration_per_kernel(capsys):
+    """``kernel_profile --launch`` holds one value per setting for the whole run; several values, or a setting the
+    kernel lacks, are refused with the option named before any GPU work."""
+    from bench.kernel_profile import launch_overrides, main
+
+    assert launch_overrides("selection.FWD:key_outer=1,ko_rows=64;selection.DQ:key_outer=1") == [
+        ("selection.FWD", dict(key_outer=1, ko_rows=64)), ("selection.DQ", dict(key_outer=1))]
+    assert launch_overrides("") == []
+    for bad, said in (("selection.FWD:key_outer=0|1", "2 configurations"), ("selection.FWD:keyy=1", "keyy")):
+        with pytest.raises(SystemExit):
+            main(["--launch", bad])
+        err = capsys.readouterr().err
+        assert "--launch" in err and said in err
+
+
 def test_kernel_timeline_from_a_chrome_trace(tmp_path):
     """``kernel_profile --trace`` turns the profiler's chrome trace into per-stream kernel rows and a plot: only GPU
     kernels, times in ms from the first kernel, in start order, the stream kept."""
