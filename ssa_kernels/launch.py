@@ -54,7 +54,9 @@ TUNED_HEAD_DIM = 32
 #: whole_tiles (0/1, query-outer programs of one token) runs a block's whole key tiles without the per-score mask
 #: in a loop of their own, the part-filled last tile after it (fewer instructions per tile, one more loop per block);
 #: scoring.SCORE's whole_tiles (0/1) scores the chunks of selection blocks that lie wholly inside the batch element
-#: of all a program's tokens without the per-score batch mask (ssa_kernels.scoring._chunk_scores).
+#: of all a program's tokens without the per-score batch mask (ssa_kernels.scoring._chunk_scores); its key_rows
+#: (0/1, one token per matrix product) computes the scores as keys x heads, summing the heads along the product's
+#: rows and masking once per key (ssa_kernels.scoring._key_row_scores).
 BASE: dict[str, dict] = {
     "compression.FWD": dict(rows=128, block_n=64, num_warps=4, num_stages=3, fma_exp_every=0),
     "compression.DQ": dict(rows=128, block_n=32, num_warps=4, num_stages=3, fma_exp_every=0),
@@ -71,7 +73,7 @@ BASE: dict[str, dict] = {
     "window.DKDV": dict(max_heads=16, rows=256, num_warps=4, num_stages=2),
     "scoring.SCORE": dict(rows=16, tokens_per_program=4, tokens_per_program_agg=4, block_n=32, block_s=64,
                           max_heads=16, num_warps=1, num_stages=2, aggregate="prefix", fma_exp_every=0,
-                          whole_tiles=0),
+                          whole_tiles=0, key_rows=0),
     "ssa.BACKWARD": dict(streams=2, side="dkdv", side_priority=-1, dq_order="cmp-sel-win",
                          dkdv_order="cmp-sel-win", recompute_window_bytes=2**29),
 }

@@ -59,11 +59,16 @@ def _tile_scores(Q, KC, LSE, k, sel_j, c_ok, tok0, N, H, qk_scale, g, stride_qt,
                  batch_sel_offsets, token_batch,
                  G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FMA_EXP: tl.constexpr,
-                 MASKED: tl.constexpr = True):
+                 MASKED: tl.constexpr = True, KEY_ROWS: tl.constexpr = False):
     """Head-summed probabilities ``[BLOCK_T, BLOCK_N]`` of tokens ``tok0 ..`` against one tile of compressed keys
     ``k [BLOCK_N, D]`` (whose selection blocks are ``sel_j``); zero outside each token's batch element.
     ``FMA_EXP``: the exponentials from :func:`ssa_kernels._common.exp2_fma`. Without ``MASKED`` the caller knows
-    every key of the tile to be in every token's batch element: no mask is formed (``sel_j``, ``c_ok`` not read)."""
+    every key of the tile to be in every token's batch element: no mask is formed (``sel_j``, ``c_ok`` not read).
+    ``KEY_ROWS`` (one token, ``BLOCK_T == 1``): :func:`_key_row_scores`."""
+    if KEY_ROWS:
+        return _key_row_scores(Q, LSE, k, sel_j, c_ok, tok0, N, H, qk_scale, g, stride_qt, stride_qh,
+                               batch_sel_offsets, token_batch, G, HG, BLOCK_N, D, BLOCK_D, PRECISION, FMA_EXP,
+                               MASKED)
     r = tl.arange(0, BLOCK_T * HG)
     tok = tok0 + r // HG
     row_ok = tok < N
@@ -93,12 +98,41 @@ def _tile_scores(Q, KC, LSE, k, sel_j, c_ok, tok0, N, H, qk_scale, g, stride_qt,
 
 
 @triton.jit
+def _key_row_scores(Q, LSE, k, sel_j, c_ok, tok, N, H, qk_scale, g, stride_qt, stride_qh, batch_sel_offsets,
+                    token_batch, G: tl.constexpr, HG: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FMA_EXP: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`_tile_scores` of one token ``tok`` with the keys as the rows of the product: ``S^T = k q^T``
+    ``[BLOCK_N, HG]``, so that the head sum runs along a row of the matrix unit's output (each thread holds four
+    heads of a key; two shuffle rounds finish it) instead of down a column (two rows per thread, three rounds over
+    eight threads), and the batch mask applies once per key after the sum instead of once per score (a key outside
+    the token's batch element may sum to inf; ``where`` drops it). ``[1, BLOCK_N]``."""
+    ok = tok < N
+    tok64 = tok.to(tl.int64)
+    hh = tl.arange(0, HG)
+    d = tl.arange(0, BLOCK_D)
+    psum = tl.zeros([BLOCK_N], tl.float32)
+    for hs in tl.static_range(G // HG):
+        head = g * G + hs * HG + hh
+        q = tl.load(Q + tok64 * stride_qt + head[:, None] * stride_qh + d[None, :], mask=ok & (d < D)[None, :],
+                    other=0.0)
+        lse2 = tl.load(LSE + tok64 * H + head, mask=ok, other=0.0) * LOG2E_C
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, HG]
+        psum += tl.sum(_exp2(s * qk_scale - lse2[None, :], FMA_EXP), 1)
+    if MASKED:
+        b = tl.load(token_batch + tok, mask=ok, other=0)
+        s_lo = tl.load(batch_sel_offsets + b, mask=ok, other=0)
+        s_hi = tl.load(batch_sel_offsets + b + 1, mask=ok, other=0)
+        psum = tl.where(c_ok & (sel_j >= s_lo) & (sel_j < s_hi), psum, 0.0)
+    return psum[None, :]
+
+
+@triton.jit
 def _aggregated_tile(score, Q, KC, LSE, c0, c_hi, a_s, b_s, sb, pid_t, N, H, qk_scale, g,
                      stride_qt, stride_qh, stride_kt, stride_kh, batch_sel_offsets, token_batch, cmp_sel,
                      G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, TOK_LOOP: tl.constexpr,
                      TT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, PREFIX_AGG: tl.constexpr,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FMA_STEP: tl.constexpr,
-                     MASKED: tl.constexpr):
+                     MASKED: tl.constexpr, KEY_ROWS: tl.constexpr):
     """``score [TT, BLOCK_S]`` plus one tile of compressed keys ``c0 ..`` (of the chunk's ``[.., c_hi)``) summed into
     their selection blocks ``sb`` (several compressed keys per selection block; ``a_s, b_s``: each block's key
     range, with ``PREFIX_AGG``). Without ``MASKED``: a whole tile whose keys are in every token's batch element."""
@@ -127,7 +161,8 @@ def _aggregated_tile(score, Q, KC, LSE, c0, c_hi, a_s, b_s, sb, pid_t, N, H, qk_
     for ti in tl.static_range(TOK_LOOP):
         psum = _tile_scores(Q, KC, LSE, k, sel_j, c_ok, pid_t * TT + ti * BLOCK_T, N, H, qk_scale, g,
                             stride_qt, stride_qh, batch_sel_offsets, token_batch,
-                            G, HG, BLOCK_T, BLOCK_N, D, BLOCK_D, PRECISION, ti % FMA_STEP == FMA_STEP - 1, MASKED)
+                            G, HG, BLOCK_T, BLOCK_N, D, BLOCK_D, PRECISION, ti % FMA_STEP == FMA_STEP - 1, MASKED,
+                            KEY_ROWS)
         if PREFIX_AGG:
             run = tl.cumsum(psum, 1)
             upto_b = tl.where((b > 0)[None, :], tl.gather(run, b_idx, 1), 0.0)
@@ -148,7 +183,7 @@ def _chunk_scores(Q, KC, LSE, s0, hi, pid_t, N, H, qk_scale, g, stride_qt, strid
                   G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, TOK_LOOP: tl.constexpr,
                   TT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ONE_CMP_PER_SEL: tl.constexpr,
                   PREFIX_AGG: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                  FMA_STEP: tl.constexpr, MASKED: tl.constexpr):
+                  FMA_STEP: tl.constexpr, MASKED: tl.constexpr, KEY_ROWS: tl.constexpr):
     """Scores ``[TT, BLOCK_S]`` of the program's tokens for the selection blocks ``s0 .. s0 + BLOCK_S`` (of the
     batch elements' ``[.., hi)``). Without ``MASKED`` the caller knows all of them to be in every token's batch
     element (``launch`` setting ``whole_tiles``): the keys' tiles run without masks, but for the part-filled last
@@ -170,7 +205,7 @@ def _chunk_scores(Q, KC, LSE, s0, hi, pid_t, N, H, qk_scale, g, stride_qt, strid
             psum = _tile_scores(Q, KC, LSE, k, sb, c_ok, pid_t * TT + ti * BLOCK_T, N, H, qk_scale, g,
                                 stride_qt, stride_qh, batch_sel_offsets, token_batch,
                                 G, HG, BLOCK_T, BLOCK_S, D, BLOCK_D, PRECISION, ti % FMA_STEP == FMA_STEP - 1,
-                                MASKED)
+                                MASKED, KEY_ROWS)
             if TOK_LOOP == 1:
                 score += psum
             else:
@@ -189,12 +224,12 @@ def _chunk_scores(Q, KC, LSE, s0, hi, pid_t, N, H, qk_scale, g, stride_qt, strid
                 score = _aggregated_tile(score, Q, KC, LSE, c0, c_hi, a_s, b_s, sb, pid_t, N, H, qk_scale, g,
                                          stride_qt, stride_qh, stride_kt, stride_kh, batch_sel_offsets,
                                          token_batch, cmp_sel, G, HG, BLOCK_T, TOK_LOOP, TT, BLOCK_S, BLOCK_N,
-                                         PREFIX_AGG, D, BLOCK_D, PRECISION, FMA_STEP, False)
+                                         PREFIX_AGG, D, BLOCK_D, PRECISION, FMA_STEP, False, KEY_ROWS)
         for c0 in range(whole_end, c_hi, BLOCK_N):
             score = _aggregated_tile(score, Q, KC, LSE, c0, c_hi, a_s, b_s, sb, pid_t, N, H, qk_scale, g,
                                      stride_qt, stride_qh, stride_kt, stride_kh, batch_sel_offsets, token_batch,
                                      cmp_sel, G, HG, BLOCK_T, TOK_LOOP, TT, BLOCK_S, BLOCK_N, PREFIX_AGG, D,
-                                     BLOCK_D, PRECISION, FMA_STEP, True)
+                                     BLOCK_D, PRECISION, FMA_STEP, True, KEY_ROWS)
     return score
 
 
@@ -233,14 +268,15 @@ def _score_topk_kernel(
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ONE_CMP_PER_SEL: tl.constexpr, PREFIX_AGG: tl.constexpr,
     TOPK: tl.constexpr, K2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FMA_STEP: tl.constexpr,
-    WHOLE_TILES: tl.constexpr = False,
+    WHOLE_TILES: tl.constexpr = False, KEY_ROWS: tl.constexpr = False,
 ):
     """A program scores ``TT = TOK_LOOP * BLOCK_T`` tokens: ``TOK_LOOP`` matrix products of ``BLOCK_T`` tokens x ``HG``
     heads (``TOK_LOOP > 1`` only with ``BLOCK_T == 1``) share every tile of compressed keys. Product ``ti`` takes
     its exponentials from :func:`ssa_kernels._common.exp2_fma` when ``ti % FMA_STEP == FMA_STEP - 1`` (the launch
     setting ``fma_exp_every``; a ``FMA_STEP`` above ``TOK_LOOP`` never does). ``WHOLE_TILES`` (launch setting
     ``whole_tiles``): when all the program's tokens are of one batch element, its whole chunks of selection blocks
-    run without the per-score batch mask (:func:`_chunk_scores`), in a loop before the one of the masked chunks."""
+    run without the per-score batch mask (:func:`_chunk_scores`), in a loop before the one of the masked chunks.
+    ``KEY_ROWS`` (launch setting ``key_rows``, one token per product): :func:`_key_row_scores`."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
     tt = tl.arange(0, TT)
@@ -260,14 +296,14 @@ def _score_topk_kernel(
             score = _chunk_scores(Q, KC, LSE, s0, hi, pid_t, N, H, qk_scale, g, stride_qt, stride_qh, stride_kt,
                                   stride_kh, batch_sel_offsets, token_batch, sel_cmp_offsets, cmp_sel, G, HG,
                                   BLOCK_T, TOK_LOOP, TT, BLOCK_S, BLOCK_N, ONE_CMP_PER_SEL, PREFIX_AGG, D, BLOCK_D,
-                                  PRECISION, FMA_STEP, False)
+                                  PRECISION, FMA_STEP, False, KEY_ROWS)
             top_v, top_i, thr = _insert_topk(score, s0 + tl.arange(0, BLOCK_S), s_lo_t, s_hi_t, top_v, top_i, thr,
                                              kcol, TT, BLOCK_S, K2)
     for s0 in range(full_end, hi, BLOCK_S):
         score = _chunk_scores(Q, KC, LSE, s0, hi, pid_t, N, H, qk_scale, g, stride_qt, stride_qh, stride_kt,
                               stride_kh, batch_sel_offsets, token_batch, sel_cmp_offsets, cmp_sel, G, HG,
                               BLOCK_T, TOK_LOOP, TT, BLOCK_S, BLOCK_N, ONE_CMP_PER_SEL, PREFIX_AGG, D, BLOCK_D,
-                              PRECISION, FMA_STEP, True)
+                              PRECISION, FMA_STEP, True, KEY_ROWS)
         top_v, top_i, thr = _insert_topk(score, s0 + tl.arange(0, BLOCK_S), s_lo_t, s_hi_t, top_v, top_i, thr, kcol,
                                          TT, BLOCK_S, K2)
     # write the best TOPK, best first (ties: lower block id first)
@@ -307,6 +343,7 @@ def select_blocks_forward(q, k_cmp, lse, layout: BlockLayout, topk: int, scale: 
         BLOCK_N=block_n, ONE_CMP_PER_SEL=one, PREFIX_AGG=cfg["aggregate"] == "prefix", TOPK=topk,
         K2=triton.next_power_of_2(topk), D=dim, BLOCK_D=block_d(dim), PRECISION=dot_precision(q.dtype),
         FMA_STEP=fma_every(cfg, q.dtype) or NO_FMA_STEP, WHOLE_TILES=bool(cfg["whole_tiles"]),
+        KEY_ROWS=bool(cfg["key_rows"]) and bt == 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return idx

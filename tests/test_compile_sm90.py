@@ -36,7 +36,7 @@ SSA_SWITCHES = (
     {"compression.FWD": dict(fma_exp_every=2), "compression.DQ": dict(fma_exp_every=2),
      "compression.DKDV": dict(fma_exp_every=2), "scoring.SCORE": dict(fma_exp_every=2, tokens_per_program=4)},
     {"scoring.SCORE": dict(whole_tiles=1)},
-    {"scoring.SCORE": dict(whole_tiles=1, aggregate="mask", fma_exp_every=2)},
+    {"scoring.SCORE": dict(whole_tiles=1, aggregate="mask", fma_exp_every=2, key_rows=1)},
 )
 
 
@@ -82,7 +82,8 @@ def test_every_launch_compiles_for_sm90(tmp_path):
         for switches in SSA_SWITCHES:
             ssa_workload(switches, hq=16, hkv=1)
         ssa_workload({}, hq=8, hkv=2)
-        ssa_workload({"scoring.SCORE": dict(whole_tiles=1)}, hq=16, hkv=1, compression_block=8)  # one per block
+        ssa_workload({"scoring.SCORE": dict(whole_tiles=1, key_rows=1)}, hq=16, hkv=1,
+                     compression_block=8)  # one compressed block per selection block
         for sizes in ((50,), (20, 0, 45)):
             for every in (0, 2):
                 _cross_attention_pass(sizes, every)

@@ -290,10 +290,12 @@ def test_compression_branch(mc):
     ids=lambda v: "+".join(v) if isinstance(v, tuple) else None)
 def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggregates, monkeypatch):
     """Both ways of summing compressed keys into selection blocks (``aggregate``; with ``mc == ms`` there is
-    nothing to sum) on the same inputs, at the default chunks and (two of the layouts) at 16-block chunks of 16-key
+    nothing to sum) on the same inputs, at the default chunks and (some layouts) at 16-block chunks of 16-key
     tiles, masked and with ``whole_tiles`` (the chunks wholly inside the tokens' batch element unmasked: the very
-    same choice as masked). The first batch element (70 tokens) has more selection blocks than topk (about 23 of
-    27: asserted), the last (7 tokens) fewer than topk 8 and 16."""
+    same choice as masked), and, where 16 or more heads share a kv head, with ``key_rows`` (keys x heads
+    products, the head sum along rows: the same choice with or without ``whole_tiles``). The first batch element
+    (70 tokens) has more selection blocks than topk (about 23 of 27: asserted), the last (7 tokens) fewer than topk
+    8 and 16."""
     import ssa_kernels.scoring as scoring
     from ssa_kernels.launch import overriding
 
@@ -310,11 +312,15 @@ def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggreg
     gap = (srt[..., k_eff - 1] - srt[..., k_eff]).abs() / srt[..., 0].clamp_min(1e-30)
     clear = (gap > 1e-5) | torch.isinf(srt[..., k_eff])
     assert clear.float().mean() > 0.9
-    whole = spy_launches(monkeypatch, scoring, ("_score_topk_kernel",), "WHOLE_TILES")
+    launched = spy_launches(monkeypatch, scoring, ("_score_topk_kernel",), "WHOLE_TILES", "KEY_ROWS")
     small = dict(block_n=16, block_s=16)
     # the unmasked chunks on one layout of each kind (one compressed block per selection block, several)
-    variants = ({}, small, dict(small, whole_tiles=1)) if (mc, hq) in ((8, 32), (4, 8)) else ({},)
+    pairs = [(small, dict(small, whole_tiles=1))] if (mc, hq) in ((8, 32), (4, 8)) else []
+    if hq // hkv >= 16:  # key rows: one token per product
+        pairs.append((dict(small, key_rows=1), dict(small, key_rows=1, whole_tiles=1)))
+    variants = [{}] + [v for pair in pairs for v in pair]
     for aggregate in aggregates:
+        picks = []
         for settings in variants:
             with overriding("scoring.SCORE", {"aggregate": aggregate, **settings}):
                 idx = ssa_kernels.select_blocks(q.float(), kc.float(), lse, layout, topk=topk)
@@ -323,11 +329,11 @@ def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggreg
             assert bool(same[clear].all()), (aggregate, settings)
             # -1 exactly where the batch element has fewer blocks than topk, and in order: best first
             assert torch.equal(idx < 0, ref_idx < 0), (aggregate, settings)
-            if settings == small:
-                masked = idx
-        if len(variants) > 1:
-            assert torch.equal(idx, masked), aggregate  # whole_tiles: the same scores, so the same choice
-    assert whole == [False, False, True][:len(variants)] * len(aggregates)
+            picks.append(idx)
+        for i in range(len(pairs)):  # whole_tiles: the same scores, so the same choice
+            assert torch.equal(picks[1 + 2 * i], picks[2 + 2 * i]), (aggregate, pairs[i])
+    expect = [(bool(v.get("whole_tiles")), bool(v.get("key_rows"))) for v in variants]
+    assert launched == expect * len(aggregates)
 
 
 def _choice(layout, hkv, topk, pick):

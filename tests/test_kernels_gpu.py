@@ -363,9 +363,12 @@ def test_gpu_split_selection_dkdv_against_reference_and_deterministic():
 
 @pytest.mark.parametrize("mc", [8, 4], ids=["v1.1", "v1.0-aggregated"])
 def test_gpu_scoring_whole_chunks_choose_as_the_masked_kernel(mc):
-    """Launch setting ``whole_tiles`` of the scoring kernel (chunks of selection blocks wholly inside the tokens'
-    batch element scored without the batch mask) on shell-512 and on two batch elements of different sizes in bf16:
-    the very choice of the default (masked) kernel, every slot written (NaN-poisoned buffers hold -7 otherwise)."""
+    """Launch settings ``whole_tiles`` (chunks of selection blocks wholly inside the tokens' batch element scored
+    without the batch mask) and ``key_rows`` (keys x heads products) of the scoring kernel on shell-512 and on two
+    batch elements of different sizes in bf16: ``whole_tiles`` makes the very choice of the masked kernel, every
+    slot written (NaN-poisoned buffers hold -7 otherwise); ``key_rows`` sums the heads in another order, so its
+    choice may differ where two scores tie to float32 rounding: the same blocks for at least 99.9% of the
+    (token, kv head) pairs."""
     from ssa_kernels.launch import overriding
 
     for coords in (shape_coords("shell-512").cuda(), random_coords((3000, 700), 40, compression_block=mc,
@@ -375,7 +378,12 @@ def test_gpu_scoring_whole_chunks_choose_as_the_masked_kernel(mc):
         with torch.no_grad():
             _, lse = ssa_kernels.compression_attention(inp[0], inp[3], inp[4], layout)
             picks = []
-            for whole in (0, 1):
-                with overriding("scoring.SCORE", dict(whole_tiles=whole)), poisoned_allocations():
-                    picks.append(ssa_kernels.select_blocks(inp[0], inp[3], lse, layout, topk=8))
+            for rows in (0, 1):
+                for whole in (0, 1):
+                    with overriding("scoring.SCORE", dict(whole_tiles=whole, key_rows=rows)), \
+                            poisoned_allocations():
+                        picks.append(ssa_kernels.select_blocks(inp[0], inp[3], lse, layout, topk=8))
         assert (picks[0] >= -1).all() and torch.equal(picks[0], picks[1])
+        assert (picks[2] >= -1).all() and torch.equal(picks[2], picks[3])
+        agree = (picks[0].sort(-1).values == picks[2].sort(-1).values).all(-1).float().mean().item()
+        assert agree >= 0.999, agree

@@ -32,7 +32,7 @@ PREVIOUS = {
     "window.DKDV": dict(max_heads=16, rows=256, num_warps=4, num_stages=2),
     "scoring.SCORE": dict(rows=16, tokens_per_program=4, tokens_per_program_agg=4, block_n=32, block_s=64,
                           max_heads=16, num_warps=1, num_stages=2, aggregate="prefix",
-                          fma_exp_every=0, whole_tiles=0),  # added later: FMA exponentials, unmasked chunks, off
+                          fma_exp_every=0, whole_tiles=0, key_rows=0),  # added later, off
     "ssa.BACKWARD": dict(streams=2, side="dkdv", side_priority=-1, dq_order="cmp-sel-win", dkdv_order="cmp-sel-win",
                          recompute_window_bytes=2**29),  # added later: above it the window output is recomputed
 }
