@@ -235,12 +235,15 @@ def _chunk_scores(Q, KC, LSE, s0, hi, pid_t, N, H, qk_scale, g, stride_qt, strid
 
 @triton.jit
 def _insert_topk(score, sb, s_lo_t, s_hi_t, top_v, top_i, thr, kcol, TT: tl.constexpr, BLOCK_S: tl.constexpr,
-                 K2: tl.constexpr):
+                 K2: tl.constexpr, MASKED: tl.constexpr = True):
     """The running top-k ``(top_v, top_i [TT, K2], thr [TT])`` (``thr``: the K2-th best so far; ``kcol``: the slots
     ``[1, K2]``) updated with the scores ``[TT, BLOCK_S]`` of selection blocks ``sb``, each token's own blocks
-    (``[s_lo_t, s_hi_t)``) only."""
-    in_batch_t = (sb[None, :] >= s_lo_t[:, None]) & (sb[None, :] < s_hi_t[:, None])
-    cand = tl.where(in_batch_t & (score > thr[:, None]), score, float("-inf"))
+    (``[s_lo_t, s_hi_t)``) only; without ``MASKED`` the caller knows every block ``sb`` to be each token's."""
+    if MASKED:
+        in_batch_t = (sb[None, :] >= s_lo_t[:, None]) & (sb[None, :] < s_hi_t[:, None])
+        cand = tl.where(in_batch_t & (score > thr[:, None]), score, float("-inf"))
+    else:
+        cand = tl.where(score > thr[:, None], score, float("-inf"))
     # threshold insertion: each round, every row moves its best remaining candidate into the slot of its
     # current worst entry, while that candidate beats it
     if tl.max(cand) > float("-inf"):
@@ -298,7 +301,7 @@ def _score_topk_kernel(
                                   BLOCK_T, TOK_LOOP, TT, BLOCK_S, BLOCK_N, ONE_CMP_PER_SEL, PREFIX_AGG, D, BLOCK_D,
                                   PRECISION, FMA_STEP, False, KEY_ROWS)
             top_v, top_i, thr = _insert_topk(score, s0 + tl.arange(0, BLOCK_S), s_lo_t, s_hi_t, top_v, top_i, thr,
-                                             kcol, TT, BLOCK_S, K2)
+                                             kcol, TT, BLOCK_S, K2, False)
     for s0 in range(full_end, hi, BLOCK_S):
         score = _chunk_scores(Q, KC, LSE, s0, hi, pid_t, N, H, qk_scale, g, stride_qt, stride_qh, stride_kt,
                               stride_kh, batch_sel_offsets, token_batch, sel_cmp_offsets, cmp_sel, G, HG,

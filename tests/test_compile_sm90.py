@@ -32,11 +32,11 @@ SSA_SWITCHES = (
     {"selection.FWD": dict(fma_exp_every=2), "selection.DQ": dict(fma_exp_every=2)},
     {"selection.FWD": dict(whole_tiles=1), "selection.DQ": dict(whole_tiles=1, fma_exp_every=2)},
     {"selection.FWD": dict(merged=1, fma_exp_every=2), "selection.DQ": dict(merged=1, fma_exp_every=2)},
-    {"selection.DKDV": dict(tail=1, block_n=32, max_queries=2)},
+    {"selection.DKDV": dict(tail=1, block_n=32, max_queries=2), "scoring.SCORE": dict(aggregate="mask", key_rows=1)},
     {"compression.FWD": dict(fma_exp_every=2), "compression.DQ": dict(fma_exp_every=2),
      "compression.DKDV": dict(fma_exp_every=2), "scoring.SCORE": dict(fma_exp_every=2, tokens_per_program=4)},
     {"scoring.SCORE": dict(whole_tiles=1)},
-    {"scoring.SCORE": dict(whole_tiles=1, aggregate="mask", fma_exp_every=2, key_rows=1)},
+    {"scoring.SCORE": dict(whole_tiles=1, aggregate="mask", fma_exp_every=2)},
 )
 
 

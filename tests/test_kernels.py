@@ -315,11 +315,14 @@ def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggreg
     launched = spy_launches(monkeypatch, scoring, ("_score_topk_kernel",), "WHOLE_TILES", "KEY_ROWS")
     small = dict(block_n=16, block_s=16)
     # the unmasked chunks on one layout of each kind (one compressed block per selection block, several)
-    pairs = [(small, dict(small, whole_tiles=1))] if (mc, hq) in ((8, 32), (4, 8)) else []
-    if hq // hkv >= 16:  # key rows: one token per product
-        pairs.append((dict(small, key_rows=1), dict(small, key_rows=1, whole_tiles=1)))
-    variants = [{}] + [v for pair in pairs for v in pair]
+    whole_pairs = [(small, dict(small, whole_tiles=1))] if (mc, hq) in ((8, 32), (4, 8)) else []
+    expect = []
     for aggregate in aggregates:
+        pairs = list(whole_pairs)
+        if hq // hkv >= 16 and aggregate == aggregates[0]:  # key rows: one token per product
+            pairs.append((dict(small, key_rows=1), dict(small, key_rows=1, whole_tiles=1)))
+        variants = [{}] + [v for pair in pairs for v in pair]
+        expect += [(bool(v.get("whole_tiles")), bool(v.get("key_rows"))) for v in variants]
         picks = []
         for settings in variants:
             with overriding("scoring.SCORE", {"aggregate": aggregate, **settings}):
@@ -332,8 +335,7 @@ def test_select_blocks_equals_reference_where_not_tied(mc, hq, hkv, topk, aggreg
             picks.append(idx)
         for i in range(len(pairs)):  # whole_tiles: the same scores, so the same choice
             assert torch.equal(picks[1 + 2 * i], picks[2 + 2 * i]), (aggregate, pairs[i])
-    expect = [(bool(v.get("whole_tiles")), bool(v.get("key_rows"))) for v in variants]
-    assert launched == expect * len(aggregates)
+    assert launched == expect
 
 
 def _choice(layout, hkv, topk, pick):

@@ -1,8 +1,9 @@
 """The outputs of a checkpointed forward kept for its recomputation (:mod:`ssa_kernels.output_stash`): the stash on
 its own, the cross-attention kernel under ``checkpoint`` with it, and the DiT's training step with
-``STASH_CROSS_ATTENTION`` (the same loss and gradients bit for bit, the forward kernel once per block instead of
-twice). CPU: kernels through the Triton interpreter, outputs kept as they are; GPU: kept in pinned host memory (the
-DiT's GPU step, not bitwise reproducible run to run, is compared against its own spread)."""
+``STASH_CROSS_ATTENTION``, ``STASH_SELECTION`` and the reused top-k choice (the same loss and gradients bit for bit,
+each skipped kernel once per block instead of twice). CPU: kernels through the Triton interpreter, outputs kept as
+they are; GPU: kept in pinned host memory (the DiT's GPU step, not bitwise reproducible run to run, is compared
+against its own spread)."""
 from __future__ import annotations
 
 import pytest
@@ -96,16 +97,10 @@ def test_checkpointed_cross_attention_takes_its_kept_output(monkeypatch, device)
     assert all(torch.equal(a, b) for a, b in zip(first, out[False][2]))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("switch", ["STASH_CROSS_ATTENTION", "STASH_SELECTION"])
-def test_dit_step_with_a_stash_is_the_same_step(monkeypatch, device, switch):
-    """``STASH_CROSS_ATTENTION`` (on by default) and ``STASH_SELECTION`` (off): every checkpointed block's
-    recomputation takes the cross-attention kernel's output, or the SSA op's selection-branch output and LSE, from
-    the first forward (in pinned host memory on the GPU): that kernel runs once per block instead of twice, and the
-    loss and every gradient of a float32 training step are those of computing it again: bit for bit on the CPU,
-    within the step's own run-to-run spread on the GPU (atomic sums make it not bitwise reproducible there). The
-    top-k choice is reused as always (``REUSE_SELECTION``)."""
-    import model.nets.dit as dit_module
+def _kernel_dit(monkeypatch, device):
+    """The tiny DiT of the kernel backend on ``device`` with spies on the kernels that a recomputation may skip:
+    ``(dit, x0, cond, calls)``, ``calls`` counting the scoring passes, the cross-attention kernel's launches and the
+    selection forwards."""
     import model.nets.dit_block as dit_block
     import ssa_kernels.ssa as ssa
 
@@ -114,25 +109,63 @@ def test_dit_step_with_a_stash_is_the_same_step(monkeypatch, device, switch):
         monkeypatch.setattr(dit_block, "_kernel_fits", lambda q, kv, mask: mask is None and ck.supports(
             q, kv[:, :, 0], kv[:, :, 1]))
     dit, x0, cond = _tiny_dit(backend="kernels", tokens=90, extent=8, seed=3, cond_tokens=5)
-    dit, x0, cond = dit.to(device), x0.to(device), cond.to(device)
-    if switch == "STASH_CROSS_ATTENTION":
-        calls = spy_launches(monkeypatch, ck, ("_cross_attention_kernel",), "BLOCK_M")
-    else:
-        forward, calls = ssa.selection_forward, []
-        monkeypatch.setattr(ssa, "selection_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    calls = dict(scoring=[], selection=[], cross_attention=spy_launches(monkeypatch, ck, ("_cross_attention_kernel",),
+                                                                        "BLOCK_M"))
+    for name, attr in (("scoring", "select_blocks_forward"), ("selection", "selection_forward")):
+        real = getattr(ssa, attr)
+        monkeypatch.setattr(ssa, attr, lambda *a, _real=real, _seen=calls[name], **k: _seen.append(1) or _real(*a, **k))
+    return dit.to(device), x0.to(device), cond.to(device), calls
+
+
+#: The DiT's switches that let a checkpointed block's recomputation skip work, and the kernel each one skips.
+RECOMPUTE_SAVINGS = {"REUSE_SELECTION": "scoring", "STASH_CROSS_ATTENTION": "cross_attention",
+                     "STASH_SELECTION": "selection"}
+
+
+def test_dit_step_with_each_recompute_saving_is_the_same_step_on_the_cpu(monkeypatch):
+    """``REUSE_SELECTION`` (the recomputation takes the first forward's top-k choice), ``STASH_CROSS_ATTENTION``
+    (its cross-attention output and LSE; on by default) and ``STASH_SELECTION`` (the SSA op's selection-branch
+    output and LSE; off), switched on one after another from none: each makes its kernel run once per checkpointed
+    block instead of twice and leaves the loss and every gradient of a float32 training step equal bit for bit to
+    those of computing everything again (kernels through the Triton interpreter)."""
+    import model.nets.dit as dit_module
+
+    dit, x0, cond, calls = _kernel_dit(monkeypatch, "cpu")
+    blocks = dit.config.num_blocks
+    steps = []
+    for n_on in range(len(RECOMPUTE_SAVINGS) + 1):
+        for i, switch in enumerate(RECOMPUTE_SAVINGS):
+            monkeypatch.setattr(dit_module, switch, i < n_on)
+        for seen in calls.values():
+            seen.clear()
+        steps.append(_step_grads(dit, x0, cond))
+        for i, kernel in enumerate(RECOMPUTE_SAVINGS.values()):
+            assert len(calls[kernel]) == (blocks if i < n_on else 2 * blocks), (n_on, kernel)
+    for loss, grads in steps[1:]:
+        assert torch.equal(loss, steps[0][0]) and torch.equal(grads, steps[0][1])
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=GPU)])
+@pytest.mark.parametrize("switch", ["STASH_CROSS_ATTENTION", "STASH_SELECTION"])
+def test_dit_step_with_a_stash_is_the_same_step(monkeypatch, device, switch):
+    """``STASH_CROSS_ATTENTION`` and ``STASH_SELECTION`` on the GPU, outputs kept in pinned host memory: the kernel
+    runs once per block instead of twice, and the loss and gradients of a float32 training step are within the
+    step's own run-to-run spread of computing it again (atomic sums make it not bitwise reproducible there; the
+    CPU test above asks bit for bit). The top-k choice is reused as always (``REUSE_SELECTION``)."""
+    import model.nets.dit as dit_module
+
+    dit, x0, cond, calls = _kernel_dit(monkeypatch, device)
+    seen = calls[RECOMPUTE_SAVINGS[switch]]
     out = {}
     for stash in (False, True):
         monkeypatch.setattr(dit_module, switch, stash)
-        calls.clear()
-        out[stash] = (*_step_grads(dit, x0, cond), len(calls))
+        seen.clear()
+        out[stash] = (*_step_grads(dit, x0, cond), len(seen))
     blocks = dit.config.num_blocks
     assert out[False][2] == 2 * blocks and out[True][2] == blocks
     assert torch.equal(out[True][0], out[False][0])
-    if device == "cpu":
-        assert torch.equal(out[True][1], out[False][1])
-    else:
-        spread = _rel(_step_grads(dit, x0, cond)[1], out[True][1])
-        assert _rel(out[True][1], out[False][1]) <= max(4 * spread, 1e-6), spread
+    spread = _rel(_step_grads(dit, x0, cond)[1], out[True][1])
+    assert _rel(out[True][1], out[False][1]) <= max(4 * spread, 1e-6), spread
 
 
 def test_stash_kinds():

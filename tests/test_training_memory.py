@@ -302,31 +302,6 @@ def test_norms_folded_into_projections_give_the_same_gradients_in_float64(monkey
         assert _rel(a, b) < 1e-10
 
 
-def test_recomputed_forward_reuses_the_top_k_choice(monkeypatch):
-    """With checkpointing and the kernel backend (Triton interpreter here), the recomputed forward of each block takes
-    the top-k choice its first forward made: one scoring pass per block instead of two, and the same loss and
-    gradients bit for bit."""
-    import model.nets.dit as dit_module
-    import ssa_kernels.ssa as ssa
-
-    dit, x0, cond = _tiny_dit("kernels", tokens=90, extent=8, seed=3, cond_tokens=5)
-    scoring = ssa.select_blocks_forward
-    calls = []
-    monkeypatch.setattr(ssa, "select_blocks_forward", lambda *a: calls.append(1) or scoring(*a))
-    out = {}
-    for reuse in (False, True):
-        monkeypatch.setattr(dit_module, "REUSE_SELECTION", reuse)
-        calls.clear()
-        dit.zero_grad(set_to_none=True)
-        loss = flow_loss(dit, x0, cond, generator=torch.Generator().manual_seed(1))["loss"]
-        loss.backward()
-        out[reuse] = (len(calls), loss.detach(), [p.grad.clone() for p in dit.parameters()])
-    blocks = dit.config.num_blocks
-    assert out[False][0] == 2 * blocks and out[True][0] == blocks
-    assert torch.equal(out[False][1], out[True][1])
-    assert all(torch.equal(a, b) for a, b in zip(out[False][2], out[True][2]))
-
-
 def test_recomputed_forward_skips_the_mlp_output(monkeypatch):
     """With checkpointing, the recomputed forward of each block records its last branch (the gated MLP) without
     computing it: the MLP's forward products run once per block instead of twice, and the loss and gradients are
