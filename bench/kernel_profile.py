@@ -121,20 +121,30 @@ def run_sweeps(fns, sweeps, rep, target=None, samples=0):
 
 
 def best_entries(results, arch):
-    """The launch-table entries of a sweep (:mod:`ssa_kernels.launch`): per case and kernel, the fastest swept
-    configuration (configurations that failed are skipped), for ``arch`` and the case's head dim and dtype."""
+    """The launch-table entries of a sweep (:mod:`ssa_kernels.launch`): per kernel, head dim and dtype, the swept
+    configuration with the least time summed over the cases that share them (e.g. v1.1 and v1.0, both head dim
+    32: one table entry serves both, so neither case's winner may silently replace the other's); a configuration
+    that failed in any of those cases (NaN) is not chosen. For ``arch`` and that head dim and dtype."""
     from ssa_kernels.launch import Entry
 
-    entries = []
+    totals = {}  # (kernel, head dim, dtype) -> {config key: [config, summed ms, cases]}
+    cases = {}
     for r in results:
-        best = {}
+        where = (r["head_dim"], r["dtype"])
         for row in r.get("sweeps", ()):
-            ms = row["ms"]
-            if ms == ms and (row["kernel"] not in best or ms < best[row["kernel"]]["ms"]):
-                best[row["kernel"]] = row
-        for name, row in best.items():
-            entries.append(Entry(name, dict(row["config"]), arch=arch, min_head_dim=r["head_dim"],
-                                 max_head_dim=r["head_dim"], dtypes=(r["dtype"],)))
+            key = (row["kernel"], *where)
+            cases.setdefault(key, set()).add(id(r))
+            slot = totals.setdefault(key, {}).setdefault(json.dumps(row["config"], sort_keys=True),
+                                                         [row["config"], 0.0, set()])
+            slot[1] += row["ms"]
+            slot[2].add(id(r))
+    entries = []
+    for key, configs in totals.items():
+        full = [c for c in configs.values() if c[1] == c[1] and c[2] == cases[key]]
+        if full:
+            best = min(full, key=lambda c: c[1])
+            entries.append(Entry(key[0], dict(best[0]), arch=arch, min_head_dim=key[1], max_head_dim=key[1],
+                                 dtypes=(key[2],)))
     return entries
 
 

@@ -123,6 +123,16 @@ def test_table_file_round_trip_and_sweep_winners(tmp_path):
                                                                                              {"rows": 128})]
     assert all(e.arch == "sm90" and e.min_head_dim == e.max_head_dim == 64 and e.dtypes == ("bfloat16",)
                for e in entries)
+    # two cases of one head dim and dtype (v1.1 and v1.0): one entry, the least total time of both
+    two = [dict(head_dim=32, dtype="bfloat16", sweeps=[
+        dict(kernel="scoring.SCORE", config={"key_rows": 0}, ms=3.0),
+        dict(kernel="scoring.SCORE", config={"key_rows": 1}, ms=2.0)]),
+        dict(head_dim=32, dtype="bfloat16", sweeps=[
+            dict(kernel="scoring.SCORE", config={"key_rows": 0}, ms=10.0),
+            dict(kernel="scoring.SCORE", config={"key_rows": 1}, ms=12.0)])]
+    assert [e.values for e in best_entries(two, "sm90")] == [{"key_rows": 0}]
+    two[1]["sweeps"][0]["ms"] = math.nan  # failed in one case: not chosen
+    assert [e.values for e in best_entries(two, "sm90")] == [{"key_rows": 1}]
     write_entries(entries, path)
     assert load_table(path) == tuple(entries)
     again = Entry("selection.FWD", {"block_n": 16}, arch="sm90", min_head_dim=64, max_head_dim=64,
