@@ -63,12 +63,17 @@ from ._common import (
     head_split,
     tokens_per_tile,
 )
+from .block_index import block_query_index, split_buckets
 from .gate import fold_gate
 from .launch import config
 from .layout import BlockLayout
 
 # Launch configurations: ssa_kernels.launch ("selection.FWD", "selection.DQ": query rows (tokens x heads) per
 # program, keys per step; "selection.DKDV": query rows per step, keys per program, query tokens per program).
+
+#: Multiprocessors a CPU run (Triton interpreter) counts for the launch setting ``ko_persistent``: a few, so that
+#: the persistent programs of a small test take several work items each.
+INTERPRETER_MULTIPROCESSORS = 2
 
 #: Most memory the partial sums of a split selection dK/dV may take (bytes); beyond it the chunks grow.
 SPLIT_SCRATCH_BYTES = 128 * 2**20
@@ -185,12 +190,61 @@ def _sel_fwd_kernel(
 
 
 @triton.jit
+def _ko_fwd_item(Q, item, n_items, item_bucket, item_start, csr_offsets, csr_tokens, sel_offsets, S, NB, t0,
+                 stride_qt, stride_qh, G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """What work item ``item`` of :func:`_sel_fwd_ko_kernel` reads before its keys: ``(e, row_ok, hh, g, start,
+    end, q)``, its rows' index entries, which of them are its own, their heads within the group, the kv head, the
+    block's keys ``[start, end)`` and the rows' queries ``[BLOCK_T * HG, BLOCK_D]``. An item with nothing to do
+    (``item >= n_items``, bucket ``NB``, no queries left) has no rows and no keys."""
+    bucket = tl.load(item_bucket + item, mask=item < n_items, other=NB)
+    live = bucket < NB
+    bucket = tl.where(live, bucket, 0)
+    chunk = item - tl.load(item_start + bucket)
+    blk = bucket % S
+    g = bucket // S
+    e_lo = tl.load(csr_offsets + bucket) + chunk * BLOCK_T
+    e_hi = tl.minimum(tl.load(csr_offsets + bucket + 1), e_lo + BLOCK_T)
+    r = tl.arange(0, BLOCK_T * HG)
+    e = e_lo + r // HG
+    row_ok = (e < e_hi) & live
+    hh = tl.program_id(1) * HG + r % HG  # head within the group
+    tok64 = (tl.load(csr_tokens + e, mask=row_ok, other=0) + t0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q, tok64, g * G + hh, d, stride_qt, stride_qh, row_ok[:, None] & (d < D)[None, :])
+    start = tl.load(sel_offsets + blk)
+    end = tl.where(live & (e_lo < e_hi), tl.load(sel_offsets + blk + 1), start)
+    return e, row_ok, hh, g, start, end, q
+
+
+@triton.jit
+def _ko_fwd_run(K, V, OP, MP, LP, e, row_ok, hh, g, start, end, q, qk_scale, stride_kt, stride_kh,
+                G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """The online softmax of one work item's rows over keys ``[start, end)`` (:func:`_ko_fwd_item`) and its
+    partials' store."""
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
+    for ks in range(start, end, BLOCK_N):
+        n = ks + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
+        m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_ok[:, None] & n_ok[None, :], qk_scale, PRECISION)
+    prow = e.to(tl.int64) * G + hh
+    o = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(OP + prow[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(MP + prow, m, mask=row_ok)
+    tl.store(LP + prow, l, mask=row_ok)
+
+
+@triton.jit
 def _sel_fwd_ko_kernel(
     Q, K, V, OP, MP, LP, sel_offsets, csr_offsets, csr_tokens, item_bucket, item_start,
-    S, NB, H, t0, qk_scale,
+    S, NB, n_items, H, t0, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh,
     G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Key-outer forward, work item ``program_id(0)``: up to ``BLOCK_T`` queries of one bucket (kv head g,
     selection block b; ``bucket = g * S + b``) x ``HG`` heads (head slice ``program_id(1)`` of the group) over all
@@ -198,40 +252,26 @@ def _sel_fwd_ko_kernel(
     last item: nothing to do), the chunk's queries ``csr_tokens[e]`` (relative to token ``t0``) for ``e`` in
     ``csr_offsets[bucket] + chunk * BLOCK_T ..``. Row ``e * G + h`` (h: head within the group) of the partials
     ``OP [E * G, D]`` (q's dtype), ``MP, LP [E * G]`` float32 receives the pair's output normalised by its own sum,
-    its running max (log2 domain) and its sum."""
-    item = tl.program_id(0)
-    bucket = tl.load(item_bucket + item)
-    if bucket < NB:
-        chunk = item - tl.load(item_start + bucket)
-        blk = bucket % S
-        g = bucket // S
-        e_lo = tl.load(csr_offsets + bucket) + chunk * BLOCK_T
-        e_hi = tl.minimum(tl.load(csr_offsets + bucket + 1), e_lo + BLOCK_T)
-        if e_lo < e_hi:
-            r = tl.arange(0, BLOCK_T * HG)
-            e = e_lo + r // HG
-            row_ok = e < e_hi
-            hh = tl.program_id(1) * HG + r % HG  # head within the group
-            head = g * G + hh
-            tok64 = (tl.load(csr_tokens + e, mask=row_ok, other=0) + t0).to(tl.int64)
-            d = tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            rd_mask = row_ok[:, None] & d_ok[None, :]
-            q = _load_rows(Q, tok64, head, d, stride_qt, stride_qh, rd_mask)
-            m, l, acc = _softmax_start(BLOCK_T * HG, BLOCK_D)
-            start = tl.load(sel_offsets + blk)
-            end = tl.load(sel_offsets + blk + 1)
-            for ks in range(start, end, BLOCK_N):
-                n = ks + tl.arange(0, BLOCK_N)
-                n_ok = n < end
-                k, v = _load_kv(K, V, n.to(tl.int64), g, d, stride_kt, stride_kh, n_ok[:, None] & d_ok[None, :])
-                m, l, acc = _online_softmax_step(m, l, acc, q, k, v, row_ok[:, None] & n_ok[None, :], qk_scale,
-                                                 PRECISION)
-            prow = e.to(tl.int64) * G + hh
-            o = acc / tl.where(l > 0, l, 1.0)[:, None]
-            tl.store(OP + prow[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=rd_mask)
-            tl.store(MP + prow, m, mask=row_ok)
-            tl.store(LP + prow, l, mask=row_ok)
+    its running max (log2 domain) and its sum. ``PERSISTENT`` (launch setting ``ko_persistent``): a program takes
+    work items ``program_id(0), + num_programs(0), ..`` of the ``n_items``, and reads the next item's index entries
+    and queries before it works on the current one, so that their loads are in flight behind its keys (each item is
+    a few key tiles: one program per item waits for them alone)."""
+    pid = tl.program_id(0)
+    e, row_ok, hh, g, start, end, q = _ko_fwd_item(Q, pid, n_items, item_bucket, item_start, csr_offsets, csr_tokens,
+                                                   sel_offsets, S, NB, t0, stride_qt, stride_qh, G, HG, BLOCK_T, D,
+                                                   BLOCK_D)
+    if PERSISTENT:
+        step = tl.num_programs(0)
+        for item in range(pid, n_items, step):
+            e2, row_ok2, hh2, g2, start2, end2, q2 = _ko_fwd_item(
+                Q, item + step, n_items, item_bucket, item_start, csr_offsets, csr_tokens, sel_offsets, S, NB, t0,
+                stride_qt, stride_qh, G, HG, BLOCK_T, D, BLOCK_D)
+            _ko_fwd_run(K, V, OP, MP, LP, e, row_ok, hh, g, start, end, q, qk_scale, stride_kt, stride_kh, G, HG,
+                        BLOCK_T, BLOCK_N, D, BLOCK_D, PRECISION)
+            e, row_ok, hh, g, start, end, q = e2, row_ok2, hh2, g2, start2, end2, q2
+    else:
+        _ko_fwd_run(K, V, OP, MP, LP, e, row_ok, hh, g, start, end, q, qk_scale, stride_kt, stride_kh, G, HG,
+                    BLOCK_T, BLOCK_N, D, BLOCK_D, PRECISION)
 
 
 @triton.jit
@@ -529,63 +569,6 @@ def _sel_dkdv_reduce_kernel(
         _dkdv_store(DK, DV, dk, dv, scale, n.to(tl.int64), g, H // G, d, kv_mask, D, True)
 
 
-def block_query_index(idx: torch.Tensor, num_blocks: int, *, positions: bool = False):
-    """The block -> queries index (CSR) of a top-k choice ``idx [N, Hkv, topk]`` (-1 = none).
-
-    Returns ``(offsets [Hkv * S + 1] int32, tokens [E] int32)``: the tokens that chose block b for kv head g are
-    ``tokens[offsets[g*S+b] : offsets[g*S+b+1]]``, in increasing token order (entries past ``offsets[-1]`` are
-    unused). With ``positions``, also ``pos [N, Hkv, topk]`` int32: where each choice sits in ``tokens`` (-1 for
-    the empty slots), the map back from the index to the choice. The bucket ids are sorted by a stable radix sort
-    (``torch.sort(stable=True)``: linear time, no comparisons) on the narrowest integer type that holds them, so
-    16-bit ids take two 8-bit passes; the offsets are a count and a scan. Deterministic, no host synchronisation.
-    (A counting sort in two Triton passes was measured 2.1x slower on an H100: 1.15 against 0.54 ms at shell-1024,
-    reports/kernels.md run 18.)
-    """
-    n, hkv, topk = idx.shape
-    dev = idx.device
-    nbuckets = hkv * num_blocks
-    key_dtype = torch.int16 if nbuckets < 2**15 else torch.int32
-    g = torch.arange(hkv, device=dev, dtype=torch.int32).view(1, hkv, 1)
-    key = torch.where(idx >= 0, g * num_blocks + idx, nbuckets).reshape(-1)
-    counts = torch.zeros(nbuckets + 1, device=dev, dtype=torch.int32)
-    counts.index_add_(0, key, torch.ones_like(key))
-    offsets = torch.zeros(nbuckets + 2, device=dev, dtype=torch.int32)
-    offsets[1:] = torch.cumsum(counts, 0)
-    order = torch.sort(key.to(key_dtype), stable=True).indices
-    tokens = torch.div(order, hkv * topk, rounding_mode="floor")
-    if not positions:
-        return offsets[: nbuckets + 1], tokens.int()
-    pos = torch.empty(order.numel(), device=dev, dtype=torch.int32)
-    pos[order] = torch.arange(order.numel(), device=dev, dtype=torch.int32)
-    pos = torch.where(key < nbuckets, pos, -1).view(n, hkv, topk)
-    return offsets[: nbuckets + 1], tokens.int(), pos
-
-
-def split_buckets(csr_offsets: torch.Tensor, max_queries: int, max_entries: int):
-    """The work items of the selection dK/dV kernel when each bucket's queries are cut into chunks of at most
-    ``max_queries`` (a block chosen by many queries would otherwise be one long program that the others wait for).
-
-    ``csr_offsets [NB + 1]``: :func:`block_query_index`'s offsets; ``max_entries``: an upper bound on their last
-    value known on the host (``N * Hkv * topk``), so that nothing here waits for the device. Returns
-    ``(item_bucket [I] int32, item_start [NB + 1] int32, slots)``: bucket b has ``max(1, ceil(count / max_queries))``
-    chunks, work items ``item_start[b] .. item_start[b + 1] - 1``; ``item_bucket`` maps an item to its bucket (``NB``
-    for the items past the last, which do nothing); ``slots`` bounds the number of chunks other than the first
-    (each needs room for its partial sums). ``I = NB + slots`` is enough for any choice, since a bucket of c >= 1
-    queries has at most ``1 + (c - 1) / max_queries`` chunks.
-    """
-    if not isinstance(max_queries, int) or max_queries < 1:
-        raise ValueError(f"max_queries must be a positive int, got {max_queries!r}")
-    nb = csr_offsets.numel() - 1
-    counts = (csr_offsets[1:] - csr_offsets[:-1]).long()
-    chunks = torch.clamp(torch.div(counts + max_queries - 1, max_queries, rounding_mode="floor"), min=1)
-    item_start = torch.zeros(nb + 1, device=csr_offsets.device, dtype=torch.int64)
-    torch.cumsum(chunks, 0, out=item_start[1:])
-    slots = triton.cdiv(max_entries, max_queries)
-    items = torch.arange(nb + slots, device=csr_offsets.device, dtype=torch.int64)
-    item_bucket = torch.searchsorted(item_start[1:], items, right=True)
-    return item_bucket.int(), item_start.int(), slots
-
-
 def _config(group: int, rows: int, max_heads: int = 16):
     hg = head_split(group, max_heads)
     return hg, tokens_per_tile(hg, rows)
@@ -640,17 +623,26 @@ def _selection_forward_key_outer(q, k, v, idx, layout: BlockLayout, scale: float
         op = torch.empty(rows, dim, device=q.device, dtype=q.dtype)
         mp = torch.empty(rows, device=q.device, dtype=torch.float32)
         lp = torch.empty(rows, device=q.device, dtype=torch.float32)
-        _sel_fwd_ko_kernel[(item_bucket.numel(), group // hg)](
+        n_items = item_bucket.numel()
+        programs = min(n_items, fwd["ko_persistent"] * _multiprocessors(q.device)) or n_items
+        _sel_fwd_ko_kernel[(programs, group // hg)](
             q, k, v, op, mp, lp, layout.sel_offsets, offsets, tokens, item_bucket, item_start,
-            s_blocks, hkv * s_blocks, hq, t0, scale * LOG2E,
+            s_blocks, hkv * s_blocks, n_items, hq, t0, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             G=group, HG=hg, BLOCK_T=bt, BLOCK_N=fwd["ko_block_n"], D=dim, BLOCK_D=bd, PRECISION=prec,
-            num_warps=fwd["ko_warps"], num_stages=fwd["ko_stages"],
+            PERSISTENT=programs < n_items, num_warps=fwd["ko_warps"], num_stages=fwd["ko_stages"],
         )
         _sel_merge_kernel[(triton.cdiv(nc, mbt), hkv * (group // mhg))](
             op, mp, lp, pos, o, lse, nc, hq, t0, o.stride(0), o.stride(1),
             G=group, HG=mhg, BLOCK_T=mbt, TOPK=topk, D=dim, BLOCK_D=bd, num_warps=fwd["merge_warps"],
         )
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessors (``ko_persistent`` programs each); :data:`INTERPRETER_MULTIPROCESSORS` on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_MULTIPROCESSORS
 
 
 def _key_outer_chunks(q, idx, layout: BlockLayout, group_rows: int, partial_bytes: int, scratch_bytes: int):

@@ -373,11 +373,14 @@ def test_selection_branch_given_the_reference_choice(hq, hkv, d):
 
 @pytest.mark.parametrize("hq,hkv,d,scratch", [(8, 2, 32, 2**29), (16, 1, 64, 2**29), (4, 4, 16, 20_000)],
                          ids=["G4-d32", "G16-d64", "G1-d16-in-4-chunks"])
-def test_selection_forward_key_outer_equals_reference(hq, hkv, d, scratch):
+def test_selection_forward_key_outer_equals_reference(hq, hkv, d, scratch, monkeypatch):
     """The key-outer forward (one block x the queries that chose it, then each query's partials merged): the
     float64 reference's output and log-sum-exp, with empty slots, a hub block most queries chose, and queries in
     chunks (at G1-d16 a token's partials take 4 x 4 x 1 x 16 x 4 = 1,024 bytes, so ``scratch_bytes`` of 20,000
-    makes chunks of 19 tokens: 4 chunks of the 65)."""
+    makes chunks of 19 tokens: 4 chunks of the 65). With ``ko_persistent`` (two programs per interpreter
+    "multiprocessor", each looping over many work items with the next one's loads ahead) the very same result."""
+    import ssa_kernels.selection as selection
+
     coords, (q, k, v, *_) = _make((40, 25), 16, 4, 8, hq, hkv, d, seed=hq + d + scratch % 7)
     layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
     gen = torch.Generator().manual_seed(d)
@@ -390,10 +393,17 @@ def test_selection_forward_key_outer_equals_reference(hq, hkv, d, scratch):
     idx = _choice(layout, hkv, 4, pick)
     o_ref, lse_ref = reference.selection_attention(q, k, v, idx, coords, selection_block=8, return_lse=True)
     settings = dict(key_outer=1, scratch_bytes=scratch, ko_rows=32, merge_rows=16)
-    with ssa_kernels.launch.overriding("selection.FWD", settings):
-        o, lse = ssa_kernels.selection.selection_forward(q.float(), k.float(), v.float(), idx, layout, d**-0.5)
+    persistent = spy_launches(monkeypatch, selection, ("_sel_fwd_ko_kernel",), "PERSISTENT")
+    outs = []
+    for programs in (0, 2):
+        with ssa_kernels.launch.overriding("selection.FWD", dict(settings, ko_persistent=programs)):
+            outs.append(selection.selection_forward(q.float(), k.float(), v.float(), idx, layout, d**-0.5))
+    (o, lse), again = outs
     assert rel_err(o, o_ref) < F32_TOL
     assert rel_err(lse, lse_ref) < F32_TOL
+    assert torch.equal(again[0], o) and torch.equal(again[1], lse)
+    chunks = len(persistent) // 2
+    assert persistent == [False] * chunks + [True] * chunks
 
 
 def test_whole_op_with_the_key_outer_selection_forward_and_dq():

@@ -21,7 +21,7 @@ PREVIOUS = {
     "selection.FWD": dict(rows=16, block_n=32, num_warps=1, num_stages=2,  # added later: the key-outer forward's
                           key_outer=0, ko_rows=128, ko_block_n=64, ko_warps=4, ko_stages=2,  # settings, off
                           merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0,  # and the merged stream,
-                          fma_exp_every=0, whole_tiles=0),  # FMA exponentials, unmasked whole tiles, off
+                          fma_exp_every=0, whole_tiles=0, ko_persistent=0),  # FMA exps, unmasked tiles, persistent, off
     "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
                          ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0,
                          fma_exp_every=0, whole_tiles=0),
