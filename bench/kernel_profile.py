@@ -410,7 +410,7 @@ def compiled_kernels():
     from triton.runtime.jit import JITFunction
 
     rows = []
-    for mod_name in ("compression", "scoring", "selection", "window", "gate"):
+    for mod_name in ("compression", "scoring", "selection", "selection_key_outer", "window", "gate"):
         mod = getattr(ssa_kernels, mod_name, None) or __import__(f"ssa_kernels.{mod_name}", fromlist=["_"])
         for name, fn in vars(mod).items():
             if not isinstance(fn, JITFunction) or not name.endswith("kernel"):

@@ -149,6 +149,14 @@ def tokens_per_tile(heads: int, rows: int) -> int:
     return max(1, max(rows, 16) // heads)
 
 
+def group_tiling(group: int, rows: int, max_heads: int = 16) -> tuple[int, int]:
+    """``(heads, tokens)`` of a query tile of about ``rows`` rows over a kv group of ``group`` query heads: the
+    group's heads per program (:func:`head_split`) and the tokens that fill the tile with them
+    (:func:`tokens_per_tile`)."""
+    hg = head_split(group, max_heads)
+    return hg, tokens_per_tile(hg, rows)
+
+
 def check_kernel_dtype(t: torch.Tensor, name: str = "q") -> None:
     if t.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16 for the kernels, got {t.dtype}")

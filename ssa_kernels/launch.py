@@ -42,10 +42,10 @@ TUNED_HEAD_DIM = 32
 #: the compressed scores of a selection block ("prefix" or "mask"); the backward's streams and kernel order, and
 #: recompute_window_bytes: above this size of one [N, Hq, D] tensor of q's dtype the window branch's output is not
 #: kept for the backward but recomputed there (ssa_kernels.ssa). selection.FWD's and selection.DQ's key_outer (0/1)
-#: picks the key-outer kernel (ssa_kernels.selection), with ko_rows / ko_block_n / ko_warps / ko_stages for its
-#: partials kernel, merge_rows / merge_warps for the merge, and scratch_bytes bounding the partials of one chunk of
-#: queries (selection.FWD's ko_persistent: k > 0 launches k partials programs per multiprocessor, each looping over
-#: work items with the next one's loads in flight; 0: one program per work item); their merged (0/1) makes a
+#: picks the key-outer kernel (ssa_kernels.selection_key_outer), with ko_rows / ko_block_n / ko_warps / ko_stages
+#: for its partials kernel, merge_rows / merge_warps for the merge, scratch_bytes bounding the partials of one chunk
+#: of queries, and ko_persistent (k > 0: k partials programs per multiprocessor, each looping over work items with
+#: the next one's loads in flight; 0: one program per work item); their merged (0/1) makes a
 #: query-outer program of one token walk the keys of all its chosen blocks as one stream of full tiles instead of
 #: block by block (ssa_kernels.selection). selection.DKDV's tail (0/1) runs a
 #: block's last key tile as a half tile when at most block_n / 2 keys are left (block_n >= 32). The compression
@@ -68,7 +68,7 @@ BASE: dict[str, dict] = {
                           fma_exp_every=0, whole_tiles=0, ko_persistent=0),
     "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
                          ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0,
-                         fma_exp_every=0, whole_tiles=0),
+                         fma_exp_every=0, whole_tiles=0, ko_persistent=0),
     "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192, tail=0),
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
     "window.DQ": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),

@@ -35,7 +35,8 @@ SSA_SWITCHES = (
     {"selection.DKDV": dict(tail=1, block_n=32, max_queries=2), "scoring.SCORE": dict(aggregate="mask", key_rows=1)},
     {"compression.FWD": dict(fma_exp_every=2), "compression.DQ": dict(fma_exp_every=2),
      "compression.DKDV": dict(fma_exp_every=2), "scoring.SCORE": dict(fma_exp_every=2, tokens_per_program=4)},
-    {"scoring.SCORE": dict(whole_tiles=1), "selection.FWD": dict(key_outer=1, ko_persistent=1)},
+    {"scoring.SCORE": dict(whole_tiles=1), "selection.FWD": dict(key_outer=1, ko_persistent=1),
+     "selection.DQ": dict(key_outer=1, ko_persistent=1)},
     {"scoring.SCORE": dict(whole_tiles=1, aggregate="mask", fma_exp_every=2)},
 )
 
@@ -88,8 +89,9 @@ def test_every_launch_compiles_for_sm90(tmp_path):
             for every in (0, 2):
                 _cross_attention_pass(sizes, every)
     kernels = {e["name"] for e in launches}
-    for name in ("_sel_bwd_dkdv_kernel", "_sel_fwd_ko_kernel", "_cmp_fwd_kernel", "_score_topk_kernel",
-                 "_cross_attention_dkdv_kernel", "_gelu_grad_kernel", "_layer_norm_modulate_bwd_kernel"):
+    for name in ("_sel_bwd_dkdv_kernel", "_sel_fwd_ko_kernel", "_sel_bwd_dq_ko_kernel", "_cmp_fwd_kernel",
+                 "_score_topk_kernel", "_cross_attention_dkdv_kernel", "_gelu_grad_kernel",
+                 "_layer_norm_modulate_bwd_kernel"):
         assert name in kernels
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches, default=str))

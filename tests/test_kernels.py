@@ -380,6 +380,7 @@ def test_selection_forward_key_outer_equals_reference(hq, hkv, d, scratch, monke
     makes chunks of 19 tokens: 4 chunks of the 65). With ``ko_persistent`` (two programs per interpreter
     "multiprocessor", each looping over many work items with the next one's loads ahead) the very same result."""
     import ssa_kernels.selection as selection
+    import ssa_kernels.selection_key_outer as key_outer
 
     coords, (q, k, v, *_) = _make((40, 25), 16, 4, 8, hq, hkv, d, seed=hq + d + scratch % 7)
     layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
@@ -393,7 +394,7 @@ def test_selection_forward_key_outer_equals_reference(hq, hkv, d, scratch, monke
     idx = _choice(layout, hkv, 4, pick)
     o_ref, lse_ref = reference.selection_attention(q, k, v, idx, coords, selection_block=8, return_lse=True)
     settings = dict(key_outer=1, scratch_bytes=scratch, ko_rows=32, merge_rows=16)
-    persistent = spy_launches(monkeypatch, selection, ("_sel_fwd_ko_kernel",), "PERSISTENT")
+    persistent = spy_launches(monkeypatch, key_outer, ("_sel_fwd_ko_kernel",), "PERSISTENT")
     outs = []
     for programs in (0, 2):
         with ssa_kernels.launch.overriding("selection.FWD", dict(settings, ko_persistent=programs)):
@@ -438,10 +439,13 @@ def test_whole_op_with_the_merged_selection_stream(hq, hkv, d):
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
-def test_key_outer_selection_dq_with_gates_of_any_sign_equals_the_query_outer_one():
+def test_key_outer_selection_dq_with_gates_of_any_sign_equals_the_query_outer_one(monkeypatch):
     """The key-outer selection dQ against the query-outer one on the same choice, with gates of both signs and
     zero (the sign applied when the partials are summed, the magnitude folded into the log-sum-exp), written into
-    a fresh accumulator and added to a given one."""
+    a fresh accumulator and (persistent partials programs, ``ko_persistent``) added to a given one."""
+    import ssa_kernels.selection_key_outer as key_outer
+
+    persistent = spy_launches(monkeypatch, key_outer, ("_sel_bwd_dq_ko_kernel",), "PERSISTENT")
     hq, hkv, d = 8, 2, 32
     coords, (q, k, v, *_) = _make((40, 25), 16, 4, 8, hq, hkv, d, seed=5)
     layout = ssa_kernels.build_layout(coords, compression_block=4, selection_block=8, window=8)
@@ -462,11 +466,14 @@ def test_key_outer_selection_dq_with_gates_of_any_sign_equals_the_query_outer_on
     want = run()
     base = torch.randn_like(q)
     want_added = run(dq_acc=base.clone(), dk_acc=None, dv_acc=None, accumulate=True)
-    with ssa_kernels.launch.overriding("selection.DQ", dict(key_outer=1, ko_rows=32, merge_rows=16)):
+    ko = dict(key_outer=1, ko_rows=32, merge_rows=16)
+    with ssa_kernels.launch.overriding("selection.DQ", ko):
         got = run()
+    with ssa_kernels.launch.overriding("selection.DQ", dict(ko, ko_persistent=2)):
         got_added = run(dq_acc=base.clone(), dk_acc=None, dv_acc=None, accumulate=True)
     assert rel_err(got, want) < F32_TOL
     assert rel_err(got_added, want_added) < F32_TOL
+    assert persistent == [False, True]
 
 
 @pytest.mark.parametrize("max_queries", [1, 3, 7])

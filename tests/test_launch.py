@@ -24,7 +24,7 @@ PREVIOUS = {
                           fma_exp_every=0, whole_tiles=0, ko_persistent=0),  # FMA exps, unmasked tiles, persistent, off
     "selection.DQ": dict(rows=16, block_n=32, num_warps=1, num_stages=2, key_outer=0, ko_rows=128, ko_block_n=64,
                          ko_warps=4, ko_stages=2, merge_rows=64, merge_warps=4, scratch_bytes=2**29, merged=0,
-                         fma_exp_every=0, whole_tiles=0),
+                         fma_exp_every=0, whole_tiles=0, ko_persistent=0),
     "selection.DKDV": dict(rows=128, block_n=64, num_warps=4, num_stages=3, max_queries=8192,
                            tail=0),  # added later: half last tiles, off
     "window.FWD": dict(max_heads=8, block_n=32, num_warps=4, num_stages=2),
